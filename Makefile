@@ -1,0 +1,46 @@
+# Understudy. Run `make help` for the targets.
+GO        ?= go
+BIN       := build/understudy
+PAYLOADS  := hello counter touch pio fault
+PAYLOAD_SRC := vmm/payload/src
+PAYLOAD_BIN := vmm/payload/bin
+export CGO_ENABLED := 0
+
+.PHONY: all build test unit bench lint payloads payloads-check clean help
+
+all: build
+
+help:
+	@echo "make build     build $(BIN) (static, CGO_ENABLED=0)"
+	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages)"
+	@echo "make bench     benchmarks; prints 'bench ...' result lines"
+	@echo "make payloads  rebuild the payload binaries from their sources"
+	@echo "make lint      gofmt, go vet, staticcheck"
+
+build:
+	$(GO) build -trimpath -o $(BIN) ./vmm/cmd/understudy
+
+# Payload binaries are committed; this regenerates them (needs GNU as and objcopy).
+payloads: $(PAYLOADS:%=$(PAYLOAD_BIN)/%.bin)
+
+$(PAYLOAD_BIN)/%.bin: $(PAYLOAD_SRC)/%.S $(PAYLOAD_SRC)/abi.inc $(PAYLOAD_SRC)/lib.inc
+	@mkdir -p build/payload
+	as --64 -I $(PAYLOAD_SRC) -o build/payload/$*.o $<
+	objcopy -O binary -j .text build/payload/$*.o $@
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+
+# The tests: lint, all unit and host-KVM tests, then the race detector on the
+# packages with goroutines (race needs cgo).
+test: lint
+	$(GO) test -count=1 ./...
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/
+
+bench:
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ | grep -E '^(bench |ok|FAIL|---)'
+
+clean:
+	rm -rf build

@@ -1,0 +1,15 @@
+// Package vmm is the machine: it builds a VM from arch (KVM) and mmu (guest
+// memory), runs one goroutine per vCPU locked to its OS thread, handles every
+// KVM exit, pauses and resumes all vCPUs on demand, and owns the devices and
+// boot loaders. The binary is vmm/cmd/understudy.
+//
+// A machine's life cycle:
+//
+//	m, err := vmm.New(vmm.Config{MemSize: 64 << 20, CPUs: 1, Payload: "hello", Console: os.Stdout})
+//	res, err := m.Run(ctx)   // until the guest exits, fails or ctx ends
+//	m.Close()
+//
+// While Run is going, Pause stops every vCPU (returning how long that took),
+// OnVCPU runs a function on a paused vCPU's own thread, and Resume lets
+// them go again. Package ft builds checkpoints on these.
+package vmm

@@ -1,0 +1,397 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/mmu"
+	"golang.org/x/sys/unix"
+)
+
+// Config describes a machine.
+type Config struct {
+	// KVMDevice is the KVM device node; empty means /dev/kvm.
+	KVMDevice string
+	// MemSize is guest RAM in bytes, a multiple of 2 MiB.
+	MemSize uint64
+	// CPUs is the number of vCPUs.
+	CPUs int
+	// Backing selects anonymous or memfd guest RAM.
+	Backing mmu.Backing
+	// Payload is a built-in payload name or a path to a flat binary.
+	Payload string
+	// PayloadOptions are the payload's options (name → value).
+	PayloadOptions map[string]string
+	// Console receives the guest's console bytes (nil: discarded).
+	Console io.Writer
+	// OnRecord, if set, is called on the emitting vCPU's thread for every
+	// output record. It must not block for long.
+	OnRecord func(Record)
+	// OnMark, if set, is called for every phase marker.
+	OnMark func(cpu int, phase uint32)
+}
+
+// Record is one output record a guest emitted.
+type Record struct {
+	CPU   int
+	Value uint64
+}
+
+// Result says how a machine ended.
+type Result struct {
+	// ExitCode is the code the guest gave to the exit port.
+	ExitCode int
+	// Records is the number of output records emitted.
+	Records uint64
+}
+
+// Limits.
+const (
+	// MinMemSize is the smallest guest RAM a payload machine accepts.
+	MinMemSize = 2 << 20
+	// MaxCPUs is the largest vCPU count (bounded by the payload stack area).
+	MaxCPUs = payloadMaxCPUs
+)
+
+// Machine is a VM with its memory, vCPUs and devices.
+type Machine struct {
+	cfg   Config
+	sys   *arch.System
+	vm    *arch.VM
+	mem   *mmu.Memory
+	vcpus []*vcpu
+	io    ioBus
+	debug *debugPort
+
+	// pauseMu serializes Pause, Resume and OnVCPU and guards paused.
+	pauseMu sync.Mutex
+	paused  bool
+
+	// The pause protocol: Pause publishes resumeCh, then sets pausing and
+	// kicks every vCPU; each parks and acks on parkAck.
+	pausing  atomic.Bool
+	resumeCh chan struct{}
+	parkAck  chan int
+	leaveAck chan int
+
+	stopping atomic.Bool
+	stopCh   chan struct{}
+	stopOnce sync.Once
+	// resMu guards result and runErr.
+	resMu  sync.Mutex
+	result Result
+	runErr error
+	ran    atomic.Bool
+}
+
+type vcpu struct {
+	id      int
+	cpu     *arch.VCPU
+	tid     atomic.Int32
+	cmds    chan func()
+	started chan struct{}
+	exits   atomic.Uint64
+}
+
+// New validates cfg and builds the machine: KVM VM, in-kernel irqchip and
+// PIT, guest memory, vCPUs and the payload loaded and ready to run.
+func New(cfg Config) (*Machine, error) {
+	if cfg.CPUs == 0 {
+		cfg.CPUs = 1
+	}
+	if cfg.CPUs < 1 || cfg.CPUs > MaxCPUs {
+		return nil, fmt.Errorf("%d vCPUs: want 1..%d", cfg.CPUs, MaxCPUs)
+	}
+	if cfg.MemSize < MinMemSize {
+		return nil, fmt.Errorf("guest memory %s is too small: payload guests need at least %s", FormatSize(cfg.MemSize), FormatSize(MinMemSize))
+	}
+	if cfg.MemSize%mmu.RegionSize != 0 {
+		return nil, fmt.Errorf("guest memory %s: must be a multiple of 2 MiB", FormatSize(cfg.MemSize))
+	}
+	if cfg.Console == nil {
+		cfg.Console = io.Discard
+	}
+	pl, err := resolvePayload(cfg)
+	if err != nil {
+		return nil, err
+	}
+
+	m := &Machine{cfg: cfg, stopCh: make(chan struct{})}
+	ok := false
+	defer func() {
+		if !ok {
+			m.Close()
+		}
+	}()
+	if m.sys, err = arch.Open(cfg.KVMDevice); err != nil {
+		return nil, err
+	}
+	if max := m.sys.MaxVCPUs(); cfg.CPUs > max {
+		return nil, fmt.Errorf("%d vCPUs: KVM allows at most %d", cfg.CPUs, max)
+	}
+	if m.vm, err = m.sys.CreateVM(); err != nil {
+		return nil, err
+	}
+	if err := m.vm.SetTSSAddr(tssAddrKVM); err != nil {
+		return nil, err
+	}
+	if err := m.vm.CreateIRQChip(); err != nil {
+		return nil, err
+	}
+	if err := m.vm.CreatePIT2(arch.PITSpeakerDummy); err != nil {
+		return nil, err
+	}
+	if m.mem, err = mmu.New(mmu.Config{Size: cfg.MemSize, Backing: cfg.Backing}); err != nil {
+		return nil, err
+	}
+	if err := m.mem.Register(m.vm, 0); err != nil {
+		return nil, err
+	}
+	supported, err := m.sys.SupportedCPUID()
+	if err != nil {
+		return nil, err
+	}
+	for i := 0; i < cfg.CPUs; i++ {
+		c, err := m.vm.CreateVCPU(i)
+		if err != nil {
+			return nil, fmt.Errorf("create vCPU %d: %w", i, err)
+		}
+		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, cmds: make(chan func()), started: make(chan struct{})})
+		if err := c.SetCPUID(arch.CPUIDForVCPU(supported, i, cfg.CPUs)); err != nil {
+			return nil, fmt.Errorf("vCPU %d: %w", i, err)
+		}
+	}
+	m.debug = newDebugPort(cfg.CPUs, cfg.Console, cfg.OnRecord, cfg.OnMark, m.guestExit)
+	m.io.add(m.debug)
+	if err := m.loadPayload(pl); err != nil {
+		return nil, err
+	}
+	ok = true
+	return m, nil
+}
+
+// Memory returns guest RAM.
+func (m *Machine) Memory() *mmu.Memory { return m.mem }
+
+// VM returns the KVM VM.
+func (m *Machine) VM() *arch.VM { return m.vm }
+
+// NumCPUs returns the number of vCPUs.
+func (m *Machine) NumCPUs() int { return len(m.vcpus) }
+
+// Exits returns the number of KVM exits vCPU i has handled.
+func (m *Machine) Exits(i int) uint64 { return m.vcpus[i].exits.Load() }
+
+// Close releases the VM, vCPUs and memory. Call it after Run returns.
+func (m *Machine) Close() error {
+	var errs []error
+	for _, v := range m.vcpus {
+		errs = append(errs, v.cpu.Close())
+	}
+	m.vcpus = nil
+	if m.vm != nil {
+		errs = append(errs, m.vm.Close())
+		m.vm = nil
+	}
+	if m.mem != nil {
+		errs = append(errs, m.mem.Close())
+		m.mem = nil
+	}
+	if m.sys != nil {
+		errs = append(errs, m.sys.Close())
+		m.sys = nil
+	}
+	return errors.Join(errs...)
+}
+
+// Run runs every vCPU until the guest exits through the exit port, a vCPU
+// fails, or ctx ends (which returns ctx's error). It may be called once.
+func (m *Machine) Run(ctx context.Context) (Result, error) {
+	if !m.ran.CompareAndSwap(false, true) {
+		return Result{}, errors.New("machine already ran")
+	}
+	var wg sync.WaitGroup
+	for _, v := range m.vcpus {
+		wg.Add(1)
+		go func(v *vcpu) {
+			defer wg.Done()
+			if err := m.runVCPU(v); err != nil {
+				m.finish(0, err)
+			}
+		}(v)
+	}
+	for _, v := range m.vcpus {
+		<-v.started
+	}
+	select {
+	case <-ctx.Done():
+		m.finish(0, ctx.Err())
+	case <-m.stopCh:
+	}
+	wg.Wait()
+	m.resMu.Lock()
+	defer m.resMu.Unlock()
+	m.result.Records = m.debug.records.Load()
+	return m.result, m.runErr
+}
+
+// Stop ends Run as if the guest had exited with code.
+func (m *Machine) Stop(code int) { m.finish(code, nil) }
+
+// guestExit is the exit port's callback.
+func (m *Machine) guestExit(code int) { m.finish(code, nil) }
+
+// finish records the first outcome and stops every vCPU.
+func (m *Machine) finish(code int, err error) {
+	m.stopOnce.Do(func() {
+		m.resMu.Lock()
+		m.result.ExitCode = code
+		m.runErr = err
+		m.resMu.Unlock()
+		m.stopping.Store(true)
+		close(m.stopCh)
+		for _, v := range m.vcpus {
+			m.kick(v)
+		}
+	})
+}
+
+// kick forces vCPU v out of KVM_RUN: immediate_exit covers the window before
+// it enters the kernel, the signal the time inside it.
+func (m *Machine) kick(v *vcpu) {
+	v.cpu.SetImmediateExit(true)
+	if tid := v.tid.Load(); tid != 0 {
+		// SIGURG is the Go runtime's preemption signal: harmless to Go code,
+		// and enough to make KVM_RUN return EINTR.
+		_ = unix.Tgkill(unix.Getpid(), int(tid), unix.SIGURG)
+	}
+}
+
+// Pause stops every vCPU outside the guest and returns how long it took
+// from the request until the last vCPU parked.
+func (m *Machine) Pause() (time.Duration, error) {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused {
+		return 0, ErrPaused
+	}
+	if m.stopping.Load() {
+		return 0, ErrStopped
+	}
+	start := time.Now()
+	m.resumeCh = make(chan struct{})
+	m.parkAck = make(chan int, len(m.vcpus))
+	m.leaveAck = make(chan int, len(m.vcpus))
+	m.pausing.Store(true)
+	for _, v := range m.vcpus {
+		m.kick(v)
+	}
+	for range m.vcpus {
+		select {
+		case <-m.parkAck:
+		case <-m.stopCh:
+			m.pausing.Store(false)
+			close(m.resumeCh)
+			return 0, ErrStopped
+		}
+	}
+	m.paused = true
+	return time.Since(start), nil
+}
+
+// Resume lets paused vCPUs run again and returns how long it took until the
+// last one left its parked state.
+func (m *Machine) Resume() (time.Duration, error) {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if !m.paused {
+		return 0, ErrNotPaused
+	}
+	start := time.Now()
+	m.paused = false
+	m.pausing.Store(false)
+	close(m.resumeCh)
+	for range m.vcpus {
+		select {
+		case <-m.leaveAck:
+		case <-m.stopCh:
+			return 0, ErrStopped
+		}
+	}
+	return time.Since(start), nil
+}
+
+// OnVCPU runs fn on paused vCPU i's own OS thread and returns its error.
+func (m *Machine) OnVCPU(i int, fn func(*arch.VCPU) error) error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if !m.paused {
+		return ErrNotPaused
+	}
+	if i < 0 || i >= len(m.vcpus) {
+		return fmt.Errorf("vCPU %d: machine has %d", i, len(m.vcpus))
+	}
+	v := m.vcpus[i]
+	done := make(chan error, 1)
+	select {
+	case v.cmds <- func() { done <- fn(v.cpu) }:
+	case <-m.stopCh:
+		return ErrStopped
+	}
+	return <-done
+}
+
+// runVCPU is one vCPU's goroutine.
+func (m *Machine) runVCPU(v *vcpu) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	v.tid.Store(int32(unix.Gettid()))
+	close(v.started)
+	for {
+		if m.stopping.Load() {
+			return nil
+		}
+		if m.pausing.Load() {
+			m.park(v)
+			continue
+		}
+		err := v.cpu.Run()
+		if arch.IsInterrupted(err) {
+			continue
+		}
+		if err != nil {
+			return m.exitError(v, "KVM_RUN failed", err.Error())
+		}
+		v.exits.Add(1)
+		if err := m.handleExit(v); err != nil {
+			return err
+		}
+	}
+}
+
+// park holds vCPU v until Resume or Stop, serving OnVCPU requests.
+func (m *Machine) park(v *vcpu) {
+	// Clear immediate_exit before acking: once Pause returns, a later Pause
+	// may set it again and must not have it cleared under it.
+	v.cpu.SetImmediateExit(false)
+	resume := m.resumeCh
+	m.parkAck <- v.id
+	for {
+		select {
+		case fn := <-v.cmds:
+			fn()
+		case <-resume:
+			m.leaveAck <- v.id
+			return
+		case <-m.stopCh:
+			return
+		}
+	}
+}
