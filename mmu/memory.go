@@ -250,3 +250,17 @@ func (m *Memory) TakeVMMDirty(dst []uint64) (int, error) {
 	}
 	return n, nil
 }
+
+// ResidentBytes returns how much of the backing is resident in host memory
+// (mincore), i.e. the guest memory the host has actually allocated.
+func (m *Memory) ResidentBytes() (uint64, error) {
+	vec := make([]byte, (uint64(len(m.mem))+PageSize-1)/PageSize)
+	if err := mincore(m.mem, vec); err != nil {
+		return 0, fmt.Errorf("mincore on guest memory: %w", err)
+	}
+	var n uint64
+	for _, v := range vec {
+		n += uint64(v & 1)
+	}
+	return n * PageSize, nil
+}

@@ -279,11 +279,11 @@ func (m *Machine) kick(v *vcpu) {
 func (m *Machine) Pause() (time.Duration, error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
-	if m.paused {
-		return 0, ErrPaused
-	}
 	if m.stopping.Load() {
 		return 0, ErrStopped
+	}
+	if m.paused {
+		return 0, ErrPaused
 	}
 	start := time.Now()
 	m.resumeCh = make(chan struct{})
@@ -311,6 +311,9 @@ func (m *Machine) Pause() (time.Duration, error) {
 func (m *Machine) Resume() (time.Duration, error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
+	if m.stopping.Load() {
+		return 0, ErrStopped
+	}
 	if !m.paused {
 		return 0, ErrNotPaused
 	}

@@ -206,6 +206,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	backing := fs.String("backing", "anon", "guest memory backing: anon or memfd")
 	kvmDev := fs.String("kvm", "/dev/kvm", "KVM device")
 	quiet := fs.Bool("quiet", false, "do not print the summary line on stderr")
+	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
 	if code, done := parseFlags(fs, args); done {
 		return code
 	}
@@ -220,6 +221,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	name, err := parsePayloadArg(*payloadArg, opts)
 	if err != nil {
 		return fail(err)
+	}
+	if *cpus < 1 {
+		return fail(fmt.Errorf("--cpus %d: want 1..%d vCPUs", *cpus, vmm.MaxCPUs))
 	}
 	var bk mmu.Backing
 	switch *backing {
@@ -266,6 +270,13 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	if err != nil {
 		return fail(err)
+	}
+	if *stats {
+		st, err := m.Stats()
+		if err != nil {
+			return fail(err)
+		}
+		fmt.Fprintf(stderr, "understudy: stats: exits=%d rss_kib=%d guest_resident_kib=%d\n", st.Exits, st.RSS>>10, st.GuestResident>>10)
 	}
 	if !*quiet {
 		fmt.Fprintf(stderr, "understudy: guest exited with code %d after %v (%d output records)\n", res.ExitCode, elapsed.Round(time.Millisecond), res.Records)
