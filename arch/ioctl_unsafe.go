@@ -6,15 +6,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ioctlPtr issues an ioctl whose argument is a pointer to a Go value.
-func ioctlPtr(fd int, req uintptr, arg unsafe.Pointer) (uintptr, error) {
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
-	if errno != 0 {
-		return r, ioctlError(req, errno)
-	}
-	return r, nil
-}
-
 // ioctlVal issues an ioctl whose argument is an integer.
 func ioctlVal(fd int, req uintptr, arg uintptr) (uintptr, error) {
 	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
