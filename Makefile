@@ -5,12 +5,15 @@ PAYLOADS  := hello counter touch pio fault
 PAYLOAD_SRC := vmm/payload/src
 PAYLOAD_BIN := vmm/payload/bin
 export CGO_ENABLED := 0
+SHELL     := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 
-.PHONY: all build test unit bench lint payloads payloads-check clean help
+.PHONY: all build run test bench lint payloads clean help
 
 all: build
 
 help:
+	@echo "make run       build and run the hello payload guest on /dev/kvm"
 	@echo "make build     build $(BIN) (static, CGO_ENABLED=0)"
 	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages)"
 	@echo "make bench     benchmarks; prints 'bench ...' result lines"
@@ -19,6 +22,9 @@ help:
 
 build:
 	$(GO) build -trimpath -o $(BIN) ./vmm/cmd/understudy
+
+run: build
+	$(BIN) run --payload hello
 
 # Payload binaries are committed; this regenerates them (needs GNU as and objcopy).
 payloads: $(PAYLOADS:%=$(PAYLOAD_BIN)/%.bin)
@@ -40,7 +46,7 @@ test: lint
 	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/
 
 bench:
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ | grep -E '^(bench |ok|FAIL|---)'
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
 
 clean:
 	rm -rf build

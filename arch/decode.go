@@ -14,7 +14,9 @@ func Disassemble(code []byte, rip uint64) string {
 		return "<no code bytes>"
 	}
 	inst, err := x86asm.Decode(code, 64)
-	if err != nil {
+	// For truncated or over-long input x86asm returns no error but a one-byte
+	// pseudo-instruction with no opcode (printed as "prefix(0x..)").
+	if err != nil || inst.Op == 0 {
 		n := len(code)
 		if n > 8 {
 			n = 8

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"io"
 
 	"golang.org/x/sys/unix"
 )
@@ -131,7 +132,11 @@ func (s *Stats) Value(name string) (uint64, error) {
 		return 0, fmt.Errorf("KVM stats %s: no statistic %q", s.ID, name)
 	}
 	var b [8]byte
-	if _, err := unix.Pread(s.fd, b[:], s.dataOffset+int64(s.Descs[i].Offset)); err != nil {
+	n, err := unix.Pread(s.fd, b[:], s.dataOffset+int64(s.Descs[i].Offset))
+	if err == nil && n != len(b) {
+		err = io.ErrUnexpectedEOF
+	}
+	if err != nil {
 		return 0, fmt.Errorf("read KVM stat %q: %w", name, err)
 	}
 	return binary.LittleEndian.Uint64(b[:]), nil

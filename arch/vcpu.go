@@ -270,8 +270,14 @@ func (c *VCPU) XSave() ([]byte, error) {
 
 // SetXSave restores an area returned by XSave.
 func (c *VCPU) SetXSave(b []byte) error {
-	if len(b) < int(sizeOf[XSave]()) {
-		return fmt.Errorf("KVM_SET_XSAVE: area of %d bytes, want at least %d", len(b), sizeOf[XSave]())
+	// KVM_SET_XSAVE reads as many bytes as KVM_GET_XSAVE2 returns (the
+	// KVM_CAP_XSAVE2 size), which may exceed the legacy 4 KiB.
+	want := int(sizeOf[XSave]())
+	if n := c.vm.CheckExtension(CapXSave2); n > want {
+		want = n
+	}
+	if len(b) < want {
+		return fmt.Errorf("KVM_SET_XSAVE: area of %d bytes, want at least %d", len(b), want)
 	}
 	return ioctlBytes(c.fd, kvmSetXSave, b)
 }
