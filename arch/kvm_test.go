@@ -6,12 +6,12 @@ package arch
 import (
 	"encoding/binary"
 	"errors"
-	"io/fs"
-	"os"
 	"runtime"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
 
 	"golang.org/x/sys/unix"
 )
@@ -19,9 +19,7 @@ import (
 // openKVM opens /dev/kvm, skipping the test only if the device is absent.
 func openKVM(t *testing.T) *System {
 	t.Helper()
-	if _, err := os.Stat(DefaultDevice); errors.Is(err, fs.ErrNotExist) {
-		t.Skip("no /dev/kvm: host-KVM test")
-	}
+	kvmtest.Require(t)
 	sys, err := Open("")
 	if err != nil {
 		t.Fatalf("Open(%q) = %v", DefaultDevice, err)

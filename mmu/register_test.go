@@ -5,10 +5,10 @@ package mmu
 
 import (
 	"errors"
-	"io/fs"
-	"os"
 	"strings"
 	"testing"
+
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"golang.org/x/sys/unix"
@@ -16,9 +16,7 @@ import (
 
 func newVM(t *testing.T) *arch.VM {
 	t.Helper()
-	if _, err := os.Stat(arch.DefaultDevice); errors.Is(err, fs.ErrNotExist) {
-		t.Skip("no /dev/kvm: host-KVM test")
-	}
+	kvmtest.Require(t)
 	sys, err := arch.Open("")
 	if err != nil {
 		t.Fatalf("arch.Open() = %v", err)

@@ -12,19 +12,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
+
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
 
-// requireKVM skips t when the host has no /dev/kvm. It never skips for any
-// other reason: a KVM that exists but fails is a test failure.
-func requireKVM(t testing.TB) {
-	t.Helper()
-	if _, err := os.Stat(arch.DefaultDevice); errors.Is(err, os.ErrNotExist) {
-		t.Skipf("no %s on this host: skipping host-KVM test", arch.DefaultDevice)
-	}
-}
+var requireKVM = kvmtest.Require
 
 // syncBuffer is a bytes.Buffer safe for concurrent writers.
 type syncBuffer struct {

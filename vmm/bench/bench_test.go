@@ -14,16 +14,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
+
 	"github.com/understudy-vmm/understudy/vmm"
 	"golang.org/x/sys/unix"
 )
 
-func requireKVM(b *testing.B) {
-	b.Helper()
-	if _, err := os.Stat("/dev/kvm"); errors.Is(err, os.ErrNotExist) {
-		b.Skip("no /dev/kvm on this host: skipping host-KVM benchmark")
-	}
-}
+var requireKVM = kvmtest.Require
 
 func median(d []time.Duration) time.Duration {
 	s := append([]time.Duration(nil), d...)

@@ -3,19 +3,15 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
 )
 
-func requireKVM(t *testing.T) {
-	t.Helper()
-	if _, err := os.Stat("/dev/kvm"); errors.Is(err, os.ErrNotExist) {
-		t.Skip("no /dev/kvm on this host: skipping host-KVM test")
-	}
-}
+var requireKVM = kvmtest.Require
 
 func runCLI(args ...string) (code int, stdout, stderr string) {
 	var out, errb bytes.Buffer

@@ -11,14 +11,8 @@
 # args[5] report     print progress every this many iterations (0: never)
 #
 # Each written page holds, at offset 0, 8 and 16: seq, page index, ~seq.
-	.intel_syntax noprefix
-	.code64
 	.include "abi.inc"
-	.text
-	.globl _start
-_start:
-	test edi, edi
-	jnz park
+	VCPU0_ENTRY
 	mov rbx, rsi                    # rbx = params
 	mov r12, [rbx+P_DATABASE]       # r12 = data base
 	mov r13, [rbx+P_ARGS+0]         # r13 = pages

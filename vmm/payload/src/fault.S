@@ -1,14 +1,8 @@
 # fault: vCPU 0 writes to the first guest-physical address past RAM, which the
 # identity map does not cover, so the guest takes a page fault and (having no
 # IDT) a triple fault. Used to test how the VMM reports a faulting guest.
-	.intel_syntax noprefix
-	.code64
 	.include "abi.inc"
-	.text
-	.globl _start
-_start:
-	test edi, edi
-	jnz park
+	VCPU0_ENTRY
 	mov rax, [rsi+P_MEMSIZE]
 	mov qword ptr [rax], 1
 	xor eax, eax

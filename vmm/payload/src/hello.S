@@ -1,12 +1,6 @@
 # hello: vCPU 0 prints a greeting and exits with code 0; other vCPUs park.
-	.intel_syntax noprefix
-	.code64
 	.include "abi.inc"
-	.text
-	.globl _start
-_start:
-	test edi, edi
-	jnz park
+	VCPU0_ENTRY
 	mov rbx, rsi
 	lea rsi, [rip+greeting]
 	call print

@@ -1,13 +1,7 @@
 # pio: vCPU 0 emits args[0] output records numbered 1..args[0], one VM exit
 # each, then exits 0. Used to measure the exit round trip. Other vCPUs park.
-	.intel_syntax noprefix
-	.code64
 	.include "abi.inc"
-	.text
-	.globl _start
-_start:
-	test edi, edi
-	jnz park
+	VCPU0_ENTRY
 	mov rcx, [rsi+P_ARGS+0]
 	mov dx, PORT_REC_LO
 	xor eax, eax

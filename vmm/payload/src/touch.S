@@ -12,14 +12,8 @@
 # args[4] rounds       stop after this many rounds (0: run until stopped)
 # args[5] seed         random seed (non-zero)
 # args[6] hot_stride   hot region j is region (j*hot_stride) mod regions
-	.intel_syntax noprefix
-	.code64
 	.include "abi.inc"
-	.text
-	.globl _start
-_start:
-	test edi, edi
-	jnz park
+	VCPU0_ENTRY
 	mov rbx, rsi                    # rbx = params
 	mov r12, [rbx+P_DATABASE]       # r12 = data base
 	mov r13, [rbx+P_ARGS+0]         # r13 = regions
