@@ -52,7 +52,7 @@
 	jmp 2b
 3:
 	mov r15, [rbx+P_ARGS+16]        # r15 = hot_permille
-	mov r8, [rbx+P_ARGS+40]         # r8 = rng state
+	mov r11, [rbx+P_ARGS+40]        # r11 = rng state (lib.inc preserves r11)
 	xor r9d, r9d                    # r9 = last read value (always 0)
 	xor ebp, ebp                    # rbp = round
 
@@ -60,16 +60,16 @@ round:
 	inc rbp
 	mov rcx, [rbx+P_ARGS+24]        # rcx = reads left in this round
 access:
-	mov rax, r8                     # xorshift64
+	mov rax, r11                    # xorshift64
 	shl rax, 13
-	xor r8, rax
-	mov rax, r8
+	xor r11, rax
+	mov rax, r11
 	shr rax, 7
-	xor r8, rax
-	mov rax, r8
+	xor r11, rax
+	mov rax, r11
 	shl rax, 17
-	xor r8, rax
-	mov rax, r8
+	xor r11, rax
+	mov rax, r11
 	xor rax, r9                     # depend on the previous read
 	movzx edx, ax
 	imul edx, edx, 1000
@@ -83,12 +83,12 @@ access:
 	shr rsi, 32                     # region = rand * regions >> 32
 	shl rsi, 21
 	add rsi, r12
-	jmp offset
+	jmp pick_page
 hotpick:
 	imul rsi, r14
 	shr rsi, 32
 	mov rsi, [rdi+8*rsi]
-offset:
+pick_page:
 	mov rdx, rax
 	shr rdx, 48
 	and edx, 0x1ff                  # page in region
