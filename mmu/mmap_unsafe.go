@@ -59,3 +59,6 @@ func mincore(b, vec []byte) error {
 	}
 	return nil
 }
+
+// sliceAddr returns the address of b's first byte.
+func sliceAddr(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }

@@ -53,6 +53,9 @@ func (m *Machine) handleExit(v *vcpu) error {
 		return m.exitError(v, "unknown system event", fmt.Sprintf("type %d, flags %#x", typ, flags))
 	case arch.ExitMemoryFault:
 		flags, gpa, size := v.cpu.MemoryFault()
+		if m.offerFault(v, []uint64{gpa}) {
+			return nil
+		}
 		return m.exitError(v, "memory fault KVM could not resolve", fmt.Sprintf("GPA %#x, size %#x, flags %#x", gpa, size, flags))
 	case arch.ExitUnknown, arch.ExitException, arch.ExitHypercall, arch.ExitDebug,
 		arch.ExitIRQWindowOpen, arch.ExitSetTPR, arch.ExitTPRAccess, arch.ExitNMI,
@@ -129,4 +132,63 @@ func (m *Machine) translate(v *vcpu, gva uint64) (uint64, error) {
 		return gva, nil
 	}
 	return m.mem.Translate(sr.CR3, gva)
+}
+
+// offerFault hands a guest access KVM could not fault in to the fault
+// handler. Without known GPAs it derives them from the faulting instruction.
+func (m *Machine) offerFault(v *vcpu, gpas []uint64) bool {
+	h := m.faultHandler.Load()
+	if h == nil || v.faults >= maxFaultRetries {
+		return false
+	}
+	if gpas == nil {
+		gpas = m.faultingGPAs(v)
+	}
+	if !(*h)(gpas) {
+		return false
+	}
+	v.faults++
+	return true
+}
+
+// faultingGPAs returns the guest-physical addresses of the pages the
+// instruction at RIP accesses (first and last byte of each access).
+func (m *Machine) faultingGPAs(v *vcpu) []uint64 {
+	regs, err := v.cpu.Regs()
+	if err != nil {
+		return nil
+	}
+	sregs, err := v.cpu.Sregs()
+	if err != nil {
+		return nil
+	}
+	tr := func(gva uint64) (uint64, bool) {
+		if sregs.CR0&arch.CR0PG == 0 {
+			return gva, true
+		}
+		gpa, err := m.mem.Translate(sregs.CR3, gva)
+		return gpa, err == nil
+	}
+	ripGPA, ok := tr(regs.RIP)
+	if !ok {
+		return nil
+	}
+	code, err := m.mem.Slice(ripGPA, 15)
+	if err != nil {
+		// Near the end of a page or of RAM: take what there is.
+		code, _ = m.mem.Slice(ripGPA, arch.PageSize-ripGPA%arch.PageSize)
+	}
+	accs, err := arch.MemoryOperands(code, regs.RIP, regs, sregs)
+	if err != nil {
+		return []uint64{ripGPA}
+	}
+	var out []uint64
+	for _, a := range accs {
+		for _, gva := range []uint64{a.GVA, a.GVA + a.Size - 1} {
+			if gpa, ok := tr(gva); ok {
+				out = append(out, gpa)
+			}
+		}
+	}
+	return out
 }

@@ -36,6 +36,11 @@ type Config struct {
 	OnRecord func(Record)
 	// OnMark, if set, is called for every phase marker.
 	OnMark func(cpu int, phase uint32)
+	// Guest4K lists guest-physical 2 MiB regions the payload's page tables
+	// map with 4 KiB pages instead of one 2 MiB page.
+	Guest4K []uint64
+	// Affinity, if set, pins vCPU i's thread to host CPU Affinity[i].
+	Affinity []int
 }
 
 // Record is one output record a guest emitted.
@@ -62,13 +67,14 @@ const (
 
 // Machine is a VM with its memory, vCPUs and devices.
 type Machine struct {
-	cfg   Config
-	sys   *arch.System
-	vm    *arch.VM
-	mem   *mmu.Memory
-	vcpus []*vcpu
-	io    ioBus
-	debug *debugPort
+	cfg     Config
+	sys     *arch.System
+	vm      *arch.VM
+	mem     *mmu.Memory
+	vcpus   []*vcpu
+	io      ioBus
+	debug   *debugPort
+	payload *loadedPayload
 
 	// pauseMu serializes Pause, Resume and OnVCPU and guards paused.
 	pauseMu sync.Mutex
@@ -81,6 +87,10 @@ type Machine struct {
 	parkAck  chan int
 	leaveAck chan int
 
+	// faultHandler, if set, is offered guest accesses KVM could not fault
+	// in (EFAULT from KVM_RUN, KVM_EXIT_MEMORY_FAULT).
+	faultHandler atomic.Pointer[FaultHandler]
+
 	stopping atomic.Bool
 	stopCh   chan struct{}
 	stopOnce sync.Once
@@ -91,8 +101,29 @@ type Machine struct {
 	ran    atomic.Bool
 }
 
+// FaultHandler is offered, on a vCPU thread, a guest access that KVM could
+// not fault in, with the guest-physical addresses the faulting instruction
+// may have touched (empty if unknown). It returns true if it resolved the
+// fault and the vCPU should retry, false if the fault is real.
+type FaultHandler func(gpas []uint64) bool
+
+// SetFaultHandler installs (or, with nil, removes) the fault handler.
+func (m *Machine) SetFaultHandler(h FaultHandler) {
+	if h == nil {
+		m.faultHandler.Store(nil)
+		return
+	}
+	m.faultHandler.Store(&h)
+}
+
+// maxFaultRetries bounds consecutive retried faults on one vCPU without a
+// normal exit in between, so a fault that retrying cannot fix stops the
+// machine instead of spinning.
+const maxFaultRetries = 1000
+
 type vcpu struct {
 	id      int
+	faults  int // consecutive retried faults (touched only by this vCPU's goroutine)
 	cpu     *arch.VCPU
 	tid     atomic.Int32
 	cmds    chan func()
@@ -118,12 +149,17 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.Console == nil {
 		cfg.Console = io.Discard
 	}
+	for _, c := range cfg.Affinity {
+		if c < 0 || c >= runtime.NumCPU() {
+			return nil, fmt.Errorf("vCPU affinity: host CPU %d does not exist (this host has %d)", c, runtime.NumCPU())
+		}
+	}
 	pl, err := resolvePayload(cfg)
 	if err != nil {
 		return nil, err
 	}
 
-	m := &Machine{cfg: cfg, stopCh: make(chan struct{})}
+	m := &Machine{cfg: cfg, stopCh: make(chan struct{}), payload: pl}
 	ok := false
 	defer func() {
 		if !ok {
@@ -355,6 +391,14 @@ func (m *Machine) OnVCPU(i int, fn func(*arch.VCPU) error) error {
 func (m *Machine) runVCPU(v *vcpu) error {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	if v.id < len(m.cfg.Affinity) {
+		var set unix.CPUSet
+		set.Set(m.cfg.Affinity[v.id])
+		if err := unix.SchedSetaffinity(0, &set); err != nil {
+			close(v.started)
+			return fmt.Errorf("vCPU %d: pin to host CPU %d: %w", v.id, m.cfg.Affinity[v.id], err)
+		}
+	}
 	v.tid.Store(int32(unix.Gettid()))
 	close(v.started)
 	for {
@@ -369,9 +413,13 @@ func (m *Machine) runVCPU(v *vcpu) error {
 		if arch.IsInterrupted(err) {
 			continue
 		}
+		if errors.Is(err, unix.EFAULT) && m.offerFault(v, nil) {
+			continue
+		}
 		if err != nil {
 			return m.exitError(v, "KVM_RUN failed", err.Error())
 		}
+		v.faults = 0
 		v.exits.Add(1)
 		if err := m.handleExit(v); err != nil {
 			return err

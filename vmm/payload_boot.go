@@ -149,7 +149,7 @@ func (m *Machine) loadPayload(pl *loadedPayload) error {
 		return err
 	}
 
-	tables, cr3, err := arch.IdentityPageTables(arch.IdentityMapSpec{TablesGPA: pageTablesAddr, MemSize: roundUp(top, mmu.RegionSize), User: true})
+	tables, cr3, err := arch.IdentityPageTables(arch.IdentityMapSpec{TablesGPA: pageTablesAddr, MemSize: roundUp(top, mmu.RegionSize), User: true, Small: m.cfg.Guest4K})
 	if err != nil {
 		return err
 	}

@@ -206,6 +206,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	backing := fs.String("backing", "anon", "guest memory backing: anon or memfd")
 	kvmDev := fs.String("kvm", "/dev/kvm", "KVM device")
 	quiet := fs.Bool("quiet", false, "do not print the summary line on stderr")
+	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=5,samples=8,per_window=64,alpha=0.5,hysteresis=1.5,seed=N]")
+	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the large-page status line on stderr (0: only at the end)")
 	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
 	if code, done := parseFlags(fs, args); done {
 		return code
@@ -224,6 +226,17 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	if *cpus < 1 {
 		return fail(fmt.Errorf("--cpus %d: want 1..%d vCPUs", *cpus, vmm.MaxCPUs))
+	}
+	var lpCfg *vmm.LargePageConfig
+	if *largePages != "" {
+		c, err := vmm.ParseLargePages(*largePages)
+		if err != nil {
+			return fail(err)
+		}
+		lpCfg = &c
+	}
+	if *statusEvery < 0 {
+		return fail(fmt.Errorf("--status-interval %v: must not be negative", *statusEvery))
 	}
 	var bk mmu.Backing
 	switch *backing {
@@ -261,6 +274,17 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return fail(err)
 	}
 	defer m.Close()
+	var lp *vmm.LargePager
+	if lpCfg != nil {
+		if lp, err = m.StartLargePages(*lpCfg); err != nil {
+			return fail(err)
+		}
+		stopStatus := printStatus(stderr, lp, *statusEvery)
+		defer func() {
+			stopStatus()
+			fmt.Fprintf(stderr, "understudy: %s\n", lp.Stop())
+		}()
+	}
 	start := time.Now()
 	res, err := m.Run(ctx)
 	elapsed := time.Since(start)
@@ -285,4 +309,28 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	return res.ExitCode
+}
+
+// printStatus prints lp's status line every interval until the returned
+// function is called.
+func printStatus(w io.Writer, lp *vmm.LargePager, every time.Duration) func() {
+	if every <= 0 {
+		return func() {}
+	}
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				fmt.Fprintf(w, "understudy: %s\n", lp.Status())
+			}
+		}
+	}()
+	return func() { close(done); <-finished }
 }

@@ -1,0 +1,210 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sort"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/vmm"
+)
+
+// The large-page benchmark: the touch payload over 256 regions (a 512 MiB
+// working set in a 1 GiB guest), 16 hot regions taking 7/8 of the reads,
+// vCPU 0 pinned to the last host CPU. Each policy runs lpRuns times,
+// interleaved so that load changes on the host hit every policy alike.
+const (
+	lpRegions  = 256
+	lpHot      = 16
+	lpAccesses = 500000
+	lpMeasure  = 1500 * time.Millisecond
+)
+
+// lpRuns is the number of runs per policy; UNDERSTUDY_BENCH_RUNS overrides
+// it for quick trials.
+var lpRuns = envInt("UNDERSTUDY_BENCH_RUNS", 7)
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+type lpResult struct {
+	nsPerAccess float64
+	pages2M     uint64
+	precision   float64
+	status      vmm.LargePageStatus
+}
+
+// runTouch runs one touch guest under cfg (nil: no large-page management)
+// and returns the median time per read once the policy has settled.
+func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
+	b.Helper()
+	var mu sync.Mutex
+	var stamps []time.Time
+	marked := make(chan struct{})
+	pin := runtime.NumCPU() - 1
+	m, err := vmm.New(vmm.Config{
+		MemSize: 1 << 30, Payload: "touch", Affinity: []int{pin},
+		PayloadOptions: map[string]string{"regions": fmt.Sprint(lpRegions), "hot": fmt.Sprint(lpHot), "hot_permille": "875",
+			"accesses": fmt.Sprint(lpAccesses), "rounds": "0"},
+		OnMark:   func(int, uint32) { close(marked) },
+		OnRecord: func(vmm.Record) { mu.Lock(); stamps = append(stamps, time.Now()); mu.Unlock() },
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); done <- err }()
+	defer func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			b.Fatal(err)
+		}
+	}()
+	<-marked
+	data := m.DataRegions()
+	hot := map[uint64]bool{}
+	for j := uint64(0); j < lpHot; j++ {
+		hot[data[0]+j*(lpRegions/lpHot)] = true
+	}
+	var lp *vmm.LargePager
+	if cfg != nil {
+		c := *cfg
+		c.Regions = data[:lpRegions]
+		if lp, err = m.StartLargePages(c); err != nil {
+			b.Fatal(err)
+		}
+		defer lp.Stop()
+		want := c.Budget
+		if c.Policy == vmm.PolicyAll {
+			want = lpRegions
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			st := lp.Status()
+			if st.Err != "" {
+				b.Fatal(st.Err)
+			}
+			if len(st.Promoted) >= want && (c.Policy != vmm.PolicyPrioritized || st.Windows >= st.FirstPromotion+3) {
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("policy %s did not settle: %s", c.Policy, st)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	mu.Lock()
+	from := len(stamps)
+	mu.Unlock()
+	time.Sleep(lpMeasure)
+	mu.Lock()
+	rounds := append([]time.Time(nil), stamps[from:]...)
+	mu.Unlock()
+	if len(rounds) < 3 {
+		b.Fatalf("only %d rounds in %v", len(rounds), lpMeasure)
+	}
+	var per []float64
+	for i := 1; i < len(rounds); i++ {
+		per = append(per, float64(rounds[i].Sub(rounds[i-1]).Nanoseconds())/lpAccesses)
+	}
+	sort.Float64s(per)
+	r := lpResult{nsPerAccess: per[len(per)/2]}
+	if lp != nil {
+		r.status = lp.Status()
+		r.pages2M = r.status.Pages2M
+		n := 0
+		for _, p := range r.status.Promoted {
+			if hot[p] {
+				n++
+			}
+		}
+		if len(r.status.Promoted) > 0 {
+			r.precision = float64(n) / float64(len(r.status.Promoted))
+		}
+	}
+	return r
+}
+
+func medianF(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+// BenchmarkLargePage compares none, random-16, prioritized-16 and all-256.
+func BenchmarkLargePage(b *testing.B) {
+	requireKVM(b)
+	policies := []struct {
+		name string
+		cfg  *vmm.LargePageConfig
+	}{
+		{"none", nil},
+		{"random-16", &vmm.LargePageConfig{Policy: vmm.PolicyRandom, Budget: lpHot}},
+		{"prioritized-16", &vmm.LargePageConfig{Policy: vmm.PolicyPrioritized, Budget: lpHot}},
+		{"all-256", &vmm.LargePageConfig{Policy: vmm.PolicyAll}},
+	}
+	ns := map[string][]float64{}
+	p2m := map[string][]float64{}
+	var precision []float64
+	for run := 0; run < lpRuns; run++ {
+		for i, p := range policies {
+			cfg := p.cfg
+			if cfg != nil {
+				c := *cfg
+				c.Seed = uint64(run*10 + i + 1)
+				cfg = &c
+			}
+			r := runTouch(b, cfg)
+			ns[p.name] = append(ns[p.name], r.nsPerAccess)
+			p2m[p.name] = append(p2m[p.name], float64(r.pages2M))
+			if p.name == "prioritized-16" {
+				precision = append(precision, r.precision)
+			}
+		}
+	}
+	for _, p := range policies {
+		fmt.Printf("bench largepage: policy=%s ns_per_access=%.1f pages_2m=%.0f runs=%d\n", p.name, medianF(ns[p.name]), medianF(p2m[p.name]), lpRuns)
+	}
+	none, all := medianF(ns["none"]), medianF(ns["all-256"])
+	gain := func(x float64) float64 { return (none - x) / (none - all) }
+	var prec float64
+	for _, p := range precision {
+		prec += p
+	}
+	fmt.Printf("bench largepage-summary: recovered_gain=%.2f random_gain=%.2f precision_at_16=%.2f\n",
+		gain(medianF(ns["prioritized-16"])), gain(medianF(ns["random-16"])), prec/float64(len(precision)))
+}
+
+// BenchmarkSampler measures what sampling costs the guest: the same touch
+// workload with sampling only (budget 0, so nothing is promoted) against no
+// management at all, and the sampler's own CPU time per window and GiB.
+func BenchmarkSampler(b *testing.B) {
+	requireKVM(b)
+	var base, sampled []float64
+	var cpuPerGiB []float64
+	var refaults []float64
+	for run := 0; run < lpRuns; run++ {
+		base = append(base, runTouch(b, nil).nsPerAccess)
+		r := runTouch(b, &vmm.LargePageConfig{Policy: vmm.PolicyPrioritized, Budget: 0, Warmup: 1})
+		sampled = append(sampled, r.nsPerAccess)
+		st := r.status.Sampler
+		gib := float64(lpRegions) * 2 / 1024
+		cpuPerGiB = append(cpuPerGiB, float64(st.CPU.Microseconds())/float64(st.Windows)/gib)
+		refaults = append(refaults, float64(st.Refaults)/float64(st.Windows))
+	}
+	nb, ns := medianF(base), medianF(sampled)
+	fmt.Printf("bench sampler: overhead_pct=%.1f per_gib_us=%.0f refaults_per_window=%.0f ns_per_access_plain=%.1f ns_per_access_sampled=%.1f window=10ms period=200ms pages_per_region=8\n",
+		100*(ns-nb)/nb, medianF(cpuPerGiB), medianF(refaults), nb, ns)
+}

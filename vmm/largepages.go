@@ -1,0 +1,478 @@
+package vmm
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/mmu"
+)
+
+// Large-page policies.
+const (
+	// PolicyPrioritized samples access counts and maps the hottest regions
+	// large within the budget (seed idea 4).
+	PolicyPrioritized = "prioritized"
+	// PolicyRandom maps Budget random candidate regions large at start.
+	PolicyRandom = "random"
+	// PolicyAll maps every candidate region large at start.
+	PolicyAll = "all"
+	// PolicyNone maps nothing large.
+	PolicyNone = "none"
+)
+
+// LargePageConfig configures large-page management of a machine.
+type LargePageConfig struct {
+	Policy         string        // PolicyPrioritized (default), PolicyRandom, PolicyAll, PolicyNone
+	Budget         int           // regions mapped large at most (prioritized, random)
+	Period         time.Duration // time from one sampling window to the next (default 200ms)
+	Window         time.Duration // how long a window revokes access (default 10ms)
+	Warmup         int           // windows that only sample (default 5)
+	PagesPerRegion int           // pages sampled per region and window (default 8)
+	// PerWindow is how many not-promoted regions a window samples, taken
+	// round robin (default 64); promoted regions are sampled every window.
+	// Each sampled region costs two mprotect calls, which also flush the
+	// guest's mappings of those pages, so fewer per window cost the guest less.
+	PerWindow  int
+	Alpha      float64 // count-value weight of the newest window (default 0.5)
+	Hysteresis float64 // replacement factor (default 1.5)
+	Seed       uint64  // random seed (sample offsets, random policy)
+	// Regions are the candidate guest-physical 2 MiB regions; empty means
+	// the payload's data regions.
+	Regions []uint64
+}
+
+// LargePageStatus is a snapshot of large-page management.
+type LargePageStatus struct {
+	Policy   string
+	Windows  int  // sampling windows completed
+	WarmedUp bool // the first (sampling-only) phase is over
+	Sampled  int  // regions sampled per window
+	Promoted []uint64
+	Blocked  []uint64 // candidates the guest maps with 4 KiB pages
+	Failed   int      // promotions the host refused (fixed policies: still pending)
+	// LastFailure is the host's reason for the latest refused promotion.
+	LastFailure string
+	// FirstPromotion is the window in which the first region was promoted
+	// (0: none yet).
+	FirstPromotion int
+	Top            []mmu.RegionHeat
+	Pages4K        uint64 // KVM stats
+	Pages2M        uint64
+	Sampler        mmu.SamplerStats
+	Err            string // why management stopped, if it did
+}
+
+// String formats the status as one line.
+func (s LargePageStatus) String() string {
+	var top []string
+	for _, h := range s.Top {
+		top = append(top, fmt.Sprintf("r%d:%.0f", h.Region, h.Count))
+	}
+	line := fmt.Sprintf("large-pages: policy=%s windows=%d sampled=%d promoted=%d blocked=%d failed=%d pages_2m=%d pages_4k=%d top=%s",
+		s.Policy, s.Windows, s.Sampled, len(s.Promoted), len(s.Blocked), s.Failed, s.Pages2M, s.Pages4K, strings.Join(top, ","))
+	if !s.WarmedUp && s.Policy == PolicyPrioritized {
+		line += " (warming up)"
+	}
+	if s.Err != "" {
+		line += " error=" + s.Err
+	}
+	return line
+}
+
+// LargePager runs large-page management for a machine.
+type LargePager struct {
+	m       *Machine
+	cfg     LargePageConfig
+	sampler *mmu.Sampler
+	prio    *mmu.Prioritizer
+	cursor  int // next candidate to sample (round robin)
+	stats   *arch.Stats
+	shadow  bool
+	cancel  context.CancelFunc
+	done    chan struct{}
+
+	// mu guards status.
+	mu     sync.Mutex
+	status LargePageStatus
+}
+
+// ParseLargePages parses the --large-pages option string
+// "budget=N[,policy=P,period=D,window=D,warmup=N,samples=N,per_window=N,alpha=F,hysteresis=F,seed=N]".
+func ParseLargePages(s string) (LargePageConfig, error) {
+	var c LargePageConfig
+	seen := map[string]bool{}
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok || v == "" {
+			return c, fmt.Errorf("--large-pages: %q: want key=value", kv)
+		}
+		if seen[k] {
+			return c, fmt.Errorf("--large-pages: %s given twice", k)
+		}
+		seen[k] = true
+		var err error
+		switch k {
+		case "budget":
+			c.Budget, err = parseIntRange(v, 0, 1<<20)
+		case "policy":
+			switch v {
+			case PolicyPrioritized, PolicyRandom, PolicyAll, PolicyNone:
+				c.Policy = v
+			default:
+				err = fmt.Errorf("want prioritized, random, all or none")
+			}
+		case "period":
+			c.Period, err = parseDurationRange(v, time.Millisecond, time.Hour)
+		case "window":
+			c.Window, err = parseDurationRange(v, 100*time.Microsecond, time.Minute)
+		case "warmup":
+			c.Warmup, err = parseIntRange(v, 0, 1<<20)
+		case "samples":
+			c.PagesPerRegion, err = parseIntRange(v, 1, 64)
+		case "per_window":
+			c.PerWindow, err = parseIntRange(v, 1, 1<<20)
+		case "alpha":
+			c.Alpha, err = parseFloatRange(v, 0.001, 1)
+		case "hysteresis":
+			c.Hysteresis, err = parseFloatRange(v, 1, 1000)
+		case "seed":
+			var n int
+			n, err = parseIntRange(v, 0, 1<<62)
+			c.Seed = uint64(n)
+		default:
+			return c, fmt.Errorf("--large-pages: unknown key %q (keys: budget, policy, period, window, warmup, samples, per_window, alpha, hysteresis, seed)", k)
+		}
+		if err != nil {
+			return c, fmt.Errorf("--large-pages %s=%s: %w", k, v, err)
+		}
+	}
+	if !seen["budget"] && c.Policy != PolicyAll && c.Policy != PolicyNone {
+		return c, fmt.Errorf("--large-pages: budget=N is required")
+	}
+	return c, nil
+}
+
+// StartLargePages starts large-page management on a machine that is
+// running (or about to run). Stop ends it.
+func (m *Machine) StartLargePages(cfg LargePageConfig) (*LargePager, error) {
+	if cfg.Policy == "" {
+		cfg.Policy = PolicyPrioritized
+	}
+	if cfg.Period == 0 {
+		cfg.Period = 200 * time.Millisecond
+	}
+	if cfg.Window == 0 {
+		cfg.Window = 10 * time.Millisecond
+	}
+	if cfg.Window >= cfg.Period {
+		return nil, fmt.Errorf("large pages: window %v must be shorter than the period %v", cfg.Window, cfg.Period)
+	}
+	if len(cfg.Regions) == 0 {
+		cfg.Regions = m.DataRegions()
+	}
+	if cfg.PerWindow == 0 {
+		cfg.PerWindow = 64
+	}
+	if cfg.PerWindow < 0 {
+		return nil, fmt.Errorf("large pages: %d regions per window: must be positive", cfg.PerWindow)
+	}
+	if len(cfg.Regions) == 0 {
+		return nil, fmt.Errorf("large pages: the guest has no data regions to manage (raise --mem)")
+	}
+	for _, r := range cfg.Regions {
+		if _, err := m.mem.Offset(r*mmu.RegionSize, mmu.RegionSize); err != nil {
+			return nil, fmt.Errorf("large pages: region %d: %w", r, err)
+		}
+	}
+	prio, err := mmu.NewPrioritizer(mmu.PrioritizerConfig{Budget: cfg.Budget, Warmup: cfg.Warmup, Alpha: cfg.Alpha, Hysteresis: cfg.Hysteresis})
+	if err != nil {
+		return nil, fmt.Errorf("large pages: %w", err)
+	}
+	cfg.Warmup = prio.Config().Warmup
+	sampler, err := mmu.NewSampler(m.mem, mmu.SamplerConfig{PagesPerRegion: cfg.PagesPerRegion, Seed: cfg.Seed})
+	if err != nil {
+		return nil, fmt.Errorf("large pages: %w", err)
+	}
+	stats, err := m.vm.StatsFD()
+	if err != nil {
+		return nil, fmt.Errorf("large pages: KVM statistics: %w", err)
+	}
+	if !stats.Has("pages_2m") || !stats.Has("pages_4k") {
+		stats.Close()
+		return nil, fmt.Errorf("large pages: this KVM reports no pages_2m/pages_4k statistics")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	lp := &LargePager{m: m, cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
+	lp.status.Policy = cfg.Policy
+	if cfg.Policy == PolicyPrioritized {
+		m.SetFaultHandler(sampler.Fault)
+	}
+	go lp.run(ctx)
+	return lp, nil
+}
+
+// DataRegions lists the guest-physical 2 MiB regions of the payload's data
+// area, in ascending order.
+func (m *Machine) DataRegions() []uint64 {
+	var out []uint64
+	for gpa := m.payload.dataBase; gpa+mmu.RegionSize <= m.payload.dataBase+m.payload.dataSize; gpa += mmu.RegionSize {
+		out = append(out, gpa/mmu.RegionSize)
+	}
+	return out
+}
+
+// Status returns the latest status.
+func (lp *LargePager) Status() LargePageStatus {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	s := lp.status
+	s.Promoted = append([]uint64(nil), s.Promoted...)
+	s.Blocked = append([]uint64(nil), s.Blocked...)
+	s.Top = append([]mmu.RegionHeat(nil), s.Top...)
+	return s
+}
+
+// Stop ends management and waits for it; promoted regions stay large.
+func (lp *LargePager) Stop() LargePageStatus {
+	lp.cancel()
+	<-lp.done
+	lp.stats.Close()
+	return lp.Status()
+}
+
+func (lp *LargePager) fail(err error) {
+	lp.mu.Lock()
+	lp.status.Err = err.Error()
+	lp.mu.Unlock()
+}
+
+func (lp *LargePager) run(ctx context.Context) {
+	defer close(lp.done)
+	tick := time.NewTicker(lp.cfg.Period)
+	defer tick.Stop()
+	if lp.cfg.Policy != PolicyPrioritized {
+		// Fixed policies choose their regions once and promote them as soon
+		// as the host can (a region the guest has not touched yet cannot be
+		// collapsed), then only refresh the status.
+		var targets []uint64
+		if lp.cfg.Policy != PolicyNone {
+			targets = lp.fixedTargets()
+		}
+		for {
+			failed := 0
+			for _, r := range targets {
+				if !lp.prio.Promoted(r) && !lp.promote(r) {
+					failed++
+				}
+			}
+			lp.mu.Lock()
+			lp.status.Failed = failed
+			lp.mu.Unlock()
+			lp.publish(nil)
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}
+	defer lp.m.SetFaultHandler(nil)
+	for {
+		blocked, err := lp.window(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				lp.fail(err)
+			}
+			return
+		}
+		lp.publish(blocked)
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// fixedTargets chooses the regions of the random and all policies.
+func (lp *LargePager) fixedTargets() []uint64 {
+	blocked, _ := lp.guestView(false)
+	var cand []uint64
+	for _, r := range lp.cfg.Regions {
+		if !blocked[r] {
+			cand = append(cand, r)
+		}
+	}
+	if lp.cfg.Policy == PolicyRandom {
+		rng := rand.New(rand.NewPCG(lp.cfg.Seed, 0x7a11))
+		rng.Shuffle(len(cand), func(i, j int) { cand[i], cand[j] = cand[j], cand[i] })
+		if len(cand) > lp.cfg.Budget {
+			cand = cand[:lp.cfg.Budget]
+		}
+	}
+	lp.mu.Lock()
+	lp.status.Blocked = keys(blocked)
+	lp.mu.Unlock()
+	return cand
+}
+
+// promote collapses region r and records it if the host backs it huge. It
+// reports whether the region is now promoted.
+func (lp *LargePager) promote(r uint64) bool {
+	err := lp.m.mem.Collapse(r)
+	ok := err == nil
+	if ok {
+		ok, err = lp.m.mem.HugeBacked(r)
+	}
+	lp.prio.SetPromoted(r, ok)
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if err != nil {
+		lp.status.LastFailure = err.Error()
+	}
+	if ok && lp.status.FirstPromotion == 0 {
+		lp.status.FirstPromotion = lp.prio.Windows()
+	}
+	return ok
+}
+
+// window runs one sampling window and acts on it. It returns the regions
+// the guest maps with 4 KiB pages.
+func (lp *LargePager) window(ctx context.Context) (map[uint64]bool, error) {
+	var specs []mmu.SampleSpec
+	regions := lp.cfg.Regions
+	for _, r := range regions {
+		if lp.prio.Promoted(r) {
+			specs = append(specs, mmu.SampleSpec{Region: r, Large: true})
+		}
+	}
+	for steps, picked := 0, 0; steps < len(regions) && picked < lp.cfg.PerWindow; steps++ {
+		r := regions[lp.cursor%len(regions)]
+		lp.cursor++
+		if !lp.prio.Promoted(r) {
+			specs = append(specs, mmu.SampleSpec{Region: r})
+			picked++
+		}
+	}
+	if err := lp.sampler.Arm(specs); err != nil {
+		return nil, err
+	}
+	select {
+	case <-ctx.Done():
+	case <-time.After(lp.cfg.Window):
+	}
+	counts, err := lp.sampler.Disarm()
+	if err != nil || ctx.Err() != nil {
+		return nil, err
+	}
+	blocked, accessed := lp.guestView(true)
+	n := map[uint64]float64{}
+	large := map[uint64]bool{}
+	for _, c := range counts {
+		if c.Large {
+			large[c.Region] = c.Accessed > 0
+		} else {
+			n[c.Region] = c.Estimate()
+		}
+	}
+	// The guest's own accessed bits are exact where it maps 4 KiB pages.
+	for r, a := range accessed {
+		if _, ok := n[r]; ok && float64(a) > n[r] {
+			n[r] = float64(a)
+		}
+	}
+	if counts != nil {
+		lp.prio.Observe(n, large)
+	}
+	d := lp.prio.Decide(func(r uint64) bool { return blocked[r] })
+	for _, r := range d.Demote {
+		if err := lp.m.mem.Split(r); err != nil {
+			return nil, err
+		}
+		lp.prio.SetPromoted(r, false)
+	}
+	for _, r := range d.Promote {
+		if !lp.promote(r) {
+			lp.mu.Lock()
+			lp.status.Failed++
+			lp.mu.Unlock()
+		}
+	}
+	return blocked, nil
+}
+
+// guestView reads the guest's page tables (through the CR3 of every vCPU,
+// sampled while they are paused) and returns the candidate regions the guest
+// maps with 4 KiB pages (blocked, on shadow-paging hosts) and the number of
+// accessed 4 KiB guest PTEs per region. With clear, the accessed bits it
+// counted are cleared, which it does only while the vCPUs are paused.
+func (lp *LargePager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
+	m := lp.m
+	if _, err := m.Pause(); err != nil {
+		return nil, nil
+	}
+	var cr3s []uint64
+	for i := range m.vcpus {
+		_ = m.OnVCPU(i, func(c *arch.VCPU) error {
+			s, err := c.Sregs()
+			if err == nil && s.CR0&arch.CR0PG != 0 {
+				cr3s = append(cr3s, s.CR3)
+			}
+			return err
+		})
+	}
+	acc, _, err := m.mem.CountAccessed(cr3s, clear)
+	m.Resume()
+	if err != nil {
+		return nil, nil
+	}
+	blocked := map[uint64]bool{}
+	if lp.shadow {
+		cand := map[uint64]bool{}
+		for _, r := range lp.cfg.Regions {
+			cand[r] = true
+		}
+		for r := range acc.Mapped4K {
+			if cand[r] {
+				blocked[r] = true
+			}
+		}
+	}
+	return blocked, acc.Accessed4K
+}
+
+// publish refreshes the status.
+func (lp *LargePager) publish(blocked map[uint64]bool) {
+	p4k, _ := lp.stats.Value("pages_4k")
+	p2m, _ := lp.stats.Value("pages_2m")
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	s := &lp.status
+	s.Windows = lp.prio.Windows()
+	s.WarmedUp = lp.prio.WarmedUp()
+	s.Promoted = lp.prio.PromotedSet()
+	if blocked != nil {
+		s.Blocked = keys(blocked)
+	}
+	if lp.cfg.Policy == PolicyPrioritized {
+		s.Sampled = min(len(lp.cfg.Regions), lp.cfg.PerWindow)
+	}
+	s.Top = lp.prio.Top(8)
+	s.Pages4K, s.Pages2M = p4k, p2m
+	s.Sampler = lp.sampler.Stats()
+}
+
+func keys(m map[uint64]bool) []uint64 {
+	out := make([]uint64, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}

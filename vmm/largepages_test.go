@@ -1,0 +1,330 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/mmu"
+)
+
+func TestParseLargePages(t *testing.T) {
+	good := []struct {
+		in   string
+		want LargePageConfig
+	}{
+		{"budget=16", LargePageConfig{Budget: 16}},
+		{"budget=4,policy=random,seed=9", LargePageConfig{Budget: 4, Policy: PolicyRandom, Seed: 9}},
+		{"policy=all", LargePageConfig{Policy: PolicyAll}},
+		{"policy=none", LargePageConfig{Policy: PolicyNone}},
+		{"budget=2,period=50ms,window=5ms,warmup=3,samples=16,alpha=0.25,hysteresis=2", LargePageConfig{Budget: 2, Period: 50 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3, PagesPerRegion: 16, Alpha: 0.25, Hysteresis: 2}},
+	}
+	for _, g := range good {
+		got, err := ParseLargePages(g.in)
+		if err != nil || !reflect.DeepEqual(got, g.want) {
+			t.Errorf("ParseLargePages(%q) = %+v, %v; want %+v", g.in, got, err, g.want)
+		}
+	}
+	bad := map[string]string{
+		"":                         "want key=value",
+		"budget":                   "want key=value",
+		"policy=random":            "budget=N is required",
+		"budget=-1":                "out of range",
+		"budget=x":                 "not an integer",
+		"budget=1,budget=2":        "given twice",
+		"budget=1,policy=best":     "want prioritized",
+		"budget=1,period=soon":     "not a duration",
+		"budget=1,window=1ns":      "out of range",
+		"budget=1,samples=65":      "out of range",
+		"budget=1,alpha=0":         "out of range",
+		"budget=1,hysteresis=0.5":  "out of range",
+		"budget=1,colour=red":      `unknown key "colour"`,
+		"budget=1,alpha=NaN":       "not a number",
+		"budget=99999999999999999": "out of range",
+		"budget=1,,":               "want key=value",
+	}
+	for in, sub := range bad {
+		if _, err := ParseLargePages(in); err == nil || !strings.Contains(err.Error(), sub) {
+			t.Errorf("ParseLargePages(%q) = %v, want an error containing %q", in, err, sub)
+		}
+	}
+}
+
+func FuzzParseLargePages(f *testing.F) {
+	for _, s := range []string{"budget=16", "budget=1,policy=all,period=1s", "alpha=2", ",", "window=-1s"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		c, err := ParseLargePages(s)
+		if err != nil {
+			return
+		}
+		if c.Budget < 0 || c.PagesPerRegion < 0 || c.PagesPerRegion > 64 || c.Period < 0 || c.Window < 0 || c.Alpha < 0 || c.Alpha > 1 {
+			t.Errorf("ParseLargePages(%q) accepted %+v", s, c)
+		}
+	})
+}
+
+// touchMachine starts a touch guest over 64 regions with 4 hot ones (every
+// 16th region of the working set) and returns it, running.
+// Its cancel function waits until the payload has written its whole working
+// set (phase mark 1) before stopping it, so checkTouchData may then run.
+func touchMachine(t *testing.T, guest4K []uint64) (*Machine, []uint64, context.CancelFunc, chan error) {
+	t.Helper()
+	marked := make(chan struct{})
+	m, err := New(Config{MemSize: 256 << 20, Payload: "touch", Guest4K: guest4K, OnMark: func(int, uint32) { close(marked) },
+		PayloadOptions: map[string]string{"regions": "64", "hot": "4", "rounds": "0", "accesses": "200000"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	base := m.payload.dataBase / mmu.RegionSize
+	hot := []uint64{base, base + 16, base + 32, base + 48}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); done <- err }()
+	return m, hot, func() {
+		select {
+		case <-marked:
+		case <-time.After(30 * time.Second):
+			t.Errorf("touch never finished writing its working set")
+		}
+		cancel()
+	}, done
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func stopMachine(t *testing.T, cancel context.CancelFunc, done chan error) {
+	t.Helper()
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run = %v, want Canceled", err)
+	}
+}
+
+// checkTouchData verifies that every page of the touch working set still
+// holds its own address, as the payload wrote it.
+func checkTouchData(t *testing.T, m *Machine) {
+	t.Helper()
+	base := m.payload.dataBase
+	for p := uint64(0); p < 64*512; p++ {
+		gpa := base + p*mmu.PageSize
+		if v := mustU64(t, m, gpa); v != gpa {
+			t.Fatalf("page at %#x holds %#x, want its address: guest data changed", gpa, v)
+		}
+	}
+}
+
+// TestLargePagesPrioritized: nothing is promoted during warm-up; afterwards
+// exactly the hot regions are; KVM's pages_2m rises by exactly the promoted
+// regions; the host backs them with huge pages; guest data stays intact.
+func TestLargePagesPrioritized(t *testing.T) {
+	requireKVM(t)
+	m, hot, cancel, done := touchMachine(t, nil)
+	stats, err := m.VM().StatsFD()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stats.Close()
+	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 6, Seed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The status is published after each window's actions, so while it
+	// shows fewer than Warmup-1 windows no promotion can have happened yet.
+	for {
+		st := lp.Status()
+		if st.Err != "" {
+			t.Fatalf("large pages stopped: %s", st.Err)
+		}
+		if st.Windows >= 5 {
+			break
+		}
+		p2m, _ := stats.Value("pages_2m")
+		if len(st.Promoted) != 0 || p2m != 0 {
+			t.Fatalf("window %d of warm-up: promoted %v, pages_2m %d; want nothing", st.Windows, st.Promoted, p2m)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	if st := lp.Status(); st.FirstPromotion != 0 && st.FirstPromotion < 6 {
+		t.Fatalf("first promotion in window %d, during the 6-window warm-up", st.FirstPromotion)
+	}
+	waitFor(t, "the hot regions to be promoted", 20*time.Second, func() bool {
+		return reflect.DeepEqual(lp.Status().Promoted, hot)
+	})
+	for _, r := range hot {
+		if ok, err := m.Memory().HugeBacked(r); !ok || err != nil {
+			t.Errorf("HugeBacked(%d) = %v, %v after promotion", r, ok, err)
+		}
+	}
+	waitFor(t, "pages_2m to equal the promoted regions", 10*time.Second, func() bool {
+		p2m, _ := stats.Value("pages_2m")
+		return p2m == uint64(len(hot))
+	})
+	// The promoted set holds steady while sampling continues.
+	w := lp.Status().Windows
+	waitFor(t, "five more windows", 10*time.Second, func() bool { return lp.Status().Windows >= w+5 })
+	st := lp.Stop()
+	if st.FirstPromotion != 6 {
+		t.Errorf("first promotion in window %d, want 6 (right after warm-up)", st.FirstPromotion)
+	}
+	if !reflect.DeepEqual(st.Promoted, hot) || st.Failed != 0 || len(st.Blocked) != 0 {
+		t.Errorf("final status %s, want exactly the hot regions %v promoted", st, hot)
+	}
+	if st.Sampler.Refaults == 0 || st.Sampler.Windows < 11 {
+		t.Errorf("sampler stats %+v: want refaults over at least 11 windows", st.Sampler)
+	}
+	if st.Top[0].Count <= 0 || !contains(hot, st.Top[0].Region) {
+		t.Errorf("hottest region %+v is not a hot region %v", st.Top[0], hot)
+	}
+	stopMachine(t, cancel, done)
+	checkTouchData(t, m)
+}
+
+func contains(s []uint64, v uint64) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// TestLargePagesBlocked: hot regions the guest maps with 4 KiB pages are
+// reported as blocked and never promoted (on shadow-paging hosts).
+func TestLargePagesBlocked(t *testing.T) {
+	requireKVM(t)
+	if !arch.ShadowPaging() {
+		t.Skip("the host uses EPT/NPT: the guest's mapping size does not block KVM large pages")
+	}
+	base := uint64(0)
+	{
+		// The data base is fixed by the payload image: work it out first.
+		probe, err := New(Config{MemSize: 256 << 20, Payload: "touch"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		base = probe.payload.dataBase / mmu.RegionSize
+		probe.Close()
+	}
+	blocked := []uint64{base + 16, base + 48}
+	m, hot, cancel, done := touchMachine(t, blocked)
+	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 4, Seed: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []uint64{hot[0], hot[2]}
+	waitFor(t, "the unblocked hot regions to be promoted", 20*time.Second, func() bool {
+		st := lp.Status()
+		for _, r := range st.Promoted {
+			if contains(blocked, r) {
+				t.Fatalf("blocked region %d promoted", r)
+			}
+		}
+		return len(st.Promoted) >= 2 && contains(st.Promoted, want[0]) && contains(st.Promoted, want[1])
+	})
+	st := lp.Stop()
+	if !reflect.DeepEqual(st.Blocked, blocked) {
+		t.Errorf("Blocked = %v, want %v", st.Blocked, blocked)
+	}
+	stopMachine(t, cancel, done)
+	checkTouchData(t, m)
+}
+
+// TestLargePagesFixedPolicies: "all" promotes every candidate and "random"
+// exactly Budget of them; pages_2m follows once the guest touches them.
+func TestLargePagesFixedPolicies(t *testing.T) {
+	requireKVM(t)
+	for _, tc := range []struct {
+		cfg  LargePageConfig
+		want int
+	}{
+		{LargePageConfig{Policy: PolicyRandom, Budget: 5, Seed: 3}, 5},
+		{LargePageConfig{Policy: PolicyAll}, 64},
+		{LargePageConfig{Policy: PolicyNone}, 0},
+	} {
+		m, _, cancel, done := touchMachine(t, nil)
+		base := m.payload.dataBase / mmu.RegionSize
+		tc.cfg.Regions = nil
+		for r := base; r < base+64; r++ {
+			tc.cfg.Regions = append(tc.cfg.Regions, r)
+		}
+		lp, err := m.StartLargePages(tc.cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, tc.cfg.Policy+" promotions", 20*time.Second, func() bool {
+			st := lp.Status()
+			return len(st.Promoted) == tc.want && st.Pages2M == uint64(tc.want) || tc.want == 0 && st.Pages4K > 0
+		})
+		st := lp.Stop()
+		if len(st.Promoted) != tc.want || st.Failed != 0 {
+			t.Errorf("policy %s: status %s, want %d promoted", tc.cfg.Policy, st, tc.want)
+		}
+		stopMachine(t, cancel, done)
+		checkTouchData(t, m)
+	}
+}
+
+// TestSamplerKeepsCounterData runs the counter payload under aggressive
+// sampling and checks its records and pages exactly as TestCounter does.
+func TestSamplerKeepsCounterData(t *testing.T) {
+	requireKVM(t)
+	var recs []uint64
+	m, err := New(Config{MemSize: 16 << 20, Payload: "counter",
+		PayloadOptions: map[string]string{"pages": "1024", "hot": "600", "cold_every": "1", "iterations": "1500", "report": "0"},
+		OnRecord:       func(r Record) { recs = append(recs, r.Value) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	lp, err := m.StartLargePages(LargePageConfig{Budget: 2, Period: 5 * time.Millisecond, Window: 3 * time.Millisecond, Warmup: 1, PagesPerRegion: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := m.Run(context.Background())
+	st := lp.Stop()
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("Run = %+v, %v (large pages: %s)", res, err, st)
+	}
+	if st.Sampler.Refaults == 0 {
+		t.Errorf("no refaults: the sampler never caught the guest (%+v)", st.Sampler)
+	}
+	for i, r := range recs {
+		if r != uint64(i+1) {
+			t.Fatalf("record %d = %d, want %d", i, r, i+1)
+		}
+	}
+	base := m.payload.dataBase
+	for p := uint64(0); p < 600; p++ {
+		if v := mustU64(t, m, base+p*4096); v != 1500 {
+			t.Fatalf("hot page %d holds %d, want 1500", p, v)
+		}
+	}
+	// Cold pages 600..1023 are written round robin, one per iteration.
+	for k := uint64(0); k < 424; k++ {
+		want := uint64(0)
+		for it := uint64(1); it <= 1500; it++ {
+			if (it-1)%424 == k {
+				want = it
+			}
+		}
+		if v := mustU64(t, m, base+(600+k)*4096); v != want {
+			t.Fatalf("cold page %d holds %d, want %d", 600+k, v, want)
+		}
+	}
+}
