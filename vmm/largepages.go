@@ -32,10 +32,12 @@ type LargePageConfig struct {
 	Budget         int           // regions mapped large at most (prioritized, random)
 	Period         time.Duration // time from one sampling window to the next (default 200ms)
 	Window         time.Duration // how long a window revokes access (default 10ms)
-	Warmup         int           // windows that only sample (default 5)
+	// Warmup is how many windows only sample; the default is enough windows
+	// to sample every candidate once, and at least 5.
+	Warmup int
 	PagesPerRegion int           // pages sampled per region and window (default 8)
 	// PerWindow is how many not-promoted regions a window samples, taken
-	// round robin (default 64); promoted regions are sampled every window.
+	// round robin (default 32); promoted regions are sampled every window.
 	// Each sampled region costs two mprotect calls, which also flush the
 	// guest's mappings of those pages, so fewer per window cost the guest less.
 	PerWindow  int
@@ -177,10 +179,13 @@ func (m *Machine) StartLargePages(cfg LargePageConfig) (*LargePager, error) {
 		cfg.Regions = m.DataRegions()
 	}
 	if cfg.PerWindow == 0 {
-		cfg.PerWindow = 64
+		cfg.PerWindow = 32
 	}
 	if cfg.PerWindow < 0 {
 		return nil, fmt.Errorf("large pages: %d regions per window: must be positive", cfg.PerWindow)
+	}
+	if cfg.Warmup == 0 {
+		cfg.Warmup = max(5, (len(cfg.Regions)+cfg.PerWindow-1)/cfg.PerWindow)
 	}
 	if len(cfg.Regions) == 0 {
 		return nil, fmt.Errorf("large pages: the guest has no data regions to manage (raise --mem)")
