@@ -178,6 +178,12 @@ func TestLargePagesPrioritized(t *testing.T) {
 	// The promoted set holds steady while sampling continues.
 	w := lp.Status().Windows
 	waitFor(t, "five more windows", 10*time.Second, func() bool { return lp.Status().Windows >= w+5 })
+	// Sampling went on over the promoted regions without splitting them:
+	// KVM still maps every one of them with a 2 MiB entry.
+	waitFor(t, "pages_2m to equal the promoted regions after more windows", 10*time.Second, func() bool {
+		p2m, _ := stats.Value("pages_2m")
+		return p2m == uint64(len(hot))
+	})
 	st := lp.Stop()
 	if st.FirstPromotion != 6 {
 		t.Errorf("first promotion in window %d, want 6 (right after warm-up)", st.FirstPromotion)
@@ -274,6 +280,21 @@ func TestLargePagesFixedPolicies(t *testing.T) {
 		st := lp.Stop()
 		if len(st.Promoted) != tc.want || st.Failed != 0 {
 			t.Errorf("policy %s: status %s, want %d promoted", tc.cfg.Policy, st, tc.want)
+		}
+		if tc.want > 0 {
+			// Demotion: splitting the host mapping makes KVM drop to 4 KiB.
+			if err := m.Memory().Split(st.Promoted[0]); err != nil {
+				t.Fatal(err)
+			}
+			stats, err := m.VM().StatsFD()
+			if err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "pages_2m to drop after Split", 10*time.Second, func() bool {
+				p2m, _ := stats.Value("pages_2m")
+				return p2m == uint64(tc.want-1)
+			})
+			stats.Close()
 		}
 		stopMachine(t, cancel, done)
 		checkTouchData(t, m)
