@@ -1,0 +1,82 @@
+// Package wire is the fault-tolerance wire format: the frames and messages
+// that primary, intermediary and backup exchange. It owns framing (magic,
+// version, type, length, CRC-32C), the byte layout of every message, their
+// strict validation, and the checkpoint digest. It must not do I/O policy
+// (connections, TLS, retries: package ft/transport), interpret VM state (the
+// StateBlob bytes are opaque here) or decide what a checkpoint means (the ft
+// roles do).
+//
+// # Frames
+//
+// Every message travels in one frame. All integers are little-endian.
+//
+//	offset size  field
+//	0      4     magic "USFT" (0x55 0x53 0x46 0x54)
+//	4      1     protocol version (Version, currently 1)
+//	5      1     message type (Type)
+//	6      2     frame flags; none are defined in version 1, so must be 0
+//	8      4     payload length in bytes, at most MaxPayload (64 MiB)
+//	12     4     CRC-32C (Castagnoli) of bytes 0..11
+//	16     n     payload: the message body, laid out as below
+//	16+n   4     CRC-32C of bytes 0..16+n-1 (header and payload)
+//
+// The header CRC lets a Reader reject a corrupt length before it waits for
+// or allocates the payload; the trailing CRC covers the whole frame. A Reader
+// checks, in order: magic (ErrBadMagic), header CRC (ErrChecksum), version
+// (ErrVersion, *VersionError), type (ErrUnknownType), flags (ErrMalformed),
+// length (ErrTooLarge), then the trailing CRC (ErrChecksum). A stream that
+// ends inside a frame gives io.ErrUnexpectedEOF; one that ends between frames
+// gives io.EOF. A payload buffer grows as its bytes arrive (1 MiB first,
+// then doubling), so a header that claims 64 MiB costs at most 1 MiB, or
+// twice what has arrived, until the bytes are there.
+//
+// # Messages
+//
+// Decoding is strict: every length and count must match the payload size
+// exactly, enums must be in range, reserved fields and unknown flag bits must
+// be zero, and nothing may trail the message. Encoding applies the same rules,
+// so a decoded message re-encodes to the same bytes. Strings are a length
+// (u8 or u16 as noted) followed by that many bytes of valid UTF-8. Epochs
+// start at 1; epoch 0 means "none".
+//
+//	type  name             payload layout
+//	0x01  Hello            version u8 | role u8 | vm id [16] | memory size u64 | name len u8 | name
+//	0x02  Heartbeat        seq u64 | send time i64 (Unix nanoseconds)
+//	0x03  Error            code u16 | reason len u16 | reason (at most 1024 bytes)
+//	0x04  Bye              reason len u16 | reason (at most 1024 bytes)
+//	0x05  Status           role u8 | committed epoch u64 (0: none)
+//	0x06  Ready            (empty)
+//	0x10  CheckpointBegin  epoch u64 | base epoch u64 | pages u64 | state length u64 | flags u32
+//	0x11  PageBatch        epoch u64 | count u32 | reserved u32 (0) | pfn u64 × count | page data 4096 B × count
+//	0x12  StateBlob        epoch u64 | offset u64 | data (the rest of the payload, at least 1 byte)
+//	0x13  CheckpointEnd    epoch u64 | pages u64 | state length u64 | digest [32]
+//	0x14  Ack              epoch u64
+//	0x20  Activate         epoch u64
+//
+// Type numbers are grouped so later protocol versions can add messages
+// without renumbering: 0x01–0x0f session control, 0x10–0x1f the checkpoint
+// stream, 0x20–0x2f failover, 0x30–0x3f reserved for backup-driven retrieval
+// (manifests, page requests, policies), 0x40–0xff unassigned. Type 0 is never
+// valid. A type a Reader does not know is an error (ErrUnknownType): a newer
+// message needs a newer protocol version, negotiated by Hello.
+//
+// Field rules beyond sizes: a Hello version is not 0 (whether it is one
+// this node speaks is the handshake's business); a role is primary (1),
+// intermediary (2) or backup (3); a node name is 1..64 bytes of [A-Za-z0-9._-] starting with a
+// letter or digit; the memory size is a multiple of 4096. A checkpoint is
+// either a full image (flag FlagFullImage, base epoch 0) or a delta on an
+// earlier base epoch (1 ≤ base < epoch). A PageBatch holds 1..MaxBatchPages
+// records with strictly ascending page frame numbers, each at most MaxPFN.
+// A StateBlob chunk ends at most MaxStateLen bytes into the blob. Error codes
+// are those listed for Code.
+//
+// # A checkpoint on the wire
+//
+//	CheckpointBegin{Epoch: e, ...}
+//	PageBatch{Epoch: e, ...} and StateBlob{Epoch: e, ...}, in any interleaving
+//	CheckpointEnd{Epoch: e, Pages: n, StateLen: s, Digest: d}
+//
+// The digest (see Digest) covers the Begin fields, every page record in the
+// order sent and the state bytes in offset order, so a receiver that
+// recomputes it knows it holds the whole checkpoint before it sends Ack{e}.
+package wire

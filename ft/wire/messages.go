@@ -1,0 +1,649 @@
+package wire
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// Role is a node's part in replication.
+type Role uint8
+
+// The roles. Zero is no role and never valid on the wire.
+const (
+	RolePrimary      Role = 1
+	RoleIntermediary Role = 2
+	RoleBackup       Role = 3
+)
+
+var roleNames = map[Role]string{RolePrimary: "primary", RoleIntermediary: "intermediary", RoleBackup: "backup"}
+
+// Valid reports whether r is one of the defined roles.
+func (r Role) Valid() bool { return roleNames[r] != "" }
+
+// String returns the role name ParseRole accepts.
+func (r Role) String() string {
+	if n := roleNames[r]; n != "" {
+		return n
+	}
+	return fmt.Sprintf("role(%d)", uint8(r))
+}
+
+// ParseRole parses "primary", "intermediary" or "backup".
+func ParseRole(s string) (Role, error) {
+	for r, n := range roleNames {
+		if n == s {
+			return r, nil
+		}
+	}
+	return 0, fmt.Errorf("role %q: want primary, intermediary or backup", s)
+}
+
+// Code says why a peer sent an Error.
+type Code uint16
+
+// The error codes.
+const (
+	CodeProtocol   Code = 1 // an unexpected or malformed message
+	CodeVersion    Code = 2 // a protocol version this node does not speak
+	CodeRefused    Code = 3 // the peer's identity or role is not accepted here
+	CodeCorrupt    Code = 4 // a frame failed its checksum
+	CodeIncomplete Code = 5 // a checkpoint failed verification (counts or digest)
+	CodeFenced     Code = 6 // the receiver has been fenced and will not be acknowledged again
+	CodeInternal   Code = 7 // the sender failed on its own side
+)
+
+var codeNames = map[Code]string{
+	CodeProtocol: "protocol", CodeVersion: "version", CodeRefused: "refused", CodeCorrupt: "corrupt",
+	CodeIncomplete: "incomplete", CodeFenced: "fenced", CodeInternal: "internal",
+}
+
+// Valid reports whether c is one of the defined codes.
+func (c Code) Valid() bool { return codeNames[c] != "" }
+
+// String returns the code name.
+func (c Code) String() string {
+	if n := codeNames[c]; n != "" {
+		return n
+	}
+	return fmt.Sprintf("code(%d)", uint16(c))
+}
+
+// Hello opens a session; each side sends one first. Version is the
+// protocol version the sender speaks.
+type Hello struct {
+	Version uint8
+	Role    Role
+	Name    string   // node name; must equal the certificate's common name
+	VMID    [16]byte // the protected VM's identity (zero when not yet known)
+	MemSize uint64   // the VM's guest memory in bytes (0 when not yet known)
+}
+
+// Type returns TypeHello.
+func (Hello) Type() Type { return TypeHello }
+
+func (m Hello) check() error {
+	switch {
+	case m.Version == 0:
+		return malformed(TypeHello, "version 0")
+	case !m.Role.Valid():
+		return malformed(TypeHello, "%v is not a role", m.Role)
+	case m.MemSize%PageSize != 0 || m.MemSize > MaxMemSize:
+		return malformed(TypeHello, "memory size %d is not a multiple of %d up to %d", m.MemSize, PageSize, uint64(MaxMemSize))
+	}
+	if err := CheckName(m.Name); err != nil {
+		return malformed(TypeHello, "%v", err)
+	}
+	return nil
+}
+
+// AppendBinary appends the message body to b.
+func (m Hello) AppendBinary(b []byte) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return b, err
+	}
+	b = append(b, m.Version, byte(m.Role))
+	b = append(b, m.VMID[:]...)
+	b = binary.LittleEndian.AppendUint64(b, m.MemSize)
+	b = append(b, byte(len(m.Name)))
+	return append(b, m.Name...), nil
+}
+
+// MarshalBinary returns the message body.
+func (m Hello) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *Hello) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeHello, b: data}
+	var v Hello
+	v.Version = d.u8()
+	v.Role = Role(d.u8())
+	copy(v.VMID[:], d.take(16))
+	v.MemSize = d.u64()
+	v.Name = string(d.take(int(d.u8())))
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if err := v.check(); err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// Heartbeat shows a peer is alive. The receiver may echo it back to
+// measure the round trip.
+type Heartbeat struct {
+	Seq  uint64
+	Sent int64 // send time, Unix nanoseconds
+}
+
+// Type returns TypeHeartbeat.
+func (Heartbeat) Type() Type { return TypeHeartbeat }
+
+// AppendBinary appends the message body to b.
+func (m Heartbeat) AppendBinary(b []byte) ([]byte, error) {
+	b = binary.LittleEndian.AppendUint64(b, m.Seq)
+	return binary.LittleEndian.AppendUint64(b, uint64(m.Sent)), nil
+}
+
+// MarshalBinary returns the message body.
+func (m Heartbeat) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *Heartbeat) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeHeartbeat, b: data}
+	v := Heartbeat{Seq: d.u64(), Sent: int64(d.u64())}
+	if err := d.finish(); err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// Error tells the peer why the sender refuses something; the sender
+// usually closes the connection after it. *Error is also a Go error.
+type Error struct {
+	Code   Code
+	Reason string // at most MaxReasonLen bytes of UTF-8
+}
+
+// Type returns TypeError.
+func (Error) Type() Type { return TypeError }
+
+// Error formats the code and reason.
+func (m *Error) Error() string { return fmt.Sprintf("peer error (%v): %s", m.Code, m.Reason) }
+
+func (m Error) check() error {
+	if !m.Code.Valid() {
+		return malformed(TypeError, "%v is not an error code", m.Code)
+	}
+	return checkText(TypeError, "reason", m.Reason, MaxReasonLen)
+}
+
+// AppendBinary appends the message body to b.
+func (m Error) AppendBinary(b []byte) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return b, err
+	}
+	b = binary.LittleEndian.AppendUint16(b, uint16(m.Code))
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(m.Reason)))
+	return append(b, m.Reason...), nil
+}
+
+// MarshalBinary returns the message body.
+func (m Error) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *Error) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeError, b: data}
+	var v Error
+	v.Code = Code(d.u16())
+	v.Reason = string(d.take(int(d.u16())))
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if err := v.check(); err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// Bye ends a session cleanly.
+type Bye struct {
+	Reason string // at most MaxReasonLen bytes of UTF-8
+}
+
+// Type returns TypeBye.
+func (Bye) Type() Type { return TypeBye }
+
+// AppendBinary appends the message body to b.
+func (m Bye) AppendBinary(b []byte) ([]byte, error) {
+	if err := checkText(TypeBye, "reason", m.Reason, MaxReasonLen); err != nil {
+		return b, err
+	}
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(m.Reason)))
+	return append(b, m.Reason...), nil
+}
+
+// MarshalBinary returns the message body.
+func (m Bye) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *Bye) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeBye, b: data}
+	v := Bye{Reason: string(d.take(int(d.u16())))}
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if err := checkText(TypeBye, "reason", v.Reason, MaxReasonLen); err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// Status reports the latest complete epoch the sender holds, e.g. a
+// backup's committed epoch when it (re)connects.
+type Status struct {
+	Role      Role
+	Committed uint64 // 0: none yet
+}
+
+// Type returns TypeStatus.
+func (Status) Type() Type { return TypeStatus }
+
+// AppendBinary appends the message body to b.
+func (m Status) AppendBinary(b []byte) ([]byte, error) {
+	if !m.Role.Valid() {
+		return b, malformed(TypeStatus, "%v is not a role", m.Role)
+	}
+	return binary.LittleEndian.AppendUint64(append(b, byte(m.Role)), m.Committed), nil
+}
+
+// MarshalBinary returns the message body.
+func (m Status) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *Status) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeStatus, b: data}
+	v := Status{Role: Role(d.u8()), Committed: d.u64()}
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if !v.Role.Valid() {
+		return malformed(TypeStatus, "%v is not a role", v.Role)
+	}
+	*m = v
+	return nil
+}
+
+// Ready ends the Hello exchange: the side that sends it has checked the
+// peer's Hello and the link is open. It has no body.
+type Ready struct{}
+
+// Type returns TypeReady.
+func (Ready) Type() Type { return TypeReady }
+
+// AppendBinary appends the (empty) message body to b.
+func (Ready) AppendBinary(b []byte) ([]byte, error) { return b, nil }
+
+// MarshalBinary returns the (empty) message body.
+func (Ready) MarshalBinary() ([]byte, error) { return []byte{}, nil }
+
+// UnmarshalBinary decodes a message body, which must be empty.
+func (*Ready) UnmarshalBinary(data []byte) error {
+	if len(data) != 0 {
+		return malformed(TypeReady, "%d bytes, want none", len(data))
+	}
+	return nil
+}
+
+// FlagFullImage marks a checkpoint that carries every page of guest memory.
+const FlagFullImage uint32 = 1 << 0
+
+// CheckpointBegin opens checkpoint Epoch: Pages page records and StateLen
+// bytes of state follow, then a CheckpointEnd. A full image (FlagFullImage)
+// has Base 0; a delta holds the pages changed since checkpoint Base.
+type CheckpointBegin struct {
+	Epoch    uint64
+	Base     uint64
+	Pages    uint64
+	StateLen uint64
+	Flags    uint32
+}
+
+// Type returns TypeCheckpointBegin.
+func (CheckpointBegin) Type() Type { return TypeCheckpointBegin }
+
+// Full reports whether the checkpoint is a full image.
+func (m CheckpointBegin) Full() bool { return m.Flags&FlagFullImage != 0 }
+
+func (m CheckpointBegin) check() error {
+	const t = TypeCheckpointBegin
+	if err := checkEpoch(t, m.Epoch); err != nil {
+		return err
+	}
+	switch {
+	case m.Flags&^FlagFullImage != 0:
+		return malformed(t, "undefined flags %#x", m.Flags&^FlagFullImage)
+	case m.Full() && m.Base != 0:
+		return malformed(t, "full image with base epoch %d (want 0)", m.Base)
+	case !m.Full() && (m.Base == 0 || m.Base >= m.Epoch):
+		return malformed(t, "delta epoch %d on base epoch %d (want 1 <= base < epoch)", m.Epoch, m.Base)
+	case m.Pages > MaxPFN+1:
+		return malformed(t, "%d pages (limit %d)", m.Pages, uint64(MaxPFN+1))
+	case m.StateLen > MaxStateLen:
+		return malformed(t, "state length %d (limit %d)", m.StateLen, MaxStateLen)
+	}
+	return nil
+}
+
+// AppendBinary appends the message body to b.
+func (m CheckpointBegin) AppendBinary(b []byte) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return b, err
+	}
+	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
+	b = binary.LittleEndian.AppendUint64(b, m.Base)
+	b = binary.LittleEndian.AppendUint64(b, m.Pages)
+	b = binary.LittleEndian.AppendUint64(b, m.StateLen)
+	return binary.LittleEndian.AppendUint32(b, m.Flags), nil
+}
+
+// MarshalBinary returns the message body.
+func (m CheckpointBegin) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *CheckpointBegin) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeCheckpointBegin, b: data}
+	v := CheckpointBegin{Epoch: d.u64(), Base: d.u64(), Pages: d.u64(), StateLen: d.u64(), Flags: d.u32()}
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if err := v.check(); err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// Page is one guest page record.
+type Page struct {
+	PFN  uint64 // guest page frame number (guest-physical address / PageSize)
+	Data []byte // exactly PageSize bytes
+}
+
+// PageBatch carries page records of checkpoint Epoch, 1..MaxBatchPages of
+// them, in strictly ascending PFN order.
+type PageBatch struct {
+	Epoch uint64
+	Pages []Page
+}
+
+// Type returns TypePageBatch.
+func (PageBatch) Type() Type { return TypePageBatch }
+
+func (m PageBatch) check() error {
+	const t = TypePageBatch
+	if err := checkEpoch(t, m.Epoch); err != nil {
+		return err
+	}
+	if n := len(m.Pages); n == 0 || n > MaxBatchPages {
+		return malformed(t, "%d pages (want 1..%d)", n, MaxBatchPages)
+	}
+	for i, p := range m.Pages {
+		if len(p.Data) != PageSize {
+			return malformed(t, "page %d (PFN %#x) has %d bytes of data (want %d)", i, p.PFN, len(p.Data), PageSize)
+		}
+	}
+	return checkPFNs(m.Pages)
+}
+
+// checkPFNs checks the pages' frame numbers are in range and strictly ascending.
+func checkPFNs(pages []Page) error {
+	for i, p := range pages {
+		if p.PFN > MaxPFN {
+			return malformed(TypePageBatch, "page %d: PFN %#x beyond %#x", i, p.PFN, uint64(MaxPFN))
+		}
+		if i > 0 && p.PFN <= pages[i-1].PFN {
+			return malformed(TypePageBatch, "page %d: PFN %#x not above the previous %#x", i, p.PFN, pages[i-1].PFN)
+		}
+	}
+	return nil
+}
+
+// AppendBinary appends the message body to b.
+func (m PageBatch) AppendBinary(b []byte) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return b, err
+	}
+	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.Pages)))
+	b = binary.LittleEndian.AppendUint32(b, 0)
+	b = growAppend(b, len(m.Pages)*(8+PageSize))
+	for _, p := range m.Pages {
+		b = binary.LittleEndian.AppendUint64(b, p.PFN)
+	}
+	for _, p := range m.Pages {
+		b = append(b, p.Data...)
+	}
+	return b, nil
+}
+
+// growAppend makes room for n more bytes in b without changing its length.
+func growAppend(b []byte, n int) []byte {
+	if cap(b)-len(b) >= n {
+		return b
+	}
+	nb := make([]byte, len(b), len(b)+n)
+	copy(nb, b)
+	return nb
+}
+
+// MarshalBinary returns the message body.
+func (m PageBatch) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body. The page data share one new
+// allocation.
+func (m *PageBatch) UnmarshalBinary(data []byte) error {
+	const t = TypePageBatch
+	d := decoder{t: t, b: data}
+	epoch := d.u64()
+	n := d.u32()
+	if r := d.u32(); d.err == nil && r != 0 {
+		return malformed(t, "reserved field %#x (want 0)", r)
+	}
+	if d.err != nil {
+		return d.err
+	}
+	if n == 0 || n > MaxBatchPages {
+		return malformed(t, "%d pages (want 1..%d)", n, MaxBatchPages)
+	}
+	if err := checkEpoch(t, epoch); err != nil {
+		return err
+	}
+	if want := 16 + int(n)*(8+PageSize); len(data) != want {
+		return malformed(t, "%d pages need %d bytes, payload has %d", n, want, len(data))
+	}
+	pfns := d.take(int(n) * 8)
+	raw := d.rest()
+	pages := make([]Page, n)
+	for i := range pages {
+		pages[i].PFN = binary.LittleEndian.Uint64(pfns[8*i:])
+	}
+	if err := checkPFNs(pages); err != nil {
+		return err
+	}
+	buf := make([]byte, len(raw))
+	copy(buf, raw)
+	for i := range pages {
+		pages[i].Data = buf[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]
+	}
+	*m = PageBatch{Epoch: epoch, Pages: pages}
+	return nil
+}
+
+// StateBlob carries bytes Offset..Offset+len(Data) of checkpoint Epoch's
+// VM state, which this package does not interpret. A blob may be split
+// into several chunks.
+type StateBlob struct {
+	Epoch  uint64
+	Offset uint64
+	Data   []byte // at least one byte
+}
+
+// Type returns TypeStateBlob.
+func (StateBlob) Type() Type { return TypeStateBlob }
+
+func (m StateBlob) check() error {
+	const t = TypeStateBlob
+	if err := checkEpoch(t, m.Epoch); err != nil {
+		return err
+	}
+	if len(m.Data) == 0 {
+		return malformed(t, "no data")
+	}
+	if m.Offset > MaxStateLen || uint64(len(m.Data)) > MaxStateLen-m.Offset {
+		return malformed(t, "chunk at %d of %d bytes ends beyond the state limit %d", m.Offset, len(m.Data), MaxStateLen)
+	}
+	return nil
+}
+
+// AppendBinary appends the message body to b.
+func (m StateBlob) AppendBinary(b []byte) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return b, err
+	}
+	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
+	b = binary.LittleEndian.AppendUint64(b, m.Offset)
+	return append(b, m.Data...), nil
+}
+
+// MarshalBinary returns the message body.
+func (m StateBlob) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *StateBlob) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeStateBlob, b: data}
+	v := StateBlob{Epoch: d.u64(), Offset: d.u64()}
+	v.Data = append([]byte(nil), d.rest()...)
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if err := v.check(); err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// CheckpointEnd closes checkpoint Epoch. Pages and StateLen repeat what was
+// sent; Digest is the Digester sum over it.
+type CheckpointEnd struct {
+	Epoch    uint64
+	Pages    uint64
+	StateLen uint64
+	Digest   [32]byte
+}
+
+// Type returns TypeCheckpointEnd.
+func (CheckpointEnd) Type() Type { return TypeCheckpointEnd }
+
+func (m CheckpointEnd) check() error {
+	const t = TypeCheckpointEnd
+	if err := checkEpoch(t, m.Epoch); err != nil {
+		return err
+	}
+	switch {
+	case m.Pages > MaxPFN+1:
+		return malformed(t, "%d pages (limit %d)", m.Pages, uint64(MaxPFN+1))
+	case m.StateLen > MaxStateLen:
+		return malformed(t, "state length %d (limit %d)", m.StateLen, MaxStateLen)
+	}
+	return nil
+}
+
+// AppendBinary appends the message body to b.
+func (m CheckpointEnd) AppendBinary(b []byte) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return b, err
+	}
+	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
+	b = binary.LittleEndian.AppendUint64(b, m.Pages)
+	b = binary.LittleEndian.AppendUint64(b, m.StateLen)
+	return append(b, m.Digest[:]...), nil
+}
+
+// MarshalBinary returns the message body.
+func (m CheckpointEnd) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *CheckpointEnd) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeCheckpointEnd, b: data}
+	v := CheckpointEnd{Epoch: d.u64(), Pages: d.u64(), StateLen: d.u64()}
+	copy(v.Digest[:], d.take(32))
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if err := v.check(); err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// Ack acknowledges that the sender holds checkpoint Epoch completely and
+// has verified it.
+type Ack struct{ Epoch uint64 }
+
+// Type returns TypeAck.
+func (Ack) Type() Type { return TypeAck }
+
+// AppendBinary appends the message body to b.
+func (m Ack) AppendBinary(b []byte) ([]byte, error) { return appendEpoch(b, TypeAck, m.Epoch) }
+
+// MarshalBinary returns the message body.
+func (m Ack) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *Ack) UnmarshalBinary(data []byte) error { return decodeEpoch(data, TypeAck, &m.Epoch) }
+
+// Activate tells a backup to restore checkpoint Epoch and run the guest.
+type Activate struct{ Epoch uint64 }
+
+// Type returns TypeActivate.
+func (Activate) Type() Type { return TypeActivate }
+
+// AppendBinary appends the message body to b.
+func (m Activate) AppendBinary(b []byte) ([]byte, error) {
+	return appendEpoch(b, TypeActivate, m.Epoch)
+}
+
+// MarshalBinary returns the message body.
+func (m Activate) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *Activate) UnmarshalBinary(data []byte) error {
+	return decodeEpoch(data, TypeActivate, &m.Epoch)
+}
+
+func appendEpoch(b []byte, t Type, e uint64) ([]byte, error) {
+	if err := checkEpoch(t, e); err != nil {
+		return b, err
+	}
+	return binary.LittleEndian.AppendUint64(b, e), nil
+}
+
+func decodeEpoch(data []byte, t Type, into *uint64) error {
+	d := decoder{t: t, b: data}
+	e := d.u64()
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if err := checkEpoch(t, e); err != nil {
+		return err
+	}
+	*into = e
+	return nil
+}
