@@ -28,14 +28,14 @@ const (
 
 // LargePageConfig configures large-page management of a machine.
 type LargePageConfig struct {
-	Policy         string        // PolicyPrioritized (default), PolicyRandom, PolicyAll, PolicyNone
-	Budget         int           // regions mapped large at most (prioritized, random)
-	Period         time.Duration // time from one sampling window to the next (default 200ms)
-	Window         time.Duration // how long a window revokes access (default 10ms)
+	Policy string        // PolicyPrioritized (default), PolicyRandom, PolicyAll, PolicyNone
+	Budget int           // regions mapped large at most (prioritized, random)
+	Period time.Duration // time from one sampling window to the next (default 200ms)
+	Window time.Duration // how long a window revokes access (default 10ms)
 	// Warmup is how many windows only sample; the default is enough windows
 	// to sample every candidate once, and at least 5.
-	Warmup int
-	PagesPerRegion int           // pages sampled per region and window (default 8)
+	Warmup         int
+	PagesPerRegion int // pages sampled per region and window (default 8)
 	// PerWindow is how many not-promoted regions a window samples, taken
 	// round robin (default 32); promoted regions are sampled every window.
 	// Each sampled region costs two mprotect calls, which also flush the
