@@ -43,10 +43,10 @@ lint:
 # packages with goroutines (race needs cgo).
 test: lint
 	$(GO) test -count=1 ./...
-	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/...
 
 bench:
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/transport/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
 
 clean:
 	rm -rf build

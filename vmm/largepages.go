@@ -55,6 +55,9 @@ type LargePageStatus struct {
 	Windows  int  // sampling windows completed
 	WarmedUp bool // the first (sampling-only) phase is over
 	Sampled  int  // regions sampled per window
+	// Period is the current time between windows (it grows while the
+	// promoted set holds steady).
+	Period   time.Duration
 	Promoted []uint64
 	Blocked  []uint64 // candidates the guest maps with 4 KiB pages
 	Failed   int      // promotions the host refused (fixed policies: still pending)
@@ -76,8 +79,8 @@ func (s LargePageStatus) String() string {
 	for _, h := range s.Top {
 		top = append(top, fmt.Sprintf("r%d:%.0f", h.Region, h.Count))
 	}
-	line := fmt.Sprintf("large-pages: policy=%s windows=%d sampled=%d promoted=%d blocked=%d failed=%d pages_2m=%d pages_4k=%d top=%s",
-		s.Policy, s.Windows, s.Sampled, len(s.Promoted), len(s.Blocked), s.Failed, s.Pages2M, s.Pages4K, strings.Join(top, ","))
+	line := fmt.Sprintf("large-pages: policy=%s windows=%d period=%v sampled=%d promoted=%d blocked=%d failed=%d pages_2m=%d pages_4k=%d top=%s",
+		s.Policy, s.Windows, s.Period, s.Sampled, len(s.Promoted), len(s.Blocked), s.Failed, s.Pages2M, s.Pages4K, strings.Join(top, ","))
 	if !s.WarmedUp && s.Policy == PolicyPrioritized {
 		line += " (warming up)"
 	}
@@ -259,44 +262,58 @@ func (lp *LargePager) fail(err error) {
 
 func (lp *LargePager) run(ctx context.Context) {
 	defer close(lp.done)
-	tick := time.NewTicker(lp.cfg.Period)
-	defer tick.Stop()
 	if lp.cfg.Policy != PolicyPrioritized {
-		// Fixed policies choose their regions once and promote them as soon
-		// as the host can (a region the guest has not touched yet cannot be
-		// collapsed), then only refresh the status.
-		var targets []uint64
-		if lp.cfg.Policy != PolicyNone {
-			targets = lp.fixedTargets()
-		}
-		for {
-			failed := 0
-			for _, r := range targets {
-				if !lp.prio.Promoted(r) && !lp.promote(r) {
-					failed++
-				}
-			}
-			lp.mu.Lock()
-			lp.status.Failed = failed
-			lp.mu.Unlock()
-			lp.publish(nil)
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-			}
-		}
+		lp.runFixed(ctx)
+		return
 	}
 	defer lp.m.SetFaultHandler(nil)
+	backoff := 1
 	for {
-		blocked, err := lp.window(ctx)
+		blocked, changed, err := lp.window(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
 				lp.fail(err)
 			}
 			return
 		}
-		lp.publish(blocked)
+		// Once the promoted set holds steady, sample less often (up to
+		// MaxBackoff times the period); any change returns to the period.
+		if changed || !lp.prio.WarmedUp() {
+			backoff = 1
+		} else if backoff < MaxBackoff {
+			backoff *= 2
+		}
+		lp.publish(blocked, time.Duration(backoff)*lp.cfg.Period)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Duration(backoff)*lp.cfg.Period - lp.cfg.Window):
+		}
+	}
+}
+
+// runFixed runs the random, all and none policies.
+func (lp *LargePager) runFixed(ctx context.Context) {
+	tick := time.NewTicker(lp.cfg.Period)
+	defer tick.Stop()
+	// Fixed policies choose their regions once and promote them as soon
+	// as the host can (a region the guest has not touched yet cannot be
+	// collapsed), then only refresh the status.
+	var targets []uint64
+	if lp.cfg.Policy != PolicyNone {
+		targets = lp.fixedTargets()
+	}
+	for {
+		failed := 0
+		for _, r := range targets {
+			if !lp.prio.Promoted(r) && !lp.promote(r) {
+				failed++
+			}
+		}
+		lp.mu.Lock()
+		lp.status.Failed = failed
+		lp.mu.Unlock()
+		lp.publish(nil, 0)
 		select {
 		case <-ctx.Done():
 			return
@@ -304,6 +321,10 @@ func (lp *LargePager) run(ctx context.Context) {
 		}
 	}
 }
+
+// MaxBackoff bounds how far a steady prioritizer stretches its sampling
+// period.
+const MaxBackoff = 8
 
 // fixedTargets chooses the regions of the random and all policies.
 func (lp *LargePager) fixedTargets() []uint64 {
@@ -349,7 +370,7 @@ func (lp *LargePager) promote(r uint64) bool {
 
 // window runs one sampling window and acts on it. It returns the regions
 // the guest maps with 4 KiB pages.
-func (lp *LargePager) window(ctx context.Context) (map[uint64]bool, error) {
+func (lp *LargePager) window(ctx context.Context) (blocked map[uint64]bool, changed bool, err error) {
 	var specs []mmu.SampleSpec
 	regions := lp.cfg.Regions
 	for _, r := range regions {
@@ -366,7 +387,7 @@ func (lp *LargePager) window(ctx context.Context) (map[uint64]bool, error) {
 		}
 	}
 	if err := lp.sampler.Arm(specs); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	select {
 	case <-ctx.Done():
@@ -374,7 +395,7 @@ func (lp *LargePager) window(ctx context.Context) (map[uint64]bool, error) {
 	}
 	counts, err := lp.sampler.Disarm()
 	if err != nil || ctx.Err() != nil {
-		return nil, err
+		return nil, false, err
 	}
 	blocked, accessed := lp.guestView(true)
 	n := map[uint64]float64{}
@@ -398,7 +419,7 @@ func (lp *LargePager) window(ctx context.Context) (map[uint64]bool, error) {
 	d := lp.prio.Decide(func(r uint64) bool { return blocked[r] })
 	for _, r := range d.Demote {
 		if err := lp.m.mem.Split(r); err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		lp.prio.SetPromoted(r, false)
 	}
@@ -409,7 +430,7 @@ func (lp *LargePager) window(ctx context.Context) (map[uint64]bool, error) {
 			lp.mu.Unlock()
 		}
 	}
-	return blocked, nil
+	return blocked, len(d.Promote)+len(d.Demote) > 0, nil
 }
 
 // guestView reads the guest's page tables (through the CR3 of every vCPU,
@@ -452,8 +473,8 @@ func (lp *LargePager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
 	return blocked, acc.Accessed4K
 }
 
-// publish refreshes the status.
-func (lp *LargePager) publish(blocked map[uint64]bool) {
+// publish refreshes the status; period is the current sampling period.
+func (lp *LargePager) publish(blocked map[uint64]bool, period time.Duration) {
 	p4k, _ := lp.stats.Value("pages_4k")
 	p2m, _ := lp.stats.Value("pages_2m")
 	lp.mu.Lock()
@@ -469,6 +490,7 @@ func (lp *LargePager) publish(blocked map[uint64]bool) {
 		s.Sampled = min(len(lp.cfg.Regions), lp.cfg.PerWindow)
 	}
 	s.Top = lp.prio.Top(8)
+	s.Period = period
 	s.Pages4K, s.Pages2M = p4k, p2m
 	s.Sampler = lp.sampler.Stats()
 }

@@ -155,6 +155,7 @@ var specs = []*Spec{
 			{Name: "rounds", Arg: 4, Default: 10, Min: 0, Max: maxU64, Help: "stop after N rounds (0: run until stopped)"},
 			{Name: "seed", Arg: 5, Default: 0x9e3779b97f4a7c15, Min: 1, Max: maxU64, Help: "random seed"},
 			{Name: "hot_stride", Arg: 6, Default: 0, Min: 0, Max: 1 << 20, Help: "hot region j is (j*stride) mod regions (0: regions/hot)"},
+			{Name: "lines", Arg: 7, Default: 1, Min: 1, Max: 64, Help: "cache lines read per page (a power of 2; 1 makes reads translation-bound)"},
 		},
 		check: func(a *[NumArgs]uint64, data uint64) error {
 			avail := data / RegionSize
@@ -170,6 +171,10 @@ var specs = []*Spec{
 			if a[6] == 0 {
 				a[6] = a[0] / a[1]
 			}
+			if a[7]&(a[7]-1) != 0 {
+				return fmt.Errorf("lines=%d: want a power of 2 (1..64)", a[7])
+			}
+			a[7]-- // the payload takes the line mask
 			return nil
 		}},
 	{Name: "pio", Summary: "emits N output records with one VM exit each (exit round-trip measurements)",

@@ -2,7 +2,10 @@
 # regions (phase mark 1 when done), then runs rounds of dependent reads: each
 # read's address depends on the value the previous read returned. A read goes
 # to a hot region with probability hot_permille/1000, otherwise to any region
-# of the working set; the page and cache line inside the region are random.
+# of the working set; the page inside the region is random, and so is the
+# cache line among the first "lines" of the page. With lines=1 the data read
+# fits in the caches and the cost of a read is dominated by address
+# translation, which is what large pages change.
 # Each round emits its round number as an output record. Other vCPUs park.
 #
 # args[0] regions      working set, in 2 MiB regions from the data base
@@ -12,6 +15,7 @@
 # args[4] rounds       stop after this many rounds (0: run until stopped)
 # args[5] seed         random seed (non-zero)
 # args[6] hot_stride   hot region j is region (j*hot_stride) mod regions
+# args[7] line_mask    reads use cache lines 0..line_mask of a page (lines-1)
 	.include "abi.inc"
 	VCPU0_ENTRY
 	mov rbx, rsi                    # rbx = params
@@ -96,7 +100,7 @@ pick_page:
 	add rsi, rdx
 	mov rdx, rax
 	shr rdx, 40
-	and edx, 0x3f                   # cache line in page
+	and rdx, [rbx+P_ARGS+56]        # cache line in page (line mask)
 	shl edx, 6
 	add rsi, rdx
 	mov r9, [rsi]
