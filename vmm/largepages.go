@@ -84,6 +84,9 @@ func (s LargePageStatus) String() string {
 	if !s.WarmedUp && s.Policy == PolicyPrioritized {
 		line += " (warming up)"
 	}
+	if s.LastFailure != "" && s.Failed > 0 {
+		line += " last_failure=" + s.LastFailure
+	}
 	if s.Err != "" {
 		line += " error=" + s.Err
 	}

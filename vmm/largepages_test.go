@@ -97,12 +97,17 @@ func touchMachine(t *testing.T, guest4K []uint64) (*Machine, []uint64, context.C
 	}, done
 }
 
-func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+// waitFor polls cond; on timeout it fails the test, showing state if given.
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool, state ...func() string) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+			msg := ""
+			for _, f := range state {
+				msg += "; " + f()
+			}
+			t.Fatalf("timed out after %v waiting for %s%s", timeout, what, msg)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -165,7 +170,7 @@ func TestLargePagesPrioritized(t *testing.T) {
 	}
 	waitFor(t, "the hot regions to be promoted", 20*time.Second, func() bool {
 		return reflect.DeepEqual(lp.Status().Promoted, hot)
-	})
+	}, func() string { return lp.Status().String() })
 	for _, r := range hot {
 		if ok, err := m.Memory().HugeBacked(r); !ok || err != nil {
 			t.Errorf("HugeBacked(%d) = %v, %v after promotion", r, ok, err)
@@ -242,7 +247,7 @@ func TestLargePagesBlocked(t *testing.T) {
 			}
 		}
 		return len(st.Promoted) >= 2 && contains(st.Promoted, want[0]) && contains(st.Promoted, want[1])
-	})
+	}, func() string { return lp.Status().String() })
 	st := lp.Stop()
 	if !reflect.DeepEqual(st.Blocked, blocked) {
 		t.Errorf("Blocked = %v, want %v", st.Blocked, blocked)
@@ -276,7 +281,7 @@ func TestLargePagesFixedPolicies(t *testing.T) {
 		waitFor(t, tc.cfg.Policy+" promotions", 20*time.Second, func() bool {
 			st := lp.Status()
 			return len(st.Promoted) == tc.want && st.Pages2M == uint64(tc.want) || tc.want == 0 && st.Pages4K > 0
-		})
+		}, func() string { return lp.Status().String() })
 		st := lp.Stop()
 		if len(st.Promoted) != tc.want || st.Failed != 0 {
 			t.Errorf("policy %s: status %s, want %d promoted", tc.cfg.Policy, st, tc.want)

@@ -99,6 +99,8 @@ type Machine struct {
 	result Result
 	runErr error
 	ran    atomic.Bool
+	// vcpuWG counts running vCPU goroutines; Close waits for them.
+	vcpuWG sync.WaitGroup
 }
 
 // FaultHandler is offered, on a vCPU thread, a guest access that KVM could
@@ -225,8 +227,14 @@ func (m *Machine) NumCPUs() int { return len(m.vcpus) }
 // Exits returns the number of KVM exits vCPU i has handled.
 func (m *Machine) Exits(i int) uint64 { return m.vcpus[i].exits.Load() }
 
-// Close releases the VM, vCPUs and memory. Call it after Run returns.
+// ErrClosed is the Run error of a machine closed while it ran.
+var ErrClosed = errors.New("machine closed")
+
+// Close stops the machine if it is running, waits for its vCPUs to leave
+// the guest, and releases the VM, vCPUs and memory.
 func (m *Machine) Close() error {
+	m.finish(0, ErrClosed)
+	m.vcpuWG.Wait()
 	var errs []error
 	for _, v := range m.vcpus {
 		errs = append(errs, v.cpu.Close())
@@ -253,11 +261,10 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	if !m.ran.CompareAndSwap(false, true) {
 		return Result{}, errors.New("machine already ran")
 	}
-	var wg sync.WaitGroup
 	for _, v := range m.vcpus {
-		wg.Add(1)
+		m.vcpuWG.Add(1)
 		go func(v *vcpu) {
-			defer wg.Done()
+			defer m.vcpuWG.Done()
 			if err := m.runVCPU(v); err != nil {
 				m.finish(0, err)
 			}
@@ -271,7 +278,7 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 		m.finish(0, ctx.Err())
 	case <-m.stopCh:
 	}
-	wg.Wait()
+	m.vcpuWG.Wait()
 	m.resMu.Lock()
 	defer m.resMu.Unlock()
 	m.result.Records = m.debug.records.Load()
