@@ -1,0 +1,104 @@
+package mmu
+
+import (
+	"fmt"
+	"math/bits"
+
+	"github.com/understudy-vmm/understudy/arch"
+)
+
+// DirtyLog collects the guest pages written since the last harvest: KVM's
+// dirty log for guest writes (with manual protection, so that harvesting and
+// re-protecting are separate, explicit steps) combined with the VMM's own
+// dirty bitmap for the writes KVM cannot see.
+//
+// Dirty logging makes KVM write-protect guest memory and map it with 4 KiB
+// pages, so large mappings are lost while it is on.
+type DirtyLog struct {
+	mem  *Memory
+	vm   *arch.VM
+	scra []uint64 // per-slot scratch bitmap, reused between harvests
+	on   bool
+}
+
+// EnableDirtyLog turns on KVM dirty logging with manual protection for every
+// slot of m. From now on every guest write is recorded until harvested.
+func (m *Memory) EnableDirtyLog(vm *arch.VM) (*DirtyLog, error) {
+	if err := vm.EnableManualDirtyLogProtect(false); err != nil {
+		return nil, fmt.Errorf("dirty log: %w", err)
+	}
+	if err := m.Register(vm, arch.MemLogDirtyPages); err != nil {
+		return nil, fmt.Errorf("dirty log: %w", err)
+	}
+	var max uint64
+	for _, r := range m.regions {
+		max = maxU64(max, r.Size/PageSize)
+	}
+	return &DirtyLog{mem: m, vm: vm, scra: make([]uint64, (max+63)/64), on: true}, nil
+}
+
+func maxU64(a, b uint64) uint64 {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+// BitmapWords is the length of a bitmap with one bit per 4 KiB page of the
+// backing, as Harvest fills.
+func (m *Memory) BitmapWords() int { return len(m.dirty) }
+
+// Harvest ORs the pages written since the last harvest into dst (one bit per
+// 4 KiB page of the backing, indexed by backing offset / 4096) and
+// write-protects them again in KVM, so later writes are caught. Call it with
+// every vCPU paused, and copy the pages before resuming them. It returns the
+// number of pages set in dst afterwards.
+func (d *DirtyLog) Harvest(dst []uint64) (int, error) {
+	if !d.on {
+		return 0, fmt.Errorf("dirty log: harvest after Disable")
+	}
+	if len(dst) < d.mem.BitmapWords() {
+		return 0, fmt.Errorf("dirty log: bitmap of %d words, want %d", len(dst), d.mem.BitmapWords())
+	}
+	for _, r := range d.mem.regions {
+		pages := r.Size / PageSize
+		words := d.scra[:(pages+63)/64]
+		if err := d.vm.GetDirtyLog(r.Slot, words); err != nil {
+			return 0, fmt.Errorf("dirty log of slot %d: %w", r.Slot, err)
+		}
+		any := false
+		first := r.Offset / PageSize // backing page of the slot's first page
+		for i, w := range words {
+			if w == 0 {
+				continue
+			}
+			any = true
+			// Regions start 2 MiB aligned in the backing, so slot word i is
+			// backing word first/64 + i.
+			dst[first/64+uint64(i)] |= w
+		}
+		if any {
+			if err := d.vm.ClearDirtyLog(r.Slot, 0, uint32(pages), words); err != nil {
+				return 0, fmt.Errorf("re-protect slot %d: %w", r.Slot, err)
+			}
+		}
+		clear(words)
+	}
+	if _, err := d.mem.TakeVMMDirty(dst); err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, w := range dst[:d.mem.BitmapWords()] {
+		n += bits.OnesCount64(w)
+	}
+	return n, nil
+}
+
+// Disable turns dirty logging off again (slots re-registered without it).
+func (d *DirtyLog) Disable() error {
+	if !d.on {
+		return nil
+	}
+	d.on = false
+	return d.mem.Register(d.vm, 0)
+}
