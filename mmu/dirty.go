@@ -30,6 +30,7 @@ func (m *Memory) EnableDirtyLog(vm *arch.VM) (*DirtyLog, error) {
 	if err := m.Register(vm, arch.MemLogDirtyPages); err != nil {
 		return nil, fmt.Errorf("dirty log: %w", err)
 	}
+	m.logging.Store(true)
 	var max uint64
 	for _, r := range m.regions {
 		max = maxU64(max, r.Size/PageSize)
@@ -100,5 +101,6 @@ func (d *DirtyLog) Disable() error {
 		return nil
 	}
 	d.on = false
+	d.mem.logging.Store(false)
 	return d.mem.Register(d.vm, 0)
 }

@@ -68,7 +68,13 @@ type Memory struct {
 	regions []Region
 	// dirty has one bit per 4 KiB page of the backing, set by VMM writes.
 	dirty []atomic.Uint64
+	// logging is set while KVM dirty logging is on (see EnableDirtyLog).
+	logging atomic.Bool
 }
+
+// DirtyLogging reports whether KVM dirty logging is on for this memory.
+// While it is, KVM maps guest memory with 4 KiB pages only.
+func (m *Memory) DirtyLogging() bool { return m.logging.Load() }
 
 // New allocates guest RAM.
 func New(cfg Config) (*Memory, error) {

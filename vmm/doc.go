@@ -12,4 +12,11 @@
 // While Run is going, Pause stops every vCPU (returning how long that took),
 // OnVCPU runs a function on a paused vCPU's own thread, and Resume lets
 // them go again. Package ft builds checkpoints on these.
+//
+// A paused machine's complete state, memory aside, is a MachineState
+// (CaptureState; every device keeps its saved state in a *_state.go file
+// next to itself). It has a strict, versioned binary encoding
+// (MarshalBinary, UnmarshalBinary), and Restore builds a new machine from it
+// and a memory image that continues exactly where the captured one
+// stopped. WriteSnapshot and RestoreSnapshot put both into one stream.
 package vmm

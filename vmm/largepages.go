@@ -61,6 +61,9 @@ type LargePageStatus struct {
 	Promoted []uint64
 	Blocked  []uint64 // candidates the guest maps with 4 KiB pages
 	Failed   int      // promotions the host refused (fixed policies: still pending)
+	// Suspended is set while promotions wait for KVM dirty logging (fault
+	// tolerance) to stop.
+	Suspended bool
 	// LastFailure is the host's reason for the latest refused promotion.
 	LastFailure string
 	// FirstPromotion is the window in which the first region was promoted
@@ -83,6 +86,9 @@ func (s LargePageStatus) String() string {
 		s.Policy, s.Windows, s.Period, s.Sampled, len(s.Promoted), len(s.Blocked), s.Failed, s.Pages2M, s.Pages4K, strings.Join(top, ","))
 	if !s.WarmedUp && s.Policy == PolicyPrioritized {
 		line += " (warming up)"
+	}
+	if s.Suspended {
+		line += " (promotion suspended: dirty logging is on)"
 	}
 	if s.LastFailure != "" && s.Failed > 0 {
 		line += " last_failure=" + s.LastFailure
@@ -419,6 +425,18 @@ func (lp *LargePager) window(ctx context.Context) (blocked map[uint64]bool, chan
 	if counts != nil {
 		lp.prio.Observe(n, large)
 	}
+	if lp.m.mem.DirtyLogging() {
+		// Fault tolerance is on: KVM maps everything with 4 KiB pages while
+		// it logs dirty pages, so collapsing would cost CPU and change
+		// nothing. Keep counting; promote again once logging stops.
+		lp.mu.Lock()
+		lp.status.Suspended = true
+		lp.mu.Unlock()
+		return blocked, false, nil
+	}
+	lp.mu.Lock()
+	lp.status.Suspended = false
+	lp.mu.Unlock()
 	d := lp.prio.Decide(func(r uint64) bool { return blocked[r] })
 	for _, r := range d.Demote {
 		if err := lp.m.mem.Split(r); err != nil {

@@ -354,3 +354,33 @@ func TestSamplerKeepsCounterData(t *testing.T) {
 		}
 	}
 }
+
+// TestLargePagesSuspendedByDirtyLog: while KVM dirty logging is on (fault
+// tolerance), sampling goes on but nothing is promoted; promotion resumes
+// when logging stops.
+func TestLargePagesSuspendedByDirtyLog(t *testing.T) {
+	requireKVM(t)
+	m, hot, cancel, done := touchMachine(t, nil)
+	dl, err := m.Memory().EnableDirtyLog(m.VM())
+	if err != nil {
+		t.Fatal(err)
+	}
+	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 40 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "ten windows", 20*time.Second, func() bool { return lp.Status().Windows >= 10 })
+	if st := lp.Status(); len(st.Promoted) != 0 || !st.Suspended || !strings.Contains(st.String(), "suspended") {
+		t.Fatalf("with dirty logging on: %s; want nothing promoted and suspended", st)
+	}
+	if err := dl.Disable(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the hot regions to be promoted", 20*time.Second, func() bool {
+		return reflect.DeepEqual(lp.Status().Promoted, hot)
+	}, func() string { return lp.Status().String() })
+	if st := lp.Stop(); st.Suspended {
+		t.Errorf("still suspended after dirty logging stopped: %s", st)
+	}
+	stopMachine(t, cancel, done)
+}

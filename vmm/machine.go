@@ -76,12 +76,18 @@ type Machine struct {
 	debug   *debugPort
 	payload *loadedPayload
 
-	// pauseMu serializes Pause, Resume and OnVCPU and guards paused.
+	// pauseMu serializes Pause, Resume, OnVCPU and CaptureState and guards
+	// paused and msrs.
 	pauseMu sync.Mutex
 	paused  bool
+	msrs    *msrList // the MSRs CaptureState saves, probed on first use
 
-	// The pause protocol: Pause publishes resumeCh, then sets pausing and
-	// kicks every vCPU; each parks and acks on parkAck.
+	// reqMu guards pending and the pause channels below. It is held only
+	// briefly, never while waiting for vCPUs, so RequestPause may take it on
+	// a vCPU thread. The pause protocol: beginPause publishes resumeCh, then
+	// sets pausing and kicks every vCPU; each parks and acks on parkAck.
+	reqMu    sync.Mutex
+	pending  bool // a pause has begun and Resume has not ended it
 	pausing  atomic.Bool
 	resumeCh chan struct{}
 	parkAck  chan int
@@ -124,50 +130,84 @@ func (m *Machine) SetFaultHandler(h FaultHandler) {
 const maxFaultRetries = 1000
 
 type vcpu struct {
-	id      int
-	faults  int // consecutive retried faults (touched only by this vCPU's goroutine)
-	cpu     *arch.VCPU
-	tid     atomic.Int32
-	cmds    chan func()
-	started chan struct{}
-	exits   atomic.Uint64
+	id     int
+	faults int // consecutive retried faults (touched only by this vCPU's goroutine)
+	// exitPending is set while the last KVM_RUN returned an exit that KVM
+	// completes only on the next KVM_RUN (touched only by this vCPU's goroutine).
+	exitPending bool
+	cpu         *arch.VCPU
+	tid         atomic.Int32
+	cmds        chan func()
+	started     chan struct{}
+	exits       atomic.Uint64
 }
 
 // New validates cfg and builds the machine: KVM VM, in-kernel irqchip and
 // PIT, guest memory, vCPUs and the payload loaded and ready to run.
 func New(cfg Config) (*Machine, error) {
+	if err := checkConfig(&cfg); err != nil {
+		return nil, err
+	}
+	pl, err := resolvePayload(cfg)
+	if err != nil {
+		return nil, err
+	}
+	m, err := build(cfg, nil)
+	if err != nil {
+		return nil, err
+	}
+	m.payload = pl
+	if err := m.setDefaultCPUID(); err != nil {
+		m.Close()
+		return nil, err
+	}
+	if err := m.loadPayload(pl); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// checkConfig validates the parts of cfg every machine needs, before KVM is
+// touched, and fills defaults.
+func checkConfig(cfg *Config) error {
 	if cfg.CPUs == 0 {
 		cfg.CPUs = 1
 	}
 	if cfg.CPUs < 1 || cfg.CPUs > MaxCPUs {
-		return nil, fmt.Errorf("%d vCPUs: want 1..%d", cfg.CPUs, MaxCPUs)
+		return fmt.Errorf("%d vCPUs: want 1..%d", cfg.CPUs, MaxCPUs)
 	}
 	if cfg.MemSize < MinMemSize {
-		return nil, fmt.Errorf("guest memory %s is too small: payload guests need at least %s", FormatSize(cfg.MemSize), FormatSize(MinMemSize))
+		return fmt.Errorf("guest memory %s is too small: payload guests need at least %s", FormatSize(cfg.MemSize), FormatSize(MinMemSize))
 	}
 	if cfg.MemSize%mmu.RegionSize != 0 {
-		return nil, fmt.Errorf("guest memory %s: must be a multiple of 2 MiB", FormatSize(cfg.MemSize))
+		return fmt.Errorf("guest memory %s: must be a multiple of 2 MiB", FormatSize(cfg.MemSize))
 	}
 	if cfg.Console == nil {
 		cfg.Console = io.Discard
 	}
 	for _, c := range cfg.Affinity {
 		if c < 0 || c >= runtime.NumCPU() {
-			return nil, fmt.Errorf("vCPU affinity: host CPU %d does not exist (this host has %d)", c, runtime.NumCPU())
+			return fmt.Errorf("vCPU affinity: host CPU %d does not exist (this host has %d)", c, runtime.NumCPU())
 		}
 	}
-	pl, err := resolvePayload(cfg)
-	if err != nil {
-		return nil, err
-	}
+	return nil
+}
 
-	m := &Machine{cfg: cfg, stopCh: make(chan struct{}), payload: pl}
+// build creates what New and Restore share: the KVM VM with its TSS region,
+// in-kernel irqchip and PIT, guest memory registered in memory slots, the
+// vCPUs (without CPUID, which the caller sets first) and the devices. The
+// payload is not loaded. If mem is nil, build allocates cfg.MemSize of RAM;
+// otherwise the machine takes mem over (and closes it, even on error).
+func build(cfg Config, mem *mmu.Memory) (*Machine, error) {
+	m := &Machine{cfg: cfg, mem: mem, stopCh: make(chan struct{})}
 	ok := false
 	defer func() {
 		if !ok {
 			m.Close()
 		}
 	}()
+	var err error
 	if m.sys, err = arch.Open(cfg.KVMDevice); err != nil {
 		return nil, err
 	}
@@ -186,14 +226,12 @@ func New(cfg Config) (*Machine, error) {
 	if err := m.vm.CreatePIT2(arch.PITSpeakerDummy); err != nil {
 		return nil, err
 	}
-	if m.mem, err = mmu.New(mmu.Config{Size: cfg.MemSize, Backing: cfg.Backing}); err != nil {
-		return nil, err
+	if m.mem == nil {
+		if m.mem, err = mmu.New(mmu.Config{Size: cfg.MemSize, Backing: cfg.Backing}); err != nil {
+			return nil, err
+		}
 	}
 	if err := m.mem.Register(m.vm, 0); err != nil {
-		return nil, err
-	}
-	supported, err := m.sys.SupportedCPUID()
-	if err != nil {
 		return nil, err
 	}
 	for i := 0; i < cfg.CPUs; i++ {
@@ -202,17 +240,26 @@ func New(cfg Config) (*Machine, error) {
 			return nil, fmt.Errorf("create vCPU %d: %w", i, err)
 		}
 		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, cmds: make(chan func()), started: make(chan struct{})})
-		if err := c.SetCPUID(arch.CPUIDForVCPU(supported, i, cfg.CPUs)); err != nil {
-			return nil, fmt.Errorf("vCPU %d: %w", i, err)
-		}
 	}
 	m.debug = newDebugPort(cfg.CPUs, cfg.Console, cfg.OnRecord, cfg.OnMark, m.guestExit)
 	m.io.add(m.debug)
-	if err := m.loadPayload(pl); err != nil {
-		return nil, err
-	}
 	ok = true
 	return m, nil
+}
+
+// setDefaultCPUID gives every vCPU the host's supported CPUID, with its own
+// APIC id and topology.
+func (m *Machine) setDefaultCPUID() error {
+	supported, err := m.sys.SupportedCPUID()
+	if err != nil {
+		return err
+	}
+	for _, v := range m.vcpus {
+		if err := v.cpu.SetCPUID(arch.CPUIDForVCPU(supported, v.id, len(m.vcpus))); err != nil {
+			return fmt.Errorf("vCPU %d: %w", v.id, err)
+		}
+	}
+	return nil
 }
 
 // Memory returns guest RAM.
@@ -318,7 +365,8 @@ func (m *Machine) kick(v *vcpu) {
 }
 
 // Pause stops every vCPU outside the guest and returns how long it took
-// from the request until the last vCPU parked.
+// from the request until the last vCPU parked. A paused vCPU has completed
+// the instruction of its last exit, so its state is consistent.
 func (m *Machine) Pause() (time.Duration, error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
@@ -329,24 +377,60 @@ func (m *Machine) Pause() (time.Duration, error) {
 		return 0, ErrPaused
 	}
 	start := time.Now()
-	m.resumeCh = make(chan struct{})
-	m.parkAck = make(chan int, len(m.vcpus))
-	m.leaveAck = make(chan int, len(m.vcpus))
-	m.pausing.Store(true)
-	for _, v := range m.vcpus {
-		m.kick(v)
-	}
+	parkAck := m.beginPause()
 	for range m.vcpus {
 		select {
-		case <-m.parkAck:
+		case <-parkAck:
 		case <-m.stopCh:
-			m.pausing.Store(false)
-			close(m.resumeCh)
+			m.endPause()
 			return 0, ErrStopped
 		}
 	}
 	m.paused = true
 	return time.Since(start), nil
+}
+
+// RequestPause starts a pause without waiting for it: every vCPU stops
+// before it next enters the guest. It never blocks, so an OnRecord or OnMark
+// callback may call it to stop the guest right after that output, on the
+// vCPU's own thread. The machine counts as paused only once Pause (which
+// then just waits for the vCPUs to park) has returned; until then OnVCPU,
+// CaptureState and Resume refuse it. Calling it while a pause is under way
+// or the machine is paused or stopped does nothing.
+func (m *Machine) RequestPause() {
+	if m.stopping.Load() {
+		return
+	}
+	m.beginPause()
+}
+
+// beginPause starts a pause unless one is under way, and returns the channel
+// on which parked vCPUs ack.
+func (m *Machine) beginPause() chan int {
+	m.reqMu.Lock()
+	defer m.reqMu.Unlock()
+	if !m.pending {
+		m.pending = true
+		m.resumeCh = make(chan struct{})
+		m.parkAck = make(chan int, len(m.vcpus))
+		m.leaveAck = make(chan int, len(m.vcpus))
+		m.pausing.Store(true)
+		for _, v := range m.vcpus {
+			m.kick(v)
+		}
+	}
+	return m.parkAck
+}
+
+// endPause releases parked vCPUs and returns the channel on which they ack
+// leaving.
+func (m *Machine) endPause() chan int {
+	m.reqMu.Lock()
+	defer m.reqMu.Unlock()
+	m.pending = false
+	m.pausing.Store(false)
+	close(m.resumeCh)
+	return m.leaveAck
 }
 
 // Resume lets paused vCPUs run again and returns how long it took until the
@@ -362,11 +446,10 @@ func (m *Machine) Resume() (time.Duration, error) {
 	}
 	start := time.Now()
 	m.paused = false
-	m.pausing.Store(false)
-	close(m.resumeCh)
+	leaveAck := m.endPause()
 	for range m.vcpus {
 		select {
-		case <-m.leaveAck:
+		case <-leaveAck:
 		case <-m.stopCh:
 			return 0, ErrStopped
 		}
@@ -378,6 +461,11 @@ func (m *Machine) Resume() (time.Duration, error) {
 func (m *Machine) OnVCPU(i int, fn func(*arch.VCPU) error) error {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
+	return m.onVCPU(i, fn)
+}
+
+// onVCPU is OnVCPU for a caller that holds pauseMu.
+func (m *Machine) onVCPU(i int, fn func(*arch.VCPU) error) error {
 	if !m.paused {
 		return ErrNotPaused
 	}
@@ -392,6 +480,27 @@ func (m *Machine) OnVCPU(i int, fn func(*arch.VCPU) error) error {
 		return ErrStopped
 	}
 	return <-done
+}
+
+// onEveryVCPU runs fn(i, vCPU i) on every paused vCPU's own thread, all at
+// once, and returns the first error. The caller holds pauseMu.
+func (m *Machine) onEveryVCPU(fn func(i int, c *arch.VCPU) error) error {
+	errs := make([]error, len(m.vcpus))
+	var wg sync.WaitGroup
+	for i := range m.vcpus {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = m.onVCPU(i, func(c *arch.VCPU) error { return fn(i, c) })
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			return fmt.Errorf("vCPU %d: %w", i, err)
+		}
+	}
+	return nil
 }
 
 // runVCPU is one vCPU's goroutine.
@@ -413,10 +522,19 @@ func (m *Machine) runVCPU(v *vcpu) error {
 			return nil
 		}
 		if m.pausing.Load() {
-			m.park(v)
-			continue
+			if !v.exitPending {
+				m.park(v)
+				continue
+			}
+			// KVM finishes the instruction of an I/O (or MMIO) exit only
+			// on the next KVM_RUN. With immediate_exit set, that KVM_RUN
+			// completes it and returns EINTR without running guest code,
+			// so the parked vCPU's state is past the instruction and a
+			// snapshot of it does not repeat the I/O.
+			v.cpu.SetImmediateExit(true)
 		}
 		err := v.cpu.Run()
+		v.exitPending = err == nil
 		if arch.IsInterrupted(err) {
 			continue
 		}

@@ -8,10 +8,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/understudy-vmm/understudy/mmu"
@@ -35,7 +37,8 @@ Usage:
   understudy <command> [flags]
 
 Commands:
-  run       run a guest until it exits
+  run       run a guest until it exits (or save a snapshot of it with --save)
+  restore   restore a snapshot and run the guest to its end
   payloads  list the built-in payload guests and their options
   keys      make the cluster CA and node certificates (init, issue)
   version   print the version
@@ -53,6 +56,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "run":
 		return cmdRun(ctx, args[1:], stdout, stderr)
+	case "restore":
+		return cmdRestore(ctx, args[1:], stdout, stderr)
 	case "payloads":
 		return cmdPayloads(args[1:], stdout, stderr)
 	case "keys":
@@ -198,7 +203,7 @@ func (s *sizeFlag) Set(v string) error {
 }
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("run", "run --payload NAME[,opt=value...] [--mem SIZE] [--cpus N] [--opt key=value...]", stderr)
+	fs := newFlags("run", "run --payload NAME[,opt=value...] [--mem SIZE] [--cpus N] [--opt key=value...] [--save FILE --save-after N]", stderr)
 	payloadArg := fs.String("payload", "", "payload guest: a built-in name (see `understudy payloads`) or a path to a flat binary")
 	mem := &sizeFlag{v: 128 << 20}
 	fs.Var(mem, "mem", "guest memory, e.g. 256M or 1G (a multiple of 2 MiB)")
@@ -212,75 +217,89 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=N,samples=8,per_window=32,alpha=0.5,hysteresis=1.5,seed=N]")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the large-page status line on stderr (0: only at the end)")
 	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
+	save := fs.String("save", "", "save a snapshot (machine state and all guest memory) to this file once the guest has emitted --save-after output records, then stop")
+	saveAfter := fs.Uint64("save-after", 0, "with --save: the number of output records after which to save")
 	if code, done := parseFlags(fs, args); done {
 		return code
-	}
-	fail := func(err error) int {
-		fmt.Fprintf(stderr, "understudy: %v\n", err)
-		return exitError
 	}
 	if *payloadArg == "" {
 		fmt.Fprintf(stderr, "understudy run: --payload is required (built-in payloads: %s)\n", strings.Join(payload.Names(), ", "))
 		return exitUsage
 	}
+	if (*save == "") != (*saveAfter == 0) {
+		fmt.Fprintf(stderr, "understudy run: --save FILE and --save-after N (N > 0) go together\n")
+		return exitUsage
+	}
+	if *save != "" && *largePages != "" {
+		fmt.Fprintf(stderr, "understudy run: --save cannot be combined with --large-pages (sampling revokes access to guest memory)\n")
+		return exitUsage
+	}
 	name, err := parsePayloadArg(*payloadArg, opts)
 	if err != nil {
-		return fail(err)
+		return fail(stderr, err)
 	}
 	if *cpus < 1 {
-		return fail(fmt.Errorf("--cpus %d: want 1..%d vCPUs", *cpus, vmm.MaxCPUs))
+		return fail(stderr, fmt.Errorf("--cpus %d: want 1..%d vCPUs", *cpus, vmm.MaxCPUs))
 	}
 	var lpCfg *vmm.LargePageConfig
 	if *largePages != "" {
 		c, err := vmm.ParseLargePages(*largePages)
 		if err != nil {
-			return fail(err)
+			return fail(stderr, err)
 		}
 		lpCfg = &c
 	}
 	if *statusEvery < 0 {
-		return fail(fmt.Errorf("--status-interval %v: must not be negative", *statusEvery))
+		return fail(stderr, fmt.Errorf("--status-interval %v: must not be negative", *statusEvery))
 	}
-	var bk mmu.Backing
-	switch *backing {
-	case "anon", "anonymous":
-		bk = mmu.Anonymous
-	case "memfd":
-		bk = mmu.Memfd
-	default:
-		return fail(fmt.Errorf("--backing %q: want anon or memfd", *backing))
+	bk, err := parseBacking(*backing)
+	if err != nil {
+		return fail(stderr, err)
 	}
-
-	var recW *bufio.Writer
-	if *records != "" {
-		w := stdout
-		if *records != "-" {
-			f, err := os.Create(*records)
-			if err != nil {
-				return fail(err)
-			}
-			defer f.Close()
-			w = f
+	if *save != "" {
+		// Find a bad destination before the guest runs, not when saving.
+		if fi, err := os.Stat(filepath.Dir(*save)); err != nil || !fi.IsDir() {
+			return fail(stderr, fmt.Errorf("--save %s: no directory %s to save into", *save, filepath.Dir(*save)))
 		}
-		recW = bufio.NewWriter(w)
-		defer recW.Flush()
 	}
+	recW, closeRecords, err := openRecords(*records, stdout)
+	if err != nil {
+		return fail(stderr, err)
+	}
+	defer closeRecords()
+
 	cfg := vmm.Config{
 		KVMDevice: *kvmDev, MemSize: mem.v, CPUs: *cpus, Backing: bk,
 		Payload: name, PayloadOptions: opts, Console: stdout,
 	}
-	if recW != nil {
-		cfg.OnRecord = func(r vmm.Record) { recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n") }
+	var m *vmm.Machine
+	var saveReq chan struct{}
+	var emitted atomic.Uint64
+	if *save != "" {
+		saveReq = make(chan struct{})
 	}
-	m, err := vmm.New(cfg)
+	if recW != nil || saveReq != nil {
+		cfg.OnRecord = func(r vmm.Record) {
+			if recW != nil {
+				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
+			}
+			// Stop the guest right after record N: RequestPause does not
+			// block this vCPU thread, and no vCPU enters the guest again.
+			if saveReq != nil && emitted.Add(1) == *saveAfter {
+				m.RequestPause()
+				close(saveReq)
+			}
+		}
+	}
+	m, err = vmm.New(cfg)
 	if err != nil {
-		return fail(err)
+		return fail(stderr, err)
 	}
 	defer m.Close()
 	var lp *vmm.LargePager
 	if lpCfg != nil {
 		if lp, err = m.StartLargePages(*lpCfg); err != nil {
-			return fail(err)
+			return fail(stderr, err)
 		}
 		stopStatus := printStatus(stderr, lp, *statusEvery)
 		defer func() {
@@ -289,29 +308,89 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}()
 	}
 	start := time.Now()
-	res, err := m.Run(ctx)
-	elapsed := time.Since(start)
-	if errors.Is(err, context.Canceled) {
-		fmt.Fprintf(stderr, "understudy: interrupted after %v (%d output records)\n", elapsed.Round(time.Millisecond), res.Records)
-		return exitInterrupted
+	var res vmm.Result
+	if saveReq == nil {
+		res, err = m.Run(ctx)
+	} else {
+		var saved bool
+		res, saved, err = runAndSave(ctx, m, saveReq, *save, stderr)
+		if err == nil && !saved {
+			return fail(stderr, fmt.Errorf("guest exited with code %d after %d output records, before --save-after %d: no snapshot saved", res.ExitCode, res.Records, *saveAfter))
+		}
+		if err == nil {
+			return 0
+		}
 	}
-	if err != nil {
-		return fail(err)
+	elapsed := time.Since(start)
+	if code, done := runFailed(res, err, elapsed, stderr); done {
+		return code
 	}
 	if *stats {
 		st, err := m.Stats()
 		if err != nil {
-			return fail(err)
+			return fail(stderr, err)
 		}
 		fmt.Fprintf(stderr, "understudy: stats: exits=%d rss_kib=%d guest_resident_kib=%d\n", st.Exits, st.RSS>>10, st.GuestResident>>10)
 	}
 	if !*quiet {
 		fmt.Fprintf(stderr, "understudy: guest exited with code %d after %v (%d output records)\n", res.ExitCode, elapsed.Round(time.Millisecond), res.Records)
 	}
+	return guestExitCode(res)
+}
+
+// fail prints err as the one error line and returns the error exit code.
+func fail(stderr io.Writer, err error) int {
+	fmt.Fprintf(stderr, "understudy: %v\n", err)
+	return exitError
+}
+
+// runFailed reports a Run that did not end with the guest's exit: it
+// returns the exit code and true if Run was interrupted or failed.
+func runFailed(res vmm.Result, err error, elapsed time.Duration, stderr io.Writer) (int, bool) {
+	if errors.Is(err, context.Canceled) {
+		fmt.Fprintf(stderr, "understudy: interrupted after %v (%d output records)\n", elapsed.Round(time.Millisecond), res.Records)
+		return exitInterrupted, true
+	}
+	if err != nil {
+		return fail(stderr, err), true
+	}
+	return 0, false
+}
+
+// guestExitCode maps the guest's exit code to the process's.
+func guestExitCode(res vmm.Result) int {
 	if res.ExitCode < 0 || res.ExitCode > 255 {
 		return exitError
 	}
 	return res.ExitCode
+}
+
+func parseBacking(s string) (mmu.Backing, error) {
+	switch s {
+	case "anon", "anonymous":
+		return mmu.Anonymous, nil
+	case "memfd":
+		return mmu.Memfd, nil
+	}
+	return 0, fmt.Errorf("--backing %q: want anon or memfd", s)
+}
+
+// openRecords opens the --records destination (nothing for "", stdout for
+// "-"). The returned function flushes and closes it.
+func openRecords(path string, stdout io.Writer) (*bufio.Writer, func(), error) {
+	if path == "" {
+		return nil, func() {}, nil
+	}
+	if path == "-" {
+		w := bufio.NewWriter(stdout)
+		return w, func() { w.Flush() }, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	w := bufio.NewWriter(f)
+	return w, func() { w.Flush(); f.Close() }, nil
 }
 
 // printStatus prints lp's status line every interval until the returned

@@ -1,0 +1,75 @@
+package ft
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
+	"github.com/understudy-vmm/understudy/mmu"
+)
+
+func pct(d []time.Duration, p int) time.Duration {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[(len(s)-1)*p/100]
+}
+
+func msf(d time.Duration) float64 { return float64(d) / 1e6 }
+
+// BenchmarkStun measures the stun (all vCPUs paused) of checkpoints that
+// carry D MiB of dirty pages: the counter payload writes D MiB of hot pages
+// every iteration, and a checkpoint is taken after every full iteration.
+// The limit is what the stun cannot go below on this host, measured in the
+// same run: copying D MiB of scattered 4 KiB pages (memcpy) plus the dirty-log
+// ioctls (get and clear) of that checkpoint.
+func BenchmarkStun(b *testing.B) {
+	kvmtest.Require(b)
+	const samples = 25
+	for _, mib := range []int{1, 10, 40, 160} {
+		pages := mib * 256
+		m, recs, stop := startCounter(b, uint64(mib+64)<<20, map[string]string{"pages": strconv.Itoa(pages), "hot": strconv.Itoa(pages),
+			"cold_every": "0", "iterations": "0", "report": "0"})
+		c, err := NewCheckpointer(m)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := c.TakeFull(1); err != nil {
+			b.Fatal(err)
+		}
+		var stuns, limits []time.Duration
+		var dirty []int
+		scratch := make([]byte, pages*mmu.PageSize)
+		for i := 0; i < samples; i++ {
+			// Wait for two records: the iteration in progress at the last
+			// checkpoint ends, and one full iteration dirties every hot page.
+			r := recs.Load()
+			waitRecords(b, recs, r+2)
+			cp, err := c.Take()
+			if err != nil {
+				b.Fatal(err)
+			}
+			// The limit: copy the same pages again (guest running, so
+			// caches are as cold as the stun's), plus the harvest ioctls.
+			t0 := time.Now()
+			mem := m.Memory().Backing()
+			for j, pfn := range cp.PFNs {
+				off := pfn * mmu.PageSize
+				if off+mmu.PageSize <= uint64(len(mem)) && (j+1)*mmu.PageSize <= len(scratch) {
+					copy(scratch[j*mmu.PageSize:(j+1)*mmu.PageSize], mem[off:off+mmu.PageSize])
+				}
+			}
+			limits = append(limits, time.Since(t0)+cp.Harvest)
+			stuns = append(stuns, cp.Stun)
+			dirty = append(dirty, len(cp.PFNs))
+		}
+		c.Close()
+		stop()
+		sort.Ints(dirty)
+		p50, p99, lim := pct(stuns, 50), pct(stuns, 99), pct(limits, 50)
+		fmt.Printf("bench ft-stun: dirty_mib=%d stun_ms_p50=%.2f stun_ms_p99=%.2f limit_ms=%.2f ratio=%.2f dirty_pages_p50=%d samples=%d\n",
+			mib, msf(p50), msf(p99), msf(lim), float64(p50)/float64(lim), dirty[len(dirty)/2], samples)
+	}
+}

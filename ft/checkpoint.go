@@ -1,0 +1,202 @@
+package ft
+
+import (
+	"fmt"
+	"math/bits"
+	"time"
+
+	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm"
+)
+
+// Checkpoint is one epoch's worth of guest changes: the pages written since
+// the previous checkpoint (or all of memory for a full image), copied while
+// the vCPUs were paused, and the machine state at that moment.
+type Checkpoint struct {
+	Epoch uint64
+	Full  bool     // a full image rather than a delta
+	PFNs  []uint64 // guest-physical page frame numbers, ascending
+	Data  []byte   // len(PFNs) pages of 4 KiB, in PFN order
+	State []byte   // the encoded vmm.MachineState
+
+	// Timings of the stun (vCPUs paused): the whole stun and its parts.
+	Stun, Pause, Harvest, Copy, Capture, Resume time.Duration
+}
+
+// Page returns the data of the i-th page.
+func (c *Checkpoint) Page(i int) []byte { return c.Data[i*mmu.PageSize : (i+1)*mmu.PageSize] }
+
+// Checkpointer takes epoch checkpoints of a running machine. It turns on the
+// machine's dirty log when created.
+type Checkpointer struct {
+	m      *vmm.Machine
+	mem    *mmu.Memory
+	dl     *mmu.DirtyLog
+	bitmap []uint64
+	epoch  uint64
+}
+
+// NewCheckpointer enables dirty logging on m and returns a checkpointer
+// whose first Take or TakeFull is epoch 1.
+func NewCheckpointer(m *vmm.Machine) (*Checkpointer, error) {
+	mem := m.Memory()
+	dl, err := mem.EnableDirtyLog(m.VM())
+	if err != nil {
+		return nil, err
+	}
+	return &Checkpointer{m: m, mem: mem, dl: dl, bitmap: make([]uint64, mem.BitmapWords())}, nil
+}
+
+// Close turns dirty logging off.
+func (c *Checkpointer) Close() error { return c.dl.Disable() }
+
+// Epoch returns the last epoch taken (0: none).
+func (c *Checkpointer) Epoch() uint64 { return c.epoch }
+
+// Take pauses the machine, harvests the pages written since the last
+// checkpoint, copies them and the machine state, and resumes the machine.
+func (c *Checkpointer) Take() (*Checkpoint, error) {
+	cp := &Checkpoint{Epoch: c.epoch + 1}
+	start := time.Now()
+	d, err := c.m.Pause()
+	if err != nil {
+		return nil, err
+	}
+	cp.Pause = d
+	err = c.stunned(cp)
+	if err == nil {
+		c.epoch = cp.Epoch
+	}
+	r, rerr := c.m.Resume()
+	cp.Resume = r
+	cp.Stun = time.Since(start)
+	if err != nil {
+		return nil, err
+	}
+	if rerr != nil {
+		return nil, rerr
+	}
+	return cp, nil
+}
+
+// TakePaused takes a checkpoint of a machine the caller has paused, and
+// leaves it paused.
+func (c *Checkpointer) TakePaused() (*Checkpoint, error) {
+	cp := &Checkpoint{Epoch: c.epoch + 1}
+	start := time.Now()
+	if err := c.stunned(cp); err != nil {
+		return nil, err
+	}
+	cp.Stun = time.Since(start)
+	c.epoch = cp.Epoch
+	return cp, nil
+}
+
+// stunned does the work of a checkpoint while the vCPUs are paused.
+func (c *Checkpointer) stunned(cp *Checkpoint) error {
+	t := time.Now()
+	clear(c.bitmap)
+	if _, err := c.dl.Harvest(c.bitmap); err != nil {
+		return err
+	}
+	cp.Harvest = time.Since(t)
+	t = time.Now()
+	if err := c.copyPages(cp, c.bitmap); err != nil {
+		return err
+	}
+	cp.Copy = time.Since(t)
+	t = time.Now()
+	st, err := c.m.CaptureState()
+	if err != nil {
+		return fmt.Errorf("checkpoint %d: %w", cp.Epoch, err)
+	}
+	if cp.State, err = st.MarshalBinary(); err != nil {
+		return fmt.Errorf("checkpoint %d: %w", cp.Epoch, err)
+	}
+	cp.Capture = time.Since(t)
+	return nil
+}
+
+// copyPages appends every page set in bm to cp, in guest-physical order.
+func (c *Checkpointer) copyPages(cp *Checkpoint, bm []uint64) error {
+	n := 0
+	for _, w := range bm {
+		n += bits.OnesCount64(w)
+	}
+	if cap(cp.PFNs) < len(cp.PFNs)+n {
+		cp.PFNs = append(make([]uint64, 0, len(cp.PFNs)+n), cp.PFNs...)
+		cp.Data = append(make([]byte, 0, len(cp.Data)+n*mmu.PageSize), cp.Data...)
+	}
+	backing := c.mem.Backing()
+	for _, r := range c.mem.Regions() {
+		first, last := r.Offset/mmu.PageSize, (r.Offset+r.Size)/mmu.PageSize
+		for p := first; p < last; {
+			w := bm[p/64] >> (p % 64)
+			if w == 0 {
+				p += 64 - p%64
+				continue
+			}
+			p += uint64(bits.TrailingZeros64(w))
+			if p >= last {
+				break
+			}
+			off := p * mmu.PageSize
+			cp.PFNs = append(cp.PFNs, (r.GPA+off-r.Offset)/mmu.PageSize)
+			cp.Data = append(cp.Data, backing[off:off+mmu.PageSize]...)
+			p++
+		}
+	}
+	return nil
+}
+
+// TakeFull takes a full image: rounds of live pre-copy (the guest keeps
+// running while memory is copied, then what it dirtied meanwhile), and a
+// final stun that copies what is still dirty together with the machine
+// state. The result holds every page of guest memory as of the stun.
+func (c *Checkpointer) TakeFull(rounds int) (*Checkpoint, error) {
+	// Start the dirty log afresh: pages dirtied from here on are re-copied.
+	clear(c.bitmap)
+	if _, err := c.dl.Harvest(c.bitmap); err != nil {
+		return nil, err
+	}
+	image := make([]byte, c.mem.Size())
+	copy(image, c.mem.Backing())
+	for i := 0; i < rounds; i++ {
+		clear(c.bitmap)
+		if _, err := c.dl.Harvest(c.bitmap); err != nil {
+			return nil, err
+		}
+		copyMarked(image, c.mem.Backing(), c.bitmap)
+	}
+	cp, err := c.Take()
+	if err != nil {
+		return nil, err
+	}
+	for i, pfn := range cp.PFNs {
+		off, err := c.mem.Offset(pfn*mmu.PageSize, mmu.PageSize)
+		if err != nil {
+			return nil, err
+		}
+		copy(image[off:], cp.Page(i))
+	}
+	// The image is laid out in backing order, which is ascending GPA.
+	cp.Full, cp.Data, cp.PFNs = true, image, cp.PFNs[:0]
+	for _, r := range c.mem.Regions() {
+		for off := uint64(0); off < r.Size; off += mmu.PageSize {
+			cp.PFNs = append(cp.PFNs, (r.GPA+off)/mmu.PageSize)
+		}
+	}
+	return cp, nil
+}
+
+// copyMarked copies the pages marked in bm from src to dst (same layout).
+func copyMarked(dst, src []byte, bm []uint64) {
+	for i, w := range bm {
+		for w != 0 {
+			b := bits.TrailingZeros64(w)
+			w &^= 1 << b
+			off := (uint64(i)*64 + uint64(b)) * mmu.PageSize
+			copy(dst[off:off+mmu.PageSize], src[off:off+mmu.PageSize])
+		}
+	}
+}

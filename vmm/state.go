@@ -1,0 +1,483 @@
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+
+	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/mmu"
+)
+
+// MachineState is everything about a paused machine except its memory: the
+// configuration needed to rebuild it, every vCPU's registers and in-kernel
+// state, the VM's interrupt controllers, PIT and kvmclock, and the state of
+// every device. CaptureState takes it, Restore puts it into a new machine,
+// and MarshalBinary/UnmarshalBinary encode it (state_encoding.go).
+// Fault tolerance streams memory separately; WriteSnapshot writes both.
+type MachineState struct {
+	Config  StateConfig
+	VCPUs   []VCPUState // one per vCPU, in id order
+	VM      VMState
+	Devices DeviceStates
+}
+
+// StateConfig is the machine configuration a restore rebuilds.
+type StateConfig struct {
+	MemSize uint64       // guest RAM in bytes
+	CPUs    int          // number of vCPUs
+	Regions []mmu.Region // guest-physical layout of RAM (what mmu.New makes for MemSize)
+	// Payload names the payload the machine booted (informational).
+	Payload string
+	// DataBase and DataSize are the payload's data area (large-page
+	// candidates of the restored machine).
+	DataBase, DataSize uint64
+}
+
+// VCPUState is one vCPU's state, each field as the corresponding KVM_GET_*
+// ioctl returns it.
+type VCPUState struct {
+	Regs      arch.Regs
+	Sregs     arch.Sregs // includes EFER, APIC base and the FS/GS bases
+	FPU       arch.FPU
+	XSave     []byte // the whole XSAVE area (KVM_GET_XSAVE2 where supported)
+	XCRs      arch.XCRs
+	MSRs      []arch.MSREntry
+	LAPIC     arch.LAPICState
+	Events    arch.VCPUEvents
+	MPState   arch.MPState
+	DebugRegs arch.DebugRegs
+	CPUID     []arch.CPUIDEntry
+	TSCKHz    uint32 // TSC frequency
+}
+
+// VMState is the VM-wide in-kernel device state.
+type VMState struct {
+	// IRQChips are the PIC master, PIC slave and IOAPIC, in ChipID order.
+	IRQChips [3]arch.IRQChip
+	PIT      arch.PITState2
+	Clock    arch.ClockData // kvmclock
+}
+
+// DeviceStates holds the saved state of each VMM device. Each device's
+// state type and its encoding live next to the device.
+type DeviceStates struct {
+	DebugPort DebugPortState // debugport_state.go
+}
+
+// MSR numbers Understudy names. EFER, the APIC base and the FS/GS bases are
+// saved in Sregs rather than as MSRs.
+const (
+	msrTSC              = 0x10
+	msrKVMWallClock     = 0x11
+	msrKVMSystemTime    = 0x12
+	msrSysenterCS       = 0x174
+	msrSysenterESP      = 0x175
+	msrSysenterEIP      = 0x176
+	msrPAT              = 0x277
+	msrTSCDeadline      = 0x6e0
+	msrSTAR             = 0xc0000081
+	msrLSTAR            = 0xc0000082
+	msrCSTAR            = 0xc0000083
+	msrSFMASK           = 0xc0000084
+	msrKernelGSBase     = 0xc0000102
+	msrTSCAux           = 0xc0000103
+	msrKVMWallClockNew  = 0x4b564d00
+	msrKVMSystemTimeNew = 0x4b564d01
+)
+
+// essentialMSRs are saved whenever KVM_GET_MSRS can read them, even if
+// KVM_GET_MSR_INDEX_LIST does not list them.
+var essentialMSRs = []uint32{
+	msrTSC, msrSysenterCS, msrSysenterESP, msrSysenterEIP, msrSTAR, msrLSTAR, msrCSTAR, msrSFMASK,
+	msrKernelGSBase, msrTSCAux, msrPAT, msrKVMWallClock, msrKVMSystemTime, msrKVMWallClockNew, msrKVMSystemTimeNew,
+}
+
+// xsaveLegacySize is the size of struct kvm_xsave, the smallest XSAVE area.
+const xsaveLegacySize = 4096
+
+// msrBatch is how many MSRs one KVM_GET_MSRS/KVM_SET_MSRS handles here
+// (KVM refuses 256 or more).
+const msrBatch = 128
+
+// msrList is the set of MSRs CaptureState saves, probed once per machine.
+type msrList struct {
+	indices []uint32 // readable, in KVM's list order, then essentialMSRs
+	dropped []uint32 // candidates KVM_GET_MSRS refused
+}
+
+// probeMSRs reads every candidate on c and keeps those KVM can read.
+func probeMSRs(c *arch.VCPU, cands []uint32) (*msrList, error) {
+	l := &msrList{}
+	for rest := cands; len(rest) > 0; {
+		batch := rest[:min(len(rest), msrBatch)]
+		ents, err := c.MSRs(batch)
+		if ioe := (*arch.IoctlError)(nil); errors.As(err, &ioe) {
+			return nil, err
+		}
+		l.indices = append(l.indices, batch[:len(ents)]...)
+		rest = rest[len(ents):]
+		if err != nil {
+			// KVM stopped at the first MSR it cannot read: skip it.
+			l.dropped = append(l.dropped, rest[0])
+			rest = rest[1:]
+		}
+	}
+	return l, nil
+}
+
+// savedMSRs returns the machine's MSR list, probing it on vCPU 0 the first
+// time. The caller holds pauseMu and the machine is paused.
+func (m *Machine) savedMSRs() (*msrList, error) {
+	if m.msrs != nil {
+		return m.msrs, nil
+	}
+	list, err := m.sys.MSRIndexList()
+	if err != nil {
+		return nil, err
+	}
+	cands := list
+	for _, idx := range essentialMSRs {
+		if !slices.Contains(cands, idx) {
+			cands = append(cands, idx)
+		}
+	}
+	var l *msrList
+	err = m.onVCPU(0, func(c *arch.VCPU) error {
+		var err error
+		l, err = probeMSRs(c, cands)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("probe MSRs: %w", err)
+	}
+	m.msrs = l
+	return l, nil
+}
+
+// CaptureState returns the state of a paused machine (see MachineState);
+// it fails with ErrNotPaused unless Pause has returned and Resume has not
+// been called since. The per-vCPU ioctls run on each vCPU's own thread, all
+// vCPUs at once. Guest memory is not copied.
+func (m *Machine) CaptureState() (*MachineState, error) {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if !m.paused {
+		return nil, fmt.Errorf("capture state: %w", ErrNotPaused)
+	}
+	msrs, err := m.savedMSRs()
+	if err != nil {
+		return nil, fmt.Errorf("capture state: %w", err)
+	}
+	st := &MachineState{
+		Config: StateConfig{
+			MemSize: m.mem.Size(), CPUs: len(m.vcpus), Regions: m.mem.Regions(),
+			Payload: m.payload.name, DataBase: m.payload.dataBase, DataSize: m.payload.dataSize,
+		},
+		VCPUs: make([]VCPUState, len(m.vcpus)),
+	}
+	err = m.onEveryVCPU(func(i int, c *arch.VCPU) error {
+		return captureVCPU(c, msrs.indices, &st.VCPUs[i])
+	})
+	if err != nil {
+		return nil, fmt.Errorf("capture state: %w", err)
+	}
+	if st.VM, err = captureVM(m.vm); err != nil {
+		return nil, fmt.Errorf("capture state: %w", err)
+	}
+	st.Devices.DebugPort = m.debug.save()
+	return st, nil
+}
+
+// captureVCPU reads vCPU c's state into s.
+func captureVCPU(c *arch.VCPU, msrs []uint32, s *VCPUState) error {
+	var err error
+	if s.CPUID, err = c.CPUID(); err != nil {
+		return err
+	}
+	if s.TSCKHz, err = c.TSCKHz(); err != nil {
+		return err
+	}
+	for rest := msrs; len(rest) > 0; {
+		n := min(len(rest), msrBatch)
+		ents, err := c.MSRs(rest[:n])
+		if err != nil {
+			return err
+		}
+		s.MSRs = append(s.MSRs, ents...)
+		rest = rest[n:]
+	}
+	if s.Sregs, err = c.Sregs(); err != nil {
+		return err
+	}
+	if s.Regs, err = c.Regs(); err != nil {
+		return err
+	}
+	if s.FPU, err = c.FPU(); err != nil {
+		return err
+	}
+	if s.XSave, err = c.XSave(); err != nil {
+		return err
+	}
+	if s.XCRs, err = c.XCRs(); err != nil {
+		return err
+	}
+	if s.LAPIC, err = c.LAPIC(); err != nil {
+		return err
+	}
+	if s.Events, err = c.Events(); err != nil {
+		return err
+	}
+	if s.MPState, err = c.MPState(); err != nil {
+		return err
+	}
+	if s.DebugRegs, err = c.DebugRegs(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// captureVM reads the VM-wide in-kernel device state.
+func captureVM(vm *arch.VM) (VMState, error) {
+	var s VMState
+	var err error
+	for i := range s.IRQChips {
+		if s.IRQChips[i], err = vm.IRQChip(uint32(i)); err != nil {
+			return s, err
+		}
+	}
+	if s.PIT, err = vm.PIT2(); err != nil {
+		return s, err
+	}
+	if s.Clock, err = vm.Clock(); err != nil {
+		return s, err
+	}
+	return s, nil
+}
+
+// RestoreConfig holds what a restored machine takes from its new host and
+// its caller rather than from the saved state.
+type RestoreConfig struct {
+	// KVMDevice is the KVM device node; empty means /dev/kvm.
+	KVMDevice string
+	// Backing selects anonymous or memfd guest RAM (Restore only).
+	Backing mmu.Backing
+	// Console receives the guest's console bytes (nil: discarded).
+	Console io.Writer
+	// OnRecord and OnMark are as in Config.
+	OnRecord func(Record)
+	OnMark   func(cpu int, phase uint32)
+	// Affinity, if set, pins vCPU i's thread to host CPU Affinity[i].
+	Affinity []int
+}
+
+// Restore builds a new machine from st and a memory image: exactly
+// st.Config.MemSize bytes in backing order (the regions of st.Config.Regions
+// one after the other), read from image to its end. It does not run the
+// payload loader. The machine is ready to Run and continues where the
+// captured one stopped.
+func Restore(cfg RestoreConfig, st *MachineState, image io.Reader) (*Machine, error) {
+	if image == nil {
+		return nil, errors.New("restore: no memory image given")
+	}
+	return restore(cfg, st, nil, image)
+}
+
+// RestoreMemory is Restore with guest RAM that already holds the image. The
+// machine takes mem over: it closes it, also when RestoreMemory fails.
+func RestoreMemory(cfg RestoreConfig, st *MachineState, mem *mmu.Memory) (*Machine, error) {
+	if mem == nil {
+		return nil, errors.New("restore: no guest memory given")
+	}
+	return restore(cfg, st, mem, nil)
+}
+
+func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Reader) (*Machine, error) {
+	closeMem := func() {
+		if mem != nil {
+			mem.Close()
+		}
+	}
+	if st == nil {
+		closeMem()
+		return nil, errors.New("restore: no machine state given")
+	}
+	if err := st.validate(); err != nil {
+		closeMem()
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	if mem != nil && mem.Size() != st.Config.MemSize {
+		closeMem()
+		return nil, fmt.Errorf("restore: guest memory of %s given, the state needs %s", FormatSize(mem.Size()), FormatSize(st.Config.MemSize))
+	}
+	mc := Config{
+		KVMDevice: cfg.KVMDevice, MemSize: st.Config.MemSize, CPUs: st.Config.CPUs, Backing: cfg.Backing,
+		Console: cfg.Console, OnRecord: cfg.OnRecord, OnMark: cfg.OnMark, Affinity: cfg.Affinity,
+	}
+	if err := checkConfig(&mc); err != nil {
+		closeMem()
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	m, err := build(mc, mem)
+	if err != nil {
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	m.payload = &loadedPayload{name: st.Config.Payload, dataBase: st.Config.DataBase, dataSize: st.Config.DataSize}
+	if err := m.restore(st, image); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	return m, nil
+}
+
+// restore loads the memory image (if any) and puts st into a freshly built
+// machine.
+func (m *Machine) restore(st *MachineState, image io.Reader) error {
+	if got := m.mem.Regions(); !slices.Equal(got, st.Config.Regions) {
+		return fmt.Errorf("the state's memory layout %v differs from this machine's %v", st.Config.Regions, got)
+	}
+	if image != nil { // nil: RestoreMemory's memory holds the image
+		if err := m.loadImage(image); err != nil {
+			return err
+		}
+	}
+	// Every page now holds what the VMM put there.
+	for _, r := range m.mem.Regions() {
+		if err := m.mem.MarkDirty(r.GPA, r.Size); err != nil {
+			return err
+		}
+	}
+	xsaveSize := xsaveLegacySize
+	if n := m.vm.CheckExtension(arch.CapXSave2); n > xsaveSize {
+		xsaveSize = n
+	}
+	for i, v := range m.vcpus {
+		if err := restoreVCPU(v.cpu, &st.VCPUs[i], xsaveSize); err != nil {
+			return fmt.Errorf("vCPU %d: %w", i, err)
+		}
+	}
+	if err := restoreVM(m.vm, &st.VM); err != nil {
+		return err
+	}
+	return m.debug.restore(st.Devices.DebugPort)
+}
+
+// loadImage reads exactly the whole of guest RAM from r.
+func (m *Machine) loadImage(r io.Reader) error {
+	b := m.mem.Backing()
+	n, err := io.ReadFull(r, b)
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("memory image ends after %d of %d bytes", n, len(b))
+	}
+	if err != nil {
+		return fmt.Errorf("read memory image: %w", err)
+	}
+	// The image must end here; reading on also lets a checking reader
+	// verify what follows the image.
+	var extra [1]byte
+	switch _, err := io.ReadFull(r, extra[:]); {
+	case err == nil:
+		return fmt.Errorf("memory image is longer than the state's %s of guest memory", FormatSize(uint64(len(b))))
+	case !errors.Is(err, io.EOF):
+		return fmt.Errorf("read memory image: %w", err)
+	}
+	return nil
+}
+
+// restoreVCPU puts s into a vCPU that has not run. The order matters: CPUID
+// first (KVM checks XCR0, MSRs and more against it), the TSC frequency
+// before the TSC, MSRs before the special registers, the special registers
+// (APIC base) before the LAPIC, the TSC deadline after the LAPIC (KVM drops
+// it unless the LAPIC timer is in TSC-deadline mode), XSAVE after the legacy
+// FPU state it supersedes, then events, MP state and debug registers.
+// xsaveSize is what KVM_SET_XSAVE wants on this host; a smaller saved area
+// is zero-padded (its XSTATE_BV has no bits for the missing components).
+func restoreVCPU(c *arch.VCPU, s *VCPUState, xsaveSize int) error {
+	if err := c.SetCPUID(s.CPUID); err != nil {
+		return err
+	}
+	if s.TSCKHz != 0 {
+		khz, err := c.TSCKHz()
+		if err != nil {
+			return err
+		}
+		if khz != s.TSCKHz {
+			if err := c.SetTSCKHz(s.TSCKHz); err != nil {
+				return fmt.Errorf("TSC runs at %d kHz here, the state's at %d kHz, and it cannot be scaled: %w", khz, s.TSCKHz, err)
+			}
+		}
+	}
+	var deadline []arch.MSREntry
+	msrs := make([]arch.MSREntry, 0, len(s.MSRs))
+	for _, e := range s.MSRs {
+		if e.Index == msrTSCDeadline {
+			deadline = append(deadline, e)
+		} else {
+			msrs = append(msrs, e)
+		}
+	}
+	if err := setMSRs(c, msrs); err != nil {
+		return err
+	}
+	if err := c.SetSregs(s.Sregs); err != nil {
+		return err
+	}
+	if err := c.SetRegs(s.Regs); err != nil {
+		return err
+	}
+	if err := c.SetFPU(s.FPU); err != nil {
+		return err
+	}
+	xs := s.XSave
+	if len(xs) < xsaveSize {
+		xs = make([]byte, xsaveSize)
+		copy(xs, s.XSave)
+	}
+	if err := c.SetXSave(xs); err != nil {
+		return err
+	}
+	if err := c.SetXCRs(s.XCRs); err != nil {
+		return err
+	}
+	if err := c.SetLAPIC(s.LAPIC); err != nil {
+		return err
+	}
+	if err := setMSRs(c, deadline); err != nil {
+		return err
+	}
+	if err := c.SetEvents(s.Events); err != nil {
+		return err
+	}
+	if err := c.SetMPState(s.MPState); err != nil {
+		return err
+	}
+	return c.SetDebugRegs(s.DebugRegs)
+}
+
+// setMSRs writes ents in batches KVM accepts.
+func setMSRs(c *arch.VCPU, ents []arch.MSREntry) error {
+	for len(ents) > 0 {
+		n := min(len(ents), msrBatch)
+		if err := c.SetMSRs(ents[:n]); err != nil {
+			return err
+		}
+		ents = ents[n:]
+	}
+	return nil
+}
+
+// restoreVM puts the VM-wide device state back. kvmclock continues from the
+// captured value: the time the machine spent saved is not added (the
+// captured realtime and host TSC are not passed on).
+func restoreVM(vm *arch.VM, s *VMState) error {
+	for _, c := range s.IRQChips {
+		if err := vm.SetIRQChip(c); err != nil {
+			return fmt.Errorf("irqchip %d: %w", c.ChipID, err)
+		}
+	}
+	if err := vm.SetPIT2(s.PIT); err != nil {
+		return err
+	}
+	return vm.SetClock(arch.ClockData{Clock: s.Clock.Clock})
+}
