@@ -30,7 +30,7 @@ func BenchmarkStun(b *testing.B) {
 	const samples = 25
 	for _, mib := range []int{1, 10, 40, 160} {
 		pages := mib * 256
-		m, recs, stop := startCounter(b, uint64(mib+64)<<20, map[string]string{"pages": strconv.Itoa(pages), "hot": strconv.Itoa(pages),
+		m, recs, stop := startCounter(b, uint64(mib+mib%2+64)<<20, map[string]string{"pages": strconv.Itoa(pages), "hot": strconv.Itoa(pages),
 			"cold_every": "0", "iterations": "0", "report": "0"})
 		c, err := NewCheckpointer(m)
 		if err != nil {
@@ -39,7 +39,7 @@ func BenchmarkStun(b *testing.B) {
 		if _, err := c.TakeFull(1); err != nil {
 			b.Fatal(err)
 		}
-		var stuns, limits []time.Duration
+		var stuns, limits, pauses, harvests, copies, captures, resumes []time.Duration
 		var dirty []int
 		scratch := make([]byte, pages*mmu.PageSize)
 		for i := 0; i < samples; i++ {
@@ -63,13 +63,17 @@ func BenchmarkStun(b *testing.B) {
 			}
 			limits = append(limits, time.Since(t0)+cp.Harvest)
 			stuns = append(stuns, cp.Stun)
+			pauses, harvests, copies = append(pauses, cp.Pause), append(harvests, cp.Harvest), append(copies, cp.Copy)
+			captures, resumes = append(captures, cp.Capture), append(resumes, cp.Resume)
 			dirty = append(dirty, len(cp.PFNs))
 		}
 		c.Close()
 		stop()
 		sort.Ints(dirty)
 		p50, p99, lim := pct(stuns, 50), pct(stuns, 99), pct(limits, 50)
-		fmt.Printf("bench ft-stun: dirty_mib=%d stun_ms_p50=%.2f stun_ms_p99=%.2f limit_ms=%.2f ratio=%.2f dirty_pages_p50=%d samples=%d\n",
-			mib, msf(p50), msf(p99), msf(lim), float64(p50)/float64(lim), dirty[len(dirty)/2], samples)
+		fmt.Printf("bench ft-stun: dirty_mib=%d stun_ms_p50=%.2f stun_ms_p99=%.2f limit_ms=%.2f ratio=%.2f dirty_pages_p50=%d samples=%d"+
+			" pause_ms=%.2f harvest_ms=%.2f copy_ms=%.2f capture_ms=%.2f resume_ms=%.2f\n",
+			mib, msf(p50), msf(p99), msf(lim), float64(p50)/float64(lim), dirty[len(dirty)/2], samples,
+			msf(pct(pauses, 50)), msf(pct(harvests, 50)), msf(pct(copies, 50)), msf(pct(captures, 50)), msf(pct(resumes, 50)))
 	}
 }

@@ -28,12 +28,22 @@ func (c *Checkpoint) Page(i int) []byte { return c.Data[i*mmu.PageSize : (i+1)*m
 
 // Checkpointer takes epoch checkpoints of a running machine. It turns on the
 // machine's dirty log when created.
+//
+// The pages of a checkpoint from Take or TakePaused live in one of two
+// staging buffers that the checkpointer reuses, so that the stun does not pay
+// for fresh memory: a checkpoint's PFNs and Data stay valid until the
+// second-next Take (the previous epoch can be streamed while the next is
+// taken). TakeFull's image is the caller's to keep.
 type Checkpointer struct {
-	m      *vmm.Machine
-	mem    *mmu.Memory
-	dl     *mmu.DirtyLog
-	bitmap []uint64
-	epoch  uint64
+	m       *vmm.Machine
+	mem     *mmu.Memory
+	dl      *mmu.DirtyLog
+	bitmap  []uint64
+	epoch   uint64
+	staging [2]struct {
+		pfns []uint64
+		data []byte
+	}
 }
 
 // NewCheckpointer enables dirty logging on m and returns a checkpointer
@@ -123,10 +133,12 @@ func (c *Checkpointer) copyPages(cp *Checkpoint, bm []uint64) error {
 	for _, w := range bm {
 		n += bits.OnesCount64(w)
 	}
-	if cap(cp.PFNs) < len(cp.PFNs)+n {
-		cp.PFNs = append(make([]uint64, 0, len(cp.PFNs)+n), cp.PFNs...)
-		cp.Data = append(make([]byte, 0, len(cp.Data)+n*mmu.PageSize), cp.Data...)
+	st := &c.staging[cp.Epoch%2]
+	if cap(st.pfns) < n {
+		st.pfns = make([]uint64, 0, n+n/4)
+		st.data = make([]byte, 0, (n+n/4)*mmu.PageSize)
 	}
+	cp.PFNs, cp.Data = st.pfns[:0], st.data[:0]
 	backing := c.mem.Backing()
 	for _, r := range c.mem.Regions() {
 		first, last := r.Offset/mmu.PageSize, (r.Offset+r.Size)/mmu.PageSize
@@ -146,6 +158,7 @@ func (c *Checkpointer) copyPages(cp *Checkpoint, bm []uint64) error {
 			p++
 		}
 	}
+	st.pfns, st.data = cp.PFNs, cp.Data
 	return nil
 }
 
@@ -180,7 +193,7 @@ func (c *Checkpointer) TakeFull(rounds int) (*Checkpoint, error) {
 		copy(image[off:], cp.Page(i))
 	}
 	// The image is laid out in backing order, which is ascending GPA.
-	cp.Full, cp.Data, cp.PFNs = true, image, cp.PFNs[:0]
+	cp.Full, cp.Data, cp.PFNs = true, image, nil
 	for _, r := range c.mem.Regions() {
 		for off := uint64(0); off < r.Size; off += mmu.PageSize {
 			cp.PFNs = append(cp.PFNs, (r.GPA+off)/mmu.PageSize)
