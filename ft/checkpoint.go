@@ -89,8 +89,8 @@ func (c *Checkpointer) Take() (*Checkpoint, error) {
 	return cp, nil
 }
 
-// TakePaused takes a checkpoint of a machine the caller has paused, and
-// leaves it paused.
+// TakePaused takes a checkpoint of a machine the caller has paused, or of
+// one whose Run is over, and leaves it so.
 func (c *Checkpointer) TakePaused() (*Checkpoint, error) {
 	cp := &Checkpoint{Epoch: c.epoch + 1}
 	start := time.Now()
@@ -167,6 +167,12 @@ func (c *Checkpointer) copyPages(cp *Checkpoint, bm []uint64) error {
 // final stun that copies what is still dirty together with the machine
 // state. The result holds every page of guest memory as of the stun.
 func (c *Checkpointer) TakeFull(rounds int) (*Checkpoint, error) {
+	return c.TakeFullWith(rounds, nil)
+}
+
+// TakeFullWith is TakeFull calling whilePaused (if not nil) during the final
+// stun, after the checkpoint was taken and before the vCPUs resume.
+func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func()) (*Checkpoint, error) {
 	// Start the dirty log afresh: pages dirtied from here on are re-copied.
 	clear(c.bitmap)
 	if _, err := c.dl.Harvest(c.bitmap); err != nil {
@@ -181,7 +187,16 @@ func (c *Checkpointer) TakeFull(rounds int) (*Checkpoint, error) {
 		}
 		copyMarked(image, c.mem.Backing(), c.bitmap)
 	}
-	cp, err := c.Take()
+	if _, err := c.m.Pause(); err != nil {
+		return nil, err
+	}
+	cp, err := c.TakePaused()
+	if err == nil && whilePaused != nil {
+		whilePaused()
+	}
+	if _, rerr := c.m.Resume(); err == nil {
+		err = rerr
+	}
 	if err != nil {
 		return nil, err
 	}

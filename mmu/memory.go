@@ -107,14 +107,15 @@ func New(cfg Config) (*Memory, error) {
 			return nil, fmt.Errorf("madvise(MADV_HUGEPAGE): %w", err)
 		}
 	}
-	m.regions = layout(cfg.Size)
+	m.regions = Layout(cfg.Size)
 	m.dirty = make([]atomic.Uint64, (cfg.Size/PageSize+63)/64)
 	return m, nil
 }
 
-// layout places size bytes of RAM at GPA 0, moving what would overlap the
-// MMIO hole to 4 GiB.
-func layout(size uint64) []Region {
+// Layout returns the guest-physical layout of size bytes of RAM: at GPA 0,
+// with what would overlap the MMIO hole below 4 GiB moved to 4 GiB. Every
+// process that knows the size computes the same layout.
+func Layout(size uint64) []Region {
 	if size <= HoleStart {
 		return []Region{{GPA: 0, Size: size}}
 	}
@@ -163,8 +164,12 @@ func (m *Memory) Register(vm *arch.VM, flags uint32) error {
 
 // Offset translates [gpa, gpa+n) to an offset into the backing. The range
 // must lie inside one region.
-func (m *Memory) Offset(gpa, n uint64) (uint64, error) {
-	for _, r := range m.regions {
+func (m *Memory) Offset(gpa, n uint64) (uint64, error) { return LayoutOffset(m.regions, gpa, n) }
+
+// LayoutOffset translates [gpa, gpa+n) to an offset into a backing laid out
+// as regions. The range must lie inside one region.
+func LayoutOffset(regions []Region, gpa, n uint64) (uint64, error) {
+	for _, r := range regions {
 		if gpa >= r.GPA && gpa-r.GPA < r.Size {
 			if n > r.Size-(gpa-r.GPA) {
 				return 0, fmt.Errorf("%w: [%#x, +%#x) crosses the end of RAM at %#x", ErrOutOfRange, gpa, n, r.GPA+r.Size)

@@ -150,14 +150,14 @@ func TestLayout(t *testing.T) {
 		{16 * gib, []Region{{GPA: 0, Size: 3 * gib}, {GPA: 4 * gib, Size: 13 * gib, Offset: 3 * gib, Slot: 1}}},
 	}
 	for _, tt := range tests {
-		if got := layout(tt.size); !reflect.DeepEqual(got, tt.want) {
-			t.Errorf("layout(%#x) = %+v, want %+v", tt.size, got, tt.want)
+		if got := Layout(tt.size); !reflect.DeepEqual(got, tt.want) {
+			t.Errorf("Layout(%#x) = %+v, want %+v", tt.size, got, tt.want)
 		}
 	}
 	// New lays out real memory the same way. MAP_NORESERVE makes 4 GiB
 	// cheap as long as the test touches only a few pages.
 	m := newMemory(t, Config{Size: 4 * gib})
-	want := layout(4 * gib)
+	want := Layout(4 * gib)
 	got := m.Regions()
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("New(4 GiB).Regions() = %+v, want %+v", got, want)

@@ -105,6 +105,9 @@ type Machine struct {
 	result Result
 	runErr error
 	ran    atomic.Bool
+	// halted is set once Run has returned: no vCPU is in KVM_RUN any more,
+	// so vCPU state may be read from any thread.
+	halted atomic.Bool
 	// vcpuWG counts running vCPU goroutines; Close waits for them.
 	vcpuWG sync.WaitGroup
 }
@@ -326,6 +329,7 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	case <-m.stopCh:
 	}
 	m.vcpuWG.Wait()
+	m.halted.Store(true)
 	m.resMu.Lock()
 	defer m.resMu.Unlock()
 	m.result.Records = m.debug.records.Load()
@@ -485,6 +489,14 @@ func (m *Machine) onVCPU(i int, fn func(*arch.VCPU) error) error {
 // onEveryVCPU runs fn(i, vCPU i) on every paused vCPU's own thread, all at
 // once, and returns the first error. The caller holds pauseMu.
 func (m *Machine) onEveryVCPU(fn func(i int, c *arch.VCPU) error) error {
+	if m.halted.Load() {
+		for i, v := range m.vcpus {
+			if err := fn(i, v.cpu); err != nil {
+				return fmt.Errorf("vCPU %d: %w", i, err)
+			}
+		}
+		return nil
+	}
 	errs := make([]error, len(m.vcpus))
 	var wg sync.WaitGroup
 	for i := range m.vcpus {

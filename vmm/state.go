@@ -156,14 +156,15 @@ func (m *Machine) savedMSRs() (*msrList, error) {
 	return l, nil
 }
 
-// CaptureState returns the state of a paused machine (see MachineState);
-// it fails with ErrNotPaused unless Pause has returned and Resume has not
-// been called since. The per-vCPU ioctls run on each vCPU's own thread, all
-// vCPUs at once. Guest memory is not copied.
+// CaptureState returns the state of a paused machine (see MachineState), or
+// of one whose Run has returned; it fails with ErrNotPaused unless Pause has
+// returned and Resume has not been called since, or Run is over. The
+// per-vCPU ioctls run on each vCPU's own thread, all vCPUs at once (after
+// Run, on the caller's). Guest memory is not copied.
 func (m *Machine) CaptureState() (*MachineState, error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
-	if !m.paused {
+	if !m.paused && !m.halted.Load() {
 		return nil, fmt.Errorf("capture state: %w", ErrNotPaused)
 	}
 	msrs, err := m.savedMSRs()

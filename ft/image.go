@@ -1,0 +1,104 @@
+package ft
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/understudy-vmm/understudy/mmu"
+)
+
+// Image is a replica of guest memory and state as of a complete epoch, kept
+// by the intermediary and the backup. It advances only by whole, verified
+// checkpoints: Apply either applies all of one or nothing.
+//
+// For every page it also keeps the epoch that last changed it and how many
+// of the recent epochs did (the modification-frequency estimate the
+// intermediary's forwarding policy uses): Freq is a count of changes that
+// halves every FreqHalfLife epochs, updated lazily.
+type Image struct {
+	// mu guards everything below.
+	mu      sync.RWMutex
+	mem     []byte
+	state   []byte
+	epoch   uint64
+	changed []uint64  // per page: epoch of its last change
+	freq    []float64 // per page: decayed change count as of changed[p]
+}
+
+// FreqHalfLife is the number of epochs after which a page's change count
+// halves.
+const FreqHalfLife = 16
+
+// NewImage returns an empty image of size bytes (no epoch yet).
+func NewImage(size uint64) *Image {
+	n := size / mmu.PageSize
+	return &Image{mem: make([]byte, size), changed: make([]uint64, n), freq: make([]float64, n)}
+}
+
+// Epoch returns the image's complete epoch (0: none yet).
+func (im *Image) Epoch() uint64 {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	return im.epoch
+}
+
+// Pages returns the number of pages.
+func (im *Image) Pages() uint64 { return uint64(len(im.changed)) }
+
+// Apply applies a verified checkpoint whose delta is based on epoch base. A
+// delta must follow the image's epoch exactly; a full image may come at any
+// time (a re-seed). pageOffset maps a PFN to its byte offset in the image.
+func (im *Image) Apply(cp *Checkpoint, base uint64, pageOffset func(pfn uint64) (uint64, error)) error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if !cp.Full && (base != im.epoch || im.epoch == 0) {
+		return badf("delta %d on epoch %d does not apply to an image at epoch %d", cp.Epoch, base, im.epoch)
+	}
+	if cp.Epoch <= im.epoch && !cp.Full {
+		return badf("checkpoint %d is not after the image's epoch %d", cp.Epoch, im.epoch)
+	}
+	// Validate every offset first, so that a bad page changes nothing.
+	offs := make([]uint64, len(cp.PFNs))
+	for i, pfn := range cp.PFNs {
+		off, err := pageOffset(pfn)
+		if err != nil || off+mmu.PageSize > uint64(len(im.mem)) {
+			return badf("checkpoint %d: page %#x is not guest memory: %v", cp.Epoch, pfn, err)
+		}
+		offs[i] = off
+	}
+	for i, off := range offs {
+		copy(im.mem[off:off+mmu.PageSize], cp.Page(i))
+		p := off / mmu.PageSize
+		im.freq[p] = decay(im.freq[p], cp.Epoch-min(im.changed[p], cp.Epoch)) + 1
+		im.changed[p] = cp.Epoch
+	}
+	im.state = append(im.state[:0], cp.State...)
+	im.epoch = cp.Epoch
+	return nil
+}
+
+// decay halves f every FreqHalfLife epochs.
+func decay(f float64, epochs uint64) float64 {
+	for epochs >= FreqHalfLife && f > 0 {
+		f /= 2
+		epochs -= FreqHalfLife
+	}
+	return f * (1 - float64(epochs)/(2*FreqHalfLife))
+}
+
+// Frequency returns page p's change count as of the image's epoch.
+func (im *Image) Frequency(p uint64) (float64, error) {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	if p >= uint64(len(im.freq)) {
+		return 0, fmt.Errorf("page %d beyond the image's %d pages", p, len(im.freq))
+	}
+	return decay(im.freq[p], im.epoch-im.changed[p]), nil
+}
+
+// Read calls fn with the image's memory, state and epoch under a read lock.
+func (im *Image) Read(fn func(mem, state []byte, epoch uint64)) {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	fn(im.mem, im.state, im.epoch)
+}

@@ -1,0 +1,148 @@
+package ft
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
+	"github.com/understudy-vmm/understudy/ft/transport"
+	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm"
+)
+
+// link returns a connected primary→intermediary pair over mutual TLS on
+// loopback TCP.
+func link(t testing.TB, memSize uint64) (primary, intermediary transport.Conn) {
+	t.Helper()
+	ca, err := transport.NewCA("test-cluster", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds := func(name string, role wire.Role) *transport.Credentials {
+		crt, key, err := ca.IssueNode(transport.NodeSpec{Name: name, Role: role})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := transport.NewCredentials(ca.CertPEM(), crt, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	ln, err := transport.Listen("tcp://127.0.0.1:0", &transport.Config{Credentials: creds("inter", wire.RoleIntermediary),
+		Hello: wire.Hello{Role: wire.RoleIntermediary, MemSize: memSize}, PeerRoles: []wire.Role{wire.RolePrimary}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	accepted := make(chan transport.Conn, 1)
+	go func() {
+		c, err := ln.Accept(ctx)
+		if err != nil {
+			t.Error(err)
+		}
+		accepted <- c
+	}()
+	p, err := transport.Dial(ctx, ln.Addr().String(), &transport.Config{Credentials: creds("prim", wire.RolePrimary),
+		Hello: wire.Hello{Role: wire.RolePrimary, MemSize: memSize}, PeerName: "inter"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := <-accepted
+	t.Cleanup(func() { p.Close(); i.Close() })
+	return p, i
+}
+
+// TestOutputCommit runs counter under a primary that streams checkpoints to
+// an intermediary over mTLS. Every record the client receives must already
+// be covered by a checkpoint the intermediary holds: the intermediary's
+// image shows the counter at that sequence number or later. The released
+// sequence is gap-free, and the intermediary's final image equals the guest
+// memory of the last checkpoint.
+func TestOutputCommit(t *testing.T) {
+	kvmtest.Require(t)
+	const memSize = 32 << 20
+	pc, ic := link(t, memSize)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- in.ServePrimary(ic) }()
+
+	var p *Primary
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
+		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "30000", "report": "0"},
+		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	dataBase := m.DataRegions()[0] * mmu.RegionSize
+	var (
+		mu       sync.Mutex
+		released []uint64
+		bad      int
+	)
+	p, err = NewPrimary(m, pc, PrimaryConfig{Interval: 10 * time.Millisecond, OnRelease: func(r vmm.Record) {
+		// The intermediary's image must already show this iteration:
+		// hot page 0 holds the sequence number of the last iteration.
+		var seq uint64
+		in.Image().Read(func(mem, _ []byte, _ uint64) { seq = binary.LittleEndian.Uint64(mem[dataBase:]) })
+		mu.Lock()
+		if seq < r.Value {
+			bad++
+		}
+		released = append(released, r.Value)
+		mu.Unlock()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	runErr := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); p.Halted(); runErr <- err }()
+	if err := p.Run(ctx); err != nil {
+		t.Fatalf("Primary.Run = %v", err)
+	}
+	if err := <-runErr; err != nil {
+		t.Fatalf("machine Run = %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if bad != 0 {
+		t.Errorf("%d records released before the intermediary held their checkpoint", bad)
+	}
+	if len(released) != 30000 {
+		t.Fatalf("%d records released, want 30000 (acked epoch %d of %d sent)", len(released), p.Acked(), p.Epochs())
+	}
+	for i, v := range released {
+		if v != uint64(i+1) {
+			t.Fatalf("released record %d = %d, want %d", i, v, i+1)
+		}
+	}
+	if p.Epochs() < 5 {
+		t.Errorf("only %d checkpoints", p.Epochs())
+	}
+	// The guest stopped after the last checkpoint was taken: the image
+	// must equal guest memory.
+	var same bool
+	in.Image().Read(func(img, state []byte, epoch uint64) {
+		same = string(img) == string(m.Memory().Backing()) && len(state) > 0 && epoch == p.Epochs()
+	})
+	if !same {
+		t.Errorf("intermediary image at epoch %d differs from the stopped guest's memory", in.Image().Epoch())
+	}
+	pc.Close()
+	if err := <-served; err != nil && !errors.Is(err, context.Canceled) {
+		t.Logf("intermediary: %v", err)
+	}
+}
