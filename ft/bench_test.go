@@ -3,9 +3,9 @@ package ft
 import (
 	"context"
 	"fmt"
-	"sync"
 	"sort"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 

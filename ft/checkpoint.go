@@ -207,14 +207,31 @@ func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func()) (*Checkpoint
 		}
 		copy(image[off:], cp.Page(i))
 	}
-	// The image is laid out in backing order, which is ascending GPA.
-	cp.Full, cp.Data, cp.PFNs = true, image, nil
+	cp.Full, cp.Data, cp.PFNs = true, image, c.allPFNs()
+	return cp, nil
+}
+
+// TakeFullPaused takes a full image of a machine the caller has paused, or
+// of one whose Run is over.
+func (c *Checkpointer) TakeFullPaused() (*Checkpoint, error) {
+	cp, err := c.TakePaused()
+	if err != nil {
+		return nil, err
+	}
+	cp.Full, cp.Data, cp.PFNs = true, append([]byte(nil), c.mem.Backing()...), c.allPFNs()
+	return cp, nil
+}
+
+// allPFNs lists every guest page frame in backing order, which is ascending
+// GPA: the order of a full image's data.
+func (c *Checkpointer) allPFNs() []uint64 {
+	var pfns []uint64
 	for _, r := range c.mem.Regions() {
 		for off := uint64(0); off < r.Size; off += mmu.PageSize {
-			cp.PFNs = append(cp.PFNs, (r.GPA+off)/mmu.PageSize)
+			pfns = append(pfns, (r.GPA+off)/mmu.PageSize)
 		}
 	}
-	return cp, nil
+	return pfns
 }
 
 // copyMarked copies the pages marked in bm from src to dst (same layout).

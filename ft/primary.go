@@ -107,14 +107,15 @@ func (p *Primary) Acked() uint64 {
 // Epochs returns how many checkpoints were sent.
 func (p *Primary) Epochs() uint64 { return p.epochs.Load() }
 
-// release hands out every held record covered by epoch e.
+// release hands out every held record covered by epoch e. Only the
+// acknowledgement reader calls it; Acked moves to e once the records are
+// handed out, so a caller that sees Acked() >= e knows they were.
 func (p *Primary) release(e uint64) {
 	p.mu.Lock()
 	if e <= p.acked {
 		p.mu.Unlock()
 		return
 	}
-	p.acked = e
 	n := 0
 	for n < len(p.pending) && p.pending[n].epoch <= e {
 		n++
@@ -127,6 +128,9 @@ func (p *Primary) release(e uint64) {
 			p.cfg.OnRelease(h.rec)
 		}
 	}
+	p.mu.Lock()
+	p.acked = e
+	p.mu.Unlock()
 }
 
 // checkpoint takes one checkpoint with the machine paused and moves the open
@@ -140,12 +144,15 @@ func (p *Primary) checkpoint(full bool) (*Checkpoint, error) {
 		return nil, err
 	}
 	cp, err := p.c.TakePaused()
-	if err == nil {
-		p.open.Store(cp.Epoch + 1)
+	if err != nil {
+		p.m.Resume()
+		return nil, err
 	}
-	if _, rerr := p.m.Resume(); err == nil {
-		err = rerr
-	}
+	p.open.Store(cp.Epoch + 1)
+	// A failed resume (the machine was stopped meanwhile) still leaves a
+	// good checkpoint, which must be sent: its pages are no longer in the
+	// dirty log.
+	_, err = p.m.Resume()
 	return cp, err
 }
 
@@ -160,10 +167,24 @@ func (p *Primary) Run(ctx context.Context) error {
 	acks := make(chan error, 1)
 	go func() { acks <- p.readAcks() }()
 	sent := uint64(0)
+	send := func(cp *Checkpoint) error {
+		if err := SendCheckpoint(p.ln, cp, sent); err != nil {
+			return err
+		}
+		sent = cp.Epoch
+		p.epochs.Add(1)
+		p.stunNS.Store(int64(cp.Stun))
+		return nil
+	}
 	tick := time.NewTicker(p.cfg.Interval)
 	defer tick.Stop()
 	for {
 		cp, err := p.checkpoint(sent == 0)
+		if cp != nil {
+			if serr := send(cp); serr != nil {
+				return serr
+			}
+		}
 		if errors.Is(err, vmm.ErrStopped) {
 			// The guest stopped: wait for the machine's Run to return,
 			// then checkpoint what it did last.
@@ -172,23 +193,22 @@ func (p *Primary) Run(ctx context.Context) error {
 			case <-ctx.Done():
 				return ctx.Err()
 			}
-			if cp, err = p.c.TakePaused(); err == nil {
-				if err = SendCheckpoint(p.ln, cp, sent); err == nil {
-					sent = cp.Epoch
-					p.epochs.Add(1)
-					return p.finish(ctx, acks, sent)
-				}
+			take := p.c.TakePaused
+			if sent == 0 {
+				take = p.c.TakeFullPaused // stopped before the first image
 			}
+			last, err := take()
+			if err != nil {
+				return err
+			}
+			if err := send(last); err != nil {
+				return err
+			}
+			return p.finish(ctx, acks, sent)
 		}
 		if err != nil {
 			return err
 		}
-		p.stunNS.Store(int64(cp.Stun))
-		if err := SendCheckpoint(p.ln, cp, sent); err != nil {
-			return err
-		}
-		sent = cp.Epoch
-		p.epochs.Add(1)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()

@@ -146,3 +146,44 @@ func TestOutputCommit(t *testing.T) {
 		t.Logf("intermediary: %v", err)
 	}
 }
+
+// TestOutputCommitShortGuest: a guest that exits before the first full image
+// is complete still has all its output released, from a full image of the
+// stopped machine.
+func TestOutputCommitShortGuest(t *testing.T) {
+	kvmtest.Require(t)
+	const memSize = 8 << 20
+	pc, ic := link(t, memSize)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go in.ServePrimary(ic)
+	var p *Primary
+	var released []uint64
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
+		PayloadOptions: map[string]string{"pages": "8", "hot": "8", "iterations": "3", "report": "0"},
+		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	p, err = NewPrimary(m, pc, PrimaryConfig{OnRelease: func(r vmm.Record) { released = append(released, r.Value) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The guest runs to its end before the primary starts.
+	if _, err := m.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p.Halted()
+	if err := p.Run(context.Background()); err != nil {
+		t.Fatalf("Primary.Run = %v", err)
+	}
+	if len(released) != 3 || released[2] != 3 || p.Epochs() != 1 {
+		t.Errorf("released %v in %d epochs, want [1 2 3] in 1", released, p.Epochs())
+	}
+	if in.Image().Epoch() != 1 {
+		t.Errorf("intermediary at epoch %d, want 1", in.Image().Epoch())
+	}
+}

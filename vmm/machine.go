@@ -461,7 +461,8 @@ func (m *Machine) Resume() (time.Duration, error) {
 	return time.Since(start), nil
 }
 
-// OnVCPU runs fn on paused vCPU i's own OS thread and returns its error.
+// OnVCPU runs fn on paused vCPU i's own OS thread (once Run has returned,
+// on the caller's) and returns its error.
 func (m *Machine) OnVCPU(i int, fn func(*arch.VCPU) error) error {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
@@ -470,11 +471,15 @@ func (m *Machine) OnVCPU(i int, fn func(*arch.VCPU) error) error {
 
 // onVCPU is OnVCPU for a caller that holds pauseMu.
 func (m *Machine) onVCPU(i int, fn func(*arch.VCPU) error) error {
-	if !m.paused {
-		return ErrNotPaused
-	}
 	if i < 0 || i >= len(m.vcpus) {
 		return fmt.Errorf("vCPU %d: machine has %d", i, len(m.vcpus))
+	}
+	if m.halted.Load() {
+		// Run is over: no thread runs this vCPU any more.
+		return fn(m.vcpus[i].cpu)
+	}
+	if !m.paused {
+		return ErrNotPaused
 	}
 	v := m.vcpus[i]
 	done := make(chan error, 1)
@@ -489,14 +494,6 @@ func (m *Machine) onVCPU(i int, fn func(*arch.VCPU) error) error {
 // onEveryVCPU runs fn(i, vCPU i) on every paused vCPU's own thread, all at
 // once, and returns the first error. The caller holds pauseMu.
 func (m *Machine) onEveryVCPU(fn func(i int, c *arch.VCPU) error) error {
-	if m.halted.Load() {
-		for i, v := range m.vcpus {
-			if err := fn(i, v.cpu); err != nil {
-				return fmt.Errorf("vCPU %d: %w", i, err)
-			}
-		}
-		return nil
-	}
 	errs := make([]error, len(m.vcpus))
 	var wg sync.WaitGroup
 	for i := range m.vcpus {
