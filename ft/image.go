@@ -102,3 +102,28 @@ func (im *Image) Read(fn func(mem, state []byte, epoch uint64)) {
 	defer im.mu.RUnlock()
 	fn(im.mem, im.state, im.epoch)
 }
+
+// Snapshot returns a copy of the image as a full-image checkpoint at its
+// epoch: every page of the guest-physical layout regions (which must be the
+// image's) in ascending order, and the machine state, copied under the read
+// lock so that they belong to one epoch. It returns nil while the image
+// holds no epoch yet.
+func (im *Image) Snapshot(regions []mmu.Region) (*Checkpoint, error) {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	if im.epoch == 0 {
+		return nil, nil
+	}
+	cp := &Checkpoint{Epoch: im.epoch, Full: true, Data: make([]byte, 0, len(im.mem)), State: append([]byte(nil), im.state...)}
+	cp.PFNs = make([]uint64, 0, len(im.changed))
+	for _, r := range regions {
+		if r.Offset+r.Size > uint64(len(im.mem)) {
+			return nil, fmt.Errorf("snapshot: region %#x+%#x beyond the image's %d bytes", r.GPA, r.Size, len(im.mem))
+		}
+		for off := uint64(0); off < r.Size; off += mmu.PageSize {
+			cp.PFNs = append(cp.PFNs, (r.GPA+off)/mmu.PageSize)
+		}
+		cp.Data = append(cp.Data, im.mem[r.Offset:r.Offset+r.Size]...)
+	}
+	return cp, nil
+}

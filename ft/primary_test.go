@@ -19,6 +19,13 @@ import (
 // loopback TCP.
 func link(t testing.TB, memSize uint64) (primary, intermediary transport.Conn) {
 	t.Helper()
+	return roleLink(t, memSize, wire.RolePrimary, wire.RoleIntermediary)
+}
+
+// roleLink returns a connected pair over mutual TLS on loopback TCP: the
+// dialer, of role from, and the listener's end, of role to.
+func roleLink(t testing.TB, memSize uint64, from, to wire.Role) (dialer, listener transport.Conn) {
+	t.Helper()
 	ca, err := transport.NewCA("test-cluster", time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -34,8 +41,8 @@ func link(t testing.TB, memSize uint64) (primary, intermediary transport.Conn) {
 		}
 		return c
 	}
-	ln, err := transport.Listen("tcp://127.0.0.1:0", &transport.Config{Credentials: creds("inter", wire.RoleIntermediary),
-		Hello: wire.Hello{Role: wire.RoleIntermediary, MemSize: memSize}, PeerRoles: []wire.Role{wire.RolePrimary}})
+	ln, err := transport.Listen("tcp://127.0.0.1:0", &transport.Config{Credentials: creds("server", to),
+		Hello: wire.Hello{Role: to, MemSize: memSize}, PeerRoles: []wire.Role{from}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,14 +57,17 @@ func link(t testing.TB, memSize uint64) (primary, intermediary transport.Conn) {
 		}
 		accepted <- c
 	}()
-	p, err := transport.Dial(ctx, ln.Addr().String(), &transport.Config{Credentials: creds("prim", wire.RolePrimary),
-		Hello: wire.Hello{Role: wire.RolePrimary, MemSize: memSize}, PeerName: "inter"})
+	d, err := transport.Dial(ctx, ln.Addr().String(), &transport.Config{Credentials: creds("client", from),
+		Hello: wire.Hello{Role: from, MemSize: memSize}, PeerName: "server"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	i := <-accepted
-	t.Cleanup(func() { p.Close(); i.Close() })
-	return p, i
+	l := <-accepted
+	if l == nil {
+		t.FailNow()
+	}
+	t.Cleanup(func() { d.Close(); l.Close() })
+	return d, l
 }
 
 // TestOutputCommit runs counter under a primary that streams checkpoints to
