@@ -8,11 +8,12 @@ export CGO_ENABLED := 0
 SHELL     := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: all build run test bench lint payloads clean help
+.PHONY: all build run demo test bench lint payloads clean help
 
 all: build
 
 help:
+	@echo "make demo      primary, intermediary and backup on loopback; kill the primary; the backup resumes"
 	@echo "make run       build and run the hello payload guest on /dev/kvm"
 	@echo "make build     build $(BIN) (static, CGO_ENABLED=0)"
 	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages)"
@@ -25,6 +26,9 @@ build:
 
 run: build
 	$(BIN) run --payload hello
+
+demo: build
+	bash ft/demo.sh $(BIN)
 
 # Payload binaries are committed; this regenerates them (needs GNU as and objcopy).
 payloads: $(PAYLOADS:%=$(PAYLOAD_BIN)/%.bin)

@@ -38,6 +38,10 @@ type Intermediary struct {
 // primary: it is never acknowledged again.
 var ErrFenced = errors.New("primary fenced")
 
+// ErrPrimaryLost is returned by ServePrimary when the primary's link ends
+// without a goodbye or fails: the caller should fail over.
+var ErrPrimaryLost = errors.New("primary lost")
+
 // NewIntermediary returns an intermediary for a guest of memSize bytes. It
 // forwards with ForwardEvery until SetForwardPolicy says otherwise.
 func NewIntermediary(memSize uint64, log *slog.Logger) (*Intermediary, error) {
@@ -100,10 +104,12 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 			return ErrFenced
 		}
 		if errors.Is(err, io.EOF) {
-			return nil
+			// A primary that finishes says Bye; a link that just ends
+			// means the primary (or its host) is gone.
+			return fmt.Errorf("%w: link closed without a goodbye", ErrPrimaryLost)
 		}
 		if err != nil {
-			return err
+			return fmt.Errorf("%w: %w", ErrPrimaryLost, err)
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:

@@ -234,6 +234,10 @@ func (p *Primary) finish(ctx context.Context, acks chan error, sent uint64) erro
 		case <-time.After(time.Millisecond):
 		}
 	}
+	// Tell the intermediary this is an orderly end, not a lost primary.
+	if err := p.ln.WriteMessage(&wire.Bye{Reason: "guest exited"}); err != nil {
+		return fmt.Errorf("primary: goodbye: %w", err)
+	}
 	return nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/payload"
@@ -37,12 +38,14 @@ Usage:
   understudy <command> [flags]
 
 Commands:
-  run       run a guest until it exits (or save a snapshot of it with --save)
-  restore   restore a snapshot and run the guest to its end
-  payloads  list the built-in payload guests and their options
-  keys      make the cluster CA and node certificates (init, issue)
-  version   print the version
-  help      show this help
+  run           run a guest until it exits (--save: snapshot it; --protect: keep it alive)
+  restore       restore a snapshot and run the guest to its end
+  intermediary  receive a protected guest's checkpoints, forward them to the backup, fail over
+  backup        hold the replicated guest and resume it when the intermediary activates it
+  payloads      list the built-in payload guests and their options
+  keys          make the cluster CA and node certificates (init, issue)
+  version       print the version
+  help          show this help
 
 Run "understudy <command> --help" for a command's flags.
 `
@@ -60,6 +63,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return cmdRestore(ctx, args[1:], stdout, stderr)
 	case "payloads":
 		return cmdPayloads(args[1:], stdout, stderr)
+	case "intermediary":
+		return cmdIntermediary(ctx, args[1:], stdout, stderr)
+	case "backup":
+		return cmdBackup(ctx, args[1:], stdout, stderr)
 	case "keys":
 		return cmdKeys(args[1:], stdout, stderr)
 	case "version":
@@ -219,8 +226,18 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
 	save := fs.String("save", "", "save a snapshot (machine state and all guest memory) to this file once the guest has emitted --save-after output records, then stop")
 	saveAfter := fs.Uint64("save-after", 0, "with --save: the number of output records after which to save")
+	protect := fs.String("protect", "", "protect the guest: checkpoint it to the intermediary at this address (tcp://host:port or vsock://cid:port); output records are released once acknowledged")
+	interval := fs.Duration("interval", 25*time.Millisecond, "with --protect: time between checkpoints")
+	rf := addRoleFlags(fs, "primary")
 	if code, done := parseFlags(fs, args); done {
 		return code
+	}
+	if *protect != "" && (*save != "" || *largePages != "") {
+		fmt.Fprintf(stderr, "understudy run: --protect cannot be combined with --save or --large-pages yet\n")
+		return exitUsage
+	}
+	if *interval <= 0 {
+		return fail(stderr, fmt.Errorf("--interval %v: must be positive", *interval))
 	}
 	if *payloadArg == "" {
 		fmt.Fprintf(stderr, "understudy run: --payload is required (built-in payloads: %s)\n", strings.Join(payload.Names(), ", "))
@@ -278,7 +295,18 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if *save != "" {
 		saveReq = make(chan struct{})
 	}
-	if recW != nil || saveReq != nil {
+	var route func(vmm.Record) // with --protect: the primary's Record
+	// Released records are what a client has seen: write them through at
+	// once, so that the file is true even if this process is killed.
+	writeRecord := func(r vmm.Record) {
+		if recW != nil {
+			recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
+			recW.Flush()
+		}
+	}
+	if *protect != "" {
+		cfg.OnRecord = func(r vmm.Record) { route(r) }
+	} else if recW != nil || saveReq != nil {
 		cfg.OnRecord = func(r vmm.Record) {
 			if recW != nil {
 				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
@@ -309,9 +337,16 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	start := time.Now()
 	var res vmm.Result
-	if saveReq == nil {
+	switch {
+	case *protect != "":
+		tcfg, cerr := rf.config(wire.RolePrimary, mem.v, stderr)
+		if cerr != nil {
+			return fail(stderr, cerr)
+		}
+		res, err = runProtected(ctx, m, &route, *protect, tcfg, *interval, writeRecord, stderr)
+	case saveReq == nil:
 		res, err = m.Run(ctx)
-	} else {
+	default:
 		var saved bool
 		res, saved, err = runAndSave(ctx, m, saveReq, *save, stderr)
 		if err == nil && !saved {

@@ -175,3 +175,29 @@ func FuzzParseOptions(f *testing.F) {
 		}
 	})
 }
+
+// TestRoleBadInput: the fault-tolerance roles refuse bad command lines with
+// one clear line.
+func TestRoleBadInput(t *testing.T) {
+	dir := t.TempDir()
+	tests := []struct {
+		args   []string
+		code   int
+		errSub string
+	}{
+		{[]string{"intermediary", "--keys", dir}, exitUsage, "--backup ADDR is required"},
+		{[]string{"intermediary", "--backup", "tcp://127.0.0.1:1"}, exitError, "--keys DIR is required"},
+		{[]string{"intermediary", "--backup", "tcp://127.0.0.1:1", "--keys", dir}, exitError, "ca.crt"},
+		{[]string{"backup"}, exitError, "--keys DIR is required"},
+		{[]string{"backup", "--keys", filepath.Join(dir, "none")}, exitError, "none"},
+		{[]string{"run", "--payload", "hello", "--protect", "tcp://127.0.0.1:1"}, exitError, "--keys DIR is required"},
+		{[]string{"run", "--payload", "hello", "--protect", "tcp://x", "--save", "f", "--save-after", "1"}, exitUsage, "cannot be combined"},
+		{[]string{"run", "--payload", "hello", "--interval", "0s"}, exitError, "--interval"},
+	}
+	for _, tc := range tests {
+		code, _, errs := runCLI(tc.args...)
+		if code != tc.code || !strings.Contains(errs, tc.errSub) {
+			t.Errorf("understudy %q: exit %d, stderr %q; want exit %d and %q", tc.args, code, errs, tc.code, tc.errSub)
+		}
+	}
+}
