@@ -4,7 +4,8 @@
 # the backup; after a few seconds the primary is killed (SIGKILL), the
 # intermediary fails over, and the backup resumes the guest. The demo then
 # checks that the backup's sequence continues after the last record the
-# client saw. It finishes by itself.
+# client saw, lets the resumed guest run two seconds and stops it. It
+# finishes by itself.
 set -euo pipefail
 bin=${1:-build/understudy}
 dir=build/demo
@@ -20,7 +21,8 @@ done
 echo "demo: keys in $dir/keys; starting backup and intermediary on loopback"
 "$bin" backup --keys "$dir/keys" --listen tcp://127.0.0.1:7402 --records "$dir/backup-records.txt" \
 	>"$dir/backup-console.txt" 2>"$dir/backup.log" &
-pids+=($!)
+backup=$!
+pids+=($backup)
 sleep 0.5
 "$bin" intermediary --keys "$dir/keys" --listen tcp://127.0.0.1:7401 --backup tcp://127.0.0.1:7402 \
 	2>"$dir/intermediary.log" &
@@ -28,7 +30,7 @@ inter=$!
 pids+=($inter)
 sleep 0.5
 echo "demo: starting the protected primary (counter payload, 25 ms epochs); the client reads released records"
-"$bin" run --payload counter,iterations=400000,report=0 --mem 64M --protect tcp://127.0.0.1:7401 \
+"$bin" run --payload counter,iterations=0,report=0 --mem 64M --protect tcp://127.0.0.1:7401 \
 	--keys "$dir/keys" --records "$dir/client-records.txt" 2>&1 >/dev/null | sed 's/^/  primary: /' &
 primary=$(pgrep -n -f -- "--protect tcp://127.0.0.1:7401" || true)
 for _ in 1 2 3 4; do
@@ -41,18 +43,25 @@ kill -9 "$primary"
 last_seen=$(tail -n1 "$dir/client-records.txt")
 wait "$inter" || true
 sed 's/^/  intermediary: /' "$dir/intermediary.log" | tail -n 3
-# The backup runs the guest to its end (400000 iterations).
+# Let the resumed guest run for two seconds, then stop the backup.
 for _ in $(seq 1 120); do
-	grep -q "guest exited" "$dir/backup.log" && break
+	grep -q "first output record" "$dir/backup.log" && break
 	sleep 0.5
 done
+sleep 2
+kill -INT "$backup"
+wait "$backup" || true
 sed 's/^/  backup: /' "$dir/backup.log"
 first=$(head -n1 "$dir/backup-records.txt")
 last=$(tail -n1 "$dir/backup-records.txt")
-echo "demo: the client saw records 1..$last_seen; the backup resumed at $first and ran to $last"
-if [ "$first" -gt "$last_seen" ] && [ "$last" -eq 400000 ]; then
+echo "demo: the client saw records 1..$last_seen; the backup resumed at $first and had reached $last when stopped"
+if [ -n "$first" ] && [ "$first" -gt "$last_seen" ] && [ "$last" -gt "$first" ]; then
+	if [ "$first" -gt $((last_seen + 1)) ]; then
+		echo "demo: records $((last_seen + 1))..$((first - 1)) were held on the primary and never released:" \
+			"the intermediary had acknowledged them, but the acknowledgement did not reach the primary before it died"
+	fi
 	echo "demo: OK: nothing the client saw was lost, and the sequence went on"
 else
-	echo "demo: FAILED: the backup resumed at $first, not after $last_seen" >&2
+	echo "demo: FAILED: the backup resumed at ${first:-nothing}, not after $last_seen" >&2
 	exit 1
 fi
