@@ -434,20 +434,5 @@ func printStatus(w io.Writer, lp *vmm.LargePager, every time.Duration) func() {
 	if every <= 0 {
 		return func() {}
 	}
-	done := make(chan struct{})
-	finished := make(chan struct{})
-	go func() {
-		defer close(finished)
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				fmt.Fprintf(w, "understudy: %s\n", lp.Status())
-			}
-		}
-	}()
-	return func() { close(done); <-finished }
+	return everyInterval(every, func() { fmt.Fprintf(w, "understudy: %s\n", lp.Status()) })
 }
