@@ -151,8 +151,11 @@ var ErrWrongEpoch = errors.New("epoch not committed here")
 // Activate restores the guest of committed epoch epoch into a new machine
 // that is ready to Run, with the console and callbacks of the backup's
 // configuration. An epoch other than the committed one is refused
-// (ErrWrongEpoch) and changes nothing. Once a machine has been restored the
-// backup takes no more checkpoints and does not activate again.
+// (ErrWrongEpoch) and changes nothing. Before returning it passes the output
+// records the primary still held at that epoch (see envelope.go) to the
+// configured OnRecord, so clients, which drop records they have already
+// seen, continue without a gap. Once a machine has been restored the backup
+// takes no more checkpoints and does not activate again.
 func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -160,16 +163,22 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 		return nil, ErrActivated
 	}
 	var (
-		m   *vmm.Machine
-		err error
+		m    *vmm.Machine
+		held []vmm.Record
+		err  error
 	)
 	b.img.Read(func(mem, state []byte, committed uint64) {
 		if committed == 0 || committed != epoch {
 			err = fmt.Errorf("activate epoch %d: %w (committed: %d)", epoch, ErrWrongEpoch, committed)
 			return
 		}
+		var machine []byte
+		if machine, held, err = openState(state); err != nil {
+			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
+			return
+		}
 		st := new(vmm.MachineState)
-		if err = st.UnmarshalBinary(state); err != nil {
+		if err = st.UnmarshalBinary(machine); err != nil {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
 			return
 		}
@@ -179,6 +188,13 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 	})
 	if err != nil {
 		return nil, err
+	}
+	// Release the output the primary still held at this epoch: it is
+	// covered by the committed checkpoint (clients drop what they saw).
+	if b.cfg.Restore.OnRecord != nil {
+		for _, r := range held {
+			b.cfg.Restore.OnRecord(r)
+		}
 	}
 	b.active = true
 	b.log.Info("activated", "epoch", epoch)

@@ -170,9 +170,10 @@ func (c *Checkpointer) TakeFull(rounds int) (*Checkpoint, error) {
 	return c.TakeFullWith(rounds, nil)
 }
 
-// TakeFullWith is TakeFull calling whilePaused (if not nil) during the final
-// stun, after the checkpoint was taken and before the vCPUs resume.
-func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func()) (*Checkpoint, error) {
+// TakeFullWith is TakeFull calling whilePaused (if not nil) with the
+// checkpoint during the final stun, after it was taken and before the vCPUs
+// resume.
+func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func(*Checkpoint)) (*Checkpoint, error) {
 	// Start the dirty log afresh: pages dirtied from here on are re-copied.
 	clear(c.bitmap)
 	if _, err := c.dl.Harvest(c.bitmap); err != nil {
@@ -192,7 +193,7 @@ func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func()) (*Checkpoint
 	}
 	cp, err := c.TakePaused()
 	if err == nil && whilePaused != nil {
-		whilePaused()
+		whilePaused(cp)
 	}
 	if _, rerr := c.m.Resume(); err == nil {
 		err = rerr

@@ -170,24 +170,23 @@ func TestFailoverNothingLost(t *testing.T) {
 	last, first := released[len(released)-1], resumed[0]
 	for i, v := range resumed {
 		if v != first+uint64(i) {
-			t.Fatalf("resumed record %d = %d, want %d: not consecutive", i, v, first+uint64(i))
+			t.Fatalf("backup record %d = %d, want %d: not consecutive", i, v, first+uint64(i))
 		}
 	}
-	// (a) Nothing released is lost, and the backup does not skip ahead of
-	// what the primary's guest did.
-	if first <= last {
-		t.Errorf("first resumed record = %d, want > %d (the last released)", first, last)
+	// (a) The backup first releases what the primary still held, then the
+	// resumed guest goes on: a client that drops what it has seen (by
+	// sequence) continues exactly after its last record, and the backup
+	// does not get ahead of what the primary's guest did.
+	if first > last+1 {
+		t.Errorf("first backup record = %d, want <= %d: records after the last released one are lost", first, last+1)
 	}
 	if first > emitted+1 {
-		t.Errorf("first resumed record = %d, want <= %d (one past the primary's last)", first, emitted+1)
+		t.Errorf("first backup record = %d, want <= %d (one past the primary's last)", first, emitted+1)
 	}
-	if acked := p.Acked(); acked == epoch && first != last+1 {
-		t.Errorf("first resumed record = %d, want %d: the primary released all of epoch %d", first, last+1, epoch)
+	// The resumed guest's records belong to the instant the hot pages show.
+	if end := resumed[len(resumed)-1]; end < s {
+		t.Errorf("backup records end at %d, before the activated instant %d", end, s)
 	}
-	// The first record belongs to the instant the hot pages show.
-	if want := []uint64{s, s + 1}; split < hot && first != s || split == hot && first != s && first != s+1 {
-		t.Errorf("first resumed record = %d with hot pages %v, want %v (or just %d mid-iteration)", first, seqs, want, s)
-	}
-	t.Logf("failover at epoch %d (primary acked %d): released 1..%d, primary emitted up to %d, backup resumed at %d, hot pages split at %d",
+	t.Logf("failover at epoch %d (primary acked %d): released 1..%d, primary emitted up to %d, backup released from %d, hot pages split at %d",
 		epoch, p.Acked(), last, emitted, first, split)
 }

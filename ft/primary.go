@@ -133,12 +133,11 @@ func (p *Primary) release(e uint64) {
 	p.mu.Unlock()
 }
 
-// checkpoint takes one checkpoint with the machine paused and moves the open
-// epoch on before the vCPUs run again.
+// checkpoint takes one checkpoint with the machine paused and seals it
+// before the vCPUs run again.
 func (p *Primary) checkpoint(full bool) (*Checkpoint, error) {
 	if full {
-		cp, err := p.c.TakeFullWith(p.cfg.PreCopyRounds, func() { p.open.Store(p.c.Epoch() + 1) })
-		return cp, err
+		return p.c.TakeFullWith(p.cfg.PreCopyRounds, p.seal)
 	}
 	if _, err := p.m.Pause(); err != nil {
 		return nil, err
@@ -148,12 +147,26 @@ func (p *Primary) checkpoint(full bool) (*Checkpoint, error) {
 		p.m.Resume()
 		return nil, err
 	}
-	p.open.Store(cp.Epoch + 1)
+	p.seal(cp)
 	// A failed resume (the machine was stopped meanwhile) still leaves a
 	// good checkpoint, which must be sent: its pages are no longer in the
 	// dirty log.
 	_, err = p.m.Resume()
 	return cp, err
+}
+
+// seal runs while the vCPUs are paused (or the machine has stopped): output
+// emitted from now on belongs to the next epoch, and the checkpoint's state
+// envelope carries every record held so far (see envelope.go).
+func (p *Primary) seal(cp *Checkpoint) {
+	p.open.Store(cp.Epoch + 1)
+	p.mu.Lock()
+	held := make([]vmm.Record, len(p.pending))
+	for i, h := range p.pending {
+		held[i] = h.rec
+	}
+	p.mu.Unlock()
+	cp.State = sealState(cp.State, held)
 }
 
 // Run checkpoints and streams until ctx ends, the link fails, or the
@@ -201,6 +214,7 @@ func (p *Primary) Run(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
+			p.seal(last)
 			if err := send(last); err != nil {
 				return err
 			}

@@ -89,7 +89,7 @@ func TestOutputCommit(t *testing.T) {
 
 	var p *Primary
 	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "30000", "report": "0"},
+		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "30000", "spin": "30000", "report": "0"},
 		OnRecord:       func(r vmm.Record) { p.Record(r) }})
 	if err != nil {
 		t.Fatal(err)

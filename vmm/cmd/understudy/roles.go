@@ -211,7 +211,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	first := true
 	rcfg := vmm.RestoreConfig{Console: stdout, OnRecord: func(r vmm.Record) {
 		if first {
-			fmt.Fprintf(stderr, "understudy: backup: resumed guest's first output record: %d\n", r.Value)
+			fmt.Fprintf(stderr, "understudy: backup: first output record released: %d (the primary's held output first)\n", r.Value)
 			first = false
 		}
 		if recW != nil {
