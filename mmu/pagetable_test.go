@@ -747,21 +747,14 @@ func FuzzWalkPageTables(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Cleanup(func() { m.Close() })
-	entries := func(es ...uint64) []byte {
-		b := make([]byte, 8*len(es))
-		for i, e := range es {
-			binary.LittleEndian.PutUint64(b[8*i:], e)
-		}
-		return b
-	}
-	f.Add(entries(present|accessed), uint64(0), uint16(0))                                               // page 0 at every level
-	f.Add(entries(0x1000|present, 0, 0, 0, 0, 0, 0, 0, 0, 0, present), uint64(0), uint16(0))             // loops and a PT
-	f.Add(entries(0x1000|present, 1*gib|present|large|accessed), uint64(0x1000), uint16(0))              // a 1 GiB page
-	f.Add(entries(0x1000|present, 2*mib|present|large|accessed|1<<13), uint64(0x1000), uint16(3))        // reserved bit
-	f.Add(entries(0x1000|present, 0x2000|present, 0x3000|present, 0x3000|present), uint64(0), uint16(0)) // shared
-	f.Add(entries(1<<40|present, 3*gib|present|large, ^uint64(0)), uint64(0x1000), uint16(1))            // beyond RAM
-	f.Add(entries(^uint64(0), ^uint64(0)&^large), uint64(0), uint16(2))                                  // every bit
-	f.Add([]byte{}, uint64(1<<40), uint16(0))                                                            // CR3 beyond RAM
+	f.Add(pteBytes(present|accessed), uint64(0), uint16(0))                                               // page 0 at every level
+	f.Add(pteBytes(0x1000|present, 0, 0, 0, 0, 0, 0, 0, 0, 0, present), uint64(0), uint16(0))             // loops and a PT
+	f.Add(pteBytes(0x1000|present, 1*gib|present|large|accessed), uint64(0x1000), uint16(0))              // a 1 GiB page
+	f.Add(pteBytes(0x1000|present, 2*mib|present|large|accessed|1<<13), uint64(0x1000), uint16(3))        // reserved bit
+	f.Add(pteBytes(0x1000|present, 0x2000|present, 0x3000|present, 0x3000|present), uint64(0), uint16(0)) // shared
+	f.Add(pteBytes(1<<40|present, 3*gib|present|large, ^uint64(0)), uint64(0x1000), uint16(1))            // beyond RAM
+	f.Add(pteBytes(^uint64(0), ^uint64(0)&^large), uint64(0), uint16(2))                                  // every bit
+	f.Add([]byte{}, uint64(1<<40), uint16(0))                                                             // CR3 beyond RAM
 	zero := make([]byte, area)
 	f.Fuzz(func(t *testing.T, tables []byte, cr3 uint64, limit uint16) {
 		if len(tables) > area {

@@ -190,21 +190,14 @@ func FuzzTranslate(f *testing.F) {
 	}
 	f.Cleanup(func() { m.Close() })
 
-	entries := func(es ...uint64) []byte {
-		b := make([]byte, 8*len(es))
-		for i, e := range es {
-			binary.LittleEndian.PutUint64(b[8*i:], e)
-		}
-		return b
-	}
-	f.Add(entries(present), uint64(0), uint64(0x123))                                        // 4 levels through page 0
-	f.Add(entries(present, 1*gib|present|large), uint64(0), uint64(1*gib+0x1234))            // 1 GiB page
-	f.Add(entries(present, 0, 0x60_0000|present|large|pat), uint64(0x18), uint64(0x40_0005)) // 2 MiB page
-	f.Add(entries(0x1000|present, 0, 0, 0x7000|present), uint64(0), uint64(0x3abc))          // page 1 is zero
-	f.Add(entries(0x10_0000_0000|present), uint64(0), uint64(0))                             // table beyond RAM
-	f.Add(entries(^uint64(0)), uint64(0), ^uint64(0))                                        // every bit set
-	f.Add([]byte{}, uint64(0x1f_f000), uint64(0))                                            // zero page
-	f.Add([]byte{1}, uint64(1<<40), uint64(0))                                               // CR3 beyond RAM
+	f.Add(pteBytes(present), uint64(0), uint64(0x123))                                        // 4 levels through page 0
+	f.Add(pteBytes(present, 1*gib|present|large), uint64(0), uint64(1*gib+0x1234))            // 1 GiB page
+	f.Add(pteBytes(present, 0, 0x60_0000|present|large|pat), uint64(0x18), uint64(0x40_0005)) // 2 MiB page
+	f.Add(pteBytes(0x1000|present, 0, 0, 0x7000|present), uint64(0), uint64(0x3abc))          // page 1 is zero
+	f.Add(pteBytes(0x10_0000_0000|present), uint64(0), uint64(0))                             // table beyond RAM
+	f.Add(pteBytes(^uint64(0)), uint64(0), ^uint64(0))                                        // every bit set
+	f.Add([]byte{}, uint64(0x1f_f000), uint64(0))                                             // zero page
+	f.Add([]byte{1}, uint64(1<<40), uint64(0))                                                // CR3 beyond RAM
 
 	zero := make([]byte, area)
 	f.Fuzz(func(t *testing.T, tables []byte, cr3, gva uint64) {
@@ -221,4 +214,13 @@ func FuzzTranslate(f *testing.F) {
 			t.Fatalf("Translate(%#x, %#x) = %#x: page offset changed or beyond 52 bits", cr3, gva, got)
 		}
 	})
+}
+
+// pteBytes lays out page-table entries as little-endian bytes.
+func pteBytes(es ...uint64) []byte {
+	b := make([]byte, 8*len(es))
+	for i, e := range es {
+		binary.LittleEndian.PutUint64(b[8*i:], e)
+	}
+	return b
 }

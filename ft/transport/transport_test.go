@@ -205,13 +205,7 @@ func TestRefusedPeers(t *testing.T) {
 		{
 			name: "no client certificate",
 			try: func(t *testing.T, a Addr) {
-				cfg := &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true}
-				tc, err := tls.Dial("tcp", net.JoinHostPort(a.Host, fmt.Sprint(a.Port)), cfg)
-				if err == nil {
-					defer tc.Close()
-					tc.SetDeadline(time.Now().Add(5 * time.Second))
-					_, err = tc.Read(make([]byte, 1))
-				}
+				err := rawTLSProbe(a, nil)
 				if err == nil || !strings.Contains(err.Error(), "certificate") {
 					t.Errorf("TLS client without a certificate: err = %v, want a certificate alert", err)
 				}
@@ -231,13 +225,7 @@ func TestRefusedPeers(t *testing.T) {
 		{
 			name: "foreign CA, client trusting anything",
 			try: func(t *testing.T, a Addr) {
-				cfg := &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true, Certificates: []tls.Certificate{foreign.node("pri", wire.RolePrimary).cert}}
-				tc, err := tls.Dial("tcp", net.JoinHostPort(a.Host, fmt.Sprint(a.Port)), cfg)
-				if err == nil {
-					defer tc.Close()
-					tc.SetDeadline(time.Now().Add(5 * time.Second))
-					_, err = tc.Read(make([]byte, 1))
-				}
+				err := rawTLSProbe(a, []tls.Certificate{foreign.node("pri", wire.RolePrimary).cert})
 				if err == nil || !strings.Contains(err.Error(), "certificate") {
 					t.Errorf("TLS client with a foreign CA's certificate: err = %v, want a certificate alert", err)
 				}
@@ -704,4 +692,19 @@ func TestConfigErrors(t *testing.T) {
 	if c := accept(t, l); c.Peer().Role != wire.RolePrimary {
 		t.Errorf("Peer().Role = %v, want primary", c.Peer().Role)
 	}
+}
+
+// rawTLSProbe connects to a with a plain TLS 1.3 client that trusts any
+// server and presents certs, and returns the error of the handshake or of
+// the first read (where a refused client certificate shows up).
+func rawTLSProbe(a Addr, certs []tls.Certificate) error {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true, Certificates: certs}
+	tc, err := tls.Dial("tcp", net.JoinHostPort(a.Host, fmt.Sprint(a.Port)), cfg)
+	if err != nil {
+		return err
+	}
+	defer tc.Close()
+	tc.SetDeadline(time.Now().Add(5 * time.Second))
+	_, err = tc.Read(make([]byte, 1))
+	return err
 }
