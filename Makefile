@@ -8,7 +8,7 @@ export CGO_ENABLED := 0
 SHELL     := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: all build run demo test bench lint payloads clean help
+.PHONY: all build run demo test bench soak lint payloads clean help
 
 all: build
 
@@ -18,6 +18,7 @@ help:
 	@echo "make build     build $(BIN) (static, CGO_ENABLED=0)"
 	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages)"
 	@echo "make bench     benchmarks; prints 'bench ...' result lines"
+	@echo "make soak      1000 primary kills with the fault-injection harness (ft/chaos)"
 	@echo "make payloads  rebuild the payload binaries from their sources"
 	@echo "make lint      gofmt, go vet, staticcheck"
 
@@ -47,7 +48,11 @@ lint:
 # packages with goroutines (race needs cgo).
 test: lint
 	$(GO) test -count=1 ./...
-	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/...
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/
+
+# The long fault-injection run: 1000 SIGKILLs of the primary.
+soak:
+	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill$$' ./ft/chaos/ | grep -E '^(soak ft:|--- |\s+\S+_test.go)'
 
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'

@@ -1,12 +1,13 @@
 package ft
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
@@ -33,9 +34,20 @@ type Backup struct {
 	cfg     BackupConfig
 	log     *slog.Logger
 
-	// mu guards active.
-	mu     sync.Mutex
-	active bool // activated: the guest runs here now
+	// mu guards active, activatedState and ram.
+	mu             sync.Mutex
+	active         bool // activated (or failed to): the image is the guest's now
+	activatedState *vmm.MachineState
+	ram            *mmu.Memory // holds img's memory until a machine takes it over
+
+	// What the intermediary last said it acknowledged to the primary, and
+	// when (for the data-loss window of an activation without it).
+	interEpoch atomic.Uint64
+	interSeen  atomic.Int64 // Unix nanoseconds
+	// Stats.
+	received    atomic.Uint64
+	checkpoints atomic.Uint64
+	rate        rate
 }
 
 // ErrActivated is returned once the backup has activated: it takes no more
@@ -51,7 +63,26 @@ func NewBackup(memSize uint64, cfg BackupConfig) (*Backup, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &Backup{img: NewImage(memSize), regions: mmu.Layout(memSize), cfg: cfg, log: log}, nil
+	// The committed image lives in guest RAM, so that activation hands it
+	// to the restored machine without a copy.
+	ram, err := mmu.New(mmu.Config{Size: memSize, Backing: cfg.Restore.Backing})
+	if err != nil {
+		return nil, fmt.Errorf("backup: %w", err)
+	}
+	return &Backup{img: NewImageOn(ram.Backing()), ram: ram, regions: mmu.Layout(memSize), cfg: cfg, log: log}, nil
+}
+
+// Close releases the backup's image unless an activated machine owns it now.
+func (b *Backup) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ram == nil {
+		return nil
+	}
+	err := b.ram.Close()
+	b.ram = nil
+	b.active = true // nothing may use the image any more
+	return err
 }
 
 // Image returns the committed image.
@@ -71,7 +102,8 @@ func (b *Backup) pageOffset(pfn uint64) (uint64, error) {
 // epoch e restores the guest, confirms with Ready and returns the machine,
 // ready to Run (the caller runs and closes it); Activate for any other epoch
 // is refused with an Error and changes nothing. Serve returns a nil machine
-// when the link ends without activation.
+// when the link ends without activation (with ErrProtectionEnded if the
+// intermediary said the guest exited on the primary).
 func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 	if b.activated() {
 		_ = c.WriteMessage(&wire.Error{Code: wire.CodeRefused, Reason: ErrActivated.Error()})
@@ -105,6 +137,8 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 				return nil, fmt.Errorf("backup: %w", err)
 			}
 			b.log.Debug("committed", "epoch", cp.Epoch, "pages", len(cp.PFNs))
+			b.received.Add(uint64(len(cp.Data) + len(cp.State)))
+			b.checkpoints.Add(1)
 			if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
 				return nil, fmt.Errorf("backup: acknowledge epoch %d: %w", cp.Epoch, err)
 			}
@@ -127,8 +161,16 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 				b.log.Warn("could not confirm activation", "epoch", m.Epoch, "err", err)
 			}
 			return mach, nil
+		case *wire.Status:
+			if m.Role == wire.RoleIntermediary {
+				b.interEpoch.Store(m.Committed)
+				b.interSeen.Store(time.Now().UnixNano())
+			}
 		case *wire.Heartbeat:
 		case *wire.Bye:
+			if m.Reason == ByePrimaryFinished {
+				return nil, ErrProtectionEnded
+			}
 			return nil, nil
 		default:
 			err := fmt.Errorf("backup: unexpected %v from the intermediary", m.Type())
@@ -143,6 +185,19 @@ func (b *Backup) activated() bool {
 	defer b.mu.Unlock()
 	return b.active
 }
+
+// ActivatedState returns the machine state the guest was activated from
+// (nil before activation); with the machine's memory, before it runs, it
+// makes a snapshot of exactly what was activated (vmm.WriteSnapshot).
+func (b *Backup) ActivatedState() *vmm.MachineState {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.activatedState
+}
+
+// ErrProtectionEnded is returned by Serve when the intermediary says the
+// protected guest exited on the primary: there is nothing left to resume.
+var ErrProtectionEnded = errors.New("protection ended: the guest exited on the primary")
 
 // ErrWrongEpoch is returned by Activate for an epoch the backup has not
 // committed.
@@ -182,9 +237,14 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
 			return
 		}
-		if m, err = vmm.Restore(b.cfg.Restore, st, bytes.NewReader(mem)); err != nil {
+		// The machine takes the image's memory over (and closes it even
+		// if the restore fails): from here the backup is spent.
+		ram := b.ram
+		b.ram, b.active = nil, true
+		if m, err = vmm.RestoreMemory(b.cfg.Restore, st, ram); err != nil {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
 		}
+		b.activatedState = st
 	})
 	if err != nil {
 		return nil, err
@@ -199,4 +259,74 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 	b.active = true
 	b.log.Info("activated", "epoch", epoch)
 	return m, nil
+}
+
+// LossWindow describes what an activation without the intermediary may
+// lose: the primary may have released output of every epoch the
+// intermediary acknowledged after the backup's committed one.
+type LossWindow struct {
+	Committed uint64    // the epoch the backup activates at
+	Reported  uint64    // the last epoch the intermediary said it acknowledged (0: never said)
+	At        time.Time // when it said so (zero: never)
+}
+
+// Epochs returns how many acknowledged epochs are known to be lost.
+func (w LossWindow) Epochs() uint64 { return w.Reported - min(w.Reported, w.Committed) }
+
+func (w LossWindow) String() string {
+	switch {
+	case w.At.IsZero():
+		return fmt.Sprintf("activated at epoch %d; the intermediary never reported its acknowledged epoch, so any output the primary released after epoch %d may be lost", w.Committed, w.Committed)
+	case w.Epochs() == 0:
+		return fmt.Sprintf("activated at epoch %d; the intermediary's last report (%s) was epoch %d, so output the primary released for epochs acknowledged after that report may be lost",
+			w.Committed, w.At.Format(time.RFC3339Nano), w.Reported)
+	}
+	return fmt.Sprintf("activated at epoch %d; output the primary released for epochs %d..%d (%d epochs, known from the intermediary's report at %s) and for any epoch acknowledged after that report may be lost",
+		w.Committed, w.Committed+1, w.Reported, w.Epochs(), w.At.Format(time.RFC3339Nano))
+}
+
+// Window returns the data-loss window of activating now, without the
+// intermediary.
+func (b *Backup) Window() LossWindow {
+	w := LossWindow{Committed: b.Committed(), Reported: b.interEpoch.Load()}
+	if ns := b.interSeen.Load(); ns != 0 {
+		w.At = time.Unix(0, ns)
+	}
+	return w
+}
+
+// ActivateAlone activates the committed epoch without the intermediary, for
+// when the primary and the intermediary are both lost. It never claims
+// RPO = 0: it returns the data-loss window with the machine. Use it only
+// when the primary is known to be gone: a primary that reaches another
+// intermediary could still release output.
+func (b *Backup) ActivateAlone() (*vmm.Machine, LossWindow, error) {
+	w := b.Window()
+	if w.Committed == 0 {
+		return nil, w, errors.New("activate without the intermediary: no epoch committed yet")
+	}
+	m, err := b.Activate(w.Committed)
+	return m, w, err
+}
+
+// Metrics returns the backup's metrics.
+func (b *Backup) Metrics() []Metric {
+	active := 0.0
+	if b.activated() {
+		active = 1
+	}
+	return []Metric{
+		{Name: "understudy_backup_committed_epoch", Help: "The committed epoch (the guest activates from it).", Kind: "gauge", Value: float64(b.Committed())},
+		{Name: "understudy_backup_intermediary_epoch", Help: "The epoch the intermediary last said it acknowledged to the primary.", Kind: "gauge", Value: float64(b.interEpoch.Load())},
+		{Name: "understudy_backup_checkpoints_total", Help: "Checkpoints verified and committed.", Kind: "counter", Value: float64(b.checkpoints.Load())},
+		{Name: "understudy_backup_received_bytes_total", Help: "Checkpoint bytes verified and committed.", Kind: "counter", Value: float64(b.received.Load())},
+		{Name: "understudy_backup_activated", Help: "1 once the guest runs here.", Kind: "gauge", Value: active},
+	}
+}
+
+// StatusLine returns the backup's live status (rates since the previous
+// call).
+func (b *Backup) StatusLine() string {
+	return fmt.Sprintf("committed=%d intermediary_epoch=%d in_MiB/s=%.1f checkpoints=%d",
+		b.Committed(), b.interEpoch.Load(), b.rate.per(float64(b.received.Load()))/(1<<20), b.checkpoints.Load())
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
 )
@@ -132,17 +133,24 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 		return errors.New("serve backup: a backup is already attached")
 	}
 	in.backup = b
+	close(in.attached)
 	in.bmu.Unlock()
 	defer func() {
 		in.bmu.Lock()
 		if in.backup == b {
 			in.backup = nil
+			in.attached = make(chan struct{})
 		}
 		in.bmu.Unlock()
 	}()
 	b.poke()
 	read := make(chan error, 1)
-	go func() { read <- b.readLoop() }()
+	go func() { read <- b.readLoop(in) }()
+	// Between checkpoints, tell the backup the epoch acknowledged to the
+	// primary, so that it can report the data-loss window should the
+	// intermediary be lost together with the primary.
+	tell := time.NewTicker(statusEvery)
+	defer tell.Stop()
 	stop := context.AfterFunc(ctx, func() {
 		b.fail(ctx.Err())
 		if cl, ok := c.(io.Closer); ok {
@@ -167,6 +175,10 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 		select {
 		case <-b.wake:
 			if err := in.sendQueued(b); err != nil {
+				b.fail(err)
+			}
+		case <-tell.C:
+			if err := c.WriteMessage(&wire.Status{Role: wire.RoleIntermediary, Committed: in.img.Epoch()}); err != nil {
 				b.fail(err)
 			}
 		case <-changed:
@@ -211,6 +223,8 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []*Checkpoint, s
 			if err := SendCheckpoint(b.c, cp, 0); err != nil {
 				return err
 			}
+			in.reseeds.Add(1)
+			in.forwarded.Add(uint64(len(cp.Data) + len(cp.State)))
 			sent = cp.Epoch
 			in.log.Info("re-seeded the backup with a full image", "epoch", cp.Epoch)
 		}
@@ -233,13 +247,18 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []*Checkpoint, s
 		if err := SendCheckpoint(b.c, cp, sent); err != nil {
 			return err
 		}
+		in.forwarded.Add(uint64(len(cp.Data) + len(cp.State)))
 		sent = cp.Epoch
 	}
 	return nil
 }
 
+// statusEvery is how often an idle intermediary tells the backup its
+// acknowledged epoch.
+const statusEvery = 100 * time.Millisecond
+
 // readLoop reads the backup's acknowledgements and reports.
-func (b *backupLink) readLoop() error {
+func (b *backupLink) readLoop(in *Intermediary) error {
 	for {
 		m, err := b.c.ReadMessage()
 		if err != nil {
@@ -255,6 +274,7 @@ func (b *backupLink) readLoop() error {
 			b.acked = m.Epoch
 			b.note()
 			b.mu.Unlock()
+			in.noteBackupAck(m.Epoch)
 		case *wire.Ready:
 			b.mu.Lock()
 			b.activated = true

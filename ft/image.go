@@ -30,9 +30,14 @@ type Image struct {
 const FreqHalfLife = 16
 
 // NewImage returns an empty image of size bytes (no epoch yet).
-func NewImage(size uint64) *Image {
-	n := size / mmu.PageSize
-	return &Image{mem: make([]byte, size), changed: make([]uint64, n), freq: make([]float64, n)}
+func NewImage(size uint64) *Image { return NewImageOn(make([]byte, size)) }
+
+// NewImageOn returns an empty image kept in mem, whose length is the guest
+// memory size (the backup keeps its image in guest RAM it can hand to the
+// restored machine).
+func NewImageOn(mem []byte) *Image {
+	n := uint64(len(mem)) / mmu.PageSize
+	return &Image{mem: mem, changed: make([]uint64, n), freq: make([]float64, n)}
 }
 
 // Epoch returns the image's complete epoch (0: none yet).
@@ -41,6 +46,9 @@ func (im *Image) Epoch() uint64 {
 	defer im.mu.RUnlock()
 	return im.epoch
 }
+
+// Size returns the guest memory size the image holds, in bytes.
+func (im *Image) Size() uint64 { return uint64(len(im.mem)) }
 
 // Pages returns the number of pages.
 func (im *Image) Pages() uint64 { return uint64(len(im.changed)) }

@@ -7,6 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
@@ -28,15 +30,102 @@ type Intermediary struct {
 	fenced  bool
 	primary MessageConn // the primary link being served, if any
 
-	// bmu guards policy and backup.
-	bmu    sync.Mutex
-	policy ForwardPolicy
-	backup *backupLink
+	// bmu guards policy, backup, attached and stallWithoutBackup.
+	bmu      sync.Mutex
+	policy   ForwardPolicy
+	backup   *backupLink
+	attached chan struct{} // closed while a backup is attached
+	stall    bool          // BackupLossPolicy StallWithoutBackup
+	fencedCh chan struct{} // closed by Failover
+
+	// Stats.
+	received    atomic.Uint64 // checkpoint bytes received and applied
+	forwarded   atomic.Uint64 // checkpoint bytes sent to backups
+	backupAcked atomic.Uint64 // the backup's last acknowledged epoch
+	reseeds     atomic.Uint64
+	rate        rate
+
+	failoverTimes atomic.Pointer[FailoverTimes]
+}
+
+// FailoverTimes are the phases of the last Failover.
+type FailoverTimes struct {
+	Flush    time.Duration // bringing the backup to the acknowledged epoch
+	Activate time.Duration // from Activate sent to the backup's Ready (restore included)
+}
+
+// LastFailover returns the phases of the last successful Failover (nil if
+// none).
+func (in *Intermediary) LastFailover() *FailoverTimes { return in.failoverTimes.Load() }
+
+// BackupLossPolicy is what the intermediary does while no backup is
+// attached.
+type BackupLossPolicy int
+
+const (
+	// ContinueWithoutBackup goes on acknowledging the primary, so its guest
+	// and output go on; a returning or new backup is re-seeded with a full
+	// image. While no backup is attached, losing the intermediary too
+	// loses the epochs since the backup's last one (the backup reports
+	// that window).
+	ContinueWithoutBackup BackupLossPolicy = iota
+	// StallWithoutBackup stops acknowledging the primary until a backup is
+	// attached again, so the primary holds its output meanwhile.
+	StallWithoutBackup
+)
+
+// ParseBackupLossPolicy parses "continue" or "stall".
+func ParseBackupLossPolicy(s string) (BackupLossPolicy, error) {
+	switch s {
+	case "continue", "":
+		return ContinueWithoutBackup, nil
+	case "stall":
+		return StallWithoutBackup, nil
+	}
+	return 0, fmt.Errorf("backup-loss policy %q: want continue or stall", s)
+}
+
+func (p BackupLossPolicy) String() string {
+	if p == StallWithoutBackup {
+		return "stall"
+	}
+	return "continue"
+}
+
+// SetBackupLossPolicy sets what happens while no backup is attached.
+func (in *Intermediary) SetBackupLossPolicy(p BackupLossPolicy) {
+	in.bmu.Lock()
+	in.stall = p == StallWithoutBackup
+	in.bmu.Unlock()
+}
+
+// waitForBackup blocks, under StallWithoutBackup, until a backup is
+// attached or the intermediary is fenced.
+func (in *Intermediary) waitForBackup() {
+	for {
+		in.bmu.Lock()
+		stall, attached, attachedCh := in.stall, in.backup != nil, in.attached
+		in.bmu.Unlock()
+		if !stall || attached {
+			return
+		}
+		in.log.Warn("no backup attached: holding acknowledgements (policy stall)")
+		select {
+		case <-attachedCh:
+		case <-in.fencedCh:
+			return
+		}
+	}
 }
 
 // ErrFenced is returned by ServePrimary once Failover has fenced the
 // primary: it is never acknowledged again.
 var ErrFenced = errors.New("primary fenced")
+
+// ErrNothingToActivate is returned by Failover when the primary was lost
+// before the intermediary acknowledged any checkpoint: no output was
+// released, and there is no guest to resume.
+var ErrNothingToActivate = errors.New("the primary was lost before its first checkpoint was acknowledged: no output was released and there is no epoch to activate")
 
 // ErrPrimaryLost is returned by ServePrimary when the primary's link ends
 // without a goodbye or fails: the caller should fail over.
@@ -51,7 +140,8 @@ func NewIntermediary(memSize uint64, log *slog.Logger) (*Intermediary, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &Intermediary{img: NewImage(memSize), regions: mmu.Layout(memSize), log: log, policy: ForwardEvery{}}, nil
+	return &Intermediary{img: NewImage(memSize), regions: mmu.Layout(memSize), log: log, policy: ForwardEvery{},
+		attached: make(chan struct{}), fencedCh: make(chan struct{})}, nil
 }
 
 // Image returns the intermediary's replica.
@@ -139,6 +229,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 // commit applies a verified checkpoint and acknowledges it, unless the
 // primary has been fenced. An apply error changes nothing.
 func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error {
+	in.waitForBackup()
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	if in.fenced {
@@ -147,6 +238,7 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	if err := in.img.Apply(cp, base, in.PageOffset); err != nil {
 		return err
 	}
+	in.received.Add(uint64(len(cp.Data) + len(cp.State)))
 	if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
 		return fmt.Errorf("acknowledge epoch %d: %w", cp.Epoch, err)
 	}
@@ -166,6 +258,9 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 // attached (it is re-seeded from the image).
 func (in *Intermediary) Failover(ctx context.Context) (uint64, error) {
 	in.mu.Lock()
+	if !in.fenced {
+		close(in.fencedCh)
+	}
 	in.fenced = true
 	pc := in.primary
 	epoch := in.img.Epoch() // everything applied was acknowledged (or its ack failed)
@@ -179,7 +274,7 @@ func (in *Intermediary) Failover(ctx context.Context) (uint64, error) {
 		_ = c.Close()
 	}
 	if epoch == 0 {
-		return 0, errors.New("failover: the intermediary holds no epoch to activate")
+		return 0, ErrNothingToActivate
 	}
 	in.bmu.Lock()
 	b := in.backup
@@ -188,13 +283,16 @@ func (in *Intermediary) Failover(ctx context.Context) (uint64, error) {
 		return 0, fmt.Errorf("failover to epoch %d: no backup attached", epoch)
 	}
 	in.log.Info("failover: primary fenced", "epoch", epoch)
+	t0 := time.Now()
 	if err := b.sync(ctx, epoch); err != nil {
 		return 0, fmt.Errorf("failover to epoch %d: %w", epoch, err)
 	}
+	t1 := time.Now()
 	if err := b.activate(ctx, epoch); err != nil {
 		return 0, fmt.Errorf("failover to epoch %d: %w", epoch, err)
 	}
-	in.log.Info("failover: backup activated", "epoch", epoch)
+	in.failoverTimes.Store(&FailoverTimes{Flush: t1.Sub(t0), Activate: time.Since(t1)})
+	in.log.Info("failover: backup activated", "epoch", epoch, "flush", t1.Sub(t0), "activate", time.Since(t1))
 	return epoch, nil
 }
 
@@ -203,4 +301,107 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return s[:n]
+}
+
+// backupAcked records the backup's acknowledgement of epoch e and tells the
+// primary, whose status shows the backup's epoch.
+func (in *Intermediary) noteBackupAck(e uint64) {
+	in.backupAcked.Store(e)
+	in.mu.Lock()
+	pc := in.primary
+	in.mu.Unlock()
+	if pc != nil {
+		_ = pc.WriteMessage(&wire.Status{Role: wire.RoleBackup, Committed: e})
+	}
+}
+
+// Metrics returns the intermediary's metrics.
+func (in *Intermediary) Metrics() []Metric {
+	in.bmu.Lock()
+	attached := 0.0
+	if in.backup != nil {
+		attached = 1
+	}
+	in.bmu.Unlock()
+	fenced := 0.0
+	if in.Fenced() {
+		fenced = 1
+	}
+	return []Metric{
+		{Name: "understudy_intermediary_epoch", Help: "Last epoch applied and acknowledged to the primary.", Kind: "gauge", Value: float64(in.img.Epoch())},
+		{Name: "understudy_intermediary_backup_epoch", Help: "Last epoch the backup acknowledged.", Kind: "gauge", Value: float64(in.backupAcked.Load())},
+		{Name: "understudy_intermediary_backup_attached", Help: "1 while a backup is attached.", Kind: "gauge", Value: attached},
+		{Name: "understudy_intermediary_received_bytes_total", Help: "Checkpoint bytes received, verified and applied.", Kind: "counter", Value: float64(in.received.Load())},
+		{Name: "understudy_intermediary_forwarded_bytes_total", Help: "Checkpoint bytes sent to the backup.", Kind: "counter", Value: float64(in.forwarded.Load())},
+		{Name: "understudy_intermediary_reseeds_total", Help: "Full images sent to a backup.", Kind: "counter", Value: float64(in.reseeds.Load())},
+		{Name: "understudy_intermediary_fenced", Help: "1 once the primary has been fenced (failed over).", Kind: "gauge", Value: fenced},
+	}
+}
+
+// StatusLine returns the intermediary's live status (rates since the
+// previous call).
+func (in *Intermediary) StatusLine() string {
+	in.bmu.Lock()
+	attached := in.backup != nil
+	in.bmu.Unlock()
+	b := "attached"
+	if !attached {
+		b = "NONE"
+	}
+	return fmt.Sprintf("epoch=%d in_MiB/s=%.1f backup=%s backup_epoch=%d lag=%d",
+		in.img.Epoch(), in.rate.per(float64(in.received.Load()))/(1<<20), b, in.backupAcked.Load(),
+		in.img.Epoch()-min(in.img.Epoch(), in.backupAcked.Load()))
+}
+
+// KeepBackup keeps a backup attached until ctx ends or a failover activated
+// it: it dials one with dial, serves it (ServeBackup: a re-seed first), and
+// when the link is lost dials again every retry. The primary is not
+// affected by a lost backup unless the policy is StallWithoutBackup.
+func (in *Intermediary) KeepBackup(ctx context.Context, dial Dialer, retry time.Duration) error {
+	for {
+		c, err := dial(ctx)
+		if err == nil {
+			err = in.ServeBackup(ctx, c)
+			if cl, ok := c.(io.Closer); ok {
+				cl.Close()
+			}
+			if err == nil {
+				return nil // activated
+			}
+			if in.Fenced() {
+				return err
+			}
+			in.log.Warn("backup lost; the primary goes on", "err", err)
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if in.Fenced() {
+			return fmt.Errorf("backup unreachable after failover: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(retry):
+		}
+	}
+}
+
+// ByePrimaryFinished is the reason of the Bye an intermediary sends the
+// backup when the primary's guest exited: protection is over.
+const ByePrimaryFinished = "primary finished"
+
+// EndProtection tells the attached backup, if any, that the primary's guest
+// exited in order (ServePrimary returned nil), so it stops waiting.
+// It first lets the backup catch up with the last epoch, within timeout.
+func (in *Intermediary) EndProtection(timeout time.Duration) {
+	in.bmu.Lock()
+	b := in.backup
+	in.bmu.Unlock()
+	if b != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		_ = b.sync(ctx, in.img.Epoch())
+		_ = b.c.WriteMessage(&wire.Bye{Reason: ByePrimaryFinished})
+	}
 }

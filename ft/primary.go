@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,8 +23,55 @@ type PrimaryConfig struct {
 	// is acknowledged (output commit). It runs on the acknowledgement
 	// reader's goroutine, in emission order.
 	OnRelease func(vmm.Record)
-	// AckTimeout bounds the wait for an acknowledgement (default 5 s).
+	// AckTimeout bounds the wait for the last acknowledgement after the
+	// guest stopped (default 5 s).
 	AckTimeout time.Duration
+	// OnLinkLoss says what the guest does while no intermediary
+	// acknowledges it (Protect only; default HoldOutput).
+	OnLinkLoss LinkLossPolicy
+	// Redial is the pause between attempts to reach an intermediary again
+	// (Protect only; default 200 ms).
+	Redial time.Duration
+	// GiveUp, if positive, ends Protect (and stops the guest) when no
+	// intermediary has been reachable for this long. Held output is then
+	// never released. 0: keep trying while the guest runs.
+	GiveUp time.Duration
+	// MaxHeld bounds the output records held while no intermediary
+	// acknowledges: past it the guest is paused until one does, so held
+	// output cannot grow without bound (default 1<<20).
+	MaxHeld int
+}
+
+// LinkLossPolicy is what a primary does with its guest while it has lost
+// its intermediary. Output is never released without an acknowledgement,
+// whatever the policy.
+type LinkLossPolicy int
+
+const (
+	// HoldOutput keeps the guest running and holds its output (up to
+	// MaxHeld records) until an intermediary is reached again and has
+	// acknowledged a full image.
+	HoldOutput LinkLossPolicy = iota
+	// PauseGuest pauses the guest until an intermediary is reached again.
+	PauseGuest
+)
+
+// ParseLinkLossPolicy parses "hold" or "pause".
+func ParseLinkLossPolicy(s string) (LinkLossPolicy, error) {
+	switch s {
+	case "hold", "":
+		return HoldOutput, nil
+	case "pause":
+		return PauseGuest, nil
+	}
+	return 0, fmt.Errorf("intermediary-loss policy %q: want hold or pause", s)
+}
+
+func (l LinkLossPolicy) String() string {
+	if l == PauseGuest {
+		return "pause"
+	}
+	return "hold"
 }
 
 // Primary runs the protected machine's epoch loop: it checkpoints the
@@ -40,6 +88,9 @@ type Primary struct {
 	// now; it changes only while the vCPUs are paused.
 	open atomic.Uint64
 
+	// relMu serializes releases (acknowledgements of an old and a new link
+	// may overlap).
+	relMu sync.Mutex
 	// mu guards pending and acked.
 	mu      sync.Mutex
 	pending []heldRecord
@@ -50,8 +101,13 @@ type Primary struct {
 	haltedOnce sync.Once
 
 	// Stats.
-	epochs atomic.Uint64
-	stunNS atomic.Int64 // last stun
+	epochs      atomic.Uint64
+	bytesSent   atomic.Uint64 // page and state bytes of the checkpoints sent
+	backupEpoch atomic.Uint64 // the backup's committed epoch, as the intermediary reports it
+	linkUp      atomic.Bool
+	reconnects  atomic.Uint64
+	stuns       *durationWindow
+	rate        rate
 }
 
 type heldRecord struct {
@@ -60,8 +116,8 @@ type heldRecord struct {
 }
 
 // NewPrimary prepares the epoch loop for m (dirty logging starts now) over
-// the link ln to the intermediary. Route the machine's output records to
-// Record.
+// the link ln to the intermediary (for Run; nil for Protect). Route the
+// machine's output records to Record.
 func NewPrimary(m *vmm.Machine, ln MessageConn, cfg PrimaryConfig) (*Primary, error) {
 	if cfg.Interval == 0 {
 		cfg.Interval = 25 * time.Millisecond
@@ -72,14 +128,20 @@ func NewPrimary(m *vmm.Machine, ln MessageConn, cfg PrimaryConfig) (*Primary, er
 	if cfg.AckTimeout == 0 {
 		cfg.AckTimeout = 5 * time.Second
 	}
-	if cfg.Interval < 0 || cfg.PreCopyRounds < 0 || cfg.AckTimeout < 0 {
-		return nil, fmt.Errorf("primary: negative interval, pre-copy rounds or ack timeout")
+	if cfg.Redial == 0 {
+		cfg.Redial = 200 * time.Millisecond
+	}
+	if cfg.MaxHeld == 0 {
+		cfg.MaxHeld = 1 << 20
+	}
+	if cfg.Interval < 0 || cfg.PreCopyRounds < 0 || cfg.AckTimeout < 0 || cfg.Redial < 0 || cfg.GiveUp < 0 || cfg.MaxHeld < 0 {
+		return nil, fmt.Errorf("primary: negative interval, pre-copy rounds, timeout or bound")
 	}
 	c, err := NewCheckpointer(m)
 	if err != nil {
 		return nil, err
 	}
-	p := &Primary{m: m, c: c, ln: ln, cfg: cfg, halted: make(chan struct{})}
+	p := &Primary{m: m, c: c, ln: ln, cfg: cfg, halted: make(chan struct{}), stuns: newDurationWindow(1024)}
 	p.open.Store(1)
 	return p, nil
 }
@@ -107,10 +169,15 @@ func (p *Primary) Acked() uint64 {
 // Epochs returns how many checkpoints were sent.
 func (p *Primary) Epochs() uint64 { return p.epochs.Load() }
 
-// release hands out every held record covered by epoch e. Only the
-// acknowledgement reader calls it; Acked moves to e once the records are
-// handed out, so a caller that sees Acked() >= e knows they were.
+// release hands out every held record covered by epoch e. A record stays
+// held (and so in every checkpoint sealed meanwhile) until OnRelease has
+// returned for it: were the primary lost in the middle of a long release,
+// the backup releases again what was not handed out, so none is lost.
+// Acked moves to e once the records are handed out, so a caller that sees
+// Acked() >= e knows they were.
 func (p *Primary) release(e uint64) {
+	p.relMu.Lock()
+	defer p.relMu.Unlock()
 	p.mu.Lock()
 	if e <= p.acked {
 		p.mu.Unlock()
@@ -121,7 +188,6 @@ func (p *Primary) release(e uint64) {
 		n++
 	}
 	out := append([]heldRecord(nil), p.pending[:n]...)
-	p.pending = append(p.pending[:0], p.pending[n:]...)
 	p.mu.Unlock()
 	if p.cfg.OnRelease != nil {
 		for _, h := range out {
@@ -129,6 +195,8 @@ func (p *Primary) release(e uint64) {
 		}
 	}
 	p.mu.Lock()
+	// Only release removes from the front (under relMu); Record appends.
+	p.pending = append(p.pending[:0], p.pending[n:]...)
 	p.acked = e
 	p.mu.Unlock()
 }
@@ -142,6 +210,7 @@ func (p *Primary) checkpoint(full bool) (*Checkpoint, error) {
 	if _, err := p.m.Pause(); err != nil {
 		return nil, err
 	}
+	failpoint(failStun, p.c.Epoch()+1)
 	cp, err := p.c.TakePaused()
 	if err != nil {
 		p.m.Resume()
@@ -177,16 +246,30 @@ func (p *Primary) seal(cp *Checkpoint) {
 // when the machine's Run has returned.
 func (p *Primary) Run(ctx context.Context) error {
 	defer p.c.Close()
+	if p.ln == nil {
+		return errors.New("primary: Run needs the link given to NewPrimary")
+	}
+	return p.serve(ctx, p.ln)
+}
+
+// serve runs the epoch loop on one link, starting with a full image. It
+// returns nil once the guest has stopped and its last checkpoint is
+// acknowledged, and the link's error otherwise.
+func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
+	p.linkUp.Store(true)
+	defer p.linkUp.Store(false)
 	acks := make(chan error, 1)
-	go func() { acks <- p.readAcks() }()
+	go func() { acks <- p.readAcks(ln) }()
 	sent := uint64(0)
 	send := func(cp *Checkpoint) error {
-		if err := SendCheckpoint(p.ln, cp, sent); err != nil {
-			return err
+		if err := SendCheckpoint(failpointConn(ln, cp.Epoch), cp, sent); err != nil {
+			return &LinkError{err}
 		}
+		failpoint(failSent, cp.Epoch)
 		sent = cp.Epoch
 		p.epochs.Add(1)
-		p.stunNS.Store(int64(cp.Stun))
+		p.bytesSent.Add(uint64(len(cp.Data) + len(cp.State)))
+		p.stuns.add(cp.Stun)
 		return nil
 	}
 	tick := time.NewTicker(p.cfg.Interval)
@@ -218,7 +301,7 @@ func (p *Primary) Run(ctx context.Context) error {
 			if err := send(last); err != nil {
 				return err
 			}
-			return p.finish(ctx, acks, sent)
+			return p.finish(ctx, ln, acks, sent)
 		}
 		if err != nil {
 			return err
@@ -227,7 +310,7 @@ func (p *Primary) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case err := <-acks:
-			return fmt.Errorf("primary: intermediary link: %w", err)
+			return &LinkError{err}
 		case <-tick.C:
 		}
 	}
@@ -235,30 +318,30 @@ func (p *Primary) Run(ctx context.Context) error {
 
 // finish waits for the last checkpoint's acknowledgement after the guest
 // stopped, so its final output is released.
-func (p *Primary) finish(ctx context.Context, acks chan error, sent uint64) error {
+func (p *Primary) finish(ctx context.Context, ln MessageConn, acks chan error, sent uint64) error {
 	deadline := time.After(p.cfg.AckTimeout)
 	for p.Acked() < sent {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case err := <-acks:
-			return fmt.Errorf("primary: intermediary link: %w", err)
+			return &LinkError{err}
 		case <-deadline:
 			return fmt.Errorf("primary: no acknowledgement of epoch %d within %v", sent, p.cfg.AckTimeout)
 		case <-time.After(time.Millisecond):
 		}
 	}
 	// Tell the intermediary this is an orderly end, not a lost primary.
-	if err := p.ln.WriteMessage(&wire.Bye{Reason: "guest exited"}); err != nil {
-		return fmt.Errorf("primary: goodbye: %w", err)
+	if err := ln.WriteMessage(&wire.Bye{Reason: "guest exited"}); err != nil {
+		return &LinkError{fmt.Errorf("goodbye: %w", err)}
 	}
 	return nil
 }
 
 // readAcks releases output as acknowledgements arrive.
-func (p *Primary) readAcks() error {
+func (p *Primary) readAcks(ln MessageConn) error {
 	for {
-		m, err := p.ln.ReadMessage()
+		m, err := ln.ReadMessage()
 		if err != nil {
 			return err
 		}
@@ -267,9 +350,144 @@ func (p *Primary) readAcks() error {
 			p.release(m.Epoch)
 		case *wire.Error:
 			return m
+		case *wire.Status:
+			if m.Role == wire.RoleBackup {
+				p.backupEpoch.Store(m.Committed)
+			}
 		case *wire.Heartbeat:
 		default:
 			return fmt.Errorf("unexpected %v from the intermediary", m.Type())
 		}
 	}
+}
+
+// Dialer returns a new link to an intermediary.
+type Dialer func(ctx context.Context) (MessageConn, error)
+
+// ErrSuperseded is what Protect returns when the intermediary refused the
+// primary because it failed over: the backup runs the guest now, so this
+// primary must stop it and never release its held output.
+var ErrSuperseded = errors.New("fenced by the intermediary: the backup has taken over")
+
+// LinkError is a failure of the link to the intermediary, as opposed to a
+// failure of the guest or of checkpointing.
+type LinkError struct{ Err error }
+
+func (e *LinkError) Error() string { return "intermediary link: " + e.Err.Error() }
+func (e *LinkError) Unwrap() error { return e.Err }
+
+// Protect runs the epoch loop over links from dial until the guest stops
+// and its last checkpoint is acknowledged (nil), ctx ends, or protection
+// fails. When the link is lost it applies the configured LinkLossPolicy
+// and dials again every Redial; each new link starts with a full image, and
+// output held meanwhile is released once that image is acknowledged. An
+// intermediary that says it has failed over ends Protect with
+// ErrSuperseded: call Machine.Stop then. Protect closes each link it dialed.
+func (p *Primary) Protect(ctx context.Context, dial Dialer, log func(string)) error {
+	defer p.c.Close()
+	if log == nil {
+		log = func(string) {}
+	}
+	var lostAt time.Time
+	paused := false
+	defer func() {
+		if paused {
+			p.m.Resume()
+		}
+	}()
+	for {
+		ln, err := dial(ctx)
+		if err == nil {
+			if paused {
+				p.m.Resume()
+				paused = false
+			}
+			if !lostAt.IsZero() {
+				p.reconnects.Add(1)
+				log(fmt.Sprintf("intermediary reached again after %v; sending a full image", time.Since(lostAt).Round(time.Millisecond)))
+			}
+			lostAt = time.Time{}
+			err = p.serve(ctx, ln)
+			if c, ok := ln.(io.Closer); ok {
+				c.Close()
+			}
+			if err == nil {
+				return nil
+			}
+			var we *wire.Error
+			if errors.As(err, &we) && we.Code == wire.CodeFenced {
+				return fmt.Errorf("%w (%s)", ErrSuperseded, we.Reason)
+			}
+			var le *LinkError
+			if !errors.As(err, &le) {
+				return err
+			}
+			log(fmt.Sprintf("intermediary lost (%v); policy %v: output stays held (%d records, last acknowledged epoch %d)",
+				err, p.cfg.OnLinkLoss, p.Held(), p.Acked()))
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if lostAt.IsZero() {
+			lostAt = time.Now()
+		}
+		if p.cfg.GiveUp > 0 && time.Since(lostAt) > p.cfg.GiveUp {
+			return fmt.Errorf("no intermediary for %v (last error: %v); %d held output records were never released", p.cfg.GiveUp, err, p.Held())
+		}
+		if !paused && (p.cfg.OnLinkLoss == PauseGuest || p.Held() > p.cfg.MaxHeld) {
+			if _, perr := p.m.Pause(); perr == nil {
+				paused = true
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(p.cfg.Redial):
+		}
+	}
+}
+
+// Held returns the number of output records held for acknowledgement.
+func (p *Primary) Held() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.pending)
+}
+
+// Metrics returns the primary's metrics.
+func (p *Primary) Metrics() []Metric {
+	q := p.stuns.quantiles(0.5, 0.99)
+	up := 0.0
+	if p.linkUp.Load() {
+		up = 1
+	}
+	sent := float64(p.bytesSent.Load())
+	return []Metric{
+		{Name: "understudy_primary_epochs_total", Help: "Checkpoints sent to the intermediary.", Kind: "counter", Value: float64(p.Epochs())},
+		{Name: "understudy_primary_acked_epoch", Help: "Last epoch the intermediary acknowledged (its output is released).", Kind: "gauge", Value: float64(p.Acked())},
+		{Name: "understudy_primary_backup_epoch", Help: "The backup's committed epoch, as the intermediary last reported it.", Kind: "gauge", Value: float64(p.backupEpoch.Load())},
+		{Name: "understudy_primary_sent_bytes_total", Help: "Page and state bytes of the checkpoints sent.", Kind: "counter", Value: sent},
+		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: `quantile="0.5"`, Value: q[0]},
+		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: `quantile="0.99"`, Value: q[1]},
+		{Name: "understudy_primary_held_records", Help: "Output records held until their checkpoint is acknowledged.", Kind: "gauge", Value: float64(p.Held())},
+		{Name: "understudy_primary_link_up", Help: "1 while a link to an intermediary is up.", Kind: "gauge", Value: up},
+		{Name: "understudy_primary_reconnects_total", Help: "Links to an intermediary made again after a loss.", Kind: "counter", Value: float64(p.reconnects.Load())},
+	}
+}
+
+// StatusLine returns the live status: epochs/s, stun p50/p99, MiB/s, the
+// acknowledged and the backup's epoch. Call it at a steady interval (rates
+// are since the previous call).
+func (p *Primary) StatusLine(prevEpochs *uint64, every time.Duration) string {
+	q := p.stuns.quantiles(0.5, 0.99)
+	e := p.Epochs()
+	eps := float64(e-*prevEpochs) / every.Seconds()
+	*prevEpochs = e
+	mibs := p.rate.per(float64(p.bytesSent.Load())) / (1 << 20)
+	link := "up"
+	if !p.linkUp.Load() {
+		link = "DOWN"
+	}
+	return fmt.Sprintf("epochs/s=%.1f stun_ms p50=%.2f p99=%.2f MiB/s=%.1f acked=%d backup=%d held=%d link=%s",
+		eps, q[0]*1e3, q[1]*1e3, mibs, p.Acked(), p.backupEpoch.Load(), p.Held(), link)
 }

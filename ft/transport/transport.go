@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -48,7 +49,28 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// Logger receives refusals and link errors (slog.Default() if nil).
 	Logger *slog.Logger
+	// Heartbeat, if positive, makes the link send a Heartbeat whenever it
+	// has written nothing for this long, so that an idle link still shows
+	// the peer this node is alive.
+	Heartbeat time.Duration
+	// PeerTimeout, if positive, is how long ReadMessage waits for any
+	// message (heartbeats included) before it declares the peer lost
+	// (ErrPeerSilent) and closes the link. It catches a peer whose host
+	// died or whose link was cut without a reset, which no read ever
+	// reports otherwise. Set it to several Heartbeat intervals of the peer.
+	PeerTimeout time.Duration
 }
+
+// Liveness defaults for the fault-tolerance roles: a heartbeat every 100 ms,
+// and a peer is lost after two seconds of silence.
+const (
+	DefaultHeartbeat   = 100 * time.Millisecond
+	DefaultPeerTimeout = 2 * time.Second
+)
+
+// ErrPeerSilent is returned by ReadMessage when a link with a PeerTimeout
+// carried nothing for that long.
+var ErrPeerSilent = errors.New("peer silent")
 
 func (c *Config) logger() *slog.Logger {
 	if c.Logger != nil {
@@ -168,8 +190,11 @@ type Peer struct {
 // Conn is an authenticated link to one peer that carries wire messages.
 //
 // One goroutine may read while others write; WriteMessage is safe for
-// concurrent use. A read deadline that expires leaves the link usable, so
-// reading can go on after it is extended. Anything else that goes wrong
+// concurrent use. Without a PeerTimeout a read deadline that expires leaves
+// the link usable, so reading can go on after it is extended; with one, the
+// link manages the read deadline itself and a silent peer ends the link.
+// With a Heartbeat, heartbeats are sent when the link is idle; ReadMessage
+// never returns the peer's heartbeats. Anything else that goes wrong
 // (a corrupt, truncated or malformed frame, a failed or timed-out write)
 // is logged and closes the link, and the error is returned.
 type Conn interface {
@@ -205,11 +230,57 @@ type conn struct {
 
 	closeOnce sync.Once
 	closeErr  error
+
+	peerTimeout time.Duration
+	lastWrite   atomic.Int64 // Unix nanoseconds of the last write
+	lastRead    atomic.Int64 // Unix nanoseconds of the last message read
+	closed      chan struct{}
 }
 
 func newConn(tc *tls.Conn, log *slog.Logger) *conn {
-	return &conn{tc: tc, log: log, r: wire.NewReader(tc), w: wire.NewWriter(tc)}
+	return &conn{tc: tc, log: log, r: wire.NewReader(tc), w: wire.NewWriter(tc), closed: make(chan struct{})}
 }
+
+// startLiveness arms the peer timeout and starts the heartbeat sender.
+func (c *conn) startLiveness(cfg *Config) {
+	now := time.Now().UnixNano()
+	c.lastWrite.Store(now)
+	c.lastRead.Store(now)
+	c.peerTimeout = cfg.PeerTimeout
+	if cfg.Heartbeat > 0 {
+		go c.heartbeats(cfg.Heartbeat)
+	}
+}
+
+// heartbeats sends a Heartbeat whenever nothing was written for interval,
+// until the link closes.
+func (c *conn) heartbeats(interval time.Duration) {
+	t := time.NewTicker(interval / 2)
+	defer t.Stop()
+	var seq uint64
+	for {
+		select {
+		case <-c.closed:
+			return
+		case now := <-t.C:
+			if now.Sub(time.Unix(0, c.lastWrite.Load())) < interval {
+				continue
+			}
+			if !c.wmu.TryLock() {
+				continue // a write is in progress: the link is not idle
+			}
+			seq++
+			err := c.writeLocked(&wire.Heartbeat{Seq: seq, Sent: now.UnixNano()})
+			c.wmu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}
+}
+
+// Idle returns how long ago the last message arrived from the peer.
+func (c *conn) Idle() time.Duration { return time.Since(time.Unix(0, c.lastRead.Load())) }
 
 func (c *conn) Peer() Peer                         { return c.peer }
 func (c *conn) LocalAddr() net.Addr                { return c.tc.LocalAddr() }
@@ -219,18 +290,38 @@ func (c *conn) SetReadDeadline(t time.Time) error  { return c.tc.SetReadDeadline
 func (c *conn) SetWriteDeadline(t time.Time) error { return c.tc.SetWriteDeadline(t) }
 
 func (c *conn) ReadMessage() (wire.Message, error) {
-	m, err := c.r.ReadMessage()
-	if err == nil {
+	for {
+		if c.peerTimeout > 0 {
+			c.tc.SetReadDeadline(time.Now().Add(c.peerTimeout))
+		}
+		m, err := c.r.ReadMessage()
+		if err != nil {
+			return nil, c.readFailed(err)
+		}
+		c.lastRead.Store(time.Now().UnixNano())
+		if _, ok := m.(*wire.Heartbeat); ok {
+			continue
+		}
 		return m, nil
 	}
+}
+
+// readFailed handles a failed read: it closes the link unless a read
+// deadline of the caller's expired, and returns the error to report.
+func (c *conn) readFailed(err error) error {
 	switch {
+	case isTimeout(err) && c.peerTimeout > 0:
+		silent := time.Since(time.Unix(0, c.lastRead.Load())).Round(time.Millisecond)
+		c.log.Warn("transport: peer silent; closing the link", "silent", silent)
+		c.Close()
+		return fmt.Errorf("transport: %w: nothing from %q for %v", ErrPeerSilent, c.peer.Name, silent)
 	case isTimeout(err):
-		return nil, err
+		return err
 	case err == io.EOF:
 		c.Close()
-		return nil, io.EOF
+		return io.EOF
 	case errors.Is(err, net.ErrClosed):
-		return nil, err
+		return err
 	}
 	if code, ok := wireErrorCode(err); ok {
 		c.log.Error("transport: bad frame from peer; closing the link", "err", err)
@@ -239,7 +330,7 @@ func (c *conn) ReadMessage() (wire.Message, error) {
 		c.log.Warn("transport: link read failed; closing it", "err", err)
 		c.Close()
 	}
-	return nil, fmt.Errorf("transport: read from %q: %w", c.peer.Name, err)
+	return fmt.Errorf("transport: read from %q: %w", c.peer.Name, err)
 }
 
 // wireErrorCode says which Error code answers a wire error, if it is one.
@@ -264,6 +355,12 @@ func isTimeout(err error) bool {
 func (c *conn) WriteMessage(m wire.Message) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	return c.writeLocked(m)
+}
+
+// writeLocked writes m; c.wmu is held.
+func (c *conn) writeLocked(m wire.Message) error {
+	c.lastWrite.Store(time.Now().UnixNano())
 	if err := c.w.WriteMessage(m); err != nil {
 		if errors.Is(err, wire.ErrMalformed) || errors.Is(err, wire.ErrTooLarge) {
 			return err // nothing was sent
@@ -307,7 +404,10 @@ func clipReason(s string) string {
 }
 
 func (c *conn) Close() error {
-	c.closeOnce.Do(func() { c.closeErr = c.tc.Close() })
+	c.closeOnce.Do(func() {
+		close(c.closed)
+		c.closeErr = c.tc.Close()
+	})
 	return c.closeErr
 }
 
@@ -537,6 +637,7 @@ func handshake(ctx context.Context, nc net.Conn, tcfg *tls.Config, cfg *Config, 
 		return nil, err
 	}
 	c.log = log.With("peer", c.peer.Name, "role", c.peer.Role.String())
+	c.startLiveness(cfg)
 	return c, nil
 }
 

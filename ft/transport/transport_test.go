@@ -109,12 +109,12 @@ func TestConcurrentWriters(t *testing.T) {
 	l := listen(t, &Config{Credentials: p.node("b", wire.RoleBackup)})
 	cli := dial(t, l.Addr().String(), &Config{Credentials: p.node("i", wire.RoleIntermediary)})
 	srv := accept(t, l)
-	const writers, each = 4, 200
+	const writers, each = 3, 200 // one writer per role
 	var wg sync.WaitGroup
 	for w := range writers {
 		wg.Go(func() {
 			for i := range each {
-				if err := cli.WriteMessage(&wire.Heartbeat{Seq: uint64(w*each + i), Sent: int64(w)}); err != nil {
+				if err := cli.WriteMessage(&wire.Status{Role: wire.Role(w + 1), Committed: uint64(w*each + i)}); err != nil {
 					t.Errorf("WriteMessage() = %v", err)
 					return
 				}
@@ -127,11 +127,11 @@ func TestConcurrentWriters(t *testing.T) {
 		if err != nil {
 			t.Fatalf("ReadMessage() after %d = %v", len(seen), err)
 		}
-		hb := m.(*wire.Heartbeat)
-		if seen[hb.Seq] || hb.Seq/each != uint64(hb.Sent) {
-			t.Fatalf("ReadMessage() = %+v: duplicate or mixed up", hb)
+		st := m.(*wire.Status)
+		if seen[st.Committed] || st.Committed/each != uint64(st.Role-1) {
+			t.Fatalf("ReadMessage() = %+v: duplicate or mixed up", st)
 		}
-		seen[hb.Seq] = true
+		seen[st.Committed] = true
 	}
 	wg.Wait()
 }
@@ -570,7 +570,7 @@ func TestDeadlines(t *testing.T) {
 		t.Errorf("ReadMessage() with a 50ms deadline took %v", d)
 	}
 	// Even in the middle of a frame: half now, a timeout, the rest later.
-	f := frame(t, &wire.Heartbeat{Seq: 5, Sent: 6})
+	f := frame(t, &wire.Ack{Epoch: 5})
 	raw := cli.(*conn).tc
 	raw.Write(f[:10])
 	srv.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
@@ -579,8 +579,8 @@ func TestDeadlines(t *testing.T) {
 	}
 	raw.Write(f[10:])
 	srv.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if m, err := srv.ReadMessage(); err != nil || !reflect.DeepEqual(m, &wire.Heartbeat{Seq: 5, Sent: 6}) {
-		t.Fatalf("ReadMessage() after the timeout = %+v, %v; want Heartbeat{5, 6}", m, err)
+	if m, err := srv.ReadMessage(); err != nil || !reflect.DeepEqual(m, &wire.Ack{Epoch: 5}) {
+		t.Fatalf("ReadMessage() after the timeout = %+v, %v; want Ack{5}", m, err)
 	}
 	// A write deadline in the past fails the write and closes the link.
 	cli.SetWriteDeadline(time.Now().Add(-time.Second))

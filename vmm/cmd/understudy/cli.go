@@ -222,12 +222,12 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	kvmDev := fs.String("kvm", "/dev/kvm", "KVM device")
 	quiet := fs.Bool("quiet", false, "do not print the summary line on stderr")
 	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=N,samples=8,per_window=32,alpha=0.5,hysteresis=1.5,seed=N]")
-	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the large-page status line on stderr (0: only at the end)")
+	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the large-page or protection status line on stderr (0: only at the end)")
 	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
 	save := fs.String("save", "", "save a snapshot (machine state and all guest memory) to this file once the guest has emitted --save-after output records, then stop")
 	saveAfter := fs.Uint64("save-after", 0, "with --save: the number of output records after which to save")
-	protect := fs.String("protect", "", "protect the guest: checkpoint it to the intermediary at this address (tcp://host:port or vsock://cid:port); output records are released once acknowledged")
-	interval := fs.Duration("interval", 25*time.Millisecond, "with --protect: time between checkpoints")
+	pf := addProtectFlags(fs)
+	protect := pf.addr
 	rf := addRoleFlags(fs, "primary")
 	if code, done := parseFlags(fs, args); done {
 		return code
@@ -236,8 +236,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "understudy run: --protect cannot be combined with --save or --large-pages yet\n")
 		return exitUsage
 	}
-	if *interval <= 0 {
-		return fail(stderr, fmt.Errorf("--interval %v: must be positive", *interval))
+	if err := pf.check(); err != nil {
+		return fail(stderr, err)
 	}
 	if *payloadArg == "" {
 		fmt.Fprintf(stderr, "understudy run: --payload is required (built-in payloads: %s)\n", strings.Join(payload.Names(), ", "))
@@ -343,7 +343,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if cerr != nil {
 			return fail(stderr, cerr)
 		}
-		res, err = runProtected(ctx, m, &route, *protect, tcfg, *interval, writeRecord, stderr)
+		res, err = runProtected(ctx, m, &route, pf, rf, tcfg, *statusEvery, writeRecord, stderr)
 	case saveReq == nil:
 		res, err = m.Run(ctx)
 	default:

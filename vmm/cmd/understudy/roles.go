@@ -6,7 +6,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
+	"os"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/understudy-vmm/understudy/ft"
@@ -18,26 +23,37 @@ import (
 // The fault-tolerance roles: `run --protect` (primary), `intermediary` and
 // `backup`. Links are mutual TLS with the certificates of `understudy keys`.
 
-// roleFlags are the flags every role shares.
-type roleFlags struct {
-	keys, name *string
-	verbose    *bool
-}
-
-func addRoleFlags(fs interface {
+// flagAdder is what the role flags need of a flag set.
+type flagAdder interface {
 	String(name, value, usage string) *string
 	Bool(name string, value bool, usage string) *bool
-}, role string) roleFlags {
+	Duration(name string, value time.Duration, usage string) *time.Duration
+}
+
+// roleFlags are the flags every role shares.
+type roleFlags struct {
+	keys, name, metrics    *string
+	verbose                *bool
+	heartbeat, peerTimeout *time.Duration
+}
+
+func addRoleFlags(fs flagAdder, role string) roleFlags {
 	return roleFlags{
-		keys:    fs.String("keys", "", "directory with the cluster CA and this node's key and certificate (understudy keys)"),
-		name:    fs.String("name", role, "this node's name (its certificate files are NAME.crt and NAME.key)"),
-		verbose: fs.Bool("verbose", false, "log link events on stderr"),
+		keys:        fs.String("keys", "", "directory with the cluster CA and this node's key and certificate (understudy keys)"),
+		name:        fs.String("name", role, "this node's name (its certificate files are NAME.crt and NAME.key)"),
+		verbose:     fs.Bool("verbose", false, "log link events on stderr"),
+		metrics:     fs.String("metrics", "", "serve Prometheus metrics over HTTP at this host:port (e.g. 127.0.0.1:9401)"),
+		heartbeat:   fs.Duration("heartbeat", transport.DefaultHeartbeat, "send a heartbeat on a link idle this long"),
+		peerTimeout: fs.Duration("peer-timeout", transport.DefaultPeerTimeout, "declare a peer lost after this long without a message from it"),
 	}
 }
 
 func (r roleFlags) config(role wire.Role, memSize uint64, stderr io.Writer) (*transport.Config, error) {
 	if *r.keys == "" {
 		return nil, fmt.Errorf("--keys DIR is required (make one with `understudy keys init` and `understudy keys issue`)")
+	}
+	if *r.heartbeat <= 0 || *r.peerTimeout <= *r.heartbeat {
+		return nil, fmt.Errorf("--heartbeat %v and --peer-timeout %v: both positive, and the timeout longer than the heartbeat", *r.heartbeat, *r.peerTimeout)
 	}
 	creds, err := transport.LoadCredentials(*r.keys, *r.name)
 	if err != nil {
@@ -48,27 +64,92 @@ func (r roleFlags) config(role wire.Role, memSize uint64, stderr io.Writer) (*tr
 		level = slog.LevelInfo
 	}
 	return &transport.Config{Credentials: creds, Hello: wire.Hello{Role: role, MemSize: memSize},
+		Heartbeat: *r.heartbeat, PeerTimeout: *r.peerTimeout,
 		Logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))}, nil
 }
 
+// serveMetrics serves collect's metrics at r's --metrics address, if set.
+// The returned function stops the server.
+func (r roleFlags) serveMetrics(collect func() []ft.Metric, stderr io.Writer) (func(), error) {
+	if *r.metrics == "" {
+		return func() {}, nil
+	}
+	ln, err := net.Listen("tcp", *r.metrics)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics %s: %w", *r.metrics, err)
+	}
+	srv := &http.Server{Handler: ft.MetricsHandler(collect), ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	fmt.Fprintf(stderr, "understudy: metrics at http://%s/metrics\n", ln.Addr())
+	return func() { srv.Close() }, nil
+}
+
+// dialer returns a Dialer for addr with cfg, each attempt bounded.
+func dialer(addr string, cfg *transport.Config) ft.Dialer {
+	return func(ctx context.Context) (ft.MessageConn, error) {
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		return transport.Dial(dctx, addr, cfg)
+	}
+}
+
+// protectFlags are `run`'s flags for protecting the guest.
+type protectFlags struct {
+	addr     *string
+	interval *time.Duration
+	onLoss   *string
+	giveUp   *time.Duration
+	redial   *time.Duration
+}
+
+func addProtectFlags(fs flagAdder) protectFlags {
+	return protectFlags{
+		addr:     fs.String("protect", "", "protect the guest: checkpoint it to the intermediary at this address (tcp://host:port or vsock://cid:port); output records are released once acknowledged"),
+		interval: fs.Duration("interval", 25*time.Millisecond, "with --protect: time between checkpoints"),
+		onLoss: fs.String("on-intermediary-loss", "hold", "with --protect, while no intermediary acknowledges: hold (the guest runs, its output is held) "+
+			"or pause (the guest is paused); either way nothing is released until a reached intermediary acknowledges a full image"),
+		giveUp: fs.Duration("give-up", 0, "with --protect: stop the guest after this long without any intermediary (0: never)"),
+		redial: fs.Duration("redial", 200*time.Millisecond, "with --protect: pause between attempts to reach the intermediary again"),
+	}
+}
+
+func (p protectFlags) check() error {
+	if *p.interval <= 0 {
+		return fmt.Errorf("--interval %v: must be positive", *p.interval)
+	}
+	if *p.giveUp < 0 || *p.redial <= 0 {
+		return fmt.Errorf("--give-up %v, --redial %v: --give-up must not be negative and --redial must be positive", *p.giveUp, *p.redial)
+	}
+	_, err := ft.ParseLinkLossPolicy(*p.onLoss)
+	return err
+}
+
 // runProtected runs machine m as a primary protected through the
-// intermediary at addr. Records reach release only after the intermediary
-// acknowledged the checkpoint covering them.
-func runProtected(ctx context.Context, m *vmm.Machine, route *func(vmm.Record), addr string, tcfg *transport.Config,
-	interval time.Duration, release func(vmm.Record), stderr io.Writer) (vmm.Result, error) {
+// intermediary at pf's address. Records reach release only after the
+// intermediary acknowledged the checkpoint covering them.
+func runProtected(ctx context.Context, m *vmm.Machine, route *func(vmm.Record), pf protectFlags, rf roleFlags, tcfg *transport.Config,
+	statusEvery time.Duration, release func(vmm.Record), stderr io.Writer) (vmm.Result, error) {
 	tcfg.PeerRoles = []wire.Role{wire.RoleIntermediary}
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	conn, err := transport.Dial(dctx, addr, tcfg)
-	cancel()
+	policy, _ := ft.ParseLinkLossPolicy(*pf.onLoss) // checked
+	dial := dialer(*pf.addr, tcfg)
+	// The first link must come up: a wrong address fails at once.
+	first, err := dial(ctx)
 	if err != nil {
 		return vmm.Result{}, err
 	}
-	defer conn.Close()
-	p, err := ft.NewPrimary(m, conn, ft.PrimaryConfig{Interval: interval, OnRelease: release})
+	p, err := ft.NewPrimary(m, nil, ft.PrimaryConfig{Interval: *pf.interval, OnRelease: release,
+		OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial})
 	if err != nil {
+		first.(io.Closer).Close()
 		return vmm.Result{}, err
 	}
 	*route = p.Record
+	stopMetrics, err := rf.serveMetrics(p.Metrics, stderr)
+	if err != nil {
+		first.(io.Closer).Close()
+		return vmm.Result{}, err
+	}
+	defer stopMetrics()
 	type runResult struct {
 		res vmm.Result
 		err error
@@ -79,15 +160,20 @@ func runProtected(ctx context.Context, m *vmm.Machine, route *func(vmm.Record), 
 		p.Halted()
 		ran <- runResult{res, err}
 	}()
-	stopStatus := everyInterval(time.Second, func() {
-		fmt.Fprintf(stderr, "understudy: primary: epochs=%d acked=%d\n", p.Epochs(), p.Acked())
+	var prev uint64
+	stopStatus := everyInterval(statusEvery, func() {
+		fmt.Fprintf(stderr, "understudy: primary: %s\n", p.StatusLine(&prev, statusEvery))
 	})
-	perr := p.Run(ctx)
+	say := func(s string) { fmt.Fprintf(stderr, "understudy: primary: %s\n", s) }
+	perr := p.Protect(ctx, firstThen(first, dial), say)
 	stopStatus()
 	if perr != nil {
 		m.Stop(0)
 	}
 	r := <-ran
+	if errors.Is(perr, ft.ErrSuperseded) {
+		return r.res, fmt.Errorf("%w; this guest is stopped and its %d held output records are dropped", perr, p.Held())
+	}
 	if perr != nil && !errors.Is(perr, context.Canceled) {
 		return r.res, fmt.Errorf("protection failed: %w", perr)
 	}
@@ -95,8 +181,23 @@ func runProtected(ctx context.Context, m *vmm.Machine, route *func(vmm.Record), 
 	return r.res, r.err
 }
 
-// everyInterval calls fn every d until the returned function is called.
+// firstThen returns a Dialer that hands out first, then dials.
+func firstThen(first ft.MessageConn, dial ft.Dialer) ft.Dialer {
+	return func(ctx context.Context) (ft.MessageConn, error) {
+		if c := first; c != nil {
+			first = nil
+			return c, nil
+		}
+		return dial(ctx)
+	}
+}
+
+// everyInterval calls fn every d until the returned function is called
+// (never if d is not positive).
 func everyInterval(d time.Duration, fn func()) func() {
+	if d <= 0 {
+		return func() {}
+	}
 	done, finished := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(finished)
@@ -111,13 +212,18 @@ func everyInterval(d time.Duration, fn func()) func() {
 			}
 		}
 	}()
-	return func() { close(done); <-finished }
+	var once sync.Once
+	return func() { once.Do(func() { close(done); <-finished }) }
 }
 
 func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME]", stderr)
+	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--on-backup-loss continue|stall] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7401", "address the primary connects to (tcp://host:port or vsock://cid:port)")
 	backupAddr := fs.String("backup", "", "address of the backup")
+	onLoss := fs.String("on-backup-loss", "continue", "while no backup is attached: continue (acknowledge the primary; a returning backup is re-seeded with a full image) "+
+		"or stall (acknowledge nothing, so the primary holds its output, until a backup is attached)")
+	retry := fs.Duration("backup-retry", 500*time.Millisecond, "pause between attempts to reach a lost backup")
+	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
 	rf := addRoleFlags(fs, "intermediary")
 	if code, done := parseFlags(fs, args); done {
 		return code
@@ -125,6 +231,13 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	if *backupAddr == "" {
 		fmt.Fprintln(stderr, "understudy intermediary: --backup ADDR is required")
 		return exitUsage
+	}
+	policy, err := ft.ParseBackupLossPolicy(*onLoss)
+	if err != nil {
+		return fail(stderr, err)
+	}
+	if *retry <= 0 {
+		return fail(stderr, fmt.Errorf("--backup-retry %v: must be positive", *retry))
 	}
 	tcfg, err := rf.config(wire.RoleIntermediary, 0, stderr)
 	if err != nil {
@@ -147,45 +260,87 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	if err != nil {
 		return fail(stderr, err)
 	}
+	in.SetBackupLossPolicy(policy)
+	stopMetrics, err := rf.serveMetrics(in.Metrics, stderr)
+	if err != nil {
+		return fail(stderr, err)
+	}
+	defer stopMetrics()
 	bcfg := *tcfg
 	bcfg.PeerRoles = []wire.Role{wire.RoleBackup}
 	bcfg.Hello.MemSize = memSize
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	bc, err := transport.Dial(dctx, *backupAddr, &bcfg)
-	cancel()
-	if err != nil {
-		return fail(stderr, fmt.Errorf("backup: %w", err))
-	}
-	defer bc.Close()
-	go in.ServeBackup(ctx, bc)
-	stopStatus := everyInterval(time.Second, func() {
-		fmt.Fprintf(stderr, "understudy: intermediary: epoch=%d\n", in.Image().Epoch())
+	bctx, stopBackup := context.WithCancel(ctx)
+	defer stopBackup()
+	kept := make(chan error, 1)
+	go func() { kept <- in.KeepBackup(bctx, dialer(*backupAddr, &bcfg), *retry) }()
+	stopStatus := everyInterval(*statusEvery, func() {
+		fmt.Fprintf(stderr, "understudy: intermediary: %s\n", in.StatusLine())
 	})
 	perr := in.ServePrimary(pc)
 	stopStatus()
 	if perr == nil {
 		fmt.Fprintf(stderr, "understudy: intermediary: primary finished at epoch %d\n", in.Image().Epoch())
-		_ = bc.WriteMessage(&wire.Bye{Reason: "primary finished"})
+		in.EndProtection(10 * time.Second)
 		return 0
 	}
 	fmt.Fprintf(stderr, "understudy: intermediary: primary lost at epoch %d (%v): failing over\n", in.Image().Epoch(), perr)
-	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	epoch, err := in.Failover(fctx)
-	if err != nil {
-		return fail(stderr, fmt.Errorf("failover: %w", err))
+	// Failover needs an attached backup: retry while KeepBackup reaches one.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		fctx, cancel := context.WithDeadline(ctx, deadline)
+		epoch, err := in.Failover(fctx)
+		cancel()
+		if err == nil {
+			fmt.Fprintf(stderr, "understudy: intermediary: backup activated at epoch %d\n", epoch)
+			stopBackup()
+			<-kept
+			return 0
+		}
+		if errors.Is(err, ft.ErrNothingToActivate) {
+			return fail(stderr, err)
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fail(stderr, fmt.Errorf("failover: %w", err))
+		}
+		fmt.Fprintf(stderr, "understudy: intermediary: failover not done yet (%v); retrying\n", err)
+		time.Sleep(*retry)
 	}
-	fmt.Fprintf(stderr, "understudy: intermediary: backup activated at epoch %d\n", epoch)
-	return 0
+}
+
+// activationPolicy is the backup's --on-intermediary-loss.
+type activationPolicy struct {
+	after time.Duration // 0: wait for an intermediary forever
+}
+
+func parseActivationPolicy(s string) (activationPolicy, error) {
+	if s == "wait" {
+		return activationPolicy{}, nil
+	}
+	if v, ok := strings.CutPrefix(s, "activate-after="); ok {
+		d, err := time.ParseDuration(v)
+		if err == nil && d > 0 {
+			return activationPolicy{after: d}, nil
+		}
+	}
+	return activationPolicy{}, fmt.Errorf("--on-intermediary-loss %q: want wait or activate-after=DURATION (e.g. activate-after=30s)", s)
 }
 
 func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE]", stderr)
+	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--on-intermediary-loss wait|activate-after=DUR] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7402", "address the intermediary connects to")
 	records := fs.String("records", "", "after activation, write the guest's output records to this file (\"-\": stdout)")
+	onLoss := fs.String("on-intermediary-loss", "wait", "when the intermediary is lost: wait for one (the primary may still be running), "+
+		"or activate-after=DUR: if none comes back within DUR, resume the guest from the committed epoch and report the data-loss window "+
+		"(only when the primary is known lost too)")
+	saveActivated := fs.String("save-activated", "", "on activation, write a snapshot of the activated guest to this file before resuming it (understudy restore reads it)")
+	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
 	rf := addRoleFlags(fs, "backup")
 	if code, done := parseFlags(fs, args); done {
 		return code
+	}
+	policy, err := parseActivationPolicy(*onLoss)
+	if err != nil {
+		return fail(stderr, err)
 	}
 	tcfg, err := rf.config(wire.RoleBackup, 0, stderr)
 	if err != nil {
@@ -203,11 +358,6 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	defer ln.Close()
 	fmt.Fprintf(stderr, "understudy: backup listening on %s\n", ln.Addr())
-	c, err := ln.Accept(ctx)
-	if err != nil {
-		return fail(stderr, err)
-	}
-	memSize := c.Peer().Hello.MemSize
 	first := true
 	rcfg := vmm.RestoreConfig{Console: stdout, OnRecord: func(r vmm.Record) {
 		if first {
@@ -216,21 +366,82 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		}
 		if recW != nil {
 			recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
+			recW.Flush()
 		}
 	}}
-	b, err := ft.NewBackup(memSize, ft.BackupConfig{Restore: rcfg, Log: tcfg.Logger})
-	if err != nil {
-		return fail(stderr, err)
-	}
-	m, err := b.Serve(c)
-	if err != nil {
-		return fail(stderr, err)
-	}
-	if m == nil {
-		fmt.Fprintf(stderr, "understudy: backup: the intermediary ended the link without activating (last epoch %d): nothing to resume\n", b.Committed())
-		return 0
+	var (
+		b           *ft.Backup
+		m           *vmm.Machine
+		stopMetrics = func() {}
+		stopStatus  = func() {}
+	)
+	defer func() {
+		stopStatus()
+		stopMetrics()
+		if b != nil {
+			b.Close()
+		}
+	}()
+	for m == nil {
+		actx, cancel := ctx, context.CancelFunc(func() {})
+		if b != nil && policy.after > 0 {
+			actx, cancel = context.WithTimeout(ctx, policy.after)
+		}
+		c, err := ln.Accept(actx)
+		cancel()
+		if err != nil && b != nil && policy.after > 0 && ctx.Err() == nil {
+			var w ft.LossWindow
+			m, w, err = b.ActivateAlone()
+			if err != nil {
+				return fail(stderr, err)
+			}
+			fmt.Fprintf(stderr, "understudy: backup: no intermediary for %v: DATA MAY BE LOST: %s\n", policy.after, w)
+			break
+		}
+		if err != nil {
+			return fail(stderr, err)
+		}
+		memSize := c.Peer().Hello.MemSize
+		if b == nil {
+			if b, err = ft.NewBackup(memSize, ft.BackupConfig{Restore: rcfg, Log: tcfg.Logger}); err != nil {
+				c.Close()
+				return fail(stderr, err)
+			}
+			if stopMetrics, err = rf.serveMetrics(b.Metrics, stderr); err != nil {
+				c.Close()
+				return fail(stderr, err)
+			}
+			stopStatus = everyInterval(*statusEvery, func() {
+				fmt.Fprintf(stderr, "understudy: backup: %s\n", b.StatusLine())
+			})
+		} else if memSize != b.Image().Size() {
+			fmt.Fprintf(stderr, "understudy: backup: refused intermediary %q: it protects a guest of %s, this backup holds one of %s\n",
+				c.Peer().Name, vmm.FormatSize(memSize), vmm.FormatSize(b.Image().Size()))
+			c.CloseWithError(wire.CodeRefused, "guest memory size differs from the backup's")
+			continue
+		}
+		fmt.Fprintf(stderr, "understudy: backup: intermediary %q connected (committed epoch %d)\n", c.Peer().Name, b.Committed())
+		m, err = b.Serve(c)
+		c.Close()
+		if errors.Is(err, ft.ErrProtectionEnded) {
+			fmt.Fprintf(stderr, "understudy: backup: %v (last epoch %d): nothing to resume\n", err, b.Committed())
+			return 0
+		}
+		if m == nil {
+			why := "the link ended"
+			if err != nil {
+				why = err.Error()
+			}
+			fmt.Fprintf(stderr, "understudy: backup: intermediary lost (%s) at committed epoch %d; waiting for an intermediary\n", why, b.Committed())
+		}
 	}
 	defer m.Close()
+	stopStatus()
+	if *saveActivated != "" {
+		if err := saveActivatedSnapshot(*saveActivated, b, m); err != nil {
+			return fail(stderr, err)
+		}
+	}
 	fmt.Fprintf(stderr, "understudy: backup: activated at epoch %d; resuming the guest\n", b.Committed())
 	start := time.Now()
 	res, err := m.Run(ctx)
@@ -239,4 +450,18 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	fmt.Fprintf(stderr, "understudy: backup: guest exited with code %d\n", res.ExitCode)
 	return guestExitCode(res)
+}
+
+// saveActivatedSnapshot writes the activated state and memory of m, before
+// it runs, as a snapshot file.
+func saveActivatedSnapshot(path string, b *ft.Backup, m *vmm.Machine) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("--save-activated: %w", err)
+	}
+	if err := vmm.WriteSnapshot(f, b.ActivatedState(), m.Memory()); err != nil {
+		f.Close()
+		return fmt.Errorf("--save-activated %s: %w", path, err)
+	}
+	return f.Close()
 }
