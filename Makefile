@@ -8,7 +8,9 @@ export CGO_ENABLED := 0
 SHELL     := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: all build run demo test bench soak lint payloads clean help
+IMAGE     := build/image
+
+.PHONY: all build run demo test unit-test qemu-test image bench soak lint payloads clean help
 
 all: build
 
@@ -16,7 +18,9 @@ help:
 	@echo "make demo      primary, intermediary and backup on loopback; kill the primary; the backup resumes"
 	@echo "make run       build and run the hello payload guest on /dev/kvm"
 	@echo "make build     build $(BIN) (static, CGO_ENABLED=0)"
-	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages)"
+	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages), then qemu-test"
+	@echo "make image     build the appliance into $(IMAGE): Debian kernel, u-root initramfs, nested guest initramfs"
+	@echo "make qemu-test boot the appliance under QEMU: uinit report, nested Linux guest, its network and disk"
 	@echo "make bench     benchmarks; prints 'bench ...' result lines"
 	@echo "make soak      1000 primary kills with the fault-injection harness (ft/chaos)"
 	@echo "make payloads  rebuild the payload binaries from their sources"
@@ -44,11 +48,22 @@ lint:
 	$(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
-# The tests: lint, all unit and host-KVM tests, then the race detector on the
-# packages with goroutines (race needs cgo).
-test: lint
-	$(GO) test -count=1 ./...
-	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/
+# The tests: lint, all unit and host-KVM tests, the race detector on the
+# packages with goroutines (race needs cgo), then the QEMU tier.
+test: unit-test qemu-test
+
+unit-test: lint
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v /qemu-tests)
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./vmm/virtio/
+
+# The appliance (initramfs/): kernel cached in build/cache, image in $(IMAGE).
+image: build
+	$(GO) run ./initramfs/cmd/mkimage -understudy $(BIN) -out $(IMAGE) -cache build/cache
+
+# The QEMU tier: it must not skip here, so a missing image or QEMU fails.
+# A failed test keeps its console log in build/qemu-tests/.
+qemu-test: image
+	UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 15m ./qemu-tests/
 
 # The long fault-injection run: 1000 SIGKILLs of the primary.
 soak:

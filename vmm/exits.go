@@ -19,17 +19,17 @@ func (m *Machine) handleExit(v *vcpu) error {
 		}
 		return m.io.handle(m, v, io)
 	case arch.ExitMMIO:
-		mm := v.cpu.MMIO()
-		dir := "read"
-		if mm.Write {
-			dir = "write"
-		}
-		return m.exitError(v, "guest accessed unbacked guest-physical memory",
-			fmt.Sprintf("%d-byte %s at GPA %#x (no device there)", len(mm.Data), dir, mm.Addr))
+		return m.mmio.handle(m, v, v.cpu.MMIO())
 	case arch.ExitIntr:
 		// A kick raced with an exit: the loop re-checks pause and stop.
 		return nil
 	case arch.ExitShutdown:
+		if m.linux != nil {
+			// A PC resets on a triple fault: Linux reboots this way with
+			// reboot=t, and a kernel that crashes early ends here too.
+			m.guestEnded(EndTripleFault, fmt.Sprintf("vCPU %d triple fault (a reset, or a crash): %s", v.id, m.faultDetail(v)))
+			return nil
+		}
 		return m.exitError(v, "triple fault", m.faultDetail(v))
 	case arch.ExitHLT:
 		return m.exitError(v, "guest halted with interrupts it cannot receive", "HLT exit")
@@ -43,9 +43,13 @@ func (m *Machine) handleExit(v *vcpu) error {
 		typ, flags := v.cpu.SystemEvent()
 		switch typ {
 		case arch.SystemEventShutdown:
-			m.finish(0, nil)
+			m.guestEnded(EndPowerOff, "KVM system event: shutdown")
 			return nil
 		case arch.SystemEventReset:
+			if m.linux != nil {
+				m.guestEnded(EndReboot, "KVM system event: reset")
+				return nil
+			}
 			return m.exitError(v, "guest requested a reset", "reset is not supported for payload guests")
 		case arch.SystemEventCrash:
 			return m.exitError(v, "guest crashed", fmt.Sprintf("system event crash, flags %#x", flags))

@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"fmt"
+	"sync"
 
 	"github.com/understudy-vmm/understudy/arch"
 )
@@ -16,13 +17,31 @@ type portDevice interface {
 	in(cpu int, port uint16, data []byte) error
 }
 
-// ioBus dispatches port I/O exits. An access to a port no device decodes is
-// an error: payload guests only use the debug ports.
+// ioBus dispatches port I/O exits. For a payload machine an access to a port
+// no device decodes is an error: payload guests only use the debug ports.
+// A Linux machine's bus is lenient (see unknownPorts), because Linux probes
+// legacy hardware that may or may not be there.
 type ioBus struct {
 	devs []portDevice
+	// lenient, if set, answers accesses to ports without a device.
+	lenient *unknownPorts
 }
 
-func (b *ioBus) add(d portDevice) { b.devs = append(b.devs, d) }
+// add registers d; its ports must not overlap another device's.
+func (b *ioBus) add(d portDevice) error {
+	first, last := d.ports()
+	if first > last {
+		return fmt.Errorf("I/O device %T: empty port range %#x..%#x", d, first, last)
+	}
+	for _, o := range b.devs {
+		f, l := o.ports()
+		if first <= l && f <= last {
+			return fmt.Errorf("I/O device %T at ports %#x..%#x overlaps %T at %#x..%#x", d, first, last, o, f, l)
+		}
+	}
+	b.devs = append(b.devs, d)
+	return nil
+}
 
 func (b *ioBus) handle(m *Machine, v *vcpu, io arch.IOExit) error {
 	if io.Size != 1 && io.Size != 2 && io.Size != 4 {
@@ -47,9 +66,53 @@ func (b *ioBus) handle(m *Machine, v *vcpu, io arch.IOExit) error {
 		}
 		return nil
 	}
+	if b.lenient != nil {
+		b.lenient.access(m, io)
+		return nil
+	}
 	dir := "read from"
 	if io.Out {
 		dir = "write to"
 	}
 	return m.exitError(v, "I/O to a port without a device", fmt.Sprintf("%d-byte %s port %#x", io.Size, dir, io.Port))
+}
+
+// unknownPorts answers a Linux guest's accesses to ports without a device
+// the way an ISA bus with nothing there does: reads return all ones, writes
+// go nowhere. It counts them, and logs the first access to each port at
+// debug level. Linux probes legacy hardware this way (COM2-4, the RTC, PCI
+// configuration ports, VGA registers) and uses port 0x80 for I/O delays.
+type unknownPorts struct {
+	// mu guards counts.
+	mu     sync.Mutex
+	counts map[uint16]uint64
+}
+
+func newUnknownPorts() *unknownPorts { return &unknownPorts{counts: map[uint16]uint64{}} }
+
+func (u *unknownPorts) access(m *Machine, io arch.IOExit) {
+	if !io.Out {
+		for i := range io.Data {
+			io.Data[i] = 0xff
+		}
+	}
+	u.mu.Lock()
+	n := u.counts[io.Port]
+	u.counts[io.Port] = n + uint64(io.Count)
+	u.mu.Unlock()
+	if n == 0 {
+		dir := "read"
+		if io.Out {
+			dir = "write"
+		}
+		m.log.Debug("guest I/O to a port without a device (reads return all ones, writes are ignored)",
+			"port", fmt.Sprintf("%#x", io.Port), "access", dir, "size", io.Size)
+	}
+}
+
+// count returns how many accesses port has had.
+func (u *unknownPorts) count(port uint16) uint64 {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.counts[port]
 }

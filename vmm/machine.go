@@ -5,17 +5,22 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/payload"
 	"golang.org/x/sys/unix"
 )
 
-// Config describes a machine.
+// Config describes a machine: either a payload guest (Payload) or a Linux
+// guest (Kernel), never both.
 type Config struct {
 	// KVMDevice is the KVM device node; empty means /dev/kvm.
 	KVMDevice string
@@ -27,6 +32,26 @@ type Config struct {
 	Backing mmu.Backing
 	// Payload is a built-in payload name or a path to a flat binary.
 	Payload string
+	// Kernel is the path of a Linux bzImage to boot (64-bit boot protocol,
+	// 2.12 or later). A Linux machine has a serial port (COM1), a keyboard
+	// controller that can reset it, ACPI power-off, and the virtio devices
+	// of Disks and Nets.
+	Kernel string
+	// Initrd is the path of the Linux guest's initial RAM disk (optional).
+	Initrd string
+	// Cmdline is the Linux guest's kernel command line; empty means
+	// DefaultCmdline. A virtio_mmio.device= entry for each virtio device is
+	// appended.
+	Cmdline string
+	// ConsoleIn, if set, is the Linux guest's serial input: its bytes
+	// arrive on COM1 (nil: the guest receives nothing).
+	ConsoleIn io.Reader
+	// Disks are the Linux guest's virtio-blk disks.
+	Disks []DiskConfig
+	// Nets are the Linux guest's virtio-net interfaces.
+	Nets []NetConfig
+	// Logger receives device diagnostics (nil: slog.Default()).
+	Logger *slog.Logger
 	// PayloadOptions are the payload's options (name → value).
 	PayloadOptions map[string]string
 	// Console receives the guest's console bytes (nil: discarded).
@@ -43,6 +68,18 @@ type Config struct {
 	Affinity []int
 }
 
+// DiskConfig is a virtio-blk disk backed by a file.
+type DiskConfig struct {
+	Path     string // the disk image (a regular file or block device)
+	ReadOnly bool   // the guest sees a read-only disk; the file is opened read-only
+}
+
+// NetConfig is a virtio-net interface backed by an existing tap device.
+type NetConfig struct {
+	Tap string           // name of the tap device, which must exist
+	MAC net.HardwareAddr // the guest's MAC address (nil: DefaultMAC of its index)
+}
+
 // Record is one output record a guest emitted.
 type Record struct {
 	CPU   int
@@ -51,10 +88,52 @@ type Record struct {
 
 // Result says how a machine ended.
 type Result struct {
-	// ExitCode is the code the guest gave to the exit port.
+	// End says how the guest ended (EndNone if Run returned an error).
+	End End
+	// ExitCode is the code the guest gave to the exit port (EndExitPort).
 	ExitCode int
+	// Detail says, in words, what ended the guest ("ACPI S5 power-off",
+	// "keyboard controller reset", the exception of a triple fault).
+	Detail string
 	// Records is the number of output records emitted.
 	Records uint64
+}
+
+// End is how a guest ended.
+type End int
+
+// The ways a guest ends.
+const (
+	// EndNone: the guest did not end by itself (Run failed or was stopped
+	// by its context).
+	EndNone End = iota
+	// EndExitPort: a payload wrote its exit code (or Stop was called).
+	EndExitPort
+	// EndPowerOff: the guest powered off (ACPI S5, or a KVM shutdown event).
+	EndPowerOff
+	// EndReboot: the guest asked for a reset (keyboard controller, ACPI
+	// reset register, or a KVM reset event). Understudy does not restart it.
+	EndReboot
+	// EndTripleFault: a Linux guest's vCPU triple-faulted, which resets a
+	// PC: a reboot by triple fault (reboot=t) or a crash.
+	EndTripleFault
+)
+
+// String says how the guest ended, in words.
+func (e End) String() string {
+	switch e {
+	case EndNone:
+		return "did not end"
+	case EndExitPort:
+		return "exited"
+	case EndPowerOff:
+		return "powered off"
+	case EndReboot:
+		return "rebooted"
+	case EndTripleFault:
+		return "reset by a triple fault"
+	}
+	return fmt.Sprintf("end %d", int(e))
 }
 
 // Limits.
@@ -73,8 +152,11 @@ type Machine struct {
 	mem     *mmu.Memory
 	vcpus   []*vcpu
 	io      ioBus
+	mmio    mmioBus
 	debug   *debugPort
 	payload *loadedPayload
+	linux   *linuxGuest // nil for payload machines
+	log     *slog.Logger
 
 	// pauseMu serializes Pause, Resume, OnVCPU and CaptureState and guards
 	// paused and msrs.
@@ -146,16 +228,23 @@ type vcpu struct {
 }
 
 // New validates cfg and builds the machine: KVM VM, in-kernel irqchip and
-// PIT, guest memory, vCPUs and the payload loaded and ready to run.
+// PIT, guest memory, vCPUs, devices, and the payload or Linux kernel loaded
+// and ready to run.
 func New(cfg Config) (*Machine, error) {
+	if err := checkGuest(&cfg); err != nil {
+		return nil, err
+	}
 	if err := checkConfig(&cfg); err != nil {
 		return nil, err
+	}
+	if cfg.Kernel != "" {
+		return newLinux(cfg)
 	}
 	pl, err := resolvePayload(cfg)
 	if err != nil {
 		return nil, err
 	}
-	m, err := build(cfg, nil)
+	m, err := build(cfg, nil, false)
 	if err != nil {
 		return nil, err
 	}
@@ -171,9 +260,28 @@ func New(cfg Config) (*Machine, error) {
 	return m, nil
 }
 
+// checkGuest checks that cfg describes one guest, a payload or a Linux
+// kernel, with only the settings that apply to it.
+func checkGuest(cfg *Config) error {
+	switch {
+	case cfg.Payload != "" && cfg.Kernel != "":
+		return fmt.Errorf("both a payload (%s) and a Linux kernel (%s) given: a machine runs one guest", cfg.Payload, cfg.Kernel)
+	case cfg.Payload == "" && cfg.Kernel == "":
+		return fmt.Errorf("no payload given and no Linux kernel: a machine needs one (built-in payloads: %s)", strings.Join(payload.Names(), ", "))
+	case cfg.Kernel == "" && (cfg.Initrd != "" || cfg.Cmdline != "" || len(cfg.Disks) > 0 || len(cfg.Nets) > 0 || cfg.ConsoleIn != nil):
+		return errors.New("an initrd, command line, serial input, disks and network interfaces are for Linux guests: no kernel given")
+	case cfg.Kernel != "" && (len(cfg.PayloadOptions) > 0 || len(cfg.Guest4K) > 0):
+		return errors.New("payload options and 4 KiB guest regions are for payload guests, not Linux guests")
+	}
+	return nil
+}
+
 // checkConfig validates the parts of cfg every machine needs, before KVM is
 // touched, and fills defaults.
 func checkConfig(cfg *Config) error {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
 	if cfg.CPUs == 0 {
 		cfg.CPUs = 1
 	}
@@ -199,11 +307,16 @@ func checkConfig(cfg *Config) error {
 
 // build creates what New and Restore share: the KVM VM with its TSS region,
 // in-kernel irqchip and PIT, guest memory registered in memory slots, the
-// vCPUs (without CPUID, which the caller sets first) and the devices. The
-// payload is not loaded. If mem is nil, build allocates cfg.MemSize of RAM;
-// otherwise the machine takes mem over (and closes it, even on error).
-func build(cfg Config, mem *mmu.Memory) (*Machine, error) {
-	m := &Machine{cfg: cfg, mem: mem, stopCh: make(chan struct{})}
+// vCPUs (without CPUID, which the caller sets first) and the debug port
+// device (on the port bus unless linux is set: Linux machines add their own
+// devices). The guest is not loaded. If mem is nil, build allocates
+// cfg.MemSize of RAM; otherwise the machine takes mem over (and closes it,
+// even on error).
+func build(cfg Config, mem *mmu.Memory, linux bool) (*Machine, error) {
+	m := &Machine{cfg: cfg, mem: mem, stopCh: make(chan struct{}), log: cfg.Logger}
+	if m.log == nil {
+		m.log = slog.Default()
+	}
 	ok := false
 	defer func() {
 		if !ok {
@@ -245,7 +358,11 @@ func build(cfg Config, mem *mmu.Memory) (*Machine, error) {
 		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, cmds: make(chan func()), started: make(chan struct{})})
 	}
 	m.debug = newDebugPort(cfg.CPUs, cfg.Console, cfg.OnRecord, cfg.OnMark, m.guestExit)
-	m.io.add(m.debug)
+	if !linux {
+		if err := m.io.add(m.debug); err != nil {
+			return nil, err
+		}
+	}
 	ok = true
 	return m, nil
 }
@@ -286,6 +403,11 @@ func (m *Machine) Close() error {
 	m.finish(0, ErrClosed)
 	m.vcpuWG.Wait()
 	var errs []error
+	// Devices first: their goroutines raise interrupts through the VM and
+	// write guest memory.
+	if m.linux != nil {
+		errs = append(errs, m.linux.close())
+	}
 	for _, v := range m.vcpus {
 		errs = append(errs, v.cpu.Close())
 	}
@@ -305,8 +427,9 @@ func (m *Machine) Close() error {
 	return errors.Join(errs...)
 }
 
-// Run runs every vCPU until the guest exits through the exit port, a vCPU
-// fails, or ctx ends (which returns ctx's error). It may be called once.
+// Run runs every vCPU until the guest ends (Result.End says how: exit port,
+// power-off, reboot, triple fault), a vCPU fails, or ctx ends (which returns
+// ctx's error). It may be called once.
 func (m *Machine) Run(ctx context.Context) (Result, error) {
 	if !m.ran.CompareAndSwap(false, true) {
 		return Result{}, errors.New("machine already ran")
@@ -323,6 +446,9 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	for _, v := range m.vcpus {
 		<-v.started
 	}
+	if m.linux != nil {
+		m.linux.uart.start(m.cfg.ConsoleIn)
+	}
 	select {
 	case <-ctx.Done():
 		m.finish(0, ctx.Err())
@@ -330,6 +456,10 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	}
 	m.vcpuWG.Wait()
 	m.halted.Store(true)
+	if m.linux != nil {
+		// No vCPU reads the serial port any more: stop feeding it.
+		m.linux.uart.stop()
+	}
 	m.resMu.Lock()
 	defer m.resMu.Unlock()
 	m.result.Records = m.debug.records.Load()
@@ -342,11 +472,26 @@ func (m *Machine) Stop(code int) { m.finish(code, nil) }
 // guestExit is the exit port's callback.
 func (m *Machine) guestExit(code int) { m.finish(code, nil) }
 
-// finish records the first outcome and stops every vCPU.
+// finish records the first outcome, an exit code (err == nil) or an error,
+// and stops every vCPU.
 func (m *Machine) finish(code int, err error) {
+	end := EndExitPort
+	if err != nil {
+		end = EndNone
+	}
+	m.end(Result{End: end, ExitCode: code}, err)
+}
+
+// guestEnded ends the run because the guest ended as end says.
+func (m *Machine) guestEnded(end End, detail string) {
+	m.end(Result{End: end, Detail: detail}, nil)
+}
+
+// end records the first outcome and stops every vCPU.
+func (m *Machine) end(res Result, err error) {
 	m.stopOnce.Do(func() {
 		m.resMu.Lock()
-		m.result.ExitCode = code
+		m.result.End, m.result.ExitCode, m.result.Detail = res.End, res.ExitCode, res.Detail
 		m.runErr = err
 		m.resMu.Unlock()
 		m.stopping.Store(true)
@@ -544,7 +689,9 @@ func (m *Machine) runVCPU(v *vcpu) error {
 		}
 		err := v.cpu.Run()
 		v.exitPending = err == nil
-		if arch.IsInterrupted(err) {
+		// EAGAIN: a vCPU that waited for INIT/SIPI (an application
+		// processor) has just been started and must enter again.
+		if arch.IsInterrupted(err) || errors.Is(err, unix.EAGAIN) {
 			continue
 		}
 		if errors.Is(err, unix.EFAULT) && m.offerFault(v, nil) {

@@ -64,6 +64,9 @@ type VMState struct {
 // state type and its encoding live next to the device.
 type DeviceStates struct {
 	DebugPort DebugPortState // debugport_state.go
+	// UART is the serial port of a Linux machine (uart_state.go); nil for
+	// payload machines. Its presence makes a state a Linux machine's.
+	UART *UARTState
 }
 
 // MSR numbers Understudy names. EFER, the APIC base and the FS/GS bases are
@@ -167,6 +170,9 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 	if !m.paused && !m.halted.Load() {
 		return nil, fmt.Errorf("capture state: %w", ErrNotPaused)
 	}
+	if m.linux != nil && len(m.linux.virtio) > 0 {
+		return nil, fmt.Errorf("capture state: the machine has %d virtio devices, whose state is not saved yet", len(m.linux.virtio))
+	}
 	msrs, err := m.savedMSRs()
 	if err != nil {
 		return nil, fmt.Errorf("capture state: %w", err)
@@ -188,6 +194,10 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 		return nil, fmt.Errorf("capture state: %w", err)
 	}
 	st.Devices.DebugPort = m.debug.save()
+	if m.linux != nil {
+		u := m.linux.uart.save()
+		st.Devices.UART = &u
+	}
 	return st, nil
 }
 
@@ -266,6 +276,8 @@ type RestoreConfig struct {
 	Backing mmu.Backing
 	// Console receives the guest's console bytes (nil: discarded).
 	Console io.Writer
+	// ConsoleIn is a Linux guest's serial input, as in Config.
+	ConsoleIn io.Reader
 	// OnRecord and OnMark are as in Config.
 	OnRecord func(Record)
 	OnMark   func(cpu int, phase uint32)
@@ -320,11 +332,22 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 		closeMem()
 		return nil, fmt.Errorf("restore: %w", err)
 	}
-	m, err := build(mc, mem)
+	linux := st.Devices.UART != nil
+	m, err := build(mc, mem, linux)
 	if err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
 	}
 	m.payload = &loadedPayload{name: st.Config.Payload, dataBase: st.Config.DataBase, dataSize: st.Config.DataSize}
+	if linux {
+		// A Linux machine without virtio devices (CaptureState refuses
+		// those): its devices, with the serial port's state restored below.
+		m.linux = &linuxGuest{}
+		m.cfg.ConsoleIn = cfg.ConsoleIn
+		if err := m.addLinuxDevices(); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("restore: %w", err)
+		}
+	}
 	if err := m.restore(st, image); err != nil {
 		m.Close()
 		return nil, fmt.Errorf("restore: %w", err)
@@ -360,6 +383,11 @@ func (m *Machine) restore(st *MachineState, image io.Reader) error {
 	}
 	if err := restoreVM(m.vm, &st.VM); err != nil {
 		return err
+	}
+	if st.Devices.UART != nil {
+		if err := m.linux.uart.restore(*st.Devices.UART); err != nil {
+			return err
+		}
 	}
 	return m.debug.restore(st.Devices.DebugPort)
 }

@@ -31,6 +31,7 @@ import (
 //	0x02  vcpu         vCPUs        vCPU id u32 (0, 1, ... in order) | reserved u32 | fields (records)
 //	0x03  vm           1            fields (records)
 //	0x10  debug port   1            see debugport_state.go
+//	0x11  uart         0 or 1       see uart_state.go; present only for a Linux machine
 //
 // A vcpu section holds these fields, each once and in this order. "struct"
 // means the kernel's x86-64 KVM struct (<asm/kvm.h>) byte for byte:
@@ -90,6 +91,7 @@ const (
 	tagVCPU      = 0x02
 	tagVM        = 0x03
 	tagDebugPort = 0x10
+	tagUART      = 0x11
 )
 
 // vCPU field tags.
@@ -188,6 +190,9 @@ func (st *MachineState) encode(b []byte) []byte {
 	st.VM.encode(e)
 	e.end(start)
 	e.record(tagDebugPort, st.Devices.DebugPort.appendBinary)
+	if st.Devices.UART != nil {
+		e.record(tagUART, st.Devices.UART.appendBinary)
+	}
 	return e.b
 }
 
@@ -410,6 +415,17 @@ func decodeState(data []byte, s *MachineState) error {
 	if s.Devices.DebugPort, err = decodeDebugPortState(body, s.Config.CPUs); err != nil {
 		return err
 	}
+	if len(d.b) >= 2 && le.Uint16(d.b) == tagUART {
+		body = d.record(tagUART, "uart section")
+		if d.err != nil {
+			return d.err
+		}
+		u, err := decodeUARTState(body)
+		if err != nil {
+			return err
+		}
+		s.Devices.UART = &u
+	}
 	if len(d.b) != 0 {
 		return fmt.Errorf("%w: %d bytes after the last section", ErrBadState, len(d.b))
 	}
@@ -615,6 +631,11 @@ func (st *MachineState) validate() error {
 	}
 	if err := st.Devices.DebugPort.validate(c.CPUs); err != nil {
 		return bad("debug port: %v", err)
+	}
+	if u := st.Devices.UART; u != nil {
+		if err := u.validate(); err != nil {
+			return bad("serial port: %v", err)
+		}
 	}
 	return nil
 }

@@ -260,6 +260,7 @@ func FuzzUnmarshalMachineState(f *testing.F) {
 		f.Add(b)
 		f.Add(b[:len(b)/2])
 	}
+	f.Add(mustMarshal(f, linuxTestState()))
 	f.Add([]byte("USVS\x01\x00\x00\x00"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var st MachineState
@@ -275,4 +276,45 @@ func FuzzUnmarshalMachineState(f *testing.F) {
 			t.Fatalf("MarshalBinary(UnmarshalBinary(%d bytes)) = %d bytes, %v; want the same bytes", len(data), len(again), err)
 		}
 	})
+}
+
+// linuxTestState is a Linux machine's state: a payload state plus the
+// serial port.
+func linuxTestState() *MachineState {
+	st := testState(2)
+	st.Config.Payload, st.Config.DataBase, st.Config.DataSize = "", 0, 0
+	st.Devices.UART = &UARTState{IER: ierRDI | ierTHRI, FCR: fcrEnable, LCR: 3, MCR: mcrOUT2, MSR: msrCTS | msrDSR | msrDCD, DLL: 1, THRPending: true, RX: []byte("ls\r")}
+	return st
+}
+
+func TestStateEncodingUART(t *testing.T) {
+	st := linuxTestState()
+	b := mustMarshal(t, st)
+	var got MachineState
+	if err := got.UnmarshalBinary(b); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(&got, st) {
+		t.Errorf("UART state after a round trip: %+v, want %+v", got.Devices.UART, st.Devices.UART)
+	}
+	// A payload state has no UART section: its encoding ends with the
+	// debug port, as before Linux machines existed.
+	plain := linuxTestState()
+	plain.Devices.UART = nil
+	pb := mustMarshal(t, plain)
+	if len(b) != len(pb)+recordHeaderSize+uartStateFixed+len(st.Devices.UART.RX) {
+		t.Errorf("Linux state is %d bytes, payload state %d: want exactly one UART section more", len(b), len(pb))
+	}
+	bad := append([]byte(nil), b...)
+	bad[len(bad)-len(st.Devices.UART.RX)-uartStateFixed] = 0x40 // IER with a bit that does not exist
+	if err := got.UnmarshalBinary(bad); err == nil || !strings.Contains(err.Error(), "IER") {
+		t.Errorf("UnmarshalBinary(bad IER) = %v", err)
+	}
+	if err := got.UnmarshalBinary(append(b, 0x11, 0, 0, 0, 0, 0, 0, 0)); err == nil {
+		t.Errorf("UnmarshalBinary accepted a second UART section")
+	}
+	st.Devices.UART.RX = make([]byte, 17)
+	if _, err := st.MarshalBinary(); err == nil {
+		t.Errorf("MarshalBinary accepted a 17-byte FIFO")
+	}
 }

@@ -44,6 +44,7 @@ Commands:
   backup        hold the replicated guest and resume it when the intermediary activates it
   payloads      list the built-in payload guests and their options
   keys          make the cluster CA and node certificates (init, issue)
+  appliance     the appliance image's init: run the role the kernel command line names
   version       print the version
   help          show this help
 
@@ -69,6 +70,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return cmdBackup(ctx, args[1:], stdout, stderr)
 	case "keys":
 		return cmdKeys(args[1:], stdout, stderr)
+	case "appliance":
+		return cmdAppliance(ctx, args[1:], stdout, stderr)
 	case "version":
 		return cmdVersion(args[1:], stdout, stderr)
 	case "help", "-h", "-help", "--help":
@@ -210,7 +213,7 @@ func (s *sizeFlag) Set(v string) error {
 }
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("run", "run --payload NAME[,opt=value...] [--mem SIZE] [--cpus N] [--opt key=value...] [--save FILE --save-after N]", stderr)
+	fs := newFlags("run", "run --payload NAME[,opt=value...] [--mem SIZE] [--cpus N] [--opt key=value...] [--save FILE --save-after N]\n   or: understudy run --kernel PATH [--initrd PATH] [--cmdline S] [--mem SIZE] [--cpus N] [--net tap=NAME,mac=M] [--disk PATH[,ro]]", stderr)
 	payloadArg := fs.String("payload", "", "payload guest: a built-in name (see `understudy payloads`) or a path to a flat binary")
 	mem := &sizeFlag{v: 128 << 20}
 	fs.Var(mem, "mem", "guest memory, e.g. 256M or 1G (a multiple of 2 MiB)")
@@ -229,7 +232,11 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	pf := addProtectFlags(fs)
 	protect := pf.addr
 	rf := addRoleFlags(fs, "primary")
+	lf := addLinuxFlags(fs)
 	if code, done := parseFlags(fs, args); done {
+		return code
+	}
+	if code, done := lf.run(ctx, fs, linuxRunOptions{mem: mem.v, cpus: *cpus, kvm: *kvmDev, backing: *backing, quiet: *quiet, stats: *stats}, stdout, stderr); done {
 		return code
 	}
 	if *protect != "" && (*save != "" || *largePages != "") {

@@ -1,0 +1,105 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"path"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/understudy-vmm/understudy/initramfs/boot"
+)
+
+// The modes of guest.mode.
+const (
+	modePoweroff = "poweroff"
+	modeNet      = "net"
+	modeDisk     = "disk"
+)
+
+// answer is what the guest sends on the TCP connection of guest.mode=net.
+const answer = "hello from the nested guest over virtio-net\n"
+
+// config is what the command line asks of the guest init.
+type config struct {
+	mode    string
+	iface   string
+	addr    netip.Prefix
+	port    uint16
+	disk    string
+	timeout time.Duration
+}
+
+// parseConfig reads the guest.* parameters. Other parameters are the
+// kernel's and are ignored; an unknown guest.* parameter is an error.
+func parseConfig(ps boot.Params) (config, error) {
+	c := config{mode: modePoweroff, iface: "eth0", port: 7777, disk: "/dev/vda", timeout: 60 * time.Second}
+	seen := map[string]bool{}
+	for _, p := range ps.WithPrefix("guest.") {
+		if seen[p.Key] {
+			return c, fmt.Errorf("guest.%s given twice", p.Key)
+		}
+		seen[p.Key] = true
+		if !p.HasValue || p.Value == "" {
+			return c, fmt.Errorf("guest.%s needs a value", p.Key)
+		}
+		v := p.Value
+		switch p.Key {
+		case "mode":
+			switch v {
+			case modePoweroff, modeNet, modeDisk:
+				c.mode = v
+			default:
+				return c, fmt.Errorf("guest.mode=%q: want %s, %s or %s", v, modePoweroff, modeNet, modeDisk)
+			}
+		case "iface":
+			if err := boot.CheckIfName(v); err != nil {
+				return c, fmt.Errorf("guest.iface: %w", err)
+			}
+			c.iface = v
+		case "addr":
+			pf, err := netip.ParsePrefix(v)
+			if err != nil || !pf.Addr().Is4() || pf.Bits() == 0 || pf.Bits() == 32 {
+				return c, fmt.Errorf("guest.addr=%q: want an IPv4 address with a prefix length of 1..31, as 192.0.2.2/24", v)
+			}
+			c.addr = pf
+		case "port":
+			n, err := strconv.ParseUint(v, 10, 16)
+			if err != nil || n == 0 {
+				return c, fmt.Errorf("guest.port=%q: want 1..65535", v)
+			}
+			c.port = uint16(n)
+		case "disk":
+			if !strings.HasPrefix(v, "/dev/") || path.Clean(v) != v || len(v) > 64 {
+				return c, fmt.Errorf("guest.disk=%q: want a device under /dev, as /dev/vda", v)
+			}
+			c.disk = v
+		case "timeout":
+			d, err := time.ParseDuration(v)
+			if err != nil || d <= 0 || d > time.Hour {
+				return c, fmt.Errorf("guest.timeout=%q: want a duration up to 1h, as 60s", v)
+			}
+			c.timeout = d
+		default:
+			return c, fmt.Errorf("unknown parameter guest.%s (known: mode, iface, addr, port, disk, timeout)", p.Key)
+		}
+	}
+	if c.mode == modeNet && !c.addr.IsValid() {
+		return c, fmt.Errorf("guest.mode=net needs guest.addr=A/N")
+	}
+	return c, nil
+}
+
+// modules returns the modules the mode needs. virtio_pci is there too so
+// that the same initramfs works whether the VMM offers virtio over MMIO or
+// PCI; without devices, either driver just loads.
+func (c config) modules() []string {
+	switch c.mode {
+	case modeNet:
+		return []string{"virtio_mmio", "virtio_pci", "virtio_net"}
+	case modeDisk:
+		return []string{"virtio_mmio", "virtio_pci", "virtio_blk"}
+	}
+	return nil
+}

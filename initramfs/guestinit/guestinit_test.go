@@ -1,0 +1,182 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/initramfs/boot"
+	"golang.org/x/sys/unix"
+)
+
+func mustParams(t testing.TB, s string) boot.Params {
+	ps, err := boot.ParseCmdline(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ps
+}
+
+func TestParseConfig(t *testing.T) {
+	c, err := parseConfig(mustParams(t, "console=ttyS0 panic=-1"))
+	if err != nil || c.mode != modePoweroff || c.modules() != nil {
+		t.Errorf("parseConfig(no guest.*) = %+v, %v, want poweroff and no modules", c, err)
+	}
+	c, err = parseConfig(mustParams(t, "guest.mode=net guest.addr=192.0.2.2/24 guest.port=8080 guest.iface=eth1 guest.timeout=5s"))
+	want := config{mode: modeNet, iface: "eth1", addr: netip.MustParsePrefix("192.0.2.2/24"), port: 8080, disk: "/dev/vda", timeout: 5 * time.Second}
+	if err != nil || c != want {
+		t.Errorf("parseConfig(net) = %+v, %v, want %+v", c, err, want)
+	}
+	c, err = parseConfig(mustParams(t, "guest.mode=disk guest.disk=/dev/vdb"))
+	if err != nil || c.mode != modeDisk || c.disk != "/dev/vdb" || c.modules()[2] != "virtio_blk" {
+		t.Errorf("parseConfig(disk) = %+v, %v", c, err)
+	}
+	for _, tt := range []struct{ in, want string }{
+		{"guest.mode=dance", "want poweroff, net or disk"},
+		{"guest.mode=net", "needs guest.addr"},
+		{"guest.mode=net guest.addr=192.0.2.2", "prefix length"},
+		{"guest.addr=2001:db8::1/64", "IPv4"},
+		{"guest.addr=192.0.2.2/32", "1..31"},
+		{"guest.port=0", "1..65535"},
+		{"guest.port=65536", "1..65535"},
+		{"guest.iface=a/b", "guest.iface"},
+		{"guest.disk=/etc/passwd", "under /dev"},
+		{"guest.disk=/dev/../etc/x", "under /dev"},
+		{"guest.timeout=-1s", "duration"},
+		{"guest.timeout=2h", "duration"},
+		{"guest.mode=net guest.mode=disk", "given twice"},
+		{"guest.mode", "needs a value"},
+		{"guest.colour=red", "unknown parameter guest.colour"},
+	} {
+		if _, err := parseConfig(mustParams(t, tt.in)); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("parseConfig(%q) = %v, want an error containing %q", tt.in, err, tt.want)
+		}
+	}
+}
+
+func FuzzParseConfig(f *testing.F) {
+	for _, s := range []string{"guest.mode=net guest.addr=192.0.2.2/24", "guest.mode=disk guest.disk=/dev/vda", "guest.port=1 guest.timeout=1s", "guest.x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		ps, err := boot.ParseCmdline(s)
+		if err != nil {
+			return
+		}
+		c, err := parseConfig(ps)
+		if err != nil {
+			return
+		}
+		if c.port == 0 || c.timeout <= 0 || !strings.HasPrefix(c.disk, "/dev/") || boot.CheckIfName(c.iface) != nil {
+			t.Fatalf("parseConfig(%q) accepted %+v", s, c)
+		}
+		if c.mode == modeNet && !c.addr.Addr().Is4() {
+			t.Fatalf("parseConfig(%q): net mode without an IPv4 address: %+v", s, c)
+		}
+	})
+}
+
+func TestReadDisk(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "disk.img")
+	img := make([]byte, 1<<20)
+	copy(img, "first line\nsecond")
+	copy(img[512<<10:], "at 512K\x00junk")
+	if err := os.WriteFile(p, img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	c := config{mode: modeDisk, disk: p, timeout: time.Second}
+	if err := readDisk(&out, c); err != nil {
+		t.Fatal(err)
+	}
+	want := prefix + `disk ` + p + ` offset 0: "first line"` + "\n" + prefix + `disk ` + p + ` offset 524288: "at 512K"` + "\n"
+	if out.String() != want {
+		t.Errorf("readDisk printed %q, want %q", out.String(), want)
+	}
+	c.disk = filepath.Join(t.TempDir(), "none")
+	c.timeout = 50 * time.Millisecond
+	if err := readDisk(io.Discard, c); err == nil || !strings.Contains(err.Error(), "did not appear") {
+		t.Errorf("readDisk(missing) = %v, want a timeout naming the device", err)
+	}
+}
+
+// TestServe runs serve on the loopback interface of a fresh network
+// namespace and connects to it from another thread in that namespace.
+func TestServe(t *testing.T) {
+	type result struct {
+		out string
+		err error
+	}
+	nsReady := make(chan int, 1)
+	served := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with its namespace
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			nsReady <- -1
+			served <- result{err: err}
+			return
+		}
+		fd, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			nsReady <- -1
+			served <- result{err: err}
+			return
+		}
+		nsReady <- fd
+		var out bytes.Buffer
+		err = serve(&out, config{mode: modeNet, iface: "lo", addr: netip.MustParsePrefix("127.0.0.1/8"), port: 7777, timeout: 10 * time.Second})
+		served <- result{out.String(), err}
+	}()
+	fd := <-nsReady
+	if fd < 0 {
+		r := <-served
+		t.Skipf("cannot make a network namespace here (needs CAP_SYS_ADMIN): %v", r.err)
+	}
+	got := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: this thread moves to the namespace
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			got <- result{err: err}
+			return
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			conn, err := net.DialTimeout("tcp4", "127.0.0.1:7777", time.Second)
+			if err != nil {
+				if time.Now().After(deadline) {
+					got <- result{err: err}
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+				continue
+			}
+			b, err := io.ReadAll(conn)
+			conn.Close()
+			got <- result{string(b), err}
+			return
+		}
+	}()
+	r := <-got
+	if r.err != nil || r.out != answer {
+		t.Errorf("client read %q, %v, want %q", r.out, r.err, answer)
+	}
+	s := <-served
+	if s.err != nil || !strings.Contains(s.out, "listening on 127.0.0.1:7777 (lo)") || !strings.Contains(s.out, "answered 127.0.0.1:") {
+		t.Errorf("serve = %v, printed %q", s.err, s.out)
+	}
+}
+
+func TestServeNoLink(t *testing.T) {
+	err := serve(io.Discard, config{mode: modeNet, iface: "nosuch9", addr: netip.MustParsePrefix("192.0.2.2/24"), port: 1, timeout: 50 * time.Millisecond})
+	if err == nil || !strings.Contains(err.Error(), "no network interface") {
+		t.Errorf("serve(nosuch9) = %v, want no network interface", err)
+	}
+}

@@ -1,0 +1,149 @@
+// Command guestinit is /init of the small initramfs that the appliance's
+// nested guests boot (build/image/guest.cpio, built by `make image`). It is
+// a static Go program and the only program in that initramfs.
+//
+// It mounts /proc, /sys and /dev, prints "understudy-guest: init reached"
+// with the kernel's uptime, and then does what the kernel command line asks:
+//
+//	guest.mode=poweroff                    power off at once (the default)
+//	guest.mode=net guest.addr=A/N [guest.port=P] [guest.iface=eth0]
+//	                                       load the virtio modules, give the
+//	                                       interface address A/N, answer one TCP
+//	                                       connection on port P (default 7777)
+//	                                       with a fixed line, power off
+//	guest.mode=disk [guest.disk=/dev/vda]  load the virtio modules, print the
+//	                                       text at offsets 0 and 512 KiB of the
+//	                                       disk, power off
+//	guest.timeout=60s                      how long to wait for a device or a
+//	                                       connection
+//
+// Every line it prints starts with "understudy-guest: ". On success it
+// powers the machine off; on failure it prints "understudy-guest: FAIL: ..."
+// and resets it, so that the VMM reports the difference.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/understudy-vmm/understudy/initramfs/boot"
+	"golang.org/x/sys/unix"
+)
+
+const prefix = "understudy-guest: "
+
+func main() {
+	out := os.Stdout
+	mountErr := mountBasics()
+	fmt.Fprintf(out, "%sinit reached (kernel uptime %s)\n", prefix, uptime())
+	if mountErr != nil {
+		fail(out, mountErr)
+	}
+	if err := run(out); err != nil {
+		fail(out, err)
+	}
+	fmt.Fprintf(out, "%sdone, powering off\n", prefix)
+	if err := boot.PowerOff(); err != nil {
+		fail(out, err)
+	}
+}
+
+// fail reports err and resets the machine.
+func fail(out io.Writer, err error) {
+	fmt.Fprintf(out, "%sFAIL: %v\n", prefix, err)
+	if rerr := boot.Restart(); rerr != nil {
+		fmt.Fprintf(out, "%s%v\n", prefix, rerr)
+	}
+	os.Exit(1) // the kernel panics; with panic=-1 it resets
+}
+
+func mountBasics() error {
+	for _, m := range []struct{ src, dir, fstype string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+	} {
+		if err := os.MkdirAll(m.dir, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(m.src, m.dir, m.fstype, unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil {
+			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.dir, err)
+		}
+	}
+	return nil
+}
+
+func uptime() string {
+	b, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "unknown"
+	}
+	return f[0] + " s"
+}
+
+func run(out io.Writer) error {
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return err
+	}
+	params, err := boot.ParseCmdline(string(b))
+	if err != nil {
+		return err
+	}
+	cfg, err := parseConfig(params)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "%smode %s\n", prefix, cfg.mode)
+	if mods := cfg.modules(); len(mods) > 0 {
+		if err := loadModules(out, mods, params); err != nil {
+			return err
+		}
+	}
+	switch cfg.mode {
+	case modeNet:
+		return serve(out, cfg)
+	case modeDisk:
+		return readDisk(out, cfg)
+	}
+	return nil
+}
+
+func loadModules(out io.Writer, names []string, params boot.Params) error {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return err
+	}
+	dir := "/lib/modules/" + unix.ByteSliceToString(u.Release[:])
+	f, err := os.Open(dir + "/modules.dep")
+	if err != nil {
+		return err
+	}
+	dep, err := boot.ParseDepFile(f)
+	f.Close()
+	if err != nil {
+		return err
+	}
+	var failed []string
+	for _, r := range boot.LoadModules(dir, dep, names, params) {
+		switch {
+		case r.Err != nil:
+			fmt.Fprintf(out, "%smodule %s: %v\n", prefix, r.Name, r.Err)
+			failed = append(failed, r.Name)
+		case r.Already:
+			fmt.Fprintf(out, "%smodule %s: already loaded\n", prefix, r.Name)
+		default:
+			fmt.Fprintf(out, "%smodule %s: loaded in %v\n", prefix, r.Name, r.Took.Round(100_000))
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("modules not loaded: %s", strings.Join(failed, ", "))
+	}
+	return nil
+}

@@ -1,0 +1,86 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/understudy-vmm/understudy/initramfs/boot"
+)
+
+// diskOffsets are where readDisk looks for text.
+var diskOffsets = []int64{0, 512 << 10}
+
+// serve configures the interface and answers one TCP connection.
+func serve(out io.Writer, c config) error {
+	if err := boot.WaitLink(c.iface, c.timeout); err != nil {
+		return fmt.Errorf("no network interface: %w", err)
+	}
+	if err := boot.SetAddr(c.iface, c.addr); err != nil {
+		return err
+	}
+	for _, link := range []string{"lo", c.iface} {
+		if err := boot.LinkUp(link); err != nil {
+			return err
+		}
+	}
+	ln, err := net.Listen("tcp4", net.JoinHostPort(c.addr.Addr().String(), strconv.Itoa(int(c.port))))
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	fmt.Fprintf(out, "%slistening on %s (%s)\n", prefix, ln.Addr(), c.iface)
+	ln.(*net.TCPListener).SetDeadline(time.Now().Add(c.timeout))
+	conn, err := ln.Accept()
+	if err != nil {
+		return fmt.Errorf("no connection within %v: %w", c.timeout, err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, answer); err != nil {
+		return fmt.Errorf("answer %s: %w", conn.RemoteAddr(), err)
+	}
+	// Send FIN and wait for the peer to close its side, so that the answer
+	// has arrived before the machine powers off.
+	conn.(*net.TCPConn).CloseWrite()
+	if _, err := io.Copy(io.Discard, io.LimitReader(conn, 1<<20)); err != nil {
+		fmt.Fprintf(out, "%sanswered %s, which did not close: %v\n", prefix, conn.RemoteAddr(), err)
+		return nil
+	}
+	fmt.Fprintf(out, "%sanswered %s\n", prefix, conn.RemoteAddr())
+	return nil
+}
+
+// readDisk prints the text at each of diskOffsets of the disk: the bytes up
+// to the first newline or NUL, quoted.
+func readDisk(out io.Writer, c config) error {
+	if err := boot.WaitDevice(c.disk, c.timeout); err != nil {
+		return fmt.Errorf("no disk: %w", err)
+	}
+	f, err := os.Open(c.disk)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	for _, off := range diskOffsets {
+		n, err := f.ReadAt(buf, off)
+		if err != nil && err != io.EOF {
+			return fmt.Errorf("read %s at %d: %w", c.disk, off, err)
+		}
+		fmt.Fprintf(out, "%sdisk %s offset %d: %q\n", prefix, c.disk, off, textAt(buf[:n]))
+	}
+	return nil
+}
+
+// textAt returns b up to its first newline or NUL.
+func textAt(b []byte) []byte {
+	if i := bytes.IndexAny(b, "\n\x00"); i >= 0 {
+		return b[:i]
+	}
+	return b
+}

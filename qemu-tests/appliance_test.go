@@ -1,0 +1,266 @@
+package qemutests
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Timeouts. Under TCG the appliance is ready about 5 s after QEMU starts
+// and a nested guest reaches its init some 10 s after `understudy run`
+// starts; these leave room for a loaded 2-core machine.
+const (
+	bootTimeout   = 2 * time.Minute // QEMU start to the uinit's "ready"
+	nestedTimeout = 4 * time.Minute // "ready" to the nested guest's end
+	exitTimeout   = time.Minute     // the uinit's "done" to QEMU's exit
+)
+
+// The nested guest's network (inside the appliance only: QEMU has no NIC,
+// -nic none, so nothing leaves it). 192.0.2.0/24 is TEST-NET-1.
+const (
+	tapName   = "tap0"
+	tapAddr   = "192.0.2.1/24"
+	guestAddr = "192.0.2.2"
+	guestPort = "7777"
+	guestMAC  = "52:54:00:12:34:56"
+	// guestAnswer is what initramfs/guestinit answers on guestPort.
+	guestAnswer = "hello from the nested guest over virtio-net"
+)
+
+// env is what every test needs: the image, the accelerator and where to
+// keep logs.
+type env struct {
+	repo      string // the repository root
+	image     string // build/image
+	artifacts string // build/qemu-tests
+	accel     Accel
+}
+
+// setup finds the image and QEMU. Without them it skips, naming `make image`,
+// unless UNDERSTUDY_QEMU_REQUIRED=1, when it fails.
+func setup(t *testing.T) env {
+	t.Helper()
+	missing := t.Skipf
+	if os.Getenv("UNDERSTUDY_QEMU_REQUIRED") == "1" {
+		missing = t.Fatalf
+	}
+	repo, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{repo: repo, image: filepath.Join(repo, "build", "image"), artifacts: filepath.Join(repo, "build", "qemu-tests")}
+	if d := os.Getenv("UNDERSTUDY_IMAGE"); d != "" {
+		e.image = d
+	}
+	if d := os.Getenv("UNDERSTUDY_QEMU_ARTIFACTS"); d != "" {
+		e.artifacts = d
+	}
+	for _, f := range []string{"vmlinuz", "appliance.cpio"} {
+		if _, err := os.Stat(filepath.Join(e.image, f)); err != nil {
+			missing("no appliance image (%v): run `make image` first (`make test` does)", err)
+		}
+	}
+	if _, err := exec.LookPath(QEMU); err != nil {
+		missing("%v: install QEMU (apt-get install qemu-system-x86; .ci/run does)", err)
+	}
+	e.accel = DetectAccel("/dev/kvm", "/proc/cpuinfo")
+	return e
+}
+
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// kvmModule is the vendor module the appliance should load.
+func (e env) kvmModule() string {
+	if e.accel.Name == "tcg" {
+		return "kvm_amd" // -cpu qemu64,+svm
+	}
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	if strings.Contains(string(b), " vmx") {
+		return "kvm_intel"
+	}
+	return "kvm_amd"
+}
+
+// boot starts the appliance with the given understudy.* parameters. The
+// console streams into the test log; QEMU is killed when the test ends, and
+// a failed test keeps the console log under e.artifacts.
+func (e env) boot(t *testing.T, params string) *Machine {
+	t.Helper()
+	log := filepath.Join(t.TempDir(), "console.log")
+	cfg := Config{
+		Kernel: filepath.Join(e.image, "vmlinuz"),
+		Initrd: filepath.Join(e.image, "appliance.cpio"),
+		Append: "console=ttyS0 panic=-1 quiet " + params,
+		MemMiB: 1024,
+		CPUs:   1,
+		Accel:  e.accel,
+		OnLine: func(l Line) {
+			t.Logf("console %6.2fs| %s", l.At.Seconds(), l.Text)
+		},
+		LogPath: log,
+	}
+	t.Logf("QEMU with %s (%s)", e.accel.Name, e.accel.Why)
+	m, err := Start(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Kill(); keepLog(t, e, log) })
+	return m
+}
+
+// keepLog copies a failed test's console log to e.artifacts and says where.
+func keepLog(t *testing.T, e env, log string) {
+	if !t.Failed() {
+		return
+	}
+	keep := filepath.Join(e.artifacts, strings.ReplaceAll(t.Name(), "/", "_")+".log")
+	if err := os.MkdirAll(e.artifacts, 0o755); err == nil {
+		if b, err := os.ReadFile(log); err == nil && os.WriteFile(keep, b, 0o644) == nil {
+			t.Logf("console log kept at %s", keep)
+			return
+		}
+	}
+	t.Logf("could not keep the console log %s in %s", log, e.artifacts)
+}
+
+// expect waits for each marker in turn and returns the lines that matched.
+func expect(t *testing.T, m *Machine, timeout time.Duration, markers ...string) []Line {
+	t.Helper()
+	var got []Line
+	for _, mk := range markers {
+		l, err := m.WaitFor(context.Background(), mk, timeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, l)
+	}
+	return got
+}
+
+// poweredOff waits for the uinit's report and for QEMU to exit cleanly.
+func poweredOff(t *testing.T, m *Machine, status int) {
+	t.Helper()
+	expect(t, m, nestedTimeout, fmt.Sprintf("understudy-appliance: done status=%d", status), "understudy-appliance: powering off")
+	if err := m.Wait(exitTimeout); err != nil {
+		t.Fatalf("QEMU after power-off: %v", err)
+	}
+}
+
+// TestApplianceBoots: the appliance boots to understudy's uinit, which
+// reports its role and options, loads the KVM modules in dependency order,
+// finds /dev/kvm usable, and powers off.
+func TestApplianceBoots(t *testing.T) {
+	e := setup(t)
+	m := e.boot(t, "understudy.role=test understudy.timeout=5m")
+	mod := e.kvmModule()
+	lines := expect(t, m, bootTimeout,
+		"understudy-appliance: starting: understudy ",
+		"understudy-appliance: image: kernel linux-image-",
+		"understudy-appliance: role test",
+		`understudy-appliance: option timeout="5m"`,
+		"understudy-appliance: module irqbypass: loaded",
+		"understudy-appliance: module kvm: loaded",
+		"understudy-appliance: module "+mod+": loaded",
+		"understudy-appliance: module vhost_vsock: loaded",
+		"understudy-appliance: module tun: loaded",
+		"understudy-appliance: kvm: usable: /dev/kvm API version 12, VM created, module "+mod,
+		"understudy-appliance: ready role=test",
+	)
+	poweredOff(t, m, 0)
+	t.Logf("appliance: uinit started %.2fs, ready %.2fs after QEMU started (%s); QEMU ran %.2fs",
+		lines[0].At.Seconds(), lines[len(lines)-1].At.Seconds(), e.accel.Name, m.Elapsed().Seconds())
+}
+
+// TestApplianceBadRole: a role the appliance does not know is reported and
+// the appliance still powers off, with a failure status.
+func TestApplianceBadRole(t *testing.T) {
+	e := setup(t)
+	m := e.boot(t, "understudy.role=primary")
+	expect(t, m, bootTimeout, `understudy-appliance: error: understudy.role="primary": want run, intermediary, backup or test`)
+	poweredOff(t, m, 2)
+}
+
+// nestedRun is `understudy run` of the nested guest, as the test role's
+// understudy.exec; extra are more run flags, guest the guest.* parameters.
+// The command line keeps understudy's defaults (reboot through the keyboard
+// controller, which understudy sees; no PCI) and adds quiet: every console
+// byte of a nested guest under TCG is expensive.
+func nestedRun(extra, guest string) string {
+	return fmt.Sprintf(`understudy.exec="understudy run --kernel /boot/vmlinuz --initrd /boot/guest.cpio --mem 256M %s--cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet %s'"`, extra, guest)
+}
+
+// TestNestedLinuxBoot: inside the appliance, `understudy run --kernel`
+// boots the Debian kernel with the guest initramfs; the guest's init prints
+// its marker and powers off, and understudy exits 0.
+func TestNestedLinuxBoot(t *testing.T) {
+	e := setup(t)
+	m := e.boot(t, "understudy.role=test "+nestedRun("", "guest.mode=poweroff"))
+	lines := expect(t, m, bootTimeout, "understudy-appliance: ready role=test", "understudy-appliance: exec: understudy run --kernel")
+	started := lines[1]
+	got := expect(t, m, nestedTimeout, "understudy-guest: init reached", "understudy-guest: done, powering off",
+		"understudy-appliance: exec: exit status 0")
+	poweredOff(t, m, 0)
+	uptime := strings.TrimSuffix(strings.TrimPrefix(got[0].Text, "understudy-guest: init reached (kernel uptime "), ")")
+	t.Logf("nested boot: the guest's init ran %.2fs after `understudy run` started (guest kernel uptime then: %s); the whole guest run took %.2fs",
+		(got[0].At - started.At).Seconds(), uptime, (got[2].At - started.At).Seconds())
+}
+
+// TestNestedNetwork: the appliance makes a tap device with an address, the
+// nested guest gets a virtio-net device on it and serves TCP, and the
+// appliance's probe reads the guest's answer.
+func TestNestedNetwork(t *testing.T) {
+	e := setup(t)
+	m := e.boot(t, fmt.Sprintf("understudy.role=test understudy.tap=%s,%s understudy.probe=tcp:%s:%s %s",
+		tapName, tapAddr, guestAddr, guestPort,
+		nestedRun(fmt.Sprintf("--net tap=%s,mac=%s ", tapName, guestMAC), "guest.mode=net guest.addr="+guestAddr+"/24 guest.port="+guestPort)))
+	expect(t, m, bootTimeout, "understudy-appliance: tap "+tapName+": created, address "+tapAddr+", up", "understudy-appliance: ready role=test")
+	got := expect(t, m, nestedTimeout,
+		"understudy-guest: init reached",
+		"understudy-guest: module virtio_net: loaded",
+		"understudy-guest: listening on "+guestAddr+":"+guestPort+" (eth0)",
+		fmt.Sprintf(`understudy-appliance: probe tcp:%s:%s: answer %q`, guestAddr, guestPort, guestAnswer),
+	)
+	expect(t, m, nestedTimeout, "understudy-guest: answered 192.0.2.1:", "understudy-appliance: exec: exit status 0")
+	poweredOff(t, m, 0)
+	t.Logf("network: the guest answered %.2fs after its init started", (got[3].At - got[0].At).Seconds())
+}
+
+// TestNestedDisk: the appliance writes a disk image with a fresh token, the
+// nested guest gets it as a virtio-blk disk and prints what it reads at two
+// offsets.
+func TestNestedDisk(t *testing.T) {
+	e := setup(t)
+	token := fmt.Sprintf("tok-%d", time.Now().UnixNano())
+	m := e.boot(t, fmt.Sprintf("understudy.role=test understudy.testdisk=/tmp/disk.img:%s %s",
+		token, nestedRun("--disk /tmp/disk.img ", "guest.mode=disk")))
+	expect(t, m, bootTimeout, "understudy-appliance: ready role=test", "understudy-appliance: testdisk /tmp/disk.img: ")
+	expect(t, m, nestedTimeout,
+		"understudy-guest: init reached",
+		"understudy-guest: module virtio_blk: loaded",
+		fmt.Sprintf(`understudy-guest: disk /dev/vda offset 0: %q`, token),
+		fmt.Sprintf(`understudy-guest: disk /dev/vda offset 524288: %q`, token+"@524288"),
+		"understudy-appliance: exec: exit status 0",
+	)
+	poweredOff(t, m, 0)
+}

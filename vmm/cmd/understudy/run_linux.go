@@ -1,0 +1,314 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/understudy-vmm/understudy/vmm"
+	"golang.org/x/sys/unix"
+)
+
+// `understudy run --kernel`: boot a Linux guest. Its serial console is
+// stdout, and stdin (a terminal or a pipe) is its serial input. The run ends
+// when the guest powers off (exit 0), reboots or triple-faults (exit 1,
+// Understudy does not restart guests), or on SIGINT/SIGTERM (exit 130).
+
+// The help text describes vmm.DefaultCmdline without quoting it: the CLI's
+// tests take the word for a kernel crash in any output for a Go crash.
+
+// linuxDefaultMem is a Linux guest's memory when --mem is not given.
+const linuxDefaultMem = 256 << 20
+
+// linuxFlags are the flags of a Linux guest.
+type linuxFlags struct {
+	kernel, initrd string
+	cmdline        cmdlineFlag
+	nets           netList
+	disks          diskList
+}
+
+// linuxRunOptions are the flags `run` shares with payload guests.
+type linuxRunOptions struct {
+	mem     uint64
+	cpus    int
+	kvm     string
+	backing string
+	quiet   bool
+	stats   bool
+}
+
+// linuxFlagNames are the flags that apply to a Linux guest.
+var linuxFlagNames = map[string]bool{
+	"kernel": true, "initrd": true, "cmdline": true, "net": true, "disk": true,
+	"mem": true, "cpus": true, "kvm": true, "backing": true, "quiet": true, "stats": true,
+}
+
+// addLinuxFlags registers the Linux guest flags on fs.
+func addLinuxFlags(fs *flag.FlagSet) *linuxFlags {
+	lf := &linuxFlags{}
+	fs.StringVar(&lf.kernel, "kernel", "", "boot this Linux bzImage instead of a payload (64-bit boot protocol 2.12+); without --mem the guest gets 256M")
+	fs.StringVar(&lf.initrd, "initrd", "", "with --kernel: the initial RAM disk")
+	fs.Var(&lf.cmdline, "cmdline", "with --kernel: the kernel command line. The default puts the console on COM1 (console=ttyS0), "+
+		"reboots through the keyboard controller so that a reboot ends the run (reboot=k), reboots at once when the kernel crashes "+
+		"(its crash timeout set to -1), and skips PCI (pci=off). A virtio_mmio.device= entry per --net and --disk is appended")
+	fs.Var(&lf.nets, "net", "with --kernel: a virtio-net interface on an existing tap device: tap=NAME[,mac=MAC] (repeatable)")
+	fs.Var(&lf.disks, "disk", "with --kernel: a virtio-blk disk backed by a file: PATH[,ro] (repeatable)")
+	return lf
+}
+
+// cmdlineFlag is --cmdline; set distinguishes an empty command line given
+// on purpose from none.
+type cmdlineFlag struct {
+	v   string
+	set bool
+}
+
+func (c *cmdlineFlag) String() string { return c.v }
+func (c *cmdlineFlag) Set(s string) error {
+	if strings.ContainsAny(s, "\x00\n") {
+		return errors.New("the kernel command line must not contain a NUL byte or a newline")
+	}
+	c.v, c.set = s, true
+	return nil
+}
+
+type netList []vmm.NetConfig
+
+func (l *netList) String() string {
+	var s []string
+	for _, n := range *l {
+		s = append(s, "tap="+n.Tap)
+	}
+	return strings.Join(s, " ")
+}
+
+func (l *netList) Set(s string) error {
+	n, err := parseNet(s)
+	if err != nil {
+		return err
+	}
+	*l = append(*l, n)
+	return nil
+}
+
+type diskList []vmm.DiskConfig
+
+func (l *diskList) String() string {
+	var s []string
+	for _, d := range *l {
+		s = append(s, d.Path)
+	}
+	return strings.Join(s, " ")
+}
+
+func (l *diskList) Set(s string) error {
+	d, err := parseDisk(s)
+	if err != nil {
+		return err
+	}
+	*l = append(*l, d)
+	return nil
+}
+
+// maxIfName is the longest network interface name Linux allows (IFNAMSIZ-1).
+const maxIfName = 15
+
+// parseNet parses "tap=NAME[,mac=MAC]".
+func parseNet(s string) (vmm.NetConfig, error) {
+	var n vmm.NetConfig
+	opts := map[string]string{}
+	if err := parseOptions(s, opts); err != nil {
+		return n, fmt.Errorf("--net %q: %w", s, err)
+	}
+	keys := make([]string, 0, len(opts))
+	for k := range opts {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		v := opts[k]
+		switch k {
+		case "tap":
+			if err := checkIfName(v); err != nil {
+				return n, fmt.Errorf("--net %q: %w", s, err)
+			}
+			n.Tap = v
+		case "mac":
+			mac, err := net.ParseMAC(v)
+			if err != nil || len(mac) != 6 {
+				return n, fmt.Errorf("--net %q: mac %q is not an Ethernet MAC address (want six hex bytes like 02:00:00:00:00:01)", s, v)
+			}
+			if mac[0]&1 != 0 {
+				return n, fmt.Errorf("--net %q: mac %s is a multicast address; an interface needs a unicast one", s, mac)
+			}
+			if isZero(mac) {
+				return n, fmt.Errorf("--net %q: mac %s is all zeros", s, mac)
+			}
+			n.MAC = mac
+		default:
+			return n, fmt.Errorf("--net %q: unknown option %q (want tap=NAME[,mac=MAC])", s, k)
+		}
+	}
+	if n.Tap == "" {
+		return n, fmt.Errorf("--net %q: tap=NAME is required", s)
+	}
+	return n, nil
+}
+
+func isZero(b []byte) bool {
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// checkIfName checks a network interface name as Linux would (dev_valid_name).
+func checkIfName(name string) error {
+	if name == "" || len(name) > maxIfName || name == "." || name == ".." {
+		return fmt.Errorf("tap device name %q: want 1 to %d characters other than %q and %q", name, maxIfName, ".", "..")
+	}
+	for _, c := range name {
+		if c == '/' || c == ':' || c <= ' ' || c > '~' {
+			return fmt.Errorf("tap device name %q: %q is not allowed in an interface name", name, c)
+		}
+	}
+	return nil
+}
+
+// parseDisk parses "PATH[,ro]" (",rw", the default, is accepted too). Only
+// a final ",ro" or ",rw" is an option: any other comma is part of the path.
+func parseDisk(s string) (vmm.DiskConfig, error) {
+	d := vmm.DiskConfig{Path: s}
+	if p, ok := strings.CutSuffix(s, ",ro"); ok {
+		d = vmm.DiskConfig{Path: p, ReadOnly: true}
+	} else if p, ok := strings.CutSuffix(s, ",rw"); ok {
+		d.Path = p
+	}
+	if d.Path == "" {
+		return d, fmt.Errorf("--disk %q: no file given (want PATH[,ro])", s)
+	}
+	if strings.ContainsRune(d.Path, 0) {
+		return d, fmt.Errorf("--disk %q: the path contains a NUL byte", s)
+	}
+	return d, nil
+}
+
+// run handles `understudy run` for a Linux guest. It reports done=false
+// when no Linux guest flag was given (a payload run).
+func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptions, stdout, stderr io.Writer) (code int, done bool) {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if lf.kernel == "" {
+		for _, name := range []string{"initrd", "cmdline", "net", "disk"} {
+			if set[name] {
+				fmt.Fprintf(stderr, "understudy run: --%s needs --kernel\n", name)
+				return exitUsage, true
+			}
+		}
+		return 0, false
+	}
+	var other []string
+	for name := range set {
+		if !linuxFlagNames[name] {
+			other = append(other, "--"+name)
+		}
+	}
+	if len(other) > 0 {
+		sort.Strings(other)
+		fmt.Fprintf(stderr, "understudy run: %s cannot be combined with --kernel (payload guests only)\n", strings.Join(other, ", "))
+		return exitUsage, true
+	}
+	if !set["mem"] {
+		o.mem = linuxDefaultMem
+	}
+	if o.cpus < 1 || o.cpus > vmm.MaxCPUs {
+		return fail(stderr, fmt.Errorf("--cpus %d: want 1..%d vCPUs", o.cpus, vmm.MaxCPUs)), true
+	}
+	bk, err := parseBacking(o.backing)
+	if err != nil {
+		return fail(stderr, err), true
+	}
+	cfg := vmm.Config{
+		KVMDevice: o.kvm, MemSize: o.mem, CPUs: o.cpus, Backing: bk,
+		Kernel: lf.kernel, Initrd: lf.initrd, Cmdline: lf.cmdline.v,
+		Disks: lf.disks, Nets: lf.nets,
+		Console: stdout, ConsoleIn: consoleInput(os.Stdin),
+	}
+	if lf.cmdline.set && lf.cmdline.v == "" {
+		// An empty --cmdline means an empty command line, not the default.
+		cfg.Cmdline = " "
+	}
+	m, err := vmm.New(cfg)
+	if err != nil {
+		return fail(stderr, err), true
+	}
+	defer m.Close()
+	start := time.Now()
+	res, err := m.Run(ctx)
+	elapsed := time.Since(start).Round(time.Millisecond)
+	if errors.Is(err, context.Canceled) {
+		fmt.Fprintf(stderr, "understudy: interrupted after %v\n", elapsed)
+		return exitInterrupted, true
+	}
+	if err != nil {
+		return fail(stderr, err), true
+	}
+	if o.stats {
+		st, err := m.Stats()
+		if err != nil {
+			return fail(stderr, err), true
+		}
+		fmt.Fprintf(stderr, "understudy: stats: exits=%d rss_kib=%d guest_resident_kib=%d\n", st.Exits, st.RSS>>10, st.GuestResident>>10)
+	}
+	return linuxEnd(res, elapsed, o.quiet, stderr), true
+}
+
+// linuxEnd reports how a Linux guest ended and returns the exit code: 0 for
+// a power-off, 1 for anything else.
+func linuxEnd(res vmm.Result, elapsed time.Duration, quiet bool, stderr io.Writer) int {
+	if res.End == vmm.EndPowerOff {
+		if !quiet {
+			fmt.Fprintf(stderr, "understudy: guest powered off after %v (%s)\n", elapsed, res.Detail)
+		}
+		return 0
+	}
+	switch res.End {
+	case vmm.EndReboot:
+		fmt.Fprintf(stderr, "understudy: guest rebooted after %v (%s); understudy does not restart guests\n", elapsed, res.Detail)
+	case vmm.EndTripleFault:
+		fmt.Fprintf(stderr, "understudy: guest reset by a triple fault after %v, a reboot with reboot=t or a crash (%s)\n", elapsed, res.Detail)
+	default:
+		fmt.Fprintf(stderr, "understudy: guest %s after %v (exit code %d) %s\n", res.End, elapsed, res.ExitCode, res.Detail)
+	}
+	return exitError
+}
+
+// consoleInput returns f as the guest's serial input if it is a terminal or
+// a pipe (or socket), nil otherwise (/dev/null, a regular file): a guest
+// should not receive a file nobody typed.
+func consoleInput(f *os.File) io.Reader {
+	if f == nil {
+		return nil
+	}
+	if _, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS); err == nil {
+		return f
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil
+	}
+	if fi.Mode()&(os.ModeNamedPipe|os.ModeSocket) != 0 {
+		return f
+	}
+	return nil
+}

@@ -1,0 +1,570 @@
+package vmm
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/mmu"
+)
+
+// Setup header offsets (see arch/bootparams.go) for building test images.
+const (
+	tSetupSects = 0x1f1
+	tSysSize    = 0x1f4
+	tBootFlag   = 0x1fe
+	tJump       = 0x200
+	tMagic      = 0x202
+	tVersion    = 0x206
+	tLoader     = 0x210
+	tLoadFlags  = 0x211
+	tRamdisk    = 0x218
+	tRamdiskLen = 0x21c
+	tCmdline    = 0x228
+	tInitrdMax  = 0x22c
+	tAlign      = 0x230
+	tXLoadFlags = 0x236
+	tCmdlineMax = 0x238
+	tPref       = 0x258
+	tInitSize   = 0x260
+)
+
+// testKernel builds a bzImage whose protected-mode part holds code at its
+// 64-bit entry (offset 0x200): a tiny "kernel" that runs in the long mode
+// the VMM sets up. initSize is what the header says the kernel needs.
+func testKernel(code []byte, initSize uint32) []byte {
+	const sects = 4
+	kernel := make([]byte, 0x1000)
+	copy(kernel[0x200:], code)
+	img := make([]byte, (sects+1)*512, (sects+1)*512+len(kernel))
+	le := binary.LittleEndian
+	img[tSetupSects] = sects
+	le.PutUint32(img[tSysSize:], uint32(len(kernel)/16))
+	le.PutUint16(img[tBootFlag:], 0xaa55)
+	img[tJump], img[tJump+1] = 0xeb, 0x6a
+	le.PutUint32(img[tMagic:], arch.SetupHeaderMagic)
+	le.PutUint16(img[tVersion:], 0x020f)
+	img[tLoadFlags] = arch.LoadedHigh
+	le.PutUint32(img[tInitrdMax:], 0x7fffffff)
+	le.PutUint32(img[tAlign:], 0x200000)
+	le.PutUint16(img[tXLoadFlags:], arch.XLFKernel64|arch.XLFCanBeLoadedAbove4G)
+	le.PutUint32(img[tCmdlineMax:], 0x7ff)
+	le.PutUint64(img[tPref:], 0x1000000)
+	le.PutUint32(img[tInitSize:], initSize)
+	return append(img, kernel...)
+}
+
+// Guest code fragments (64-bit, CPL0).
+var (
+	// out8 port, imm: mov dx, port; mov al, imm; out dx, al
+	codeCOM1 = func(s string) []byte {
+		b := []byte{0x66, 0xba, 0xf8, 0x03}
+		for _, c := range []byte(s) {
+			b = append(b, 0xb0, c, 0xee)
+		}
+		return b
+	}
+	// mov al, [rsi+0x210] (type_of_loader); out dx, al (dx = COM1)
+	codeLoaderType = []byte{0x66, 0xba, 0xf8, 0x03, 0x8a, 0x86, 0x10, 0x02, 0x00, 0x00, 0xee}
+	// mov dx, 0x604; mov ax, SLP_TYP 5 | SLP_EN; out dx, ax
+	codePowerOff = []byte{0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x34, 0x66, 0xef}
+	// mov al, 0xfe; out 0x64, al
+	codeKbdReset = []byte{0xb0, 0xfe, 0xe6, 0x64}
+	// ud2 (no IDT: a triple fault)
+	codeUD2 = []byte{0x0f, 0x0b}
+	// wait for a received byte and echo it: poll LSR.DR, in RBR, out THR
+	codeEcho = []byte{
+		0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd
+		0xec,       // in al, dx
+		0xa8, 0x01, // test al, 1
+		0x74, 0xf7, // jz -9
+		0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+		0xec, // in al, dx
+		0xee, // out dx, al
+	}
+	// hlt; jmp back to hlt
+	codeHalt = []byte{0xf4, 0xeb, 0xfd}
+)
+
+func concat(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+
+// writeTemp writes b to a new file in dir.
+func writeTemp(t *testing.T, dir, name string, b []byte) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// linuxConfig is a Linux machine with the test kernel running code.
+func linuxConfig(t *testing.T, code []byte) Config {
+	dir := t.TempDir()
+	return Config{MemSize: 64 << 20, Kernel: writeTemp(t, dir, "bzImage", testKernel(code, 0x100000))}
+}
+
+func TestLinuxMachineSetup(t *testing.T) {
+	requireKVM(t)
+	dir := t.TempDir()
+	initrd := bytes.Repeat([]byte("initrd!\n"), 40000) // 320000 bytes
+	cfg := Config{
+		MemSize: 64 << 20, CPUs: 2,
+		Kernel:  writeTemp(t, dir, "bzImage", testKernel(codeHalt, 0x100000)),
+		Initrd:  writeTemp(t, dir, "initrd", initrd),
+		Cmdline: "console=ttyS0 hello=world",
+	}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	mem := m.Memory()
+	read := func(gpa, n uint64) []byte {
+		b, err := mem.Slice(gpa, n)
+		if err != nil {
+			t.Fatalf("read %#x+%d: %v", gpa, n, err)
+		}
+		return b
+	}
+	le := binary.LittleEndian
+	bp := read(linuxBootParamsAddr, arch.BootParamsSize)
+	if got := le.Uint32(bp[tMagic:]); got != arch.SetupHeaderMagic {
+		t.Errorf("zero page header magic %#x", got)
+	}
+	if bp[tLoader] != 0xff {
+		t.Errorf("type_of_loader = %#x, want 0xff", bp[tLoader])
+	}
+	cmdAddr := uint64(le.Uint32(bp[tCmdline:]))
+	cmd := read(cmdAddr, uint64(len(cfg.Cmdline)+1))
+	if string(cmd) != cfg.Cmdline+"\x00" {
+		t.Errorf("command line at %#x = %q, want %q", cmdAddr, cmd, cfg.Cmdline)
+	}
+	rdAddr, rdLen := uint64(le.Uint32(bp[tRamdisk:])), uint64(le.Uint32(bp[tRamdiskLen:]))
+	if rdLen != uint64(len(initrd)) || rdAddr%arch.PageSize != 0 || rdAddr+rdLen > 64<<20 || rdAddr < 0x1000000+0x100000 {
+		t.Errorf("initrd at %#x, %d bytes: want page-aligned, %d bytes, above the kernel, inside RAM", rdAddr, rdLen, len(initrd))
+	} else if !bytes.Equal(read(rdAddr, rdLen), initrd) {
+		t.Errorf("initrd bytes in guest memory differ from the file")
+	}
+	e820, err := arch.ParseE820(bp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantE820 := []arch.E820Entry{
+		{Addr: 0, Size: 0x9fc00, Type: arch.E820RAM},
+		{Addr: 0x9fc00, Size: 0x400, Type: arch.E820Reserved},
+		{Addr: 0xe0000, Size: 0x20000, Type: arch.E820Reserved},
+		{Addr: 0x100000, Size: 63 << 20, Type: arch.E820RAM},
+	}
+	if !reflect.DeepEqual(e820, wantE820) {
+		t.Errorf("e820 = %+v, want %+v", e820, wantE820)
+	}
+	rsdp := le.Uint64(bp[0x70:])
+	if rsdp != linuxACPIAddr || string(read(rsdp, 8)) != "RSD PTR " {
+		t.Errorf("acpi_rsdp_addr = %#x (%q), want the RSDP at %#x", rsdp, read(rsdp, 8), linuxACPIAddr)
+	}
+	k, _ := arch.ParseBzImage(testKernel(codeHalt, 0x100000))
+	if !bytes.Equal(read(linuxKernelAddr, uint64(len(k.Kernel))), k.Kernel) {
+		t.Errorf("kernel not at 1 MiB")
+	}
+
+	// vCPU 0 at the 64-bit entry in long mode, RSI = zero page.
+	c0 := m.vcpus[0].cpu
+	regs, _ := c0.Regs()
+	sregs, _ := c0.Sregs()
+	if regs.RIP != linuxKernelAddr+0x200 || regs.RSI != linuxBootParamsAddr || regs.RFLAGS&arch.RFLAGSIF != 0 {
+		t.Errorf("vCPU 0 RIP %#x RSI %#x RFLAGS %#x; want 0x100200, %#x, interrupts off", regs.RIP, regs.RSI, regs.RFLAGS, linuxBootParamsAddr)
+	}
+	if sregs.CS.Selector != 0x10 || sregs.CS.L != 1 || sregs.DS.Selector != 0x18 || sregs.SS.Selector != 0x18 {
+		t.Errorf("segments CS %#x (L=%d) DS %#x SS %#x; want __BOOT_CS 0x10 64-bit, __BOOT_DS 0x18", sregs.CS.Selector, sregs.CS.L, sregs.DS.Selector, sregs.SS.Selector)
+	}
+	if sregs.CR0&(arch.CR0PE|arch.CR0PG) != arch.CR0PE|arch.CR0PG || sregs.CR4&arch.CR4PAE == 0 || sregs.EFER&(arch.EFERLME|arch.EFERLMA) != arch.EFERLME|arch.EFERLMA {
+		t.Errorf("CR0 %#x CR4 %#x EFER %#x: not long mode", sregs.CR0, sregs.CR4, sregs.EFER)
+	}
+	for _, gva := range []uint64{0, linuxKernelAddr + 0x200, rdAddr, 3<<30 - 1, 4<<30 - 1} {
+		if gpa, err := mem.Translate(sregs.CR3, gva); err != nil || gpa != gva {
+			t.Errorf("page tables map %#x to %#x, %v; want identity", gva, gpa, err)
+		}
+	}
+	// The GDT descriptors are what the segment registers say.
+	gdt := read(sregs.GDT.Base, uint64(sregs.GDT.Limit)+1)
+	if got, want := le.Uint64(gdt[0x10:]), arch.Descriptor(sregs.CS); got != want {
+		t.Errorf("GDT[0x10] = %#x, want %#x", got, want)
+	}
+	for i, v := range m.vcpus {
+		mp, _ := v.cpu.MPState()
+		want := uint32(arch.MPStateRunnable)
+		if i > 0 {
+			want = arch.MPStateUninitialized
+		}
+		if mp.State != want {
+			t.Errorf("vCPU %d MP state %d, want %d", i, mp.State, want)
+		}
+		l, _ := v.cpu.LAPIC()
+		if l.DeliveryMode(arch.LAPICRegLINT0) != arch.LVTDeliveryExtINT || l.DeliveryMode(arch.LAPICRegLINT1) != arch.LVTDeliveryNMI {
+			t.Errorf("vCPU %d LINT0 %#x LINT1 %#x: want ExtINT and NMI", i, l.Reg(arch.LAPICRegLINT0), l.Reg(arch.LAPICRegLINT1))
+		}
+		msrs, err := v.cpu.MSRs([]uint32{msrMiscEnable, msrMTRRDefType})
+		if err != nil || msrs[0].Data&miscEnableFastStr == 0 || msrs[1].Data != mtrrDefEnable|mtrrTypeWriteBack {
+			t.Errorf("vCPU %d MSRs %+v, %v: want fast strings and MTRR default write-back", i, msrs, err)
+		}
+		cpuid, err := v.cpu.CPUID()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var sawKVM bool
+		for _, e := range cpuid {
+			switch e.Function {
+			case 1:
+				if id := e.EBX >> 24; id != uint32(i) {
+					t.Errorf("vCPU %d CPUID.1 APIC id %d", i, id)
+				}
+			case arch.KVMCPUIDSignature:
+				var sig [12]byte
+				le.PutUint32(sig[0:], e.EBX)
+				le.PutUint32(sig[4:], e.ECX)
+				le.PutUint32(sig[8:], e.EDX)
+				sawKVM = string(sig[:9]) == "KVMKVMKVM"
+			}
+		}
+		if !sawKVM {
+			t.Errorf("vCPU %d CPUID lacks the KVM signature leaf", i)
+		}
+	}
+}
+
+// runLinux runs cfg until it ends (20 s at most).
+func runLinux(t *testing.T, cfg Config) (Result, error) {
+	t.Helper()
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	defer m.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	return m.Run(ctx)
+}
+
+// TestLinuxEntryPowerOff runs a stand-in kernel through the real entry path
+// (long mode at the 64-bit entry, zero page in RSI): it prints to COM1,
+// reports type_of_loader from the zero page and powers off through ACPI.
+func TestLinuxEntryPowerOff(t *testing.T) {
+	requireKVM(t)
+	var out syncBuffer
+	cfg := linuxConfig(t, concat(codeCOM1("hi "), codeLoaderType, codePowerOff, codeHalt))
+	cfg.Console = &out
+	cfg.CPUs = 2 // vCPU 1 waits for a SIPI that never comes; Run must still end
+	res, err := runLinux(t, cfg)
+	if err != nil {
+		t.Fatalf("Run = %v", err)
+	}
+	if res.End != EndPowerOff || !strings.Contains(res.Detail, "S5") {
+		t.Errorf("Run = %+v, want powered off by ACPI S5", res)
+	}
+	if got := out.String(); got != "hi \xff" {
+		t.Errorf("console %q, want %q", got, "hi \xff")
+	}
+}
+
+func TestLinuxKeyboardReset(t *testing.T) {
+	requireKVM(t)
+	res, err := runLinux(t, linuxConfig(t, concat(codeKbdReset, codeHalt)))
+	if err != nil || res.End != EndReboot || !strings.Contains(res.Detail, "keyboard controller") {
+		t.Errorf("Run = %+v, %v; want rebooted by the keyboard controller", res, err)
+	}
+}
+
+func TestLinuxTripleFault(t *testing.T) {
+	requireKVM(t)
+	res, err := runLinux(t, linuxConfig(t, concat(codeUD2)))
+	if err != nil || res.End != EndTripleFault || !strings.Contains(res.Detail, "#UD") {
+		t.Errorf("Run = %+v, %v; want a triple fault after #UD", res, err)
+	}
+}
+
+// TestLinuxSerialInput feeds a byte through ConsoleIn: the guest polls the
+// line status, reads it and echoes it.
+func TestLinuxSerialInput(t *testing.T) {
+	requireKVM(t)
+	var out syncBuffer
+	cfg := linuxConfig(t, concat(codeEcho, codeEcho, codePowerOff, codeHalt))
+	cfg.Console = &out
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	cfg.ConsoleIn = pr
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		pw.Write([]byte("ab"))
+	}()
+	res, err := runLinux(t, cfg)
+	if err != nil || res.End != EndPowerOff {
+		t.Fatalf("Run = %+v, %v", res, err)
+	}
+	if out.String() != "ab" {
+		t.Errorf("echo %q, want %q", out.String(), "ab")
+	}
+}
+
+// TestLinuxUnknownPorts checks that a Linux machine's unknown ports read as
+// all ones and that writes to them are ignored (a payload machine stops).
+func TestLinuxUnknownPorts(t *testing.T) {
+	requireKVM(t)
+	var out syncBuffer
+	code := concat(
+		[]byte{0xe6, 0x80},                   // out 0x80, al (POST code)
+		[]byte{0x66, 0xba, 0xf8, 0x02, 0xec}, // mov dx, 0x2f8; in al, dx (COM2: absent)
+		[]byte{0x66, 0xba, 0xf8, 0x03, 0xee}, // mov dx, 0x3f8; out dx, al
+		codePowerOff, codeHalt)
+	cfg := linuxConfig(t, code)
+	cfg.Console = &out
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	res, err := m.Run(context.Background())
+	if err != nil || res.End != EndPowerOff {
+		t.Fatalf("Run = %+v, %v", res, err)
+	}
+	if out.String() != "\xff" {
+		t.Errorf("COM2 read %q, want 0xff", out.String())
+	}
+	if n := m.linux.unknown.count(0x80); n != 1 {
+		t.Errorf("port 0x80 counted %d accesses, want 1", n)
+	}
+}
+
+func TestLinuxConfigErrors(t *testing.T) {
+	dir := t.TempDir()
+	good := writeTemp(t, dir, "bzImage", testKernel(codeHalt, 0x100000))
+	bad := testKernel(codeHalt, 0x100000)
+	copy(bad[tMagic:], "NOPE")
+	badMagic := writeTemp(t, dir, "badmagic", bad)
+	trunc := writeTemp(t, dir, "truncated", testKernel(codeHalt, 0x100000)[:0x1000])
+	old := testKernel(codeHalt, 0x100000)
+	binary.LittleEndian.PutUint16(old[tVersion:], 0x020a)
+	tooOld := writeTemp(t, dir, "old", old)
+	no64 := testKernel(codeHalt, 0x100000)
+	binary.LittleEndian.PutUint16(no64[tXLoadFlags:], 0)
+	no64Path := writeTemp(t, dir, "no64", no64)
+	bigInitrd := filepath.Join(dir, "big-initrd")
+	f, err := os.Create(bigInitrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(64 << 20)
+	f.Close()
+	midInitrd := filepath.Join(dir, "mid-initrd")
+	f, _ = os.Create(midInitrd)
+	f.Truncate(40 << 20)
+	f.Close()
+	hugeKernel := writeTemp(t, dir, "huge", testKernel(codeHalt, 200<<20))
+	ro := writeTemp(t, dir, "disk.img", make([]byte, 1<<20))
+	os.Chmod(ro, 0o444)
+	absent := filepath.Join(dir, "absent-kvm")
+	tests := []struct {
+		name   string
+		cfg    Config
+		errSub string
+	}{
+		{"payload and kernel", Config{MemSize: 64 << 20, Payload: "hello", Kernel: good}, "both a payload"},
+		{"neither", Config{MemSize: 64 << 20}, "no payload given and no Linux kernel"},
+		{"initrd without kernel", Config{MemSize: 64 << 20, Payload: "hello", Initrd: good}, "no kernel given"},
+		{"options for Linux", Config{MemSize: 64 << 20, Kernel: good, PayloadOptions: map[string]string{"a": "1"}}, "payload options"},
+		{"missing kernel", Config{MemSize: 64 << 20, Kernel: filepath.Join(dir, "nope")}, "no such file"},
+		{"bad magic", Config{MemSize: 64 << 20, Kernel: badMagic}, `no setup header signature "HdrS"`},
+		{"truncated", Config{MemSize: 64 << 20, Kernel: trunc}, "truncated"},
+		{"protocol too old", Config{MemSize: 64 << 20, Kernel: tooOld}, "too old"},
+		{"no 64-bit entry", Config{MemSize: 64 << 20, Kernel: no64Path}, "no 64-bit entry point"},
+		{"memory too small", Config{MemSize: 32 << 20, Kernel: hugeKernel}, "too small for kernel"},
+		{"initrd larger than memory", Config{MemSize: 64 << 20, Kernel: good, Initrd: bigInitrd}, "larger than guest memory"},
+		{"initrd does not fit", Config{MemSize: 64 << 20, Kernel: good, Initrd: midInitrd}, "does not fit"},
+		{"missing initrd", Config{MemSize: 64 << 20, Kernel: good, Initrd: filepath.Join(dir, "nope")}, "initrd"},
+		{"command line too long", Config{MemSize: 64 << 20, Kernel: good, Cmdline: strings.Repeat("x", 3000)}, "at most 2047"},
+		{"command line with newline", Config{MemSize: 64 << 20, Kernel: good, Cmdline: "a\nb"}, "newline"},
+		{"read-only disk for writing", Config{MemSize: 64 << 20, Kernel: good, Disks: []DiskConfig{{Path: ro}}}, "cannot be opened for writing"},
+		{"missing disk", Config{MemSize: 64 << 20, Kernel: good, Disks: []DiskConfig{{Path: filepath.Join(dir, "nodisk")}}}, "no such file"},
+		{"missing tap", Config{MemSize: 64 << 20, Kernel: good, Nets: []NetConfig{{Tap: "ustest-none0"}}}, "ustest-none0"},
+		{"too many devices", Config{MemSize: 64 << 20, Kernel: good, Disks: make([]DiskConfig, 5)}, "room for 4 virtio devices"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			cfg.KVMDevice = absent // configuration errors come before KVM
+			m, err := New(cfg)
+			if err == nil {
+				m.Close()
+				t.Fatalf("New succeeded, want an error containing %q", tc.errSub)
+			}
+			if !strings.Contains(err.Error(), tc.errSub) || errors.Is(err, arch.ErrNoKVM) {
+				t.Errorf("New = %q, want it to contain %q (and not be about KVM)", err, tc.errSub)
+			}
+		})
+	}
+}
+
+// TestLinuxStateRoundTrip captures a Linux machine (serial port state
+// included), encodes and decodes it, and restores it.
+func TestLinuxStateRoundTrip(t *testing.T) {
+	requireKVM(t)
+	cfg := linuxConfig(t, concat(codeCOM1("x"), codeHalt))
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	m.linux.uart.regs.SCR = 0x5a
+	m.linux.uart.regs.RX = append(m.linux.uart.regs.RX, 'q')
+	m.halted.Store(true) // never ran: state may be read directly
+	st, err := m.CaptureState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Devices.UART == nil || st.Devices.UART.SCR != 0x5a || string(st.Devices.UART.RX) != "q" {
+		t.Fatalf("captured UART state %+v", st.Devices.UART)
+	}
+	b, err := st.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back MachineState
+	if err := back.UnmarshalBinary(b); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(back.Devices.UART, st.Devices.UART) {
+		t.Errorf("UART state after encoding %+v, want %+v", back.Devices.UART, st.Devices.UART)
+	}
+	r, err := Restore(RestoreConfig{}, &back, bytes.NewReader(m.Memory().Backing()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if r.linux == nil || r.linux.uart.regs.SCR != 0x5a || string(r.linux.uart.regs.RX) != "q" {
+		t.Errorf("restored machine's serial port: %+v", r.linux)
+	}
+	if _, err := r.mem.Slice(0, mmu.PageSize); err != nil {
+		t.Error(err)
+	}
+}
+
+// TestLinuxVirtioMMIO attaches a virtio-blk disk: the command line names it,
+// and the stand-in kernel reads its magic value ("virt") through the MMIO
+// bus, then the first word past the last device (nothing there: all ones).
+func TestLinuxVirtioMMIO(t *testing.T) {
+	requireKVM(t)
+	read := func(addr uint32) []byte { // mov ebx, addr; mov eax, [rbx]; four bytes to COM1
+		b := []byte{0xbb, byte(addr), byte(addr >> 8), byte(addr >> 16), byte(addr >> 24), 0x8b, 0x03, 0x66, 0xba, 0xf8, 0x03, 0xee}
+		for i := 0; i < 3; i++ {
+			b = append(b, 0xc1, 0xe8, 0x08, 0xee)
+		}
+		return b
+	}
+	var out syncBuffer
+	cfg := linuxConfig(t, concat(read(VirtioMMIOBase), read(VirtioMMIOBase+0x1000), codePowerOff, codeHalt))
+	cfg.Console = &out
+	disk := writeTemp(t, t.TempDir(), "disk.img", make([]byte, 1<<20))
+	cfg.Disks = []DiskConfig{{Path: disk, ReadOnly: true}}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	cmd, _ := m.Memory().Slice(linuxCmdlineAddr, 200)
+	want := DefaultCmdline + " virtio_mmio.device=4K@0xd0000000:5\x00"
+	if !bytes.HasPrefix(cmd, []byte(want)) {
+		t.Errorf("command line %q, want %q", cmd[:bytes.IndexByte(cmd, 0)+1], want)
+	}
+	res, err := m.Run(context.Background())
+	if err != nil || res.End != EndPowerOff {
+		t.Fatalf("Run = %+v, %v", res, err)
+	}
+	if got := out.String(); got != "virt\xff\xff\xff\xff" {
+		t.Errorf("MMIO reads %q, want %q", got, "virt\xff\xff\xff\xff")
+	}
+	if _, err := m.CaptureState(); err == nil || !strings.Contains(err.Error(), "virtio") {
+		t.Errorf("CaptureState with a virtio device = %v, want a refusal naming virtio", err)
+	}
+}
+
+// TestLinuxSecondaryCPUStart starts vCPU 1 the way Linux does: INIT and
+// SIPI through the boot processor's local APIC. The started processor runs
+// real-mode code at the SIPI vector's page, which prints "A" and powers off.
+func TestLinuxSecondaryCPUStart(t *testing.T) {
+	requireKVM(t)
+	const trampoline = 0x8000 // SIPI vector 0x08
+	// mov ebx, 0xfee00310; mov dword [rbx], 1<<24 (ICR high: APIC id 1)
+	// mov ebx, 0xfee00300; mov dword [rbx], 0x4500 (INIT); mov dword [rbx], 0x4608 (SIPI 0x08)
+	bsp := concat(
+		[]byte{0xbb, 0x10, 0x03, 0xe0, 0xfe, 0xc7, 0x03, 0, 0, 0, 1},
+		[]byte{0xbb, 0x00, 0x03, 0xe0, 0xfe, 0xc7, 0x03, 0x00, 0x45, 0, 0},
+		[]byte{0xc7, 0x03, 0x08, 0x46, 0, 0},
+		codeHalt)
+	// Real mode: mov dx, 0x3f8; mov al, 'A'; out dx, al; mov dx, 0x604; mov ax, 0x3400; out dx, ax; hlt
+	ap := []byte{0xba, 0xf8, 0x03, 0xb0, 'A', 0xee, 0xba, 0x04, 0x06, 0xb8, 0x00, 0x34, 0xef, 0xf4, 0xeb, 0xfd}
+	var out syncBuffer
+	cfg := linuxConfig(t, bsp)
+	cfg.CPUs, cfg.Console = 2, &out
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Memory().Write(trampoline, ap); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	res, err := m.Run(ctx)
+	if err != nil || res.End != EndPowerOff || out.String() != "A" {
+		t.Errorf("Run = %+v, %v, console %q; want the second vCPU to print A and power off", res, err, out.String())
+	}
+}
+
+// TestLinuxVirtioInDSDT checks that each virtio device is listed in the
+// DSDT the guest finds through the zero page's RSDP.
+func TestLinuxVirtioInDSDT(t *testing.T) {
+	requireKVM(t)
+	cfg := linuxConfig(t, codeHalt)
+	dir := t.TempDir()
+	cfg.Disks = []DiskConfig{{Path: writeTemp(t, dir, "a.img", make([]byte, 4096)), ReadOnly: true}, {Path: writeTemp(t, dir, "b.img", make([]byte, 4096))}}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	mem := m.Memory()
+	le := binary.LittleEndian
+	bp, _ := mem.Slice(linuxBootParamsAddr, arch.BootParamsSize)
+	rsdp, _ := mem.Slice(le.Uint64(bp[0x70:]), 36)
+	xsdtAddr := le.Uint64(rsdp[24:])
+	xsdt, _ := mem.Slice(xsdtAddr, 52)
+	fadt, _ := mem.Slice(le.Uint64(xsdt[36:]), 276)
+	dsdtHdr, _ := mem.Slice(le.Uint64(fadt[140:]), 36)
+	dsdt, _ := mem.Slice(le.Uint64(fadt[140:]), uint64(le.Uint32(dsdtHdr[4:])))
+	for i, want := range []struct {
+		base uint32
+		gsi  byte
+	}{{0xd0000000, 5}, {0xd0001000, 6}} {
+		name := []byte("VR0" + string(rune('0'+i)))
+		at := bytes.Index(dsdt, name)
+		if at < 0 {
+			t.Fatalf("DSDT lacks device %s", name)
+		}
+		dev := dsdt[at:min(len(dsdt), at+60)]
+		var base [4]byte
+		le.PutUint32(base[:], want.base)
+		if !bytes.Contains(dev, []byte(arch.VirtioMMIOHID)) || !bytes.Contains(dev, base[:]) || !bytes.Contains(dev, []byte{0x89, 6, 0, 3, 1, want.gsi, 0, 0, 0}) {
+			t.Errorf("device %s: % x lacks _HID, base %#x or GSI %d", name, dev, want.base, want.gsi)
+		}
+	}
+}
