@@ -107,10 +107,16 @@ func (e env) kvmModule() string {
 // a failed test keeps the console log under e.artifacts.
 func (e env) boot(t *testing.T, params string) *Machine {
 	t.Helper()
+	return e.bootInitrd(t, params, filepath.Join(e.image, "appliance.cpio"))
+}
+
+// bootInitrd is boot with another initramfs.
+func (e env) bootInitrd(t *testing.T, params, initrd string) *Machine {
+	t.Helper()
 	log := filepath.Join(t.TempDir(), "console.log")
 	cfg := Config{
 		Kernel: filepath.Join(e.image, "vmlinuz"),
-		Initrd: filepath.Join(e.image, "appliance.cpio"),
+		Initrd: initrd,
 		Append: "console=ttyS0 panic=-1 quiet " + params,
 		MemMiB: 1024,
 		CPUs:   1,
