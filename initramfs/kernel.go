@@ -38,6 +38,12 @@ func (k Kernel) ModulesDir() string { return filepath.Join(k.Root, "lib", "modul
 // deliver (no package lists, no network), a kernel already in the cache is
 // used, with a warning.
 func FetchKernel(ctx context.Context, cacheDir, meta string, logf func(string, ...any)) (Kernel, error) {
+	// apt-get and dpkg-deb run in the cache directory: the paths given
+	// to them must not be relative to ours.
+	cacheDir, err := filepath.Abs(cacheDir)
+	if err != nil {
+		return Kernel{}, err
+	}
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return Kernel{}, err
 	}

@@ -182,7 +182,7 @@ func (m *Machine) loadPayload(pl *loadedPayload) error {
 			return fmt.Errorf("vCPU %d: %w", v.id, err)
 		}
 		err = v.cpu.SetRegs(arch.Regs{
-			RIP: payloadBase, RFLAGS: arch.RFLAGSReserved,
+			RIP: payloadBase, RFLAGS: arch.RFLAGSReserved | 3<<12, // IOPL 3 (PVM drops it; the TSS I/O bitmap covers that)
 			RSP: stackAreaTop - uint64(v.id)*stackSize - 16,
 			RDI: uint64(v.id), RSI: paramsAddr,
 		})

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"syscall"
 
@@ -39,6 +40,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "mkimage: unexpected argument %q\n", fs.Arg(0))
 		return 2
+	}
+	// The builders run tools in other directories: make every path absolute.
+	for _, p := range []*string{&o.OutDir, &o.CacheDir, &o.Understudy, &o.RepoDir} {
+		abs, err := filepath.Abs(*p)
+		if err != nil {
+			fmt.Fprintf(stderr, "mkimage: %v\n", err)
+			return 2
+		}
+		*p = abs
 	}
 	o.MkUimage = moduleVersion("github.com/u-root/mkuimage")
 	if _, err := initramfs.Build(ctx, o); err != nil {
