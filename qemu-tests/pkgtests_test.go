@@ -75,4 +75,3 @@ func (e env) bootTest(t *testing.T, pkg, run string) *Machine {
 	}
 	return e.bootInitrd(t, fmt.Sprintf(`understudy.role=test understudy.exec="/test/pkg.test -test.run %s -test.v"`, run), initrd)
 }
-
