@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +22,10 @@ type BackupConfig struct {
 	Restore vmm.RestoreConfig
 	// Log receives refusals and activations (nil: discarded).
 	Log *slog.Logger
+	// Policy, if set, is the forwarding policy this backup installs at
+	// every intermediary that serves it (backup-driven retrieval; see
+	// ParseBackupPolicy), e.g. "pull-every=2s,max-lag-epochs=400".
+	Policy string
 }
 
 // Backup keeps a committed image of the protected guest at a complete epoch
@@ -39,6 +44,17 @@ type Backup struct {
 	active         bool // activated (or failed to): the image is the guest's now
 	activatedState *vmm.MachineState
 	ram            *mmu.Memory // holds img's memory until a machine takes it over
+
+	// policyVersion counts the policies sent; policyState says what became
+	// of the last one ("" until answered).
+	policyVersion atomic.Uint64
+	policyMu      sync.Mutex
+	policyState   string
+
+	// staged holds pages that arrived ahead of the hold-back sync that
+	// commits them (latest version of each page; only Serve touches it).
+	staged      map[uint64][]byte
+	stagedBytes atomic.Uint64
 
 	// What the intermediary last said it acknowledged to the primary, and
 	// when (for the data-loss window of an activation without it).
@@ -112,6 +128,12 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 	if err := c.WriteMessage(&wire.Status{Role: wire.RoleBackup, Committed: b.Committed()}); err != nil {
 		return nil, fmt.Errorf("backup: report status: %w", err)
 	}
+	if b.cfg.Policy != "" {
+		v := b.policyVersion.Add(1)
+		if err := c.WriteMessage(&wire.Policy{Version: v, Spec: b.cfg.Policy}); err != nil {
+			return nil, fmt.Errorf("backup: install policy: %w", err)
+		}
+	}
 	maxPFN := layoutMaxPFN(b.regions)
 	for {
 		m, err := c.ReadMessage()
@@ -129,7 +151,7 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 			}
 			cp, base, err := ReceiveCheckpoint(c, m, maxPFN)
 			if err == nil {
-				err = b.img.Apply(cp, base, b.pageOffset)
+				err = b.commit(cp, base)
 			}
 			if err != nil {
 				b.log.Warn("refused a checkpoint", "epoch", m.Epoch, "err", err)
@@ -161,11 +183,26 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 				b.log.Warn("could not confirm activation", "epoch", m.Epoch, "err", err)
 			}
 			return mach, nil
+		case *wire.PageBatch:
+			if err := b.stage(m, maxPFN); err != nil {
+				b.log.Warn("refused staged pages", "epoch", m.Epoch, "err", err)
+				_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: truncate(err.Error(), wire.MaxReasonLen)})
+				return nil, fmt.Errorf("backup: %w", err)
+			}
 		case *wire.Status:
 			if m.Role == wire.RoleIntermediary {
 				b.interEpoch.Store(m.Committed)
 				b.interSeen.Store(time.Now().UnixNano())
 			}
+		case *wire.PolicyAck:
+			b.setPolicyState(fmt.Sprintf("policy %d installed: %s", m.Version, b.cfg.Policy))
+			b.log.Info("the intermediary installed this backup's policy", "version", m.Version, "policy", b.cfg.Policy)
+		case *wire.Error:
+			if m.Code != wire.CodeRefused || b.cfg.Policy == "" {
+				return nil, fmt.Errorf("backup: the intermediary says: %w", m)
+			}
+			b.setPolicyState(m.Reason)
+			b.log.Warn("the intermediary refused this backup's policy; it forwards by its own", "reason", m.Reason)
 		case *wire.Heartbeat:
 		case *wire.Bye:
 			if m.Reason == ByePrimaryFinished {
@@ -321,12 +358,106 @@ func (b *Backup) Metrics() []Metric {
 		{Name: "understudy_backup_checkpoints_total", Help: "Checkpoints verified and committed.", Kind: "counter", Value: float64(b.checkpoints.Load())},
 		{Name: "understudy_backup_received_bytes_total", Help: "Checkpoint bytes verified and committed.", Kind: "counter", Value: float64(b.received.Load())},
 		{Name: "understudy_backup_activated", Help: "1 once the guest runs here.", Kind: "gauge", Value: active},
+		{Name: "understudy_backup_staged_bytes", Help: "Page bytes staged ahead of the next hold-back sync.", Kind: "gauge", Value: float64(b.stagedBytes.Load())},
 	}
 }
 
 // StatusLine returns the backup's live status (rates since the previous
 // call).
 func (b *Backup) StatusLine() string {
-	return fmt.Sprintf("committed=%d intermediary_epoch=%d in_MiB/s=%.1f checkpoints=%d",
-		b.Committed(), b.interEpoch.Load(), b.rate.per(float64(b.received.Load()))/(1<<20), b.checkpoints.Load())
+	s := fmt.Sprintf("committed=%d intermediary_epoch=%d in_MiB/s=%.1f checkpoints=%d staged_MiB=%.1f",
+		b.Committed(), b.interEpoch.Load(), b.rate.per(float64(b.received.Load()))/(1<<20), b.checkpoints.Load(),
+		float64(b.stagedBytes.Load())/(1<<20))
+	if p := b.PolicyState(); p != "" {
+		s += " (" + p + ")"
+	}
+	return s
+}
+
+// stage keeps a batch of pages sent ahead of a hold-back sync. They change
+// nothing until the sync commits them; a page staged again replaces the
+// older version.
+func (b *Backup) stage(m *wire.PageBatch, maxPFN uint64) error {
+	if m.Epoch <= b.Committed() {
+		return badf("staged pages of epoch %d, not after the committed epoch %d", m.Epoch, b.Committed())
+	}
+	if b.staged == nil {
+		b.staged = make(map[uint64][]byte)
+	}
+	for _, p := range m.Pages {
+		if p.PFN >= maxPFN {
+			return badf("staged page %#x beyond guest memory", p.PFN)
+		}
+	}
+	for _, p := range m.Pages {
+		buf, ok := b.staged[p.PFN]
+		if !ok {
+			buf = make([]byte, mmu.PageSize)
+			b.staged[p.PFN] = buf
+			b.stagedBytes.Add(mmu.PageSize)
+		}
+		copy(buf, p.Data)
+	}
+	return nil
+}
+
+// commit applies a verified checkpoint: a full image drops whatever was
+// staged; a hold-back sync (Staged) commits the staged pages together with
+// its own, which win, in one atomic Apply.
+func (b *Backup) commit(cp *Checkpoint, base uint64) error {
+	if cp.Staged && len(b.staged) > 0 {
+		cp = mergeStaged(cp, b.staged)
+	}
+	if err := b.img.Apply(cp, base, b.pageOffset); err != nil {
+		return err
+	}
+	if cp.Full || cp.Staged {
+		b.staged = nil
+		b.stagedBytes.Store(0)
+	}
+	return nil
+}
+
+// mergeStaged returns cp with the staged pages it does not carry itself,
+// in PFN order.
+func mergeStaged(cp *Checkpoint, staged map[uint64][]byte) *Checkpoint {
+	pfns := make([]uint64, 0, len(staged)+len(cp.PFNs))
+	for pfn := range staged {
+		pfns = append(pfns, pfn)
+	}
+	slices.Sort(pfns)
+	out := &Checkpoint{Epoch: cp.Epoch, Staged: true, State: cp.State}
+	out.PFNs = make([]uint64, 0, len(pfns)+len(cp.PFNs))
+	out.Data = make([]byte, 0, (len(pfns)+len(cp.PFNs))*mmu.PageSize)
+	i, j := 0, 0
+	for i < len(pfns) || j < len(cp.PFNs) {
+		switch {
+		case j == len(cp.PFNs) || i < len(pfns) && pfns[i] < cp.PFNs[j]:
+			out.PFNs = append(out.PFNs, pfns[i])
+			out.Data = append(out.Data, staged[pfns[i]]...)
+			i++
+		default:
+			if i < len(pfns) && pfns[i] == cp.PFNs[j] {
+				i++ // the sync's version is newer
+			}
+			out.PFNs = append(out.PFNs, cp.PFNs[j])
+			out.Data = append(out.Data, cp.Page(j)...)
+			j++
+		}
+	}
+	return out
+}
+
+func (b *Backup) setPolicyState(s string) {
+	b.policyMu.Lock()
+	b.policyState = s
+	b.policyMu.Unlock()
+}
+
+// PolicyState says what became of the policy this backup last asked its
+// intermediary to install ("" while unanswered or with no policy).
+func (b *Backup) PolicyState() string {
+	b.policyMu.Lock()
+	defer b.policyMu.Unlock()
+	return b.policyState
 }

@@ -14,10 +14,18 @@ import (
 // the vCPUs were paused, and the machine state at that moment.
 type Checkpoint struct {
 	Epoch uint64
-	Full  bool     // a full image rather than a delta
-	PFNs  []uint64 // guest-physical page frame numbers, ascending
-	Data  []byte   // len(PFNs) pages of 4 KiB, in PFN order
-	State []byte   // the encoded vmm.MachineState
+	Full  bool // a full image rather than a delta
+	// Stage marks pages sent to a backup ahead of a sync (hold-back): they
+	// travel as bare page batches of version Epoch, without state, and
+	// change nothing until a Staged checkpoint commits them.
+	Stage bool
+	// Staged marks a delta (a hold-back sync) that commits together with
+	// the pages staged since its base, Base.
+	Staged bool
+	Base   uint64
+	PFNs   []uint64 // guest-physical page frame numbers, ascending
+	Data   []byte   // len(PFNs) pages of 4 KiB, in PFN order
+	State  []byte   // the encoded vmm.MachineState
 
 	// Timings of the stun (vCPUs paused): the whole stun and its parts.
 	Stun, Pause, Harvest, Copy, Capture, Resume time.Duration

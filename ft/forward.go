@@ -9,25 +9,45 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/mmu"
 )
 
 // ForwardPolicy decides what the intermediary forwards to the backup. It is
-// the one seam for forwarding decisions (hold-back of hot pages and
-// backup-driven retrieval plug in here).
+// the one seam for forwarding decisions: ForwardEvery, hold-back of hot
+// pages (HoldBack), and backup-installed policies plug in here. Whatever a
+// policy holds back, Failover still brings the backup to the acknowledged
+// epoch, and the backup still commits only whole epochs.
 type ForwardPolicy interface {
-	// Forward is given every checkpoint the intermediary verified, applied
-	// and acknowledged, in epoch order, and returns the checkpoints to send
-	// the backup now, in order. It must not modify cp. Whatever a policy
-	// holds back, Failover still brings the backup to the acknowledged
-	// epoch (from the intermediary's image).
-	Forward(cp *Checkpoint) []*Checkpoint
+	// Split is given every checkpoint the intermediary verified, applied
+	// and acknowledged, in epoch order, with freq(i), the change frequency
+	// of its i-th page (see Image). It returns send, to forward the
+	// checkpoint whole as a delta, or else the indexes of the pages to
+	// stage at the backup now (ascending); the other pages are held back
+	// until a sync. It must not modify cp.
+	Split(cp *Checkpoint, freq func(i int) float64) (send bool, stage []int)
+	// SyncNow is asked after a checkpoint that was not sent whole, once its
+	// pages are accounted for in v: true brings the backup to that epoch
+	// now (every held page, and the state).
+	SyncNow(v BackupView) bool
+}
+
+// BackupView is what a policy sees of the backup's position.
+type BackupView struct {
+	Epoch     uint64        // the checkpoint just applied
+	Synced    uint64        // the epoch of the last sync (or re-seed) sent
+	HeldBytes uint64        // page bytes changed since then and not staged: what a sync would carry
+	LagEpochs uint64        // Epoch - Synced
+	Lag       time.Duration // since epoch Synced was applied here
 }
 
 // ForwardEvery forwards every verified epoch as it was received.
 type ForwardEvery struct{}
 
-// Forward returns cp.
-func (ForwardEvery) Forward(cp *Checkpoint) []*Checkpoint { return []*Checkpoint{cp} }
+// Split sends cp whole.
+func (ForwardEvery) Split(*Checkpoint, func(int) float64) (bool, []int) { return true, nil }
+
+// SyncNow is never asked (everything is sent).
+func (ForwardEvery) SyncNow(BackupView) bool { return false }
 
 // minForwardQueue is the least page data queued for a lagging backup
 // before the queue is dropped for a re-seed (see backupLink.limit).
@@ -66,10 +86,26 @@ type backupLink struct {
 	activated bool   // the backup confirmed activation
 	err       error  // the link failed
 	changed   chan struct{}
+
+	// Hold-back bookkeeping, guarded by the intermediary's mu (forward and
+	// the re-seed snapshot run under it): lacks marks the image pages
+	// (by offset) changed since the last sync and not staged since.
+	lacks    []bool
+	lacking  uint64
+	synced   uint64 // epoch of the last sync or re-seed queued
+	holdMode bool   // the policy has not sent everything since the last re-seed
+
+	// ctl holds replies to the backup (policy acknowledgements and
+	// refusals) that the writer sends between checkpoints; guarded by mu.
+	ctl []wire.Message
+	// policyVersion is the last policy version the backup installed
+	// (readLoop only).
+	policyVersion uint64
 }
 
 // forward passes an acknowledged checkpoint through the policy to the
 // attached backup, if any. It never blocks on the backup.
+// Call with in.mu held, the image at cp's epoch.
 func (in *Intermediary) forward(cp *Checkpoint) {
 	in.bmu.Lock()
 	b, p := in.backup, in.policy
@@ -77,7 +113,49 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 	if b == nil {
 		return
 	}
-	out := p.Forward(cp)
+	offs := make([]uint64, len(cp.PFNs))
+	for i, pfn := range cp.PFNs {
+		off, _ := in.PageOffset(pfn) // Apply checked every page
+		offs[i] = off / mmu.PageSize
+	}
+	send, stage := p.Split(cp, func(i int) float64 { f, _ := in.img.Frequency(offs[i]); return f })
+	var out []*Checkpoint
+	if send && !b.holdMode {
+		out = append(out, cp)
+	} else {
+		b.holdMode = true
+		if b.lacks == nil {
+			b.lacks = make([]bool, in.img.Pages())
+		}
+		staged := make(map[int]bool, len(stage))
+		for _, i := range stage {
+			if i >= 0 && i < len(cp.PFNs) {
+				staged[i] = true
+			}
+		}
+		for i, off := range offs {
+			switch {
+			case staged[i] && b.lacks[off]:
+				b.lacks[off] = false
+				b.lacking--
+			case !staged[i] && !b.lacks[off]:
+				b.lacks[off] = true
+				b.lacking++
+			}
+		}
+		if len(staged) > 0 {
+			out = append(out, stagedPages(cp, stage))
+		}
+		v := BackupView{Epoch: cp.Epoch, Synced: b.synced, HeldBytes: b.lacking * mmu.PageSize,
+			LagEpochs: cp.Epoch - min(cp.Epoch, b.synced), Lag: time.Since(in.appliedAt(b.synced))}
+		// A backup with no epoch yet is seeded at once, whatever the policy.
+		if send || b.synced == 0 || p.SyncNow(v) {
+			if sync := in.syncCheckpoint(b); sync != nil {
+				out = append(out, sync)
+			}
+		}
+	}
+	in.heldBytes.Store(b.lacking * mmu.PageSize)
 	if len(out) == 0 {
 		return
 	}
@@ -191,6 +269,15 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 func (in *Intermediary) sendQueued(b *backupLink) error {
 	for {
 		b.mu.Lock()
+		ctl := b.ctl
+		b.ctl = nil
+		b.mu.Unlock()
+		for _, m := range ctl {
+			if err := b.c.WriteMessage(m); err != nil {
+				return err
+			}
+		}
+		b.mu.Lock()
 		reseed, q := b.reseed, b.queue
 		b.reseed, b.queue, b.queued = false, nil, 0
 		sent := b.sent
@@ -215,7 +302,15 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []*Checkpoint, s
 		b.mu.Unlock()
 	}()
 	if reseed {
+		// Under mu: hold-back bookkeeping restarts from this image, and
+		// everything queued after it is relative to it.
+		in.mu.Lock()
 		cp, err := in.img.Snapshot(in.regions)
+		if cp != nil {
+			b.lacks, b.lacking, b.synced, b.holdMode = nil, 0, cp.Epoch, false
+			in.heldBytes.Store(0)
+		}
+		in.mu.Unlock()
 		if err != nil {
 			return err
 		}
@@ -236,7 +331,24 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []*Checkpoint, s
 			// not follow: that re-seeds.)
 			continue
 		}
-		if !cp.Full && (sent == 0 || cp.Epoch != sent+1) {
+		if cp.Stage {
+			if sent == 0 {
+				continue // no base yet: the re-seed will carry them
+			}
+			if err := SendCheckpoint(b.c, cp, sent); err != nil {
+				return err
+			}
+			in.forwarded.Add(uint64(len(cp.Data)))
+			continue
+		}
+		if cp.Staged && cp.Base != sent {
+			// A sync on another base than the backup's: re-seed.
+			b.mu.Lock()
+			b.reseed = true
+			b.mu.Unlock()
+			break
+		}
+		if !cp.Full && !cp.Staged && (sent == 0 || cp.Epoch != sent+1) {
 			// Not a delta on what the backup has: re-seed instead.
 			b.mu.Lock()
 			b.reseed = true // what was queued meanwhile stays queued
@@ -282,6 +394,8 @@ func (b *backupLink) readLoop(in *Intermediary) error {
 			b.mu.Unlock()
 			return nil
 		case *wire.Status, *wire.Heartbeat:
+		case *wire.Policy:
+			b.reply(in.installPolicy(b, m))
 		case *wire.Error:
 			b.fail(m)
 			return m
@@ -314,9 +428,11 @@ func (b *backupLink) wait(ctx context.Context, cond func() bool) error {
 	}
 }
 
-// sync makes sure the backup holds epoch: whatever the policy held back is
-// sent as a re-seed from the image, and the backup's acknowledgement awaited.
-func (b *backupLink) sync(ctx context.Context, epoch uint64) error {
+// sync makes sure the backup holds epoch: whatever hold-back kept goes in a
+// sync, anything else a policy held back is sent as a re-seed from the
+// image, and the backup's acknowledgement is awaited.
+func (b *backupLink) sync(ctx context.Context, in *Intermediary, epoch uint64) error {
+	in.flushHeld(b)
 	b.poke()
 	idle := func() bool { return !b.busy && !b.reseed && len(b.queue) == 0 }
 	if err := b.wait(ctx, func() bool { return b.acked >= epoch || idle() }); err != nil {
@@ -338,4 +454,100 @@ func (b *backupLink) activate(ctx context.Context, epoch uint64) error {
 		return fmt.Errorf("activate: %w", err)
 	}
 	return b.wait(ctx, func() bool { return b.activated })
+}
+
+// stagedPages copies the pages of cp at the indexes stage into a Stage
+// checkpoint.
+func stagedPages(cp *Checkpoint, stage []int) *Checkpoint {
+	out := &Checkpoint{Epoch: cp.Epoch, Stage: true, PFNs: make([]uint64, 0, len(stage)), Data: make([]byte, 0, len(stage)*mmu.PageSize)}
+	for _, i := range stage {
+		if i >= 0 && i < len(cp.PFNs) {
+			out.PFNs = append(out.PFNs, cp.PFNs[i])
+			out.Data = append(out.Data, cp.Page(i)...)
+		}
+	}
+	return out
+}
+
+// syncCheckpoint builds the hold-back sync to the image's epoch: every
+// page held back since the last sync, copied from the image, and the state;
+// the backup commits it together with the pages staged since. Call with
+// in.mu held.
+// A backup with no epoch yet cannot take a delta: it gets a re-seed
+// instead, and syncCheckpoint returns nil.
+func (in *Intermediary) syncCheckpoint(b *backupLink) *Checkpoint {
+	if b.synced == 0 {
+		b.lacks, b.lacking = nil, 0
+		b.mu.Lock()
+		b.reseed = true
+		b.mu.Unlock()
+		b.poke()
+		return nil
+	}
+	var cp *Checkpoint
+	in.img.Read(func(mem, state []byte, epoch uint64) {
+		cp = &Checkpoint{Epoch: epoch, Staged: true, Base: b.synced, State: append([]byte(nil), state...)}
+		cp.PFNs = make([]uint64, 0, b.lacking)
+		cp.Data = make([]byte, 0, b.lacking*mmu.PageSize)
+		for _, r := range in.regions {
+			first := r.Offset / mmu.PageSize
+			for k := uint64(0); k < r.Size/mmu.PageSize; k++ {
+				if off := first + k; b.lacks != nil && b.lacks[off] {
+					cp.PFNs = append(cp.PFNs, r.GPA/mmu.PageSize+k)
+					cp.Data = append(cp.Data, mem[off*mmu.PageSize:(off+1)*mmu.PageSize]...)
+					b.lacks[off] = false
+				}
+			}
+		}
+	})
+	b.lacking = 0
+	b.synced = cp.Epoch
+	in.syncs.Add(1)
+	return cp
+}
+
+// flushHeld queues a sync to the image's epoch if hold-back left the
+// backup short of it (Failover and the orderly end call it).
+func (in *Intermediary) flushHeld(b *backupLink) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if !b.holdMode || b.synced >= in.img.Epoch() {
+		return
+	}
+	cp := in.syncCheckpoint(b)
+	in.heldBytes.Store(0)
+	if cp != nil {
+		b.mu.Lock()
+		b.queue, b.queued = append(b.queue, cp), b.queued+len(cp.Data)
+		b.mu.Unlock()
+	}
+	b.poke()
+}
+
+// reply queues m for the backup, to go between checkpoints.
+func (b *backupLink) reply(m wire.Message) {
+	b.mu.Lock()
+	b.ctl = append(b.ctl, m)
+	b.mu.Unlock()
+	b.poke()
+}
+
+// installPolicy validates a policy the backup asks for and, if it is good,
+// makes it the forwarding policy. A refusal says why and changes nothing.
+func (in *Intermediary) installPolicy(b *backupLink, m *wire.Policy) wire.Message {
+	refuse := func(err error) wire.Message {
+		in.log.Warn("refused the backup's policy", "version", m.Version, "spec", m.Spec, "err", err)
+		return &wire.Error{Code: wire.CodeRefused, Reason: truncate(fmt.Sprintf("policy %d refused: %v", m.Version, err), wire.MaxReasonLen)}
+	}
+	if m.Version <= b.policyVersion {
+		return refuse(fmt.Errorf("version %d is not newer than the installed %d", m.Version, b.policyVersion))
+	}
+	h, err := ParseBackupPolicy(m.Spec)
+	if err != nil {
+		return refuse(err)
+	}
+	b.policyVersion = m.Version
+	in.SetForwardPolicy(*h)
+	in.log.Info("installed the backup's policy", "version", m.Version, "policy", h.String())
+	return &wire.PolicyAck{Version: m.Version}
 }

@@ -124,10 +124,11 @@ func TestForwardReseedsNewBackup(t *testing.T) {
 	}
 }
 
-// holdAll is a forwarding policy that forwards nothing.
+// holdAll is a forwarding policy that forwards nothing until a sync.
 type holdAll struct{}
 
-func (holdAll) Forward(*Checkpoint) []*Checkpoint { return nil }
+func (holdAll) Split(*Checkpoint, func(int) float64) (bool, []int) { return false, nil }
+func (holdAll) SyncNow(BackupView) bool                            { return false }
 
 // TestFailoverSyncsHeldBack: whatever the policy held back, Failover fences
 // the primary (no acknowledgement after it), brings the backup to the

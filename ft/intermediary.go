@@ -46,6 +46,44 @@ type Intermediary struct {
 	rate        rate
 
 	failoverTimes atomic.Pointer[FailoverTimes]
+
+	// Hold-back figures.
+	heldBytes atomic.Uint64 // page bytes held back from the backup
+	syncs     atomic.Uint64
+	// applied[e%len] is when epoch e (stored alongside) was applied.
+	appliedMu sync.Mutex
+	applied   [4096]struct {
+		epoch uint64
+		at    time.Time
+	}
+}
+
+// noteApplied records when epoch e was applied (for lag in time).
+func (in *Intermediary) noteApplied(e uint64) {
+	in.appliedMu.Lock()
+	in.applied[e%uint64(len(in.applied))] = struct {
+		epoch uint64
+		at    time.Time
+	}{e, time.Now()}
+	in.appliedMu.Unlock()
+}
+
+// appliedAt returns when epoch e was applied here. An epoch too old to be
+// remembered counts as old as the oldest one remembered after it (a lag is
+// never understated by more than that); epoch 0 or one not yet seen is now.
+func (in *Intermediary) appliedAt(e uint64) time.Time {
+	in.appliedMu.Lock()
+	defer in.appliedMu.Unlock()
+	if a := in.applied[e%uint64(len(in.applied))]; a.epoch == e && e != 0 {
+		return a.at
+	}
+	oldest := time.Now()
+	for _, a := range in.applied {
+		if a.epoch != 0 && a.epoch > e && a.at.Before(oldest) {
+			oldest = a.at
+		}
+	}
+	return oldest
 }
 
 // FailoverTimes are the phases of the last Failover.
@@ -239,6 +277,7 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 		return err
 	}
 	in.received.Add(uint64(len(cp.Data) + len(cp.State)))
+	in.noteApplied(cp.Epoch)
 	if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
 		return fmt.Errorf("acknowledge epoch %d: %w", cp.Epoch, err)
 	}
@@ -284,7 +323,7 @@ func (in *Intermediary) Failover(ctx context.Context) (uint64, error) {
 	}
 	in.log.Info("failover: primary fenced", "epoch", epoch)
 	t0 := time.Now()
-	if err := b.sync(ctx, epoch); err != nil {
+	if err := b.sync(ctx, in, epoch); err != nil {
 		return 0, fmt.Errorf("failover to epoch %d: %w", epoch, err)
 	}
 	t1 := time.Now()
@@ -327,6 +366,7 @@ func (in *Intermediary) Metrics() []Metric {
 	if in.Fenced() {
 		fenced = 1
 	}
+	lagE, lagS := in.BackupLag()
 	return []Metric{
 		{Name: "understudy_intermediary_epoch", Help: "Last epoch applied and acknowledged to the primary.", Kind: "gauge", Value: float64(in.img.Epoch())},
 		{Name: "understudy_intermediary_backup_epoch", Help: "Last epoch the backup acknowledged.", Kind: "gauge", Value: float64(in.backupAcked.Load())},
@@ -335,7 +375,22 @@ func (in *Intermediary) Metrics() []Metric {
 		{Name: "understudy_intermediary_forwarded_bytes_total", Help: "Checkpoint bytes sent to the backup.", Kind: "counter", Value: float64(in.forwarded.Load())},
 		{Name: "understudy_intermediary_reseeds_total", Help: "Full images sent to a backup.", Kind: "counter", Value: float64(in.reseeds.Load())},
 		{Name: "understudy_intermediary_fenced", Help: "1 once the primary has been fenced (failed over).", Kind: "gauge", Value: fenced},
+		{Name: "understudy_intermediary_held_bytes", Help: "Page bytes held back from the backup until the next sync (hold-back).", Kind: "gauge", Value: float64(in.heldBytes.Load())},
+		{Name: "understudy_intermediary_backup_lag_epochs", Help: "Epochs the backup's committed epoch is behind.", Kind: "gauge", Value: float64(lagE)},
+		{Name: "understudy_intermediary_backup_lag_seconds", Help: "How long ago the backup's committed epoch was applied here.", Kind: "gauge", Value: lagS.Seconds()},
+		{Name: "understudy_intermediary_syncs_total", Help: "Hold-back syncs sent to the backup.", Kind: "counter", Value: float64(in.syncs.Load())},
+		{Name: "understudy_intermediary_wan_bytes_total", Help: "Checkpoint bytes sent on the backup link (the WAN).", Kind: "counter", Value: float64(in.forwarded.Load())},
 	}
+}
+
+// BackupLag returns how far the backup's committed epoch is behind the
+// intermediary's, in epochs and in time.
+func (in *Intermediary) BackupLag() (uint64, time.Duration) {
+	e, b := in.img.Epoch(), in.backupAcked.Load()
+	if b >= e {
+		return 0, 0
+	}
+	return e - b, time.Since(in.appliedAt(b))
 }
 
 // StatusLine returns the intermediary's live status (rates since the
@@ -348,9 +403,10 @@ func (in *Intermediary) StatusLine() string {
 	if !attached {
 		b = "NONE"
 	}
-	return fmt.Sprintf("epoch=%d in_MiB/s=%.1f backup=%s backup_epoch=%d lag=%d",
+	lagE, lagS := in.BackupLag()
+	return fmt.Sprintf("epoch=%d in_MiB/s=%.1f backup=%s backup_epoch=%d lag=%d lag_s=%.2f held_MiB=%.1f wan_MiB=%.1f",
 		in.img.Epoch(), in.rate.per(float64(in.received.Load()))/(1<<20), b, in.backupAcked.Load(),
-		in.img.Epoch()-min(in.img.Epoch(), in.backupAcked.Load()))
+		lagE, lagS.Seconds(), float64(in.heldBytes.Load())/(1<<20), float64(in.forwarded.Load())/(1<<20))
 }
 
 // KeepBackup keeps a backup attached until ctx ends or a failover activated
@@ -401,7 +457,7 @@ func (in *Intermediary) EndProtection(timeout time.Duration) {
 	if b != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
-		_ = b.sync(ctx, in.img.Epoch())
+		_ = b.sync(ctx, in, in.img.Epoch())
 		_ = b.c.WriteMessage(&wire.Bye{Reason: ByePrimaryFinished})
 	}
 }

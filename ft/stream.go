@@ -30,9 +30,15 @@ func badf(format string, a ...any) error {
 // and a CheckpointEnd whose digest covers all of them. base is the epoch the
 // delta applies on (0 for a full image).
 func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
+	if cp.Stage {
+		return sendStaged(c, cp)
+	}
 	begin := wire.CheckpointBegin{Epoch: cp.Epoch, Base: base, Pages: uint64(len(cp.PFNs)), StateLen: uint64(len(cp.State))}
 	if cp.Full {
 		begin.Flags, begin.Base = wire.FlagFullImage, 0
+	}
+	if cp.Staged {
+		begin.Flags |= wire.FlagStaged
 	}
 	if err := c.WriteMessage(&begin); err != nil {
 		return fmt.Errorf("send checkpoint %d: %w", cp.Epoch, err)
@@ -76,7 +82,7 @@ func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 	if begin.Pages > maxPFN {
 		return nil, 0, badf("checkpoint %d: %d pages, guest has %d", begin.Epoch, begin.Pages, maxPFN)
 	}
-	cp := &Checkpoint{Epoch: begin.Epoch, Full: full, State: make([]byte, 0, begin.StateLen)}
+	cp := &Checkpoint{Epoch: begin.Epoch, Full: full, Staged: begin.Flags&wire.FlagStaged != 0, State: make([]byte, 0, begin.StateLen)}
 	cp.PFNs = make([]uint64, 0, begin.Pages)
 	cp.Data = make([]byte, 0, begin.Pages*mmu.PageSize)
 	d := wire.NewDigester(*begin)
@@ -126,4 +132,21 @@ func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 			return nil, 0, badf("checkpoint %d: unexpected %v", begin.Epoch, m.Type())
 		}
 	}
+}
+
+// sendStaged sends the pages of a Stage checkpoint as bare page batches of
+// its epoch.
+func sendStaged(c MessageConn, cp *Checkpoint) error {
+	batch := wire.PageBatch{Epoch: cp.Epoch}
+	for i := 0; i < len(cp.PFNs); i += wire.MaxBatchPages {
+		n := min(wire.MaxBatchPages, len(cp.PFNs)-i)
+		batch.Pages = batch.Pages[:0]
+		for j := i; j < i+n; j++ {
+			batch.Pages = append(batch.Pages, wire.Page{PFN: cp.PFNs[j], Data: cp.Page(j)})
+		}
+		if err := c.WriteMessage(&batch); err != nil {
+			return fmt.Errorf("stage pages of epoch %d: %w", cp.Epoch, err)
+		}
+	}
+	return nil
 }

@@ -9,6 +9,11 @@
 //	res, err := m.Run(ctx)   // until the guest exits, fails or ctx ends
 //	m.Close()
 //
+// A Linux guest instead of a payload: Config{Kernel: "bzImage", Initrd:
+// "initrd.cpio", Cmdline: ..., Disks: ..., Nets: ...} boots a bzImage through
+// the 64-bit boot protocol, with a UART, an i8042 for reset, ACPI power-off
+// and virtio-mmio devices from package vmm/virtio (linux_boot.go).
+//
 // While Run is going, Pause stops every vCPU (returning how long that took),
 // OnVCPU runs a function on a paused vCPU's own thread, and Resume lets
 // them go again. Package ft builds checkpoints on these.

@@ -52,11 +52,13 @@
 //	0x13  CheckpointEnd    epoch u64 | pages u64 | state length u64 | digest [32]
 //	0x14  Ack              epoch u64
 //	0x20  Activate         epoch u64
+//	0x30  Policy           version u64 | spec len u16 | spec (at most 1024 bytes of UTF-8)
+//	0x31  PolicyAck        version u64
 //
 // Type numbers are grouped so later protocol versions can add messages
 // without renumbering: 0x01–0x0f session control, 0x10–0x1f the checkpoint
-// stream, 0x20–0x2f failover, 0x30–0x3f reserved for backup-driven retrieval
-// (manifests, page requests, policies), 0x40–0xff unassigned. Type 0 is never
+// stream, 0x20–0x2f failover, 0x30–0x3f backup-driven retrieval (policies
+// now; manifests and page requests to come), 0x40–0xff unassigned. Type 0 is never
 // valid. A type a Reader does not know is an error (ErrUnknownType): a newer
 // message needs a newer protocol version, negotiated by Hello.
 //
@@ -67,7 +69,10 @@
 // either a full image (flag FlagFullImage, base epoch 0) or a delta on an
 // earlier base epoch (1 ≤ base < epoch). A PageBatch holds 1..MaxBatchPages
 // records with strictly ascending page frame numbers, each at most MaxPFN.
-// A StateBlob chunk ends at most MaxStateLen bytes into the blob. Error codes
+// A StateBlob chunk ends at most MaxStateLen bytes into the blob. A Policy
+// has a version above 0. A CheckpointBegin may set FlagStaged (a delta that
+// commits the pages staged before it as bare PageBatches), never with
+// FlagFullImage. Error codes
 // are those listed for Code.
 //
 // # A checkpoint on the wire

@@ -23,6 +23,8 @@ const (
 	TypeCheckpointEnd   Type = 0x13
 	TypeAck             Type = 0x14
 	TypeActivate        Type = 0x20
+	TypePolicy          Type = 0x30
+	TypePolicyAck       Type = 0x31
 )
 
 // types maps each known type to its name and a constructor of an empty message.
@@ -42,6 +44,8 @@ var types = map[Type]struct {
 	TypeCheckpointEnd:   {"CheckpointEnd", func() Message { return new(CheckpointEnd) }},
 	TypeAck:             {"Ack", func() Message { return new(Ack) }},
 	TypeActivate:        {"Activate", func() Message { return new(Activate) }},
+	TypePolicy:          {"Policy", func() Message { return new(Policy) }},
+	TypePolicyAck:       {"PolicyAck", func() Message { return new(PolicyAck) }},
 }
 
 // Known reports whether t is a message type of this protocol version.

@@ -302,6 +302,11 @@ func (*Ready) UnmarshalBinary(data []byte) error {
 // FlagFullImage marks a checkpoint that carries every page of guest memory.
 const FlagFullImage uint32 = 1 << 0
 
+// FlagStaged marks a delta that commits together with the pages staged
+// ahead of it (bare PageBatch messages sent to a backup since Base): the
+// intermediary's hold-back sync. It is never set on a full image.
+const FlagStaged uint32 = 1 << 1
+
 // CheckpointBegin opens checkpoint Epoch: Pages page records and StateLen
 // bytes of state follow, then a CheckpointEnd. A full image (FlagFullImage)
 // has Base 0; a delta holds the pages changed since checkpoint Base.
@@ -325,8 +330,10 @@ func (m CheckpointBegin) check() error {
 		return err
 	}
 	switch {
-	case m.Flags&^FlagFullImage != 0:
-		return malformed(t, "undefined flags %#x", m.Flags&^FlagFullImage)
+	case m.Flags&^(FlagFullImage|FlagStaged) != 0:
+		return malformed(t, "undefined flags %#x", m.Flags&^(FlagFullImage|FlagStaged))
+	case m.Full() && m.Flags&FlagStaged != 0:
+		return malformed(t, "a full image cannot commit staged pages")
 	case m.Full() && m.Base != 0:
 		return malformed(t, "full image with base epoch %d (want 0)", m.Base)
 	case !m.Full() && (m.Base == 0 || m.Base >= m.Epoch):
@@ -645,5 +652,82 @@ func decodeEpoch(data []byte, t Type, into *uint64) error {
 		return err
 	}
 	*into = e
+	return nil
+}
+
+// MaxPolicyLen bounds a Policy's text.
+const MaxPolicyLen = 1024
+
+// Policy is a forwarding policy a backup installs at its intermediary
+// (backup-driven retrieval): Spec says, in the intermediary's policy
+// language, what to send and when. Version must grow with every policy a
+// backup installs; the intermediary answers PolicyAck{Version}, or an Error
+// (CodeRefused) saying why it refuses the policy, which changes nothing.
+type Policy struct {
+	Version uint64
+	Spec    string // at most MaxPolicyLen bytes of UTF-8
+}
+
+// Type returns TypePolicy.
+func (Policy) Type() Type { return TypePolicy }
+
+// AppendBinary appends the message body to b.
+func (m Policy) AppendBinary(b []byte) ([]byte, error) {
+	if m.Version == 0 {
+		return b, malformed(TypePolicy, "version 0")
+	}
+	if err := checkText(TypePolicy, "spec", m.Spec, MaxPolicyLen); err != nil {
+		return b, err
+	}
+	b = binary.LittleEndian.AppendUint64(b, m.Version)
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(m.Spec)))
+	return append(b, m.Spec...), nil
+}
+
+// MarshalBinary returns the message body.
+func (m Policy) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *Policy) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypePolicy, b: data}
+	v := Policy{Version: d.u64()}
+	v.Spec = string(d.take(int(d.u16())))
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if v.Version == 0 {
+		return malformed(TypePolicy, "version 0")
+	}
+	if err := checkText(TypePolicy, "spec", v.Spec, MaxPolicyLen); err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// PolicyAck confirms that policy Version is installed.
+type PolicyAck struct {
+	Version uint64
+}
+
+// Type returns TypePolicyAck.
+func (PolicyAck) Type() Type { return TypePolicyAck }
+
+// AppendBinary appends the message body to b.
+func (m PolicyAck) AppendBinary(b []byte) ([]byte, error) {
+	return binary.LittleEndian.AppendUint64(b, m.Version), nil
+}
+
+// MarshalBinary returns the message body.
+func (m PolicyAck) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *PolicyAck) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypePolicyAck, b: data}
+	v := PolicyAck{Version: d.u64()}
+	if err := d.finish(); err != nil {
+		return err
+	}
+	*m = v
 	return nil
 }

@@ -46,6 +46,11 @@ func samples() []Message {
 		&CheckpointEnd{Epoch: 3, Pages: 3, StateLen: 10, Digest: [32]byte{0: 0xaa, 31: 0x55}},
 		&Ack{Epoch: 3},
 		&Activate{Epoch: 1<<64 - 1},
+		&CheckpointBegin{Epoch: 9, Base: 4, Pages: 0, StateLen: 1, Flags: FlagStaged},
+		&Policy{Version: 1, Spec: "pull-every=2s,max-lag-epochs=400"},
+		&Policy{Version: 1<<64 - 1, Spec: strings.Repeat("p", MaxPolicyLen)},
+		&PolicyAck{Version: 0},
+		&PolicyAck{Version: 7},
 	}
 }
 
@@ -170,7 +175,7 @@ func TestReadFrameErrors(t *testing.T) {
 		{"version 2", encodeRaw(2, TypeAck, 0, make([]byte, 8)), ErrVersion, "version 2"},
 		{"version 0", encodeRaw(0, TypeAck, 0, make([]byte, 8)), ErrVersion, "version 0"},
 		{"type 0", encodeRaw(Version, 0, 0, nil), ErrUnknownType, "type 0x00"},
-		{"type 0x30", encodeRaw(Version, 0x30, 0, nil), ErrUnknownType, "type 0x30"},
+		{"type 0x3f", encodeRaw(Version, 0x3f, 0, nil), ErrUnknownType, "type 0x3f"},
 		{"flags", encodeRaw(Version, TypeAck, 0x8000, make([]byte, 8)), ErrMalformed, "flags"},
 		{"oversize", mut(func(b []byte) { binary.LittleEndian.PutUint32(b[8:], MaxPayload+1); refix(b) }), ErrTooLarge, "67108865"},
 		{"max uint32 length", mut(func(b []byte) { binary.LittleEndian.PutUint32(b[8:], 1<<32-1); refix(b) }), ErrTooLarge, "limit"},
@@ -379,7 +384,8 @@ func TestEncodeRejects(t *testing.T) {
 		{&CheckpointBegin{Epoch: 2, Base: 1, Flags: FlagFullImage}, "full image with base"},
 		{&CheckpointBegin{Epoch: 2, Base: 0}, "want 1 <= base < epoch"},
 		{&CheckpointBegin{Epoch: 2, Base: 2}, "want 1 <= base < epoch"},
-		{&CheckpointBegin{Epoch: 2, Flags: 2 | FlagFullImage}, "undefined flags 0x2"},
+		{&CheckpointBegin{Epoch: 2, Flags: 4 | FlagFullImage}, "undefined flags 0x4"},
+		{&CheckpointBegin{Epoch: 2, Flags: FlagStaged | FlagFullImage}, "a full image cannot commit staged pages"},
 		{&CheckpointBegin{Epoch: 2, Flags: FlagFullImage, Pages: MaxPFN + 2}, "pages"},
 		{&CheckpointBegin{Epoch: 2, Flags: FlagFullImage, StateLen: MaxStateLen + 1}, "state length"},
 		{&PageBatch{Epoch: 1}, "0 pages"},
@@ -480,6 +486,10 @@ func TestDecodeRejects(t *testing.T) {
 		{"ack zero", TypeAck, make([]byte, 8), "epoch 0"},
 		{"ack long", TypeAck, make([]byte, 9), "trailing"},
 		{"activate zero", TypeActivate, make([]byte, 8), "epoch 0"},
+		{"policy version 0", TypePolicy, make([]byte, 10), "version 0"},
+		{"policy short", TypePolicy, []byte{1, 0, 0, 0, 0, 0, 0, 0, 5, 0, 'a'}, "truncated"},
+		{"policy bad utf-8", TypePolicy, []byte{1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0xff}, "UTF-8"},
+		{"policy ack long", TypePolicyAck, make([]byte, 9), "trailing"},
 	}
 	for _, tc := range tests {
 		m, err := Decode(tc.t, tc.in)
@@ -487,8 +497,8 @@ func TestDecodeRejects(t *testing.T) {
 			t.Errorf("%s: Decode(%v, %d bytes) = %v, %v; want ErrMalformed containing %q", tc.name, tc.t, len(tc.in), m, err, tc.sub)
 		}
 	}
-	if _, err := Decode(0x30, nil); !errors.Is(err, ErrUnknownType) {
-		t.Errorf("Decode(0x30, nil) = %v, want ErrUnknownType", err)
+	if _, err := Decode(0x3f, nil); !errors.Is(err, ErrUnknownType) {
+		t.Errorf("Decode(0x3f, nil) = %v, want ErrUnknownType", err)
 	}
 }
 

@@ -217,12 +217,15 @@ func everyInterval(d time.Duration, fn func()) func() {
 }
 
 func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--on-backup-loss continue|stall] [--metrics HOST:PORT]", stderr)
+	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--hold-back SPEC] [--on-backup-loss continue|stall] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7401", "address the primary connects to (tcp://host:port or vsock://cid:port)")
 	backupAddr := fs.String("backup", "", "address of the backup")
 	onLoss := fs.String("on-backup-loss", "continue", "while no backup is attached: continue (acknowledge the primary; a returning backup is re-seeded with a full image) "+
 		"or stall (acknowledge nothing, so the primary holds its output, until a backup is attached)")
 	retry := fs.Duration("backup-retry", 500*time.Millisecond, "pause between attempts to reach a lost backup")
+	holdBack := fs.String("hold-back", "off", "hold back hot pages from the backup: off, on, or threshold=F,max-held=SIZE,max-lag-epochs=N,max-lag=DUR "+
+		"(defaults 2, 64M, 200, 5s): pages changed at least F times (a count halving every 16 epochs) are held until a sync, others are staged at once; "+
+		"a sync (the backup commits a whole epoch) comes when any bound is passed, and before a failover")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
 	rf := addRoleFlags(fs, "intermediary")
 	if code, done := parseFlags(fs, args); done {
@@ -235,6 +238,10 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	policy, err := ft.ParseBackupLossPolicy(*onLoss)
 	if err != nil {
 		return fail(stderr, err)
+	}
+	hb, err := ft.ParseHoldBack(*holdBack)
+	if err != nil {
+		return fail(stderr, fmt.Errorf("--hold-back: %w", err))
 	}
 	if *retry <= 0 {
 		return fail(stderr, fmt.Errorf("--backup-retry %v: must be positive", *retry))
@@ -261,6 +268,10 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		return fail(stderr, err)
 	}
 	in.SetBackupLossPolicy(policy)
+	if hb != nil {
+		in.SetForwardPolicy(*hb)
+		fmt.Fprintf(stderr, "understudy: intermediary: hold-back %s\n", hb)
+	}
 	stopMetrics, err := rf.serveMetrics(in.Metrics, stderr)
 	if err != nil {
 		return fail(stderr, err)
@@ -332,6 +343,9 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	onLoss := fs.String("on-intermediary-loss", "wait", "when the intermediary is lost: wait for one (the primary may still be running), "+
 		"or activate-after=DUR: if none comes back within DUR, resume the guest from the committed epoch and report the data-loss window "+
 		"(only when the primary is known lost too)")
+	policySpec := fs.String("policy", "", "install this forwarding policy at every intermediary that serves this backup (backup-driven retrieval), e.g. "+
+		"pull-every=2s,max-lag-epochs=400 (pull everything at most every 2 s unless the lag passes 400 epochs), or the keys of intermediary --hold-back; "+
+		"a refused policy is reported and the intermediary keeps its own")
 	saveActivated := fs.String("save-activated", "", "on activation, write a snapshot of the activated guest to this file before resuming it (understudy restore reads it)")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
 	rf := addRoleFlags(fs, "backup")
@@ -341,6 +355,11 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	policy, err := parseActivationPolicy(*onLoss)
 	if err != nil {
 		return fail(stderr, err)
+	}
+	if *policySpec != "" {
+		if _, err := ft.ParseBackupPolicy(*policySpec); err != nil {
+			return fail(stderr, fmt.Errorf("--policy: %w", err))
+		}
 	}
 	tcfg, err := rf.config(wire.RoleBackup, 0, stderr)
 	if err != nil {
@@ -403,7 +422,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		}
 		memSize := c.Peer().Hello.MemSize
 		if b == nil {
-			if b, err = ft.NewBackup(memSize, ft.BackupConfig{Restore: rcfg, Log: tcfg.Logger}); err != nil {
+			if b, err = ft.NewBackup(memSize, ft.BackupConfig{Restore: rcfg, Log: tcfg.Logger, Policy: *policySpec}); err != nil {
 				c.Close()
 				return fail(stderr, err)
 			}

@@ -1,0 +1,312 @@
+package ft
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/ft/wire"
+)
+
+// holdBackEpoch is epoch e of a guest with three hot pages (10-12, changed
+// every epoch) and one cold page (200+e, changed once); epoch 1 is a full
+// image of a few pages.
+func holdBackEpoch(e uint64) *Checkpoint {
+	if e == 1 {
+		cp := testCheckpoint(1, true, 0, 1, 2, 10, 11, 12)
+		cp.State = []byte("state-1")
+		return cp
+	}
+	cp := testCheckpoint(e, false, 10, 11, 12, 200+e)
+	cp.State = fmt.Appendf(nil, "state-%d", e)
+	return cp
+}
+
+// sendAcked sends cp as a primary would (a delta on base) and waits for
+// its acknowledgement.
+func sendAcked(t *testing.T, c MessageConn, cp *Checkpoint, base uint64) {
+	t.Helper()
+	if err := SendCheckpoint(c, cp, base); err != nil {
+		t.Fatalf("SendCheckpoint(%d) = %v", cp.Epoch, err)
+	}
+	for {
+		m, err := c.ReadMessage()
+		if err != nil {
+			t.Fatalf("reading the ack of %d: %v", cp.Epoch, err)
+		}
+		if _, ok := m.(*wire.Status); ok {
+			continue
+		}
+		if a, ok := m.(*wire.Ack); !ok || a.Epoch != cp.Epoch {
+			t.Fatalf("reply to checkpoint %d = %v, want Ack{%d}", cp.Epoch, m, cp.Epoch)
+		}
+		return
+	}
+}
+
+func imageHash(mem, state []byte) [32]byte {
+	h := sha256.New()
+	h.Write(mem)
+	h.Write(state)
+	return [32]byte(h.Sum(nil))
+}
+
+// TestHoldBackWholeEpochs runs the hold-back policy between a stand-in
+// primary and a real backup (mTLS links): hot pages are held back, cold ones
+// staged, and a sync every few epochs (the lag bound) brings the backup up.
+// Every state of the backup's image that can be observed is exactly the
+// intermediary's image at that epoch (never a partial epoch); the lag bound
+// holds; hold-back sends fewer bytes than forwarding every epoch would; and
+// a flush (as Failover does) brings the backup to the last epoch exactly.
+func TestHoldBackWholeEpochs(t *testing.T) {
+	const (
+		memSize = 4 << 20
+		epochs  = 40
+		maxLag  = 4
+	)
+	pc, ic := link(t, memSize)
+	ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb := HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: maxLag, MaxLag: time.Hour}
+	in.SetForwardPolicy(hb)
+	go in.ServePrimary(ic)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go in.ServeBackup(ctx, ib)
+	bk, err := NewBackup(memSize, BackupConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bk.Close()
+	go bk.Serve(bi)
+
+	ref := NewImage(memSize)
+	want := map[uint64][32]byte{}
+	var naive uint64 // what forwarding every epoch would send
+	maxSeenLag, staged := uint64(0), false
+	check := func(e uint64) {
+		bk.Image().Read(func(mem, state []byte, epoch uint64) {
+			if epoch == 0 {
+				return
+			}
+			if h, ok := want[epoch]; !ok || h != imageHash(mem, state) {
+				t.Fatalf("after epoch %d the backup's image at its epoch %d is not the intermediary's image at that epoch: a partial epoch", e, epoch)
+			}
+			maxSeenLag = max(maxSeenLag, e-epoch)
+		})
+		staged = staged || bk.stagedBytes.Load() > 0
+	}
+	for e := uint64(1); e <= epochs; e++ {
+		cp := holdBackEpoch(e)
+		if err := ref.Apply(cp, e-1, in.PageOffset); err != nil {
+			t.Fatal(err)
+		}
+		ref.Read(func(mem, state []byte, _ uint64) { want[e] = imageHash(mem, state) })
+		naive += uint64(len(cp.Data))
+		sendAcked(t, pc, cp, e-1)
+		time.Sleep(2 * time.Millisecond)
+		check(e)
+		// The lag bound: a sync is due once the backup's epoch is maxLag
+		// behind; it lands within moments (the link is fast here).
+		if e > 1 {
+			waitFor(t, fmt.Sprintf("the backup within %d epochs of %d", maxLag, e), func() bool { return bk.Committed()+maxLag >= e })
+		}
+	}
+	waitFor(t, "a sync at the lag bound", func() bool { return bk.Committed() >= epochs-maxLag })
+	check(epochs)
+	if maxSeenLag < 2 {
+		t.Errorf("the backup lagged at most %d epochs: nothing was held back", maxSeenLag)
+	}
+	if !staged {
+		t.Errorf("no cold page was ever staged at the backup")
+	}
+	// The re-seed (the first image) aside, hold-back sent fewer page bytes.
+	first := uint64(len(holdBackEpoch(1).Data))
+	if sent := in.forwarded.Load(); sent >= naive+memSize-first {
+		t.Errorf("hold-back forwarded %d bytes, forwarding every epoch would send %d (+ the re-seed)", sent, naive)
+	}
+	// Failover's flush: everything held goes now, whole.
+	in.bmu.Lock()
+	b := in.backup
+	in.bmu.Unlock()
+	if err := b.sync(ctx, in, epochs); err != nil {
+		t.Fatalf("sync(%d) = %v", epochs, err)
+	}
+	if got := bk.Committed(); got != epochs {
+		t.Fatalf("after the flush the backup is at %d, want %d", got, epochs)
+	}
+	if !sameImage(in.Image(), bk.Image()) {
+		t.Errorf("after the flush the backup's image differs from the intermediary's")
+	}
+	if bk.stagedBytes.Load() != 0 {
+		t.Errorf("staged bytes after the sync = %d, want 0", bk.stagedBytes.Load())
+	}
+}
+
+// TestHoldBackLagInTime: with a time bound only, syncs come at that pace.
+func TestHoldBackLagInTime(t *testing.T) {
+	const memSize = 4 << 20
+	pc, ic := link(t, memSize)
+	ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.SetForwardPolicy(HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: 1 << 40, MaxLag: 60 * time.Millisecond})
+	go in.ServePrimary(ic)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go in.ServeBackup(ctx, ib)
+	bk, err := NewBackup(memSize, BackupConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bk.Close()
+	go bk.Serve(bi)
+	start := time.Now()
+	for e := uint64(1); e <= 50; e++ {
+		sendAcked(t, pc, holdBackEpoch(e), e-1)
+		time.Sleep(10 * time.Millisecond)
+	}
+	elapsed := time.Since(start)
+	// About one sync per 60 ms, and none skipped for long.
+	if n, want := in.syncs.Load(), uint64(elapsed/(60*time.Millisecond)); n < want/2 || n > want*2+2 {
+		t.Errorf("%d syncs in %v with a 60ms bound, want about %d", n, elapsed, want)
+	}
+	if lag := 50 - bk.Committed(); lag > 12 {
+		t.Errorf("the backup is %d epochs (of 10 ms) behind, beyond a 60 ms bound", lag)
+	}
+}
+
+func TestParseHoldBack(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want *HoldBack
+	}{
+		{"off", nil},
+		{"on", &DefaultHoldBack},
+		{"threshold=3", &HoldBack{Threshold: 3, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: 5 * time.Second}},
+		{"threshold=1.5,max-held=8M,max-lag-epochs=40,max-lag=2s", &HoldBack{Threshold: 1.5, MaxHeld: 8 << 20, MaxLagEpochs: 40, MaxLag: 2 * time.Second}},
+	} {
+		got, err := ParseHoldBack(tc.in)
+		if err != nil || (got == nil) != (tc.want == nil) || got != nil && *got != *tc.want {
+			t.Errorf("ParseHoldBack(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
+		}
+	}
+	for _, bad := range []string{"threshold", "threshold=0", "threshold=-1", "threshold=NaN", "max-held=lots",
+		"max-lag-epochs=0", "max-lag=-1s", "max-lag=0s", "speed=9", "threshold=2,", "on,threshold=2"} {
+		if _, err := ParseHoldBack(bad); err == nil {
+			t.Errorf("ParseHoldBack(%q) = nil error, want a refusal", bad)
+		}
+	}
+}
+
+func FuzzParseHoldBack(f *testing.F) {
+	for _, s := range []string{"on", "off", "threshold=2,max-held=64M", "max-lag=5s,max-lag-epochs=3", "=", ",,"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		h, err := ParseHoldBack(s)
+		if err == nil && h != nil && !(h.Threshold > 0 && h.MaxLagEpochs > 0 && h.MaxLag > 0) {
+			t.Fatalf("ParseHoldBack(%q) = %+v: accepted an invalid policy", s, h)
+		}
+	})
+}
+
+// backupPolicyRig is an intermediary with a real backup that installs
+// policy, fed by a stand-in primary.
+func backupPolicyRig(t *testing.T, policy string) (*Intermediary, *Backup, MessageConn) {
+	const memSize = 4 << 20
+	pc, ic := link(t, memSize)
+	ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go in.ServePrimary(ic)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go in.ServeBackup(ctx, ib)
+	bk, err := NewBackup(memSize, BackupConfig{Policy: policy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bk.Close() })
+	go bk.Serve(bi)
+	waitFor(t, "the policy answer", func() bool { return bk.PolicyState() != "" })
+	return in, bk, pc
+}
+
+// TestBackupInstalledPolicy: a backup installs "pull everything at most
+// every 100 ms unless the lag exceeds 1000 epochs" at its intermediary,
+// which acknowledges it and then stages nothing and syncs on that schedule.
+func TestBackupInstalledPolicy(t *testing.T) {
+	in, bk, pc := backupPolicyRig(t, "pull-every=100ms,max-lag-epochs=1000")
+	if s := bk.PolicyState(); !strings.Contains(s, "policy 1 installed") {
+		t.Fatalf("PolicyState() = %q, want policy 1 installed", s)
+	}
+	start := time.Now()
+	behind := 0
+	for e := uint64(1); e <= 40; e++ {
+		sendAcked(t, pc, holdBackEpoch(e), e-1)
+		time.Sleep(10 * time.Millisecond)
+		if bk.stagedBytes.Load() != 0 {
+			t.Fatalf("a pull policy staged %d bytes", bk.stagedBytes.Load())
+		}
+		if bk.Committed() < e {
+			behind++
+		}
+	}
+	elapsed := time.Since(start)
+	if n, want := in.syncs.Load(), uint64(elapsed/(100*time.Millisecond)); n+1 < want/2 || n > want+2 {
+		t.Errorf("%d syncs in %v pulling every 100ms, want about %d", n, elapsed, want)
+	}
+	if behind < 30 {
+		t.Errorf("the backup was behind after only %d of 40 epochs: a 100ms pull of 10ms epochs should leave it behind most of the time", behind)
+	}
+}
+
+// TestBackupPolicyRefused: a policy the intermediary does not accept is
+// refused with a reason and changes nothing: it goes on forwarding every
+// epoch, and the link stays up.
+func TestBackupPolicyRefused(t *testing.T) {
+	for _, spec := range []string{"bandwidth=10M", "threshold=-3", "pull-every=soon", "ranges=0-4096", "off"} {
+		t.Run(spec, func(t *testing.T) {
+			_, bk, pc := backupPolicyRig(t, spec)
+			if s := bk.PolicyState(); !strings.Contains(s, "policy 1 refused") {
+				t.Fatalf("PolicyState() = %q, want a refusal with its reason", s)
+			}
+			for e := uint64(1); e <= 5; e++ {
+				sendAcked(t, pc, holdBackEpoch(e), e-1)
+			}
+			waitFor(t, "the backup to follow every epoch", func() bool { return bk.Committed() == 5 })
+		})
+	}
+	// A stale version is refused too.
+	in, err := NewIntermediary(4<<20, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &backupLink{policyVersion: 5}
+	if m, ok := in.installPolicy(b, &wire.Policy{Version: 3, Spec: "pull-every=1s"}).(*wire.Error); !ok || !strings.Contains(m.Reason, "not newer") {
+		t.Errorf("installPolicy(version 3 after 5) = %v, want a refusal", m)
+	}
+}
+
+func FuzzParseBackupPolicy(f *testing.F) {
+	for _, s := range []string{"pull-every=2s,max-lag-epochs=400", "threshold=2", "bandwidth=1", "pull-every=", ","} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		h, err := ParseBackupPolicy(s)
+		if err == nil && !(h.Threshold >= 0 && h.MaxLagEpochs > 0 && h.MaxLag > 0) {
+			t.Fatalf("ParseBackupPolicy(%q) = %+v: accepted an invalid policy", s, h)
+		}
+	})
+}
