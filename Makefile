@@ -54,7 +54,7 @@ test: unit-test qemu-test
 
 unit-test: lint
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /qemu-tests)
-	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./vmm/virtio/
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./ft/wan/ ./ft/wanzip/ ./vmm/virtio/
 
 # The appliance (initramfs/): kernel cached in build/cache, image in $(IMAGE).
 image: build
@@ -71,7 +71,7 @@ soak:
 	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill(HoldBack)?$$' ./ft/chaos/ | grep -E '^(soak ft|--- |\s+\S+_test.go)'
 
 bench:
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./ft/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
 
 clean:
 	rm -rf build

@@ -158,7 +158,7 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeIncomplete, Reason: truncate(err.Error(), wire.MaxReasonLen)})
 				return nil, fmt.Errorf("backup: %w", err)
 			}
-			b.log.Debug("committed", "epoch", cp.Epoch, "pages", len(cp.PFNs))
+			b.log.Debug("committed", "epoch", cp.Epoch, "base", base, "full", cp.Full, "staged", cp.Staged, "pages", len(cp.PFNs))
 			b.received.Add(uint64(len(cp.Data) + len(cp.State)))
 			b.checkpoints.Add(1)
 			if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {

@@ -449,10 +449,10 @@ func (b *backupLink) sync(ctx context.Context, in *Intermediary, epoch uint64) e
 
 // activate tells the backup to activate at epoch and waits for it to
 // confirm.
+// The Activate goes through the writer, so that it never lands inside a
+// checkpoint stream.
 func (b *backupLink) activate(ctx context.Context, epoch uint64) error {
-	if err := b.c.WriteMessage(&wire.Activate{Epoch: epoch}); err != nil {
-		return fmt.Errorf("activate: %w", err)
-	}
+	b.reply(&wire.Activate{Epoch: epoch})
 	return b.wait(ctx, func() bool { return b.activated })
 }
 
@@ -500,6 +500,7 @@ func (in *Intermediary) syncCheckpoint(b *backupLink) *Checkpoint {
 			}
 		}
 	})
+	in.log.Debug("hold-back sync", "epoch", cp.Epoch, "base", b.synced, "pages", len(cp.PFNs))
 	b.lacking = 0
 	b.synced = cp.Epoch
 	in.syncs.Add(1)
@@ -511,7 +512,9 @@ func (in *Intermediary) syncCheckpoint(b *backupLink) *Checkpoint {
 func (in *Intermediary) flushHeld(b *backupLink) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if !b.holdMode || b.synced >= in.img.Epoch() {
+	// synced == 0: a re-seed is on its way (forward asked for it), and its
+	// snapshot, taken after this, covers the image's epoch.
+	if !b.holdMode || b.synced == 0 || b.synced >= in.img.Epoch() {
 		return
 	}
 	cp := in.syncCheckpoint(b)

@@ -278,11 +278,13 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	}
 	in.received.Add(uint64(len(cp.Data) + len(cp.State)))
 	in.noteApplied(cp.Epoch)
+	// Queued under mu, so that Failover finds every applied epoch queued
+	// (also one whose acknowledgement cannot be sent: Failover activates
+	// the image's epoch, and hold-back's bookkeeping must know its pages).
+	in.forward(cp)
 	if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
 		return fmt.Errorf("acknowledge epoch %d: %w", cp.Epoch, err)
 	}
-	// Queued under mu, so that Failover finds every applied epoch queued.
-	in.forward(cp)
 	return nil
 }
 

@@ -26,6 +26,16 @@ func link(t testing.TB, memSize uint64) (primary, intermediary transport.Conn) {
 // dialer, of role from, and the listener's end, of role to.
 func roleLink(t testing.TB, memSize uint64, from, to wire.Role) (dialer, listener transport.Conn) {
 	t.Helper()
+	return roleLinkVia(t, memSize, from, to, "tcp://127.0.0.1:0", nil)
+}
+
+// roleLinkVia is roleLink with the listener at listenAddr, created by
+// listen (nil: directly; a WAN test creates it inside a network
+// namespace), and the dialer connecting to via(the listener's address)
+// (nil: directly; a WAN test goes through a delaying relay).
+func roleLinkVia(t testing.TB, memSize uint64, from, to wire.Role, listenAddr string, listen func(fn func() error) error,
+	via ...func(string) string) (dialer, listener transport.Conn) {
+	t.Helper()
 	ca, err := transport.NewCA("test-cluster", time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -41,8 +51,12 @@ func roleLink(t testing.TB, memSize uint64, from, to wire.Role) (dialer, listene
 		}
 		return c
 	}
-	ln, err := transport.Listen("tcp://127.0.0.1:0", &transport.Config{Credentials: creds("server", to),
-		Hello: wire.Hello{Role: to, MemSize: memSize}, PeerRoles: []wire.Role{from}})
+	lcfg := &transport.Config{Credentials: creds("server", to), Hello: wire.Hello{Role: to, MemSize: memSize}, PeerRoles: []wire.Role{from}}
+	var ln transport.Listener
+	if listen == nil {
+		listen = func(fn func() error) error { return fn() }
+	}
+	err = listen(func() (err error) { ln, err = transport.Listen(listenAddr, lcfg); return err })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +71,11 @@ func roleLink(t testing.TB, memSize uint64, from, to wire.Role) (dialer, listene
 		}
 		accepted <- c
 	}()
-	d, err := transport.Dial(ctx, ln.Addr().String(), &transport.Config{Credentials: creds("client", from),
+	addr := ln.Addr().String()
+	for _, v := range via {
+		addr = v(addr)
+	}
+	d, err := transport.Dial(ctx, addr, &transport.Config{Credentials: creds("client", from),
 		Hello: wire.Hello{Role: from, MemSize: memSize}, PeerName: "server"})
 	if err != nil {
 		t.Fatal(err)

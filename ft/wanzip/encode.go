@@ -1,0 +1,121 @@
+package wanzip
+
+import (
+	"encoding/binary"
+	"fmt"
+	"slices"
+	"sync/atomic"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/understudy-vmm/understudy/ft/wire"
+)
+
+// Encoder compresses page batches. It keeps its zstd state and a scratch
+// buffer (up to 32 MiB, the data of the largest batch) between batches. It
+// is for one goroutine at a time; Stats may be called from any goroutine.
+type Encoder struct {
+	level Level
+	zw    *zstd.Encoder
+	data  []byte // scratch: the batch's data pages, concatenated
+
+	batches, pages, zeroPages, encoded atomic.Uint64
+}
+
+// Stats counts what an Encoder has encoded since it was made.
+type Stats struct {
+	Batches      uint64 // AppendBatch calls that succeeded
+	Pages        uint64 // pages in those batches
+	ZeroPages    uint64 // of those, all-zero pages (sent as one bitmap bit)
+	RawBytes     uint64 // Pages × wire.PageSize: what the batches carry uncompressed
+	EncodedBytes uint64 // bytes AppendBatch appended
+}
+
+// NewEncoder returns an Encoder that compresses at level (0: DefaultLevel).
+func NewEncoder(level Level) (*Encoder, error) {
+	if level == 0 {
+		level = DefaultLevel
+	}
+	if !level.Valid() {
+		return nil, fmt.Errorf("wanzip: %v is not a compression level", level)
+	}
+	// Concurrency 1: EncodeAll runs on the caller's goroutine and the
+	// encoder starts none of its own.
+	zw, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(levelZstd[level]),
+		zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(true))
+	if err != nil {
+		return nil, fmt.Errorf("wanzip: zstd encoder at level %v: %w", level, err)
+	}
+	return &Encoder{level: level, zw: zw}, nil
+}
+
+// Level returns the Encoder's compression level.
+func (e *Encoder) Level() Level { return e.level }
+
+// Stats returns the Encoder's counters.
+func (e *Encoder) Stats() Stats {
+	p := e.pages.Load()
+	return Stats{Batches: e.batches.Load(), Pages: p, ZeroPages: e.zeroPages.Load(),
+		RawBytes: p * wire.PageSize, EncodedBytes: e.encoded.Load()}
+}
+
+// AppendBatch appends the encoding of pages (laid out as the package
+// documentation says) to dst. The pages must follow wire.PageBatch's rules:
+// 1..wire.MaxBatchPages of them, each wire.PageSize bytes, PFNs strictly
+// ascending and at most wire.MaxPFN; otherwise it returns dst unchanged and
+// an error wrapping ErrInvalidBatch.
+func (e *Encoder) AppendBatch(dst []byte, pages []wire.Page) ([]byte, error) {
+	if err := checkBatch(pages); err != nil {
+		return dst, err
+	}
+	n := len(pages)
+	start := len(dst)
+	dst = slices.Grow(dst, 2+binary.MaxVarintLen64*2+n+(n+7)/8)
+	dst = append(dst, FormatVersion, 0)
+	dst = binary.AppendUvarint(dst, uint64(n))
+	for i, p := range pages {
+		if i == 0 {
+			dst = binary.AppendUvarint(dst, p.PFN)
+		} else {
+			dst = binary.AppendUvarint(dst, p.PFN-pages[i-1].PFN-1)
+		}
+	}
+	bitmap := len(dst)
+	dst = append(dst, make([]byte, (n+7)/8)...)
+	e.data = e.data[:0]
+	zeros := 0
+	for i, p := range pages {
+		if isZero(p.Data) {
+			dst[bitmap+i/8] |= 1 << (i % 8)
+			zeros++
+			continue
+		}
+		e.data = append(e.data, p.Data...)
+	}
+	if len(e.data) > 0 {
+		dst = e.zw.EncodeAll(e.data, dst)
+	}
+	e.batches.Add(1)
+	e.pages.Add(uint64(n))
+	e.zeroPages.Add(uint64(zeros))
+	e.encoded.Add(uint64(len(dst) - start))
+	return dst, nil
+}
+
+// checkBatch applies wire.PageBatch's rules to pages.
+func checkBatch(pages []wire.Page) error {
+	if n := len(pages); n == 0 || n > wire.MaxBatchPages {
+		return fmt.Errorf("%w: %d pages (want 1..%d)", ErrInvalidBatch, n, wire.MaxBatchPages)
+	}
+	for i, p := range pages {
+		switch {
+		case len(p.Data) != wire.PageSize:
+			return fmt.Errorf("%w: page %d (PFN %#x) has %d bytes of data (want %d)", ErrInvalidBatch, i, p.PFN, len(p.Data), wire.PageSize)
+		case p.PFN > wire.MaxPFN:
+			return fmt.Errorf("%w: page %d: PFN %#x beyond %#x", ErrInvalidBatch, i, p.PFN, uint64(wire.MaxPFN))
+		case i > 0 && p.PFN <= pages[i-1].PFN:
+			return fmt.Errorf("%w: page %d: PFN %#x not above the previous %#x", ErrInvalidBatch, i, p.PFN, pages[i-1].PFN)
+		}
+	}
+	return nil
+}

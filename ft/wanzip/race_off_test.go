@@ -1,0 +1,5 @@
+//go:build !race
+
+package wanzip
+
+const raceEnabled = false
