@@ -49,11 +49,14 @@ lint:
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 # The tests: lint, all unit and host-KVM tests, the race detector on the
-# packages with goroutines (race needs cgo), then the QEMU tier.
+# packages with goroutines (race needs cgo), then the QEMU tier. The
+# fault-injection harness (three processes per injection) runs on its own,
+# so that its load does not disturb the timing-sensitive host-KVM tests.
 test: unit-test qemu-test
 
 unit-test: lint
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v /qemu-tests)
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /qemu-tests -e /ft/chaos)
+	$(GO) test -count=1 ./ft/chaos/
 	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./ft/wan/ ./ft/wanzip/ ./vmm/virtio/
 
 # The appliance (initramfs/): kernel cached in build/cache, image in $(IMAGE).

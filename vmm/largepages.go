@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sort"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"golang.org/x/sys/unix"
 )
 
 // Large-page policies.
@@ -61,6 +63,7 @@ type LargePageStatus struct {
 	Promoted []uint64
 	Blocked  []uint64 // candidates the guest maps with 4 KiB pages
 	Failed   int      // promotions the host refused (fixed policies: still pending)
+	Retried  int      // collapses the kernel could not do yet (EAGAIN), tried again later
 	// Suspended is set while promotions wait for KVM dirty logging (fault
 	// tolerance) to stop.
 	Suspended bool
@@ -315,8 +318,11 @@ func (lp *LargePager) runFixed(ctx context.Context) {
 	for {
 		failed := 0
 		for _, r := range targets {
-			if !lp.prio.Promoted(r) && !lp.promote(r) {
-				failed++
+			if lp.prio.Promoted(r) {
+				continue
+			}
+			if ok, _ := lp.promote(r); !ok {
+				failed++ // still pending: tried again next period
 			}
 		}
 		lp.mu.Lock()
@@ -359,9 +365,12 @@ func (lp *LargePager) fixedTargets() []uint64 {
 
 // promote collapses region r and records it if the host backs it huge. It
 // reports whether the region is now promoted.
-func (lp *LargePager) promote(r uint64) bool {
+// A collapse the kernel could not do for now (EAGAIN: a page was busy or
+// memory short) is not a failure: the region stays a candidate and is tried
+// again in a later window; transient reports that.
+func (lp *LargePager) promote(r uint64) (ok, transient bool) {
 	err := lp.m.mem.Collapse(r)
-	ok := err == nil
+	ok = err == nil
 	if ok {
 		ok, err = lp.m.mem.HugeBacked(r)
 	}
@@ -374,7 +383,11 @@ func (lp *LargePager) promote(r uint64) bool {
 	if ok && lp.status.FirstPromotion == 0 {
 		lp.status.FirstPromotion = lp.prio.Windows()
 	}
-	return ok
+	if errors.Is(err, unix.EAGAIN) {
+		lp.status.Retried++
+		return false, true
+	}
+	return ok, false
 }
 
 // window runs one sampling window and acts on it. It returns the regions
@@ -445,7 +458,7 @@ func (lp *LargePager) window(ctx context.Context) (blocked map[uint64]bool, chan
 		lp.prio.SetPromoted(r, false)
 	}
 	for _, r := range d.Promote {
-		if !lp.promote(r) {
+		if ok, transient := lp.promote(r); !ok && !transient {
 			lp.mu.Lock()
 			lp.status.Failed++
 			lp.mu.Unlock()
