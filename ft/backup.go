@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
@@ -125,6 +126,12 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 		_ = c.WriteMessage(&wire.Error{Code: wire.CodeRefused, Reason: ErrActivated.Error()})
 		return nil, ErrActivated
 	}
+	// The intermediary may compress page batches for the WAN.
+	dec, err := wanzip.NewDecoder()
+	if err != nil {
+		return nil, fmt.Errorf("backup: %w", err)
+	}
+	c = &decompressingConn{MessageConn: c, dec: dec}
 	if err := c.WriteMessage(&wire.Status{Role: wire.RoleBackup, Committed: b.Committed()}); err != nil {
 		return nil, fmt.Errorf("backup: report status: %w", err)
 	}

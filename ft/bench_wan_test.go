@@ -14,6 +14,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch/kvmtest"
 	"github.com/understudy-vmm/understudy/ft/wan"
+	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/vmm"
 	"golang.org/x/sys/unix"
@@ -107,17 +108,19 @@ func BenchmarkHoldBack(b *testing.B) {
 		name   string
 		policy ForwardPolicy
 		backup string
+		zstd   bool
 	}{
-		{"threshold=2", HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, ""},
-		{"threshold=4", HoldBack{Threshold: 4, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, ""},
-		{"threshold=16", HoldBack{Threshold: 16, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, ""},
-		{"backup:pull-every=2s,max-lag-epochs=400", nil, "pull-every=2s,max-lag-epochs=400"},
+		{"threshold=2", HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, "", false},
+		{"threshold=4", HoldBack{Threshold: 4, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, "", false},
+		{"threshold=16", HoldBack{Threshold: 16, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, "", false},
+		{"backup:pull-every=2s,max-lag-epochs=400", nil, "pull-every=2s,max-lag-epochs=400", false},
+		{"threshold=2+zstd", HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, "", true},
 	} {
-		holdBackRun(b, l, tc.name, tc.policy, tc.backup)
+		holdBackRun(b, l, tc.name, tc.policy, tc.backup, tc.zstd)
 	}
 }
 
-func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, backupPolicy string) {
+func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, backupPolicy string, zstd bool) {
 	const memSize = 64 << 20
 	pc, ic := link(b, memSize)
 	in, err := NewIntermediary(memSize, nil)
@@ -126,6 +129,9 @@ func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, b
 	}
 	if policy != nil {
 		in.SetForwardPolicy(policy)
+	}
+	if zstd {
+		in.SetWANCompression(wanzip.DefaultLevel)
 	}
 	go in.ServePrimary(ic)
 	bk := wanBackup(b, l, in, memSize, BackupConfig{Policy: backupPolicy})
@@ -151,7 +157,10 @@ func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, b
 		time.Sleep(10 * time.Millisecond)
 	}
 	time.Sleep(time.Second)
-	w0, n0, r0, it0 := in.forwarded.Load(), in.received.Load(), p.Epochs(), iterations.Load()
+	// The bytes on the WAN: what was forwarded, with the compressed page
+	// bytes counted as they went out.
+	onWAN := func() uint64 { return in.forwarded.Load() - in.wanRaw.Load() + in.wanWire.Load() }
+	w0, n0, r0, it0 := onWAN(), in.received.Load(), p.Epochs(), iterations.Load()
 	var (
 		mu    sync.Mutex
 		lagsE []float64
@@ -166,7 +175,7 @@ func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, b
 	t0 := time.Now()
 	time.Sleep(6 * time.Second)
 	stop()
-	w1, n1, r1, it1, dt := in.forwarded.Load(), in.received.Load(), p.Epochs(), iterations.Load(), time.Since(t0)
+	w1, n1, r1, it1, dt := onWAN(), in.received.Load(), p.Epochs(), iterations.Load(), time.Since(t0)
 	cancel()
 	<-ran
 	<-done

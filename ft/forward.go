@@ -203,6 +203,11 @@ func (b *backupLink) fail(err error) {
 // then receives what the policy forwards. Only one backup is attached at a
 // time; a returning backup is simply served again.
 func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
+	closer, _ := c.(io.Closer)
+	c, err := in.wrapBackupConn(c)
+	if err != nil {
+		return fmt.Errorf("serve backup: %w", err)
+	}
 	limit := max(minForwardQueue, 2*len(in.img.mem))
 	b := &backupLink{c: c, wake: make(chan struct{}, 1), limit: limit, reseed: true, changed: make(chan struct{})}
 	in.bmu.Lock()
@@ -231,8 +236,8 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 	defer tell.Stop()
 	stop := context.AfterFunc(ctx, func() {
 		b.fail(ctx.Err())
-		if cl, ok := c.(io.Closer); ok {
-			cl.Close() // also ends a send in progress
+		if closer != nil {
+			closer.Close() // also ends a send in progress
 		}
 	})
 	defer stop()
@@ -244,8 +249,8 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 			return nil
 		}
 		if err != nil {
-			if cl, ok := c.(io.Closer); ok {
-				cl.Close()
+			if closer != nil {
+				closer.Close()
 			}
 			<-read
 			return fmt.Errorf("serve backup: %w", err)

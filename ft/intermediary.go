@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 )
@@ -46,6 +47,10 @@ type Intermediary struct {
 	rate        rate
 
 	failoverTimes atomic.Pointer[FailoverTimes]
+
+	// WAN compression (guarded by bmu) and its page bytes in and out.
+	wanLevel        wanzip.Level
+	wanRaw, wanWire atomic.Uint64
 
 	// Hold-back figures.
 	heldBytes atomic.Uint64 // page bytes held back from the backup
@@ -381,7 +386,9 @@ func (in *Intermediary) Metrics() []Metric {
 		{Name: "understudy_intermediary_backup_lag_epochs", Help: "Epochs the backup's committed epoch is behind.", Kind: "gauge", Value: float64(lagE)},
 		{Name: "understudy_intermediary_backup_lag_seconds", Help: "How long ago the backup's committed epoch was applied here.", Kind: "gauge", Value: lagS.Seconds()},
 		{Name: "understudy_intermediary_syncs_total", Help: "Hold-back syncs sent to the backup.", Kind: "counter", Value: float64(in.syncs.Load())},
-		{Name: "understudy_intermediary_wan_bytes_total", Help: "Checkpoint bytes sent on the backup link (the WAN).", Kind: "counter", Value: float64(in.forwarded.Load())},
+		{Name: "understudy_intermediary_wan_bytes_total", Help: "Checkpoint bytes sent on the backup link (the WAN), before compression.", Kind: "counter", Value: float64(in.forwarded.Load())},
+		{Name: "understudy_intermediary_wan_compressed_in_bytes_total", Help: "Page bytes compressed for the WAN.", Kind: "counter", Value: float64(in.wanRaw.Load())},
+		{Name: "understudy_intermediary_wan_compressed_out_bytes_total", Help: "Bytes those pages took on the WAN.", Kind: "counter", Value: float64(in.wanWire.Load())},
 	}
 }
 

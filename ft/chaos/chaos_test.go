@@ -207,13 +207,13 @@ func TestPrimaryKill(t *testing.T) {
 }
 
 // TestPrimaryKillHoldBack is TestPrimaryKill with the intermediary holding
-// back hot pages (the counter's hot pages are rewritten every iteration;
+// back hot pages and compressing what it sends the backup (the counter's hot pages are rewritten every iteration;
 // syncs every 10 epochs at most), 40 kills (a fifth of
 // UNDERSTUDY_INJECTIONS when that is larger): Failover flushes what is held,
 // so nothing the client saw is lost.
 func TestPrimaryKillHoldBack(t *testing.T) {
 	kvmtest.Require(t)
-	killMany(t, "soak ft-holdback", max(40, injections(t, 200)/5), "--hold-back", "threshold=2,max-lag-epochs=10")
+	killMany(t, "soak ft-holdback", max(40, injections(t, 200)/5), "--hold-back", "threshold=2,max-lag-epochs=10", "--wan-compress", "fastest")
 }
 
 // killMany runs n primary kills, two at a time, and prints a summary line

@@ -51,6 +51,7 @@
 //	0x12  StateBlob        epoch u64 | offset u64 | data (the rest of the payload, at least 1 byte)
 //	0x13  CheckpointEnd    epoch u64 | pages u64 | state length u64 | digest [32]
 //	0x14  Ack              epoch u64
+//	0x15  CompressedBatch  epoch u64 | a PageBatch in the ft/wanzip encoding (the rest, at least 3 bytes)
 //	0x20  Activate         epoch u64
 //	0x30  Policy           version u64 | spec len u16 | spec (at most 1024 bytes of UTF-8)
 //	0x31  PolicyAck        version u64

@@ -22,6 +22,7 @@ const (
 	TypeStateBlob       Type = 0x12
 	TypeCheckpointEnd   Type = 0x13
 	TypeAck             Type = 0x14
+	TypeCompressedBatch Type = 0x15
 	TypeActivate        Type = 0x20
 	TypePolicy          Type = 0x30
 	TypePolicyAck       Type = 0x31
@@ -43,6 +44,7 @@ var types = map[Type]struct {
 	TypeStateBlob:       {"StateBlob", func() Message { return new(StateBlob) }},
 	TypeCheckpointEnd:   {"CheckpointEnd", func() Message { return new(CheckpointEnd) }},
 	TypeAck:             {"Ack", func() Message { return new(Ack) }},
+	TypeCompressedBatch: {"CompressedBatch", func() Message { return new(CompressedBatch) }},
 	TypeActivate:        {"Activate", func() Message { return new(Activate) }},
 	TypePolicy:          {"Policy", func() Message { return new(Policy) }},
 	TypePolicyAck:       {"PolicyAck", func() Message { return new(PolicyAck) }},

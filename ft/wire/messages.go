@@ -731,3 +731,48 @@ func (m *PolicyAck) UnmarshalBinary(data []byte) error {
 	*m = v
 	return nil
 }
+
+// CompressedBatch is a PageBatch of Epoch compressed for a slow link: Data
+// is one batch in the ft/wanzip encoding, which the receiver decodes (and
+// checks) back into the PageBatch it stands for, wherever a PageBatch may
+// come. This package only frames it.
+type CompressedBatch struct {
+	Epoch uint64
+	Data  []byte // at least 3 bytes: a wanzip batch
+}
+
+// Type returns TypeCompressedBatch.
+func (CompressedBatch) Type() Type { return TypeCompressedBatch }
+
+// AppendBinary appends the message body to b.
+func (m CompressedBatch) AppendBinary(b []byte) ([]byte, error) {
+	if err := checkEpoch(TypeCompressedBatch, m.Epoch); err != nil {
+		return b, err
+	}
+	if len(m.Data) < 3 {
+		return b, malformed(TypeCompressedBatch, "%d data bytes, want at least 3", len(m.Data))
+	}
+	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
+	return append(b, m.Data...), nil
+}
+
+// MarshalBinary returns the message body.
+func (m CompressedBatch) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) }
+
+// UnmarshalBinary decodes a message body.
+func (m *CompressedBatch) UnmarshalBinary(data []byte) error {
+	d := decoder{t: TypeCompressedBatch, b: data}
+	v := CompressedBatch{Epoch: d.u64()}
+	v.Data = append([]byte(nil), d.rest()...)
+	if err := d.finish(); err != nil {
+		return err
+	}
+	if err := checkEpoch(TypeCompressedBatch, v.Epoch); err != nil {
+		return err
+	}
+	if len(v.Data) < 3 {
+		return malformed(TypeCompressedBatch, "%d data bytes, want at least 3", len(v.Data))
+	}
+	*m = v
+	return nil
+}

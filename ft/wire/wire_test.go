@@ -51,6 +51,7 @@ func samples() []Message {
 		&Policy{Version: 1<<64 - 1, Spec: strings.Repeat("p", MaxPolicyLen)},
 		&PolicyAck{Version: 0},
 		&PolicyAck{Version: 7},
+		&CompressedBatch{Epoch: 4, Data: []byte{1, 0, 1, 0, 0}},
 	}
 }
 
@@ -490,6 +491,8 @@ func TestDecodeRejects(t *testing.T) {
 		{"policy short", TypePolicy, []byte{1, 0, 0, 0, 0, 0, 0, 0, 5, 0, 'a'}, "truncated"},
 		{"policy bad utf-8", TypePolicy, []byte{1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0xff}, "UTF-8"},
 		{"policy ack long", TypePolicyAck, make([]byte, 9), "trailing"},
+		{"compressed epoch 0", TypeCompressedBatch, make([]byte, 12), "epoch 0"},
+		{"compressed short", TypeCompressedBatch, []byte{1, 0, 0, 0, 0, 0, 0, 0, 1}, "at least 3"},
 	}
 	for _, tc := range tests {
 		m, err := Decode(tc.t, tc.in)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/ft"
 	"github.com/understudy-vmm/understudy/ft/transport"
+	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/vmm"
 )
@@ -217,12 +218,13 @@ func everyInterval(d time.Duration, fn func()) func() {
 }
 
 func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--hold-back SPEC] [--on-backup-loss continue|stall] [--metrics HOST:PORT]", stderr)
+	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--hold-back SPEC] [--wan-compress LEVEL] [--on-backup-loss continue|stall] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7401", "address the primary connects to (tcp://host:port or vsock://cid:port)")
 	backupAddr := fs.String("backup", "", "address of the backup")
 	onLoss := fs.String("on-backup-loss", "continue", "while no backup is attached: continue (acknowledge the primary; a returning backup is re-seeded with a full image) "+
 		"or stall (acknowledge nothing, so the primary holds its output, until a backup is attached)")
 	retry := fs.Duration("backup-retry", 500*time.Millisecond, "pause between attempts to reach a lost backup")
+	wanCompress := fs.String("wan-compress", "off", "compress page batches to the backup (zstd with zero-page elision): off, fastest, default, better or best")
 	holdBack := fs.String("hold-back", "off", "hold back hot pages from the backup: off, on, or threshold=F,max-held=SIZE,max-lag-epochs=N,max-lag=DUR "+
 		"(defaults 2, 64M, 200, 5s): pages changed at least F times (a count halving every 16 epochs) are held until a sync, others are staged at once; "+
 		"a sync (the backup commits a whole epoch) comes when any bound is passed, and before a failover")
@@ -242,6 +244,12 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	hb, err := ft.ParseHoldBack(*holdBack)
 	if err != nil {
 		return fail(stderr, fmt.Errorf("--hold-back: %w", err))
+	}
+	var zlevel wanzip.Level
+	if *wanCompress != "off" {
+		if zlevel, err = wanzip.ParseLevel(*wanCompress); err != nil {
+			return fail(stderr, fmt.Errorf("--wan-compress: %w", err))
+		}
 	}
 	if *retry <= 0 {
 		return fail(stderr, fmt.Errorf("--backup-retry %v: must be positive", *retry))
@@ -268,6 +276,9 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		return fail(stderr, err)
 	}
 	in.SetBackupLossPolicy(policy)
+	if err := in.SetWANCompression(zlevel); err != nil {
+		return fail(stderr, err)
+	}
 	if hb != nil {
 		in.SetForwardPolicy(*hb)
 		fmt.Fprintf(stderr, "understudy: intermediary: hold-back %s\n", hb)

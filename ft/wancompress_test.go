@@ -1,0 +1,83 @@
+package ft
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/ft/wanzip"
+	"github.com/understudy-vmm/understudy/ft/wire"
+)
+
+// TestWANCompression: with compression on, the backup link carries
+// compressed page batches, fewer bytes than the pages, and the backup's
+// image is the intermediary's, epoch by epoch (plain forwarding, then
+// hold-back with its staged pages).
+func TestWANCompression(t *testing.T) {
+	for _, policy := range []ForwardPolicy{ForwardEvery{}, HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: 3, MaxLag: time.Hour}} {
+		const memSize = 4 << 20
+		pc, ic := link(t, memSize)
+		ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
+		in, err := NewIntermediary(memSize, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := in.SetWANCompression(wanzip.DefaultLevel); err != nil {
+			t.Fatal(err)
+		}
+		in.SetForwardPolicy(policy)
+		go in.ServePrimary(ic)
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		go in.ServeBackup(ctx, ib)
+		bk, err := NewBackup(memSize, BackupConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go bk.Serve(bi)
+		for e := uint64(1); e <= 12; e++ {
+			sendAcked(t, pc, holdBackEpoch(e), e-1)
+		}
+		in.bmu.Lock()
+		b := in.backup
+		in.bmu.Unlock()
+		if err := b.sync(ctx, in, 12); err != nil {
+			t.Fatalf("%T: sync = %v", policy, err)
+		}
+		if !sameImage(in.Image(), bk.Image()) {
+			t.Errorf("%T: with compression the backup's image differs from the intermediary's", policy)
+		}
+		raw, sent := in.wanRaw.Load(), in.wanWire.Load()
+		if raw == 0 || sent*4 > raw {
+			t.Errorf("%T: compressed %d page bytes into %d, want at least 4x smaller for these pages", policy, raw, sent)
+		}
+		cancel()
+		bk.Close()
+	}
+}
+
+// TestCompressedBatchRefused: a compressed batch that does not decode is a
+// bad checkpoint: the backup refuses it and commits nothing.
+func TestCompressedBatchRefused(t *testing.T) {
+	const memSize = 4 << 20
+	ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
+	bk, err := NewBackup(memSize, BackupConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bk.Close()
+	done := make(chan error, 1)
+	go func() { _, err := bk.Serve(bi); done <- err }()
+	if err := SendCheckpoint(ib, testCheckpoint(1, true, 0, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "epoch 1", func() bool { return bk.Committed() == 1 })
+	ib.WriteMessage(&wire.CheckpointBegin{Epoch: 2, Base: 1, Pages: 1, StateLen: 5})
+	ib.WriteMessage(&wire.CompressedBatch{Epoch: 2, Data: []byte{1, 0, 1, 7, 0xff, 0xff}})
+	if err := <-done; !errors.Is(err, ErrBadCheckpoint) {
+		t.Errorf("Serve after a corrupt compressed batch = %v, want ErrBadCheckpoint", err)
+	}
+	if bk.Committed() != 1 {
+		t.Errorf("committed epoch after the corrupt batch = %d, want 1", bk.Committed())
+	}
+}
