@@ -1,11 +1,8 @@
 package ft
 
 import (
-	"context"
 	"testing"
 	"time"
-
-	"github.com/understudy-vmm/understudy/ft/wire"
 )
 
 // TestHoldBackEarlyFlush: epochs arrive while the backup's first re-seed is
@@ -14,21 +11,7 @@ import (
 func TestHoldBackEarlyFlush(t *testing.T) {
 	for round := range 8 {
 		const memSize = 32 << 20
-		pc, ic := link(t, memSize)
-		ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
-		in, err := NewIntermediary(memSize, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		in.SetForwardPolicy(HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: 10, MaxLag: time.Hour})
-		go in.ServePrimary(ic)
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		go in.ServeBackup(ctx, ib)
-		bk, err := NewBackup(memSize, BackupConfig{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		go bk.Serve(bi)
+		in, bk, pc := forwardRig(t, memSize, HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: 10, MaxLag: time.Hour}, BackupConfig{})
 		last := uint64(2 + round%4)
 		for e := uint64(1); e <= last; e++ {
 			cp := holdBackEpoch(e)
@@ -41,16 +24,11 @@ func TestHoldBackEarlyFlush(t *testing.T) {
 			}
 			sendAcked(t, pc, cp, e-1)
 		}
-		in.bmu.Lock()
-		b := in.backup
-		in.bmu.Unlock()
-		if err := b.sync(ctx, in, last); err != nil {
+		if err := attachedBackup(in).sync(t.Context(), in, last); err != nil {
 			t.Fatalf("round %d: sync(%d) = %v", round, last, err)
 		}
 		if !sameImage(in.Image(), bk.Image()) {
 			t.Fatalf("round %d: after flushing to epoch %d the backup (at %d) differs from the intermediary", round, last, bk.Committed())
 		}
-		cancel()
-		bk.Close()
 	}
 }

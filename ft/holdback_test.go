@@ -11,6 +11,44 @@ import (
 	"github.com/understudy-vmm/understudy/ft/wire"
 )
 
+// forwardRig is an intermediary forwarding with policy (nil: its default)
+// to a real backup configured by bcfg, fed by the stand-in primary link it
+// returns; all over mTLS, all stopped when the test ends. setup, if given,
+// configures the intermediary before the backup is attached.
+func forwardRig(t *testing.T, memSize uint64, policy ForwardPolicy, bcfg BackupConfig, setup ...func(*Intermediary)) (*Intermediary, *Backup, MessageConn) {
+	t.Helper()
+	pc, ic := link(t, memSize)
+	ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if policy != nil {
+		in.SetForwardPolicy(policy)
+	}
+	for _, f := range setup {
+		f(in)
+	}
+	go in.ServePrimary(ic)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go in.ServeBackup(ctx, ib)
+	bk, err := NewBackup(memSize, bcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bk.Close() })
+	go bk.Serve(bi)
+	return in, bk, pc
+}
+
+// attachedBackup returns the intermediary's backup link.
+func attachedBackup(in *Intermediary) *backupLink {
+	in.bmu.Lock()
+	defer in.bmu.Unlock()
+	return in.backup
+}
+
 // holdBackEpoch is epoch e of a guest with three hot pages (10-12, changed
 // every epoch) and one cold page (200+e, changed once); epoch 1 is a full
 // image of a few pages.
@@ -67,24 +105,7 @@ func TestHoldBackWholeEpochs(t *testing.T) {
 		epochs  = 40
 		maxLag  = 4
 	)
-	pc, ic := link(t, memSize)
-	ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
-	in, err := NewIntermediary(memSize, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hb := HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: maxLag, MaxLag: time.Hour}
-	in.SetForwardPolicy(hb)
-	go in.ServePrimary(ic)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	go in.ServeBackup(ctx, ib)
-	bk, err := NewBackup(memSize, BackupConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bk.Close()
-	go bk.Serve(bi)
+	in, bk, pc := forwardRig(t, memSize, HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: maxLag, MaxLag: time.Hour}, BackupConfig{})
 
 	ref := NewImage(memSize)
 	want := map[uint64][32]byte{}
@@ -132,10 +153,7 @@ func TestHoldBackWholeEpochs(t *testing.T) {
 		t.Errorf("hold-back forwarded %d bytes, forwarding every epoch would send %d (+ the re-seed)", sent, naive)
 	}
 	// Failover's flush: everything held goes now, whole.
-	in.bmu.Lock()
-	b := in.backup
-	in.bmu.Unlock()
-	if err := b.sync(ctx, in, epochs); err != nil {
+	if err := attachedBackup(in).sync(t.Context(), in, epochs); err != nil {
 		t.Fatalf("sync(%d) = %v", epochs, err)
 	}
 	if got := bk.Committed(); got != epochs {
@@ -152,23 +170,7 @@ func TestHoldBackWholeEpochs(t *testing.T) {
 // TestHoldBackLagInTime: with a time bound only, syncs come at that pace.
 func TestHoldBackLagInTime(t *testing.T) {
 	const memSize = 4 << 20
-	pc, ic := link(t, memSize)
-	ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
-	in, err := NewIntermediary(memSize, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	in.SetForwardPolicy(HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: 1 << 40, MaxLag: 60 * time.Millisecond})
-	go in.ServePrimary(ic)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	go in.ServeBackup(ctx, ib)
-	bk, err := NewBackup(memSize, BackupConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bk.Close()
-	go bk.Serve(bi)
+	in, bk, pc := forwardRig(t, memSize, HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: 1 << 40, MaxLag: 60 * time.Millisecond}, BackupConfig{})
 	start := time.Now()
 	for e := uint64(1); e <= 50; e++ {
 		sendAcked(t, pc, holdBackEpoch(e), e-1)
@@ -222,23 +224,7 @@ func FuzzParseHoldBack(f *testing.F) {
 // backupPolicyRig is an intermediary with a real backup that installs
 // policy, fed by a stand-in primary.
 func backupPolicyRig(t *testing.T, policy string) (*Intermediary, *Backup, MessageConn) {
-	const memSize = 4 << 20
-	pc, ic := link(t, memSize)
-	ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
-	in, err := NewIntermediary(memSize, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go in.ServePrimary(ic)
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	go in.ServeBackup(ctx, ib)
-	bk, err := NewBackup(memSize, BackupConfig{Policy: policy})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { bk.Close() })
-	go bk.Serve(bi)
+	in, bk, pc := forwardRig(t, 4<<20, nil, BackupConfig{Policy: policy})
 	waitFor(t, "the policy answer", func() bool { return bk.PolicyState() != "" })
 	return in, bk, pc
 }

@@ -1,7 +1,6 @@
 package ft
 
 import (
-	"context"
 	"errors"
 	"testing"
 	"time"
@@ -16,32 +15,15 @@ import (
 // hold-back with its staged pages).
 func TestWANCompression(t *testing.T) {
 	for _, policy := range []ForwardPolicy{ForwardEvery{}, HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: 3, MaxLag: time.Hour}} {
-		const memSize = 4 << 20
-		pc, ic := link(t, memSize)
-		ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
-		in, err := NewIntermediary(memSize, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := in.SetWANCompression(wanzip.DefaultLevel); err != nil {
-			t.Fatal(err)
-		}
-		in.SetForwardPolicy(policy)
-		go in.ServePrimary(ic)
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		go in.ServeBackup(ctx, ib)
-		bk, err := NewBackup(memSize, BackupConfig{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		go bk.Serve(bi)
+		in, bk, pc := forwardRig(t, 4<<20, policy, BackupConfig{}, func(in *Intermediary) {
+			if err := in.SetWANCompression(wanzip.DefaultLevel); err != nil {
+				t.Fatal(err)
+			}
+		})
 		for e := uint64(1); e <= 12; e++ {
 			sendAcked(t, pc, holdBackEpoch(e), e-1)
 		}
-		in.bmu.Lock()
-		b := in.backup
-		in.bmu.Unlock()
-		if err := b.sync(ctx, in, 12); err != nil {
+		if err := attachedBackup(in).sync(t.Context(), in, 12); err != nil {
 			t.Fatalf("%T: sync = %v", policy, err)
 		}
 		if !sameImage(in.Image(), bk.Image()) {
@@ -51,8 +33,6 @@ func TestWANCompression(t *testing.T) {
 		if raw == 0 || sent*4 > raw {
 			t.Errorf("%T: compressed %d page bytes into %d, want at least 4x smaller for these pages", policy, raw, sent)
 		}
-		cancel()
-		bk.Close()
 	}
 }
 
