@@ -27,6 +27,9 @@ type BackupConfig struct {
 	// every intermediary that serves it (backup-driven retrieval; see
 	// ParseBackupPolicy), e.g. "pull-every=2s,max-lag-epochs=400".
 	Policy string
+	// Request is how the backup picks pages to request when its policy
+	// has the intermediary send manifests (nil: DefaultRequestPolicy).
+	Request *RequestPolicy
 }
 
 // Backup keeps a committed image of the protected guest at a complete epoch
@@ -56,6 +59,8 @@ type Backup struct {
 	// commits them (latest version of each page; only Serve touches it).
 	staged      map[uint64][]byte
 	stagedBytes atomic.Uint64
+	// ret is backup-driven retrieval's state (manifests and requests).
+	ret *retriever
 
 	// What the intermediary last said it acknowledged to the primary, and
 	// when (for the data-loss window of an activation without it).
@@ -86,7 +91,12 @@ func NewBackup(memSize uint64, cfg BackupConfig) (*Backup, error) {
 	if err != nil {
 		return nil, fmt.Errorf("backup: %w", err)
 	}
-	return &Backup{img: NewImageOn(ram.Backing()), ram: ram, regions: mmu.Layout(memSize), cfg: cfg, log: log}, nil
+	req := DefaultRequestPolicy
+	if cfg.Request != nil {
+		req = *cfg.Request
+	}
+	return &Backup{img: NewImageOn(ram.Backing()), ram: ram, regions: mmu.Layout(memSize), cfg: cfg, log: log,
+		ret: newRetriever(req)}, nil
 }
 
 // Close releases the backup's image unless an activated machine owns it now.
@@ -166,6 +176,7 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 				return nil, fmt.Errorf("backup: %w", err)
 			}
 			b.log.Debug("committed", "epoch", cp.Epoch, "base", base, "full", cp.Full, "staged", cp.Staged, "pages", len(cp.PFNs))
+			b.ret.committed(cp.Epoch)
 			b.received.Add(uint64(len(cp.Data) + len(cp.State)))
 			b.checkpoints.Add(1)
 			if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
@@ -196,6 +207,21 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: truncate(err.Error(), wire.MaxReasonLen)})
 				return nil, fmt.Errorf("backup: %w", err)
 			}
+			b.ret.staged(m)
+		case *wire.Manifest:
+			reqs, err := b.ret.manifest(m, maxPFN)
+			if err != nil {
+				b.log.Warn("refused a manifest", "epoch", m.Epoch, "err", err)
+				_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: truncate(err.Error(), wire.MaxReasonLen)})
+				return nil, fmt.Errorf("backup: %w", err)
+			}
+			for _, r := range reqs {
+				if err := c.WriteMessage(r); err != nil {
+					return nil, fmt.Errorf("backup: request pages: %w", err)
+				}
+			}
+		case *wire.Served:
+			b.ret.done(m.ID, m.Pages)
 		case *wire.Status:
 			if m.Role == wire.RoleIntermediary {
 				b.interEpoch.Store(m.Committed)
@@ -205,6 +231,11 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 			b.setPolicyState(fmt.Sprintf("policy %d installed: %s", m.Version, b.cfg.Policy))
 			b.log.Info("the intermediary installed this backup's policy", "version", m.Version, "policy", b.cfg.Policy)
 		case *wire.Error:
+			if m.Code == wire.CodeBadRequest {
+				b.ret.refusedRequest(m.Reason)
+				b.log.Warn("the intermediary refused a page request", "reason", m.Reason)
+				continue
+			}
 			if m.Code != wire.CodeRefused || b.cfg.Policy == "" {
 				return nil, fmt.Errorf("backup: the intermediary says: %w", m)
 			}
@@ -366,6 +397,10 @@ func (b *Backup) Metrics() []Metric {
 		{Name: "understudy_backup_received_bytes_total", Help: "Checkpoint bytes verified and committed.", Kind: "counter", Value: float64(b.received.Load())},
 		{Name: "understudy_backup_activated", Help: "1 once the guest runs here.", Kind: "gauge", Value: active},
 		{Name: "understudy_backup_staged_bytes", Help: "Page bytes staged ahead of the next hold-back sync.", Kind: "gauge", Value: float64(b.stagedBytes.Load())},
+		{Name: "understudy_backup_manifests_total", Help: "Manifests received (backup-driven retrieval).", Kind: "counter", Value: float64(b.ret.manifests.Load())},
+		{Name: "understudy_backup_requested_pages_total", Help: "Pages requested from the intermediary ahead of a sync.", Kind: "counter", Value: float64(b.ret.requested.Load())},
+		{Name: "understudy_backup_served_pages_total", Help: "Requested pages the intermediary staged.", Kind: "counter", Value: float64(b.ret.served.Load())},
+		{Name: "understudy_backup_refused_requests_total", Help: "Page requests the intermediary refused.", Kind: "counter", Value: float64(b.ret.refused.Load())},
 	}
 }
 
@@ -375,6 +410,9 @@ func (b *Backup) StatusLine() string {
 	s := fmt.Sprintf("committed=%d intermediary_epoch=%d in_MiB/s=%.1f checkpoints=%d staged_MiB=%.1f",
 		b.Committed(), b.interEpoch.Load(), b.rate.per(float64(b.received.Load()))/(1<<20), b.checkpoints.Load(),
 		float64(b.stagedBytes.Load())/(1<<20))
+	if n := b.ret.manifests.Load(); n > 0 {
+		s += fmt.Sprintf(" manifests=%d requested=%d served=%d", n, b.ret.requested.Load(), b.ret.served.Load())
+	}
 	if p := b.PolicyState(); p != "" {
 		s += " (" + p + ")"
 	}

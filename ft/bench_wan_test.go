@@ -96,9 +96,10 @@ var holdBackWorkload = map[string]string{"pages": "4096", "hot": "64", "cold_eve
 // BenchmarkHoldBack runs the counter guest with a hot and a cold set under a
 // primary and an intermediary on loopback, and a backup behind a shaped WAN
 // (100 Mbit/s, 40 ms round trip: tbf on a veth pair into a network
-// namespace, and a delaying relay). For each hold-back threshold, and for a
+// namespace, and a delaying relay). For each hold-back threshold, for a
 // policy the backup installs itself (pull everything at most every 2 s),
-// it measures over 6 s the bytes that crossed the WAN and the bytes
+// and for backup-driven retrieval (manifests; the backup requests the
+// pages that settle for 4 epochs; a sync every second), it measures over 6 s the bytes that crossed the WAN and the bytes
 // forwarding every epoch would have sent (everything the intermediary
 // received in the same run), and the backup's lag sampled every 25 ms.
 func BenchmarkHoldBack(b *testing.B) {
@@ -107,20 +108,21 @@ func BenchmarkHoldBack(b *testing.B) {
 	for _, tc := range []struct {
 		name   string
 		policy ForwardPolicy
-		backup string
+		backup BackupConfig
 		zstd   bool
 	}{
-		{"threshold=2", HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, "", false},
-		{"threshold=4", HoldBack{Threshold: 4, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, "", false},
-		{"threshold=16", HoldBack{Threshold: 16, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, "", false},
-		{"backup:pull-every=2s,max-lag-epochs=400", nil, "pull-every=2s,max-lag-epochs=400", false},
-		{"threshold=2+zstd", HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, "", true},
+		{"threshold=2", HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, BackupConfig{}, false},
+		{"threshold=4", HoldBack{Threshold: 4, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, BackupConfig{}, false},
+		{"threshold=16", HoldBack{Threshold: 16, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, BackupConfig{}, false},
+		{"backup:pull-every=2s,max-lag-epochs=400", nil, BackupConfig{Policy: "pull-every=2s,max-lag-epochs=400"}, false},
+		{"backup:manifest,max-lag=1s+request:settle=4", nil, BackupConfig{Policy: "manifest,max-lag=1s", Request: &RequestPolicy{Settle: 4, MaxFreq: 1.5}}, false},
+		{"threshold=2+zstd", HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: time.Second}, BackupConfig{}, true},
 	} {
-		holdBackRun(b, l, tc.name, tc.policy, tc.backup, tc.zstd)
+		b.Run(tc.name, func(b *testing.B) { holdBackRun(b, l, tc.name, tc.policy, tc.backup, tc.zstd) })
 	}
 }
 
-func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, backupPolicy string, zstd bool) {
+func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, bcfg BackupConfig, zstd bool) {
 	const memSize = 64 << 20
 	pc, ic := link(b, memSize)
 	in, err := NewIntermediary(memSize, nil)
@@ -134,7 +136,7 @@ func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, b
 		in.SetWANCompression(wanzip.DefaultLevel)
 	}
 	go in.ServePrimary(ic)
-	bk := wanBackup(b, l, in, memSize, BackupConfig{Policy: backupPolicy})
+	bk := wanBackup(b, l, in, memSize, bcfg)
 	var (
 		p          *Primary
 		iterations atomic.Uint64
@@ -184,8 +186,9 @@ func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, b
 	mu.Lock()
 	defer mu.Unlock()
 	fmt.Printf("bench ft-holdback: policy=%s wan_mib=%.1f naive_wan_mib=%.1f savings=%.2f lag_epochs_p99=%.0f lag_s_p99=%.2f"+
-		" epochs=%d seconds=%.1f iterations_s=%.0f rate_mbit=100 rtt_ms=40 syncs=%d policy_state=%q\n",
-		name, wanMiB, naiveMiB, 1-wanMiB/naiveMiB, p99(lagsE), p99(lagsS), r1-r0, dt.Seconds(), float64(it1-it0)/dt.Seconds(), in.syncs.Load(), bk.PolicyState())
+		" epochs=%d seconds=%.1f iterations_s=%.0f rate_mbit=100 rtt_ms=40 syncs=%d reseeds=%d manifests=%d requested=%d served=%d policy_state=%q\n",
+		name, wanMiB, naiveMiB, 1-wanMiB/naiveMiB, p99(lagsE), p99(lagsS), r1-r0, dt.Seconds(), float64(it1-it0)/dt.Seconds(), in.syncs.Load(), in.reseeds.Load(),
+		in.manifests.Load(), in.pagesRequested.Load(), in.pagesServed.Load(), bk.PolicyState())
 }
 
 // BenchmarkOutputWAN measures output-commit latency with the backup behind

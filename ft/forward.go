@@ -77,7 +77,7 @@ type backupLink struct {
 
 	// mu guards everything below.
 	mu        sync.Mutex
-	queue     []*Checkpoint
+	queue     []outgoing
 	queued    int    // bytes of page data in queue
 	reseed    bool   // send a full image from the intermediary's image next
 	busy      bool   // the writer is sending what it took from the queue
@@ -94,6 +94,8 @@ type backupLink struct {
 	lacking  uint64
 	synced   uint64 // epoch of the last sync or re-seed queued
 	holdMode bool   // the policy has not sent everything since the last re-seed
+	// limiter enforces a policy's bandwidth cap on what goes ahead of a sync.
+	limiter tokenBucket
 
 	// ctl holds replies to the backup (policy acknowledgements and
 	// refusals) that the writer sends between checkpoints; guarded by mu.
@@ -101,6 +103,41 @@ type backupLink struct {
 	// policyVersion is the last policy version the backup installed
 	// (readLoop only).
 	policyVersion uint64
+}
+
+// outgoing is one thing queued for the backup: a checkpoint (sent whole,
+// staged pages, or a sync), or a retrieval message (a manifest of epoch
+// epoch, which a re-seed at or after it makes moot, or Served).
+type outgoing struct {
+	cp    *Checkpoint
+	msg   wire.Message
+	epoch uint64
+}
+
+// tokenBucket caps a page rate: bytes that may go now, refilled at rate
+// bytes per second up to a tenth of a second's worth (at least two pages).
+type tokenBucket struct {
+	tokens float64
+	at     time.Time
+}
+
+// take returns how many of n pages may go now at rate bytes/s (0: no cap),
+// and spends them.
+func (tb *tokenBucket) take(rate uint64, n int) int {
+	if rate == 0 {
+		return n
+	}
+	now := time.Now()
+	burst := max(float64(rate)/10, 2*mmu.PageSize)
+	if tb.at.IsZero() {
+		tb.tokens = burst
+	} else {
+		tb.tokens = min(burst, tb.tokens+now.Sub(tb.at).Seconds()*float64(rate))
+	}
+	tb.at = now
+	k := min(n, int(tb.tokens/mmu.PageSize))
+	tb.tokens -= float64(k * mmu.PageSize)
+	return k
 }
 
 // forward passes an acknowledged checkpoint through the policy to the
@@ -118,10 +155,20 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 		off, _ := in.PageOffset(pfn) // Apply checked every page
 		offs[i] = off / mmu.PageSize
 	}
-	send, stage := p.Split(cp, func(i int) float64 { f, _ := in.img.Frequency(offs[i]); return f })
-	var out []*Checkpoint
+	freq := func(i int) float64 { f, _ := in.img.Frequency(offs[i]); return f }
+	send, stage := p.Split(cp, freq)
+	sh, _ := p.(shaper)
+	if sh != nil && !send {
+		stage = stage[:b.limiter.take(sh.stageRate(), len(stage))]
+	}
+	var out []outgoing
 	if send && !b.holdMode {
-		out = append(out, cp)
+		out = append(out, outgoing{cp: cp})
+		if b.synced != 0 || cp.Full {
+			// The backup's base once this arrives: a policy installed
+			// later syncs on it.
+			b.synced = cp.Epoch
+		}
 	} else {
 		b.holdMode = true
 		if b.lacks == nil {
@@ -144,14 +191,20 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 			}
 		}
 		if len(staged) > 0 {
-			out = append(out, stagedPages(cp, stage))
+			out = append(out, outgoing{cp: stagedPages(cp, stage)})
 		}
 		v := BackupView{Epoch: cp.Epoch, Synced: b.synced, HeldBytes: b.lacking * mmu.PageSize,
 			LagEpochs: cp.Epoch - min(cp.Epoch, b.synced), Lag: time.Since(in.appliedAt(b.synced))}
 		// A backup with no epoch yet is seeded at once, whatever the policy.
 		if send || b.synced == 0 || p.SyncNow(v) {
 			if sync := in.syncCheckpoint(b); sync != nil {
-				out = append(out, sync)
+				out = append(out, outgoing{cp: sync})
+			}
+		} else if sh != nil && sh.manifests() {
+			// Tell the backup what changed, unless a sync brings it now.
+			for _, m := range manifests(cp, freq, sh.ranges()) {
+				in.manifests.Add(1)
+				out = append(out, outgoing{msg: m, epoch: cp.Epoch})
 			}
 		}
 	}
@@ -159,9 +212,19 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 	if len(out) == 0 {
 		return
 	}
+	b.enqueue(out...)
+}
+
+// enqueue queues out for the writer, or, past the queue's limit, drops the
+// queue for a re-seed.
+func (b *backupLink) enqueue(out ...outgoing) {
 	n := 0
-	for _, cp := range out {
-		n += len(cp.Data)
+	for _, o := range out {
+		if o.cp != nil {
+			n += len(o.cp.Data)
+		} else if m, ok := o.msg.(*wire.Manifest); ok {
+			n += 10 * len(m.Pages)
+		}
 	}
 	b.mu.Lock()
 	if b.queued+n > b.limit {
@@ -171,6 +234,24 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 	}
 	b.mu.Unlock()
 	b.poke()
+}
+
+// manifests describes the pages of cp in ranges (all if none) for the
+// backup, in manifests of at most wire.MaxManifestPages pages.
+func manifests(cp *Checkpoint, freq func(i int) float64, ranges []Range) []*wire.Manifest {
+	var out []*wire.Manifest
+	var m *wire.Manifest
+	for i, pfn := range cp.PFNs {
+		if !inRanges(ranges, pfn) {
+			continue
+		}
+		if m == nil || len(m.Pages) == wire.MaxManifestPages {
+			m = &wire.Manifest{Epoch: cp.Epoch}
+			out = append(out, m)
+		}
+		m.Pages = append(m.Pages, wire.ManifestPage{PFN: pfn, Freq: wire.FreqFixed(freq(i))})
+	}
+	return out
 }
 
 func (b *backupLink) poke() {
@@ -283,8 +364,10 @@ func (in *Intermediary) sendQueued(b *backupLink) error {
 			}
 		}
 		b.mu.Lock()
+		// The re-seed flag is cleared when its snapshot is taken (see
+		// sendBatch): a request for one until then is the same re-seed.
 		reseed, q := b.reseed, b.queue
-		b.reseed, b.queue, b.queued = false, nil, 0
+		b.queue, b.queued = nil, 0
 		sent := b.sent
 		b.busy = reseed || len(q) > 0
 		b.mu.Unlock()
@@ -298,8 +381,8 @@ func (in *Intermediary) sendQueued(b *backupLink) error {
 }
 
 // sendBatch sends a re-seed (if reseed) and then the checkpoints of q that
-// follow sent, and records what the backup was sent.
-func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []*Checkpoint, sent uint64) error {
+// follow sent, and the messages of q, and records what the backup was sent.
+func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent uint64) error {
 	defer func() {
 		b.mu.Lock()
 		b.sent, b.busy = sent, false
@@ -310,6 +393,9 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []*Checkpoint, s
 		// Under mu: hold-back bookkeeping restarts from this image, and
 		// everything queued after it is relative to it.
 		in.mu.Lock()
+		b.mu.Lock()
+		b.reseed = false
+		b.mu.Unlock()
 		cp, err := in.img.Snapshot(in.regions)
 		if cp != nil {
 			b.lacks, b.lacking, b.synced, b.holdMode = nil, 0, cp.Epoch, false
@@ -329,7 +415,20 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []*Checkpoint, s
 			in.log.Info("re-seeded the backup with a full image", "epoch", cp.Epoch)
 		}
 	}
-	for _, cp := range q {
+	for _, o := range q {
+		if o.msg != nil {
+			if o.epoch != 0 && (sent == 0 || o.epoch <= sent) {
+				continue // the manifest of an epoch the backup has, or will get whole
+			}
+			if err := b.c.WriteMessage(o.msg); err != nil {
+				return err
+			}
+			if body, err := o.msg.MarshalBinary(); err == nil {
+				in.forwarded.Add(uint64(len(body)))
+			}
+			continue
+		}
+		cp := o.cp
 		if cp.Epoch <= sent {
 			// Already in the re-seed image. (An earlier epoch from a
 			// restarted primary is caught by the next delta, which does
@@ -344,6 +443,7 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []*Checkpoint, s
 				return err
 			}
 			in.forwarded.Add(uint64(len(cp.Data)))
+			in.stagedOut.Add(uint64(len(cp.Data)))
 			continue
 		}
 		if cp.Staged && cp.Base != sent {
@@ -401,6 +501,8 @@ func (b *backupLink) readLoop(in *Intermediary) error {
 		case *wire.Status, *wire.Heartbeat:
 		case *wire.Policy:
 			b.reply(in.installPolicy(b, m))
+		case *wire.PageRequest:
+			in.servePages(b, m)
 		case *wire.Error:
 			b.fail(m)
 			return m
@@ -525,11 +627,10 @@ func (in *Intermediary) flushHeld(b *backupLink) {
 	cp := in.syncCheckpoint(b)
 	in.heldBytes.Store(0)
 	if cp != nil {
-		b.mu.Lock()
-		b.queue, b.queued = append(b.queue, cp), b.queued+len(cp.Data)
-		b.mu.Unlock()
+		b.enqueue(outgoing{cp: cp})
+	} else {
+		b.poke()
 	}
-	b.poke()
 }
 
 // reply queues m for the backup, to go between checkpoints.
@@ -551,6 +652,9 @@ func (in *Intermediary) installPolicy(b *backupLink, m *wire.Policy) wire.Messag
 		return refuse(fmt.Errorf("version %d is not newer than the installed %d", m.Version, b.policyVersion))
 	}
 	h, err := ParseBackupPolicy(m.Spec)
+	if err == nil {
+		err = h.checkRegions(in.regions)
+	}
 	if err != nil {
 		return refuse(err)
 	}
@@ -558,4 +662,62 @@ func (in *Intermediary) installPolicy(b *backupLink, m *wire.Policy) wire.Messag
 	in.SetForwardPolicy(*h)
 	in.log.Info("installed the backup's policy", "version", m.Version, "policy", h.String())
 	return &wire.PolicyAck{Version: m.Version}
+}
+
+// servePages answers a backup's page request: the requested pages that
+// changed since its last sync and were not staged since are staged now, from
+// the image at its current epoch, within the policy's bandwidth cap; Served
+// follows them. A request naming a page outside guest memory is refused
+// whole (CodeBadRequest) and changes nothing. Pages served are no longer
+// held: a sync brings them only if they change again.
+func (in *Intermediary) servePages(b *backupLink, m *wire.PageRequest) {
+	for _, pfn := range m.PFNs {
+		if _, err := in.PageOffset(pfn); err != nil {
+			in.requestsRefused.Add(1)
+			in.log.Warn("refused a page request from the backup", "id", m.ID, "pfn", pfn, "err", err)
+			b.reply(&wire.Error{Code: wire.CodeBadRequest, Reason: truncate(fmt.Sprintf(
+				"page request %d refused: page %#x (address %#x) is outside guest memory (%d pages)",
+				m.ID, pfn, pfn*mmu.PageSize, in.img.Pages()), wire.MaxReasonLen)})
+			return
+		}
+	}
+	in.bmu.Lock()
+	p := in.policy
+	in.bmu.Unlock()
+	var rate uint64
+	if sh, ok := p.(shaper); ok {
+		rate = sh.stageRate()
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	var want []uint64
+	if b.lacks != nil && b.synced != 0 {
+		for _, pfn := range m.PFNs {
+			if off, _ := in.PageOffset(pfn); b.lacks[off/mmu.PageSize] {
+				want = append(want, pfn)
+			}
+		}
+		want = want[:b.limiter.take(rate, len(want))]
+	}
+	epoch := max(in.img.Epoch(), 1)
+	var out []outgoing
+	if len(want) > 0 {
+		cp := &Checkpoint{Stage: true, PFNs: want, Data: make([]byte, 0, len(want)*mmu.PageSize)}
+		in.img.Read(func(mem, _ []byte, e uint64) {
+			cp.Epoch = e
+			for _, pfn := range want {
+				off, _ := in.PageOffset(pfn)
+				cp.Data = append(cp.Data, mem[off:off+mmu.PageSize]...)
+				b.lacks[off/mmu.PageSize] = false
+			}
+		})
+		b.lacking -= uint64(len(want))
+		in.heldBytes.Store(b.lacking * mmu.PageSize)
+		in.pagesServed.Add(uint64(len(want)))
+		epoch = cp.Epoch
+		out = append(out, outgoing{cp: cp})
+	}
+	out = append(out, outgoing{msg: &wire.Served{ID: m.ID, Epoch: epoch, Pages: uint32(len(want))}})
+	in.pagesRequested.Add(uint64(len(m.PFNs)))
+	b.enqueue(out...)
 }

@@ -38,12 +38,16 @@ func sendEpoch(t *testing.T, c MessageConn, e uint64) {
 	}
 }
 
-// waitFor polls cond for up to 10 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
+// waitFor polls cond for up to 10 s; on a timeout it shows state, if given.
+func waitFor(t *testing.T, what string, cond func() bool, state ...func() string) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
+			msg := ""
+			for _, f := range state {
+				msg += ": " + f()
+			}
+			t.Fatalf("timed out waiting for %s%s", what, msg)
 		}
 	}
 }

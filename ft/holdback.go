@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 )
 
@@ -28,20 +29,68 @@ type HoldBack struct {
 	MaxHeld      uint64        // sync when more page bytes are held (default 64 MiB)
 	MaxLagEpochs uint64        // sync when the backup is this many epochs behind (default 200)
 	MaxLag       time.Duration // sync when the backup's epoch is this old (default 5 s)
+	// Bandwidth caps the page bytes per second staged ahead of a sync
+	// (0: no cap); pages over the cap are held for the sync.
+	Bandwidth uint64
+	// Ranges, if any, limit what goes ahead of a sync (staged pages and
+	// manifest entries) to these guest-physical ranges; the sync still
+	// brings every page.
+	Ranges []Range
+	// Manifest selects backup-driven retrieval: nothing is staged on the
+	// intermediary's initiative; the backup is sent a manifest of every
+	// epoch (wire.Manifest) and requests the pages it wants
+	// (wire.PageRequest). Only a backup installs it (ParseBackupPolicy).
+	Manifest bool
+}
+
+// Range is the guest-physical address range [Start, End), page aligned.
+type Range struct{ Start, End uint64 }
+
+func (r Range) String() string { return fmt.Sprintf("%#x-%#x", r.Start, r.End) }
+
+// inRanges reports whether page pfn lies in one of rs (true when rs is empty).
+func inRanges(rs []Range, pfn uint64) bool {
+	if len(rs) == 0 {
+		return true
+	}
+	a := pfn * mmu.PageSize
+	for _, r := range rs {
+		if a >= r.Start && a < r.End {
+			return true
+		}
+	}
+	return false
 }
 
 // DefaultHoldBack is HoldBack with its defaults.
 var DefaultHoldBack = HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: 5 * time.Second}
 
-// Split stages the cold pages and holds the hot ones.
+// Split stages the cold pages (in Ranges, if any) and holds the hot ones;
+// with Manifest it stages nothing (the backup asks for what it wants).
 func (h HoldBack) Split(cp *Checkpoint, freq func(i int) float64) (bool, []int) {
+	if h.Manifest {
+		return false, nil
+	}
 	var stage []int
-	for i := range cp.PFNs {
-		if freq(i) < h.Threshold {
+	for i, pfn := range cp.PFNs {
+		if freq(i) < h.Threshold && inRanges(h.Ranges, pfn) {
 			stage = append(stage, i)
 		}
 	}
 	return false, stage
+}
+
+// stageRate and manifests tell forward about a cap and manifest mode.
+func (h HoldBack) stageRate() uint64 { return h.Bandwidth }
+func (h HoldBack) manifests() bool   { return h.Manifest }
+func (h HoldBack) ranges() []Range   { return h.Ranges }
+
+// shaper is implemented by policies with a bandwidth cap, ranges or
+// manifests (HoldBack).
+type shaper interface {
+	stageRate() uint64
+	manifests() bool
+	ranges() []Range
 }
 
 // SyncNow syncs once any bound is passed.
@@ -50,17 +99,105 @@ func (h HoldBack) SyncNow(v BackupView) bool {
 }
 
 func (h HoldBack) String() string {
-	if h.Threshold == 0 {
-		return fmt.Sprintf("pull-every=%v,max-held=%s,max-lag-epochs=%d", h.MaxLag, vmm.FormatSize(h.MaxHeld), h.MaxLagEpochs)
+	var s string
+	switch {
+	case h.Manifest:
+		s = fmt.Sprintf("manifest,max-held=%s,max-lag-epochs=%d,max-lag=%v", vmm.FormatSize(h.MaxHeld), h.MaxLagEpochs, h.MaxLag)
+	case h.Threshold == 0:
+		s = fmt.Sprintf("pull-every=%v,max-held=%s,max-lag-epochs=%d", h.MaxLag, vmm.FormatSize(h.MaxHeld), h.MaxLagEpochs)
+	default:
+		s = fmt.Sprintf("threshold=%g,max-held=%s,max-lag-epochs=%d,max-lag=%v",
+			h.Threshold, vmm.FormatSize(h.MaxHeld), h.MaxLagEpochs, h.MaxLag)
 	}
-	return fmt.Sprintf("threshold=%g,max-held=%s,max-lag-epochs=%d,max-lag=%v",
-		h.Threshold, vmm.FormatSize(h.MaxHeld), h.MaxLagEpochs, h.MaxLag)
+	if h.Bandwidth > 0 {
+		s += fmt.Sprintf(",bandwidth=%s/s", vmm.FormatSize(h.Bandwidth))
+	}
+	for _, r := range h.Ranges {
+		s += ",range=" + r.String()
+	}
+	return s
+}
+
+// CheckMemory fails if a range of h does not start and end inside guest
+// memory of memSize bytes (the intermediary refuses such a policy).
+func (h HoldBack) CheckMemory(memSize uint64) error {
+	return h.checkRegions(mmu.Layout(memSize))
+}
+
+func (h HoldBack) checkRegions(regions []mmu.Region) error {
+	for _, r := range h.Ranges {
+		for _, a := range []uint64{r.Start, r.End - mmu.PageSize} {
+			if _, err := mmu.LayoutOffset(regions, a, mmu.PageSize); err != nil {
+				return fmt.Errorf("range %v: address %#x is not guest memory", r, a)
+			}
+		}
+	}
+	return nil
+}
+
+// parseRate parses a bandwidth: bits per second with a decimal prefix
+// ("100Mbit", "1.5Gbit", "800kbit") or bytes per second as a size
+// ("12M", "12MiB/s").
+func parseRate(v string) (uint64, error) {
+	lv := strings.ToLower(v)
+	if num, ok := strings.CutSuffix(lv, "bit"); ok {
+		mult := 1.0
+		switch {
+		case strings.HasSuffix(num, "k"):
+			mult = 1e3
+		case strings.HasSuffix(num, "m"):
+			mult = 1e6
+		case strings.HasSuffix(num, "g"):
+			mult = 1e9
+		}
+		if mult > 1 {
+			num = num[:len(num)-1]
+		}
+		f, err := strconv.ParseFloat(num, 64)
+		if err != nil || !(f > 0) || f*mult/8 > 1<<50 {
+			return 0, fmt.Errorf("%q is not a bandwidth (examples: 100Mbit, 12MiB/s)", v)
+		}
+		return max(1, uint64(f*mult/8)), nil
+	}
+	n, err := vmm.ParseSize(strings.TrimSuffix(v, "/s"))
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("%q is not a bandwidth (examples: 100Mbit, 12MiB/s)", v)
+	}
+	return n, nil
+}
+
+// parseRange parses START-END (sizes or 0x hex addresses, END exclusive,
+// both page aligned).
+func parseRange(v string) (Range, error) {
+	addr := func(s string) (uint64, error) {
+		if h, ok := strings.CutPrefix(strings.ToLower(s), "0x"); ok {
+			return strconv.ParseUint(h, 16, 64)
+		}
+		return vmm.ParseSize(s)
+	}
+	a, b, ok := strings.Cut(v, "-")
+	if !ok {
+		return Range{}, fmt.Errorf("%q: want START-END, e.g. 0-64M or 0x100000-0x200000", v)
+	}
+	start, err1 := addr(a)
+	end, err2 := addr(b)
+	switch {
+	case err1 != nil || err2 != nil:
+		return Range{}, fmt.Errorf("%q: want START-END, e.g. 0-64M or 0x100000-0x200000", v)
+	case start >= end:
+		return Range{}, fmt.Errorf("%q: empty range", v)
+	case start%mmu.PageSize != 0 || end%mmu.PageSize != 0:
+		return Range{}, fmt.Errorf("%q: not aligned to 4 KiB pages", v)
+	}
+	return Range{start, end}, nil
 }
 
 // ParseHoldBack parses the --hold-back option: "off", or a comma list of
 // threshold=F, max-held=SIZE, max-lag-epochs=N and max-lag=DURATION, each
-// defaulting as in DefaultHoldBack ("on" takes every default). It returns
-// nil for "off".
+// defaulting as in DefaultHoldBack ("on" takes every default), and
+// optionally bandwidth=RATE (a cap on staging: 100Mbit, 12MiB/s) and
+// range=START-END (repeatable: stage only pages in these ranges). It
+// returns nil for "off".
 func ParseHoldBack(s string) (*HoldBack, error) {
 	if s == "off" || s == "" {
 		return nil, nil
@@ -93,8 +230,15 @@ func ParseHoldBack(s string) (*HoldBack, error) {
 			if err == nil && h.MaxLag <= 0 {
 				err = fmt.Errorf("want a positive duration")
 			}
+		case "bandwidth":
+			h.Bandwidth, err = parseRate(v)
+		case "range":
+			var r Range
+			if r, err = parseRange(v); err == nil {
+				h.Ranges = append(h.Ranges, r)
+			}
 		default:
-			return nil, fmt.Errorf("hold-back %q: unknown key %q (want threshold, max-held, max-lag-epochs, max-lag)", s, k)
+			return nil, fmt.Errorf("hold-back %q: unknown key %q (want threshold, max-held, max-lag-epochs, max-lag, bandwidth, range)", s, k)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("hold-back %s=%s: %w", k, v, err)
@@ -104,16 +248,25 @@ func ParseHoldBack(s string) (*HoldBack, error) {
 }
 
 // ParseBackupPolicy parses the policy language a backup installs at its
-// intermediary (wire.Policy): the hold-back keys of ParseHoldBack, and
-// pull-every=DURATION, which stages nothing and brings the backup up at
-// most every DURATION (the backup pulls everything on its own schedule),
-// unless max-lag-epochs or max-held is passed first. For example
-// "pull-every=2s,max-lag-epochs=400": pull everything at most every two
-// seconds unless the lag exceeds 400 epochs. Bandwidth caps and address
-// ranges are not part of the language yet and are refused by name.
+// intermediary (wire.Policy): the keys of ParseHoldBack (a threshold, the
+// sync bounds, a bandwidth cap, address ranges), and two more:
+//
+//   - pull-every=DURATION, a sync schedule: stage nothing and bring the
+//     backup up at most every DURATION (the backup pulls everything on its
+//     own schedule), unless max-lag-epochs or max-held is passed first. For
+//     example "pull-every=2s,max-lag-epochs=400": pull everything at most
+//     every two seconds unless the lag exceeds 400 epochs.
+//   - manifest: backup-driven retrieval. The intermediary stages nothing
+//     itself and sends a manifest of every epoch (the pages that changed,
+//     their version and change frequency); the backup requests the pages it
+//     selects. Syncs follow the bounds (or pull-every) as before.
+//
+// Whether ranges lie in guest memory is the intermediary's check
+// (HoldBack.CheckMemory).
 func ParseBackupPolicy(spec string) (*HoldBack, error) {
 	var rest []string
 	var pull time.Duration
+	manifest := false
 	for _, kv := range strings.Split(spec, ",") {
 		k, v, _ := strings.Cut(kv, "=")
 		switch k {
@@ -123,8 +276,13 @@ func ParseBackupPolicy(spec string) (*HoldBack, error) {
 				return nil, fmt.Errorf("policy %q: pull-every=%s: want a positive duration", spec, v)
 			}
 			pull = d
-		case "bandwidth", "ranges":
-			return nil, fmt.Errorf("policy %q: %s is not supported by this intermediary", spec, k)
+		case "manifest":
+			if kv != "manifest" {
+				return nil, fmt.Errorf("policy %q: manifest takes no value", spec)
+			}
+			manifest = true
+		case "ranges":
+			return nil, fmt.Errorf("policy %q: ranges: give each as range=START-END", spec)
 		default:
 			rest = append(rest, kv)
 		}
@@ -144,5 +302,6 @@ func ParseBackupPolicy(spec string) (*HoldBack, error) {
 		h.Threshold = 0 // every page is hot: everything waits for the pull
 		h.MaxLag = pull
 	}
+	h.Manifest = manifest
 	return &h, nil
 }

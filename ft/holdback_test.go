@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -195,14 +196,18 @@ func TestParseHoldBack(t *testing.T) {
 		{"on", &DefaultHoldBack},
 		{"threshold=3", &HoldBack{Threshold: 3, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: 5 * time.Second}},
 		{"threshold=1.5,max-held=8M,max-lag-epochs=40,max-lag=2s", &HoldBack{Threshold: 1.5, MaxHeld: 8 << 20, MaxLagEpochs: 40, MaxLag: 2 * time.Second}},
+		{"bandwidth=100Mbit,range=0-1M,range=0x200000-0x400000", &HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: 5 * time.Second,
+			Bandwidth: 12_500_000, Ranges: []Range{{0, 1 << 20}, {0x200000, 0x400000}}}},
+		{"bandwidth=2MiB/s", &HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: 5 * time.Second, Bandwidth: 2 << 20}},
 	} {
 		got, err := ParseHoldBack(tc.in)
-		if err != nil || (got == nil) != (tc.want == nil) || got != nil && *got != *tc.want {
+		if err != nil || !reflect.DeepEqual(got, tc.want) {
 			t.Errorf("ParseHoldBack(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
 		}
 	}
 	for _, bad := range []string{"threshold", "threshold=0", "threshold=-1", "threshold=NaN", "max-held=lots",
-		"max-lag-epochs=0", "max-lag=-1s", "max-lag=0s", "speed=9", "threshold=2,", "on,threshold=2"} {
+		"max-lag-epochs=0", "max-lag=-1s", "max-lag=0s", "speed=9", "threshold=2,", "on,threshold=2",
+		"bandwidth=0", "bandwidth=fast", "bandwidth=-1Mbit", "bandwidth=NaNbit", "range=4M-1M", "range=0-4097", "range=1M", "range=0x-0x1000", "manifest"} {
 		if _, err := ParseHoldBack(bad); err == nil {
 			t.Errorf("ParseHoldBack(%q) = nil error, want a refusal", bad)
 		}
@@ -262,7 +267,7 @@ func TestBackupInstalledPolicy(t *testing.T) {
 // refused with a reason and changes nothing: it goes on forwarding every
 // epoch, and the link stays up.
 func TestBackupPolicyRefused(t *testing.T) {
-	for _, spec := range []string{"bandwidth=10M", "threshold=-3", "pull-every=soon", "ranges=0-4096", "off"} {
+	for _, spec := range []string{"bandwidth=0", "threshold=-3", "pull-every=soon", "ranges=0-4096", "off", "range=0-8M", "manifest=yes", "range=0x1000-0x2000,range=2M-6M"} {
 		t.Run(spec, func(t *testing.T) {
 			_, bk, pc := backupPolicyRig(t, spec)
 			if s := bk.PolicyState(); !strings.Contains(s, "policy 1 refused") {
@@ -295,4 +300,27 @@ func FuzzParseBackupPolicy(f *testing.F) {
 			t.Fatalf("ParseBackupPolicy(%q) = %+v: accepted an invalid policy", s, h)
 		}
 	})
+}
+
+// TestPolicyAfterWholeEpochs: a hold-back policy installed after whole
+// epochs were forwarded syncs on the last of them; the backup is not
+// re-seeded.
+func TestPolicyAfterWholeEpochs(t *testing.T) {
+	in, bk, pc := forwardRig(t, 4<<20, nil, BackupConfig{})
+	for e := uint64(1); e <= 5; e++ {
+		sendAcked(t, pc, holdBackEpoch(e), e-1)
+	}
+	waitFor(t, "the backup to follow every epoch", func() bool { return bk.Committed() == 5 })
+	in.SetForwardPolicy(HoldBack{Threshold: 2, MaxHeld: 1 << 30, MaxLagEpochs: 3, MaxLag: time.Hour})
+	for e := uint64(6); e <= 20; e++ {
+		sendAcked(t, pc, holdBackEpoch(e), e-1)
+	}
+	waitFor(t, "a sync at the lag bound", func() bool { return bk.Committed() >= 18 })
+	// Epoch 1 is a full image, forwarded whole: no re-seed at all.
+	if n := in.reseeds.Load(); n != 0 {
+		t.Errorf("%d re-seeds, want none", n)
+	}
+	if in.syncs.Load() == 0 {
+		t.Errorf("no hold-back sync")
+	}
 }

@@ -55,6 +55,9 @@ type Intermediary struct {
 	// Hold-back figures.
 	heldBytes atomic.Uint64 // page bytes held back from the backup
 	syncs     atomic.Uint64
+	// Backup-driven retrieval figures.
+	manifests, pagesRequested, pagesServed, requestsRefused atomic.Uint64
+	stagedOut                                               atomic.Uint64 // page bytes sent ahead of a sync
 	// applied[e%len] is when epoch e (stored alongside) was applied.
 	appliedMu sync.Mutex
 	applied   [4096]struct {
@@ -389,6 +392,11 @@ func (in *Intermediary) Metrics() []Metric {
 		{Name: "understudy_intermediary_wan_bytes_total", Help: "Checkpoint bytes sent on the backup link (the WAN), before compression.", Kind: "counter", Value: float64(in.forwarded.Load())},
 		{Name: "understudy_intermediary_wan_compressed_in_bytes_total", Help: "Page bytes compressed for the WAN.", Kind: "counter", Value: float64(in.wanRaw.Load())},
 		{Name: "understudy_intermediary_wan_compressed_out_bytes_total", Help: "Bytes those pages took on the WAN.", Kind: "counter", Value: float64(in.wanWire.Load())},
+		{Name: "understudy_intermediary_staged_bytes_total", Help: "Page bytes sent to the backup ahead of a sync (staged or requested).", Kind: "counter", Value: float64(in.stagedOut.Load())},
+		{Name: "understudy_intermediary_manifests_total", Help: "Manifests sent to the backup (backup-driven retrieval).", Kind: "counter", Value: float64(in.manifests.Load())},
+		{Name: "understudy_intermediary_requested_pages_total", Help: "Pages the backup requested.", Kind: "counter", Value: float64(in.pagesRequested.Load())},
+		{Name: "understudy_intermediary_served_pages_total", Help: "Requested pages staged at the backup.", Kind: "counter", Value: float64(in.pagesServed.Load())},
+		{Name: "understudy_intermediary_refused_requests_total", Help: "Page requests refused (a page outside guest memory).", Kind: "counter", Value: float64(in.requestsRefused.Load())},
 	}
 }
 
@@ -413,9 +421,13 @@ func (in *Intermediary) StatusLine() string {
 		b = "NONE"
 	}
 	lagE, lagS := in.BackupLag()
-	return fmt.Sprintf("epoch=%d in_MiB/s=%.1f backup=%s backup_epoch=%d lag=%d lag_s=%.2f held_MiB=%.1f wan_MiB=%.1f",
+	s := fmt.Sprintf("epoch=%d in_MiB/s=%.1f backup=%s backup_epoch=%d lag=%d lag_s=%.2f held_MiB=%.1f wan_MiB=%.1f",
 		in.img.Epoch(), in.rate.per(float64(in.received.Load()))/(1<<20), b, in.backupAcked.Load(),
 		lagE, lagS.Seconds(), float64(in.heldBytes.Load())/(1<<20), float64(in.forwarded.Load())/(1<<20))
+	if n := in.manifests.Load(); n > 0 {
+		s += fmt.Sprintf(" manifests=%d requested=%d served=%d", n, in.pagesRequested.Load(), in.pagesServed.Load())
+	}
+	return s
 }
 
 // KeepBackup keeps a backup attached until ctx ends or a failover activated

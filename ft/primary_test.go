@@ -157,7 +157,9 @@ func TestOutputCommit(t *testing.T) {
 			t.Fatalf("released record %d = %d, want %d", i, v, i+1)
 		}
 	}
-	if p.Epochs() < 5 {
+	// About 140 epochs of 10 ms normally; under the race detector a run
+	// under load has been seen to fit in two.
+	if p.Epochs() < 5 && !raceEnabled {
 		t.Errorf("only %d checkpoints", p.Epochs())
 	}
 	// The guest stopped after the last checkpoint was taken: the image

@@ -203,22 +203,35 @@ var stages = []string{"stun", "transfer", "sent", "random"}
 // client saw was lost and that the activated image is one instant.
 func TestPrimaryKill(t *testing.T) {
 	kvmtest.Require(t)
-	killMany(t, "soak ft", injections(t, 200))
+	killMany(t, "soak ft", injections(t, 200), roleArgs{})
 }
 
 // TestPrimaryKillHoldBack is TestPrimaryKill with the intermediary holding
-// back hot pages and compressing what it sends the backup (the counter's hot pages are rewritten every iteration;
-// syncs every 10 epochs at most), 40 kills (a fifth of
-// UNDERSTUDY_INJECTIONS when that is larger): Failover flushes what is held,
-// so nothing the client saw is lost.
+// back hot pages and compressing what it sends the backup (the counter's
+// hot pages are rewritten every iteration; syncs every 10 epochs at most),
+// 40 kills (a fifth of UNDERSTUDY_INJECTIONS when that is larger): Failover
+// flushes what is held, so nothing the client saw is lost.
 func TestPrimaryKillHoldBack(t *testing.T) {
 	kvmtest.Require(t)
-	killMany(t, "soak ft-holdback", max(40, injections(t, 200)/5), "--hold-back", "threshold=2,max-lag-epochs=10", "--wan-compress", "fastest")
+	killMany(t, "soak ft-holdback", max(40, injections(t, 200)/5),
+		roleArgs{inter: []string{"--hold-back", "threshold=2,max-lag-epochs=10", "--wan-compress", "fastest"}})
 }
+
+// TestPrimaryKillManifest is TestPrimaryKill with backup-driven retrieval:
+// the backup installs a manifest policy and requests the pages that
+// settle, 20 kills (a tenth of UNDERSTUDY_INJECTIONS when that is larger).
+func TestPrimaryKillManifest(t *testing.T) {
+	kvmtest.Require(t)
+	killMany(t, "soak ft-manifest", max(20, injections(t, 200)/10),
+		roleArgs{backup: []string{"--policy", "manifest,max-lag-epochs=10", "--request", "settle=2"}})
+}
+
+// roleArgs are extra arguments for the intermediary and the backup.
+type roleArgs struct{ inter, backup []string }
 
 // killMany runs n primary kills, two at a time, and prints a summary line
 // starting with what.
-func killMany(t *testing.T, what string, n int, interArgs ...string) {
+func killMany(t *testing.T, what string, n int, args roleArgs) {
 	const workers = 2
 	var (
 		next, violations atomic.Int64
@@ -239,7 +252,7 @@ func killMany(t *testing.T, what string, n int, interArgs ...string) {
 					return
 				}
 				stage := stages[i%len(stages)]
-				failedOver, err := killOnce(t, stage, rng, interArgs...)
+				failedOver, err := killOnce(t, stage, rng, args)
 				if err == nil && !failedOver {
 					unacked.Add(1)
 				}
@@ -262,7 +275,7 @@ func killMany(t *testing.T, what string, n int, interArgs ...string) {
 
 // killOnce runs one primary-kill scenario. It reports whether the backup
 // took over (false: the primary died before any acknowledgement).
-func killOnce(t *testing.T, stage string, rng *rand.Rand, interArgs ...string) (failedOver bool, err error) {
+func killOnce(t *testing.T, stage string, rng *rand.Rand, args roleArgs) (failedOver bool, err error) {
 	dir, derr := os.MkdirTemp("", "chaos-kill-")
 	if derr != nil {
 		return false, derr
@@ -274,8 +287,8 @@ func killOnce(t *testing.T, stage string, rng *rand.Rand, interArgs ...string) (
 		os.RemoveAll(dir)
 	}()
 	c := newCluster(t, dir)
-	c.startBackup("")
-	c.startIntermediary("", interArgs...)
+	c.startBackup("", args.backup...)
+	c.startIntermediary("", args.inter...)
 	epoch := 2 + rng.IntN(30)
 	var env []string
 	if stage != "random" {

@@ -55,11 +55,14 @@
 //	0x20  Activate         epoch u64
 //	0x30  Policy           version u64 | spec len u16 | spec (at most 1024 bytes of UTF-8)
 //	0x31  PolicyAck        version u64
+//	0x32  Manifest         epoch u64 | count u32 | pfn u64 × count | frequency u16 × count
+//	0x33  PageRequest      id u64 | count u32 | pfn u64 × count
+//	0x34  Served           id u64 | epoch u64 | pages u32
 //
 // Type numbers are grouped so later protocol versions can add messages
 // without renumbering: 0x01–0x0f session control, 0x10–0x1f the checkpoint
-// stream, 0x20–0x2f failover, 0x30–0x3f backup-driven retrieval (policies
-// now; manifests and page requests to come), 0x40–0xff unassigned. Type 0 is never
+// stream, 0x20–0x2f failover, 0x30–0x3f backup-driven retrieval (policies,
+// manifests and page requests), 0x40–0xff unassigned. Type 0 is never
 // valid. A type a Reader does not know is an error (ErrUnknownType): a newer
 // message needs a newer protocol version, negotiated by Hello.
 //
@@ -71,9 +74,11 @@
 // earlier base epoch (1 ≤ base < epoch). A PageBatch holds 1..MaxBatchPages
 // records with strictly ascending page frame numbers, each at most MaxPFN.
 // A StateBlob chunk ends at most MaxStateLen bytes into the blob. A Policy
-// has a version above 0. A CheckpointBegin may set FlagStaged (a delta that
-// commits the pages staged before it as bare PageBatches), never with
-// FlagFullImage. Error codes
+// has a version above 0. A Manifest lists 1..MaxManifestPages pages and a
+// PageRequest 1..MaxRequestPages, both with strictly ascending page frame
+// numbers, each at most MaxPFN; Manifest and Served epochs are above 0. A
+// CheckpointBegin may set FlagStaged (a delta that commits the pages staged
+// before it as bare PageBatches), never with FlagFullImage. Error codes
 // are those listed for Code.
 //
 // # A checkpoint on the wire

@@ -26,6 +26,9 @@ const (
 	TypeActivate        Type = 0x20
 	TypePolicy          Type = 0x30
 	TypePolicyAck       Type = 0x31
+	TypeManifest        Type = 0x32
+	TypePageRequest     Type = 0x33
+	TypeServed          Type = 0x34
 )
 
 // types maps each known type to its name and a constructor of an empty message.
@@ -48,6 +51,9 @@ var types = map[Type]struct {
 	TypeActivate:        {"Activate", func() Message { return new(Activate) }},
 	TypePolicy:          {"Policy", func() Message { return new(Policy) }},
 	TypePolicyAck:       {"PolicyAck", func() Message { return new(PolicyAck) }},
+	TypeManifest:        {"Manifest", func() Message { return new(Manifest) }},
+	TypePageRequest:     {"PageRequest", func() Message { return new(PageRequest) }},
+	TypeServed:          {"Served", func() Message { return new(Served) }},
 }
 
 // Known reports whether t is a message type of this protocol version.

@@ -50,11 +50,13 @@ const (
 	CodeIncomplete Code = 5 // a checkpoint failed verification (counts or digest)
 	CodeFenced     Code = 6 // the receiver has been fenced and will not be acknowledged again
 	CodeInternal   Code = 7 // the sender failed on its own side
+	CodeBadRequest Code = 8 // a PageRequest named a page outside guest memory; nothing was served
 )
 
 var codeNames = map[Code]string{
 	CodeProtocol: "protocol", CodeVersion: "version", CodeRefused: "refused", CodeCorrupt: "corrupt",
 	CodeIncomplete: "incomplete", CodeFenced: "fenced", CodeInternal: "internal",
+	CodeBadRequest: "bad-request",
 }
 
 // Valid reports whether c is one of the defined codes.

@@ -52,6 +52,10 @@ func samples() []Message {
 		&PolicyAck{Version: 0},
 		&PolicyAck{Version: 7},
 		&CompressedBatch{Epoch: 4, Data: []byte{1, 0, 1, 0, 0}},
+		&Manifest{Epoch: 5, Pages: []ManifestPage{{PFN: 0, Freq: 0}, {PFN: 7, Freq: FreqOne}, {PFN: MaxPFN, Freq: 65535}}},
+		&PageRequest{ID: 0, PFNs: []uint64{3}},
+		&PageRequest{ID: 1<<64 - 1, PFNs: []uint64{1, 2, 9, MaxPFN}},
+		&Served{ID: 3, Epoch: 8, Pages: 0},
 	}
 }
 
@@ -437,6 +441,8 @@ func TestDecodeRejects(t *testing.T) {
 	hello := body(t, &Hello{Version: 1, Role: RolePrimary, Name: "node", MemSize: 1 << 20})
 	batch := body(t, &PageBatch{Epoch: 2, Pages: []Page{{PFN: 1, Data: page(0)}, {PFN: 2, Data: page(1)}}})
 	u64 := func(v uint64) []byte { return binary.LittleEndian.AppendUint64(nil, v) }
+	manifest := body(t, &Manifest{Epoch: 2, Pages: []ManifestPage{{PFN: 1, Freq: 3}, {PFN: 2, Freq: 4}}})
+	request := body(t, &PageRequest{ID: 9, PFNs: []uint64{1, 2}})
 	tests := []struct {
 		name string
 		t    Type
@@ -493,6 +499,23 @@ func TestDecodeRejects(t *testing.T) {
 		{"policy ack long", TypePolicyAck, make([]byte, 9), "trailing"},
 		{"compressed epoch 0", TypeCompressedBatch, make([]byte, 12), "epoch 0"},
 		{"compressed short", TypeCompressedBatch, []byte{1, 0, 0, 0, 0, 0, 0, 0, 1}, "at least 3"},
+		{"manifest empty", TypeManifest, nil, "truncated"},
+		{"manifest count 0", TypeManifest, set(manifest, 8, 0)[:12], "0 pages"},
+		{"manifest count huge", TypeManifest, set(manifest, 8, 0xff, 0xff, 0xff, 0xff), "4294967295 pages"},
+		{"manifest short", TypeManifest, manifest[:len(manifest)-1], "need"},
+		{"manifest trailing", TypeManifest, append(bytes.Clone(manifest), 0), "need"},
+		{"manifest epoch 0", TypeManifest, set(manifest, 0, 0), "epoch 0"},
+		{"manifest order", TypeManifest, set(manifest, 20, 1), "not above"},
+		{"manifest pfn range", TypeManifest, set(manifest, 12, 0, 0, 0, 0, 0, 1), "beyond"},
+		{"request empty", TypePageRequest, nil, "truncated"},
+		{"request count 0", TypePageRequest, set(request, 8, 0)[:12], "0 pages"},
+		{"request too many", TypePageRequest, set(request, 8, 0x01, 0x20), "8193 pages"},
+		{"request short", TypePageRequest, request[:len(request)-1], "need"},
+		{"request order", TypePageRequest, set(request, 20, 1), "not above"},
+		{"request duplicate", TypePageRequest, set(request, 12, 2), "not above"},
+		{"request pfn range", TypePageRequest, set(request, 12, 0, 0, 0, 0, 0, 1), "beyond"},
+		{"served epoch 0", TypeServed, make([]byte, 20), "epoch 0"},
+		{"served long", TypeServed, make([]byte, 21), "trailing"},
 	}
 	for _, tc := range tests {
 		m, err := Decode(tc.t, tc.in)
@@ -543,8 +566,8 @@ func TestRolesAndCodes(t *testing.T) {
 			t.Errorf("ParseRole(%q) = %v, want an error", s, r)
 		}
 	}
-	if Role(0).Valid() || Role(4).Valid() || Code(0).Valid() || Code(8).Valid() {
-		t.Errorf("role 0/4 or code 0/8 reported valid")
+	if Role(0).Valid() || Role(4).Valid() || Code(0).Valid() || Code(9).Valid() || !CodeBadRequest.Valid() {
+		t.Errorf("role 0/4 or code 0/9 reported valid, or bad-request not")
 	}
 	if got := (&Error{Code: CodeFenced, Reason: "epoch 7"}).Error(); got != "peer error (fenced): epoch 7" {
 		t.Errorf("Error.Error() = %q", got)

@@ -227,7 +227,8 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	wanCompress := fs.String("wan-compress", "off", "compress page batches to the backup (zstd with zero-page elision): off, fastest, default, better or best")
 	holdBack := fs.String("hold-back", "off", "hold back hot pages from the backup: off, on, or threshold=F,max-held=SIZE,max-lag-epochs=N,max-lag=DUR "+
 		"(defaults 2, 64M, 200, 5s): pages changed at least F times (a count halving every 16 epochs) are held until a sync, others are staged at once; "+
-		"a sync (the backup commits a whole epoch) comes when any bound is passed, and before a failover")
+		"a sync (the backup commits a whole epoch) comes when any bound is passed, and before a failover. Also bandwidth=RATE (100Mbit, 12MiB/s) caps "+
+		"what is staged ahead of a sync, and range=START-END (repeatable, e.g. range=0-64M) stages only pages in those guest-physical ranges")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
 	rf := addRoleFlags(fs, "intermediary")
 	if code, done := parseFlags(fs, args); done {
@@ -280,6 +281,9 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		return fail(stderr, err)
 	}
 	if hb != nil {
+		if err := hb.CheckMemory(memSize); err != nil {
+			return fail(stderr, fmt.Errorf("--hold-back: %w", err))
+		}
 		in.SetForwardPolicy(*hb)
 		fmt.Fprintf(stderr, "understudy: intermediary: hold-back %s\n", hb)
 	}
@@ -348,7 +352,7 @@ func parseActivationPolicy(s string) (activationPolicy, error) {
 }
 
 func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--on-intermediary-loss wait|activate-after=DUR] [--metrics HOST:PORT]", stderr)
+	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--policy SPEC] [--request SPEC] [--on-intermediary-loss wait|activate-after=DUR] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7402", "address the intermediary connects to")
 	records := fs.String("records", "", "after activation, write the guest's output records to this file (\"-\": stdout)")
 	onLoss := fs.String("on-intermediary-loss", "wait", "when the intermediary is lost: wait for one (the primary may still be running), "+
@@ -356,7 +360,10 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		"(only when the primary is known lost too)")
 	policySpec := fs.String("policy", "", "install this forwarding policy at every intermediary that serves this backup (backup-driven retrieval), e.g. "+
 		"pull-every=2s,max-lag-epochs=400 (pull everything at most every 2 s unless the lag passes 400 epochs), or the keys of intermediary --hold-back; "+
+		"\"manifest\" has the intermediary send a manifest of every epoch instead of data, and this backup requests the pages it selects (see --request); "+
 		"a refused policy is reported and the intermediary keeps its own")
+	requestSpec := fs.String("request", "", "with a manifest policy, which pages to request ahead of a sync: on, or settle=N,max-freq=F,bandwidth=RATE "+
+		"(defaults 4, 1.5, no cap): pages unchanged for N epochs whose change frequency is below F")
 	saveActivated := fs.String("save-activated", "", "on activation, write a snapshot of the activated guest to this file before resuming it (understudy restore reads it)")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
 	rf := addRoleFlags(fs, "backup")
@@ -367,9 +374,21 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	if err != nil {
 		return fail(stderr, err)
 	}
+	var manifest bool
 	if *policySpec != "" {
-		if _, err := ft.ParseBackupPolicy(*policySpec); err != nil {
+		p, err := ft.ParseBackupPolicy(*policySpec)
+		if err != nil {
 			return fail(stderr, fmt.Errorf("--policy: %w", err))
+		}
+		manifest = p.Manifest
+	}
+	var request *ft.RequestPolicy
+	if *requestSpec != "" {
+		if !manifest {
+			return fail(stderr, fmt.Errorf("--request %q: only with a manifest policy (--policy manifest,...)", *requestSpec))
+		}
+		if request, err = ft.ParseRequestPolicy(*requestSpec); err != nil {
+			return fail(stderr, fmt.Errorf("--request: %w", err))
 		}
 	}
 	tcfg, err := rf.config(wire.RoleBackup, 0, stderr)
@@ -433,7 +452,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		}
 		memSize := c.Peer().Hello.MemSize
 		if b == nil {
-			if b, err = ft.NewBackup(memSize, ft.BackupConfig{Restore: rcfg, Log: tcfg.Logger, Policy: *policySpec}); err != nil {
+			if b, err = ft.NewBackup(memSize, ft.BackupConfig{Restore: rcfg, Log: tcfg.Logger, Policy: *policySpec, Request: request}); err != nil {
 				c.Close()
 				return fail(stderr, err)
 			}
