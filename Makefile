@@ -19,7 +19,7 @@ help:
 	@echo "make run       build and run the hello payload guest on /dev/kvm"
 	@echo "make build     build $(BIN) (static, CGO_ENABLED=0)"
 	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages), then qemu-test"
-	@echo "make image     build the appliance into $(IMAGE): Debian kernel, u-root initramfs, nested guest initramfs"
+	@echo "make image     build the appliance into $(IMAGE) (Debian kernel, u-root initramfs, nested guest initramfs), and build/image-damon with the 6.12 kernel"
 	@echo "make qemu-test boot the appliance under QEMU: uinit report, nested Linux guest, its network and disk"
 	@echo "make bench     benchmarks; prints 'bench ...' result lines"
 	@echo "make soak      1000 primary kills with the fault-injection harness (ft/chaos)"
@@ -60,8 +60,11 @@ unit-test: lint
 	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./ft/wan/ ./ft/wanzip/ ./vmm/virtio/
 
 # The appliance (initramfs/): kernel cached in build/cache, image in $(IMAGE).
+# A second appliance with Debian's 6.12 kernel (bookworm-backports), which
+# has DAMON with virtual-address operations, for the DAMON sampler's test.
 image: build
 	$(GO) run ./initramfs/cmd/mkimage -understudy $(BIN) -out $(IMAGE) -cache build/cache
+	$(GO) run ./initramfs/cmd/mkimage -understudy $(BIN) -out build/image-damon -cache build/cache -suite bookworm-backports
 
 # The QEMU tier: it must not skip here, so a missing image or QEMU fails.
 # A failed test keeps its console log in build/qemu-tests/.

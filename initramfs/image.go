@@ -56,6 +56,7 @@ type Options struct {
 	Understudy  string    // the static understudy binary to make the uinit
 	RepoDir     string    // the Go module root: guestinit and the u-root commands are built from here
 	MetaPackage string    // the kernel metapackage; DefaultMetaPackage if empty
+	Suite       string    // the Debian suite to take it from ("": the host's apt sources)
 	MkUimage    string    // the mkuimage version linked in (for the record)
 	Log         io.Writer // progress lines
 }
@@ -101,8 +102,12 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(o.Log, "mkimage: kernel: resolving %s\n", o.MetaPackage)
-	k, err := FetchKernel(ctx, filepath.Join(o.CacheDir, "kernel"), o.MetaPackage, logf)
+	fmt.Fprintf(o.Log, "mkimage: kernel: resolving %s %s\n", o.MetaPackage, o.Suite)
+	kcache := filepath.Join(o.CacheDir, "kernel")
+	if o.Suite != "" {
+		kcache += "-" + o.Suite // each suite keeps its own kernel
+	}
+	k, err := FetchKernel(ctx, kcache, o.MetaPackage, o.Suite, logf)
 	if err != nil {
 		return nil, err
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -37,7 +38,11 @@ func (k Kernel) ModulesDir() string { return filepath.Join(k.Root, "lib", "modul
 // are removed once the new one is unpacked. When apt cannot answer or
 // deliver (no package lists, no network), a kernel already in the cache is
 // used, with a warning.
-func FetchKernel(ctx context.Context, cacheDir, meta string, logf func(string, ...any)) (Kernel, error) {
+//
+// With a suite ("bookworm-backports"), apt reads that suite of Debian's
+// archive alone, through package lists kept in cacheDir/apt (refreshed with
+// apt-get update there), instead of the host's sources.
+func FetchKernel(ctx context.Context, cacheDir, meta, suite string, logf func(string, ...any)) (Kernel, error) {
 	// apt-get and dpkg-deb run in the cache directory: the paths given
 	// to them must not be relative to ours.
 	cacheDir, err := filepath.Abs(cacheDir)
@@ -47,7 +52,11 @@ func FetchKernel(ctx context.Context, cacheDir, meta string, logf func(string, .
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return Kernel{}, err
 	}
-	k, err := fetchKernel(ctx, cacheDir, meta, logf)
+	apt, err := aptFor(ctx, cacheDir, suite, logf)
+	if err != nil {
+		return Kernel{}, err
+	}
+	k, err := fetchKernel(ctx, cacheDir, meta, apt, logf)
 	if err != nil {
 		cached, cerr := cachedKernel(cacheDir)
 		if cerr != nil {
@@ -59,8 +68,45 @@ func FetchKernel(ctx context.Context, cacheDir, meta string, logf func(string, .
 	return k, nil
 }
 
-func fetchKernel(ctx context.Context, cacheDir, meta string, logf func(string, ...any)) (Kernel, error) {
-	pkg, version, err := resolveKernel(ctx, meta)
+// DebianMirror is the archive a suite's package lists come from.
+const DebianMirror = "http://deb.debian.org/debian"
+
+// aptFor returns the options that make apt use suite alone (none for the
+// host's sources), after refreshing that suite's package lists. A suite
+// that cannot be refreshed is an error unless its lists are there from
+// before (then they are used, with a warning).
+func aptFor(ctx context.Context, cacheDir, suite string, logf func(string, ...any)) ([]string, error) {
+	if suite == "" {
+		return nil, nil
+	}
+	if !validPackageName(suite) {
+		return nil, fmt.Errorf("suite %q: not a Debian suite name", suite)
+	}
+	dir := filepath.Join(cacheDir, "apt")
+	for _, d := range []string{filepath.Join(dir, "lists", "partial"), filepath.Join(dir, "cache", "archives", "partial"), filepath.Join(dir, "sources.list.d")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, err
+		}
+	}
+	list := filepath.Join(dir, "sources.list")
+	if err := os.WriteFile(list, fmt.Appendf(nil, "deb %s %s main\n", DebianMirror, suite), 0o644); err != nil {
+		return nil, err
+	}
+	opts := []string{"-o", "Dir::Etc::SourceList=" + list, "-o", "Dir::Etc::SourceParts=" + filepath.Join(dir, "sources.list.d"),
+		"-o", "Dir::State::Lists=" + filepath.Join(dir, "lists"), "-o", "Dir::Cache=" + filepath.Join(dir, "cache")}
+	logf("refreshing the package lists of %s (%s)", suite, DebianMirror)
+	if err := runIn(ctx, dir, "apt-get", append(opts, "-q", "update")...); err != nil {
+		lists, _ := filepath.Glob(filepath.Join(dir, "lists", "*_Packages*"))
+		if len(lists) == 0 {
+			return nil, err
+		}
+		logf("warning: %v; using the lists from before", err)
+	}
+	return opts, nil
+}
+
+func fetchKernel(ctx context.Context, cacheDir, meta string, apt []string, logf func(string, ...any)) (Kernel, error) {
+	pkg, version, err := resolveKernel(ctx, meta, apt)
 	if err != nil {
 		return Kernel{}, err
 	}
@@ -70,7 +116,7 @@ func fetchKernel(ctx context.Context, cacheDir, meta string, logf func(string, .
 		deb := filepath.Join(cacheDir, debName(pkg, version))
 		if _, err := os.Stat(deb); err != nil {
 			logf("downloading %s %s with apt-get download", pkg, version)
-			if err := runIn(ctx, cacheDir, "apt-get", "download", pkg+"="+version); err != nil {
+			if err := runIn(ctx, cacheDir, "apt-get", append(slices.Clone(apt), "download", pkg+"="+version)...); err != nil {
 				return Kernel{}, fmt.Errorf("%w (are the package lists current? apt-get update)", err)
 			}
 			if _, err := os.Stat(deb); err != nil {
@@ -99,15 +145,15 @@ func fetchKernel(ctx context.Context, cacheDir, meta string, logf func(string, .
 }
 
 // resolveKernel asks apt which package and version meta points at.
-func resolveKernel(ctx context.Context, meta string) (pkg, version string, err error) {
-	out, err := exec.CommandContext(ctx, "apt-cache", "depends", meta).Output()
+func resolveKernel(ctx context.Context, meta string, apt []string) (pkg, version string, err error) {
+	out, err := exec.CommandContext(ctx, "apt-cache", append(slices.Clone(apt), "depends", meta)...).Output()
 	if err != nil {
 		return "", "", fmt.Errorf("apt-cache depends %s: %w (run apt-get update first?)", meta, cmdErr(err))
 	}
 	if pkg, err = parseDepends(string(out), "linux-image-"); err != nil {
 		return "", "", fmt.Errorf("apt-cache depends %s: %w", meta, err)
 	}
-	out, err = exec.CommandContext(ctx, "apt-cache", "show", "--no-all-versions", pkg).Output()
+	out, err = exec.CommandContext(ctx, "apt-cache", append(slices.Clone(apt), "show", "--no-all-versions", pkg)...).Output()
 	if err != nil {
 		return "", "", fmt.Errorf("apt-cache show %s: %w", pkg, cmdErr(err))
 	}

@@ -99,3 +99,33 @@ func TestCachedKernelAndPrune(t *testing.T) {
 		t.Errorf("kernelRelease(two releases) = %v", err)
 	}
 }
+
+// TestAptForSuite: a suite gets its own sources list and package lists in
+// the cache, and apt is pointed at them alone; a bad suite name is refused
+// before apt runs.
+func TestAptForSuite(t *testing.T) {
+	logf := func(string, ...any) {}
+	if opts, err := aptFor(t.Context(), t.TempDir(), "", logf); err != nil || opts != nil {
+		t.Errorf("aptFor(no suite) = %q, %v; want the host's sources", opts, err)
+	}
+	for _, bad := range []string{"Bookworm", "bookworm backports", "../x", "-o"} {
+		if _, err := aptFor(t.Context(), t.TempDir(), bad, logf); err == nil || !strings.Contains(err.Error(), "not a Debian suite") {
+			t.Errorf("aptFor(%q) = %v, want a refusal", bad, err)
+		}
+	}
+	dir := t.TempDir()
+	opts, err := aptFor(t.Context(), dir, "bookworm-backports", logf)
+	if err != nil {
+		t.Skipf("apt-get update of bookworm-backports: %v (no network?)", err)
+	}
+	list, _ := os.ReadFile(filepath.Join(dir, "apt", "sources.list"))
+	if string(list) != "deb "+DebianMirror+" bookworm-backports main\n" {
+		t.Errorf("sources.list = %q", list)
+	}
+	if joined := strings.Join(opts, " "); !strings.Contains(joined, "Dir::State::Lists="+filepath.Join(dir, "apt", "lists")) {
+		t.Errorf("apt options %q do not use the suite's own lists", joined)
+	}
+	if lists, _ := filepath.Glob(filepath.Join(dir, "apt", "lists", "*bookworm-backports*Packages*")); len(lists) == 0 {
+		t.Errorf("apt-get update left no package list for the suite")
+	}
+}

@@ -12,8 +12,11 @@ import (
 
 // The guest-physical access sampler.
 //
-// Neither this host's kernel nor Debian 6.1 offers page_idle or DAMON vaddr,
-// and KVM exposes no accessed bits to user space. The sampler instead revokes
+// Where the kernel has DAMON with virtual-address operations, the DAMON
+// sampler (damon.go) is used. Neither this host's kernel (its DAMON has
+// physical-address operations only, and the platform runs its one kdamond)
+// nor Debian 6.1 offers that or page_idle, and KVM exposes no accessed bits
+// to user space. There the sampler revokes
 // access to a sample of guest pages through the VMM's own mapping
 // (mprotect PROT_NONE). KVM's MMU notifier drops its mappings of those pages;
 // the guest's next access to one makes KVM fail to fault the page in, and

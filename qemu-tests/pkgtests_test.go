@@ -75,3 +75,24 @@ func (e env) bootTest(t *testing.T, pkg, run string) *Machine {
 	}
 	return e.bootInitrd(t, fmt.Sprintf(`understudy.role=test understudy.exec="/test/pkg.test -test.run %s -test.v"`, run), initrd)
 }
+
+// TestApplianceDAMON runs vmm's DAMON sampler test in the appliance built
+// with Debian's 6.12 kernel (bookworm-backports), which has DAMON with
+// virtual-address operations: the touch guest's hot regions must count
+// more accesses than any cold one. The test must pass there, not skip.
+func TestApplianceDAMON(t *testing.T) {
+	e := setup(t)
+	e.image = filepath.Join(e.repo, "build", "image-damon")
+	if d := os.Getenv("UNDERSTUDY_IMAGE_DAMON"); d != "" {
+		e.image = d
+	}
+	if _, err := os.Stat(filepath.Join(e.image, "appliance.cpio")); err != nil {
+		if os.Getenv("UNDERSTUDY_QEMU_REQUIRED") == "1" {
+			t.Fatalf("no DAMON appliance image (%v): run `make image` first", err)
+		}
+		t.Skipf("no DAMON appliance image (%v): run `make image` first", err)
+	}
+	m := e.bootTest(t, "./vmm/", "^TestDAMONSampler$")
+	expect(t, m, nestedTimeout, "--- PASS: TestDAMONSampler")
+	poweredOff(t, m, 0)
+}

@@ -49,11 +49,27 @@ type LargePageConfig struct {
 	// Regions are the candidate guest-physical 2 MiB regions; empty means
 	// the payload's data regions.
 	Regions []uint64
+	// Source is the guest-physical sampler: SourceDAMON (the kernel's
+	// DAMON, where it has virtual-address operations and is free),
+	// SourceRefault (revoke and count refaults), or SourceAuto (default):
+	// DAMON where it can be used, else refaults.
+	Source string
 }
+
+// The sampler sources.
+const (
+	SourceAuto    = "auto"
+	SourceDAMON   = "damon"
+	SourceRefault = "refault"
+)
 
 // LargePageStatus is a snapshot of large-page management.
 type LargePageStatus struct {
-	Policy   string
+	Policy string
+	// Source is the sampler in use (SourceDAMON or SourceRefault);
+	// NoDAMON says why DAMON is not, where the source was auto.
+	Source   string
+	NoDAMON  string
 	Windows  int  // sampling windows completed
 	WarmedUp bool // the first (sampling-only) phase is over
 	Sampled  int  // regions sampled per window
@@ -64,6 +80,9 @@ type LargePageStatus struct {
 	Blocked  []uint64 // candidates the guest maps with 4 KiB pages
 	Failed   int      // promotions the host refused (fixed policies: still pending)
 	Retried  int      // collapses the kernel could not do yet (EAGAIN), tried again later
+	// Stretched counts windows dropped because the host stretched them
+	// past twice their length (their counts are not comparable).
+	Stretched int
 	// Suspended is set while promotions wait for KVM dirty logging (fault
 	// tolerance) to stop.
 	Suspended bool
@@ -76,7 +95,8 @@ type LargePageStatus struct {
 	Pages4K        uint64 // KVM stats
 	Pages2M        uint64
 	Sampler        mmu.SamplerStats
-	Err            string // why management stopped, if it did
+	DAMON          mmu.DAMONStats // with the DAMON source
+	Err            string         // why management stopped, if it did
 }
 
 // String formats the status as one line.
@@ -85,13 +105,16 @@ func (s LargePageStatus) String() string {
 	for _, h := range s.Top {
 		top = append(top, fmt.Sprintf("r%d:%.0f", h.Region, h.Count))
 	}
-	line := fmt.Sprintf("large-pages: policy=%s windows=%d period=%v sampled=%d promoted=%d blocked=%d failed=%d pages_2m=%d pages_4k=%d top=%s",
-		s.Policy, s.Windows, s.Period, s.Sampled, len(s.Promoted), len(s.Blocked), s.Failed, s.Pages2M, s.Pages4K, strings.Join(top, ","))
+	line := fmt.Sprintf("large-pages: policy=%s source=%s windows=%d period=%v sampled=%d promoted=%d blocked=%d failed=%d pages_2m=%d pages_4k=%d top=%s",
+		s.Policy, s.Source, s.Windows, s.Period, s.Sampled, len(s.Promoted), len(s.Blocked), s.Failed, s.Pages2M, s.Pages4K, strings.Join(top, ","))
 	if !s.WarmedUp && s.Policy == PolicyPrioritized {
 		line += " (warming up)"
 	}
 	if s.Suspended {
 		line += " (promotion suspended: dirty logging is on)"
+	}
+	if s.Stretched > 0 {
+		line += fmt.Sprintf(" stretched=%d", s.Stretched)
 	}
 	if s.LastFailure != "" && s.Failed > 0 {
 		line += " last_failure=" + s.LastFailure
@@ -107,6 +130,7 @@ type LargePager struct {
 	m       *Machine
 	cfg     LargePageConfig
 	sampler *mmu.Sampler
+	damon   *mmu.DAMON // the sampler, if the source is DAMON
 	prio    *mmu.Prioritizer
 	cursor  int // next candidate to sample (round robin)
 	stats   *arch.Stats
@@ -162,8 +186,15 @@ func ParseLargePages(s string) (LargePageConfig, error) {
 			var n int
 			n, err = parseIntRange(v, 0, 1<<62)
 			c.Seed = uint64(n)
+		case "source":
+			switch v {
+			case SourceAuto, SourceDAMON, SourceRefault:
+				c.Source = v
+			default:
+				err = fmt.Errorf("want auto, damon or refault")
+			}
 		default:
-			return c, fmt.Errorf("--large-pages: unknown key %q (keys: budget, policy, period, window, warmup, samples, per_window, alpha, hysteresis, seed)", k)
+			return c, fmt.Errorf("--large-pages: unknown key %q (keys: budget, policy, period, window, warmup, samples, per_window, alpha, hysteresis, seed, source)", k)
 		}
 		if err != nil {
 			return c, fmt.Errorf("--large-pages %s=%s: %w", k, v, err)
@@ -231,10 +262,42 @@ func (m *Machine) StartLargePages(cfg LargePageConfig) (*LargePager, error) {
 	lp := &LargePager{m: m, cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
 	lp.status.Policy = cfg.Policy
 	if cfg.Policy == PolicyPrioritized {
-		m.SetFaultHandler(sampler.Fault)
+		if err := lp.pickSource(); err != nil {
+			stats.Close()
+			return nil, fmt.Errorf("large pages: %w", err)
+		}
+		if lp.damon == nil {
+			m.SetFaultHandler(sampler.Fault)
+		}
 	}
 	go lp.run(ctx)
 	return lp, nil
+}
+
+// pickSource starts DAMON if the source asks for it and it can be used.
+// DAMON samples every candidate every window: one page per region per
+// sampling interval (a tenth of the window), aggregated over half the
+// period.
+func (lp *LargePager) pickSource() error {
+	src := lp.cfg.Source
+	if src == "" {
+		src = SourceAuto
+	}
+	if src == SourceRefault {
+		lp.status.Source = SourceRefault
+		return nil
+	}
+	d, err := mmu.NewDAMON(lp.m.mem, mmu.DAMONConfig{Sample: max(lp.cfg.Window/10, 100*time.Microsecond), Aggregate: lp.cfg.Period / 2})
+	switch {
+	case err == nil:
+		lp.damon = d
+		lp.status.Source = SourceDAMON
+		return nil
+	case src == SourceDAMON:
+		return err
+	}
+	lp.status.Source, lp.status.NoDAMON = SourceRefault, err.Error()
+	return nil
 }
 
 // DataRegions lists the guest-physical 2 MiB regions of the payload's data
@@ -263,6 +326,11 @@ func (lp *LargePager) Stop() LargePageStatus {
 	lp.cancel()
 	<-lp.done
 	lp.stats.Close()
+	if lp.damon != nil {
+		if err := lp.damon.Close(); err != nil {
+			lp.fail(err)
+		}
+	}
 	return lp.Status()
 }
 
@@ -393,6 +461,49 @@ func (lp *LargePager) promote(r uint64) (ok, transient bool) {
 // window runs one sampling window and acts on it. It returns the regions
 // the guest maps with 4 KiB pages.
 func (lp *LargePager) window(ctx context.Context) (blocked map[uint64]bool, changed bool, err error) {
+	sample := lp.refaultWindow
+	if lp.damon != nil {
+		sample = lp.damonWindow
+	}
+	n, large, ok, err := sample(ctx)
+	if err != nil || ctx.Err() != nil {
+		return nil, false, err
+	}
+	blocked, accessed := lp.guestView(true)
+	// The guest's own accessed bits are exact where it maps 4 KiB pages.
+	for r, a := range accessed {
+		if _, sampled := n[r]; sampled && float64(a) > n[r] {
+			n[r] = float64(a)
+		}
+	}
+	if ok {
+		lp.prio.Observe(n, large)
+	}
+	return lp.act(blocked)
+}
+
+// damonWindow takes DAMON's next aggregation: an estimate for every
+// candidate not promoted, and whether each promoted one was touched.
+func (lp *LargePager) damonWindow(context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
+	c, err := lp.damon.Counts()
+	if err != nil {
+		return nil, nil, false, err
+	}
+	n, large = map[uint64]float64{}, map[uint64]bool{}
+	for _, r := range lp.cfg.Regions {
+		if lp.prio.Promoted(r) {
+			large[r] = c[r] > 0
+		} else {
+			n[r] = c[r]
+		}
+	}
+	return n, large, true, nil
+}
+
+// refaultWindow samples the promoted regions and the next PerWindow
+// candidates with the refault sampler for one window; ok is false for a
+// window that does not count.
+func (lp *LargePager) refaultWindow(ctx context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
 	var specs []mmu.SampleSpec
 	regions := lp.cfg.Regions
 	for _, r := range regions {
@@ -409,19 +520,27 @@ func (lp *LargePager) window(ctx context.Context) (blocked map[uint64]bool, chan
 		}
 	}
 	if err := lp.sampler.Arm(specs); err != nil {
-		return nil, false, err
+		return nil, nil, false, err
 	}
+	armed := time.Now()
 	select {
 	case <-ctx.Done():
 	case <-time.After(lp.cfg.Window):
 	}
 	counts, err := lp.sampler.Disarm()
 	if err != nil || ctx.Err() != nil {
-		return nil, false, err
+		return nil, nil, false, err
 	}
-	blocked, accessed := lp.guestView(true)
-	n := map[uint64]float64{}
-	large := map[uint64]bool{}
+	if time.Since(armed) > 2*lp.cfg.Window {
+		// A loaded host stretched the window: a cold region looks hot
+		// after a long one, and a promoted region looks cold if the
+		// vCPU did not run in it. Drop it.
+		lp.mu.Lock()
+		lp.status.Stretched++
+		lp.mu.Unlock()
+		counts = nil
+	}
+	n, large = map[uint64]float64{}, map[uint64]bool{}
 	for _, c := range counts {
 		if c.Large {
 			large[c.Region] = c.Accessed > 0
@@ -429,15 +548,12 @@ func (lp *LargePager) window(ctx context.Context) (blocked map[uint64]bool, chan
 			n[c.Region] = c.Estimate()
 		}
 	}
-	// The guest's own accessed bits are exact where it maps 4 KiB pages.
-	for r, a := range accessed {
-		if _, ok := n[r]; ok && float64(a) > n[r] {
-			n[r] = float64(a)
-		}
-	}
-	if counts != nil {
-		lp.prio.Observe(n, large)
-	}
+	return n, large, counts != nil, nil
+}
+
+// act promotes and demotes what the prioritizer decides, unless dirty
+// logging is on.
+func (lp *LargePager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error) {
 	if lp.m.mem.DirtyLogging() {
 		// Fault tolerance is on: KVM maps everything with 4 KiB pages while
 		// it logs dirty pages, so collapsing would cost CPU and change
@@ -522,6 +638,10 @@ func (lp *LargePager) publish(blocked map[uint64]bool, period time.Duration) {
 	}
 	if lp.cfg.Policy == PolicyPrioritized {
 		s.Sampled = min(len(lp.cfg.Regions), lp.cfg.PerWindow)
+		if lp.damon != nil {
+			s.Sampled = len(lp.cfg.Regions) // DAMON samples them all
+			s.DAMON = lp.damon.Stats()
+		}
 	}
 	s.Top = lp.prio.Top(8)
 	s.Period = period

@@ -22,6 +22,8 @@ func TestParseLargePages(t *testing.T) {
 		{"policy=all", LargePageConfig{Policy: PolicyAll}},
 		{"policy=none", LargePageConfig{Policy: PolicyNone}},
 		{"budget=2,period=50ms,window=5ms,warmup=3,samples=16,alpha=0.25,hysteresis=2", LargePageConfig{Budget: 2, Period: 50 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3, PagesPerRegion: 16, Alpha: 0.25, Hysteresis: 2}},
+		{"budget=1,source=damon", LargePageConfig{Budget: 1, Source: SourceDAMON}},
+		{"budget=1,source=refault", LargePageConfig{Budget: 1, Source: SourceRefault}},
 	}
 	for _, g := range good {
 		got, err := ParseLargePages(g.in)
@@ -46,6 +48,7 @@ func TestParseLargePages(t *testing.T) {
 		"budget=1,alpha=NaN":       "not a number",
 		"budget=99999999999999999": "out of range",
 		"budget=1,,":               "want key=value",
+		"budget=1,source=idle":     "want auto, damon or refault",
 	}
 	for in, sub := range bad {
 		if _, err := ParseLargePages(in); err == nil || !strings.Contains(err.Error(), sub) {
@@ -73,11 +76,15 @@ func FuzzParseLargePages(f *testing.F) {
 // 16th region of the working set) and returns it, running.
 // Its cancel function waits until the payload has written its whole working
 // set (phase mark 1) before stopping it, so checkTouchData may then run.
-func touchMachine(t *testing.T, guest4K []uint64) (*Machine, []uint64, context.CancelFunc, chan error) {
+func touchMachine(t *testing.T, guest4K []uint64, opts ...func(*Config)) (*Machine, []uint64, context.CancelFunc, chan error) {
 	t.Helper()
 	marked := make(chan struct{})
-	m, err := New(Config{MemSize: 256 << 20, Payload: "touch", Guest4K: guest4K, OnMark: func(int, uint32) { close(marked) },
-		PayloadOptions: map[string]string{"regions": "64", "hot": "4", "rounds": "0", "accesses": "200000"}})
+	cfg := Config{MemSize: 256 << 20, Payload: "touch", Guest4K: guest4K, OnMark: func(int, uint32) { close(marked) },
+		PayloadOptions: map[string]string{"regions": "64", "hot": "4", "rounds": "0", "accesses": "200000"}}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

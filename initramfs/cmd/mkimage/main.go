@@ -34,6 +34,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.Understudy, "understudy", "build/understudy", "the static understudy binary (the uinit)")
 	fs.StringVar(&o.RepoDir, "repo", ".", "the Go module root to build guestinit and the u-root commands in")
 	fs.StringVar(&o.MetaPackage, "meta", initramfs.DefaultMetaPackage, "Debian kernel metapackage")
+	fs.StringVar(&o.Suite, "suite", "", "take the kernel from this Debian suite alone (e.g. bookworm-backports) instead of the host's apt sources")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}

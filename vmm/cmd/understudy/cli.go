@@ -224,7 +224,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	backing := fs.String("backing", "anon", "guest memory backing: anon or memfd")
 	kvmDev := fs.String("kvm", "/dev/kvm", "KVM device")
 	quiet := fs.Bool("quiet", false, "do not print the summary line on stderr")
-	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=N,samples=8,per_window=32,alpha=0.5,hysteresis=1.5,seed=N]")
+	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=N,samples=8,per_window=32,alpha=0.5,hysteresis=1.5,seed=N,source=auto|damon|refault]"+
+		"; source auto samples with the kernel's DAMON where it has virtual-address operations and is free, else by revoking pages and counting refaults")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the large-page or protection status line on stderr (0: only at the end)")
 	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
 	save := fs.String("save", "", "save a snapshot (machine state and all guest memory) to this file once the guest has emitted --save-after output records, then stop")
@@ -335,6 +336,13 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if lpCfg != nil {
 		if lp, err = m.StartLargePages(*lpCfg); err != nil {
 			return fail(stderr, err)
+		}
+		if st := lp.Status(); st.Source != "" {
+			fmt.Fprintf(stderr, "understudy: large pages: sampling with %s", st.Source)
+			if st.NoDAMON != "" {
+				fmt.Fprintf(stderr, " (%s)", st.NoDAMON)
+			}
+			fmt.Fprintln(stderr)
 		}
 		stopStatus := printStatus(stderr, lp, *statusEvery)
 		defer func() {
