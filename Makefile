@@ -74,7 +74,7 @@ qemu-test: image
 # The long fault-injection run: 1000 SIGKILLs of the primary, and 200 more
 # with the intermediary holding back hot pages.
 soak:
-	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill(HoldBack|Manifest)?$$' ./ft/chaos/ | grep -E '^(soak ft|--- |\s+\S+_test.go)'
+	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill(HoldBack|Manifest|LargePages)?$$' ./ft/chaos/ | grep -E '^(soak ft|--- |\s+\S+_test.go)'
 
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./ft/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'

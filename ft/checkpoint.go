@@ -34,6 +34,10 @@ type Checkpoint struct {
 // Page returns the data of the i-th page.
 func (c *Checkpoint) Page(i int) []byte { return c.Data[i*mmu.PageSize : (i+1)*mmu.PageSize] }
 
+// pauseWait is how long a checkpoint waits for another controller's pause
+// (large-page sampling reads the vCPUs' CR3 while paused) to end.
+const pauseWait = time.Second
+
 // Checkpointer takes epoch checkpoints of a running machine. It turns on the
 // machine's dirty log when created.
 //
@@ -76,7 +80,7 @@ func (c *Checkpointer) Epoch() uint64 { return c.epoch }
 func (c *Checkpointer) Take() (*Checkpoint, error) {
 	cp := &Checkpoint{Epoch: c.epoch + 1}
 	start := time.Now()
-	d, err := c.m.Pause()
+	d, err := c.m.PauseWait(pauseWait)
 	if err != nil {
 		return nil, err
 	}
@@ -196,7 +200,7 @@ func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func(*Checkpoint)) (
 		}
 		copyMarked(image, c.mem.Backing(), c.bitmap)
 	}
-	if _, err := c.m.Pause(); err != nil {
+	if _, err := c.m.PauseWait(pauseWait); err != nil {
 		return nil, err
 	}
 	cp, err := c.TakePaused()

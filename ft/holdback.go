@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -206,12 +207,7 @@ func ParseHoldBack(s string) (*HoldBack, error) {
 	if s == "on" {
 		return &h, nil
 	}
-	for _, kv := range strings.Split(s, ",") {
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok {
-			return nil, fmt.Errorf("hold-back %q: %q is not key=value", s, kv)
-		}
-		var err error
+	err := eachKV("hold-back", s, "threshold, max-held, max-lag-epochs, max-lag, bandwidth, range", func(k, v string) (err error) {
 		switch k {
 		case "threshold":
 			h.Threshold, err = strconv.ParseFloat(v, 64)
@@ -238,13 +234,34 @@ func ParseHoldBack(s string) (*HoldBack, error) {
 				h.Ranges = append(h.Ranges, r)
 			}
 		default:
-			return nil, fmt.Errorf("hold-back %q: unknown key %q (want threshold, max-held, max-lag-epochs, max-lag, bandwidth, range)", s, k)
+			return errUnknownKey
 		}
-		if err != nil {
-			return nil, fmt.Errorf("hold-back %s=%s: %w", k, v, err)
-		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	return &h, nil
+}
+
+// errUnknownKey is what an eachKV setter returns for a key it does not know.
+var errUnknownKey = errors.New("unknown key")
+
+// eachKV calls set for every key=value of the comma list s; errors name
+// the option (what) and, for an unknown key, the keys there are.
+func eachKV(what, s, keys string, set func(k, v string) error) error {
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return fmt.Errorf("%s %q: %q is not key=value", what, s, kv)
+		}
+		if err := set(k, v); errors.Is(err, errUnknownKey) {
+			return fmt.Errorf("%s %q: unknown key %q (want %s)", what, s, k, keys)
+		} else if err != nil {
+			return fmt.Errorf("%s %s=%s: %w", what, k, v, err)
+		}
+	}
+	return nil
 }
 
 // ParseBackupPolicy parses the policy language a backup installs at its

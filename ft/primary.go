@@ -207,7 +207,7 @@ func (p *Primary) checkpoint(full bool) (*Checkpoint, error) {
 	if full {
 		return p.c.TakeFullWith(p.cfg.PreCopyRounds, p.seal)
 	}
-	if _, err := p.m.Pause(); err != nil {
+	if _, err := p.m.PauseWait(pauseWait); err != nil {
 		return nil, err
 	}
 	failpoint(failStun, p.c.Epoch()+1)

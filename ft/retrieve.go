@@ -43,12 +43,7 @@ func ParseRequestPolicy(s string) (*RequestPolicy, error) {
 	if s == "on" || s == "" {
 		return &r, nil
 	}
-	for _, kv := range strings.Split(s, ",") {
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok {
-			return nil, fmt.Errorf("request %q: %q is not key=value", s, kv)
-		}
-		var err error
+	err := eachKV("request", s, "settle, max-freq, bandwidth", func(k, v string) (err error) {
 		switch k {
 		case "settle":
 			r.Settle, err = strconv.ParseUint(v, 10, 64)
@@ -63,11 +58,12 @@ func ParseRequestPolicy(s string) (*RequestPolicy, error) {
 		case "bandwidth":
 			r.Bandwidth, err = parseRate(v)
 		default:
-			return nil, fmt.Errorf("request %q: unknown key %q (want settle, max-freq, bandwidth)", s, k)
+			return errUnknownKey
 		}
-		if err != nil {
-			return nil, fmt.Errorf("request %s=%s: %w", k, v, err)
-		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	return &r, nil
 }

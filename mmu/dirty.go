@@ -23,14 +23,20 @@ type DirtyLog struct {
 
 // EnableDirtyLog turns on KVM dirty logging with manual protection for every
 // slot of m. From now on every guest write is recorded until harvested.
+//
+// It first waits until no guest page has its access revoked (a sampling
+// window ends within its length), and no page is revoked while logging is
+// on: the checkpoints copy guest memory through the VMM's mapping.
 func (m *Memory) EnableDirtyLog(vm *arch.VM) (*DirtyLog, error) {
+	m.startLogging()
 	if err := vm.EnableManualDirtyLogProtect(false); err != nil {
+		m.logging.Store(false)
 		return nil, fmt.Errorf("dirty log: %w", err)
 	}
 	if err := m.Register(vm, arch.MemLogDirtyPages); err != nil {
+		m.logging.Store(false)
 		return nil, fmt.Errorf("dirty log: %w", err)
 	}
-	m.logging.Store(true)
 	var max uint64
 	for _, r := range m.regions {
 		max = maxU64(max, r.Size/PageSize)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"sync"
 	"sync/atomic"
 
 	"github.com/understudy-vmm/understudy/arch"
@@ -70,6 +71,47 @@ type Memory struct {
 	dirty []atomic.Uint64
 	// logging is set while KVM dirty logging is on (see EnableDirtyLog).
 	logging atomic.Bool
+	// revokeMu guards revoked and the start of dirty logging: access to
+	// guest pages is revoked (the refault sampler) only while dirty logging
+	// is off, and EnableDirtyLog waits until nothing is revoked, because
+	// checkpoints then copy guest memory through the VMM's mapping.
+	revokeMu   sync.Mutex
+	revokeDone *sync.Cond
+	revoked    bool
+}
+
+// ErrLogging is returned for a revocation of access while dirty logging
+// is on.
+var ErrLogging = errors.New("dirty logging is on: guest memory is being copied, access cannot be revoked")
+
+// beginRevoke allows access to guest pages to be revoked until endRevoke,
+// unless dirty logging is on.
+func (m *Memory) beginRevoke() error {
+	m.revokeMu.Lock()
+	defer m.revokeMu.Unlock()
+	if m.logging.Load() {
+		return ErrLogging
+	}
+	m.revoked = true
+	return nil
+}
+
+// endRevoke says every revoked page has its access back.
+func (m *Memory) endRevoke() {
+	m.revokeMu.Lock()
+	m.revoked = false
+	m.revokeDone.Broadcast()
+	m.revokeMu.Unlock()
+}
+
+// startLogging marks dirty logging on once no page has its access revoked.
+func (m *Memory) startLogging() {
+	m.revokeMu.Lock()
+	for m.revoked {
+		m.revokeDone.Wait()
+	}
+	m.logging.Store(true)
+	m.revokeMu.Unlock()
 }
 
 // DirtyLogging reports whether KVM dirty logging is on for this memory.
@@ -82,6 +124,7 @@ func New(cfg Config) (*Memory, error) {
 		return nil, fmt.Errorf("guest memory of %d bytes: want a non-zero multiple of 2 MiB", cfg.Size)
 	}
 	m := &Memory{cfg: cfg, fd: -1}
+	m.revokeDone = sync.NewCond(&m.revokeMu)
 	if cfg.Backing == Memfd {
 		fd, err := unix.MemfdCreate("understudy-guest-ram", unix.MFD_CLOEXEC)
 		if err != nil {

@@ -121,6 +121,9 @@ func (s *Sampler) Arm(specs []SampleSpec) error {
 	if s.armed {
 		return fmt.Errorf("sampler: already armed")
 	}
+	if err := s.mem.beginRevoke(); err != nil {
+		return fmt.Errorf("sampler: %w", err)
+	}
 	s.blocks = s.blocks[:0]
 	s.dropped = false
 	for _, sp := range specs {
@@ -128,6 +131,7 @@ func (s *Sampler) Arm(specs []SampleSpec) error {
 		off, err := s.mem.Offset(base, RegionSize)
 		if err != nil {
 			s.restoreAllLocked()
+			s.mem.endRevoke()
 			return fmt.Errorf("sampler: region %d: %w", sp.Region, err)
 		}
 		b := sampleBlock{gpa: base, off: off, pages: RegionSize / PageSize, region: sp.Region, large: sp.Large}
@@ -139,6 +143,7 @@ func (s *Sampler) Arm(specs []SampleSpec) error {
 		}
 		if err := s.protect(b.off, uint64(b.pages)*PageSize, unix.PROT_NONE); err != nil {
 			s.restoreAllLocked()
+			s.mem.endRevoke()
 			return err
 		}
 		b.protected = 1<<b.pages - 1
@@ -243,6 +248,7 @@ func (s *Sampler) Disarm() ([]RegionCount, error) {
 		return nil, fmt.Errorf("sampler: not armed")
 	}
 	s.restoreAllLocked()
+	s.mem.endRevoke()
 	s.armed = false
 	s.disarmed = time.Now()
 	s.stats.Windows++

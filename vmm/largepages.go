@@ -83,6 +83,9 @@ type LargePageStatus struct {
 	// Stretched counts windows dropped because the host stretched them
 	// past twice their length (their counts are not comparable).
 	Stretched int
+	// Unsampled counts refault windows skipped while dirty logging was on
+	// (nothing is revoked while checkpoints copy guest memory).
+	Unsampled int
 	// Suspended is set while promotions wait for KVM dirty logging (fault
 	// tolerance) to stop.
 	Suspended bool
@@ -115,6 +118,9 @@ func (s LargePageStatus) String() string {
 	}
 	if s.Stretched > 0 {
 		line += fmt.Sprintf(" stretched=%d", s.Stretched)
+	}
+	if s.Unsampled > 0 {
+		line += fmt.Sprintf(" unsampled=%d", s.Unsampled)
 	}
 	if s.LastFailure != "" && s.Failed > 0 {
 		line += " last_failure=" + s.LastFailure
@@ -519,7 +525,19 @@ func (lp *LargePager) refaultWindow(ctx context.Context) (n map[uint64]float64, 
 			picked++
 		}
 	}
-	if err := lp.sampler.Arm(specs); err != nil {
+	if err := lp.sampler.Arm(specs); errors.Is(err, mmu.ErrLogging) {
+		// Protected (fault tolerance): checkpoints copy guest memory, so
+		// nothing is revoked, and nothing could be promoted anyway. Wait
+		// out the window.
+		lp.mu.Lock()
+		lp.status.Unsampled++
+		lp.mu.Unlock()
+		select {
+		case <-ctx.Done():
+		case <-time.After(lp.cfg.Window):
+		}
+		return nil, nil, false, nil
+	} else if err != nil {
 		return nil, nil, false, err
 	}
 	armed := time.Now()

@@ -381,9 +381,11 @@ func TestLargePagesSuspendedByDirtyLog(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "ten windows", 20*time.Second, func() bool { return lp.Status().Windows >= 10 })
-	if st := lp.Status(); len(st.Promoted) != 0 || !st.Suspended || !strings.Contains(st.String(), "suspended") {
-		t.Fatalf("with dirty logging on: %s; want nothing promoted and suspended", st)
+	// The refault sampler revokes nothing while checkpoints may copy
+	// memory: windows pass unsampled, and nothing is promoted.
+	waitFor(t, "ten unsampled windows", 20*time.Second, func() bool { return lp.Status().Unsampled >= 10 })
+	if st := lp.Status(); len(st.Promoted) != 0 || !st.Suspended || !strings.Contains(st.String(), "suspended") || st.Sampler.Windows != 0 {
+		t.Fatalf("with dirty logging on: %s (sampler %+v); want nothing sampled or promoted, and suspended", st, st.Sampler)
 	}
 	if err := dl.Disable(); err != nil {
 		t.Fatal(err)
@@ -403,4 +405,36 @@ func TestLargePagesSuspendedByDirtyLog(t *testing.T) {
 		t.Errorf("still suspended after dirty logging stopped: %s", st)
 	}
 	stopMachine(t, cancel, done)
+}
+
+// TestLargePagesWithCheckpoints starts and stops dirty logging many times
+// while the refault sampler runs (windows armed most of the time) and, each
+// time, reads all of guest memory through the VMM's mapping as a checkpoint
+// does: dirty logging waits for the window to end and no page is revoked
+// while it is on, so the reads never fault.
+func TestLargePagesWithCheckpoints(t *testing.T) {
+	requireKVM(t)
+	m, _, cancel, done := touchMachine(t, nil)
+	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 7 * time.Millisecond, Window: 6 * time.Millisecond, Warmup: 2, Source: SourceRefault})
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(m.Memory().Backing()))
+	for i := 0; i < 40; i++ {
+		dl, err := m.Memory().EnableDirtyLog(m.VM())
+		if err != nil {
+			t.Fatal(err)
+		}
+		copy(buf, m.Memory().Backing()) // faults if a page is still revoked
+		if err := dl.Disable(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(i%7) * time.Millisecond)
+	}
+	st := lp.Stop()
+	if st.Sampler.Windows == 0 || st.Err != "" {
+		t.Errorf("the sampler never ran between the checkpoints, or failed: %s", st)
+	}
+	stopMachine(t, cancel, done)
+	checkTouchData(t, m)
 }

@@ -539,6 +539,21 @@ func (m *Machine) Pause() (time.Duration, error) {
 	return time.Since(start), nil
 }
 
+// PauseWait is Pause for a controller that shares the machine with others
+// (checkpoints and large-page sampling both pause it, each for moments):
+// while another one has the machine paused (ErrPaused) it waits for that
+// pause to end, up to timeout, rather than fail.
+func (m *Machine) PauseWait(timeout time.Duration) (time.Duration, error) {
+	start := time.Now()
+	for {
+		d, err := m.Pause()
+		if !errors.Is(err, ErrPaused) || time.Since(start) > timeout {
+			return d, err
+		}
+		time.Sleep(20 * time.Microsecond)
+	}
+}
+
 // RequestPause starts a pause without waiting for it: every vCPU stops
 // before it next enters the guest. It never blocks, so an OnRecord or OnMark
 // callback may call it to stop the guest right after that output, on the

@@ -226,8 +226,19 @@ func TestPrimaryKillManifest(t *testing.T) {
 		roleArgs{backup: []string{"--policy", "manifest,max-lag-epochs=10", "--request", "settle=2"}})
 }
 
-// roleArgs are extra arguments for the intermediary and the backup.
-type roleArgs struct{ inter, backup []string }
+// TestPrimaryKillLargePages is TestPrimaryKill with large-page management
+// on the primary (run --large-pages with the refault sampler, which revokes
+// nothing while checkpoints copy memory) and on the guest the backup
+// resumes (backup --large-pages), 20 kills.
+func TestPrimaryKillLargePages(t *testing.T) {
+	kvmtest.Require(t)
+	lp := []string{"--large-pages", "budget=2,period=20ms,window=5ms,source=refault"}
+	killMany(t, "soak ft-largepages", max(20, injections(t, 200)/10), roleArgs{primary: lp, backup: lp})
+}
+
+// roleArgs are extra arguments for the primary, the intermediary and the
+// backup.
+type roleArgs struct{ primary, inter, backup []string }
 
 // killMany runs n primary kills, two at a time, and prints a summary line
 // starting with what.
@@ -294,7 +305,7 @@ func killOnce(t *testing.T, stage string, rng *rand.Rand, args roleArgs) (failed
 	if stage != "random" {
 		env = []string{fmt.Sprintf("UNDERSTUDY_FAILPOINT=%s@%d", stage, epoch)}
 	}
-	c.startPrimary(env, "")
+	c.startPrimary(env, "", args.primary...)
 	if stage == "random" {
 		time.Sleep(time.Duration(50+rng.IntN(800)) * time.Millisecond)
 		c.primary.kill()

@@ -240,8 +240,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if code, done := lf.run(ctx, fs, linuxRunOptions{mem: mem.v, cpus: *cpus, kvm: *kvmDev, backing: *backing, quiet: *quiet, stats: *stats}, stdout, stderr); done {
 		return code
 	}
-	if *protect != "" && (*save != "" || *largePages != "") {
-		fmt.Fprintf(stderr, "understudy run: --protect cannot be combined with --save or --large-pages yet\n")
+	if *protect != "" && *save != "" {
+		fmt.Fprintf(stderr, "understudy run: --protect cannot be combined with --save\n")
 		return exitUsage
 	}
 	if err := pf.check(); err != nil {

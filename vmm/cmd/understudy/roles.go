@@ -364,6 +364,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		"a refused policy is reported and the intermediary keeps its own")
 	requestSpec := fs.String("request", "", "with a manifest policy, which pages to request ahead of a sync: on, or settle=N,max-freq=F,bandwidth=RATE "+
 		"(defaults 4, 1.5, no cap): pages unchanged for N epochs whose change frequency is below F")
+	largePages := fs.String("large-pages", "", "after activation, manage large pages for the resumed guest as run --large-pages does (a fresh warm-up: region heat does not travel in checkpoints)")
 	saveActivated := fs.String("save-activated", "", "on activation, write a snapshot of the activated guest to this file before resuming it (understudy restore reads it)")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
 	rf := addRoleFlags(fs, "backup")
@@ -381,6 +382,14 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			return fail(stderr, fmt.Errorf("--policy: %w", err))
 		}
 		manifest = p.Manifest
+	}
+	var lpCfg *vmm.LargePageConfig
+	if *largePages != "" {
+		c, err := vmm.ParseLargePages(*largePages)
+		if err != nil {
+			return fail(stderr, err)
+		}
+		lpCfg = &c
 	}
 	var request *ft.RequestPolicy
 	if *requestSpec != "" {
@@ -492,6 +501,17 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		}
 	}
 	fmt.Fprintf(stderr, "understudy: backup: activated at epoch %d; resuming the guest\n", b.Committed())
+	if lpCfg != nil {
+		lp, err := m.StartLargePages(*lpCfg)
+		if err != nil {
+			return fail(stderr, err)
+		}
+		stopLP := printStatus(stderr, lp, *statusEvery)
+		defer func() {
+			stopLP()
+			fmt.Fprintf(stderr, "understudy: backup: %s\n", lp.Stop())
+		}()
+	}
 	start := time.Now()
 	res, err := m.Run(ctx)
 	if code, done := runFailed(res, err, time.Since(start), stderr); done {
