@@ -134,16 +134,7 @@ func TestOutputCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	runErr := make(chan error, 1)
-	go func() { _, err := m.Run(ctx); p.Halted(); runErr <- err }()
-	if err := p.Run(ctx); err != nil {
-		t.Fatalf("Primary.Run = %v", err)
-	}
-	if err := <-runErr; err != nil {
-		t.Fatalf("machine Run = %v", err)
-	}
+	runProtected(t, m, p)
 	mu.Lock()
 	defer mu.Unlock()
 	if bad != 0 {
@@ -248,6 +239,23 @@ func TestProtectWithLargePages(t *testing.T) {
 	if p, err = NewPrimary(m, pc, PrimaryConfig{Interval: 5 * time.Millisecond}); err != nil {
 		t.Fatal(err)
 	}
+	runProtected(t, m, p)
+	st := lp.Stop()
+	if st.Err != "" || st.Unsampled == 0 {
+		t.Errorf("large pages under protection: %s (unsampled %d); want windows skipped and no error", st, st.Unsampled)
+	}
+	var same bool
+	in.Image().Read(func(img, _ []byte, epoch uint64) {
+		same = string(img) == string(m.Memory().Backing()) && epoch == p.Epochs()
+	})
+	if !same {
+		t.Errorf("intermediary image at epoch %d differs from the stopped guest's memory", in.Image().Epoch())
+	}
+}
+
+// runProtected runs m under p until the guest exits (a minute at most).
+func runProtected(t *testing.T, m *vmm.Machine, p *Primary) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	runErr := make(chan error, 1)
@@ -257,16 +265,5 @@ func TestProtectWithLargePages(t *testing.T) {
 	}
 	if err := <-runErr; err != nil {
 		t.Fatalf("machine Run = %v", err)
-	}
-	st := lp.Stop()
-	if st.Err != "" || st.Unsampled == 0 || len(st.Promoted) != 0 && st.Unsampled == 0 {
-		t.Errorf("large pages under protection: %s (unsampled %d); want windows skipped and no error", st, st.Unsampled)
-	}
-	var same bool
-	in.Image().Read(func(img, _ []byte, epoch uint64) {
-		same = string(img) == string(m.Memory().Backing()) && epoch == p.Epochs()
-	})
-	if !same {
-		t.Errorf("intermediary image at epoch %d differs from the stopped guest's memory", in.Image().Epoch())
 	}
 }

@@ -266,13 +266,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if *cpus < 1 {
 		return fail(stderr, fmt.Errorf("--cpus %d: want 1..%d vCPUs", *cpus, vmm.MaxCPUs))
 	}
-	var lpCfg *vmm.LargePageConfig
-	if *largePages != "" {
-		c, err := vmm.ParseLargePages(*largePages)
-		if err != nil {
-			return fail(stderr, err)
-		}
-		lpCfg = &c
+	lpCfg, err := parseLargePagesFlag(*largePages)
+	if err != nil {
+		return fail(stderr, err)
 	}
 	if *statusEvery < 0 {
 		return fail(stderr, fmt.Errorf("--status-interval %v: must not be negative", *statusEvery))
@@ -445,6 +441,18 @@ func openRecords(path string, stdout io.Writer) (*bufio.Writer, func(), error) {
 
 // printStatus prints lp's status line every interval until the returned
 // function is called.
+// parseLargePagesFlag parses a --large-pages value ("": nil, off).
+func parseLargePagesFlag(s string) (*vmm.LargePageConfig, error) {
+	if s == "" {
+		return nil, nil
+	}
+	c, err := vmm.ParseLargePages(s)
+	if err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
 func printStatus(w io.Writer, lp *vmm.LargePager, every time.Duration) func() {
 	if every <= 0 {
 		return func() {}

@@ -383,13 +383,9 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		}
 		manifest = p.Manifest
 	}
-	var lpCfg *vmm.LargePageConfig
-	if *largePages != "" {
-		c, err := vmm.ParseLargePages(*largePages)
-		if err != nil {
-			return fail(stderr, err)
-		}
-		lpCfg = &c
+	lpCfg, err := parseLargePagesFlag(*largePages)
+	if err != nil {
+		return fail(stderr, err)
 	}
 	var request *ft.RequestPolicy
 	if *requestSpec != "" {
