@@ -169,12 +169,7 @@ func outputLatency(b *testing.B, attach func(in *Intermediary, memSize uint64), 
 // through a plain loopback TCP socket in the same run.
 func BenchmarkStream(b *testing.B) {
 	const memSize = 256 << 20
-	pc, ic := link(b, memSize)
-	in, err := NewIntermediary(memSize, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	go in.ServePrimary(ic)
+	_, pc := servingIntermediary(b, memSize)
 	cp := &Checkpoint{Epoch: 1, Full: true, State: sealState([]byte("state"), nil), Data: make([]byte, memSize)}
 	for i := range cp.Data {
 		cp.Data[i] = byte(i * 7)

@@ -222,8 +222,8 @@ func (b *backupLink) enqueue(out ...outgoing) {
 	for _, o := range out {
 		if o.cp != nil {
 			n += len(o.cp.Data)
-		} else if m, ok := o.msg.(*wire.Manifest); ok {
-			n += 10 * len(m.Pages)
+		} else {
+			n += msgBytes(o.msg)
 		}
 	}
 	b.mu.Lock()
@@ -234,6 +234,18 @@ func (b *backupLink) enqueue(out ...outgoing) {
 	}
 	b.mu.Unlock()
 	b.poke()
+}
+
+// msgBytes is the body size of a retrieval message queued for the backup
+// (wire/doc.go gives the layouts).
+func msgBytes(m wire.Message) int {
+	switch m := m.(type) {
+	case *wire.Manifest:
+		return 12 + 10*len(m.Pages)
+	case *wire.Served:
+		return 20
+	}
+	return 0
 }
 
 // manifests describes the pages of cp in ranges (all if none) for the
@@ -423,9 +435,7 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent
 			if err := b.c.WriteMessage(o.msg); err != nil {
 				return err
 			}
-			if body, err := o.msg.MarshalBinary(); err == nil {
-				in.forwarded.Add(uint64(len(body)))
-			}
+			in.forwarded.Add(uint64(msgBytes(o.msg)))
 			continue
 		}
 		cp := o.cp

@@ -69,12 +69,7 @@ func sameImage(a, b *Image) bool {
 // forwarded deltas. A backup that leaves and returns later is re-seeded again.
 func TestForwardReseedsNewBackup(t *testing.T) {
 	const memSize = 4 << 20
-	pc, ic := link(t, memSize)
-	in, err := NewIntermediary(memSize, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go in.ServePrimary(ic)
+	in, pc := servingIntermediary(t, memSize)
 	for e := uint64(1); e <= 5; e++ {
 		sendEpoch(t, pc, e)
 	}
@@ -285,4 +280,17 @@ func mustSnapshot(t *testing.T, im *Image, layout []mmu.Region) *Checkpoint {
 		t.Fatalf("Snapshot() = %v, %v", cp, err)
 	}
 	return cp
+}
+
+// TestMsgBytes: the sizes forward counts are the encoded sizes.
+func TestMsgBytes(t *testing.T) {
+	for _, m := range []wire.Message{
+		&wire.Manifest{Epoch: 3, Pages: []wire.ManifestPage{{PFN: 1}, {PFN: 9, Freq: 7}}},
+		&wire.Served{ID: 1, Epoch: 2, Pages: 3},
+	} {
+		b, err := m.MarshalBinary()
+		if err != nil || msgBytes(m) != len(b) {
+			t.Errorf("msgBytes(%T) = %d, encoded %d bytes (%v)", m, msgBytes(m), len(b), err)
+		}
+	}
 }

@@ -174,12 +174,7 @@ func TestOutputCommit(t *testing.T) {
 func TestOutputCommitShortGuest(t *testing.T) {
 	kvmtest.Require(t)
 	const memSize = 8 << 20
-	pc, ic := link(t, memSize)
-	in, err := NewIntermediary(memSize, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go in.ServePrimary(ic)
+	in, pc := servingIntermediary(t, memSize)
 	var p *Primary
 	var released []uint64
 	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
@@ -217,12 +212,7 @@ func TestOutputCommitShortGuest(t *testing.T) {
 func TestProtectWithLargePages(t *testing.T) {
 	kvmtest.Require(t)
 	const memSize = 32 << 20
-	pc, ic := link(t, memSize)
-	in, err := NewIntermediary(memSize, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go in.ServePrimary(ic)
+	in, pc := servingIntermediary(t, memSize)
 	var p *Primary
 	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
 		PayloadOptions: map[string]string{"pages": "2048", "hot": "64", "cold_every": "1", "iterations": "4000", "spin": "100000", "report": "0"},
@@ -266,4 +256,17 @@ func runProtected(t *testing.T, m *vmm.Machine, p *Primary) {
 	if err := <-runErr; err != nil {
 		t.Fatalf("machine Run = %v", err)
 	}
+}
+
+// servingIntermediary returns an intermediary serving the far end of a
+// primary link (mTLS, loopback), and the primary's end.
+func servingIntermediary(t testing.TB, memSize uint64) (*Intermediary, MessageConn) {
+	t.Helper()
+	pc, ic := link(t, memSize)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go in.ServePrimary(ic)
+	return in, pc
 }

@@ -44,17 +44,11 @@ func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
 		return fmt.Errorf("send checkpoint %d: %w", cp.Epoch, err)
 	}
 	d := wire.NewDigester(begin)
-	batch := wire.PageBatch{Epoch: cp.Epoch}
-	for i := 0; i < len(cp.PFNs); i += wire.MaxBatchPages {
-		n := min(wire.MaxBatchPages, len(cp.PFNs)-i)
-		batch.Pages = batch.Pages[:0]
-		for j := i; j < i+n; j++ {
-			batch.Pages = append(batch.Pages, wire.Page{PFN: cp.PFNs[j], Data: cp.Page(j)})
-		}
-		d.AddBatch(&batch)
-		if err := c.WriteMessage(&batch); err != nil {
-			return fmt.Errorf("send checkpoint %d: %w", cp.Epoch, err)
-		}
+	if err := eachBatch(cp, func(batch *wire.PageBatch) error {
+		d.AddBatch(batch)
+		return c.WriteMessage(batch)
+	}); err != nil {
+		return fmt.Errorf("send checkpoint %d: %w", cp.Epoch, err)
 	}
 	for off := 0; off < len(cp.State); off += stateChunk {
 		chunk := cp.State[off:min(off+stateChunk, len(cp.State))]
@@ -137,6 +131,15 @@ func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 // sendStaged sends the pages of a Stage checkpoint as bare page batches of
 // its epoch.
 func sendStaged(c MessageConn, cp *Checkpoint) error {
+	if err := eachBatch(cp, func(batch *wire.PageBatch) error { return c.WriteMessage(batch) }); err != nil {
+		return fmt.Errorf("stage pages of epoch %d: %w", cp.Epoch, err)
+	}
+	return nil
+}
+
+// eachBatch passes cp's pages to fn as page batches of its epoch, at most
+// wire.MaxBatchPages each, in order. The batch is reused between calls.
+func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
 	batch := wire.PageBatch{Epoch: cp.Epoch}
 	for i := 0; i < len(cp.PFNs); i += wire.MaxBatchPages {
 		n := min(wire.MaxBatchPages, len(cp.PFNs)-i)
@@ -144,8 +147,8 @@ func sendStaged(c MessageConn, cp *Checkpoint) error {
 		for j := i; j < i+n; j++ {
 			batch.Pages = append(batch.Pages, wire.Page{PFN: cp.PFNs[j], Data: cp.Page(j)})
 		}
-		if err := c.WriteMessage(&batch); err != nil {
-			return fmt.Errorf("stage pages of epoch %d: %w", cp.Epoch, err)
+		if err := fn(&batch); err != nil {
+			return err
 		}
 	}
 	return nil
