@@ -56,7 +56,7 @@ test: unit-test qemu-test
 
 unit-test: lint
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /qemu-tests -e /ft/chaos)
-	$(GO) test -count=1 ./ft/chaos/
+	$(GO) test -count=1 -timeout 30m ./ft/chaos/
 	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./ft/wan/ ./ft/wanzip/ ./vmm/virtio/
 
 # The appliance (initramfs/): kernel cached in build/cache, image in $(IMAGE).
@@ -74,7 +74,7 @@ qemu-test: image
 # The long fault-injection run: 1000 SIGKILLs of the primary, and 200 more
 # with the intermediary holding back hot pages.
 soak:
-	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill(HoldBack|Manifest|LargePages)?$$' ./ft/chaos/ | grep -E '^(soak ft|--- |\s+\S+_test.go)'
+	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill(HoldBack|Manifest|LargePages|DirtyBudget)?$$' ./ft/chaos/ | grep -E '^(soak ft|--- |\s+\S+_test.go)'
 
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./ft/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'

@@ -77,7 +77,15 @@ func (c *Checkpointer) Epoch() uint64 { return c.epoch }
 
 // Take pauses the machine, harvests the pages written since the last
 // checkpoint, copies them and the machine state, and resumes the machine.
-func (c *Checkpointer) Take() (*Checkpoint, error) {
+func (c *Checkpointer) Take() (*Checkpoint, error) { return c.TakeWith(nil, nil) }
+
+// TakeWith is Take with two hooks, either may be nil: atPause runs once the
+// vCPUs are paused, with the epoch about to be taken; whilePaused runs with
+// the checkpoint before the vCPUs resume. The checkpoint's Stun is the whole
+// time from the pause request to the end of the resume. If only the resume
+// fails (the machine was stopped meanwhile), the checkpoint is returned with
+// the error: its pages are no longer in the dirty log, so it must be used.
+func (c *Checkpointer) TakeWith(atPause func(epoch uint64), whilePaused func(*Checkpoint)) (*Checkpoint, error) {
 	cp := &Checkpoint{Epoch: c.epoch + 1}
 	start := time.Now()
 	d, err := c.m.PauseWait(pauseWait)
@@ -85,9 +93,15 @@ func (c *Checkpointer) Take() (*Checkpoint, error) {
 		return nil, err
 	}
 	cp.Pause = d
+	if atPause != nil {
+		atPause(cp.Epoch)
+	}
 	err = c.stunned(cp)
 	if err == nil {
 		c.epoch = cp.Epoch
+		if whilePaused != nil {
+			whilePaused(cp)
+		}
 	}
 	r, rerr := c.m.Resume()
 	cp.Resume = r
@@ -95,11 +109,13 @@ func (c *Checkpointer) Take() (*Checkpoint, error) {
 	if err != nil {
 		return nil, err
 	}
-	if rerr != nil {
-		return nil, rerr
-	}
-	return cp, nil
+	return cp, rerr
 }
+
+// DirtyPages returns how many pages the guest (or the VMM) has written since
+// the last checkpoint, without taking them: what the next checkpoint would
+// copy, as of now. Call it from the goroutine that takes the checkpoints.
+func (c *Checkpointer) DirtyPages() (int, error) { return c.dl.Count() }
 
 // TakePaused takes a checkpoint of a machine the caller has paused, or of
 // one whose Run is over, and leaves it so.
@@ -200,19 +216,12 @@ func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func(*Checkpoint)) (
 		}
 		copyMarked(image, c.mem.Backing(), c.bitmap)
 	}
-	if _, err := c.m.PauseWait(pauseWait); err != nil {
+	cp, err := c.TakeWith(nil, whilePaused)
+	if cp == nil {
 		return nil, err
 	}
-	cp, err := c.TakePaused()
-	if err == nil && whilePaused != nil {
-		whilePaused(cp)
-	}
-	if _, rerr := c.m.Resume(); err == nil {
-		err = rerr
-	}
-	if err != nil {
-		return nil, err
-	}
+	// A failed resume (err) still leaves a good image: it is returned with
+	// the error, like TakeWith's checkpoint.
 	for i, pfn := range cp.PFNs {
 		off, err := c.mem.Offset(pfn*mmu.PageSize, mmu.PageSize)
 		if err != nil {
@@ -221,7 +230,7 @@ func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func(*Checkpoint)) (
 		copy(image[off:], cp.Page(i))
 	}
 	cp.Full, cp.Data, cp.PFNs = true, image, c.allPFNs()
-	return cp, nil
+	return cp, err
 }
 
 // TakeFullPaused takes a full image of a machine the caller has paused, or

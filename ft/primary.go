@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 )
 
@@ -17,6 +18,15 @@ import (
 type PrimaryConfig struct {
 	// Interval is the time between checkpoints (default 25 ms).
 	Interval time.Duration
+	// DirtyBudget, if positive, also ends an epoch early once the guest has
+	// written this many bytes of pages since the last checkpoint, so that a
+	// guest that writes fast gets shorter epochs (and stuns no longer than
+	// copying the budget takes) instead of larger checkpoints. The interval
+	// then counts from that checkpoint. 0: the interval alone.
+	DirtyBudget uint64
+	// BudgetPoll is how often the dirty pages are counted against
+	// DirtyBudget while the guest runs (default 1 ms, at most Interval).
+	BudgetPoll time.Duration
 	// PreCopyRounds are the live rounds of the first, full image (default 2).
 	PreCopyRounds int
 	// OnRelease receives output records once the checkpoint covering them
@@ -102,6 +112,7 @@ type Primary struct {
 
 	// Stats.
 	epochs      atomic.Uint64
+	byBudget    atomic.Uint64 // epochs the dirty budget ended early
 	bytesSent   atomic.Uint64 // page and state bytes of the checkpoints sent
 	backupEpoch atomic.Uint64 // the backup's committed epoch, as the intermediary reports it
 	linkUp      atomic.Bool
@@ -134,9 +145,16 @@ func NewPrimary(m *vmm.Machine, ln MessageConn, cfg PrimaryConfig) (*Primary, er
 	if cfg.MaxHeld == 0 {
 		cfg.MaxHeld = 1 << 20
 	}
-	if cfg.Interval < 0 || cfg.PreCopyRounds < 0 || cfg.AckTimeout < 0 || cfg.Redial < 0 || cfg.GiveUp < 0 || cfg.MaxHeld < 0 {
+	if cfg.Interval < 0 || cfg.PreCopyRounds < 0 || cfg.AckTimeout < 0 || cfg.Redial < 0 || cfg.GiveUp < 0 || cfg.MaxHeld < 0 || cfg.BudgetPoll < 0 {
 		return nil, fmt.Errorf("primary: negative interval, pre-copy rounds, timeout or bound")
 	}
+	if cfg.DirtyBudget > 0 && cfg.DirtyBudget < mmu.PageSize {
+		return nil, fmt.Errorf("primary: dirty budget of %d bytes is less than one page (%d bytes)", cfg.DirtyBudget, mmu.PageSize)
+	}
+	if cfg.BudgetPoll == 0 {
+		cfg.BudgetPoll = time.Millisecond
+	}
+	cfg.BudgetPoll = min(cfg.BudgetPoll, cfg.Interval)
 	c, err := NewCheckpointer(m)
 	if err != nil {
 		return nil, err
@@ -168,6 +186,9 @@ func (p *Primary) Acked() uint64 {
 
 // Epochs returns how many checkpoints were sent.
 func (p *Primary) Epochs() uint64 { return p.epochs.Load() }
+
+// BudgetEpochs returns how many epochs the dirty budget ended early.
+func (p *Primary) BudgetEpochs() uint64 { return p.byBudget.Load() }
 
 // release hands out every held record covered by epoch e. A record stays
 // held (and so in every checkpoint sealed meanwhile) until OnRelease has
@@ -207,21 +228,10 @@ func (p *Primary) checkpoint(full bool) (*Checkpoint, error) {
 	if full {
 		return p.c.TakeFullWith(p.cfg.PreCopyRounds, p.seal)
 	}
-	if _, err := p.m.PauseWait(pauseWait); err != nil {
-		return nil, err
-	}
-	failpoint(failStun, p.c.Epoch()+1)
-	cp, err := p.c.TakePaused()
-	if err != nil {
-		p.m.Resume()
-		return nil, err
-	}
-	p.seal(cp)
 	// A failed resume (the machine was stopped meanwhile) still leaves a
 	// good checkpoint, which must be sent: its pages are no longer in the
 	// dirty log.
-	_, err = p.m.Resume()
-	return cp, err
+	return p.c.TakeWith(func(e uint64) { failpoint(failStun, e) }, p.seal)
 }
 
 // seal runs while the vCPUs are paused (or the machine has stopped): output
@@ -306,12 +316,44 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 		if err != nil {
 			return err
 		}
+		if err := p.wait(ctx, acks, tick); err != nil {
+			return err
+		}
+	}
+}
+
+// wait waits for the next checkpoint: the interval's tick, the guest's
+// stop, or with a dirty budget, the moment the guest has written that much
+// since the last one (the interval then starts again).
+func (p *Primary) wait(ctx context.Context, acks chan error, tick *time.Ticker) error {
+	var poll <-chan time.Time
+	if p.cfg.DirtyBudget > 0 {
+		t := time.NewTicker(p.cfg.BudgetPoll)
+		defer t.Stop()
+		poll = t.C
+	}
+	budget := int((p.cfg.DirtyBudget + mmu.PageSize - 1) / mmu.PageSize)
+	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case err := <-acks:
 			return &LinkError{err}
 		case <-tick.C:
+			return nil
+		case <-p.halted:
+			// The guest stopped: its last checkpoint need not wait.
+			return nil
+		case <-poll:
+			n, err := p.c.DirtyPages()
+			if err != nil {
+				return err
+			}
+			if n >= budget {
+				p.byBudget.Add(1)
+				tick.Reset(p.cfg.Interval)
+				return nil
+			}
 		}
 	}
 }
@@ -471,6 +513,7 @@ func (p *Primary) Metrics() []Metric {
 		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: `quantile="0.99"`, Value: q[1]},
 		{Name: "understudy_primary_held_records", Help: "Output records held until their checkpoint is acknowledged.", Kind: "gauge", Value: float64(p.Held())},
 		{Name: "understudy_primary_link_up", Help: "1 while a link to an intermediary is up.", Kind: "gauge", Value: up},
+		{Name: "understudy_primary_budget_epochs_total", Help: "Epochs ended early by the dirty budget.", Kind: "counter", Value: float64(p.BudgetEpochs())},
 		{Name: "understudy_primary_reconnects_total", Help: "Links to an intermediary made again after a loss.", Kind: "counter", Value: float64(p.reconnects.Load())},
 	}
 }
@@ -488,6 +531,10 @@ func (p *Primary) StatusLine(prevEpochs *uint64, every time.Duration) string {
 	if !p.linkUp.Load() {
 		link = "DOWN"
 	}
-	return fmt.Sprintf("epochs/s=%.1f stun_ms p50=%.2f p99=%.2f MiB/s=%.1f acked=%d backup=%d held=%d link=%s",
+	line := fmt.Sprintf("epochs/s=%.1f stun_ms p50=%.2f p99=%.2f MiB/s=%.1f acked=%d backup=%d held=%d link=%s",
 		eps, q[0]*1e3, q[1]*1e3, mibs, p.Acked(), p.backupEpoch.Load(), p.Held(), link)
+	if p.cfg.DirtyBudget > 0 {
+		line += fmt.Sprintf(" by_budget=%d", p.BudgetEpochs())
+	}
+	return line
 }

@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -269,4 +272,104 @@ func servingIntermediary(t testing.TB, memSize uint64) (*Intermediary, MessageCo
 	}
 	go in.ServePrimary(ic)
 	return in, pc
+}
+
+// beginCounter is a primary's link that records the page count of every
+// delta checkpoint it sends.
+type beginCounter struct {
+	MessageConn
+	mu    sync.Mutex
+	pages []uint64
+}
+
+func (b *beginCounter) WriteMessage(m wire.Message) error {
+	if begin, ok := m.(*wire.CheckpointBegin); ok && begin.Flags&wire.FlagFullImage == 0 {
+		b.mu.Lock()
+		b.pages = append(b.pages, begin.Pages)
+		b.mu.Unlock()
+	}
+	return b.MessageConn.WriteMessage(m)
+}
+
+// TestDirtyBudget: with an interval far longer than the run, the dirty
+// budget alone ends the epochs, each once the guest has written about the
+// budget's worth of pages; output commit still releases every record in
+// order.
+func TestDirtyBudget(t *testing.T) {
+	kvmtest.Require(t)
+	const (
+		memSize = 32 << 20
+		budget  = 1 << 20 // 256 pages: the 64 hot ones at once, then cold ones one an iteration
+		iters   = 20000
+	)
+	in, ic := servingIntermediary(t, memSize)
+	conn := &beginCounter{MessageConn: ic}
+	var p *Primary
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
+		PayloadOptions: map[string]string{"pages": "4096", "hot": "64", "cold_every": "1", "iterations": strconv.Itoa(iters), "report": "0"},
+		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var (
+		mu       sync.Mutex
+		released uint64
+		gaps     int
+	)
+	p, err = NewPrimary(m, conn, PrimaryConfig{Interval: time.Minute, DirtyBudget: budget, OnRelease: func(r vmm.Record) {
+		mu.Lock()
+		if r.Value != released+1 {
+			gaps++
+		}
+		released = r.Value
+		mu.Unlock()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	runProtected(t, m, p)
+	mu.Lock()
+	defer mu.Unlock()
+	if gaps != 0 || released != iters {
+		t.Fatalf("released up to %d with %d gaps, want 1..%d", released, gaps, iters)
+	}
+	conn.mu.Lock()
+	defer conn.mu.Unlock()
+	// The last delta is the stopped guest's; every other one ended on the
+	// budget (the minute-long interval never ran out).
+	deltas := conn.pages[:len(conn.pages)-1]
+	t.Logf("%d delta checkpoints in %v, %d ended by the budget; pages %v", len(deltas), time.Since(start).Round(time.Millisecond), p.BudgetEpochs(), deltas)
+	if len(deltas) < 10 {
+		t.Fatalf("%d delta checkpoints in a run of %d iterations with a %d KiB budget, want at least 10", len(deltas), iters, budget>>10)
+	}
+	// The wait before the stopped guest's checkpoint may have ended on the
+	// budget too.
+	if got := p.BudgetEpochs(); got != uint64(len(deltas)) && got != uint64(len(deltas)+1) {
+		t.Errorf("BudgetEpochs = %d, want %d or %d (every delta but the stopped guest's, or all)", got, len(deltas), len(deltas)+1)
+	}
+	// The budget is checked every millisecond, so an epoch overshoots by
+	// what the guest writes in that time (here tens of pages). The first
+	// delta also holds what the guest wrote while the full image was sent.
+	sorted := slices.Sorted(slices.Values(deltas[1:]))
+	if med := sorted[len(sorted)/2]; med < budget/mmu.PageSize || med > 2*budget/mmu.PageSize {
+		t.Errorf("median delta checkpoint of %d pages, want %d..%d (the budget, plus what one poll lets through)", med, budget/mmu.PageSize, 2*budget/mmu.PageSize)
+	}
+	if in.Image().Epoch() != p.Epochs() {
+		t.Errorf("intermediary at epoch %d, primary sent %d", in.Image().Epoch(), p.Epochs())
+	}
+}
+
+// TestDirtyBudgetConfig: a budget smaller than a page is refused.
+func TestDirtyBudgetConfig(t *testing.T) {
+	kvmtest.Require(t)
+	m, err := vmm.New(vmm.Config{MemSize: 8 << 20, Payload: "hello"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if _, err := NewPrimary(m, nil, PrimaryConfig{DirtyBudget: 100}); err == nil || !strings.Contains(err.Error(), "less than one page") {
+		t.Errorf("NewPrimary(DirtyBudget: 100) = %v, want an error saying it is less than one page", err)
+	}
 }

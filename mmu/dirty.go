@@ -18,6 +18,7 @@ type DirtyLog struct {
 	mem  *Memory
 	vm   *arch.VM
 	scra []uint64 // per-slot scratch bitmap, reused between harvests
+	cnt  []uint64 // whole-backing scratch bitmap for Count
 	on   bool
 }
 
@@ -41,7 +42,7 @@ func (m *Memory) EnableDirtyLog(vm *arch.VM) (*DirtyLog, error) {
 	for _, r := range m.regions {
 		max = maxU64(max, r.Size/PageSize)
 	}
-	return &DirtyLog{mem: m, vm: vm, scra: make([]uint64, (max+63)/64), on: true}, nil
+	return &DirtyLog{mem: m, vm: vm, scra: make([]uint64, (max+63)/64), cnt: make([]uint64, m.BitmapWords()), on: true}, nil
 }
 
 func maxU64(a, b uint64) uint64 {
@@ -97,6 +98,36 @@ func (d *DirtyLog) Harvest(dst []uint64) (int, error) {
 	n := 0
 	for _, w := range dst[:d.mem.BitmapWords()] {
 		n += bits.OnesCount64(w)
+	}
+	return n, nil
+}
+
+// Count returns how many pages were written since the last harvest, without
+// harvesting them: with manual protection KVM's GET_DIRTY_LOG only reads the
+// log (CLEAR_DIRTY_LOG is what resets it), and the VMM's own bitmap is read,
+// not taken. A page in both counts once. The vCPUs may be running, so the
+// count is a lower bound of what the next Harvest returns. Count and Harvest
+// share a scratch buffer: call them from one goroutine.
+func (d *DirtyLog) Count() (int, error) {
+	if !d.on {
+		return 0, fmt.Errorf("dirty log: count after Disable")
+	}
+	clear(d.cnt)
+	for _, r := range d.mem.regions {
+		pages := r.Size / PageSize
+		words := d.scra[:(pages+63)/64]
+		if err := d.vm.GetDirtyLog(r.Slot, words); err != nil {
+			return 0, fmt.Errorf("dirty log of slot %d: %w", r.Slot, err)
+		}
+		first := r.Offset / PageSize
+		for i, w := range words {
+			d.cnt[first/64+uint64(i)] |= w
+		}
+		clear(words)
+	}
+	n := 0
+	for i := range d.cnt {
+		n += bits.OnesCount64(d.cnt[i] | d.mem.dirty[i].Load())
 	}
 	return n, nil
 }

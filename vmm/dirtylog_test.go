@@ -55,9 +55,25 @@ func TestDirtyLogHarvest(t *testing.T) {
 		if err := mem.PutUint64(0x1ff8, 42); err != nil { // a VMM write (last word of the GDT page)
 			t.Fatal(err)
 		}
+		// Counting reads the log without taking it: twice the same, and
+		// exactly what the harvest then takes.
+		c1, err := dl.Count()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c2, err := dl.Count()
+		if err != nil || c2 != c1 {
+			t.Errorf("round %d: Count = %d, %v after Count = %d; want the same", round, c2, err, c1)
+		}
 		n, err := dl.Harvest(bm)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if n != c1 {
+			t.Errorf("round %d: Harvest = %d pages, Count before it = %d; want equal", round, n, c1)
+		}
+		if c, err := dl.Count(); err != nil || c != 0 {
+			t.Errorf("round %d: Count after Harvest (paused) = %d, %v; want 0", round, c, err)
 		}
 		from, to := start, recs.Load()
 		// Hot pages are written every iteration; with cold_every=1 one cold
@@ -102,5 +118,8 @@ func TestDirtyLogHarvest(t *testing.T) {
 	}
 	if _, err := dl.Harvest(bm); err == nil {
 		t.Errorf("Harvest after Disable succeeded")
+	}
+	if _, err := dl.Count(); err == nil {
+		t.Errorf("Count after Disable succeeded")
 	}
 }

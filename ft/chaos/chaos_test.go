@@ -236,6 +236,15 @@ func TestPrimaryKillLargePages(t *testing.T) {
 	killMany(t, "soak ft-largepages", max(20, injections(t, 200)/10), roleArgs{primary: lp, backup: lp})
 }
 
+// TestPrimaryKillDirtyBudget is TestPrimaryKill with epochs ended by the
+// primary's dirty budget (32 pages; the interval of a second never runs
+// out), 20 kills.
+func TestPrimaryKillDirtyBudget(t *testing.T) {
+	kvmtest.Require(t)
+	killMany(t, "soak ft-dirty-budget", max(20, injections(t, 200)/10),
+		roleArgs{primary: []string{"--interval", "1s", "--dirty-budget", "128K"}})
+}
+
 // roleArgs are extra arguments for the primary, the intermediary and the
 // backup.
 type roleArgs struct{ primary, inter, backup []string }

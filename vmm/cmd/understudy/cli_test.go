@@ -193,6 +193,8 @@ func TestRoleBadInput(t *testing.T) {
 		{[]string{"run", "--payload", "hello", "--protect", "tcp://127.0.0.1:1"}, exitError, "--keys DIR is required"},
 		{[]string{"run", "--payload", "hello", "--protect", "tcp://x", "--save", "f", "--save-after", "1"}, exitUsage, "cannot be combined"},
 		{[]string{"run", "--payload", "hello", "--interval", "0s"}, exitError, "--interval"},
+		{[]string{"run", "--payload", "hello", "--dirty-budget", "2K"}, exitError, "--dirty-budget 2K: less than one page"},
+		{[]string{"run", "--payload", "hello", "--dirty-budget", "lots"}, exitError, "--dirty-budget lots"},
 		{[]string{"intermediary", "--backup", "tcp://127.0.0.1:1", "--keys", dir, "--hold-back", "bandwidth=0"}, exitError, "not a bandwidth"},
 		{[]string{"intermediary", "--backup", "tcp://127.0.0.1:1", "--keys", dir, "--hold-back", "range=8M-4M"}, exitError, "empty range"},
 		{[]string{"backup", "--keys", dir, "--request", "settle=2"}, exitError, "only with a manifest policy"},

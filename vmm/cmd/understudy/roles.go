@@ -18,6 +18,7 @@ import (
 	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 )
 
@@ -98,6 +99,7 @@ func dialer(addr string, cfg *transport.Config) ft.Dialer {
 type protectFlags struct {
 	addr     *string
 	interval *time.Duration
+	budget   *string
 	onLoss   *string
 	giveUp   *time.Duration
 	redial   *time.Duration
@@ -107,6 +109,8 @@ func addProtectFlags(fs flagAdder) protectFlags {
 	return protectFlags{
 		addr:     fs.String("protect", "", "protect the guest: checkpoint it to the intermediary at this address (tcp://host:port or vsock://cid:port); output records are released once acknowledged"),
 		interval: fs.Duration("interval", 25*time.Millisecond, "with --protect: time between checkpoints"),
+		budget: fs.String("dirty-budget", "", "with --protect: also end an epoch as soon as the guest has written this much memory since the last checkpoint "+
+			"(e.g. 16M; at least 4K), bounding the stun of a guest that writes fast; the interval then starts again (default: the interval alone)"),
 		onLoss: fs.String("on-intermediary-loss", "hold", "with --protect, while no intermediary acknowledges: hold (the guest runs, its output is held) "+
 			"or pause (the guest is paused); either way nothing is released until a reached intermediary acknowledges a full image"),
 		giveUp: fs.Duration("give-up", 0, "with --protect: stop the guest after this long without any intermediary (0: never)"),
@@ -118,11 +122,29 @@ func (p protectFlags) check() error {
 	if *p.interval <= 0 {
 		return fmt.Errorf("--interval %v: must be positive", *p.interval)
 	}
+	if _, err := p.dirtyBudget(); err != nil {
+		return err
+	}
 	if *p.giveUp < 0 || *p.redial <= 0 {
 		return fmt.Errorf("--give-up %v, --redial %v: --give-up must not be negative and --redial must be positive", *p.giveUp, *p.redial)
 	}
 	_, err := ft.ParseLinkLossPolicy(*p.onLoss)
 	return err
+}
+
+// dirtyBudget returns --dirty-budget in bytes (0: none).
+func (p protectFlags) dirtyBudget() (uint64, error) {
+	if *p.budget == "" {
+		return 0, nil
+	}
+	b, err := vmm.ParseSize(*p.budget)
+	if err != nil {
+		return 0, fmt.Errorf("--dirty-budget %s: %w", *p.budget, err)
+	}
+	if b < mmu.PageSize {
+		return 0, fmt.Errorf("--dirty-budget %s: less than one page (4K)", *p.budget)
+	}
+	return b, nil
 }
 
 // runProtected runs machine m as a primary protected through the
@@ -138,7 +160,8 @@ func runProtected(ctx context.Context, m *vmm.Machine, route *func(vmm.Record), 
 	if err != nil {
 		return vmm.Result{}, err
 	}
-	p, err := ft.NewPrimary(m, nil, ft.PrimaryConfig{Interval: *pf.interval, OnRelease: release,
+	budget, _ := pf.dirtyBudget() // checked
+	p, err := ft.NewPrimary(m, nil, ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnRelease: release,
 		OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial})
 	if err != nil {
 		first.(io.Closer).Close()
