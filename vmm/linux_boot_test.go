@@ -93,6 +93,10 @@ var (
 	}
 	// hlt; jmp back to hlt
 	codeHalt = []byte{0xf4, 0xeb, 0xfd}
+	// cli; hlt; jmp back to hlt: how Linux's stop_this_cpu ends
+	codeCLIHalt = []byte{0xfa, 0xf4, 0xeb, 0xfd}
+	// sti; hlt; jmp back to hlt: an idle loop waiting for interrupts
+	codeIdle = []byte{0xfb, 0xf4, 0xeb, 0xfd}
 )
 
 func concat(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
@@ -289,6 +293,155 @@ func TestLinuxTripleFault(t *testing.T) {
 	res, err := runLinux(t, linuxConfig(t, concat(codeUD2)))
 	if err != nil || res.End != EndTripleFault || !strings.Contains(res.Detail, "#UD") {
 		t.Errorf("Run = %+v, %v; want a triple fault after #UD", res, err)
+	}
+}
+
+// TestLinuxHalt: a guest whose every vCPU halts with interrupts disabled
+// (Linux's `halt`) ends the run with EndHalt after two checks in a row, with
+// one vCPU and with an application processor that was never started.
+func TestLinuxHalt(t *testing.T) {
+	requireKVM(t)
+	for _, cpus := range []int{1, 2} {
+		var out syncBuffer
+		cfg := linuxConfig(t, concat(codeCOM1("bye"), codeCLIHalt))
+		cfg.Console, cfg.CPUs = &out, cpus
+		m, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.haltEvery = 100 * time.Millisecond
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		start := time.Now()
+		res, err := m.Run(ctx)
+		took := time.Since(start)
+		cancel()
+		m.Close()
+		want := "the vCPU halted with interrupts disabled (vCPU 0 at RIP 0x"
+		if cpus == 2 {
+			want = "1 of 2 vCPUs halted with interrupts disabled, 1 never started (vCPU 0 at RIP 0x"
+		}
+		if err != nil || res.End != EndHalt || !strings.Contains(res.Detail, want) {
+			t.Errorf("%d vCPUs: Run = %+v, %v; want EndHalt with %q", cpus, res, err, want)
+		}
+		if out.String() != "bye" {
+			t.Errorf("%d vCPUs: console %q, want %q", cpus, out.String(), "bye")
+		}
+		// Two checks 100 ms apart; a loaded host may stretch them.
+		if took < 2*m.haltEvery || took > 10*time.Second {
+			t.Errorf("%d vCPUs: the halt ended the run after %v, want 200 ms to 10 s", cpus, took)
+		}
+	}
+}
+
+// TestLinuxIdleIsNotHalt: a guest halted with interrupts enabled is idle,
+// not halted: the run goes on until its context ends. So does a guest with
+// one vCPU halted for good and another idle.
+func TestLinuxIdleIsNotHalt(t *testing.T) {
+	requireKVM(t)
+	for _, tt := range []struct {
+		name string
+		code []byte
+		cpus int
+	}{
+		{"idle", codeIdle, 1},
+		// vCPU 0 starts vCPU 1 (INIT, SIPI to a real-mode sti; hlt loop) and
+		// halts with interrupts disabled; vCPU 1 stays idle.
+		{"one halted, one idle", concat(
+			[]byte{0xbb, 0x10, 0x03, 0xe0, 0xfe, 0xc7, 0x03, 0, 0, 0, 1},
+			[]byte{0xbb, 0x00, 0x03, 0xe0, 0xfe, 0xc7, 0x03, 0x00, 0x45, 0, 0},
+			[]byte{0xc7, 0x03, 0x08, 0x46, 0, 0},
+			codeCLIHalt), 2},
+	} {
+		cfg := linuxConfig(t, tt.code)
+		cfg.CPUs = tt.cpus
+		m, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Memory().Write(0x8000, codeIdle); err != nil {
+			t.Fatal(err)
+		}
+		m.haltEvery = 50 * time.Millisecond
+		ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+		res, err := m.Run(ctx)
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) || res.End != EndNone {
+			t.Errorf("%s: Run = %+v, %v; want it to run until the context ends", tt.name, res, err)
+		}
+		if tt.cpus == 2 {
+			// vCPU 1 did start: its state is readable now that Run is over.
+			var mp arch.MPState
+			if err := m.OnVCPU(1, func(c *arch.VCPU) (err error) { mp, err = c.MPState(); return }); err != nil || mp.State == arch.MPStateUninitialized {
+				t.Errorf("%s: vCPU 1 state %d, %v; want it started", tt.name, mp.State, err)
+			}
+		}
+		m.Close()
+	}
+}
+
+// TestLinuxHaltCheckAndPause: halt checks run under the pause lock, so a
+// controller's Pause never finds the machine paused by one (ErrPaused) and
+// a check never resumes a machine the controller paused.
+func TestLinuxHaltCheckAndPause(t *testing.T) {
+	requireKVM(t)
+	m, err := New(linuxConfig(t, codeIdle))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	m.haltEvery = time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); done <- err }()
+	for i := 0; i < 200; i++ {
+		if _, err := m.Pause(); err != nil {
+			t.Fatalf("Pause %d: %v", i, err)
+		}
+		time.Sleep(2 * time.Millisecond) // checks come and must leave it paused
+		var rflags uint64
+		if err := m.OnVCPU(0, func(c *arch.VCPU) error { r, err := c.Regs(); rflags = r.RFLAGS; return err }); err != nil {
+			t.Fatalf("OnVCPU %d: %v", i, err)
+		}
+		if _, err := m.Resume(); err != nil {
+			t.Fatalf("Resume %d: %v", i, err)
+		}
+		if i == 199 && rflags&arch.RFLAGSIF == 0 {
+			t.Errorf("RFLAGS %#x: the idle guest should have interrupts enabled", rflags)
+		}
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("Run = %v, want it to run until cancelled", err)
+	}
+}
+
+func TestGuestHalted(t *testing.T) {
+	halted := vcpuStop{state: arch.MPStateHalted, rflags: arch.RFLAGSReserved, rip: 0x1234}
+	idle := vcpuStop{state: arch.MPStateHalted, rflags: arch.RFLAGSReserved | arch.RFLAGSIF}
+	running := vcpuStop{state: arch.MPStateRunnable, rflags: arch.RFLAGSReserved}
+	unstarted := vcpuStop{state: arch.MPStateUninitialized}
+	nmi := halted
+	nmi.pending = true
+	for _, tt := range []struct {
+		name string
+		vs   []vcpuStop
+		want string // "" : not halted
+	}{
+		{"halted", []vcpuStop{halted}, "the vCPU halted with interrupts disabled (vCPU 0 at RIP 0x1234)"},
+		{"all halted", []vcpuStop{halted, halted}, "2 of 2 vCPUs halted with interrupts disabled (vCPU 0 at RIP 0x1234)"},
+		{"AP never started", []vcpuStop{halted, unstarted, unstarted}, "1 of 3 vCPUs halted with interrupts disabled, 2 never started (vCPU 0 at RIP 0x1234)"},
+		{"AP halted", []vcpuStop{unstarted, halted}, "1 of 2 vCPUs halted with interrupts disabled, 1 never started (vCPU 1 at RIP 0x1234)"},
+		{"idle", []vcpuStop{idle}, ""},
+		{"one idle", []vcpuStop{halted, idle}, ""},
+		{"one running", []vcpuStop{running, halted}, ""},
+		{"NMI pending", []vcpuStop{nmi}, ""},
+		{"none halted", []vcpuStop{unstarted, unstarted}, ""},
+		{"no vCPUs", nil, ""},
+	} {
+		ok, detail := guestHalted(tt.vs)
+		if ok != (tt.want != "") || detail != tt.want {
+			t.Errorf("%s: guestHalted = %v, %q; want %q", tt.name, ok, detail, tt.want)
+		}
 	}
 }
 

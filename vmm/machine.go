@@ -117,6 +117,11 @@ const (
 	// EndTripleFault: a Linux guest's vCPU triple-faulted, which resets a
 	// PC: a reboot by triple fault (reboot=t) or a crash.
 	EndTripleFault
+	// EndHalt: every vCPU of a Linux guest stopped for good: halted with
+	// interrupts disabled (or, for an application processor, still waiting
+	// for a start-up IPI), as Linux leaves them after `halt`
+	// (reboot(LINUX_REBOOT_CMD_HALT)). Nothing can wake such a guest.
+	EndHalt
 )
 
 // String says how the guest ended, in words.
@@ -132,6 +137,8 @@ func (e End) String() string {
 		return "rebooted"
 	case EndTripleFault:
 		return "reset by a triple fault"
+	case EndHalt:
+		return "halted"
 	}
 	return fmt.Sprintf("end %d", int(e))
 }
@@ -192,6 +199,9 @@ type Machine struct {
 	halted atomic.Bool
 	// vcpuWG counts running vCPU goroutines; Close waits for them.
 	vcpuWG sync.WaitGroup
+	// haltEvery is how often a Linux machine checks whether its guest has
+	// halted for good (see watchHalt); 0 turns the check off.
+	haltEvery time.Duration
 }
 
 // FaultHandler is offered, on a vCPU thread, a guest access that KVM could
@@ -313,7 +323,7 @@ func checkConfig(cfg *Config) error {
 // cfg.MemSize of RAM; otherwise the machine takes mem over (and closes it,
 // even on error).
 func build(cfg Config, mem *mmu.Memory, linux bool) (*Machine, error) {
-	m := &Machine{cfg: cfg, mem: mem, stopCh: make(chan struct{}), log: cfg.Logger}
+	m := &Machine{cfg: cfg, mem: mem, stopCh: make(chan struct{}), log: cfg.Logger, haltEvery: haltCheckInterval}
 	if m.log == nil {
 		m.log = slog.Default()
 	}
@@ -428,11 +438,18 @@ func (m *Machine) Close() error {
 }
 
 // Run runs every vCPU until the guest ends (Result.End says how: exit port,
-// power-off, reboot, triple fault), a vCPU fails, or ctx ends (which returns
-// ctx's error). It may be called once.
+// power-off, reboot, triple fault, halt), a vCPU fails, or ctx ends (which
+// returns ctx's error). It may be called once.
 func (m *Machine) Run(ctx context.Context) (Result, error) {
 	if !m.ran.CompareAndSwap(false, true) {
 		return Result{}, errors.New("machine already ran")
+	}
+	watchDone := make(chan struct{})
+	if m.linux != nil && m.haltEvery > 0 {
+		// Before the vCPUs run: KVM_GET_STATS_FD waits for KVM_RUN to end.
+		go m.watchHalt(m.haltEvery, m.blockingStats(), watchDone)
+	} else {
+		close(watchDone)
 	}
 	for _, v := range m.vcpus {
 		m.vcpuWG.Add(1)
@@ -454,6 +471,7 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 		m.finish(0, ctx.Err())
 	case <-m.stopCh:
 	}
+	<-watchDone
 	m.vcpuWG.Wait()
 	m.halted.Store(true)
 	if m.linux != nil {
@@ -519,6 +537,11 @@ func (m *Machine) kick(v *vcpu) {
 func (m *Machine) Pause() (time.Duration, error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
+	return m.pauseLocked()
+}
+
+// pauseLocked is Pause for a caller that holds pauseMu.
+func (m *Machine) pauseLocked() (time.Duration, error) {
 	if m.stopping.Load() {
 		return 0, ErrStopped
 	}
@@ -602,6 +625,11 @@ func (m *Machine) endPause() chan int {
 func (m *Machine) Resume() (time.Duration, error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
+	return m.resumeLocked()
+}
+
+// resumeLocked is Resume for a caller that holds pauseMu.
+func (m *Machine) resumeLocked() (time.Duration, error) {
 	if m.stopping.Load() {
 		return 0, ErrStopped
 	}

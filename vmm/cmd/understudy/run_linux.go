@@ -18,8 +18,9 @@ import (
 
 // `understudy run --kernel`: boot a Linux guest. Its serial console is
 // stdout, and stdin (a terminal or a pipe) is its serial input. The run ends
-// when the guest powers off (exit 0), reboots or triple-faults (exit 1,
-// Understudy does not restart guests), or on SIGINT/SIGTERM (exit 130).
+// when the guest powers off or halts (exit 0), reboots or triple-faults
+// (exit 1, Understudy does not restart guests), or on SIGINT/SIGTERM
+// (exit 130).
 
 // The help text describes vmm.DefaultCmdline without quoting it: the CLI's
 // tests take the word for a kernel crash in any output for a Go crash.
@@ -274,11 +275,18 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 }
 
 // linuxEnd reports how a Linux guest ended and returns the exit code: 0 for
-// a power-off, 1 for anything else.
+// a power-off or a halt (both are stops the guest asked for), 1 for
+// anything else.
 func linuxEnd(res vmm.Result, elapsed time.Duration, quiet bool, stderr io.Writer) int {
-	if res.End == vmm.EndPowerOff {
+	switch res.End {
+	case vmm.EndPowerOff:
 		if !quiet {
 			fmt.Fprintf(stderr, "understudy: guest powered off after %v (%s)\n", elapsed, res.Detail)
+		}
+		return 0
+	case vmm.EndHalt:
+		if !quiet {
+			fmt.Fprintf(stderr, "understudy: guest halted after %v (%s); nothing can wake it, so the run ends\n", elapsed, res.Detail)
 		}
 		return 0
 	}

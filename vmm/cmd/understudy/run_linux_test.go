@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/vmm"
@@ -46,6 +47,8 @@ var (
 	}
 	// Reset through the keyboard controller.
 	codeReboot = []byte{0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd}
+	// Print "bye\n", then cli; hlt forever, as Linux's halt ends.
+	codeHalt = []byte{0x66, 0xba, 0xf8, 0x03, 0xb0, 'b', 0xee, 0xb0, 'y', 0xee, 0xb0, 'e', 0xee, 0xb0, '\n', 0xee, 0xfa, 0xf4, 0xeb, 0xfd}
 )
 
 func writeFile(t *testing.T, dir, name string, b []byte, mode os.FileMode) string {
@@ -66,6 +69,22 @@ func TestRunLinuxPowerOff(t *testing.T) {
 	code, out, errs := runCLI("run", "--kernel", k, "--mem", "64M", "--cpus", "2")
 	if code != 0 || out != "up\n" || !strings.Contains(errs, "guest powered off") || !strings.Contains(errs, "S5") {
 		t.Errorf("run --kernel = %d, stdout %q, stderr %q; want 0, \"up\\n\", powered off", code, out, errs)
+	}
+}
+
+// TestRunLinuxHalt: a guest that halts with interrupts disabled on every
+// vCPU ends the run with exit 0 and says so, within a few seconds.
+func TestRunLinuxHalt(t *testing.T) {
+	requireKVM(t)
+	k := writeFile(t, t.TempDir(), "bzImage", testKernel(codeHalt), 0o644)
+	start := time.Now()
+	code, out, errs := runCLI("run", "--kernel", k, "--mem", "64M", "--cpus", "2")
+	if code != 0 || out != "bye\n" || !strings.Contains(errs, "understudy: guest halted after ") ||
+		!strings.Contains(errs, "1 of 2 vCPUs halted with interrupts disabled, 1 never started") {
+		t.Errorf("run --kernel (halt) = %d, stdout %q, stderr %q; want 0, \"bye\\n\", guest halted", code, out, errs)
+	}
+	if d := time.Since(start); d > 15*time.Second {
+		t.Errorf("the halted guest's run took %v", d)
 	}
 }
 
