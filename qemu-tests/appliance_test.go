@@ -270,3 +270,47 @@ func TestNestedDisk(t *testing.T) {
 	)
 	poweredOff(t, m, 0)
 }
+
+// TestNestedHalt: the nested guest (two vCPUs) halts instead of powering
+// off (reboot(LINUX_REBOOT_CMD_HALT): every CPU stops with interrupts
+// disabled, which KVM handles without telling understudy); understudy's
+// halt check sees it and exits 0, saying the guest halted, within seconds.
+func TestNestedHalt(t *testing.T) {
+	e := setup(t)
+	m := e.boot(t, "understudy.role=test "+nestedRun("--cpus 2 ", "guest.mode=halt"))
+	expect(t, m, bootTimeout, "understudy-appliance: ready role=test", "understudy-appliance: exec: understudy run --kernel")
+	got := expect(t, m, nestedTimeout, "understudy-guest: init reached", "understudy-guest: mode halt", "understudy-guest: done, halting",
+		"understudy: guest halted after ", "understudy-appliance: exec: exit status 0")
+	if !strings.Contains(got[3].Text, "2 of 2 vCPUs halted with interrupts disabled") {
+		t.Errorf("understudy's halt line %q does not say both vCPUs halted", got[3].Text)
+	}
+	poweredOff(t, m, 0)
+	// Two checks 0.5 s apart, plus the guest's own way from its marker to
+	// the halt, under TCG.
+	took := got[4].At - got[2].At
+	t.Logf("halt: understudy exited %.2fs after the guest's init asked to halt", took.Seconds())
+	if took > 20*time.Second {
+		t.Errorf("understudy exited %v after the guest halted, want at most 20 s", took)
+	}
+}
+
+// TestNestedConsoleInput: the appliance types a line into the nested
+// `understudy run`'s stdin once the guest's init waits for it; the line
+// goes through understudy's 8250 UART and the guest kernel's serial
+// driver and tty, and the guest prints it back.
+func TestNestedConsoleInput(t *testing.T) {
+	e := setup(t)
+	token := fmt.Sprintf("typed-%d", time.Now().UnixNano())
+	m := e.boot(t, fmt.Sprintf("understudy.role=test understudy.stdin=%s %s", token, nestedRun("", "guest.mode=echo")))
+	expect(t, m, bootTimeout, "understudy-appliance: ready role=test")
+	got := expect(t, m, nestedTimeout,
+		"understudy-guest: init reached",
+		"understudy-guest: echo: waiting for a line on /dev/ttyS0",
+		fmt.Sprintf(`understudy-appliance: stdin: writing %q after the prompt`, token),
+		fmt.Sprintf(`understudy-guest: echo: got %q`, token),
+		"understudy-guest: done, powering off",
+		"understudy-appliance: exec: exit status 0",
+	)
+	poweredOff(t, m, 0)
+	t.Logf("console input: the guest echoed the line %.2fs after its prompt", (got[3].At - got[1].At).Seconds())
+}

@@ -16,6 +16,8 @@ const (
 	modePoweroff = "poweroff"
 	modeNet      = "net"
 	modeDisk     = "disk"
+	modeHalt     = "halt"
+	modeEcho     = "echo"
 )
 
 // answer is what the guest sends on the TCP connection of guest.mode=net.
@@ -28,13 +30,14 @@ type config struct {
 	addr    netip.Prefix
 	port    uint16
 	disk    string
+	console string
 	timeout time.Duration
 }
 
 // parseConfig reads the guest.* parameters. Other parameters are the
 // kernel's and are ignored; an unknown guest.* parameter is an error.
 func parseConfig(ps boot.Params) (config, error) {
-	c := config{mode: modePoweroff, iface: "eth0", port: 7777, disk: "/dev/vda", timeout: 60 * time.Second}
+	c := config{mode: modePoweroff, iface: "eth0", port: 7777, disk: "/dev/vda", console: "/dev/ttyS0", timeout: 60 * time.Second}
 	seen := map[string]bool{}
 	for _, p := range ps.WithPrefix("guest.") {
 		if seen[p.Key] {
@@ -48,10 +51,10 @@ func parseConfig(ps boot.Params) (config, error) {
 		switch p.Key {
 		case "mode":
 			switch v {
-			case modePoweroff, modeNet, modeDisk:
+			case modePoweroff, modeNet, modeDisk, modeHalt, modeEcho:
 				c.mode = v
 			default:
-				return c, fmt.Errorf("guest.mode=%q: want %s, %s or %s", v, modePoweroff, modeNet, modeDisk)
+				return c, fmt.Errorf("guest.mode=%q: want %s, %s, %s, %s or %s", v, modePoweroff, modeHalt, modeNet, modeDisk, modeEcho)
 			}
 		case "iface":
 			if err := boot.CheckIfName(v); err != nil {
@@ -75,6 +78,11 @@ func parseConfig(ps boot.Params) (config, error) {
 				return c, fmt.Errorf("guest.disk=%q: want a device under /dev, as /dev/vda", v)
 			}
 			c.disk = v
+		case "console":
+			if !strings.HasPrefix(v, "/dev/") || path.Clean(v) != v || len(v) > 64 {
+				return c, fmt.Errorf("guest.console=%q: want a device under /dev, as /dev/ttyS0", v)
+			}
+			c.console = v
 		case "timeout":
 			d, err := time.ParseDuration(v)
 			if err != nil || d <= 0 || d > time.Hour {
@@ -82,7 +90,7 @@ func parseConfig(ps boot.Params) (config, error) {
 			}
 			c.timeout = d
 		default:
-			return c, fmt.Errorf("unknown parameter guest.%s (known: mode, iface, addr, port, disk, timeout)", p.Key)
+			return c, fmt.Errorf("unknown parameter guest.%s (known: mode, iface, addr, port, disk, console, timeout)", p.Key)
 		}
 	}
 	if c.mode == modeNet && !c.addr.IsValid() {

@@ -2,12 +2,14 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -30,7 +32,7 @@ func TestParseConfig(t *testing.T) {
 		t.Errorf("parseConfig(no guest.*) = %+v, %v, want poweroff and no modules", c, err)
 	}
 	c, err = parseConfig(mustParams(t, "guest.mode=net guest.addr=192.0.2.2/24 guest.port=8080 guest.iface=eth1 guest.timeout=5s"))
-	want := config{mode: modeNet, iface: "eth1", addr: netip.MustParsePrefix("192.0.2.2/24"), port: 8080, disk: "/dev/vda", timeout: 5 * time.Second}
+	want := config{mode: modeNet, iface: "eth1", addr: netip.MustParsePrefix("192.0.2.2/24"), port: 8080, disk: "/dev/vda", console: "/dev/ttyS0", timeout: 5 * time.Second}
 	if err != nil || c != want {
 		t.Errorf("parseConfig(net) = %+v, %v, want %+v", c, err, want)
 	}
@@ -38,8 +40,17 @@ func TestParseConfig(t *testing.T) {
 	if err != nil || c.mode != modeDisk || c.disk != "/dev/vdb" || c.modules()[2] != "virtio_blk" {
 		t.Errorf("parseConfig(disk) = %+v, %v", c, err)
 	}
+	c, err = parseConfig(mustParams(t, "guest.mode=halt"))
+	if err != nil || c.mode != modeHalt || c.modules() != nil {
+		t.Errorf("parseConfig(halt) = %+v, %v", c, err)
+	}
+	c, err = parseConfig(mustParams(t, "guest.mode=echo guest.console=/dev/ttyS1"))
+	if err != nil || c.mode != modeEcho || c.console != "/dev/ttyS1" || c.modules() != nil {
+		t.Errorf("parseConfig(echo) = %+v, %v", c, err)
+	}
 	for _, tt := range []struct{ in, want string }{
-		{"guest.mode=dance", "want poweroff, net or disk"},
+		{"guest.mode=dance", "want poweroff, halt, net, disk or echo"},
+		{"guest.console=ttyS0", "under /dev"},
 		{"guest.mode=net", "needs guest.addr"},
 		{"guest.mode=net guest.addr=192.0.2.2", "prefix length"},
 		{"guest.addr=2001:db8::1/64", "IPv4"},
@@ -74,7 +85,7 @@ func FuzzParseConfig(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if c.port == 0 || c.timeout <= 0 || !strings.HasPrefix(c.disk, "/dev/") || boot.CheckIfName(c.iface) != nil {
+		if c.port == 0 || c.timeout <= 0 || !strings.HasPrefix(c.disk, "/dev/") || !strings.HasPrefix(c.console, "/dev/") || boot.CheckIfName(c.iface) != nil {
 			t.Fatalf("parseConfig(%q) accepted %+v", s, c)
 		}
 		if c.mode == modeNet && !c.addr.Addr().Is4() {
@@ -178,5 +189,74 @@ func TestServeNoLink(t *testing.T) {
 	err := serve(io.Discard, config{mode: modeNet, iface: "nosuch9", addr: netip.MustParsePrefix("192.0.2.2/24"), port: 1, timeout: 50 * time.Millisecond})
 	if err == nil || !strings.Contains(err.Error(), "no network interface") {
 		t.Errorf("serve(nosuch9) = %v, want no network interface", err)
+	}
+}
+
+// openPTY opens a pseudo-terminal pair: the master and the slave's path.
+func openPTY(t *testing.T) (*os.File, string) {
+	t.Helper()
+	master, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminals here: %v", err)
+	}
+	t.Cleanup(func() { master.Close() })
+	if err := unix.IoctlSetPointerInt(int(master.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(int(master.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return master, "/dev/pts/" + strconv.Itoa(n)
+}
+
+// TestEchoConsole runs echo mode on a pseudo-terminal: the line typed at
+// the master after the prompt comes back quoted, through the terminal's
+// line discipline (canonical mode, CR LF as the terminal sends it).
+func TestEchoConsole(t *testing.T) {
+	master, slave := openPTY(t)
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := echoConsole(pw, config{mode: modeEcho, console: slave, timeout: 10 * time.Second})
+		pw.CloseWithError(err)
+		done <- err
+	}()
+	var out bytes.Buffer
+	buf := make([]byte, 256)
+	for !strings.Contains(out.String(), "\n") {
+		n, err := pr.Read(buf)
+		out.Write(buf[:n])
+		if err != nil {
+			t.Fatalf("echo mode printed %q, then %v", out.String(), err)
+		}
+	}
+	if want := prefix + echoPrompt + slave + "\n"; out.String() != want {
+		t.Fatalf("prompt %q, want %q", out.String(), want)
+	}
+	if _, err := master.Write([]byte("hello there\r")); err != nil {
+		t.Fatal(err)
+	}
+	rest, _ := io.ReadAll(pr)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if want := prefix + `echo: got "hello there"` + "\n"; string(rest) != want {
+		t.Errorf("echo printed %q, want %q", rest, want)
+	}
+}
+
+func TestEchoConsoleTimeout(t *testing.T) {
+	_, slave := openPTY(t)
+	start := time.Now()
+	err := echoConsole(io.Discard, config{mode: modeEcho, console: slave, timeout: 100 * time.Millisecond})
+	if err == nil || !strings.Contains(err.Error(), "read a line from "+slave) || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("echoConsole with nothing typed = %v, want a deadline error", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the 100 ms timeout took %v", d)
+	}
+	if err := echoConsole(io.Discard, config{mode: modeEcho, console: filepath.Join(t.TempDir(), "none")}); err == nil {
+		t.Error("echoConsole on a missing device succeeded")
 	}
 }

@@ -14,12 +14,20 @@
 //	guest.mode=disk [guest.disk=/dev/vda]  load the virtio modules, print the
 //	                                       text at offsets 0 and 512 KiB of the
 //	                                       disk, power off
-//	guest.timeout=60s                      how long to wait for a device or a
-//	                                       connection
+//	guest.mode=echo [guest.console=/dev/ttyS0]
+//	                                       print echoPrompt, read one line from
+//	                                       the serial console, print it back
+//	                                       quoted ("echo: got ..."), power off
+//	guest.mode=halt                        halt instead of powering off
+//	                                       (reboot(LINUX_REBOOT_CMD_HALT): every
+//	                                       CPU stops with interrupts disabled)
+//	guest.timeout=60s                      how long to wait for a device, a
+//	                                       connection or a line
 //
 // Every line it prints starts with "understudy-guest: ". On success it
-// powers the machine off; on failure it prints "understudy-guest: FAIL: ..."
-// and resets it, so that the VMM reports the difference.
+// powers the machine off (or halts it); on failure it prints
+// "understudy-guest: FAIL: ..." and resets it, so that the VMM reports the
+// difference.
 package main
 
 import (
@@ -41,8 +49,15 @@ func main() {
 	if mountErr != nil {
 		fail(out, mountErr)
 	}
-	if err := run(out); err != nil {
+	mode, err := run(out)
+	if err != nil {
 		fail(out, err)
+	}
+	if mode == modeHalt {
+		fmt.Fprintf(out, "%sdone, halting\n", prefix)
+		unix.Sync()
+		err = unix.Reboot(unix.LINUX_REBOOT_CMD_HALT)
+		fail(out, fmt.Errorf("halt: %w", err))
 	}
 	fmt.Fprintf(out, "%sdone, powering off\n", prefix)
 	if err := boot.PowerOff(); err != nil {
@@ -87,32 +102,35 @@ func uptime() string {
 	return f[0] + " s"
 }
 
-func run(out io.Writer) error {
+// run does what the command line asks and returns the mode.
+func run(out io.Writer) (string, error) {
 	b, err := os.ReadFile("/proc/cmdline")
 	if err != nil {
-		return err
+		return "", err
 	}
 	params, err := boot.ParseCmdline(string(b))
 	if err != nil {
-		return err
+		return "", err
 	}
 	cfg, err := parseConfig(params)
 	if err != nil {
-		return err
+		return "", err
 	}
 	fmt.Fprintf(out, "%smode %s\n", prefix, cfg.mode)
 	if mods := cfg.modules(); len(mods) > 0 {
 		if err := loadModules(out, mods, params); err != nil {
-			return err
+			return cfg.mode, err
 		}
 	}
 	switch cfg.mode {
 	case modeNet:
-		return serve(out, cfg)
+		return cfg.mode, serve(out, cfg)
 	case modeDisk:
-		return readDisk(out, cfg)
+		return cfg.mode, readDisk(out, cfg)
+	case modeEcho:
+		return cfg.mode, echoConsole(out, cfg)
 	}
-	return nil
+	return cfg.mode, nil
 }
 
 func loadModules(out io.Writer, names []string, params boot.Params) error {

@@ -7,9 +7,11 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/understudy-vmm/understudy/initramfs/boot"
+	"golang.org/x/sys/unix"
 )
 
 // diskOffsets are where readDisk looks for text.
@@ -83,4 +85,57 @@ func textAt(b []byte) []byte {
 		return b[:i]
 	}
 	return b
+}
+
+// echoPrompt is what echo mode prints once it is ready for a line: the
+// appliance's understudy.stdin= waits for it before it types (bytes that
+// arrive before the guest's serial driver is ready would be lost).
+const echoPrompt = "echo: waiting for a line on "
+
+// maxEchoLine bounds the line echo mode reads.
+const maxEchoLine = 256
+
+// echoConsole opens the serial console, prints echoPrompt and reads one
+// line from it, then prints it back quoted.
+func echoConsole(out io.Writer, c config) error {
+	f, err := os.OpenFile(c.console, os.O_RDONLY|unix.O_NOCTTY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fmt.Fprintf(out, "%s%s%s\n", prefix, echoPrompt, c.console)
+	line, err := readLine(f, c.timeout)
+	if err != nil {
+		return fmt.Errorf("read a line from %s: %w", c.console, err)
+	}
+	fmt.Fprintf(out, "%secho: got %q\n", prefix, line)
+	return nil
+}
+
+// readLine reads up to a newline (which it drops, with a carriage return
+// before it) from f, within timeout if f supports deadlines.
+func readLine(f *os.File, timeout time.Duration) (string, error) {
+	// A terminal opened with os.OpenFile is non-blocking and takes a
+	// deadline; where one cannot be set, the read just waits.
+	_ = f.SetReadDeadline(time.Now().Add(timeout))
+	var line []byte
+	buf := make([]byte, 64)
+	for {
+		n, err := f.Read(buf)
+		for _, b := range buf[:n] {
+			if b == '\n' {
+				return strings.TrimSuffix(string(line), "\r"), nil
+			}
+			if len(line) == maxEchoLine {
+				return "", fmt.Errorf("no newline in the first %d bytes", maxEchoLine)
+			}
+			line = append(line, b)
+		}
+		if err != nil {
+			if len(line) > 0 {
+				return "", fmt.Errorf("%w after %q", err, line)
+			}
+			return "", err
+		}
+	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -59,6 +60,9 @@ const applianceHelp = `The role and its options come from the kernel command lin
                                it answers, and print the answer's first line
   understudy.testdisk=PATH:TEXT  test: create a 1 MiB file PATH with TEXT at offset 0
                                and TEXT@524288 at 512 KiB, before the command runs
+  understudy.stdin=TEXT        test: the command's stdin is a pipe; once its output
+                               shows a nested guest waiting for a line ("` + stdinPrompt + `"),
+                               write TEXT and a newline to it
   understudy.tap=NAME[,A/N]    create tap device NAME (with IPv4 address A/N), up;
                                repeatable
   understudy.modules=M,M|none  modules to load instead of the image's list
@@ -73,6 +77,7 @@ type applianceConfig struct {
 	taps     []tapSpec
 	probe    netip.AddrPort // valid when asked for
 	testDisk *testDisk
+	stdin    string // "": the command's stdin is /dev/null
 	timeout  time.Duration
 }
 
@@ -90,6 +95,12 @@ func (d *testDisk) textAt(off int64) string {
 	}
 	return fmt.Sprintf("%s@%d", d.text, off)
 }
+
+// stdinPrompt is what understudy.stdin= waits for in the command's output
+// before it writes: initramfs/guestinit's echo mode prints it once it
+// reads from its serial console (bytes typed earlier, while the guest's
+// serial driver starts, would be lost).
+const stdinPrompt = "understudy-guest: echo: waiting for a line"
 
 // testDiskOffsets are where a test disk holds its text; the guest init reads
 // the same offsets.
@@ -167,6 +178,11 @@ func parseApplianceConfig(ps boot.Params) (applianceConfig, error) {
 				return c, fmt.Errorf("understudy.testdisk=%q: want /ABSOLUTE/PATH:TEXT, TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
 			}
 			c.testDisk = &testDisk{path: p, text: text}
+		case "stdin":
+			if !validToken(v) {
+				return c, fmt.Errorf("understudy.stdin=%q: want TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
+			}
+			c.stdin = v
 		default:
 			return c, fmt.Errorf("unknown option understudy.%s", p.Key)
 		}
@@ -178,10 +194,10 @@ func parseApplianceConfig(ps boot.Params) (applianceConfig, error) {
 		return c, errors.New("understudy.role=test takes understudy.exec=, not understudy.args=")
 	case c.role != "test" && once["exec"]:
 		return c, fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
-	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"]):
-		return c, fmt.Errorf("understudy.probe, testdisk and timeout are for understudy.role=test, not %s", c.role)
-	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil) && len(c.args) == 0:
-		return c, errors.New("understudy.probe and testdisk need a command: understudy.exec=")
+	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"]):
+		return c, fmt.Errorf("understudy.probe, testdisk, stdin and timeout are for understudy.role=test, not %s", c.role)
+	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "") && len(c.args) == 0:
+		return c, errors.New("understudy.probe, testdisk and stdin need a command: understudy.exec=")
 	}
 	return c, nil
 }
@@ -377,7 +393,7 @@ func (a *appliance) run(ctx context.Context) int {
 	case "test":
 		return a.runTest(ctx, cfg)
 	default:
-		return a.runCommand(ctx, append([]string{"understudy", cfg.role}, cfg.args...), 0, nil)
+		return a.runCommand(ctx, append([]string{"understudy", cfg.role}, cfg.args...), 0, nil, "")
 	}
 }
 
@@ -566,7 +582,7 @@ func (a *appliance) runTest(ctx context.Context, cfg applianceConfig) int {
 	if cfg.probe.IsValid() {
 		probe = func(ctx context.Context) error { return a.runProbe(ctx, cfg.probe) }
 	}
-	return a.runCommand(ctx, cfg.args, cfg.timeout, probe)
+	return a.runCommand(ctx, cfg.args, cfg.timeout, probe, cfg.stdin)
 }
 
 func writeTestDisk(d *testDisk) error {
@@ -588,8 +604,10 @@ func writeTestDisk(d *testDisk) error {
 
 // runCommand runs argv (argv[0] "understudy" is this binary) with the
 // console as its output, stopping it after timeout (0: never). probe, if
-// set, runs while the command does; a failed probe fails the run.
-func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.Duration, probe func(context.Context) error) int {
+// set, runs while the command does; a failed probe fails the run. With
+// stdin set, the command's stdin is a pipe that gets stdin and a newline
+// once the command prints stdinPrompt; otherwise it is /dev/null.
+func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.Duration, probe func(context.Context) error, stdin string) int {
 	if timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, timeout)
@@ -602,6 +620,25 @@ func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.
 	cmd := exec.CommandContext(ctx, prog, argv[1:]...)
 	cmd.Stdout, cmd.Stderr = a.out, a.out
 	cmd.WaitDelay = 5 * time.Second
+	if stdin != "" {
+		in, err := cmd.StdinPipe() // closed by Wait once the command exits
+		if err != nil {
+			a.printf("exec: %v", err)
+			return exitError
+		}
+		w := &promptWatcher{w: a.out, prompt: []byte(stdinPrompt)}
+		w.fire = func() {
+			// Not on the writer's goroutine: the pipe may be full.
+			// Report first: once the line is written, the guest prints.
+			a.printf("stdin: writing %q after the prompt", stdin)
+			go func() {
+				if _, err := io.WriteString(in, stdin+"\n"); err != nil {
+					a.printf("stdin: %v", err)
+				}
+			}()
+		}
+		cmd.Stdout, cmd.Stderr = w, w
+	}
 	a.printf("exec: %s", strings.Join(quoteArgs(argv), " "))
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
@@ -642,6 +679,57 @@ func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.
 		code = exitError
 	}
 	return code
+}
+
+// promptWatcher passes writes through to w and calls fire once, at the end
+// of the first line that contains prompt (wherever writes split it), after
+// passing that line on.
+type promptWatcher struct {
+	w      io.Writer
+	prompt []byte
+	fire   func()
+
+	mu    sync.Mutex // guards tail, seen and fired
+	tail  []byte     // the last len(prompt)-1 bytes seen
+	seen  bool       // the prompt is on the current line
+	fired bool
+}
+
+func (p *promptWatcher) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.fired {
+		return p.w.Write(b)
+	}
+	if !p.seen {
+		buf := append(p.tail, b...)
+		if i := bytes.Index(buf, p.prompt); i >= 0 {
+			p.seen, p.tail = true, nil
+			// Where the prompt ends in b (it may have begun in tail).
+			end := max(0, i+len(p.prompt)-(len(buf)-len(b)))
+			return p.passLine(b, end)
+		}
+		keep := min(len(buf), len(p.prompt)-1)
+		p.tail = append([]byte(nil), buf[len(buf)-keep:]...)
+		return p.w.Write(b)
+	}
+	return p.passLine(b, 0)
+}
+
+// passLine writes b, firing after the first newline at or after from.
+func (p *promptWatcher) passLine(b []byte, from int) (int, error) {
+	nl := bytes.IndexByte(b[from:], '\n')
+	if nl < 0 {
+		return p.w.Write(b)
+	}
+	n, err := p.w.Write(b[:from+nl+1])
+	if err != nil {
+		return n, err
+	}
+	p.fired = true
+	p.fire()
+	m, err := p.w.Write(b[from+nl+1:])
+	return n + m, err
 }
 
 func quoteArgs(argv []string) []string {

@@ -29,7 +29,7 @@ func TestParseApplianceConfig(t *testing.T) {
 	c, err := parseApplianceConfig(applianceParams(t, `console=ttyS0 quiet understudy.role=test `+
 		`understudy.exec="understudy run --kernel /boot/vmlinuz --cmdline 'console=ttyS0 guest.mode=net'" `+
 		`understudy.tap=tap0,192.0.2.1/24 understudy.tap=tap1 understudy.probe=tcp:192.0.2.2:7777 `+
-		`understudy.testdisk=/tmp/d.img:tok-1 understudy.timeout=90s understudy.modules=kvm,kvm-amd`))
+		`understudy.testdisk=/tmp/d.img:tok-1 understudy.timeout=90s understudy.modules=kvm,kvm-amd understudy.stdin=line-1`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,6 +40,7 @@ func TestParseApplianceConfig(t *testing.T) {
 		taps:     []tapSpec{{"tap0", netip.MustParsePrefix("192.0.2.1/24")}, {name: "tap1"}},
 		probe:    netip.MustParseAddrPort("192.0.2.2:7777"),
 		testDisk: &testDisk{"/tmp/d.img", "tok-1"},
+		stdin:    "line-1",
 		timeout:  90 * time.Second,
 	}
 	if !reflect.DeepEqual(c, want) {
@@ -81,6 +82,9 @@ func TestParseApplianceConfigErrors(t *testing.T) {
 		{"understudy.role=test understudy.exec=x understudy.testdisk=/tmp/../d:t", "want /ABSOLUTE/PATH:TEXT"},
 		{"understudy.role=test understudy.exec=x understudy.testdisk=/tmp/d:a/b", "want /ABSOLUTE/PATH:TEXT"},
 		{"understudy.role=test understudy.exec=x understudy.testdisk=/tmp/d", "want /ABSOLUTE/PATH:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.stdin=a/b", "want TEXT of 1..64"},
+		{"understudy.role=test understudy.stdin=abc", "need a command"},
+		{"understudy.role=run understudy.stdin=abc", "are for understudy.role=test"},
 	} {
 		_, err := parseApplianceConfig(applianceParams(t, tt.in))
 		if err == nil || !strings.Contains(err.Error(), tt.want) {
@@ -176,6 +180,9 @@ func FuzzParseApplianceConfig(f *testing.F) {
 		}
 		if d := c.testDisk; d != nil && (!filepath.IsAbs(d.path) || filepath.Clean(d.path) != d.path || !validToken(d.text)) {
 			t.Fatalf("accepted test disk %+v", d)
+		}
+		if c.stdin != "" && !validToken(c.stdin) {
+			t.Fatalf("accepted stdin %q", c.stdin)
 		}
 	})
 }
@@ -294,6 +301,52 @@ func TestApplianceTestDiskAndTimeout(t *testing.T) {
 		t.Errorf("timeout: exit %d after %v", code, time.Since(start))
 	}
 	wantLines(t, out, applianceTag+"exec: stopped after the 300ms timeout")
+}
+
+// TestApplianceStdin: with understudy.stdin, the command's stdin gets the
+// text once its output shows the prompt, and not before: the command reads
+// with a 0.1 s timeout before printing the prompt and must find nothing.
+func TestApplianceStdin(t *testing.T) {
+	script := `if read -t 0.1 early; then echo too early: $early; exit 1; fi; ` +
+		`echo ` + stdinPrompt + ` on /dev/ttyS0; read -r line; echo read: $line`
+	code, out := runAppliance(t, "", `understudy.role=test understudy.stdin=hello-42 understudy.exec="bash -c '`+script+`'"`)
+	if code != 0 {
+		t.Errorf("exit code %d, want 0:\n%s", code, out)
+	}
+	wantLines(t, out, stdinPrompt+" on /dev/ttyS0\n", applianceTag+`stdin: writing "hello-42" after the prompt`, "read: hello-42\n")
+	// Without the option, stdin is /dev/null: read gets end of file.
+	code, out = runAppliance(t, "", `understudy.role=test understudy.exec="bash -c 'read -r line || echo eof'"`)
+	if code != 0 || !strings.Contains(out, "eof\n") {
+		t.Errorf("without understudy.stdin: %d, %q; want stdin at end of file", code, out)
+	}
+}
+
+func TestPromptWatcher(t *testing.T) {
+	// The watcher marks where it fired with "|" in what it passed on.
+	for _, tt := range []struct {
+		writes []string
+		want   string
+	}{
+		{[]string{"abc PROMPT def\nmore\n"}, "abc PROMPT def\n|more\n"},
+		{[]string{"abc PRO", "MPT def", "\n"}, "abc PROMPT def\n|"},
+		{[]string{"P", "R", "O", "M", "P", "T", "\n", "x\n"}, "PROMPT\n|x\n"},
+		{[]string{"PROMP", "", "T", " on x\nPROMPT again\n"}, "PROMPT on x\n|PROMPT again\n"},
+		{[]string{"\nPROMPT\n"}, "\nPROMPT\n|"},
+		{[]string{"PROMPT no newline yet"}, "PROMPT no newline yet"},
+		{[]string{"PROMP PROMPX ROMPT\n"}, "PROMP PROMPX ROMPT\n"},
+	} {
+		var out strings.Builder
+		w := &promptWatcher{w: &out, prompt: []byte("PROMPT")}
+		w.fire = func() { out.WriteString("|") }
+		for _, s := range tt.writes {
+			if n, err := w.Write([]byte(s)); n != len(s) || err != nil {
+				t.Fatalf("Write(%q) = %d, %v", s, n, err)
+			}
+		}
+		if out.String() != tt.want {
+			t.Errorf("writes %q: passed %q, want %q", tt.writes, out.String(), tt.want)
+		}
+	}
 }
 
 // TestApplianceImageModules runs the uinit on an image root with a module
