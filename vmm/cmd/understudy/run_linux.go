@@ -17,10 +17,11 @@ import (
 )
 
 // `understudy run --kernel`: boot a Linux guest. Its serial console is
-// stdout, and stdin (a terminal or a pipe) is its serial input. The run ends
+// stdout, and stdin (a terminal, in raw mode with an escape, see
+// run_linux_tty.go, or a pipe) is its serial input. The run ends
 // when the guest powers off or halts (exit 0), reboots or triple-faults
-// (exit 1, Understudy does not restart guests), or on SIGINT/SIGTERM
-// (exit 130).
+// (exit 1, Understudy does not restart guests), or on SIGINT/SIGTERM or
+// Ctrl-A x (exit 130).
 
 // The help text describes vmm.DefaultCmdline without quoting it: the CLI's
 // tests take the word for a kernel crash in any output for a Go crash.
@@ -55,7 +56,9 @@ var linuxFlagNames = map[string]bool{
 // addLinuxFlags registers the Linux guest flags on fs.
 func addLinuxFlags(fs *flag.FlagSet) *linuxFlags {
 	lf := &linuxFlags{}
-	fs.StringVar(&lf.kernel, "kernel", "", "boot this Linux bzImage instead of a payload (64-bit boot protocol 2.12+); without --mem the guest gets 256M")
+	fs.StringVar(&lf.kernel, "kernel", "", "boot this Linux bzImage instead of a payload (64-bit boot protocol 2.12+); without --mem the guest gets 256M. "+
+		"The guest's serial console is stdout and stdin; a terminal on stdin is put in raw mode for the run (every key, Ctrl-C too, goes to the guest; "+
+		escapeHelp+"; the terminal is restored at the end)")
 	fs.StringVar(&lf.initrd, "initrd", "", "with --kernel: the initial RAM disk")
 	fs.Var(&lf.cmdline, "cmdline", "with --kernel: the kernel command line. The default puts the console on COM1 (console=ttyS0), "+
 		"reboots through the keyboard controller so that a reboot ends the run (reboot=k), reboots at once when the kernel crashes "+
@@ -243,20 +246,39 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 		KVMDevice: o.kvm, MemSize: o.mem, CPUs: o.cpus, Backing: bk,
 		Kernel: lf.kernel, Initrd: lf.initrd, Cmdline: lf.cmdline.v,
 		Disks: lf.disks, Nets: lf.nets,
-		Console: stdout, ConsoleIn: consoleInput(os.Stdin),
+		Console: stdout,
 	}
 	if lf.cmdline.set && lf.cmdline.v == "" {
 		// An empty --cmdline means an empty command line, not the default.
 		cfg.Cmdline = " "
 	}
-	m, err := vmm.New(cfg)
+	runCtx, quit := context.WithCancelCause(ctx)
+	defer quit(nil)
+	in, restore, err := linuxConsole(linuxStdin, func() { quit(errQuitKey) })
 	if err != nil {
 		return fail(stderr, err), true
 	}
+	// Every way out of here restores the terminal, a panic included; the
+	// normal ways do it before they print.
+	defer restore()
+	cfg.ConsoleIn = in
+	m, err := vmm.New(cfg)
+	if err != nil {
+		restore()
+		return fail(stderr, err), true
+	}
 	defer m.Close()
+	if _, raw := in.(*escapeReader); raw && !o.quiet {
+		fmt.Fprintf(stderr, "understudy: the terminal is in raw mode for the guest's console: %s\n", escapeHelp)
+	}
 	start := time.Now()
-	res, err := m.Run(ctx)
+	res, err := m.Run(runCtx)
+	restore()
 	elapsed := time.Since(start).Round(time.Millisecond)
+	if errors.Is(context.Cause(runCtx), errQuitKey) && ctx.Err() == nil {
+		fmt.Fprintf(stderr, "understudy: quit (Ctrl-A x) after %v\n", elapsed)
+		return exitInterrupted, true
+	}
 	if errors.Is(err, context.Canceled) {
 		fmt.Fprintf(stderr, "understudy: interrupted after %v\n", elapsed)
 		return exitInterrupted, true
