@@ -219,14 +219,51 @@ func TestUARTStopUnblocksReader(t *testing.T) {
 	}
 }
 
-func TestUARTBadAccess(t *testing.T) {
-	u, _, _ := newTestUART()
-	if err := u.out(0, com1Port, []byte{1, 2}); err == nil {
-		t.Error("2-byte write accepted")
+// TestUARTWideAccess: 2- and 4-byte accesses work as on an ISA bus, one
+// byte per port; bytes past the last port read as all ones and writes to
+// them go nowhere.
+func TestUARTWideAccess(t *testing.T) {
+	u, out, _ := newTestUART()
+	// THR 'A' and IER 0x02 at once.
+	if err := u.out(0, com1Port, []byte{'A', ierTHRI}); err != nil {
+		t.Fatal(err)
 	}
-	if err := u.in(0, com1Port, make([]byte, 4)); err == nil {
-		t.Error("4-byte read accepted")
+	if out.String() != "A" || u.regs.IER != ierTHRI {
+		t.Errorf("2-byte write: console %q, IER %#x; want %q, %#x", out.String(), u.regs.IER, "A", ierTHRI)
 	}
+	// SCR, then three bytes past the UART.
+	if err := u.out(0, com1Port+uartSCR, []byte{0x5a, 1, 2, 3}); err != nil {
+		t.Fatal(err)
+	}
+	if u.regs.SCR != 0x5a {
+		t.Errorf("4-byte write at SCR: SCR %#x, want 0x5a", u.regs.SCR)
+	}
+	got := make([]byte, 4)
+	if err := u.in(0, com1Port+uartMCR, got); err != nil {
+		t.Fatal(err)
+	}
+	// MCR 0, LSR (transmitter empty), MSR (the lines a terminal sets), SCR.
+	if want := []byte{0, lsrTHRE | lsrTEMT, msrCTS | msrDSR | msrDCD, 0x5a}; !bytes.Equal(got, want) {
+		t.Errorf("4-byte read at MCR = % x, want % x", got, want)
+	}
+	got = got[:2]
+	if err := u.in(0, com1Port+uartSCR, got); err != nil {
+		t.Fatal(err)
+	}
+	if want := []byte{0x5a, 0xff}; !bytes.Equal(got, want) {
+		t.Errorf("2-byte read at SCR = % x, want % x", got, want)
+	}
+	// A received byte comes out of a wide read of RBR once, in its low byte.
+	u.receive([]byte("z"))
+	if err := u.in(0, com1Port, got); err != nil || got[0] != 'z' || got[1] != ierTHRI {
+		t.Errorf("2-byte read at RBR = % x, %v; want 'z' and IER", got, err)
+	}
+	if len(u.regs.RX) != 0 {
+		t.Errorf("FIFO after the read: %q", u.regs.RX)
+	}
+}
+
+func TestUARTConsoleError(t *testing.T) {
 	u2 := newUART(com1Port, failWriter{}, nil)
 	if err := u2.out(0, com1Port, []byte{'x'}); err == nil || !strings.Contains(err.Error(), "serial console") {
 		t.Errorf("console write error = %v", err)

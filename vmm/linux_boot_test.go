@@ -468,6 +468,34 @@ func TestLinuxSerialInput(t *testing.T) {
 	}
 }
 
+// TestLinuxWideCOM1Access: a guest's 4- and 2-byte accesses to COM1 do not
+// stop the machine: they work byte by byte, as on an ISA bus.
+func TestLinuxWideCOM1Access(t *testing.T) {
+	requireKVM(t)
+	var out syncBuffer
+	code := concat(
+		[]byte{0x66, 0xba, 0xff, 0x03},   // mov dx, 0x3ff (SCR)
+		[]byte{0xb8, '!', 'B', 'C', 'D'}, // mov eax, "!BCD"
+		[]byte{0xef},                     // out dx, eax: SCR = '!', the rest past COM1
+		[]byte{0xed},                     // in eax, dx: '!', then all ones
+		[]byte{0x66, 0xba, 0xf8, 0x03},   // mov dx, 0x3f8
+		[]byte{0xee},                     // out dx, al
+		[]byte{0xc1, 0xe8, 0x08},         // shr eax, 8
+		[]byte{0xee},                     // out dx, al
+		[]byte{0x66, 0xb8, 'B', 0x00},    // mov ax, "B\0"
+		[]byte{0x66, 0xef},               // out dx, ax: THR 'B', IER 0
+		codePowerOff, codeHalt)
+	cfg := linuxConfig(t, code)
+	cfg.Console = &out
+	res, err := runLinux(t, cfg)
+	if err != nil || res.End != EndPowerOff {
+		t.Fatalf("Run = %+v, %v; want the guest to power off", res, err)
+	}
+	if got := out.String(); got != "!\xffB" {
+		t.Errorf("console %q, want %q", got, "!\xffB")
+	}
+}
+
 // TestLinuxUnknownPorts checks that a Linux machine's unknown ports read as
 // all ones and that writes to them are ignored (a payload machine stops).
 func TestLinuxUnknownPorts(t *testing.T) {

@@ -220,12 +220,39 @@ func (u *uart) msr() uint8 {
 	return m
 }
 
+// out handles a write. The UART's registers are bytes (Linux's 8250 driver
+// uses byte accesses only); a wider access does what an ISA bus does with
+// an 8-bit device: one byte access per byte, to consecutive ports. Bytes
+// past the UART's last port go nowhere.
 func (u *uart) out(cpu int, port uint16, data []byte) error {
-	if len(data) != 1 {
-		// Linux's 8250 driver uses byte accesses only.
-		return fmt.Errorf("serial port %#x: %d-byte write, the UART's registers are bytes", port, len(data))
+	for i, b := range data {
+		p := port + uint16(i)
+		if p < u.base || p > u.base+7 {
+			continue
+		}
+		if err := u.outByte(p, b); err != nil {
+			return err
+		}
 	}
-	v := data[0]
+	return nil
+}
+
+// in handles a read, byte by byte as out does; bytes past the UART's last
+// port read as all ones, as from an ISA port without a device.
+func (u *uart) in(cpu int, port uint16, data []byte) error {
+	for i := range data {
+		p := port + uint16(i)
+		if p < u.base || p > u.base+7 {
+			data[i] = 0xff
+			continue
+		}
+		data[i] = u.inByte(p)
+	}
+	return nil
+}
+
+// outByte writes v to the register at port.
+func (u *uart) outByte(port uint16, v byte) error {
 	u.mu.Lock()
 	r := &u.regs
 	var tx []byte
@@ -284,10 +311,8 @@ func (u *uart) out(cpu int, port uint16, data []byte) error {
 	return nil
 }
 
-func (u *uart) in(cpu int, port uint16, data []byte) error {
-	if len(data) != 1 {
-		return fmt.Errorf("serial port %#x: %d-byte read, the UART's registers are bytes", port, len(data))
-	}
+// inByte reads the register at port.
+func (u *uart) inByte(port uint16) byte {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	r := &u.regs
@@ -330,7 +355,6 @@ func (u *uart) in(cpu int, port uint16, data []byte) error {
 	case uartSCR:
 		v = r.SCR
 	}
-	data[0] = v
 	u.update()
-	return nil
+	return v
 }
