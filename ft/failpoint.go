@@ -19,6 +19,9 @@ import (
 //	transfer  in the middle of sending the checkpoint (after its Begin and
 //	          the next message, a page batch or the state)
 //	sent      after the checkpoint was sent, before its acknowledgement
+//	corrupt   not a kill: one byte of the checkpoint's first page is flipped
+//	          on its way out, after the digest was computed over it (a bad
+//	          checkpoint from a live primary)
 //
 // and EPOCH is the checkpoint's epoch. Unarmed, they cost one comparison.
 const failpointEnv = "UNDERSTUDY_FAILPOINT"
@@ -30,6 +33,7 @@ const (
 	failStun
 	failTransfer
 	failSent
+	failCorrupt
 )
 
 var failAt = mustParseFailpoint(os.Getenv(failpointEnv))
@@ -59,9 +63,9 @@ func parseFailpoint(s string) (armedFailpoint, error) {
 	if err != nil || e == 0 {
 		return armedFailpoint{}, fmt.Errorf("%q: epoch must be a positive integer", s)
 	}
-	st := map[string]failStage{"stun": failStun, "transfer": failTransfer, "sent": failSent}[stage]
+	st := map[string]failStage{"stun": failStun, "transfer": failTransfer, "sent": failSent, "corrupt": failCorrupt}[stage]
 	if st == failNone {
-		return armedFailpoint{}, fmt.Errorf("%q: stage must be stun, transfer or sent", s)
+		return armedFailpoint{}, fmt.Errorf("%q: stage must be stun, transfer, sent or corrupt", s)
 	}
 	return armedFailpoint{st, e}, nil
 }
@@ -77,11 +81,36 @@ func failpoint(stage failStage, epoch uint64) {
 // failpointConn returns c, or, if the transfer failpoint is armed for
 // epoch, c wrapped so that the process dies after the checkpoint's second
 // message (the one after Begin) was written.
+// If the corrupt failpoint is armed for epoch, c is wrapped so that the
+// checkpoint's first page goes out with one byte flipped.
 func failpointConn(c MessageConn, epoch uint64) MessageConn {
-	if failAt.stage != failTransfer || failAt.epoch != epoch {
+	if failAt.epoch != epoch {
 		return c
 	}
-	return &dyingConn{MessageConn: c, epoch: epoch}
+	switch failAt.stage {
+	case failTransfer:
+		return &dyingConn{MessageConn: c, epoch: epoch}
+	case failCorrupt:
+		return &corruptingConn{MessageConn: c}
+	}
+	return c
+}
+
+type corruptingConn struct {
+	MessageConn
+	done bool
+}
+
+func (c *corruptingConn) WriteMessage(m wire.Message) error {
+	if b, ok := m.(*wire.PageBatch); ok && !c.done {
+		c.done = true
+		// A copy: the checkpoint's own data stays intact.
+		pages := append([]wire.Page(nil), b.Pages...)
+		pages[0].Data = append([]byte(nil), pages[0].Data...)
+		pages[0].Data[0] ^= 0xff
+		m = &wire.PageBatch{Epoch: b.Epoch, Pages: pages}
+	}
+	return c.MessageConn.WriteMessage(m)
 }
 
 type dyingConn struct {

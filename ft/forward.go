@@ -345,7 +345,12 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 			if closer != nil {
 				closer.Close()
 			}
-			<-read
+			// The backup's own Error (say, a refusal) tells more than the
+			// write that failed because of it.
+			var we *wire.Error
+			if rerr := <-read; errors.As(rerr, &we) {
+				err = rerr
+			}
 			return fmt.Errorf("serve backup: %w", err)
 		}
 		select {
@@ -494,6 +499,9 @@ func (b *backupLink) readLoop(in *Intermediary) error {
 			}
 			b.fail(err)
 			return err
+		}
+		if _, refused := m.(*wire.Error); !refused {
+			in.heardOnce.Do(func() { close(in.heard) }) // the backup stands by
 		}
 		switch m := m.(type) {
 		case *wire.Ack:

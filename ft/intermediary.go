@@ -39,6 +39,13 @@ type Intermediary struct {
 	stall    bool          // BackupLossPolicy StallWithoutBackup
 	fencedCh chan struct{} // closed by Failover
 
+	// heard is closed once a backup has answered on its link (it stands
+	// by); heardOnce guards the close. active is why a backup refused this
+	// intermediary because it runs the guest already ("" if none did).
+	heard     chan struct{}
+	heardOnce sync.Once
+	active    atomic.Pointer[string]
+
 	// Stats.
 	received    atomic.Uint64 // checkpoint bytes received and applied
 	forwarded   atomic.Uint64 // checkpoint bytes sent to backups
@@ -177,6 +184,13 @@ var ErrNothingToActivate = errors.New("the primary was lost before its first che
 // without a goodbye or fails: the caller should fail over.
 var ErrPrimaryLost = errors.New("primary lost")
 
+// ErrRefused is returned by ServePrimary when it refused what the primary
+// sent (a checkpoint that fails verification or does not apply, or a
+// message out of protocol): the refusal changed nothing and ended the link,
+// but the primary is alive. It may reconnect and send a full image; the
+// caller should not fail over at once.
+var ErrRefused = errors.New("refused the primary's message")
+
 // NewIntermediary returns an intermediary for a guest of memSize bytes. It
 // forwards with ForwardEvery until SetForwardPolicy says otherwise.
 func NewIntermediary(memSize uint64, log *slog.Logger) (*Intermediary, error) {
@@ -187,7 +201,7 @@ func NewIntermediary(memSize uint64, log *slog.Logger) (*Intermediary, error) {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	return &Intermediary{img: NewImage(memSize), regions: mmu.Layout(memSize), log: log, policy: ForwardEvery{},
-		attached: make(chan struct{}), fencedCh: make(chan struct{})}, nil
+		attached: make(chan struct{}), fencedCh: make(chan struct{}), heard: make(chan struct{})}, nil
 }
 
 // Image returns the intermediary's replica.
@@ -216,7 +230,7 @@ func (in *Intermediary) Fenced() bool {
 
 // ServePrimary handles one primary link until it ends. A checkpoint that
 // fails verification or does not apply is refused with an Error, changes
-// nothing, and ends the link. Once the intermediary is fenced it neither
+// nothing, and ends the link (ErrRefused). Once the intermediary is fenced it neither
 // applies nor acknowledges anything from the primary and returns ErrFenced.
 func (in *Intermediary) ServePrimary(c MessageConn) error {
 	in.mu.Lock()
@@ -259,7 +273,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 			if err != nil {
 				in.log.Warn("refused a checkpoint", "epoch", m.Epoch, "err", err)
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeIncomplete, Reason: truncate(err.Error(), wire.MaxReasonLen)})
-				return err
+				return fmt.Errorf("%w: %w", ErrRefused, err)
 			}
 		case *wire.Heartbeat:
 		case *wire.Bye:
@@ -267,7 +281,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		default:
 			err := fmt.Errorf("unexpected %v from the primary", m.Type())
 			_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: err.Error()})
-			return err
+			return fmt.Errorf("%w: %w", ErrRefused, err)
 		}
 	}
 }
@@ -306,22 +320,7 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 // fails, Failover returns an error and may be called again once a backup is
 // attached (it is re-seeded from the image).
 func (in *Intermediary) Failover(ctx context.Context) (uint64, error) {
-	in.mu.Lock()
-	if !in.fenced {
-		close(in.fencedCh)
-	}
-	in.fenced = true
-	pc := in.primary
-	epoch := in.img.Epoch() // everything applied was acknowledged (or its ack failed)
-	in.mu.Unlock()
-	switch c := pc.(type) {
-	case interface {
-		CloseWithError(wire.Code, string) error
-	}:
-		_ = c.CloseWithError(wire.CodeFenced, "fenced: the backup takes over")
-	case io.Closer:
-		_ = c.Close()
-	}
+	epoch := in.fence("fenced: the backup takes over")
 	if epoch == 0 {
 		return 0, ErrNothingToActivate
 	}
@@ -343,6 +342,77 @@ func (in *Intermediary) Failover(ctx context.Context) (uint64, error) {
 	in.failoverTimes.Store(&FailoverTimes{Flush: t1.Sub(t0), Activate: time.Since(t1)})
 	in.log.Info("failover: backup activated", "epoch", epoch, "flush", t1.Sub(t0), "activate", time.Since(t1))
 	return epoch, nil
+}
+
+// fence fences the primary: it is never acknowledged again, and its link,
+// if any, is closed with a CodeFenced error giving reason. It returns the
+// image's epoch at that moment: everything applied was acknowledged (or
+// its acknowledgement failed).
+func (in *Intermediary) fence(reason string) uint64 {
+	in.mu.Lock()
+	if !in.fenced {
+		close(in.fencedCh)
+	}
+	in.fenced = true
+	pc := in.primary
+	epoch := in.img.Epoch()
+	in.mu.Unlock()
+	switch c := pc.(type) {
+	case interface {
+		CloseWithError(wire.Code, string) error
+	}:
+		_ = c.CloseWithError(wire.CodeFenced, reason)
+	case io.Closer:
+		_ = c.Close()
+	}
+	return epoch
+}
+
+// ErrBackupActive is returned when the backup refused this intermediary
+// because it runs the guest already: an earlier failover activated it. The
+// intermediary fences the primary then, so a primary that another
+// intermediary superseded never has its output released (say, after the
+// intermediary was restarted and the old primary reached it again).
+var ErrBackupActive = errors.New("the backup runs the guest already (an earlier failover activated it)")
+
+// backupRefused handles an Error from a backup: one saying the backup is
+// active fences the primary and returns ErrBackupActive.
+func (in *Intermediary) backupRefused(err error) error {
+	var we *wire.Error
+	if !errors.As(err, &we) || we.Code != wire.CodeFenced {
+		return nil
+	}
+	reason := we.Reason
+	in.active.Store(&reason)
+	in.fence("fenced: " + reason)
+	in.log.Warn("the backup refused this intermediary: it runs the guest already; primary fenced", "reason", reason)
+	return fmt.Errorf("%w: %s", ErrBackupActive, reason)
+}
+
+// WaitForBackup waits until a backup has answered this intermediary (it
+// stands by, so no failover activated it), ctx ends, or a backup refused it
+// as active (ErrBackupActive; the primary is fenced then). Until a backup
+// has answered, the intermediary cannot know that no earlier failover
+// superseded the primary: call it before acknowledging anything when the
+// intermediary may be a restarted one.
+func (in *Intermediary) WaitForBackup(ctx context.Context) error {
+	for {
+		if r := in.active.Load(); r != nil {
+			return fmt.Errorf("%w: %s", ErrBackupActive, *r)
+		}
+		select {
+		case <-in.heard:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-in.fencedCh:
+			// Fenced by a refusal (checked above) or a failover.
+			if r := in.active.Load(); r != nil {
+				return fmt.Errorf("%w: %s", ErrBackupActive, *r)
+			}
+			return ErrFenced
+		}
+	}
 }
 
 func truncate(s string, n int) string {
@@ -444,6 +514,9 @@ func (in *Intermediary) KeepBackup(ctx context.Context, dial Dialer, retry time.
 			}
 			if err == nil {
 				return nil // activated
+			}
+			if aerr := in.backupRefused(err); aerr != nil {
+				return aerr
 			}
 			if in.Fenced() {
 				return err

@@ -71,6 +71,7 @@ func TestParseFailpoint(t *testing.T) {
 		{"stun@3", armedFailpoint{failStun, 3}, true},
 		{"transfer@12", armedFailpoint{failTransfer, 12}, true},
 		{"sent@1", armedFailpoint{failSent, 1}, true},
+		{"corrupt@7", armedFailpoint{failCorrupt, 7}, true},
 		{"sent@0", armedFailpoint{}, false},
 		{"sent", armedFailpoint{}, false},
 		{"boom@3", armedFailpoint{}, false},

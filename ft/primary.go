@@ -273,6 +273,16 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 	sent := uint64(0)
 	send := func(cp *Checkpoint) error {
 		if err := SendCheckpoint(failpointConn(ln, cp.Epoch), cp, sent); err != nil {
+			// The intermediary's own Error (fenced, a refusal), read just
+			// before it closed the link, tells more than the failed write.
+			select {
+			case rerr := <-acks:
+				var we *wire.Error
+				if errors.As(rerr, &we) {
+					return &LinkError{we}
+				}
+			case <-time.After(time.Second):
+			}
 			return &LinkError{err}
 		}
 		failpoint(failSent, cp.Epoch)

@@ -88,8 +88,13 @@ func TestStreamRefusesBadCheckpoints(t *testing.T) {
 			}
 			if err := <-served; err == nil {
 				t.Errorf("ServePrimary returned nil after a bad checkpoint")
-			} else if e != nil && e.Code == wire.CodeIncomplete && !errors.Is(err, ErrBadCheckpoint) {
-				t.Errorf("ServePrimary = %v, want ErrBadCheckpoint", err)
+			} else {
+				if e != nil && e.Code == wire.CodeIncomplete && !errors.Is(err, ErrBadCheckpoint) {
+					t.Errorf("ServePrimary = %v, want ErrBadCheckpoint", err)
+				}
+				if !errors.Is(err, ErrRefused) || errors.Is(err, ErrPrimaryLost) {
+					t.Errorf("ServePrimary = %v, want ErrRefused (the primary is alive: no failover)", err)
+				}
 			}
 			if in.Image().Epoch() != 1 {
 				t.Errorf("image epoch %d after a refused checkpoint, want 1", in.Image().Epoch())
@@ -99,6 +104,18 @@ func TestStreamRefusesBadCheckpoints(t *testing.T) {
 					t.Errorf("a refused checkpoint changed the image")
 				}
 			})
+			// The primary reconnects and starts again with a full image.
+			pc2, ic2 := link(t, memSize)
+			go func() { served <- in.ServePrimary(ic2) }()
+			if err := SendCheckpoint(pc2, testCheckpoint(5, true, 4, 5), 0); err != nil {
+				t.Fatal(err)
+			}
+			if m, err := pc2.ReadMessage(); err != nil || m.Type() != wire.TypeAck {
+				t.Errorf("after reconnecting with a full image: %v, %v; want an Ack", m, err)
+			}
+			if in.Image().Epoch() != 5 {
+				t.Errorf("image epoch %d after the reconnected primary's full image, want 5", in.Image().Epoch())
+			}
 		})
 	}
 }

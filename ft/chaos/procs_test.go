@@ -79,8 +79,20 @@ func start(t testing.TB, dir, name string, env []string, args ...string) *proc {
 
 // waitFor returns the first stderr line matching re, waiting up to d.
 func (p *proc) waitFor(re *regexp.Regexp, d time.Duration) ([]string, error) {
+	return p.waitFrom(0, re, d)
+}
+
+// lineCount returns how many stderr lines p has printed so far.
+func (p *proc) lineCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.lines)
+}
+
+// waitFrom is waitFor over the lines from index from on (see lineCount).
+func (p *proc) waitFrom(from int, re *regexp.Regexp, d time.Duration) ([]string, error) {
 	deadline := time.After(d)
-	for i := 0; ; {
+	for i := from; ; {
 		p.mu.Lock()
 		for ; i < len(p.lines); i++ {
 			if m := re.FindStringSubmatch(p.lines[i]); m != nil {
@@ -129,6 +141,10 @@ func (p *proc) kill() {
 	p.cmd.Process.Signal(syscall.SIGKILL)
 	<-p.done
 }
+
+// signal sends sig (SIGSTOP and SIGCONT stand for a host that hangs and
+// comes back).
+func (p *proc) signal(sig syscall.Signal) { p.cmd.Process.Signal(sig) }
 
 // interrupt sends SIGINT and waits up to d for the process to end, then
 // kills it.

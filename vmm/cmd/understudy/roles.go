@@ -322,10 +322,32 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	defer stopBackup()
 	kept := make(chan error, 1)
 	go func() { kept <- in.KeepBackup(bctx, dialer(*backupAddr, &bcfg), *retry) }()
+	// A restarted intermediary cannot tell whether an earlier failover
+	// superseded this primary until the backup has answered: acknowledge
+	// nothing before. A backup that runs the guest already refuses it.
+	fmt.Fprintf(stderr, "understudy: intermediary: waiting for the backup at %s before acknowledging the primary\n", *backupAddr)
+	if err := in.WaitForBackup(ctx); err != nil {
+		if errors.Is(err, ft.ErrBackupActive) {
+			pc.CloseWithError(wire.CodeFenced, "fenced: the backup runs the guest already")
+			fmt.Fprintf(stderr, "understudy: intermediary: %v: the primary is fenced and must stop its guest\n", err)
+		}
+		return fail(stderr, err)
+	}
 	stopStatus := everyInterval(*statusEvery, func() {
 		fmt.Fprintf(stderr, "understudy: intermediary: %s\n", in.StatusLine())
 	})
 	perr := in.ServePrimary(pc)
+	for errors.Is(perr, ft.ErrRefused) {
+		// The primary sent something bad: refused, nothing changed, but it
+		// is alive and reconnects with a full image. Only a primary that
+		// does not come back within the peer timeout is lost.
+		fmt.Fprintf(stderr, "understudy: intermediary: %v; waiting %v for the primary to reconnect\n", perr, *rf.peerTimeout)
+		pc.Close()
+		if pc, perr = acceptSamePrimary(ctx, ln, pc.Peer(), *rf.peerTimeout); perr == nil {
+			fmt.Fprintf(stderr, "understudy: intermediary: primary %q reconnected\n", pc.Peer().Name)
+			perr = in.ServePrimary(pc)
+		}
+	}
 	stopStatus()
 	if perr == nil {
 		fmt.Fprintf(stderr, "understudy: intermediary: primary finished at epoch %d\n", in.Image().Epoch())
@@ -354,6 +376,44 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		fmt.Fprintf(stderr, "understudy: intermediary: failover not done yet (%v); retrying\n", err)
 		time.Sleep(*retry)
 	}
+}
+
+// acceptSamePrimary waits up to timeout for the primary prev to connect
+// again (the same name and guest memory size). Another primary is refused.
+func acceptSamePrimary(ctx context.Context, ln transport.Listener, prev transport.Peer, timeout time.Duration) (transport.Conn, error) {
+	actx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for {
+		c, err := ln.Accept(actx)
+		if err != nil {
+			return nil, fmt.Errorf("%w: it did not reconnect within %v after a refusal", ft.ErrPrimaryLost, timeout)
+		}
+		if p := c.Peer(); p.Name == prev.Name && p.Hello.MemSize == prev.Hello.MemSize {
+			return c, nil
+		}
+		_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: "this intermediary protects another primary"})
+		c.Close()
+	}
+}
+
+// refuseIntermediaries answers every intermediary that connects to an
+// activated backup with a CodeFenced error, until the returned function is
+// called.
+func refuseIntermediaries(ctx context.Context, ln transport.Listener, epoch uint64, stderr io.Writer) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept(ctx)
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(stderr, "understudy: backup: refused intermediary %q: this backup runs the guest (activated at epoch %d)\n", c.Peer().Name, epoch)
+			c.CloseWithError(wire.CodeFenced, fmt.Sprintf("the backup activated the guest at epoch %d and runs it", epoch))
+		}
+	}()
+	return func() { cancel(); <-done }
 }
 
 // activationPolicy is the backup's --on-intermediary-loss.
@@ -520,6 +580,11 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		}
 	}
 	fmt.Fprintf(stderr, "understudy: backup: activated at epoch %d; resuming the guest\n", b.Committed())
+	// From now on this backup runs the guest: an intermediary that reaches
+	// it (a restarted one, perhaps reached by the old primary) is refused,
+	// and fences its primary.
+	stopRefusing := refuseIntermediaries(ctx, ln, b.Committed(), stderr)
+	defer stopRefusing()
 	if lpCfg != nil {
 		lp, err := m.StartLargePages(*lpCfg)
 		if err != nil {
