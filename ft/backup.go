@@ -131,7 +131,20 @@ func (b *Backup) pageOffset(pfn uint64) (uint64, error) {
 // is refused with an Error and changes nothing. Serve returns a nil machine
 // when the link ends without activation (with ErrProtectionEnded if the
 // intermediary said the guest exited on the primary).
-func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
+func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) { return b.serve(c, false) }
+
+// ServeDirect handles a link from the primary itself, which replicates
+// straight to the backup while it cannot reach an intermediary (its policy
+// for a lost intermediary says so). The backup then acts as intermediary
+// too: it commits and acknowledges the primary's checkpoints (a full image
+// first), and the primary releases output on those acknowledgements. It
+// returns ErrProtectionEnded when the primary's guest exited (its Bye), and
+// nil with a nil machine when the link ended or failed otherwise: the
+// primary is lost then, and every epoch it was acknowledged is committed,
+// so the caller activates the committed epoch (nothing lost).
+func (b *Backup) ServeDirect(c MessageConn) (*vmm.Machine, error) { return b.serve(c, true) }
+
+func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 	if b.activated() {
 		_ = c.WriteMessage(&wire.Error{Code: wire.CodeRefused, Reason: ErrActivated.Error()})
 		return nil, ErrActivated
@@ -145,7 +158,7 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 	if err := c.WriteMessage(&wire.Status{Role: wire.RoleBackup, Committed: b.Committed()}); err != nil {
 		return nil, fmt.Errorf("backup: report status: %w", err)
 	}
-	if b.cfg.Policy != "" {
+	if b.cfg.Policy != "" && !direct {
 		v := b.policyVersion.Add(1)
 		if err := c.WriteMessage(&wire.Policy{Version: v, Spec: b.cfg.Policy}); err != nil {
 			return nil, fmt.Errorf("backup: install policy: %w", err)
@@ -158,7 +171,20 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 			return nil, nil
 		}
 		if err != nil {
+			if direct {
+				b.log.Warn("the primary's direct link failed", "err", err)
+				return nil, nil
+			}
 			return nil, fmt.Errorf("backup: %w", err)
+		}
+		if direct {
+			switch m.(type) {
+			case *wire.CheckpointBegin, *wire.Heartbeat, *wire.Bye:
+			default:
+				err := fmt.Errorf("backup: unexpected %v from the primary", m.Type())
+				_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: err.Error()})
+				return nil, err
+			}
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
@@ -243,7 +269,8 @@ func (b *Backup) Serve(c MessageConn) (*vmm.Machine, error) {
 			b.log.Warn("the intermediary refused this backup's policy; it forwards by its own", "reason", m.Reason)
 		case *wire.Heartbeat:
 		case *wire.Bye:
-			if m.Reason == ByePrimaryFinished {
+			// A primary says Bye only when its guest exited.
+			if m.Reason == ByePrimaryFinished || direct {
 				return nil, ErrProtectionEnded
 			}
 			return nil, nil

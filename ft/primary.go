@@ -39,6 +39,11 @@ type PrimaryConfig struct {
 	// OnLinkLoss says what the guest does while no intermediary
 	// acknowledges it (Protect only; default HoldOutput).
 	OnLinkLoss LinkLossPolicy
+	// Direct dials the backup itself, for ReplicateDirect: while no
+	// intermediary is reachable, the primary replicates straight to the
+	// backup (Backup.ServeDirect) and releases output on its
+	// acknowledgements.
+	Direct Dialer
 	// Redial is the pause between attempts to reach an intermediary again
 	// (Protect only; default 200 ms).
 	Redial time.Duration
@@ -64,22 +69,32 @@ const (
 	HoldOutput LinkLossPolicy = iota
 	// PauseGuest pauses the guest until an intermediary is reached again.
 	PauseGuest
+	// ReplicateDirect replicates straight to the backup (PrimaryConfig.
+	// Direct) while no intermediary is reachable; output is released once
+	// the backup acknowledges it, and held while neither is reachable.
+	// Every redial tries the intermediary first.
+	ReplicateDirect
 )
 
-// ParseLinkLossPolicy parses "hold" or "pause".
+// ParseLinkLossPolicy parses "hold", "pause" or "direct".
 func ParseLinkLossPolicy(s string) (LinkLossPolicy, error) {
 	switch s {
 	case "hold", "":
 		return HoldOutput, nil
 	case "pause":
 		return PauseGuest, nil
+	case "direct":
+		return ReplicateDirect, nil
 	}
-	return 0, fmt.Errorf("intermediary-loss policy %q: want hold or pause", s)
+	return 0, fmt.Errorf("intermediary-loss policy %q: want hold, pause or direct", s)
 }
 
 func (l LinkLossPolicy) String() string {
-	if l == PauseGuest {
+	switch l {
+	case PauseGuest:
 		return "pause"
+	case ReplicateDirect:
+		return "direct"
 	}
 	return "hold"
 }
@@ -147,6 +162,9 @@ func NewPrimary(m *vmm.Machine, ln MessageConn, cfg PrimaryConfig) (*Primary, er
 	}
 	if cfg.Interval < 0 || cfg.PreCopyRounds < 0 || cfg.AckTimeout < 0 || cfg.Redial < 0 || cfg.GiveUp < 0 || cfg.MaxHeld < 0 || cfg.BudgetPoll < 0 {
 		return nil, fmt.Errorf("primary: negative interval, pre-copy rounds, timeout or bound")
+	}
+	if (cfg.OnLinkLoss == ReplicateDirect) != (cfg.Direct != nil) {
+		return nil, fmt.Errorf("primary: the direct policy for a lost intermediary and a dialer of the backup go together")
 	}
 	if cfg.DirtyBudget > 0 && cfg.DirtyBudget < mmu.PageSize {
 		return nil, fmt.Errorf("primary: dirty budget of %d bytes is less than one page (%d bytes)", cfg.DirtyBudget, mmu.PageSize)
@@ -449,6 +467,17 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log func(string)) er
 	}()
 	for {
 		ln, err := dial(ctx)
+		direct := false
+		if err != nil && p.cfg.Direct != nil && ctx.Err() == nil {
+			var derr error
+			if ln, derr = p.cfg.Direct(ctx); derr == nil {
+				direct = true
+				log(fmt.Sprintf("intermediary unreachable (%v); replicating straight to the backup", err))
+				err = nil
+			} else {
+				err = errors.Join(err, fmt.Errorf("backup: %w", derr))
+			}
+		}
 		if err == nil {
 			if paused {
 				p.m.Resume()
@@ -456,7 +485,11 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log func(string)) er
 			}
 			if !lostAt.IsZero() {
 				p.reconnects.Add(1)
-				log(fmt.Sprintf("intermediary reached again after %v; sending a full image", time.Since(lostAt).Round(time.Millisecond)))
+				what := "intermediary"
+				if direct {
+					what = "backup (direct)"
+				}
+				log(fmt.Sprintf("%s reached again after %v; sending a full image", what, time.Since(lostAt).Round(time.Millisecond)))
 			}
 			lostAt = time.Time{}
 			err = p.serve(ctx, ln)
@@ -474,8 +507,12 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log func(string)) er
 			if !errors.As(err, &le) {
 				return err
 			}
-			log(fmt.Sprintf("intermediary lost (%v); policy %v: output stays held (%d records, last acknowledged epoch %d)",
-				err, p.cfg.OnLinkLoss, p.Held(), p.Acked()))
+			what := "intermediary"
+			if direct {
+				what = "direct link to the backup"
+			}
+			log(fmt.Sprintf("%s lost (%v); policy %v: output stays held (%d records, last acknowledged epoch %d)",
+				what, err, p.cfg.OnLinkLoss, p.Held(), p.Acked()))
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()

@@ -373,3 +373,85 @@ func TestDirtyBudgetConfig(t *testing.T) {
 		t.Errorf("NewPrimary(DirtyBudget: 100) = %v, want an error saying it is less than one page", err)
 	}
 }
+
+// TestDirectToBackup: a primary replicating straight to the backup (its
+// policy for a lost intermediary) has its output released on the backup's
+// acknowledgements; its guest's exit ends protection there
+// (ErrProtectionEnded), with the committed image equal to the stopped
+// guest's memory. The backup refuses anything an intermediary would send.
+func TestDirectToBackup(t *testing.T) {
+	kvmtest.Require(t)
+	const memSize = 32 << 20
+	pc, bc := roleLink(t, memSize, wire.RolePrimary, wire.RoleBackup)
+	bk, err := NewBackup(memSize, BackupConfig{Policy: "pull-every=1s"}) // not sent to a primary
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bk.Close()
+	served := make(chan error, 1)
+	go func() {
+		m, err := bk.ServeDirect(bc)
+		if m != nil {
+			m.Close()
+		}
+		served <- err
+	}()
+	var p *Primary
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
+		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "5000", "report": "0"},
+		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	dataBase := m.DataRegions()[0] * mmu.RegionSize
+	var (
+		released []uint64
+		early    int
+	)
+	p, err = NewPrimary(m, pc, PrimaryConfig{Interval: 10 * time.Millisecond, OnRelease: func(r vmm.Record) {
+		// The backup's committed image must show this iteration already.
+		var seq uint64
+		bk.Image().Read(func(mem, _ []byte, _ uint64) { seq = binary.LittleEndian.Uint64(mem[dataBase:]) })
+		if seq < r.Value {
+			early++
+		}
+		released = append(released, r.Value)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runProtected(t, m, p)
+	if err := <-served; !errors.Is(err, ErrProtectionEnded) {
+		t.Errorf("ServeDirect = %v, want ErrProtectionEnded", err)
+	}
+	if early != 0 {
+		t.Errorf("%d records released before the backup committed their checkpoint", early)
+	}
+	if len(released) != 5000 || released[0] != 1 || released[4999] != 5000 {
+		t.Fatalf("released %d records, want 1..5000", len(released))
+	}
+	if bk.Committed() != p.Epochs() {
+		t.Errorf("backup committed epoch %d, primary sent %d", bk.Committed(), p.Epochs())
+	}
+	bk.Image().Read(func(img, _ []byte, _ uint64) {
+		if string(img) != string(m.Memory().Backing()) {
+			t.Errorf("the backup's image differs from the stopped guest's memory")
+		}
+	})
+
+	// An intermediary's message on a direct link is refused.
+	pc2, bc2 := roleLink(t, memSize, wire.RolePrimary, wire.RoleBackup)
+	bk2, err := NewBackup(memSize, BackupConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bk2.Close()
+	go func() { _, err := bk2.ServeDirect(bc2); served <- err }()
+	if err := pc2.WriteMessage(&wire.Activate{Epoch: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-served; err == nil || !strings.Contains(err.Error(), "unexpected") {
+		t.Errorf("ServeDirect after an Activate from the primary = %v, want a refusal", err)
+	}
+}

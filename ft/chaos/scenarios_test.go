@@ -68,6 +68,37 @@ func TestIntermediaryLoss(t *testing.T) {
 	})
 }
 
+// TestIntermediaryLossDirect: under the primary's direct policy a lost
+// intermediary does not stop the output: the primary replicates straight to
+// the backup, which acknowledges, and the client's sequence goes on. Then
+// the primary is killed; the backup, which committed every epoch it
+// acknowledged, activates by itself with nothing lost.
+func TestIntermediaryLossDirect(t *testing.T) {
+	scenario(t, func(c *cluster) error {
+		c.startBackup("")
+		c.startIntermediary("")
+		c.startPrimary(nil, "", "--on-intermediary-loss", "direct", "--direct-backup", c.bAddr)
+		if err := c.waitClient(500, 20*time.Second); err != nil {
+			return err
+		}
+		c.inter.kill()
+		if _, err := c.primary.waitFor(mustRE(`replicating straight to the backup`), 10*time.Second); err != nil {
+			return err
+		}
+		if _, err := c.backup.waitFor(mustRE(`primary "primary" connected directly`), 10*time.Second); err != nil {
+			return err
+		}
+		if err := c.waitClient(c.clientSeen()+500, 20*time.Second); err != nil {
+			return fmt.Errorf("replicating straight to the backup: %w", err)
+		}
+		c.primary.kill()
+		if _, err := c.backup.waitFor(mustRE(`primary lost on its direct link at committed epoch \d+: activating`), 10*time.Second); err != nil {
+			return err
+		}
+		return c.finish("", true)
+	})
+}
+
 var (
 	reLost    = mustRE(`intermediary lost`)
 	reReached = mustRE(`intermediary reached again`)

@@ -101,6 +101,7 @@ type protectFlags struct {
 	interval *time.Duration
 	budget   *string
 	onLoss   *string
+	direct   *string
 	giveUp   *time.Duration
 	redial   *time.Duration
 }
@@ -111,8 +112,10 @@ func addProtectFlags(fs flagAdder) protectFlags {
 		interval: fs.Duration("interval", 25*time.Millisecond, "with --protect: time between checkpoints"),
 		budget: fs.String("dirty-budget", "", "with --protect: also end an epoch as soon as the guest has written this much memory since the last checkpoint "+
 			"(e.g. 16M; at least 4K), bounding the stun of a guest that writes fast; the interval then starts again (default: the interval alone)"),
-		onLoss: fs.String("on-intermediary-loss", "hold", "with --protect, while no intermediary acknowledges: hold (the guest runs, its output is held) "+
-			"or pause (the guest is paused); either way nothing is released until a reached intermediary acknowledges a full image"),
+		onLoss: fs.String("on-intermediary-loss", "hold", "with --protect, while no intermediary acknowledges: hold (the guest runs, its output is held), "+
+			"pause (the guest is paused), or direct (replicate straight to the backup at --direct-backup, which acknowledges instead; output is held while neither is reachable); "+
+			"nothing is released until a reached intermediary, or the backup, acknowledges a full image"),
+		direct: fs.String("direct-backup", "", "with --on-intermediary-loss direct: the backup's address (tcp://host:port or vsock://cid:port)"),
 		giveUp: fs.Duration("give-up", 0, "with --protect: stop the guest after this long without any intermediary (0: never)"),
 		redial: fs.Duration("redial", 200*time.Millisecond, "with --protect: pause between attempts to reach the intermediary again"),
 	}
@@ -128,8 +131,14 @@ func (p protectFlags) check() error {
 	if *p.giveUp < 0 || *p.redial <= 0 {
 		return fmt.Errorf("--give-up %v, --redial %v: --give-up must not be negative and --redial must be positive", *p.giveUp, *p.redial)
 	}
-	_, err := ft.ParseLinkLossPolicy(*p.onLoss)
-	return err
+	policy, err := ft.ParseLinkLossPolicy(*p.onLoss)
+	if err != nil {
+		return err
+	}
+	if (policy == ft.ReplicateDirect) != (*p.direct != "") {
+		return fmt.Errorf("--on-intermediary-loss direct and --direct-backup ADDR go together")
+	}
+	return nil
 }
 
 // dirtyBudget returns --dirty-budget in bytes (0: none).
@@ -155,13 +164,19 @@ func runProtected(ctx context.Context, m *vmm.Machine, route *func(vmm.Record), 
 	tcfg.PeerRoles = []wire.Role{wire.RoleIntermediary}
 	policy, _ := ft.ParseLinkLossPolicy(*pf.onLoss) // checked
 	dial := dialer(*pf.addr, tcfg)
+	var direct ft.Dialer
+	if *pf.direct != "" {
+		dcfg := *tcfg
+		dcfg.PeerRoles = []wire.Role{wire.RoleBackup}
+		direct = dialer(*pf.direct, &dcfg)
+	}
 	// The first link must come up: a wrong address fails at once.
 	first, err := dial(ctx)
 	if err != nil {
 		return vmm.Result{}, err
 	}
 	budget, _ := pf.dirtyBudget() // checked
-	p, err := ft.NewPrimary(m, nil, ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnRelease: release,
+	p, err := ft.NewPrimary(m, nil, ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnRelease: release, Direct: direct,
 		OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial})
 	if err != nil {
 		first.(io.Closer).Close()
@@ -483,7 +498,9 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	if err != nil {
 		return fail(stderr, err)
 	}
-	tcfg.PeerRoles = []wire.Role{wire.RoleIntermediary}
+	// A primary connects only to replicate straight to the backup while
+	// its intermediary is lost (run --on-intermediary-loss direct).
+	tcfg.PeerRoles = []wire.Role{wire.RoleIntermediary, wire.RolePrimary}
 	recW, closeRecords, err := openRecords(*records, stdout)
 	if err != nil {
 		return fail(stderr, err)
@@ -557,9 +574,29 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			c.CloseWithError(wire.CodeRefused, "guest memory size differs from the backup's")
 			continue
 		}
-		fmt.Fprintf(stderr, "understudy: backup: intermediary %q connected (committed epoch %d)\n", c.Peer().Name, b.Committed())
-		m, err = b.Serve(c)
-		c.Close()
+		if c.Peer().Role == wire.RolePrimary {
+			fmt.Fprintf(stderr, "understudy: backup: primary %q connected directly: it replicates here while its intermediary is lost (committed epoch %d)\n",
+				c.Peer().Name, b.Committed())
+			m, err = b.ServeDirect(c)
+			c.Close()
+			if m == nil && err == nil {
+				// The primary is lost, and every epoch it was acknowledged
+				// is committed here: nothing is lost.
+				if b.Committed() == 0 {
+					fmt.Fprintf(stderr, "understudy: backup: the primary's direct link ended before any epoch was committed; waiting\n")
+					continue
+				}
+				fmt.Fprintf(stderr, "understudy: backup: primary lost on its direct link at committed epoch %d: activating\n", b.Committed())
+				if m, err = b.Activate(b.Committed()); err != nil {
+					return fail(stderr, err)
+				}
+				break
+			}
+		} else {
+			fmt.Fprintf(stderr, "understudy: backup: intermediary %q connected (committed epoch %d)\n", c.Peer().Name, b.Committed())
+			m, err = b.Serve(c)
+			c.Close()
+		}
 		if errors.Is(err, ft.ErrProtectionEnded) {
 			fmt.Fprintf(stderr, "understudy: backup: %v (last epoch %d): nothing to resume\n", err, b.Committed())
 			return 0
