@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
@@ -502,5 +503,124 @@ func TestRestoreMemory(t *testing.T) {
 	res, err := r.Run(ctx)
 	if err != nil || res.ExitCode != 0 || res.Records != 3000 || first.Load() != 1001 || last.Load() != 3000 {
 		t.Errorf("restored Run() = %+v, %v, records %d..%d; want exit 0 after 3000 records, 1001..3000", res, err, first.Load(), last.Load())
+	}
+}
+
+// TestRestoreKeepsKVMState sets distinctive values in the parts of KVM's
+// state a payload guest does not touch (debug registers, an MSR, the PIT,
+// kvmclock), captures, restores into a new machine, and reads them back
+// from KVM there: restore must have put each one into KVM.
+func TestRestoreKeepsKVMState(t *testing.T) {
+	requireKVM(t)
+	var recs atomic.Uint64
+	m, err := New(Config{MemSize: 4 << 20, Payload: "counter",
+		PayloadOptions: map[string]string{"iterations": "0", "report": "0"},
+		OnRecord:       func(r Record) { recs.Store(r.Value) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(context.Background()); done <- err }()
+	waitFor(t, "100 records", 20*time.Second, func() bool { return recs.Load() >= 100 })
+	if _, err := m.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	const (
+		lstar = 0xffff800012345000
+		clock = 1000 * uint64(time.Second) // kvmclock at 1000 s
+	)
+	dbs := [4]uint64{0x1000, 0x2000, 0x3000, 0x4000} // DR7 stays 0: no breakpoint armed
+	err = m.OnVCPU(0, func(c *arch.VCPU) error {
+		d, err := c.DebugRegs()
+		if err != nil {
+			return err
+		}
+		d.DB = dbs
+		if err := c.SetDebugRegs(d); err != nil {
+			return err
+		}
+		return c.SetMSRs([]arch.MSREntry{{Index: msrLSTAR, Data: lstar}})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pit, err := m.VM().PIT2()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pit.Channels[0].Count, pit.Channels[0].Mode, pit.Channels[0].RWMode = 0x1234, 2, 3
+	if err := m.VM().SetPIT2(pit); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.VM().SetClock(arch.ClockData{Clock: clock}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := m.CaptureState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	captured := time.Now()
+	mem, err := mmu.New(mmu.Config{Size: m.Memory().Size()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	copy(mem.Backing(), m.Memory().Backing())
+	m.Stop(0)
+	<-done
+
+	var r *Machine
+	var restored atomic.Uint64
+	r, err = RestoreMemory(RestoreConfig{OnRecord: func(Record) {
+		if restored.Add(1) == 1 {
+			r.RequestPause()
+		}
+	}}, st, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	rdone := make(chan error, 1)
+	go func() { _, err := r.Run(context.Background()); rdone <- err }()
+	defer func() { r.Stop(0); <-rdone }()
+	waitFor(t, "a record from the restored guest", 20*time.Second, func() bool { return restored.Load() >= 1 })
+	if _, err := r.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		d    arch.DebugRegs
+		msrs []arch.MSREntry
+	)
+	err = r.OnVCPU(0, func(c *arch.VCPU) (err error) {
+		if d, err = c.DebugRegs(); err != nil {
+			return err
+		}
+		msrs, err = c.MSRs([]uint32{msrLSTAR})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.DB != dbs {
+		t.Errorf("restored DR0..DR3 = %#x, want %#x", d.DB, dbs)
+	}
+	if len(msrs) != 1 || msrs[0].Data != lstar {
+		t.Errorf("restored LSTAR = %+v, want %#x", msrs, uint64(lstar))
+	}
+	rpit, err := r.VM().PIT2()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := rpit.Channels[0]; c.Count != 0x1234 || c.Mode != 2 || c.RWMode != 3 {
+		t.Errorf("restored PIT channel 0: count %#x mode %d rw %d, want 0x1234, 2, 3", c.Count, c.Mode, c.RWMode)
+	}
+	rclock, err := r.VM().Clock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// kvmclock goes on from where it was captured, not from the new VM's
+	// start: at least the captured value, at most that plus the time since.
+	if elapsed := uint64(time.Since(captured)); rclock.Clock < clock || rclock.Clock > clock+elapsed+uint64(time.Second) {
+		t.Errorf("restored kvmclock = %d ns, want %d..%d (captured at %d)", rclock.Clock, clock, clock+elapsed, clock)
 	}
 }
