@@ -606,6 +606,8 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 	defer m.Close()
 	m.linux.uart.regs.SCR = 0x5a
 	m.linux.uart.regs.RX = append(m.linux.uart.regs.RX, 'q')
+	m.linux.pm.enable, m.linux.pm.control = 0x0120, 0x0001 // power button and RTC enabled; SCI_EN
+	m.linux.kbd.writeOutput = true
 	m.halted.Store(true) // never ran: state may be read directly
 	st, err := m.CaptureState()
 	if err != nil {
@@ -625,6 +627,10 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 	if !reflect.DeepEqual(back.Devices.UART, st.Devices.UART) {
 		t.Errorf("UART state after encoding %+v, want %+v", back.Devices.UART, st.Devices.UART)
 	}
+	wantPlatform := PlatformState{ACPIEnable: 0x0120, ACPIControl: 0x0001, KbdWriteOutput: true}
+	if back.Devices.Platform == nil || *back.Devices.Platform != wantPlatform {
+		t.Errorf("platform state after encoding %+v, want %+v", back.Devices.Platform, wantPlatform)
+	}
 	r, err := Restore(RestoreConfig{}, &back, bytes.NewReader(m.Memory().Backing()))
 	if err != nil {
 		t.Fatal(err)
@@ -632,6 +638,10 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 	defer r.Close()
 	if r.linux == nil || r.linux.uart.regs.SCR != 0x5a || string(r.linux.uart.regs.RX) != "q" {
 		t.Errorf("restored machine's serial port: %+v", r.linux)
+	}
+	if r.linux != nil && (r.linux.pm.enable != 0x0120 || r.linux.pm.control != 0x0001 || !r.linux.kbd.writeOutput) {
+		t.Errorf("restored ACPI PM enable %#x control %#x, keyboard write-output %v; want 0x120, 0x1, true",
+			r.linux.pm.enable, r.linux.pm.control, r.linux.kbd.writeOutput)
 	}
 	if _, err := r.mem.Slice(0, mmu.PageSize); err != nil {
 		t.Error(err)

@@ -67,6 +67,9 @@ type DeviceStates struct {
 	// UART is the serial port of a Linux machine (uart_state.go); nil for
 	// payload machines. Its presence makes a state a Linux machine's.
 	UART *UARTState
+	// Platform is a Linux machine's ACPI PM and keyboard controller state
+	// (platform_state.go); nil for payload machines.
+	Platform *PlatformState
 }
 
 // MSR numbers Understudy names. EFER, the APIC base and the FS/GS bases are
@@ -197,6 +200,8 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 	if m.linux != nil {
 		u := m.linux.uart.save()
 		st.Devices.UART = &u
+		p := m.linux.savePlatform()
+		st.Devices.Platform = &p
 	}
 	return st, nil
 }
@@ -387,6 +392,9 @@ func (m *Machine) restore(st *MachineState, image io.Reader) error {
 	if st.Devices.UART != nil {
 		if err := m.linux.uart.restore(*st.Devices.UART); err != nil {
 			return err
+		}
+		if st.Devices.Platform != nil {
+			m.linux.restorePlatform(*st.Devices.Platform)
 		}
 	}
 	return m.debug.restore(st.Devices.DebugPort)

@@ -92,6 +92,7 @@ const (
 	tagVM        = 0x03
 	tagDebugPort = 0x10
 	tagUART      = 0x11
+	tagPlatform  = 0x12
 )
 
 // vCPU field tags.
@@ -192,6 +193,9 @@ func (st *MachineState) encode(b []byte) []byte {
 	e.record(tagDebugPort, st.Devices.DebugPort.appendBinary)
 	if st.Devices.UART != nil {
 		e.record(tagUART, st.Devices.UART.appendBinary)
+	}
+	if st.Devices.Platform != nil {
+		e.record(tagPlatform, st.Devices.Platform.appendBinary)
 	}
 	return e.b
 }
@@ -426,6 +430,17 @@ func decodeState(data []byte, s *MachineState) error {
 		}
 		s.Devices.UART = &u
 	}
+	if len(d.b) >= 2 && le.Uint16(d.b) == tagPlatform {
+		body = d.record(tagPlatform, "platform section")
+		if d.err != nil {
+			return d.err
+		}
+		p, err := decodePlatformState(body)
+		if err != nil {
+			return err
+		}
+		s.Devices.Platform = &p
+	}
 	if len(d.b) != 0 {
 		return fmt.Errorf("%w: %d bytes after the last section", ErrBadState, len(d.b))
 	}
@@ -636,6 +651,9 @@ func (st *MachineState) validate() error {
 		if err := u.validate(); err != nil {
 			return bad("serial port: %v", err)
 		}
+	}
+	if st.Devices.Platform != nil && st.Devices.UART == nil {
+		return bad("platform devices without a serial port: only a Linux machine has them")
 	}
 	return nil
 }

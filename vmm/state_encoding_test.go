@@ -287,6 +287,34 @@ func linuxTestState() *MachineState {
 	return st
 }
 
+func TestStateEncodingPlatform(t *testing.T) {
+	st := linuxTestState()
+	withoutPlatform := mustMarshal(t, st)
+	st.Devices.Platform = &PlatformState{ACPIEnable: 0x100, ACPIControl: 1, KbdWriteOutput: true}
+	b := mustMarshal(t, st)
+	if len(b) != len(withoutPlatform)+recordHeaderSize+platformStateLen {
+		t.Errorf("with platform state %d bytes, without %d: want one platform section more", len(b), len(withoutPlatform))
+	}
+	var got MachineState
+	if err := got.UnmarshalBinary(b); err != nil || !reflect.DeepEqual(&got, st) {
+		t.Errorf("platform state after a round trip: %+v, %v; want %+v", got.Devices.Platform, err, st.Devices.Platform)
+	}
+	// A state from before platform sections (a Linux machine without one)
+	// still decodes.
+	if err := got.UnmarshalBinary(withoutPlatform); err != nil || got.Devices.Platform != nil {
+		t.Errorf("UnmarshalBinary(no platform section) = %v, platform %+v; want nil, none", err, got.Devices.Platform)
+	}
+	bad := append([]byte(nil), b...)
+	bad[len(bad)-4] = 2 // an unknown keyboard flag
+	if err := got.UnmarshalBinary(bad); err == nil || !strings.Contains(err.Error(), "platform") {
+		t.Errorf("UnmarshalBinary(unknown keyboard flag) = %v, want a platform section error", err)
+	}
+	st.Devices.UART = nil
+	if _, err := st.MarshalBinary(); err == nil {
+		t.Errorf("MarshalBinary accepted platform devices without a serial port")
+	}
+}
+
 func TestStateEncodingUART(t *testing.T) {
 	st := linuxTestState()
 	b := mustMarshal(t, st)
