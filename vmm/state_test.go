@@ -254,19 +254,27 @@ func testRestoreContinues(t *testing.T, cpus int) {
 		cpus, proofSaveAfter, got.Values[0], got.Values[len(got.Values)-1], proofPages, FormatSize(cfg.MemSize))
 }
 
-// TestCaptureStateRoundTrip captures a running counter machine's state and
-// checks that it survives MarshalBinary/UnmarshalBinary unchanged and holds
-// what the machine should.
-func TestCaptureStateRoundTrip(t *testing.T) {
-	requireKVM(t)
-	var recs atomic.Uint64
-	m, err := New(Config{MemSize: 8 << 20, CPUs: 2, Payload: "counter",
+// endlessCounter returns a counter machine (not running) that emits records
+// until stopped, and the last record value it emitted. The test closes it.
+func endlessCounter(t *testing.T, mem uint64, cpus int) (*Machine, *atomic.Uint64) {
+	t.Helper()
+	recs := new(atomic.Uint64)
+	m, err := New(Config{MemSize: mem, CPUs: cpus, Payload: "counter",
 		PayloadOptions: map[string]string{"iterations": "0", "report": "0"},
 		OnRecord:       func(r Record) { recs.Store(r.Value) }})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer m.Close()
+	t.Cleanup(func() { m.Close() })
+	return m, recs
+}
+
+// TestCaptureStateRoundTrip captures a running counter machine's state and
+// checks that it survives MarshalBinary/UnmarshalBinary unchanged and holds
+// what the machine should.
+func TestCaptureStateRoundTrip(t *testing.T) {
+	requireKVM(t)
+	m, recs := endlessCounter(t, 8<<20, 2)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(ctx); done <- err }()
@@ -323,14 +331,7 @@ func TestCaptureStateRoundTrip(t *testing.T) {
 
 func TestCaptureStateNotPaused(t *testing.T) {
 	requireKVM(t)
-	var recs atomic.Uint64
-	m, err := New(Config{MemSize: 4 << 20, Payload: "counter",
-		PayloadOptions: map[string]string{"iterations": "0", "report": "0"},
-		OnRecord:       func(r Record) { recs.Store(r.Value) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m, recs := endlessCounter(t, 4<<20, 1)
 	if _, err := m.CaptureState(); !errors.Is(err, ErrNotPaused) {
 		t.Errorf("CaptureState() before Run = %v, want ErrNotPaused", err)
 	}
@@ -512,14 +513,7 @@ func TestRestoreMemory(t *testing.T) {
 // from KVM there: restore must have put each one into KVM.
 func TestRestoreKeepsKVMState(t *testing.T) {
 	requireKVM(t)
-	var recs atomic.Uint64
-	m, err := New(Config{MemSize: 4 << 20, Payload: "counter",
-		PayloadOptions: map[string]string{"iterations": "0", "report": "0"},
-		OnRecord:       func(r Record) { recs.Store(r.Value) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m, recs := endlessCounter(t, 4<<20, 1)
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(context.Background()); done <- err }()
 	waitFor(t, "100 records", 20*time.Second, func() bool { return recs.Load() >= 100 })
@@ -531,7 +525,7 @@ func TestRestoreKeepsKVMState(t *testing.T) {
 		clock = 1000 * uint64(time.Second) // kvmclock at 1000 s
 	)
 	dbs := [4]uint64{0x1000, 0x2000, 0x3000, 0x4000} // DR7 stays 0: no breakpoint armed
-	err = m.OnVCPU(0, func(c *arch.VCPU) error {
+	err := m.OnVCPU(0, func(c *arch.VCPU) error {
 		d, err := c.DebugRegs()
 		if err != nil {
 			return err
