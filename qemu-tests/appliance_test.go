@@ -69,7 +69,7 @@ func setup(t *testing.T) env {
 	if _, err := exec.LookPath(QEMU); err != nil {
 		missing("%v: install QEMU (apt-get install qemu-system-x86; .ci/run does)", err)
 	}
-	e.accel = DetectAccel("/dev/kvm", "/proc/cpuinfo")
+	e.accel = DetectAccel(ThisHost)
 	return e
 }
 
@@ -88,6 +88,23 @@ func repoRoot() (string, error) {
 		}
 		dir = parent
 	}
+}
+
+// deadlineMargin is how long before go test's -timeout the harness kills a
+// test's QEMU: time enough for the test to fail, clean up and keep its
+// console log, which the -timeout panic would not leave it.
+const deadlineMargin = 30 * time.Second
+
+// testDeadline is when the harness kills t's QEMU (Config.Deadline): a
+// margin before go test's -timeout, or never without one. Tests run one
+// after another, so a test that hangs fails at this deadline and those
+// after it fail at once, each with its log, instead of go test panicking.
+func testDeadline(t *testing.T) time.Time {
+	d, ok := t.Deadline()
+	if !ok {
+		return time.Time{}
+	}
+	return d.Add(-deadlineMargin)
 }
 
 // kvmModule is the vendor module the appliance should load.
@@ -124,7 +141,8 @@ func (e env) bootInitrd(t *testing.T, params, initrd string) *Machine {
 		OnLine: func(l Line) {
 			t.Logf("console %6.2fs| %s", l.At.Seconds(), l.Text)
 		},
-		LogPath: log,
+		LogPath:  log,
+		Deadline: testDeadline(t),
 	}
 	t.Logf("QEMU with %s (%s)", e.accel.Name, e.accel.Why)
 	m, err := Start(cfg)

@@ -29,7 +29,7 @@ func TestGuestInitramfs(t *testing.T) {
 		m, err := Start(Config{
 			Kernel: filepath.Join(e.image, "vmlinuz"), Initrd: filepath.Join(e.image, "guest.cpio"),
 			Append: "console=ttyS0 panic=-1 quiet " + guest, MemMiB: 256, Accel: accel,
-			Network: network, Extra: extra, LogPath: log,
+			Network: network, Extra: extra, LogPath: log, Deadline: testDeadline(t),
 			OnLine: func(l Line) { t.Logf("console %6.2fs| %s", l.At.Seconds(), l.Text) },
 		})
 		if err != nil {

@@ -8,9 +8,11 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -31,10 +33,22 @@ var TCG = Accel{Name: "tcg", Args: []string{"-accel", "tcg", "-cpu", "qemu64,+sv
 // KVM passes the host CPU through; it needs nested virtualization on the host.
 var KVM = Accel{Name: "kvm", Args: []string{"-enable-kvm", "-cpu", "host"}}
 
+// Host names the files DetectAccel reads, so that tests can give others.
+type Host struct {
+	KVMDevice string // /dev/kvm
+	CPUInfo   string // /proc/cpuinfo
+	SysModule string // /sys/module
+}
+
+// ThisHost is the host the tests run on.
+var ThisHost = Host{KVMDevice: "/dev/kvm", CPUInfo: "/proc/cpuinfo", SysModule: "/sys/module"}
+
 // DetectAccel picks KVM when the host offers hardware virtualization to its
-// guests (kvmDev opens and cpuinfo lists vmx or svm), and TCG otherwise.
-// The environment variable UNDERSTUDY_QEMU_ACCEL=tcg|kvm overrides it.
-func DetectAccel(kvmDev, cpuinfo string) Accel {
+// guests: the KVM device opens, the CPU has vmx or svm, and the host's
+// kvm_intel or kvm_amd module allows nested guests (its "nested" parameter
+// is Y or 1). Otherwise it picks TCG. The environment variable
+// UNDERSTUDY_QEMU_ACCEL=tcg|kvm overrides it.
+func DetectAccel(h Host) Accel {
 	switch os.Getenv("UNDERSTUDY_QEMU_ACCEL") {
 	case "tcg":
 		a := TCG
@@ -45,19 +59,21 @@ func DetectAccel(kvmDev, cpuinfo string) Accel {
 		a.Why = "UNDERSTUDY_QEMU_ACCEL=kvm"
 		return a
 	}
-	f, err := os.OpenFile(kvmDev, os.O_RDWR, 0)
-	if err != nil {
+	tcg := func(format string, args ...any) Accel {
 		a := TCG
-		a.Why = fmt.Sprintf("no usable %s (%v)", kvmDev, err)
+		a.Why = fmt.Sprintf(format, args...)
 		return a
+	}
+	f, err := os.OpenFile(h.KVMDevice, os.O_RDWR, 0)
+	if err != nil {
+		return tcg("no usable %s (%v)", h.KVMDevice, err)
 	}
 	f.Close()
-	b, err := os.ReadFile(cpuinfo)
+	b, err := os.ReadFile(h.CPUInfo)
 	if err != nil {
-		a := TCG
-		a.Why = err.Error()
-		return a
+		return tcg("%v", err)
 	}
+	ext := ""
 	for _, l := range strings.Split(string(b), "\n") {
 		k, v, ok := strings.Cut(l, ":")
 		if !ok || strings.TrimSpace(k) != "flags" {
@@ -65,15 +81,27 @@ func DetectAccel(kvmDev, cpuinfo string) Accel {
 		}
 		for _, fl := range strings.Fields(v) {
 			if fl == "vmx" || fl == "svm" {
-				a := KVM
-				a.Why = fmt.Sprintf("%s opens and the CPU has %s", kvmDev, fl)
-				return a
+				ext = fl
 			}
 		}
 		break
 	}
-	a := TCG
-	a.Why = fmt.Sprintf("%s opens but the CPU has neither vmx nor svm (no nested virtualization)", kvmDev)
+	if ext == "" {
+		return tcg("%s opens but the CPU has neither vmx nor svm (no nested virtualization)", h.KVMDevice)
+	}
+	mod := map[string]string{"vmx": "kvm_intel", "svm": "kvm_amd"}[ext]
+	param := filepath.Join(h.SysModule, mod, "parameters", "nested")
+	nb, err := os.ReadFile(param)
+	if err != nil {
+		return tcg("%s opens and the CPU has %s, but %s is not loaded with nested virtualization (%v)", h.KVMDevice, ext, mod, err)
+	}
+	switch v := strings.TrimSpace(string(nb)); v {
+	case "Y", "y", "1":
+	default:
+		return tcg("%s opens and the CPU has %s, but %s's nested is %q (no nested virtualization)", h.KVMDevice, ext, mod, v)
+	}
+	a := KVM
+	a.Why = fmt.Sprintf("%s opens, the CPU has %s and %s allows nested guests", h.KVMDevice, ext, mod)
 	return a
 }
 
@@ -90,6 +118,10 @@ type Config struct {
 	LogPath string   // the console is written here as it arrives
 	// OnLine, if set, gets every console line as it arrives.
 	OnLine func(Line)
+	// Deadline, if set, is when the harness kills QEMU whatever it is
+	// doing: waits then fail at once, saying so, and the test still has
+	// time to clean up and keep its console log (see TestDeadline).
+	Deadline time.Time
 }
 
 // Line is one line of console output.
@@ -104,12 +136,15 @@ type Machine struct {
 	start time.Time
 	log   *os.File
 
-	mu      sync.Mutex // guards lines, next, exited, exitErr
+	mu      sync.Mutex // guards lines, next, exited, exitErr, killedBy
 	lines   []Line
 	next    int           // WaitFor searches from here
 	changed chan struct{} // closed and replaced whenever lines or exited change
 	exited  bool
 	exitErr error
+	// killedBy says why the harness killed QEMU ("" : it did not).
+	killedBy string
+	deadline *time.Timer // nil without a Deadline
 
 	readerDone chan struct{}
 	closeLog   sync.Once
@@ -153,6 +188,12 @@ func Start(c Config) (*Machine, error) {
 	}
 	cmd := exec.Command(QEMU, c.Args()...)
 	cmd.Stdin = nil // /dev/null: nobody types at the console
+	// QEMU must not outlive the test process, however that ends (a panic,
+	// go test's -timeout, a SIGKILL): the kernel kills it when the thread
+	// that started it exits (Go ends threads only when a goroutine exits
+	// locked to one, which Start's caller is not), and in a process group
+	// of its own a terminal's Ctrl-C goes to go test, which cleans up.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		log.Close()
@@ -165,6 +206,11 @@ func Start(c Config) (*Machine, error) {
 	if err := cmd.Start(); err != nil {
 		log.Close()
 		return nil, fmt.Errorf("start %s: %w", QEMU, err)
+	}
+	if !c.Deadline.IsZero() {
+		m.deadline = time.AfterFunc(time.Until(c.Deadline), func() {
+			m.kill(fmt.Sprintf("killed by the harness at the test's deadline (%s): it would have run into go test's -timeout", c.Deadline.Format(time.TimeOnly)))
+		})
 	}
 	go m.read(out, c.OnLine)
 	go func() {
@@ -239,7 +285,7 @@ func (m *Machine) WaitFor(ctx context.Context, marker string, timeout time.Durat
 		exited, exitErr, changed := m.exited, m.exitErr, m.changed
 		m.mu.Unlock()
 		if exited {
-			return Line{}, fmt.Errorf("waiting for %q: %w (%v) after %v", marker, ErrExited, exitStatus(exitErr), time.Since(m.start).Round(time.Millisecond))
+			return Line{}, fmt.Errorf("waiting for %q: %w (%v) after %v", marker, ErrExited, m.exitStatus(exitErr), time.Since(m.start).Round(time.Millisecond))
 		}
 		select {
 		case <-changed:
@@ -251,11 +297,19 @@ func (m *Machine) WaitFor(ctx context.Context, marker string, timeout time.Durat
 	}
 }
 
-func exitStatus(err error) string {
-	if err == nil {
-		return "exit status 0"
+// exitStatus describes how QEMU ended, with the reason if the harness
+// killed it.
+func (m *Machine) exitStatus(err error) string {
+	s := "exit status 0"
+	if err != nil {
+		s = err.Error()
 	}
-	return err.Error()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.killedBy != "" {
+		s += ": " + m.killedBy
+	}
+	return s
 }
 
 // Wait waits up to timeout for QEMU to exit and returns its error (nil for
@@ -268,6 +322,12 @@ func (m *Machine) Wait(timeout time.Duration) error {
 		exited, exitErr, changed := m.exited, m.exitErr, m.changed
 		m.mu.Unlock()
 		if exited {
+			m.mu.Lock()
+			by := m.killedBy
+			m.mu.Unlock()
+			if by != "" {
+				return fmt.Errorf("QEMU %s (%v)", by, exitErr)
+			}
 			return exitErr
 		}
 		select {
@@ -282,12 +342,10 @@ func (m *Machine) Wait(timeout time.Duration) error {
 // Kill stops QEMU (if it still runs) and waits until its console is read to
 // the end and the log closed. It is safe to call more than once.
 func (m *Machine) Kill() {
-	m.mu.Lock()
-	exited := m.exited
-	m.mu.Unlock()
-	if !exited {
-		m.cmd.Process.Kill()
+	if m.deadline != nil {
+		m.deadline.Stop()
 	}
+	m.kill("")
 	<-m.readerDone
 	m.mu.Lock()
 	for !m.exited {
@@ -298,6 +356,24 @@ func (m *Machine) Kill() {
 	}
 	m.mu.Unlock()
 	m.closeLog.Do(func() { m.log.Close() })
+}
+
+// kill sends SIGKILL to QEMU's process group unless QEMU has exited, and
+// records why (if why is set).
+func (m *Machine) kill(why string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.exited {
+		return
+	}
+	if why != "" && m.killedBy == "" {
+		m.killedBy = why
+	}
+	// The group is QEMU's own (Setpgid); QEMU has not been waited for, so
+	// its pid, and with it the group, is still its.
+	if err := syscall.Kill(-m.cmd.Process.Pid, syscall.SIGKILL); err != nil {
+		m.cmd.Process.Kill()
+	}
 }
 
 // Exited reports whether QEMU has exited.

@@ -1,12 +1,18 @@
 package qemutests
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -25,26 +31,48 @@ func TestDetectAccel(t *testing.T) {
 		}
 		return p
 	}
+	// sysModule makes a /sys/module with the vendor module's nested
+	// parameter ("" : the module is not loaded).
+	sysModule := func(mod, nested string) string {
+		d := filepath.Join(t.TempDir(), "module")
+		if nested == "" {
+			return d
+		}
+		p := filepath.Join(d, mod, "parameters")
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(p, "nested"), []byte(nested+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
 	for _, tt := range []struct {
-		dev, cpuinfo, want, why string
+		h         Host
+		want, why string
 	}{
-		{dev, write("fpu svm lm"), "kvm", "CPU has svm"},
-		{dev, write("fpu vmx"), "kvm", "CPU has vmx"},
-		{dev, write("fpu lm hypervisor"), "tcg", "neither vmx nor svm"},
-		{filepath.Join(dir, "nokvm"), write("svm"), "tcg", "no usable"},
-		{dev, filepath.Join(dir, "nocpuinfo"), "tcg", "no such file"},
+		{Host{dev, write("fpu svm lm"), sysModule("kvm_amd", "1")}, "kvm", "the CPU has svm and kvm_amd allows nested guests"},
+		{Host{dev, write("fpu svm lm"), sysModule("kvm_amd", "Y")}, "kvm", "kvm_amd allows nested guests"},
+		{Host{dev, write("fpu vmx"), sysModule("kvm_intel", "Y")}, "kvm", "the CPU has vmx and kvm_intel allows nested guests"},
+		{Host{dev, write("fpu vmx"), sysModule("kvm_intel", "N")}, "tcg", `kvm_intel's nested is "N"`},
+		{Host{dev, write("fpu svm"), sysModule("kvm_amd", "0")}, "tcg", `kvm_amd's nested is "0"`},
+		{Host{dev, write("fpu vmx"), sysModule("kvm_amd", "Y")}, "tcg", "kvm_intel is not loaded with nested virtualization"},
+		{Host{dev, write("fpu vmx"), sysModule("", "")}, "tcg", "kvm_intel is not loaded"},
+		{Host{dev, write("fpu lm hypervisor"), sysModule("kvm_intel", "Y")}, "tcg", "neither vmx nor svm"},
+		{Host{filepath.Join(dir, "nokvm"), write("svm"), sysModule("kvm_amd", "1")}, "tcg", "no usable"},
+		{Host{dev, filepath.Join(dir, "nocpuinfo"), sysModule("kvm_amd", "1")}, "tcg", "no such file"},
 	} {
-		a := DetectAccel(tt.dev, tt.cpuinfo)
+		a := DetectAccel(tt.h)
 		if a.Name != tt.want || !strings.Contains(a.Why, tt.why) {
-			t.Errorf("DetectAccel(%s, %s) = %s (%s), want %s (%s)", tt.dev, filepath.Base(tt.cpuinfo), a.Name, a.Why, tt.want, tt.why)
+			t.Errorf("DetectAccel(%+v) = %s (%s), want %s (%s)", tt.h, a.Name, a.Why, tt.want, tt.why)
 		}
 	}
 	t.Setenv("UNDERSTUDY_QEMU_ACCEL", "tcg")
-	if a := DetectAccel(dev, write("svm")); a.Name != "tcg" || !slices.Contains(a.Args, "qemu64,+svm,+npt") {
+	if a := DetectAccel(Host{dev, write("svm"), sysModule("kvm_amd", "1")}); a.Name != "tcg" || !slices.Contains(a.Args, "qemu64,+svm,+npt") {
 		t.Errorf("DetectAccel with UNDERSTUDY_QEMU_ACCEL=tcg = %+v", a)
 	}
 	t.Setenv("UNDERSTUDY_QEMU_ACCEL", "kvm")
-	if a := DetectAccel(filepath.Join(dir, "nokvm"), write("fpu")); a.Name != "kvm" || !slices.Contains(a.Args, "-enable-kvm") {
+	if a := DetectAccel(Host{filepath.Join(dir, "nokvm"), write("fpu"), dir}); a.Name != "kvm" || !slices.Contains(a.Args, "-enable-kvm") {
 		t.Errorf("DetectAccel with UNDERSTUDY_QEMU_ACCEL=kvm = %+v", a)
 	}
 }
@@ -97,4 +125,104 @@ func TestHarnessKillsOnTimeout(t *testing.T) {
 	if n := len(m.Lines()); n == 0 {
 		t.Error("no console lines kept")
 	}
+}
+
+// hungKernel starts QEMU on the appliance's kernel without an initramfs and
+// with panic=0, so that it panics and hangs.
+func hungKernel(t *testing.T, e env, deadline time.Time) (*Machine, string) {
+	t.Helper()
+	log := filepath.Join(t.TempDir(), "console.log")
+	m, err := Start(Config{
+		Kernel: filepath.Join(e.image, "vmlinuz"), Append: "console=ttyS0 panic=0 loglevel=4", MemMiB: 256,
+		Accel: e.accel, LogPath: log, Deadline: deadline,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, log
+}
+
+// TestHarnessDeadline: at Config.Deadline the harness kills QEMU, and a
+// wait under way fails at once, saying why, long before its own timeout.
+func TestHarnessDeadline(t *testing.T) {
+	e := setup(t)
+	m, _ := hungKernel(t, e, time.Now().Add(3*time.Second))
+	defer m.Kill()
+	start := time.Now()
+	_, err := m.WaitFor(context.Background(), "never printed", 10*time.Minute)
+	if !errors.Is(err, ErrExited) || !strings.Contains(err.Error(), "killed by the harness at the test's deadline") {
+		t.Errorf("WaitFor past the deadline = %v, want QEMU killed at the deadline", err)
+	}
+	if d := time.Since(start); d > time.Minute {
+		t.Errorf("WaitFor took %v with a deadline 3 s away", d)
+	}
+	if err := m.Wait(time.Minute); err == nil || !strings.Contains(err.Error(), "deadline") {
+		t.Errorf("Wait after the deadline = %v, want the reason", err)
+	}
+	if d := testDeadline(t); !d.IsZero() {
+		if dl, _ := t.Deadline(); dl.Sub(d) != deadlineMargin {
+			t.Errorf("testDeadline = %v, want %v before %v", d, deadlineMargin, dl)
+		}
+	}
+}
+
+// TestHarnessQEMUDiesWithTest: a test process that dies (SIGKILL: no
+// cleanups, as when go test's -timeout ends it) takes its QEMU with it. The
+// test binary runs itself as that process (TestHarnessChild).
+func TestHarnessQEMUDiesWithTest(t *testing.T) {
+	e := setup(t)
+	child := exec.Command(os.Args[0], "-test.run", "^TestHarnessChild$", "-test.v")
+	child.Env = append(os.Environ(), "UNDERSTUDY_HARNESS_CHILD=1", "UNDERSTUDY_IMAGE="+e.image)
+	out, err := child.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	child.Stderr = child.Stdout
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer child.Process.Kill()
+	pid := 0
+	sc := bufio.NewScanner(out)
+	for pid == 0 && sc.Scan() {
+		t.Logf("child| %s", sc.Text())
+		if _, after, ok := strings.Cut(sc.Text(), "qemu-pid "); ok {
+			pid, _ = strconv.Atoi(strings.TrimSpace(after))
+		}
+	}
+	if pid == 0 {
+		t.Fatalf("the child printed no QEMU pid: %v", sc.Err())
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(cmdline), QEMU) {
+		t.Fatalf("pid %d is not QEMU (%q, %v)", pid, cmdline, err)
+	}
+	child.Process.Kill()
+	go io.Copy(io.Discard, out)
+	child.Wait()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		// Gone, or a zombie waiting for whoever inherited it.
+		if err != nil || strings.Contains(string(stat), ") Z ") {
+			return
+		}
+		if time.Now().After(deadline) {
+			syscall.Kill(pid, syscall.SIGKILL)
+			t.Fatalf("QEMU (pid %d) still runs 30 s after its test process died: %s", pid, stat)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestHarnessChild is TestHarnessQEMUDiesWithTest's test process: it starts
+// QEMU, prints its pid and waits to be killed.
+func TestHarnessChild(t *testing.T) {
+	if os.Getenv("UNDERSTUDY_HARNESS_CHILD") != "1" {
+		t.Skip("run by TestHarnessQEMUDiesWithTest")
+	}
+	e := setup(t)
+	m, _ := hungKernel(t, e, time.Time{})
+	fmt.Printf("qemu-pid %d\n", m.cmd.Process.Pid)
+	time.Sleep(5 * time.Minute)
 }
