@@ -55,19 +55,28 @@ func main() {
 	}
 	if mode == modeHalt {
 		fmt.Fprintf(out, "%sdone, halting\n", prefix)
+		drain(out)
 		unix.Sync()
 		err = unix.Reboot(unix.LINUX_REBOOT_CMD_HALT)
 		fail(out, fmt.Errorf("halt: %w", err))
 	}
 	fmt.Fprintf(out, "%sdone, powering off\n", prefix)
+	drain(out)
 	if err := boot.PowerOff(); err != nil {
 		fail(out, err)
 	}
 }
 
+// drain waits until the console has sent what was written to it (tcdrain),
+// so that the last lines are out before the machine stops.
+func drain(f *os.File) { _ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1) }
+
 // fail reports err and resets the machine.
 func fail(out io.Writer, err error) {
 	fmt.Fprintf(out, "%sFAIL: %v\n", prefix, err)
+	if f, ok := out.(*os.File); ok {
+		drain(f)
+	}
 	if rerr := boot.Restart(); rerr != nil {
 		fmt.Fprintf(out, "%s%v\n", prefix, rerr)
 	}

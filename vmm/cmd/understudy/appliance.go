@@ -322,11 +322,22 @@ func cmdAppliance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 			return code
 		}
 		fmt.Fprintf(a.out, "%spowering off\n", applianceTag)
+		drainConsole(stdout)
 		if err := boot.PowerOff(); err != nil {
 			fmt.Fprintf(a.out, "%s%v\n", applianceTag, err)
 		}
 	}
 	return code
+}
+
+// drainConsole waits until a terminal w has sent everything written to it
+// (tcdrain): the serial console's last lines must leave the UART before
+// the machine powers off, which on a loaded host running QEMU with TCG
+// they did not always.
+func drainConsole(w io.Writer) {
+	if f, ok := w.(*os.File); ok {
+		_ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1)
+	}
 }
 
 // lockedWriter serializes writes: the uinit, its probe and the command it
