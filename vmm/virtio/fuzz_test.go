@@ -6,8 +6,10 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/understudy-vmm/understudy/mmu"
+	"golang.org/x/sys/unix"
 )
 
 // Fuzz layout: rings at fixed places, the rest of the first 64 KiB is
@@ -140,9 +142,13 @@ func (w *watchedMemory) MarkDirty(gpa, n uint64) error {
 	return w.Memory.MarkDirty(gpa, n)
 }
 
-// startDevice runs the init sequence on tr with one queue at the fuzz
+// startDevice runs the init sequence on tr with queue 0 at the fuzz
 // layout.
-func startDevice(t *testing.T, tr *Transport, size uint16) {
+func startDevice(t *testing.T, tr *Transport, size uint16) { startQueue(t, tr, 0, size) }
+
+// startQueue runs the init sequence on tr with queue sel at the fuzz layout
+// (and no other queue ready).
+func startQueue(t *testing.T, tr *Transport, sel, size uint16) {
 	w := func(off uint64, v uint32) {
 		var b [4]byte
 		binary.LittleEndian.PutUint32(b[:], v)
@@ -154,7 +160,7 @@ func startDevice(t *testing.T, tr *Transport, size uint16) {
 	w(regDriverFeaturesSel, 1)
 	w(regDriverFeatures, 1) // VERSION_1
 	w(regStatus, StatusAcknowledge|StatusDriver|StatusFeaturesOK)
-	w(regQueueSel, 0)
+	w(regQueueSel, uint32(sel))
 	w(regQueueNum, uint32(size))
 	w(regQueueDescLow, fzDesc)
 	w(regQueueDriverLow, fzAvail)
@@ -214,6 +220,190 @@ func FuzzBlockQueue(f *testing.F) {
 		}
 		if fi, err := os.Stat(disk); err != nil || fi.Size() != 16*SectorSize {
 			t.Fatalf("disk size changed: %v %v", fi.Size(), err)
+		}
+	})
+}
+
+// writesConfined fails t if the device wrote guest memory (since write
+// start of mem.writes) anywhere but the used ring of a queue of size and,
+// if writable, the descriptors the guest marked device-writable.
+func writesConfined(t *testing.T, mem *watchedMemory, start int, size uint16, writable bool) {
+	t.Helper()
+	allowed := [][2]uint64{{fzUsed, ringHeaderBytes + usedElemSize*uint64(size)}}
+	if writable {
+		table, _ := mem.Slice(fzDesc, descSize*uint64(size))
+		for i := 0; i < len(table); i += descSize {
+			if binary.LittleEndian.Uint16(table[i+12:])&descFWrite != 0 {
+				allowed = append(allowed, [2]uint64{binary.LittleEndian.Uint64(table[i:]), uint64(binary.LittleEndian.Uint32(table[i+8:]))})
+			}
+		}
+	}
+writes:
+	for _, w := range mem.writes[start:] {
+		for _, a := range allowed {
+			if w[0] >= a[0] && w[0]-a[0] <= a[1] && w[1] <= a[1]-(w[0]-a[0]) {
+				continue writes
+			}
+		}
+		t.Fatalf("device wrote [%#x, +%#x), outside the used ring and every writable descriptor (writable allowed: %v)", w[0], w[1], writable)
+	}
+}
+
+// fuzzNet is a virtio-net device whose "tap" is one end of a SOCK_SEQPACKET
+// socket pair, which keeps frame boundaries as a tap does: the test reads
+// the frames the device transmits at the other end. (A real tap would hand
+// fuzzed frames to the host's network stack.) The returned function, called
+// once the device has stopped transmitting, closes the device and returns
+// the frames, empty ones included (a tap refuses those; the pair passes
+// them, so the count stays exact).
+func fuzzNet(t *testing.T) (*Net, func() [][]byte) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Non-blocking, the device's end goes to Go's poller, so Close ends
+	// its receive goroutine's pending Read.
+	n := &Net{tapName: "fuzz-tap", tap: os.NewFile(uintptr(fds[0]), "fuzz-tap"), done: make(chan struct{})}
+	copy(n.mac[:], []byte{0x02, 0, 0, 0, 0, 1})
+	go n.receiveLoop()
+	peer := fds[1]
+	var frames [][]byte
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, NetMaxFrame+NetHeaderSize+1)
+		for {
+			k, err := unix.Read(peer, buf)
+			switch {
+			case err == nil:
+				frames = append(frames, append([]byte(nil), buf[:k]...))
+			case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR):
+				// Nothing queued: done once the device is.
+				select {
+				case <-stop:
+					return
+				default:
+					time.Sleep(20 * time.Microsecond)
+				}
+			default:
+				t.Errorf("read the frames: %v", err)
+				return
+			}
+		}
+	}()
+	return n, func() [][]byte {
+		close(stop)
+		<-done
+		n.Close()
+		unix.Close(peer)
+		return frames
+	}
+}
+
+// netSeed returns a chain of one header descriptor and one data
+// descriptor (device-writable for receive) and the data: a header and a
+// small frame.
+func netSeed(writable bool) (desc, avail, data []byte) {
+	var f uint64
+	if writable {
+		f = descFWrite
+	}
+	desc, avail = seedChain([3]uint64{fzData, NetHeaderSize, f}, [3]uint64{fzData + 0x100, 1514, f})
+	data = make([]byte, 0x200)
+	copy(data[0x100:], "\xff\xff\xff\xff\xff\xff\x02\x00\x00\x00\x00\x02\x88\xb5hello")
+	return desc, avail, data
+}
+
+// FuzzNetQueues runs virtio-net's receive (place, with the backlog) or
+// transmit (send) path over fuzzed rings. The device must not panic, must
+// report only ErrMalformed or ErrBadRequest (and, once it needs a reset,
+// refuse notifies), must write guest memory only
+// in the used ring and, for receive, in device-writable buffers, must give
+// a placed frame a used length of header plus frame, and must transmit
+// only frames without their header, at most NetMaxFrame bytes, one per
+// frame it counts.
+func FuzzNetQueues(f *testing.F) {
+	desc, avail, data := netSeed(true)
+	f.Add(uint8(8), false, desc, avail, data, []byte("\xff\xff\xff\xff\xff\xff\x02\x00\x00\x00\x00\x02\x88\xb5hi"), uint8(2))
+	f.Add(uint8(8), false, desc, avail, data, make([]byte, 2000), uint8(1)) // too big for the buffer
+	desc, avail, data = netSeed(false)
+	f.Add(uint8(8), true, desc, avail, data, []byte(nil), uint8(0))
+	f.Add(uint8(8), false, desc, avail, data, []byte("x"), uint8(1)) // readable receive buffers
+	// A transmit chain shorter than the header.
+	short, savail := seedChain([3]uint64{fzData, 4, 0})
+	f.Add(uint8(4), true, short, savail, data, []byte(nil), uint8(0))
+	mem := &watchedMemory{Memory: newMemory(f)}
+	f.Fuzz(func(t *testing.T, sizeLog uint8, transmit bool, desc, avail, data, frame []byte, deliveries uint8) {
+		if len(frame) > NetMaxFrame {
+			frame = frame[:NetMaxFrame]
+		}
+		loadRings(t, mem, desc, avail, data)
+		n, sent := fuzzNet(t)
+		tr := NewMMIO(n, mem, func() error { return nil })
+		defer tr.Close()
+		size := uint16(1) << (sizeLog % 9)
+		queue := uint16(netRxQueue)
+		if transmit {
+			queue = netTxQueue
+		}
+		startQueue(t, tr, queue, size)
+		start := len(mem.writes)
+		okErr := func(what string, err error) {
+			// A malformed ring sets DEVICE_NEEDS_RESET; from then on the
+			// guest's notifies are refused.
+			if errors.Is(err, ErrBadAccess) && tr.State().Status&StatusDeviceNeedsReset != 0 {
+				return
+			}
+			if err != nil && !errors.Is(err, ErrMalformed) && !errors.Is(err, ErrBadRequest) && !errors.Is(err, ErrInactive) {
+				t.Fatalf("%s = %v, want nil, ErrMalformed, ErrBadRequest, ErrInactive or (after DEVICE_NEEDS_RESET) ErrBadAccess", what, err)
+			}
+		}
+		var b4 [4]byte
+		binary.LittleEndian.PutUint32(b4[:], uint32(queue))
+		if transmit {
+			okErr("transmit notify", tr.Write(regQueueNotify, b4[:]))
+		} else {
+			h := n.active.Load()
+			if h == nil {
+				t.Fatal("device not active after DRIVER_OK")
+			}
+			// Frames arrive as from the tap (possibly into the backlog),
+			// then the guest notifies that it added buffers.
+			for range deliveries % 4 {
+				okErr("receive", h.Deliver(func() error { return n.receive(frame) }))
+			}
+			okErr("receive notify", tr.Write(regQueueNotify, b4[:]))
+		}
+		writesConfined(t, mem, start, size, !transmit)
+		st := n.Stats()
+		frames := sent()
+		tr.Close()
+		if transmit {
+			if uint64(len(frames)) != st.TxFrames {
+				t.Fatalf("%d frames reached the tap, %d counted", len(frames), st.TxFrames)
+			}
+			for _, fr := range frames {
+				if len(fr) > NetMaxFrame {
+					t.Fatalf("transmitted a %d-byte frame", len(fr))
+				}
+			}
+			return
+		}
+		if len(frames) != 0 || st.TxFrames != 0 {
+			t.Fatalf("receive transmitted %d frames", len(frames))
+		}
+		if st.RxFrames+st.RxDropped+st.RxBacklog > uint64(deliveries%4) {
+			t.Fatalf("%d frames delivered, stats %+v", deliveries%4, st)
+		}
+		// Used elements of placed frames say header plus frame; those of
+		// chains given back unused say 0.
+		used, _ := mem.Slice(fzUsed, ringHeaderBytes+usedElemSize*uint64(size))
+		idx := binary.LittleEndian.Uint16(used[2:])
+		for i := uint16(0); i < idx && i < size; i++ {
+			l := binary.LittleEndian.Uint32(used[ringHeaderBytes+usedElemSize*uint64(i)+4:])
+			if l != 0 && l != uint32(NetHeaderSize+len(frame)) {
+				t.Fatalf("used element %d has length %d, want 0 or %d", i, l, NetHeaderSize+len(frame))
+			}
 		}
 	})
 }
