@@ -68,11 +68,28 @@ func (d *DirtyLog) Harvest(dst []uint64) (int, error) {
 	if len(dst) < d.mem.BitmapWords() {
 		return 0, fmt.Errorf("dirty log: bitmap of %d words, want %d", len(dst), d.mem.BitmapWords())
 	}
+	if err := d.readKVMLog(dst, true); err != nil {
+		return 0, err
+	}
+	if _, err := d.mem.TakeVMMDirty(dst); err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, w := range dst[:d.mem.BitmapWords()] {
+		n += bits.OnesCount64(w)
+	}
+	return n, nil
+}
+
+// readKVMLog ORs KVM's dirty log of every slot into dst (indexed like
+// Harvest's bitmap) and, if reprotect, write-protects the pages it found
+// again (CLEAR_DIRTY_LOG), which resets their bits in the log.
+func (d *DirtyLog) readKVMLog(dst []uint64, reprotect bool) error {
 	for _, r := range d.mem.regions {
 		pages := r.Size / PageSize
 		words := d.scra[:(pages+63)/64]
 		if err := d.vm.GetDirtyLog(r.Slot, words); err != nil {
-			return 0, fmt.Errorf("dirty log of slot %d: %w", r.Slot, err)
+			return fmt.Errorf("dirty log of slot %d: %w", r.Slot, err)
 		}
 		any := false
 		first := r.Offset / PageSize // backing page of the slot's first page
@@ -85,21 +102,14 @@ func (d *DirtyLog) Harvest(dst []uint64) (int, error) {
 			// backing word first/64 + i.
 			dst[first/64+uint64(i)] |= w
 		}
-		if any {
+		if any && reprotect {
 			if err := d.vm.ClearDirtyLog(r.Slot, 0, uint32(pages), words); err != nil {
-				return 0, fmt.Errorf("re-protect slot %d: %w", r.Slot, err)
+				return fmt.Errorf("re-protect slot %d: %w", r.Slot, err)
 			}
 		}
 		clear(words)
 	}
-	if _, err := d.mem.TakeVMMDirty(dst); err != nil {
-		return 0, err
-	}
-	n := 0
-	for _, w := range dst[:d.mem.BitmapWords()] {
-		n += bits.OnesCount64(w)
-	}
-	return n, nil
+	return nil
 }
 
 // Count returns how many pages were written since the last harvest, without
@@ -113,17 +123,8 @@ func (d *DirtyLog) Count() (int, error) {
 		return 0, fmt.Errorf("dirty log: count after Disable")
 	}
 	clear(d.cnt)
-	for _, r := range d.mem.regions {
-		pages := r.Size / PageSize
-		words := d.scra[:(pages+63)/64]
-		if err := d.vm.GetDirtyLog(r.Slot, words); err != nil {
-			return 0, fmt.Errorf("dirty log of slot %d: %w", r.Slot, err)
-		}
-		first := r.Offset / PageSize
-		for i, w := range words {
-			d.cnt[first/64+uint64(i)] |= w
-		}
-		clear(words)
+	if err := d.readKVMLog(d.cnt, false); err != nil {
+		return 0, err
 	}
 	n := 0
 	for i := range d.cnt {
