@@ -396,23 +396,19 @@ func (in *Intermediary) backupRefused(err error) error {
 // superseded the primary: call it before acknowledging anything when the
 // intermediary may be a restarted one.
 func (in *Intermediary) WaitForBackup(ctx context.Context) error {
-	for {
-		if r := in.active.Load(); r != nil {
-			return fmt.Errorf("%w: %s", ErrBackupActive, *r)
-		}
-		select {
-		case <-in.heard:
-			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-in.fencedCh:
-			// Fenced by a refusal (checked above) or a failover.
-			if r := in.active.Load(); r != nil {
-				return fmt.Errorf("%w: %s", ErrBackupActive, *r)
-			}
-			return ErrFenced
-		}
+	select {
+	case <-in.heard:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-in.fencedCh:
 	}
+	// Fenced: by a backup's refusal (active is set before the fence) or by
+	// a failover.
+	if r := in.active.Load(); r != nil {
+		return fmt.Errorf("%w: %s", ErrBackupActive, *r)
+	}
+	return ErrFenced
 }
 
 func truncate(s string, n int) string {

@@ -91,6 +91,13 @@ func roleLinkVia(t testing.TB, memSize uint64, from, to wire.Role, listenAddr st
 	return d, l
 }
 
+// counterSeq returns the sequence number a counter guest's image holds: hot
+// page 0 at dataBase has that of the last iteration.
+func counterSeq(img *Image, dataBase uint64) (seq uint64) {
+	img.Read(func(mem, _ []byte, _ uint64) { seq = binary.LittleEndian.Uint64(mem[dataBase:]) })
+	return seq
+}
+
 // TestOutputCommit runs counter under a primary that streams checkpoints to
 // an intermediary over mTLS. Every record the client receives must already
 // be covered by a checkpoint the intermediary holds: the intermediary's
@@ -125,8 +132,7 @@ func TestOutputCommit(t *testing.T) {
 	p, err = NewPrimary(m, pc, PrimaryConfig{Interval: 10 * time.Millisecond, OnRelease: func(r vmm.Record) {
 		// The intermediary's image must already show this iteration:
 		// hot page 0 holds the sequence number of the last iteration.
-		var seq uint64
-		in.Image().Read(func(mem, _ []byte, _ uint64) { seq = binary.LittleEndian.Uint64(mem[dataBase:]) })
+		seq := counterSeq(in.Image(), dataBase)
 		mu.Lock()
 		if seq < r.Value {
 			bad++
@@ -427,9 +433,7 @@ func TestDirectToBackup(t *testing.T) {
 	)
 	p, err = NewPrimary(m, pc, PrimaryConfig{Interval: 10 * time.Millisecond, OnRelease: func(r vmm.Record) {
 		// The backup's committed image must show this iteration already.
-		var seq uint64
-		bk.Image().Read(func(mem, _ []byte, _ uint64) { seq = binary.LittleEndian.Uint64(mem[dataBase:]) })
-		if seq < r.Value {
+		if counterSeq(bk.Image(), dataBase) < r.Value {
 			early++
 		}
 		released = append(released, r.Value)

@@ -411,8 +411,8 @@ func acceptSamePrimary(ctx context.Context, ln transport.Listener, prev transpor
 	}
 }
 
-// refuseIntermediaries answers every intermediary that connects to an
-// activated backup with a CodeFenced error, until the returned function is
+// refuseIntermediaries answers every intermediary (or primary) that
+// connects to an activated backup with a CodeFenced error, until the returned function is
 // called.
 func refuseIntermediaries(ctx context.Context, ln transport.Listener, epoch uint64, stderr io.Writer) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
@@ -424,7 +424,7 @@ func refuseIntermediaries(ctx context.Context, ln transport.Listener, epoch uint
 			if err != nil {
 				return
 			}
-			fmt.Fprintf(stderr, "understudy: backup: refused intermediary %q: this backup runs the guest (activated at epoch %d)\n", c.Peer().Name, epoch)
+			fmt.Fprintf(stderr, "understudy: backup: refused %v %q: this backup runs the guest (activated at epoch %d)\n", c.Peer().Role, c.Peer().Name, epoch)
 			c.CloseWithError(wire.CodeFenced, fmt.Sprintf("the backup activated the guest at epoch %d and runs it", epoch))
 		}
 	}()
@@ -574,28 +574,28 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			c.CloseWithError(wire.CodeRefused, "guest memory size differs from the backup's")
 			continue
 		}
-		if c.Peer().Role == wire.RolePrimary {
+		direct := c.Peer().Role == wire.RolePrimary
+		if direct {
 			fmt.Fprintf(stderr, "understudy: backup: primary %q connected directly: it replicates here while its intermediary is lost (committed epoch %d)\n",
 				c.Peer().Name, b.Committed())
 			m, err = b.ServeDirect(c)
-			c.Close()
-			if m == nil && err == nil {
-				// The primary is lost, and every epoch it was acknowledged
-				// is committed here: nothing is lost.
-				if b.Committed() == 0 {
-					fmt.Fprintf(stderr, "understudy: backup: the primary's direct link ended before any epoch was committed; waiting\n")
-					continue
-				}
-				fmt.Fprintf(stderr, "understudy: backup: primary lost on its direct link at committed epoch %d: activating\n", b.Committed())
-				if m, err = b.Activate(b.Committed()); err != nil {
-					return fail(stderr, err)
-				}
-				break
-			}
 		} else {
 			fmt.Fprintf(stderr, "understudy: backup: intermediary %q connected (committed epoch %d)\n", c.Peer().Name, b.Committed())
 			m, err = b.Serve(c)
-			c.Close()
+		}
+		c.Close()
+		if direct && m == nil && err == nil {
+			// The primary is lost, and every epoch it was acknowledged is
+			// committed here: nothing is lost.
+			if b.Committed() == 0 {
+				fmt.Fprintf(stderr, "understudy: backup: the primary's direct link ended before any epoch was committed; waiting\n")
+				continue
+			}
+			fmt.Fprintf(stderr, "understudy: backup: primary lost on its direct link at committed epoch %d: activating\n", b.Committed())
+			if m, err = b.Activate(b.Committed()); err != nil {
+				return fail(stderr, err)
+			}
+			break
 		}
 		if errors.Is(err, ft.ErrProtectionEnded) {
 			fmt.Fprintf(stderr, "understudy: backup: %v (last epoch %d): nothing to resume\n", err, b.Committed())
