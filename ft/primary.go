@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -143,8 +144,22 @@ type heldRecord struct {
 
 // NewPrimary prepares the epoch loop for m (dirty logging starts now) over
 // the link ln to the intermediary (for Run; nil for Protect). Route the
-// machine's output records to Record.
+// machine's output records to Record; RunPrimary builds a machine that does.
 func NewPrimary(m *vmm.Machine, ln MessageConn, cfg PrimaryConfig) (*Primary, error) {
+	p, err := newPrimary(ln, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.attach(m); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// newPrimary returns a primary that holds output records (Record) but has
+// no machine yet: attach gives it one. So the machine can be built with the
+// primary's Record as its OnRecord.
+func newPrimary(ln MessageConn, cfg PrimaryConfig) (*Primary, error) {
 	if cfg.Interval == 0 {
 		cfg.Interval = 25 * time.Millisecond
 	}
@@ -173,13 +188,19 @@ func NewPrimary(m *vmm.Machine, ln MessageConn, cfg PrimaryConfig) (*Primary, er
 		cfg.BudgetPoll = time.Millisecond
 	}
 	cfg.BudgetPoll = min(cfg.BudgetPoll, cfg.Interval)
-	c, err := NewCheckpointer(m)
-	if err != nil {
-		return nil, err
-	}
-	p := &Primary{m: m, c: c, ln: ln, cfg: cfg, halted: make(chan struct{}), stuns: newDurationWindow(1024)}
+	p := &Primary{ln: ln, cfg: cfg, halted: make(chan struct{}), stuns: newDurationWindow(1024)}
 	p.open.Store(1)
 	return p, nil
+}
+
+// attach gives the primary its machine: dirty logging starts now.
+func (p *Primary) attach(m *vmm.Machine) error {
+	c, err := NewCheckpointer(m)
+	if err != nil {
+		return err
+	}
+	p.m, p.c = m, c
+	return nil
 }
 
 // Record holds an output record until its checkpoint is acknowledged. Use
@@ -453,10 +474,10 @@ func (e *LinkError) Unwrap() error { return e.Err }
 // output held meanwhile is released once that image is acknowledged. An
 // intermediary that says it has failed over ends Protect with
 // ErrSuperseded: call Machine.Stop then. Protect closes each link it dialed.
-func (p *Primary) Protect(ctx context.Context, dial Dialer, log func(string)) error {
+func (p *Primary) Protect(ctx context.Context, dial Dialer, log *slog.Logger) error {
 	defer p.c.Close()
 	if log == nil {
-		log = func(string) {}
+		log = discardLog
 	}
 	var lostAt time.Time
 	paused := false
@@ -472,7 +493,7 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log func(string)) er
 			var derr error
 			if ln, derr = p.cfg.Direct(ctx); derr == nil {
 				direct = true
-				log(fmt.Sprintf("intermediary unreachable (%v); replicating straight to the backup", err))
+				log.Warn(fmt.Sprintf("intermediary unreachable (%v); replicating straight to the backup", err))
 				err = nil
 			} else {
 				err = errors.Join(err, fmt.Errorf("backup: %w", derr))
@@ -489,7 +510,7 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log func(string)) er
 				if direct {
 					what = "backup (direct)"
 				}
-				log(fmt.Sprintf("%s reached again after %v; sending a full image", what, time.Since(lostAt).Round(time.Millisecond)))
+				log.Info(fmt.Sprintf("%s reached again after %v; sending a full image", what, time.Since(lostAt).Round(time.Millisecond)))
 			}
 			lostAt = time.Time{}
 			err = p.serve(ctx, ln)
@@ -511,7 +532,7 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log func(string)) er
 			if direct {
 				what = "direct link to the backup"
 			}
-			log(fmt.Sprintf("%s lost (%v); policy %v: output stays held (%d records, last acknowledged epoch %d)",
+			log.Warn(fmt.Sprintf("%s lost (%v); policy %v: output stays held (%d records, last acknowledged epoch %d)",
 				what, err, p.cfg.OnLinkLoss, p.Held(), p.Acked()))
 		}
 		if ctx.Err() != nil {

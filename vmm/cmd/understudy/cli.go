@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -16,7 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/ft"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/payload"
@@ -83,33 +84,47 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-// newFlags returns a flag set that prints usage to stderr and reports errors
-// instead of exiting.
+// newFlags returns a flag set for command name whose --help prints the
+// whole usage on stderr; parseFlags reports a bad flag in one line.
 func newFlags(name, synopsis string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: understudy %s\n\nFlags:\n", synopsis)
+		fmt.Fprintf(fs.Output(), "Usage: understudy %s\n\nFlags:\n", synopsis)
 		fs.PrintDefaults()
 	}
 	return fs
 }
 
 // parseFlags parses args; it returns (exit code, true) when the command
-// should end now (help or bad flags).
+// should end now (help or bad flags). --help prints the whole usage; a bad
+// flag or argument one error line and a hint (usageError).
 func parseFlags(fs *flag.FlagSet, args []string) (int, bool) {
+	// The flag package would print the error and then the whole usage.
+	out, usage := fs.Output(), fs.Usage
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	err := fs.Parse(args)
+	fs.SetOutput(out)
+	fs.Usage = usage
 	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
 		return 0, true
 	}
 	if err != nil {
-		return exitUsage, true
+		return usageError(fs, err.Error()), true
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(fs.Output(), "understudy %s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
-		return exitUsage, true
+		return usageError(fs, fmt.Sprintf("unexpected argument %q", fs.Arg(0))), true
 	}
 	return 0, false
+}
+
+// usageError prints msg as the one error line of command fs, then a hint
+// to its help, and returns the usage exit code.
+func usageError(fs *flag.FlagSet, msg string) int {
+	fmt.Fprintf(fs.Output(), "understudy %s: %s\nrun 'understudy %s --help' for its flags\n", fs.Name(), msg, fs.Name())
+	return exitUsage
 }
 
 func cmdVersion(args []string, stdout, stderr io.Writer) int {
@@ -241,23 +256,19 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	if *protect != "" && *save != "" {
-		fmt.Fprintf(stderr, "understudy run: --protect cannot be combined with --save\n")
-		return exitUsage
+		return usageError(fs, "--protect cannot be combined with --save")
 	}
 	if err := pf.check(); err != nil {
 		return fail(stderr, err)
 	}
 	if *payloadArg == "" {
-		fmt.Fprintf(stderr, "understudy run: --payload is required (built-in payloads: %s)\n", strings.Join(payload.Names(), ", "))
-		return exitUsage
+		return usageError(fs, fmt.Sprintf("--payload is required (built-in payloads: %s)", strings.Join(payload.Names(), ", ")))
 	}
 	if (*save == "") != (*saveAfter == 0) {
-		fmt.Fprintf(stderr, "understudy run: --save FILE and --save-after N (N > 0) go together\n")
-		return exitUsage
+		return usageError(fs, "--save FILE and --save-after N (N > 0) go together")
 	}
 	if *save != "" && *largePages != "" {
-		fmt.Fprintf(stderr, "understudy run: --save cannot be combined with --large-pages (sampling revokes access to guest memory)\n")
-		return exitUsage
+		return usageError(fs, "--save cannot be combined with --large-pages (sampling revokes access to guest memory)")
 	}
 	name, err := parsePayloadArg(*payloadArg, opts)
 	if err != nil {
@@ -293,77 +304,55 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		KVMDevice: *kvmDev, MemSize: mem.v, CPUs: *cpus, Backing: bk,
 		Payload: name, PayloadOptions: opts, Console: stdout,
 	}
-	var m *vmm.Machine
-	var saveReq chan struct{}
-	var emitted atomic.Uint64
-	if *save != "" {
-		saveReq = make(chan struct{})
-	}
-	var route func(vmm.Record) // with --protect: the primary's Record
-	// Released records are what a client has seen: write them through at
-	// once, so that the file is true even if this process is killed.
-	writeRecord := func(r vmm.Record) {
-		if recW != nil {
-			recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
-			recW.Flush()
-		}
-	}
-	if *protect != "" {
-		cfg.OnRecord = func(r vmm.Record) { route(r) }
-	} else if recW != nil || saveReq != nil {
-		cfg.OnRecord = func(r vmm.Record) {
-			if recW != nil {
-				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
+	// beside starts what runs beside the guest (the large-page controller)
+	// and returns the function that stops it once the guest has stopped;
+	// that function also reads the machine's statistics for --stats.
+	var (
+		st     vmm.Stats
+		stErr  error
+		beside = func(m *vmm.Machine) (func(), error) {
+			stopLP := func() {}
+			if lpCfg != nil {
+				lp, err := m.StartLargePages(*lpCfg)
+				if err != nil {
+					return nil, err
+				}
+				if st := lp.Status(); st.Source != "" {
+					fmt.Fprintf(stderr, "understudy: large pages: sampling with %s", st.Source)
+					if st.NoDAMON != "" {
+						fmt.Fprintf(stderr, " (%s)", st.NoDAMON)
+					}
+					fmt.Fprintln(stderr)
+				}
+				stopStatus := printStatus(stderr, lp, *statusEvery)
+				stopLP = func() {
+					stopStatus()
+					fmt.Fprintf(stderr, "understudy: %s\n", lp.Stop())
+				}
 			}
-			// Stop the guest right after record N: RequestPause does not
-			// block this vCPU thread, and no vCPU enters the guest again.
-			if saveReq != nil && emitted.Add(1) == *saveAfter {
-				m.RequestPause()
-				close(saveReq)
-			}
+			return func() {
+				if *stats {
+					st, stErr = m.Stats()
+				}
+				stopLP()
+			}, nil
 		}
-	}
-	m, err = vmm.New(cfg)
-	if err != nil {
-		return fail(stderr, err)
-	}
-	defer m.Close()
-	var lp *vmm.LargePager
-	if lpCfg != nil {
-		if lp, err = m.StartLargePages(*lpCfg); err != nil {
-			return fail(stderr, err)
-		}
-		if st := lp.Status(); st.Source != "" {
-			fmt.Fprintf(stderr, "understudy: large pages: sampling with %s", st.Source)
-			if st.NoDAMON != "" {
-				fmt.Fprintf(stderr, " (%s)", st.NoDAMON)
-			}
-			fmt.Fprintln(stderr)
-		}
-		stopStatus := printStatus(stderr, lp, *statusEvery)
-		defer func() {
-			stopStatus()
-			fmt.Fprintf(stderr, "understudy: %s\n", lp.Stop())
-		}()
-	}
+	)
 	start := time.Now()
 	var res vmm.Result
-	switch {
-	case *protect != "":
-		tcfg, cerr := rf.config(wire.RolePrimary, mem.v, stderr)
-		if cerr != nil {
-			return fail(stderr, cerr)
+	if *protect != "" {
+		links, log, lerr := rf.links("primary", stderr)
+		if lerr != nil {
+			return fail(stderr, lerr)
 		}
-		res, err = runProtected(ctx, m, &route, pf, rf, tcfg, *statusEvery, writeRecord, stderr)
-	case saveReq == nil:
-		res, err = m.Run(ctx)
-	default:
+		res, err = runPrimary(ctx, cfg, pf, links, log, *rf.metrics, *statusEvery, beside, recW)
+	} else {
 		var saved bool
-		res, saved, err = runAndSave(ctx, m, saveReq, *save, stderr)
-		if err == nil && !saved {
-			return fail(stderr, fmt.Errorf("guest exited with code %d after %d output records, before --save-after %d: no snapshot saved", res.ExitCode, res.Records, *saveAfter))
-		}
-		if err == nil {
+		res, saved, err = runMachine(ctx, cfg, beside, recW, *save, *saveAfter, stderr)
+		if err == nil && *save != "" {
+			if !saved {
+				return fail(stderr, fmt.Errorf("guest exited with code %d after %d output records, before --save-after %d: no snapshot saved", res.ExitCode, res.Records, *saveAfter))
+			}
 			return 0
 		}
 	}
@@ -372,9 +361,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	if *stats {
-		st, err := m.Stats()
-		if err != nil {
-			return fail(stderr, err)
+		if stErr != nil {
+			return fail(stderr, stErr)
 		}
 		fmt.Fprintf(stderr, "understudy: stats: exits=%d rss_kib=%d guest_resident_kib=%d\n", st.Exits, st.RSS>>10, st.GuestResident>>10)
 	}
@@ -382,6 +370,67 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "understudy: guest exited with code %d after %v (%d output records)\n", res.ExitCode, elapsed.Round(time.Millisecond), res.Records)
 	}
 	return guestExitCode(res)
+}
+
+// runPrimary runs the guest of cfg protected through the intermediary at
+// --protect: released records (those a client may see) are written through
+// to recW at once, so that the file is true even if this process is killed.
+func runPrimary(ctx context.Context, cfg vmm.Config, pf protectFlags, links ft.LinkConfig, log *slog.Logger, metrics string,
+	statusEvery time.Duration, beside func(*vmm.Machine) (func(), error), recW *bufio.Writer) (vmm.Result, error) {
+	policy, _ := ft.ParseLinkLossPolicy(*pf.onLoss) // checked
+	budget, _ := pf.dirtyBudget()                   // checked
+	return ft.RunPrimary(ctx, ft.PrimaryRunConfig{
+		Machine: cfg,
+		Epochs: ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial,
+			OnRelease: func(r vmm.Record) {
+				if recW != nil {
+					recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
+					recW.Flush()
+				}
+			}},
+		Intermediary: *pf.addr, DirectBackup: *pf.direct, Links: links, Log: log,
+		StatusEvery: statusEvery, Metrics: metrics, OnStart: beside,
+	})
+}
+
+// runMachine runs the guest of cfg unprotected; with save, it saves a
+// snapshot once the guest has emitted saveAfter output records, and stops
+// it (saved reports whether it did).
+func runMachine(ctx context.Context, cfg vmm.Config, beside func(*vmm.Machine) (func(), error), recW *bufio.Writer,
+	save string, saveAfter uint64, stderr io.Writer) (res vmm.Result, saved bool, err error) {
+	var m *vmm.Machine
+	var saveReq chan struct{}
+	var emitted atomic.Uint64
+	if save != "" {
+		saveReq = make(chan struct{})
+	}
+	if recW != nil || saveReq != nil {
+		cfg.OnRecord = func(r vmm.Record) {
+			if recW != nil {
+				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
+			}
+			// Stop the guest right after record N: RequestPause does not
+			// block this vCPU thread, and no vCPU enters the guest again.
+			if saveReq != nil && emitted.Add(1) == saveAfter {
+				m.RequestPause()
+				close(saveReq)
+			}
+		}
+	}
+	if m, err = vmm.New(cfg); err != nil {
+		return vmm.Result{}, false, err
+	}
+	defer m.Close()
+	stop, err := beside(m)
+	if err != nil {
+		return vmm.Result{}, false, err
+	}
+	defer stop()
+	if saveReq == nil {
+		res, err = m.Run(ctx)
+		return res, false, err
+	}
+	return runAndSave(ctx, m, saveReq, save, stderr)
 }
 
 // fail prints err as the one error line and returns the error exit code.

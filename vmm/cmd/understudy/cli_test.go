@@ -69,6 +69,7 @@ func TestBadInput(t *testing.T) {
 		{[]string{"run", "--payload", "hello", "extra"}, exitUsage, `unexpected argument "extra"`},
 		{[]string{"run", "--payload", "nope"}, exitError, `unknown payload "nope"`},
 		{[]string{"run", "--payload", "hello", "--mem", "lots"}, exitUsage, `"lots" is not a size`},
+		{[]string{"run", "--payload", "hello", "--mem", "banana"}, exitUsage, `invalid value "banana" for flag -mem`},
 		{[]string{"run", "--payload", "hello", "--mem", "1M"}, exitError, "too small"},
 		{[]string{"run", "--payload", "hello", "--mem", "3M"}, exitError, "multiple of 2 MiB"},
 		{[]string{"run", "--payload", "hello", "--cpus", "1000"}, exitError, "1000 vCPUs"},
@@ -91,9 +92,31 @@ func TestBadInput(t *testing.T) {
 		if tc.code == exitError && strings.Count(strings.TrimSpace(errs), "\n") != 0 {
 			t.Errorf("understudy %q: stderr has several lines: %q", tc.args, errs)
 		}
+		// A usage error of a command is one line and a hint, not the help.
+		if tc.code == exitUsage && len(tc.args) > 1 {
+			checkUsageError(t, tc.args[0], tc.args, errs)
+		}
 		if strings.Contains(errs, "panic") || strings.Contains(errs, "goroutine ") {
 			t.Errorf("understudy %q panicked: %s", tc.args, errs)
 		}
+	}
+}
+
+// checkUsageError checks that a command's usage error is one error line and
+// a hint to its --help, not the whole flag list.
+func checkUsageError(t *testing.T, cmd string, args []string, errs string) {
+	t.Helper()
+	lines := strings.Split(strings.TrimSuffix(errs, "\n"), "\n")
+	if len(lines) != 2 || !strings.HasPrefix(lines[0], "understudy "+cmd+": ") || lines[1] != "run 'understudy "+cmd+" --help' for its flags" {
+		t.Errorf("understudy %q: stderr %q; want one error line and the hint \"run 'understudy %s --help' for its flags\"", args, errs, cmd)
+	}
+}
+
+// TestHelpPrintsFlags: --help still prints every flag.
+func TestHelpPrintsFlags(t *testing.T) {
+	code, out, errs := runCLI("run", "--help")
+	if code != 0 || !strings.Contains(out+errs, "-mem") || !strings.Contains(out+errs, "-protect") || strings.Count(out+errs, "\n") < 40 {
+		t.Errorf("run --help = %d, %q; want exit 0 and the whole flag list", code, out+errs)
 	}
 }
 
@@ -210,6 +233,9 @@ func TestRoleBadInput(t *testing.T) {
 		code, _, errs := runCLI(tc.args...)
 		if code != tc.code || !strings.Contains(errs, tc.errSub) {
 			t.Errorf("understudy %q: exit %d, stderr %q; want exit %d and %q", tc.args, code, errs, tc.code, tc.errSub)
+		}
+		if tc.code == exitUsage {
+			checkUsageError(t, tc.args[0], tc.args, errs)
 		}
 	}
 }

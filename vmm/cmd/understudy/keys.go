@@ -8,8 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft"
 	"github.com/understudy-vmm/understudy/ft/transport"
-	"github.com/understudy-vmm/understudy/ft/wire"
 )
 
 const keysUsage = `Usage: understudy keys <subcommand> [flags]
@@ -72,8 +72,7 @@ func cmdKeysInit(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	if *dir == "" {
-		fmt.Fprintln(stderr, "understudy keys init: --dir is required")
-		return exitUsage
+		return usageError(fs, "--dir is required")
 	}
 	if err := checkDays(*days); err != nil {
 		return keysFail(stderr, err)
@@ -104,10 +103,10 @@ func (h *hostList) Set(v string) error {
 }
 
 func cmdKeysIssue(args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("keys issue", "keys issue --dir DIR --name NAME [--role primary|intermediary|backup] [--host H...] [--days N] [--force]", stderr)
+	fs := newFlags("keys issue", "keys issue --dir DIR --name NAME --role primary|intermediary|backup [--host H...] [--days N] [--force]", stderr)
 	dir := fs.String("dir", "", "directory holding the CA; NAME.crt and NAME.key are written there")
 	name := fs.String("name", "", "node name: letters, digits, '.', '_', '-' (the certificate's common name)")
-	roleArg := fs.String("role", "", "the only role the node may take: primary, intermediary or backup (default: any)")
+	roleArg := fs.String("role", "", "the only role the node may take: primary, intermediary or backup (required)")
 	var hosts hostList
 	fs.Var(&hosts, "host", "extra DNS name or IP address for the certificate (repeatable; localhost, 127.0.0.1 and NAME are always in)")
 	days := fs.Int("days", int(transport.DefaultNodeValidity/(24*time.Hour)), "days the certificate is valid (never past the CA's end)")
@@ -116,16 +115,16 @@ func cmdKeysIssue(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	if *dir == "" || *name == "" {
-		fmt.Fprintln(stderr, "understudy keys issue: --dir and --name are required")
-		return exitUsage
+		return usageError(fs, "--dir and --name are required")
 	}
-	var role wire.Role
-	if *roleArg != "" {
-		r, err := wire.ParseRole(*roleArg)
-		if err != nil {
-			return keysFail(stderr, fmt.Errorf("--role: %w", err))
-		}
-		role = r
+	if *roleArg == "" {
+		// Least privilege: a certificate without a role would be valid
+		// for every role.
+		return usageError(fs, "--role primary|intermediary|backup is required: a node's certificate names the one role it may take")
+	}
+	role, err := ft.ParseRole(*roleArg)
+	if err != nil {
+		return keysFail(stderr, fmt.Errorf("--role: %w", err))
 	}
 	if err := checkDays(*days); err != nil {
 		return keysFail(stderr, err)
@@ -134,7 +133,7 @@ func cmdKeysIssue(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return keysFail(stderr, err)
 	}
-	crt, key, err := ca.IssueNode(transport.NodeSpec{Name: *name, Role: role, Hosts: hosts, Validity: time.Duration(*days) * 24 * time.Hour})
+	crt, key, err := ca.IssueNode(transport.NodeSpec{Name: *name, Role: role.Wire(), Hosts: hosts, Validity: time.Duration(*days) * 24 * time.Hour})
 	if err != nil {
 		return keysFail(stderr, err)
 	}
@@ -145,12 +144,8 @@ func cmdKeysIssue(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return keysFail(stderr, err)
 	}
-	roleText := "any role"
-	if role != 0 {
-		roleText = role.String()
-	}
 	certPath, keyPath := transport.NodeFiles(*dir, *name)
 	fmt.Fprintf(stdout, "understudy: wrote %s and %s: node %q (%s), valid until %s\n",
-		certPath, keyPath, *name, roleText, creds.Certificate().NotAfter.UTC().Format(time.DateOnly))
+		certPath, keyPath, *name, role, creds.Certificate().NotAfter.UTC().Format(time.DateOnly))
 	return 0
 }

@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft"
 	"github.com/understudy-vmm/understudy/ft/transport"
-	"github.com/understudy-vmm/understudy/ft/wire"
 )
 
 func TestKeysHelp(t *testing.T) {
@@ -42,7 +42,7 @@ func TestKeysInitAndIssue(t *testing.T) {
 	for _, args := range [][]string{
 		{"keys", "issue", "--dir", dir, "--name", "int1", "--role", "intermediary"},
 		{"keys", "issue", "--dir", dir, "--name", "pri1", "--role", "primary", "--host", "10.1.2.3,pri1.example", "--host", "::5"},
-		{"keys", "issue", "--dir", dir, "--name", "any1"},
+		{"keys", "issue", "--dir", dir, "--name", "bak1", "--role", "backup"},
 	} {
 		code, out, errs := runCLI(args...)
 		if code != 0 || !strings.Contains(out, "wrote ") || errs != "" {
@@ -59,12 +59,12 @@ func TestKeysInitAndIssue(t *testing.T) {
 	if err != nil {
 		t.Fatalf("LoadCredentials(pri1) = %v", err)
 	}
-	if pri.Role() != wire.RolePrimary || !strings.Contains(strings.Join(pri.Certificate().DNSNames, " "), "pri1.example") || len(pri.Certificate().IPAddresses) != 4 {
+	if pri.Role() != ft.RolePrimary.Wire() || !strings.Contains(strings.Join(pri.Certificate().DNSNames, " "), "pri1.example") || len(pri.Certificate().IPAddresses) != 4 {
 		t.Errorf("pri1 certificate: role %v, DNS %q, IPs %v", pri.Role(), pri.Certificate().DNSNames, pri.Certificate().IPAddresses)
 	}
-	anyCreds, err := transport.LoadCredentials(dir, "any1")
-	if err != nil || anyCreds.Role() != 0 {
-		t.Fatalf("LoadCredentials(any1) = role %v, %v; want any role", anyCreds.Role(), err)
+	bak, err := transport.LoadCredentials(dir, "bak1")
+	if err != nil || bak.Role() != ft.RoleBackup.Wire() {
+		t.Fatalf("LoadCredentials(bak1) = role %v, %v; want the backup role", bak.Role(), err)
 	}
 	inter, err := transport.LoadCredentials(dir, "int1")
 	if err != nil {
@@ -84,7 +84,7 @@ func TestKeysInitAndIssue(t *testing.T) {
 		t.Fatalf("Dial(with keys issue credentials) = %v", err)
 	}
 	defer c.Close()
-	if c.Peer().Name != "int1" || c.Peer().Role != wire.RoleIntermediary {
+	if c.Peer().Name != "int1" || c.Peer().Role != ft.RoleIntermediary.Wire() {
 		t.Errorf("Peer() = %+v, want int1 intermediary", c.Peer())
 	}
 
@@ -97,14 +97,14 @@ func TestKeysInitAndIssue(t *testing.T) {
 	if after, _ := os.ReadFile(filepath.Join(dir, "ca.crt")); string(after) != string(before) {
 		t.Errorf("keys init without --force changed ca.crt")
 	}
-	code, _, errs = runCLI("keys", "issue", "--dir", dir, "--name", "int1")
+	code, _, errs = runCLI("keys", "issue", "--dir", dir, "--name", "int1", "--role", "intermediary")
 	if code != exitError || !strings.Contains(errs, "int1.crt: file already exists (use --force") {
 		t.Errorf("keys issue (again) = %d, %q; want exit 1 asking for --force", code, errs)
 	}
 	if code, _, errs = runCLI("keys", "issue", "--dir", dir, "--name", "int1", "--role", "backup", "--force"); code != 0 {
 		t.Errorf("keys issue --force = %d, %q; want 0", code, errs)
 	}
-	if c, err := transport.LoadCredentials(dir, "int1"); err != nil || c.Role() != wire.RoleBackup {
+	if c, err := transport.LoadCredentials(dir, "int1"); err != nil || c.Role() != ft.RoleBackup.Wire() {
 		t.Errorf("LoadCredentials(int1) after --force = %v, %v; want the new backup certificate", c, err)
 	}
 	if code, _, errs = runCLI("keys", "init", "--dir", dir, "--force"); code != 0 {
@@ -139,17 +139,21 @@ func TestKeysBadInput(t *testing.T) {
 		{[]string{"keys", "issue", "--dir", dir}, exitUsage, "--dir and --name are required"},
 		{[]string{"keys", "issue", "--name", "n"}, exitUsage, "--dir and --name are required"},
 		{[]string{"keys", "issue", "--dir", dir, "--name", "n", "--role", "witness"}, exitError, `--role: role "witness"`},
-		{[]string{"keys", "issue", "--dir", dir, "--name", "../evil"}, exitError, "node name"},
-		{[]string{"keys", "issue", "--dir", dir, "--name", "ca"}, exitError, "reserved"},
-		{[]string{"keys", "issue", "--dir", dir, "--name", "n", "--host", "not a host"}, exitError, "want a DNS name or an IP"},
-		{[]string{"keys", "issue", "--dir", dir, "--name", "n", "--days", "-1"}, exitError, "--days -1"},
-		{[]string{"keys", "issue", "--dir", empty, "--name", "n"}, exitError, "no such file"},
+		{[]string{"keys", "issue", "--dir", dir, "--name", "n"}, exitUsage, "--role primary|intermediary|backup is required"},
+		{[]string{"keys", "issue", "--dir", dir, "--name", "../evil", "--role", "primary"}, exitError, "node name"},
+		{[]string{"keys", "issue", "--dir", dir, "--name", "ca", "--role", "primary"}, exitError, "reserved"},
+		{[]string{"keys", "issue", "--dir", dir, "--name", "n", "--role", "primary", "--host", "not a host"}, exitError, "want a DNS name or an IP"},
+		{[]string{"keys", "issue", "--dir", dir, "--name", "n", "--role", "primary", "--days", "-1"}, exitError, "--days -1"},
+		{[]string{"keys", "issue", "--dir", empty, "--name", "n", "--role", "primary"}, exitError, "no such file"},
 		{[]string{"keys", "issue", "--dir", dir, "--name", "n", "--colour", "red"}, exitUsage, "flag provided but not defined"},
 	}
 	for _, tc := range tests {
 		code, _, errs := runCLI(tc.args...)
 		if code != tc.code || !strings.Contains(errs, tc.errSub) {
 			t.Errorf("understudy %q = exit %d, stderr %q; want exit %d containing %q", tc.args, code, errs, tc.code, tc.errSub)
+		}
+		if code == exitUsage && len(tc.args) > 2 {
+			checkUsageError(t, "keys "+tc.args[1], tc.args, errs)
 		}
 		if code == exitError && strings.Count(errs, "\n") != 1 {
 			t.Errorf("understudy %q printed %d lines on stderr, want one: %q", tc.args, strings.Count(errs, "\n"), errs)

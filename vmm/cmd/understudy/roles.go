@@ -6,9 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,7 +14,6 @@ import (
 	"github.com/understudy-vmm/understudy/ft"
 	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wanzip"
-	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 )
@@ -50,49 +46,107 @@ func addRoleFlags(fs flagAdder, role string) roleFlags {
 	}
 }
 
-func (r roleFlags) config(role wire.Role, memSize uint64, stderr io.Writer) (*transport.Config, error) {
+// links returns the links' configuration, and the role's two loggers: log
+// for its reports (always shown) and the links' (warnings, or everything
+// with --verbose). Both write lines "understudy: ROLE: ..." on stderr.
+func (r roleFlags) links(role string, stderr io.Writer) (ft.LinkConfig, *slog.Logger, error) {
 	if *r.keys == "" {
-		return nil, fmt.Errorf("--keys DIR is required (make one with `understudy keys init` and `understudy keys issue`)")
+		return ft.LinkConfig{}, nil, fmt.Errorf("--keys DIR is required (make one with `understudy keys init` and `understudy keys issue`)")
 	}
 	if *r.heartbeat <= 0 || *r.peerTimeout <= *r.heartbeat {
-		return nil, fmt.Errorf("--heartbeat %v and --peer-timeout %v: both positive, and the timeout longer than the heartbeat", *r.heartbeat, *r.peerTimeout)
+		return ft.LinkConfig{}, nil, fmt.Errorf("--heartbeat %v and --peer-timeout %v: both positive, and the timeout longer than the heartbeat", *r.heartbeat, *r.peerTimeout)
 	}
 	creds, err := transport.LoadCredentials(*r.keys, *r.name)
 	if err != nil {
-		return nil, err
+		return ft.LinkConfig{}, nil, err
 	}
 	level := slog.LevelWarn
 	if *r.verbose {
 		level = slog.LevelInfo
 	}
-	return &transport.Config{Credentials: creds, Hello: wire.Hello{Role: role, MemSize: memSize},
-		Heartbeat: *r.heartbeat, PeerTimeout: *r.peerTimeout,
-		Logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))}, nil
+	log, linkLog := roleLoggers(stderr, role, level)
+	return ft.LinkConfig{Credentials: creds, Heartbeat: *r.heartbeat, PeerTimeout: *r.peerTimeout, Log: linkLog}, log, nil
 }
 
-// serveMetrics serves collect's metrics at r's --metrics address, if set.
-// The returned function stops the server.
-func (r roleFlags) serveMetrics(collect func() []ft.Metric, stderr io.Writer) (func(), error) {
-	if *r.metrics == "" {
-		return func() {}, nil
-	}
-	ln, err := net.Listen("tcp", *r.metrics)
-	if err != nil {
-		return nil, fmt.Errorf("--metrics %s: %w", *r.metrics, err)
-	}
-	srv := &http.Server{Handler: ft.MetricsHandler(collect), ReadHeaderTimeout: 5 * time.Second}
-	go srv.Serve(ln)
-	fmt.Fprintf(stderr, "understudy: metrics at http://%s/metrics\n", ln.Addr())
-	return func() { srv.Close() }, nil
+// roleLoggers returns a role's report logger (level Info) and its links'
+// logger (linkLevel), both writing lines to w through one lineHandler.
+func roleLoggers(w io.Writer, role string, linkLevel slog.Level) (log, linkLog *slog.Logger) {
+	h := &lineHandler{mu: new(sync.Mutex), w: w, prefix: "understudy: " + role + ": ", level: slog.LevelInfo}
+	l := *h
+	l.level = linkLevel
+	return slog.New(h), slog.New(&l)
 }
 
-// dialer returns a Dialer for addr with cfg, each attempt bounded.
-func dialer(addr string, cfg *transport.Config) ft.Dialer {
-	return func(ctx context.Context) (ft.MessageConn, error) {
-		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		return transport.Dial(dctx, addr, cfg)
+// lineHandler is the roles' slog.Handler: one human-readable line per
+// record, "understudy: ROLE: message key=value ...", without time or level.
+type lineHandler struct {
+	mu     *sync.Mutex // serializes writes to w
+	w      io.Writer
+	prefix string
+	level  slog.Leveler
+	attrs  string // the handler's own attributes, formatted
+	group  string // the key prefix of the open group ("" or "g.")
+}
+
+func (h *lineHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= h.level.Level() }
+
+func (h *lineHandler) Handle(_ context.Context, r slog.Record) error {
+	var b strings.Builder
+	b.WriteString(h.prefix)
+	b.WriteString(r.Message)
+	b.WriteString(h.attrs)
+	r.Attrs(func(a slog.Attr) bool {
+		appendAttr(&b, h.group, a)
+		return true
+	})
+	b.WriteByte('\n')
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, err := io.WriteString(h.w, b.String())
+	return err
+}
+
+func (h *lineHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	c := *h
+	var b strings.Builder
+	for _, a := range as {
+		appendAttr(&b, h.group, a)
 	}
+	c.attrs += b.String()
+	return &c
+}
+
+func (h *lineHandler) WithGroup(name string) slog.Handler {
+	if name == "" {
+		return h
+	}
+	c := *h
+	c.group += name + "."
+	return &c
+}
+
+// appendAttr writes " key=value" (quoted where the value has spaces,
+// quotes or '=' or is empty), flattening groups into dotted keys.
+func appendAttr(b *strings.Builder, group string, a slog.Attr) {
+	a.Value = a.Value.Resolve()
+	if a.Equal(slog.Attr{}) {
+		return
+	}
+	if a.Value.Kind() == slog.KindGroup {
+		g := group
+		if a.Key != "" {
+			g += a.Key + "."
+		}
+		for _, ga := range a.Value.Group() {
+			appendAttr(b, g, ga)
+		}
+		return
+	}
+	v := a.Value.String()
+	if v == "" || strings.ContainsAny(v, " \t\n\"=") {
+		v = strconv.Quote(v)
+	}
+	b.WriteString(" " + group + a.Key + "=" + v)
 }
 
 // protectFlags are `run`'s flags for protecting the guest.
@@ -156,81 +210,6 @@ func (p protectFlags) dirtyBudget() (uint64, error) {
 	return b, nil
 }
 
-// runProtected runs machine m as a primary protected through the
-// intermediary at pf's address. Records reach release only after the
-// intermediary acknowledged the checkpoint covering them.
-func runProtected(ctx context.Context, m *vmm.Machine, route *func(vmm.Record), pf protectFlags, rf roleFlags, tcfg *transport.Config,
-	statusEvery time.Duration, release func(vmm.Record), stderr io.Writer) (vmm.Result, error) {
-	tcfg.PeerRoles = []wire.Role{wire.RoleIntermediary}
-	policy, _ := ft.ParseLinkLossPolicy(*pf.onLoss) // checked
-	dial := dialer(*pf.addr, tcfg)
-	var direct ft.Dialer
-	if *pf.direct != "" {
-		dcfg := *tcfg
-		dcfg.PeerRoles = []wire.Role{wire.RoleBackup}
-		direct = dialer(*pf.direct, &dcfg)
-	}
-	// The first link must come up: a wrong address fails at once.
-	first, err := dial(ctx)
-	if err != nil {
-		return vmm.Result{}, err
-	}
-	budget, _ := pf.dirtyBudget() // checked
-	p, err := ft.NewPrimary(m, nil, ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnRelease: release, Direct: direct,
-		OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial})
-	if err != nil {
-		first.(io.Closer).Close()
-		return vmm.Result{}, err
-	}
-	*route = p.Record
-	stopMetrics, err := rf.serveMetrics(p.Metrics, stderr)
-	if err != nil {
-		first.(io.Closer).Close()
-		return vmm.Result{}, err
-	}
-	defer stopMetrics()
-	type runResult struct {
-		res vmm.Result
-		err error
-	}
-	ran := make(chan runResult, 1)
-	go func() {
-		res, err := m.Run(ctx)
-		p.Halted()
-		ran <- runResult{res, err}
-	}()
-	var prev uint64
-	stopStatus := everyInterval(statusEvery, func() {
-		fmt.Fprintf(stderr, "understudy: primary: %s\n", p.StatusLine(&prev, statusEvery))
-	})
-	say := func(s string) { fmt.Fprintf(stderr, "understudy: primary: %s\n", s) }
-	perr := p.Protect(ctx, firstThen(first, dial), say)
-	stopStatus()
-	if perr != nil {
-		m.Stop(0)
-	}
-	r := <-ran
-	if errors.Is(perr, ft.ErrSuperseded) {
-		return r.res, fmt.Errorf("%w; this guest is stopped and its %d held output records are dropped", perr, p.Held())
-	}
-	if perr != nil && !errors.Is(perr, context.Canceled) {
-		return r.res, fmt.Errorf("protection failed: %w", perr)
-	}
-	fmt.Fprintf(stderr, "understudy: primary: %d checkpoints, all output released up to epoch %d\n", p.Epochs(), p.Acked())
-	return r.res, r.err
-}
-
-// firstThen returns a Dialer that hands out first, then dials.
-func firstThen(first ft.MessageConn, dial ft.Dialer) ft.Dialer {
-	return func(ctx context.Context) (ft.MessageConn, error) {
-		if c := first; c != nil {
-			first = nil
-			return c, nil
-		}
-		return dial(ctx)
-	}
-}
-
 // everyInterval calls fn every d until the returned function is called
 // (never if d is not positive).
 func everyInterval(d time.Duration, fn func()) func() {
@@ -273,8 +252,7 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		return code
 	}
 	if *backupAddr == "" {
-		fmt.Fprintln(stderr, "understudy intermediary: --backup ADDR is required")
-		return exitUsage
+		return usageError(fs, "--backup ADDR is required")
 	}
 	policy, err := ft.ParseBackupLossPolicy(*onLoss)
 	if err != nil {
@@ -293,142 +271,16 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	if *retry <= 0 {
 		return fail(stderr, fmt.Errorf("--backup-retry %v: must be positive", *retry))
 	}
-	tcfg, err := rf.config(wire.RoleIntermediary, 0, stderr)
+	links, log, err := rf.links("intermediary", stderr)
 	if err != nil {
 		return fail(stderr, err)
 	}
-	tcfg.PeerRoles = []wire.Role{wire.RolePrimary}
-	ln, err := transport.Listen(*listen, tcfg)
+	err = ft.RunIntermediary(ctx, ft.IntermediaryRunConfig{Listen: *listen, Backup: *backupAddr, Links: links, Log: log,
+		OnBackupLoss: policy, WANCompression: zlevel, HoldBack: hb, BackupRetry: *retry, StatusEvery: *statusEvery, Metrics: *rf.metrics})
 	if err != nil {
 		return fail(stderr, err)
 	}
-	defer ln.Close()
-	fmt.Fprintf(stderr, "understudy: intermediary listening on %s\n", ln.Addr())
-	pc, err := ln.Accept(ctx)
-	if err != nil {
-		return fail(stderr, err)
-	}
-	memSize := pc.Peer().Hello.MemSize
-	fmt.Fprintf(stderr, "understudy: intermediary: primary %q connected (guest memory %s)\n", pc.Peer().Name, vmm.FormatSize(memSize))
-	in, err := ft.NewIntermediary(memSize, tcfg.Logger)
-	if err != nil {
-		return fail(stderr, err)
-	}
-	in.SetBackupLossPolicy(policy)
-	if err := in.SetWANCompression(zlevel); err != nil {
-		return fail(stderr, err)
-	}
-	if hb != nil {
-		if err := hb.CheckMemory(memSize); err != nil {
-			return fail(stderr, fmt.Errorf("--hold-back: %w", err))
-		}
-		in.SetForwardPolicy(*hb)
-		fmt.Fprintf(stderr, "understudy: intermediary: hold-back %s\n", hb)
-	}
-	stopMetrics, err := rf.serveMetrics(in.Metrics, stderr)
-	if err != nil {
-		return fail(stderr, err)
-	}
-	defer stopMetrics()
-	bcfg := *tcfg
-	bcfg.PeerRoles = []wire.Role{wire.RoleBackup}
-	bcfg.Hello.MemSize = memSize
-	bctx, stopBackup := context.WithCancel(ctx)
-	defer stopBackup()
-	kept := make(chan error, 1)
-	go func() { kept <- in.KeepBackup(bctx, dialer(*backupAddr, &bcfg), *retry) }()
-	// A restarted intermediary cannot tell whether an earlier failover
-	// superseded this primary until the backup has answered: acknowledge
-	// nothing before. A backup that runs the guest already refuses it.
-	fmt.Fprintf(stderr, "understudy: intermediary: waiting for the backup at %s before acknowledging the primary\n", *backupAddr)
-	if err := in.WaitForBackup(ctx); err != nil {
-		if errors.Is(err, ft.ErrBackupActive) {
-			pc.CloseWithError(wire.CodeFenced, "fenced: the backup runs the guest already")
-			fmt.Fprintf(stderr, "understudy: intermediary: %v: the primary is fenced and must stop its guest\n", err)
-		}
-		return fail(stderr, err)
-	}
-	stopStatus := everyInterval(*statusEvery, func() {
-		fmt.Fprintf(stderr, "understudy: intermediary: %s\n", in.StatusLine())
-	})
-	perr := in.ServePrimary(pc)
-	for errors.Is(perr, ft.ErrRefused) {
-		// The primary sent something bad: refused, nothing changed, but it
-		// is alive and reconnects with a full image. Only a primary that
-		// does not come back within the peer timeout is lost.
-		fmt.Fprintf(stderr, "understudy: intermediary: %v; waiting %v for the primary to reconnect\n", perr, *rf.peerTimeout)
-		pc.Close()
-		if pc, perr = acceptSamePrimary(ctx, ln, pc.Peer(), *rf.peerTimeout); perr == nil {
-			fmt.Fprintf(stderr, "understudy: intermediary: primary %q reconnected\n", pc.Peer().Name)
-			perr = in.ServePrimary(pc)
-		}
-	}
-	stopStatus()
-	if perr == nil {
-		fmt.Fprintf(stderr, "understudy: intermediary: primary finished at epoch %d\n", in.Image().Epoch())
-		in.EndProtection(10 * time.Second)
-		return 0
-	}
-	fmt.Fprintf(stderr, "understudy: intermediary: primary lost at epoch %d (%v): failing over\n", in.Image().Epoch(), perr)
-	// Failover needs an attached backup: retry while KeepBackup reaches one.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		fctx, cancel := context.WithDeadline(ctx, deadline)
-		epoch, err := in.Failover(fctx)
-		cancel()
-		if err == nil {
-			fmt.Fprintf(stderr, "understudy: intermediary: backup activated at epoch %d\n", epoch)
-			stopBackup()
-			<-kept
-			return 0
-		}
-		if errors.Is(err, ft.ErrNothingToActivate) {
-			return fail(stderr, err)
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fail(stderr, fmt.Errorf("failover: %w", err))
-		}
-		fmt.Fprintf(stderr, "understudy: intermediary: failover not done yet (%v); retrying\n", err)
-		time.Sleep(*retry)
-	}
-}
-
-// acceptSamePrimary waits up to timeout for the primary prev to connect
-// again (the same name and guest memory size). Another primary is refused.
-func acceptSamePrimary(ctx context.Context, ln transport.Listener, prev transport.Peer, timeout time.Duration) (transport.Conn, error) {
-	actx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	for {
-		c, err := ln.Accept(actx)
-		if err != nil {
-			return nil, fmt.Errorf("%w: it did not reconnect within %v after a refusal", ft.ErrPrimaryLost, timeout)
-		}
-		if p := c.Peer(); p.Name == prev.Name && p.Hello.MemSize == prev.Hello.MemSize {
-			return c, nil
-		}
-		_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: "this intermediary protects another primary"})
-		c.Close()
-	}
-}
-
-// refuseIntermediaries answers every intermediary (or primary) that
-// connects to an activated backup with a CodeFenced error, until the returned function is
-// called.
-func refuseIntermediaries(ctx context.Context, ln transport.Listener, epoch uint64, stderr io.Writer) (stop func()) {
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept(ctx)
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(stderr, "understudy: backup: refused %v %q: this backup runs the guest (activated at epoch %d)\n", c.Peer().Role, c.Peer().Name, epoch)
-			c.CloseWithError(wire.CodeFenced, fmt.Sprintf("the backup activated the guest at epoch %d and runs it", epoch))
-		}
-	}()
-	return func() { cancel(); <-done }
+	return 0
 }
 
 // activationPolicy is the backup's --on-intermediary-loss.
@@ -494,164 +346,49 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			return fail(stderr, fmt.Errorf("--request: %w", err))
 		}
 	}
-	tcfg, err := rf.config(wire.RoleBackup, 0, stderr)
+	links, log, err := rf.links("backup", stderr)
 	if err != nil {
 		return fail(stderr, err)
 	}
-	// A primary connects only to replicate straight to the backup while
-	// its intermediary is lost (run --on-intermediary-loss direct).
-	tcfg.PeerRoles = []wire.Role{wire.RoleIntermediary, wire.RolePrimary}
 	recW, closeRecords, err := openRecords(*records, stdout)
 	if err != nil {
 		return fail(stderr, err)
 	}
 	defer closeRecords()
-	ln, err := transport.Listen(*listen, tcfg)
-	if err != nil {
-		return fail(stderr, err)
-	}
-	defer ln.Close()
-	fmt.Fprintf(stderr, "understudy: backup listening on %s\n", ln.Addr())
-	first := true
-	rcfg := vmm.RestoreConfig{Console: stdout, OnRecord: func(r vmm.Record) {
-		if first {
-			fmt.Fprintf(stderr, "understudy: backup: first output record released: %d (the primary's held output first)\n", r.Value)
-			first = false
-		}
-		if recW != nil {
-			recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
-			recW.Flush()
-		}
-	}}
-	var (
-		b           *ft.Backup
-		m           *vmm.Machine
-		stopMetrics = func() {}
-		stopStatus  = func() {}
-	)
-	defer func() {
-		stopStatus()
-		stopMetrics()
-		if b != nil {
-			b.Close()
-		}
-	}()
-	for m == nil {
-		actx, cancel := ctx, context.CancelFunc(func() {})
-		if b != nil && policy.after > 0 {
-			actx, cancel = context.WithTimeout(ctx, policy.after)
-		}
-		c, err := ln.Accept(actx)
-		cancel()
-		if err != nil && b != nil && policy.after > 0 && ctx.Err() == nil {
-			var w ft.LossWindow
-			m, w, err = b.ActivateAlone()
-			if err != nil {
-				return fail(stderr, err)
+	bcfg := ft.BackupRunConfig{Listen: *listen, Links: links, Log: log, Policy: *policySpec, Request: request,
+		ActivateAfter: policy.after, SaveActivated: *saveActivated, StatusEvery: *statusEvery, Metrics: *rf.metrics,
+		Restore: vmm.RestoreConfig{Console: stdout, OnRecord: func(r vmm.Record) {
+			if recW != nil {
+				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
+				recW.Flush()
 			}
-			fmt.Fprintf(stderr, "understudy: backup: no intermediary for %v: DATA MAY BE LOST: %s\n", policy.after, w)
-			break
+		}}}
+	var start time.Time // when the activated guest resumed
+	bcfg.OnActivate = func(m *vmm.Machine) (func(), error) {
+		start = time.Now()
+		if lpCfg == nil {
+			return nil, nil
 		}
-		if err != nil {
-			return fail(stderr, err)
-		}
-		memSize := c.Peer().Hello.MemSize
-		if b == nil {
-			if b, err = ft.NewBackup(memSize, ft.BackupConfig{Restore: rcfg, Log: tcfg.Logger, Policy: *policySpec, Request: request}); err != nil {
-				c.Close()
-				return fail(stderr, err)
-			}
-			if stopMetrics, err = rf.serveMetrics(b.Metrics, stderr); err != nil {
-				c.Close()
-				return fail(stderr, err)
-			}
-			stopStatus = everyInterval(*statusEvery, func() {
-				fmt.Fprintf(stderr, "understudy: backup: %s\n", b.StatusLine())
-			})
-		} else if memSize != b.Image().Size() {
-			fmt.Fprintf(stderr, "understudy: backup: refused intermediary %q: it protects a guest of %s, this backup holds one of %s\n",
-				c.Peer().Name, vmm.FormatSize(memSize), vmm.FormatSize(b.Image().Size()))
-			c.CloseWithError(wire.CodeRefused, "guest memory size differs from the backup's")
-			continue
-		}
-		direct := c.Peer().Role == wire.RolePrimary
-		if direct {
-			fmt.Fprintf(stderr, "understudy: backup: primary %q connected directly: it replicates here while its intermediary is lost (committed epoch %d)\n",
-				c.Peer().Name, b.Committed())
-			m, err = b.ServeDirect(c)
-		} else {
-			fmt.Fprintf(stderr, "understudy: backup: intermediary %q connected (committed epoch %d)\n", c.Peer().Name, b.Committed())
-			m, err = b.Serve(c)
-		}
-		c.Close()
-		if direct && m == nil && err == nil {
-			// The primary is lost, and every epoch it was acknowledged is
-			// committed here: nothing is lost.
-			if b.Committed() == 0 {
-				fmt.Fprintf(stderr, "understudy: backup: the primary's direct link ended before any epoch was committed; waiting\n")
-				continue
-			}
-			fmt.Fprintf(stderr, "understudy: backup: primary lost on its direct link at committed epoch %d: activating\n", b.Committed())
-			if m, err = b.Activate(b.Committed()); err != nil {
-				return fail(stderr, err)
-			}
-			break
-		}
-		if errors.Is(err, ft.ErrProtectionEnded) {
-			fmt.Fprintf(stderr, "understudy: backup: %v (last epoch %d): nothing to resume\n", err, b.Committed())
-			return 0
-		}
-		if m == nil {
-			why := "the link ended"
-			if err != nil {
-				why = err.Error()
-			}
-			fmt.Fprintf(stderr, "understudy: backup: intermediary lost (%s) at committed epoch %d; waiting for an intermediary\n", why, b.Committed())
-		}
-	}
-	defer m.Close()
-	stopStatus()
-	if *saveActivated != "" {
-		if err := saveActivatedSnapshot(*saveActivated, b, m); err != nil {
-			return fail(stderr, err)
-		}
-	}
-	fmt.Fprintf(stderr, "understudy: backup: activated at epoch %d; resuming the guest\n", b.Committed())
-	// From now on this backup runs the guest: an intermediary that reaches
-	// it (a restarted one, perhaps reached by the old primary) is refused,
-	// and fences its primary.
-	stopRefusing := refuseIntermediaries(ctx, ln, b.Committed(), stderr)
-	defer stopRefusing()
-	if lpCfg != nil {
 		lp, err := m.StartLargePages(*lpCfg)
 		if err != nil {
-			return fail(stderr, err)
+			return nil, err
 		}
 		stopLP := printStatus(stderr, lp, *statusEvery)
-		defer func() {
+		return func() {
 			stopLP()
-			fmt.Fprintf(stderr, "understudy: backup: %s\n", lp.Stop())
-		}()
+			log.Info(lp.Stop().String())
+		}, nil
 	}
-	start := time.Now()
-	res, err := m.Run(ctx)
+	res, err := ft.RunBackup(ctx, bcfg)
+	switch {
+	case errors.Is(err, ft.ErrProtectionEnded):
+		return 0
+	case err != nil && start.IsZero():
+		return fail(stderr, err) // before the guest ran here
+	}
 	if code, done := runFailed(res, err, time.Since(start), stderr); done {
 		return code
 	}
-	fmt.Fprintf(stderr, "understudy: backup: guest exited with code %d\n", res.ExitCode)
+	log.Info(fmt.Sprintf("guest exited with code %d", res.ExitCode))
 	return guestExitCode(res)
-}
-
-// saveActivatedSnapshot writes the activated state and memory of m, before
-// it runs, as a snapshot file.
-func saveActivatedSnapshot(path string, b *ft.Backup, m *vmm.Machine) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("--save-activated: %w", err)
-	}
-	if err := vmm.WriteSnapshot(f, b.ActivatedState(), m.Memory()); err != nil {
-		f.Close()
-		return fmt.Errorf("--save-activated %s: %w", path, err)
-	}
-	return f.Close()
 }

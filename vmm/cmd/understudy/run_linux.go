@@ -215,8 +215,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	if lf.kernel == "" {
 		for _, name := range []string{"initrd", "cmdline", "net", "disk"} {
 			if set[name] {
-				fmt.Fprintf(stderr, "understudy run: --%s needs --kernel\n", name)
-				return exitUsage, true
+				return usageError(fs, fmt.Sprintf("--%s needs --kernel", name)), true
 			}
 		}
 		return 0, false
@@ -229,8 +228,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	}
 	if len(other) > 0 {
 		sort.Strings(other)
-		fmt.Fprintf(stderr, "understudy run: %s cannot be combined with --kernel (payload guests only)\n", strings.Join(other, ", "))
-		return exitUsage, true
+		return usageError(fs, fmt.Sprintf("%s cannot be combined with --kernel (payload guests only)", strings.Join(other, ", "))), true
 	}
 	if !set["mem"] {
 		o.mem = linuxDefaultMem

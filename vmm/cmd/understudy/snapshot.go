@@ -107,8 +107,7 @@ func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		return code
 	}
 	if *snapshot == "" {
-		fmt.Fprintf(stderr, "understudy restore: --snapshot is required\n")
-		return exitUsage
+		return usageError(fs, "--snapshot is required")
 	}
 	bk, err := parseBacking(*backing)
 	if err != nil {
