@@ -155,6 +155,8 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 			continue
 		}
 		served.Store(&peer)
+		// Serving ends with ctx: the link is closed then.
+		unwatch := context.AfterFunc(ctx, func() { c.Close() })
 		direct := peer.Role == wire.RolePrimary
 		if direct {
 			log.Warn(fmt.Sprintf("primary %q connected directly: it replicates here while its intermediary is lost (committed epoch %d)",
@@ -164,8 +166,12 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 			log.Info(fmt.Sprintf("intermediary %q connected (committed epoch %d)", peer.Name, b.Committed()))
 			m, err = b.Serve(c)
 		}
+		unwatch()
 		c.Close()
 		served.Store(nil)
+		if m == nil && ctx.Err() != nil {
+			return vmm.Result{}, ctx.Err()
+		}
 		if direct && m == nil && err == nil {
 			// The primary is lost, and every epoch it was acknowledged is
 			// committed here: nothing is lost.

@@ -150,8 +150,14 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 		return err
 	}
 	stopStatus := logStatus(cfg.StatusEvery, log, inter.StatusLine)
-	perr := inter.ServePrimary(pc)
-	for errors.Is(perr, ErrRefused) {
+	// Serving ends with ctx: the primary's link is closed then, and an
+	// intermediary that was stopped does not fail over.
+	serve := func(pc transport.Conn) error {
+		defer context.AfterFunc(ctx, func() { pc.Close() })()
+		return inter.ServePrimary(pc)
+	}
+	perr := serve(pc)
+	for errors.Is(perr, ErrRefused) && ctx.Err() == nil {
 		// The primary sent something bad: refused, nothing changed, but it
 		// is alive and reconnects with a full image. Only a primary that
 		// does not come back within the peer timeout is lost.
@@ -159,10 +165,13 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 		pc.Close()
 		if pc, perr = acceptSamePrimary(ctx, g, first, cfg.Links.PeerTimeout, log); perr == nil {
 			log.Info(fmt.Sprintf("primary %q reconnected", pc.Peer().Name))
-			perr = inter.ServePrimary(pc)
+			perr = serve(pc)
 		}
 	}
 	stopStatus()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
 	if perr == nil {
 		log.Info(fmt.Sprintf("primary finished at epoch %d", inter.Image().Epoch()))
 		inter.EndProtection(10 * time.Second)
