@@ -79,7 +79,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, usageText)
 		return 0
 	default:
-		fmt.Fprintf(stderr, "understudy: unknown command %q\n\n%s", args[0], usageText)
+		fmt.Fprintf(stderr, "understudy: unknown command %q\nrun 'understudy help' for the commands\n", args[0])
 		return exitUsage
 	}
 }

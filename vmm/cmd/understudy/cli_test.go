@@ -64,7 +64,7 @@ func TestBadInput(t *testing.T) {
 		errSub string
 	}{
 		{[]string{}, exitUsage, "Usage"},
-		{[]string{"frobnicate"}, exitUsage, `unknown command "frobnicate"`},
+		{[]string{"frobnicate"}, exitUsage, "understudy: unknown command \"frobnicate\"\nrun 'understudy help' for the commands\n"},
 		{[]string{"run"}, exitUsage, "--payload is required"},
 		{[]string{"run", "--payload", "hello", "extra"}, exitUsage, `unexpected argument "extra"`},
 		{[]string{"run", "--payload", "nope"}, exitError, `unknown payload "nope"`},

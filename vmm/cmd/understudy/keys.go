@@ -40,7 +40,7 @@ func cmdKeys(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, keysUsage)
 		return 0
 	default:
-		fmt.Fprintf(stderr, "understudy keys: unknown subcommand %q\n\n%s", args[0], keysUsage)
+		fmt.Fprintf(stderr, "understudy keys: unknown subcommand %q\nrun 'understudy keys help' for the subcommands\n", args[0])
 		return exitUsage
 	}
 }

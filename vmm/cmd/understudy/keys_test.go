@@ -129,7 +129,7 @@ func TestKeysBadInput(t *testing.T) {
 		errSub string
 	}{
 		{[]string{"keys"}, exitUsage, "Usage: understudy keys"},
-		{[]string{"keys", "rotate"}, exitUsage, `unknown subcommand "rotate"`},
+		{[]string{"keys", "rotate"}, exitUsage, "understudy keys: unknown subcommand \"rotate\"\nrun 'understudy keys help' for the subcommands\n"},
 		{[]string{"keys", "init"}, exitUsage, "--dir is required"},
 		{[]string{"keys", "init", "--dir", dir, "extra"}, exitUsage, `unexpected argument "extra"`},
 		{[]string{"keys", "init", "--dir"}, exitUsage, "flag needs an argument"},
