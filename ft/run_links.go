@@ -34,6 +34,7 @@ func ParseRole(s string) (Role, error) {
 	return Role(r), err
 }
 
+// String returns the role's name, as ParseRole reads it.
 func (r Role) String() string { return wire.Role(r).String() }
 
 // Wire returns r as the wire format and ft/transport (a certificate's
