@@ -193,6 +193,16 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				return nil, ErrActivated
 			}
 			cp, base, err := ReceiveCheckpoint(c, m, maxPFN)
+			if errors.Is(err, ErrLinkBroken) {
+				// Not a refusal: the link broke before the checkpoint
+				// ended. A primary's direct link breaking is a lost
+				// primary, like a link that ends between checkpoints.
+				if direct {
+					b.log.Warn("the primary's direct link failed", "err", err)
+					return nil, nil
+				}
+				return nil, fmt.Errorf("backup: %w", err)
+			}
 			if err == nil {
 				err = b.commit(cp, base)
 			}

@@ -26,6 +26,26 @@ func badf(format string, a ...any) error {
 	return fmt.Errorf("%w: %s", ErrBadCheckpoint, fmt.Sprintf(format, a...))
 }
 
+// ErrLinkBroken wraps a checkpoint stream that ended before the checkpoint
+// did: the link failed (end of stream, reset, a truncated frame, a silent
+// peer), so the checkpoint never arrived whole. It is not a refusal: the
+// sender is lost, not wrong.
+var ErrLinkBroken = errors.New("link broken mid-checkpoint")
+
+// readFailed classifies an error reading a checkpoint's stream: bytes that
+// arrived and break the wire format (a bad checksum, a malformed frame)
+// refuse the checkpoint (ErrBadCheckpoint); anything else is a link that
+// broke (ErrLinkBroken).
+func readFailed(epoch uint64, err error) error {
+	for _, bad := range []error{wire.ErrBadMagic, wire.ErrChecksum, wire.ErrMalformed, wire.ErrTooLarge,
+		wire.ErrUnknownType, wire.ErrVersion} {
+		if errors.Is(err, bad) {
+			return fmt.Errorf("%w: checkpoint %d: %w", ErrBadCheckpoint, epoch, err)
+		}
+	}
+	return fmt.Errorf("checkpoint %d: %w: %w", epoch, ErrLinkBroken, err)
+}
+
 // SendCheckpoint writes cp to c: CheckpointBegin, PageBatches, StateBlobs
 // and a CheckpointEnd whose digest covers all of them. base is the epoch the
 // delta applies on (0 for a full image).
@@ -68,6 +88,8 @@ func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
 // verifies it: every frame belongs to the epoch, pages ascend and stay below
 // maxPFN, the counts and state length match the Begin, and the digest
 // matches. Only a verified checkpoint is returned; its data is its own.
+// A checkpoint that arrived and fails verification is an ErrBadCheckpoint;
+// a link that broke before the checkpoint ended is an ErrLinkBroken.
 func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64) (*Checkpoint, uint64, error) {
 	full := begin.Flags&wire.FlagFullImage != 0
 	if begin.StateLen == 0 || begin.StateLen > wire.MaxStateLen {
@@ -83,7 +105,7 @@ func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 	for {
 		m, err := c.ReadMessage()
 		if err != nil {
-			return nil, 0, fmt.Errorf("checkpoint %d: %w", begin.Epoch, err)
+			return nil, 0, readFailed(begin.Epoch, err)
 		}
 		switch m := m.(type) {
 		case *wire.PageBatch:
