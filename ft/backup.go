@@ -193,6 +193,16 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				return nil, ErrActivated
 			}
 			cp, base, err := ReceiveCheckpoint(c, m, maxPFN)
+			if errors.Is(err, ErrLinkBroken) {
+				// Not a refusal: the link broke before the checkpoint
+				// ended. A primary's direct link breaking is a lost
+				// primary, like a link that ends between checkpoints.
+				if direct {
+					b.log.Warn("the primary's direct link failed", "err", err)
+					return nil, nil
+				}
+				return nil, fmt.Errorf("backup: %w", err)
+			}
 			if err == nil {
 				err = b.commit(cp, base)
 			}
@@ -201,7 +211,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeIncomplete, Reason: truncate(err.Error(), wire.MaxReasonLen)})
 				return nil, fmt.Errorf("backup: %w", err)
 			}
-			b.log.Debug("committed", "epoch", cp.Epoch, "base", base, "full", cp.Full, "staged", cp.Staged, "pages", len(cp.PFNs))
+			b.log.Debug("committed", "epoch", cp.Epoch, "base", base, "kind", cp.Kind, "pages", len(cp.PFNs))
 			b.ret.committed(cp.Epoch)
 			b.received.Add(uint64(len(cp.Data) + len(cp.State)))
 			b.checkpoints.Add(1)
@@ -474,16 +484,16 @@ func (b *Backup) stage(m *wire.PageBatch, maxPFN uint64) error {
 }
 
 // commit applies a verified checkpoint: a full image drops whatever was
-// staged; a hold-back sync (Staged) commits the staged pages together with
+// staged; a hold-back sync (KindSync) commits the staged pages together with
 // its own, which win, in one atomic Apply.
 func (b *Backup) commit(cp *Checkpoint, base uint64) error {
-	if cp.Staged && len(b.staged) > 0 {
+	if cp.Kind == KindSync && len(b.staged) > 0 {
 		cp = mergeStaged(cp, b.staged)
 	}
 	if err := b.img.Apply(cp, base, b.pageOffset); err != nil {
 		return err
 	}
-	if cp.Full || cp.Staged {
+	if cp.Kind == KindFull || cp.Kind == KindSync {
 		b.staged = nil
 		b.stagedBytes.Store(0)
 	}
@@ -498,7 +508,7 @@ func mergeStaged(cp *Checkpoint, staged map[uint64][]byte) *Checkpoint {
 		pfns = append(pfns, pfn)
 	}
 	slices.Sort(pfns)
-	out := &Checkpoint{Epoch: cp.Epoch, Staged: true, State: cp.State}
+	out := &Checkpoint{Epoch: cp.Epoch, Kind: KindSync, Base: cp.Base, State: cp.State}
 	out.PFNs = make([]uint64, 0, len(pfns)+len(cp.PFNs))
 	out.Data = make([]byte, 0, (len(pfns)+len(cp.PFNs))*mmu.PageSize)
 	i, j := 0, 0

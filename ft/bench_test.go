@@ -170,7 +170,7 @@ func outputLatency(b *testing.B, attach func(in *Intermediary, memSize uint64), 
 func BenchmarkStream(b *testing.B) {
 	const memSize = 256 << 20
 	_, pc := servingIntermediary(b, memSize)
-	cp := &Checkpoint{Epoch: 1, Full: true, State: sealState([]byte("state"), nil), Data: make([]byte, memSize)}
+	cp := &Checkpoint{Epoch: 1, Kind: KindFull, State: sealState([]byte("state"), nil), Data: make([]byte, memSize)}
 	for i := range cp.Data {
 		cp.Data[i] = byte(i * 7)
 	}

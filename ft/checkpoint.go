@@ -14,18 +14,11 @@ import (
 // the vCPUs were paused, and the machine state at that moment.
 type Checkpoint struct {
 	Epoch uint64
-	Full  bool // a full image rather than a delta
-	// Stage marks pages sent to a backup ahead of a sync (hold-back): they
-	// travel as bare page batches of version Epoch, without state, and
-	// change nothing until a Staged checkpoint commits them.
-	Stage bool
-	// Staged marks a delta (a hold-back sync) that commits together with
-	// the pages staged since its base, Base.
-	Staged bool
-	Base   uint64
-	PFNs   []uint64 // guest-physical page frame numbers, ascending
-	Data   []byte   // len(PFNs) pages of 4 KiB, in PFN order
-	State  []byte   // the encoded vmm.MachineState
+	Kind  CheckpointKind // what it carries (validate checks the fields against it)
+	Base  uint64         // a KindSync's base epoch (0 for the other kinds)
+	PFNs  []uint64       // guest-physical page frame numbers, ascending
+	Data  []byte         // len(PFNs) pages of 4 KiB, in PFN order
+	State []byte         // the encoded vmm.MachineState
 
 	// Timings of the stun (vCPUs paused): the whole stun and its parts.
 	Stun, Pause, Harvest, Copy, Capture, Resume time.Duration
@@ -229,7 +222,7 @@ func (c *Checkpointer) TakeFullWith(rounds int, whilePaused func(*Checkpoint)) (
 		}
 		copy(image[off:], cp.Page(i))
 	}
-	cp.Full, cp.Data, cp.PFNs = true, image, c.allPFNs()
+	cp.Kind, cp.Data, cp.PFNs = KindFull, image, c.allPFNs()
 	return cp, err
 }
 
@@ -240,7 +233,7 @@ func (c *Checkpointer) TakeFullPaused() (*Checkpoint, error) {
 	if err != nil {
 		return nil, err
 	}
-	cp.Full, cp.Data, cp.PFNs = true, append([]byte(nil), c.mem.Backing()...), c.allPFNs()
+	cp.Kind, cp.Data, cp.PFNs = KindFull, append([]byte(nil), c.mem.Backing()...), c.allPFNs()
 	return cp, nil
 }
 

@@ -80,7 +80,7 @@ func TestCheckpointsRebuildMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	mem := m.Memory()
-	if !full.Full || full.Epoch != 1 || len(full.PFNs) != int(mem.Size()/mmu.PageSize) || len(full.Data) != int(mem.Size()) || len(full.State) == 0 {
+	if full.Kind != KindFull || full.Epoch != 1 || len(full.PFNs) != int(mem.Size()/mmu.PageSize) || len(full.Data) != int(mem.Size()) || len(full.State) == 0 {
 		t.Fatalf("full image: epoch %d, %d pages, %d bytes, %d state bytes", full.Epoch, len(full.PFNs), len(full.Data), len(full.State))
 	}
 	image := make([]byte, mem.Size())
@@ -92,7 +92,7 @@ func TestCheckpointsRebuildMemory(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if cp.Epoch != e || cp.Full || len(cp.PFNs) == 0 || len(cp.State) == 0 || cp.Stun <= 0 {
+		if cp.Epoch != e || cp.Kind != KindDelta || len(cp.PFNs) == 0 || len(cp.State) == 0 || cp.Stun <= 0 {
 			t.Fatalf("checkpoint %d: %+v", e, cp)
 		}
 		for i := 1; i < len(cp.PFNs); i++ {

@@ -126,8 +126,8 @@ func TestForwardReseedsNewBackup(t *testing.T) {
 // holdAll is a forwarding policy that forwards nothing until a sync.
 type holdAll struct{}
 
-func (holdAll) Split(*Checkpoint, func(int) float64) (bool, []int) { return false, nil }
-func (holdAll) SyncNow(BackupView) bool                            { return false }
+func (holdAll) Decide(*Checkpoint, func(int) float64) Decision { return Decision{} }
+func (holdAll) SyncNow(BackupView) bool                        { return false }
 
 // TestFailoverSyncsHeldBack: whatever the policy held back, Failover fences
 // the primary (no acknowledgement after it), brings the backup to the

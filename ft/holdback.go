@@ -66,32 +66,21 @@ func inRanges(rs []Range, pfn uint64) bool {
 // DefaultHoldBack is HoldBack with its defaults.
 var DefaultHoldBack = HoldBack{Threshold: 2, MaxHeld: 64 << 20, MaxLagEpochs: 200, MaxLag: 5 * time.Second}
 
-// Split stages the cold pages (in Ranges, if any) and holds the hot ones;
-// with Manifest it stages nothing (the backup asks for what it wants).
-func (h HoldBack) Split(cp *Checkpoint, freq func(i int) float64) (bool, []int) {
-	if h.Manifest {
-		return false, nil
-	}
-	var stage []int
+// Decide stages the cold pages (in Ranges, if any) and holds the hot ones,
+// within Bandwidth; with Manifest it stages nothing and describes the pages
+// in Ranges (the backup asks for what it wants).
+func (h HoldBack) Decide(cp *Checkpoint, freq func(i int) float64) Decision {
+	d := Decision{Rate: h.Bandwidth}
 	for i, pfn := range cp.PFNs {
-		if freq(i) < h.Threshold && inRanges(h.Ranges, pfn) {
-			stage = append(stage, i)
+		switch {
+		case !inRanges(h.Ranges, pfn):
+		case h.Manifest:
+			d.Describe = append(d.Describe, i)
+		case freq(i) < h.Threshold:
+			d.Stage = append(d.Stage, i)
 		}
 	}
-	return false, stage
-}
-
-// stageRate and manifests tell forward about a cap and manifest mode.
-func (h HoldBack) stageRate() uint64 { return h.Bandwidth }
-func (h HoldBack) manifests() bool   { return h.Manifest }
-func (h HoldBack) ranges() []Range   { return h.Ranges }
-
-// shaper is implemented by policies with a bandwidth cap, ranges or
-// manifests (HoldBack).
-type shaper interface {
-	stageRate() uint64
-	manifests() bool
-	ranges() []Range
+	return d
 }
 
 // SyncNow syncs once any bound is passed.

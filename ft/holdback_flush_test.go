@@ -16,7 +16,7 @@ func TestHoldBackEarlyFlush(t *testing.T) {
 		for e := uint64(1); e <= last; e++ {
 			cp := holdBackEpoch(e)
 			if e == 1 { // a full image of all memory, as a primary sends
-				cp = &Checkpoint{Epoch: 1, Full: true, State: []byte("state-1")}
+				cp = &Checkpoint{Epoch: 1, Kind: KindFull, State: []byte("state-1")}
 				for p := uint64(0); p < memSize/4096; p++ {
 					cp.PFNs = append(cp.PFNs, p)
 				}

@@ -59,10 +59,10 @@ func (im *Image) Pages() uint64 { return uint64(len(im.changed)) }
 func (im *Image) Apply(cp *Checkpoint, base uint64, pageOffset func(pfn uint64) (uint64, error)) error {
 	im.mu.Lock()
 	defer im.mu.Unlock()
-	if !cp.Full && (base != im.epoch || im.epoch == 0) {
+	if cp.Kind != KindFull && (base != im.epoch || im.epoch == 0) {
 		return badf("delta %d on epoch %d does not apply to an image at epoch %d", cp.Epoch, base, im.epoch)
 	}
-	if cp.Epoch <= im.epoch && !cp.Full {
+	if cp.Epoch <= im.epoch && cp.Kind != KindFull {
 		return badf("checkpoint %d is not after the image's epoch %d", cp.Epoch, im.epoch)
 	}
 	// Validate every offset first, so that a bad page changes nothing.
@@ -122,7 +122,7 @@ func (im *Image) Snapshot(regions []mmu.Region) (*Checkpoint, error) {
 	if im.epoch == 0 {
 		return nil, nil
 	}
-	cp := &Checkpoint{Epoch: im.epoch, Full: true, Data: make([]byte, 0, len(im.mem)), State: append([]byte(nil), im.state...)}
+	cp := &Checkpoint{Epoch: im.epoch, Kind: KindFull, Data: make([]byte, 0, len(im.mem)), State: append([]byte(nil), im.state...)}
 	cp.PFNs = make([]uint64, 0, len(im.changed))
 	for _, r := range regions {
 		if r.Offset+r.Size > uint64(len(im.mem)) {

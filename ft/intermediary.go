@@ -229,8 +229,10 @@ func (in *Intermediary) Fenced() bool {
 }
 
 // ServePrimary handles one primary link until it ends. A checkpoint that
-// fails verification or does not apply is refused with an Error, changes
-// nothing, and ends the link (ErrRefused). Once the intermediary is fenced it neither
+// arrived whole but fails verification or does not apply is refused with an
+// Error, changes nothing, and ends the link (ErrRefused). A link that ends
+// or breaks, also in the middle of a checkpoint (end of stream, a reset, a
+// truncated frame), is a lost primary (ErrPrimaryLost): fail over. Once the intermediary is fenced it neither
 // applies nor acknowledges anything from the primary and returns ErrFenced.
 func (in *Intermediary) ServePrimary(c MessageConn) error {
 	in.mu.Lock()
@@ -270,6 +272,16 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 			if errors.Is(err, ErrFenced) {
 				return err
 			}
+			if errors.Is(err, ErrLinkBroken) || errors.Is(err, errAckFailed) {
+				// The checkpoint never arrived whole, or its
+				// acknowledgement could not go out: the link broke, the
+				// primary is lost (a refusal is for a checkpoint that
+				// arrived and failed verification).
+				if in.Fenced() {
+					return ErrFenced
+				}
+				return fmt.Errorf("%w: %w", ErrPrimaryLost, err)
+			}
 			if err != nil {
 				in.log.Warn("refused a checkpoint", "epoch", m.Epoch, "err", err)
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeIncomplete, Reason: truncate(err.Error(), wire.MaxReasonLen)})
@@ -305,10 +317,13 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	// the image's epoch, and hold-back's bookkeeping must know its pages).
 	in.forward(cp)
 	if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
-		return fmt.Errorf("acknowledge epoch %d: %w", cp.Epoch, err)
+		return fmt.Errorf("%w %d: %w", errAckFailed, cp.Epoch, err)
 	}
 	return nil
 }
+
+// errAckFailed wraps a failure to send an acknowledgement: the link broke.
+var errAckFailed = errors.New("acknowledge epoch")
 
 // Failover fences the primary (it is not read or acknowledged again and its
 // link is closed), brings the backup to the last epoch the intermediary

@@ -304,41 +304,31 @@ func (p *Primary) Run(ctx context.Context) error {
 // serve runs the epoch loop on one link, starting with a full image. It
 // returns nil once the guest has stopped and its last checkpoint is
 // acknowledged, and the link's error otherwise.
+//
+// The send is pipelined: a sender goroutine streams checkpoint e while the
+// loop waits for and takes checkpoint e+1, whose pages go to the
+// checkpointer's other staging buffer. Checkpoint e+1 is handed over once e
+// is sent (the buffer of e is then free for e+2). Output commit does not
+// change: the records of epoch e are released on e's acknowledgement.
 func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 	p.linkUp.Store(true)
 	defer p.linkUp.Store(false)
 	acks := make(chan error, 1)
 	go func() { acks <- p.readAcks(ln) }()
-	sent := uint64(0)
-	send := func(cp *Checkpoint) error {
-		if err := SendCheckpoint(failpointConn(ln, cp.Epoch), cp, sent); err != nil {
-			// The intermediary's own Error (fenced, a refusal), read just
-			// before it closed the link, tells more than the failed write.
-			select {
-			case rerr := <-acks:
-				var we *wire.Error
-				if errors.As(rerr, &we) {
-					return &LinkError{we}
-				}
-			case <-time.After(time.Second):
-			}
-			return &LinkError{err}
-		}
-		failpoint(failSent, cp.Epoch)
-		sent = cp.Epoch
-		p.epochs.Add(1)
-		p.bytesSent.Add(uint64(len(cp.Data) + len(cp.State)))
-		p.stuns.add(cp.Stun)
-		return nil
-	}
+	s := p.startSender(ln, acks)
+	// Whatever ends the loop, the sender is done with the staging buffers
+	// before serve returns (the next link's checkpoints reuse them).
+	defer s.stop(ln)
+	queued := uint64(0) // the last epoch handed to the sender
 	tick := time.NewTicker(p.cfg.Interval)
 	defer tick.Stop()
 	for {
-		cp, err := p.checkpoint(sent == 0)
+		cp, err := p.checkpoint(queued == 0)
 		if cp != nil {
-			if serr := send(cp); serr != nil {
+			if serr := s.hand(ctx, cp); serr != nil {
 				return serr
 			}
+			queued = cp.Epoch
 		}
 		if errors.Is(err, vmm.ErrStopped) {
 			// The guest stopped: wait for the machine's Run to return,
@@ -349,7 +339,7 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 				return ctx.Err()
 			}
 			take := p.c.TakePaused
-			if sent == 0 {
+			if queued == 0 {
 				take = p.c.TakeFullPaused // stopped before the first image
 			}
 			last, err := take()
@@ -357,24 +347,121 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 				return err
 			}
 			p.seal(last)
-			if err := send(last); err != nil {
+			if err := s.hand(ctx, last); err != nil {
 				return err
 			}
-			return p.finish(ctx, ln, acks, sent)
+			if err := s.drain(ctx); err != nil {
+				return err
+			}
+			return p.finish(ctx, ln, acks, last.Epoch)
 		}
 		if err != nil {
 			return err
 		}
-		if err := p.wait(ctx, acks, tick); err != nil {
+		if err := p.wait(ctx, acks, s.failed, tick); err != nil {
 			return err
 		}
 	}
 }
 
+// sender streams checkpoints handed to it, one at a time, in order.
+type sender struct {
+	jobs   chan *Checkpoint // unbuffered: a hand-over waits for the previous send
+	failed chan error       // the first send error (then the sender stops)
+	done   chan struct{}    // closed when the sender has stopped
+	closed bool             // jobs is closed
+}
+
+// startSender starts the goroutine that sends checkpoints on ln. A send
+// that fails reports the intermediary's own Error (read by readAcks from
+// acks, which it puts back) if one came, else the write's error.
+func (p *Primary) startSender(ln MessageConn, acks chan error) *sender {
+	s := &sender{jobs: make(chan *Checkpoint), failed: make(chan error, 1), done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		base := uint64(0)
+		for cp := range s.jobs {
+			if err := SendCheckpoint(failpointConn(ln, cp.Epoch), cp, base); err != nil {
+				// The intermediary's own Error (fenced, a refusal), read
+				// just before it closed the link, tells more than the
+				// failed write.
+				select {
+				case rerr := <-acks:
+					acks <- rerr // the loop sees the link's end too
+					var we *wire.Error
+					if errors.As(rerr, &we) {
+						err = we
+					}
+				case <-time.After(time.Second):
+				}
+				s.failed <- &LinkError{err}
+				return
+			}
+			failpoint(failSent, cp.Epoch)
+			base = cp.Epoch
+			p.epochs.Add(1)
+			p.bytesSent.Add(uint64(len(cp.Data) + len(cp.State)))
+			p.stuns.add(cp.Stun)
+		}
+	}()
+	return s
+}
+
+// hand passes cp to the sender once it has sent the previous checkpoint.
+func (s *sender) hand(ctx context.Context, cp *Checkpoint) error {
+	select {
+	case s.jobs <- cp:
+		return nil
+	case err := <-s.failed:
+		s.failed <- err
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// drain waits until everything handed over is sent.
+func (s *sender) drain(ctx context.Context) error {
+	if !s.closed {
+		close(s.jobs)
+		s.closed = true
+	}
+	select {
+	case <-s.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-s.failed:
+		s.failed <- err
+		return err
+	default:
+		return nil
+	}
+}
+
+// stop ends the sender; one still writing on a link that no longer
+// matters (the loop ended) is cut short by closing the link.
+func (s *sender) stop(ln MessageConn) {
+	if !s.closed {
+		close(s.jobs)
+		s.closed = true
+	}
+	select {
+	case <-s.done:
+		return
+	default:
+	}
+	if c, ok := ln.(io.Closer); ok {
+		c.Close()
+	}
+	<-s.done
+}
+
 // wait waits for the next checkpoint: the interval's tick, the guest's
 // stop, or with a dirty budget, the moment the guest has written that much
 // since the last one (the interval then starts again).
-func (p *Primary) wait(ctx context.Context, acks chan error, tick *time.Ticker) error {
+func (p *Primary) wait(ctx context.Context, acks, sendFailed chan error, tick *time.Ticker) error {
 	var poll <-chan time.Time
 	if p.cfg.DirtyBudget > 0 {
 		t := time.NewTicker(p.cfg.BudgetPoll)
@@ -388,6 +475,9 @@ func (p *Primary) wait(ctx context.Context, acks chan error, tick *time.Ticker) 
 			return ctx.Err()
 		case err := <-acks:
 			return &LinkError{err}
+		case err := <-sendFailed:
+			sendFailed <- err
+			return err
 		case <-tick.C:
 			return nil
 		case <-p.halted:

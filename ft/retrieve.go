@@ -76,7 +76,7 @@ type retriever struct {
 	pending map[uint64]pendingPage
 	asked   map[uint64][]uint64 // request ID -> its pages, until Served
 	nextID  uint64
-	limiter tokenBucket
+	limiter pageLimiter
 
 	manifests, requested, served, refused atomic.Uint64
 }

@@ -221,10 +221,12 @@ func TestBandwidthCap(t *testing.T) {
 func TestRangesPolicy(t *testing.T) {
 	cp := testCheckpoint(5, false, 1, 255, 256, 600, 1024)
 	h := HoldBack{Threshold: 10, Ranges: []Range{{0, 1 << 20}, {4 << 20, 5 << 20}}}
-	if _, stage := h.Split(cp, func(int) float64 { return 0 }); !reflect.DeepEqual(stage, []int{0, 1, 4}) {
-		t.Errorf("Split staged %v, want the pages in range (indexes 0, 1, 4)", stage)
+	if stage := h.Decide(cp, func(int) float64 { return 0 }).Stage; !reflect.DeepEqual(stage, []int{0, 1, 4}) {
+		t.Errorf("Decide staged %v, want the pages in range (indexes 0, 1, 4)", stage)
 	}
-	ms := manifests(cp, func(i int) float64 { return float64(i) }, h.Ranges)
+	hm := h
+	hm.Manifest = true
+	ms := manifests(cp, func(i int) float64 { return float64(i) }, hm.Decide(cp, nil).Describe)
 	if len(ms) != 1 || !reflect.DeepEqual(ms[0].Pages, []wire.ManifestPage{{PFN: 1, Freq: 0}, {PFN: 255, Freq: 256}, {PFN: 1024, Freq: 1024}}) {
 		t.Errorf("manifests = %+v, want pages 1, 255 and 1024 with their frequencies", ms)
 	}
@@ -238,7 +240,7 @@ func TestRangesPolicy(t *testing.T) {
 	for i := range big.PFNs {
 		big.PFNs[i] = uint64(i)
 	}
-	if ms := manifests(big, func(int) float64 { return 1 }, nil); len(ms) != 2 || len(ms[1].Pages) != 1 {
+	if ms := manifests(big, func(int) float64 { return 1 }, HoldBack{Manifest: true}.Decide(big, nil).Describe); len(ms) != 2 || len(ms[1].Pages) != 1 {
 		t.Errorf("a manifest of %d pages split into %d", len(big.PFNs), len(ms))
 	}
 }

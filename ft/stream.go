@@ -26,19 +26,39 @@ func badf(format string, a ...any) error {
 	return fmt.Errorf("%w: %s", ErrBadCheckpoint, fmt.Sprintf(format, a...))
 }
 
+// ErrLinkBroken wraps a checkpoint stream that ended before the checkpoint
+// did: the link failed (end of stream, reset, a truncated frame, a silent
+// peer), so the checkpoint never arrived whole. It is not a refusal: the
+// sender is lost, not wrong.
+var ErrLinkBroken = errors.New("link broken mid-checkpoint")
+
+// readFailed classifies an error reading a checkpoint's stream: bytes that
+// arrived and break the wire format (a bad checksum, a malformed frame)
+// refuse the checkpoint (ErrBadCheckpoint); anything else is a link that
+// broke (ErrLinkBroken).
+func readFailed(epoch uint64, err error) error {
+	for _, bad := range []error{wire.ErrBadMagic, wire.ErrChecksum, wire.ErrMalformed, wire.ErrTooLarge,
+		wire.ErrUnknownType, wire.ErrVersion} {
+		if errors.Is(err, bad) {
+			return fmt.Errorf("%w: checkpoint %d: %w", ErrBadCheckpoint, epoch, err)
+		}
+	}
+	return fmt.Errorf("checkpoint %d: %w: %w", epoch, ErrLinkBroken, err)
+}
+
 // SendCheckpoint writes cp to c: CheckpointBegin, PageBatches, StateBlobs
 // and a CheckpointEnd whose digest covers all of them. base is the epoch the
 // delta applies on (0 for a full image).
 func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
-	if cp.Stage {
+	if err := cp.validate(); err != nil {
+		return fmt.Errorf("send checkpoint: %w", err)
+	}
+	if !cp.Kind.Commits() {
 		return sendStaged(c, cp)
 	}
-	begin := wire.CheckpointBegin{Epoch: cp.Epoch, Base: base, Pages: uint64(len(cp.PFNs)), StateLen: uint64(len(cp.State))}
-	if cp.Full {
-		begin.Flags, begin.Base = wire.FlagFullImage, 0
-	}
-	if cp.Staged {
-		begin.Flags |= wire.FlagStaged
+	begin := wire.CheckpointBegin{Epoch: cp.Epoch, Base: base, Pages: uint64(len(cp.PFNs)), StateLen: uint64(len(cp.State)), Flags: cp.Kind.wireFlags()}
+	if cp.Kind == KindFull {
+		begin.Base = 0
 	}
 	if err := c.WriteMessage(&begin); err != nil {
 		return fmt.Errorf("send checkpoint %d: %w", cp.Epoch, err)
@@ -68,22 +88,26 @@ func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
 // verifies it: every frame belongs to the epoch, pages ascend and stay below
 // maxPFN, the counts and state length match the Begin, and the digest
 // matches. Only a verified checkpoint is returned; its data is its own.
+// A checkpoint that arrived and fails verification is an ErrBadCheckpoint;
+// a link that broke before the checkpoint ended is an ErrLinkBroken.
 func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64) (*Checkpoint, uint64, error) {
-	full := begin.Flags&wire.FlagFullImage != 0
 	if begin.StateLen == 0 || begin.StateLen > wire.MaxStateLen {
 		return nil, 0, badf("checkpoint %d: state length %d", begin.Epoch, begin.StateLen)
 	}
 	if begin.Pages > maxPFN {
 		return nil, 0, badf("checkpoint %d: %d pages, guest has %d", begin.Epoch, begin.Pages, maxPFN)
 	}
-	cp := &Checkpoint{Epoch: begin.Epoch, Full: full, Staged: begin.Flags&wire.FlagStaged != 0, State: make([]byte, 0, begin.StateLen)}
+	cp := &Checkpoint{Epoch: begin.Epoch, Kind: kindOf(begin.Flags), State: make([]byte, 0, begin.StateLen)}
+	if cp.Kind == KindSync {
+		cp.Base = begin.Base
+	}
 	cp.PFNs = make([]uint64, 0, begin.Pages)
 	cp.Data = make([]byte, 0, begin.Pages*mmu.PageSize)
 	d := wire.NewDigester(*begin)
 	for {
 		m, err := c.ReadMessage()
 		if err != nil {
-			return nil, 0, fmt.Errorf("checkpoint %d: %w", begin.Epoch, err)
+			return nil, 0, readFailed(begin.Epoch, err)
 		}
 		switch m := m.(type) {
 		case *wire.PageBatch:
@@ -128,7 +152,7 @@ func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 	}
 }
 
-// sendStaged sends the pages of a Stage checkpoint as bare page batches of
+// sendStaged sends the pages of a KindStagePages checkpoint as bare page batches of
 // its epoch.
 func sendStaged(c MessageConn, cp *Checkpoint) error {
 	if err := eachBatch(cp, func(batch *wire.PageBatch) error { return c.WriteMessage(batch) }); err != nil {

@@ -11,7 +11,10 @@ import (
 
 // testCheckpoint builds a checkpoint of n pages with recognisable contents.
 func testCheckpoint(epoch uint64, full bool, pfns ...uint64) *Checkpoint {
-	cp := &Checkpoint{Epoch: epoch, Full: full, PFNs: pfns, State: []byte("state")}
+	cp := &Checkpoint{Epoch: epoch, PFNs: pfns, State: []byte("state")}
+	if full {
+		cp.Kind = KindFull
+	}
 	for _, pfn := range pfns {
 		cp.Data = append(cp.Data, bytes.Repeat([]byte{byte(pfn + epoch)}, mmu.PageSize)...)
 	}

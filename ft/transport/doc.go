@@ -46,6 +46,16 @@
 // The whole handshake is bounded by Config.HandshakeTimeout. After it, a
 // corrupt, truncated or malformed frame closes the link with a logged error.
 //
+// A Listener bounds the peers it holds in the handshake (not yet
+// authenticated): at most 8 from one source address and 128 in all. A
+// source's newest connection makes room by dropping its own oldest; a full
+// listener makes room by dropping the oldest connection of the busiest
+// source that never authenticated. Sources from which a peer authenticated
+// before (a primary that reconnects) are never dropped for a stranger and
+// always get in. So a stranger that cannot authenticate, with idle or
+// garbage connections from any number of addresses, cannot lock out the
+// peers the node expects (admission.go).
+//
 //	l, _ := transport.Listen("tcp://:7000", &transport.Config{Credentials: creds})
 //	c, _ := l.Accept(ctx)
 //	m, _ := c.ReadMessage() // a *wire.CheckpointBegin, ...

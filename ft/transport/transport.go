@@ -24,9 +24,13 @@ import (
 // Config.HandshakeTimeout is 0.
 const DefaultHandshakeTimeout = 10 * time.Second
 
-// maxHandshakes bounds the connections a Listener holds before Accept takes
-// them: handshakes in progress plus finished ones waiting. More are dropped.
-const maxHandshakes = 32
+// Bounds on unauthenticated connections (see admission.go): at most
+// maxPending in the handshake at once, at most maxPerSource of them from one
+// source address.
+const (
+	maxPending   = 128
+	maxPerSource = 8
+)
 
 // errorWriteTimeout bounds sending an Error to a peer that is being dropped.
 const errorWriteTimeout = time.Second
@@ -434,7 +438,7 @@ type listener struct {
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
 	ready  chan *conn
-	slots  chan struct{} // one per connection held before Accept
+	adm    admission // connections in the handshake
 	wg     sync.WaitGroup
 }
 
@@ -457,7 +461,7 @@ func Listen(addr string, cfg *Config) (Listener, error) {
 	l := &listener{
 		ln: ln, addr: bound, cfg: cfg, hello: hello, tls: cfg.tlsConfig(true, ""),
 		log: cfg.logger().With("listen", bound.String()),
-		ctx: ctx, cancel: cancel, ready: make(chan *conn), slots: make(chan struct{}, maxHandshakes),
+		ctx: ctx, cancel: cancel, ready: make(chan *conn), adm: newAdmission(maxPending, maxPerSource),
 	}
 	l.wg.Add(1)
 	go l.acceptLoop()
@@ -526,29 +530,38 @@ func (l *listener) acceptLoop() {
 			continue
 		}
 		backoff = 5 * time.Millisecond
-		select {
-		case l.slots <- struct{}{}:
-		default:
-			l.log.Warn("transport: too many peers waiting; dropping a connection", "remote", nc.RemoteAddr().String())
+		p, evicted, ok := l.adm.admit(nc)
+		for _, e := range evicted {
+			l.log.Debug("transport: too many unauthenticated peers; dropped the oldest connection of the busiest source",
+				"remote", e.nc.RemoteAddr().String())
+		}
+		if !ok {
+			l.log.Warn("transport: too many unauthenticated peers waiting; dropping a connection", "remote", nc.RemoteAddr().String())
 			nc.Close()
 			continue
 		}
 		l.wg.Add(1)
-		go l.serve(nc)
+		go l.serve(p)
 	}
 }
 
-// serve runs the server side of the handshake on nc and hands the link to
-// Accept, or logs the refusal and drops it.
-func (l *listener) serve(nc net.Conn) {
+// serve runs the server side of the handshake on p's connection and hands
+// the link to Accept, or logs the refusal and drops it.
+func (l *listener) serve(p *pending) {
 	defer l.wg.Done()
-	defer func() { <-l.slots }()
+	nc := p.nc
 	log := l.log.With("remote", nc.RemoteAddr().String())
 	c, err := handshake(l.ctx, nc, l.tls, l.cfg, l.hello, true, log)
+	// Authenticated or not, it no longer waits in the handshake; a source
+	// that authenticated is one this node expects again.
+	evicted := l.adm.done(p, err == nil)
 	if err != nil {
-		if l.ctx.Err() != nil {
+		switch {
+		case l.ctx.Err() != nil:
 			log.Debug("transport: handshake abandoned: listener closed", "err", err)
-		} else {
+		case evicted:
+			log.Debug("transport: handshake abandoned: dropped for room", "err", err)
+		default:
 			log.Warn("transport: refused peer", "err", err)
 		}
 		nc.Close()

@@ -1,0 +1,140 @@
+package ft
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/understudy-vmm/understudy/mmu"
+	xrate "golang.org/x/time/rate"
+)
+
+// heldPages is the hold-back ledger of an attached backup: which pages of
+// the intermediary's image the backup lacks since its last sync (they
+// changed and were not staged since), and the epoch of that sync. Its own
+// lock, mu, guards it; a re-seed's snapshot is taken under mu, so that no
+// checkpoint is accounted for between the snapshot and the ledger's reset.
+// Lock order: heldPages.mu, then backupLink.mu and the image's lock.
+type heldPages struct {
+	mu       sync.Mutex
+	lacks    []bool // by image page (offset / page size); nil: nothing lacking
+	lacking  uint64 // how many lacks are set
+	synced   uint64 // epoch of the last sync or re-seed queued (0: none yet)
+	holdMode bool   // the policy has not sent everything since the last re-seed
+	// limiter enforces the policy's cap (rate, bytes/s) on what goes
+	// ahead of a sync.
+	limiter pageLimiter
+	rate    uint64
+
+	// bytes is the intermediary's held-bytes figure (lacking in bytes).
+	bytes *atomic.Uint64
+}
+
+// setRate sets the cap on pages staged ahead of a sync (0: none).
+func (h *heldPages) setRate(r uint64) {
+	h.mu.Lock()
+	h.rate = r
+	h.mu.Unlock()
+}
+
+// reset restarts the ledger from a re-seed of epoch e (0: none yet).
+// Call with h.mu held.
+func (h *heldPages) reset(e uint64) {
+	h.lacks, h.lacking, h.synced, h.holdMode = nil, 0, e, false
+	h.bytes.Store(0)
+}
+
+// mark records page off (an image page index) as lacking at the backup
+// (held) or not (staged or served). Call with h.mu held.
+func (h *heldPages) mark(off uint64, lack bool, pages uint64) {
+	if h.lacks == nil {
+		if !lack {
+			return
+		}
+		h.lacks = make([]bool, pages)
+	}
+	switch {
+	case lack && !h.lacks[off]:
+		h.lacks[off] = true
+		h.lacking++
+	case !lack && h.lacks[off]:
+		h.lacks[off] = false
+		h.lacking--
+	}
+}
+
+// lacked reports whether the backup lacks page off. Call with h.mu held.
+func (h *heldPages) lacked(off uint64) bool { return h.lacks != nil && h.lacks[off] }
+
+// publish stores the held bytes in the intermediary's figure. Call with
+// h.mu held.
+func (h *heldPages) publish() { h.bytes.Store(h.lacking * mmu.PageSize) }
+
+// syncCheckpoint builds the hold-back sync to the image's epoch: every
+// page held back since the last sync, copied from the image, and the state;
+// the backup commits it together with the pages staged since. Call with
+// b.held.mu held and the image at the last epoch forwarded (in.mu held:
+// no checkpoint is between its Apply and its forward).
+// A backup with no epoch yet cannot take a delta: it gets a re-seed
+// instead, and syncCheckpoint returns nil.
+func (in *Intermediary) syncCheckpoint(b *backupLink) *Checkpoint {
+	h := &b.held
+	if h.synced == 0 {
+		h.lacks, h.lacking = nil, 0
+		b.requestReseed()
+		return nil
+	}
+	var cp *Checkpoint
+	in.img.Read(func(mem, state []byte, epoch uint64) {
+		cp = &Checkpoint{Epoch: epoch, Kind: KindSync, Base: h.synced, State: append([]byte(nil), state...)}
+		cp.PFNs = make([]uint64, 0, h.lacking)
+		cp.Data = make([]byte, 0, h.lacking*mmu.PageSize)
+		for _, r := range in.regions {
+			first := r.Offset / mmu.PageSize
+			for k := uint64(0); k < r.Size/mmu.PageSize; k++ {
+				if off := first + k; h.lacked(off) {
+					cp.PFNs = append(cp.PFNs, r.GPA/mmu.PageSize+k)
+					cp.Data = append(cp.Data, mem[off*mmu.PageSize:(off+1)*mmu.PageSize]...)
+					h.lacks[off] = false
+				}
+			}
+		}
+	})
+	in.log.Debug("hold-back sync", "epoch", cp.Epoch, "base", h.synced, "pages", len(cp.PFNs))
+	h.lacking = 0
+	h.synced = cp.Epoch
+	in.syncs.Add(1)
+	return cp
+}
+
+// pageLimiter caps a page rate with a token bucket of bytes
+// (golang.org/x/time/rate): refilled at the rate, holding at most a tenth
+// of a second's worth (at least two pages), full at first. Not safe for
+// concurrent use.
+type pageLimiter struct {
+	lim  *xrate.Limiter
+	rate uint64
+}
+
+// take returns how many of n pages may go now at rate bytes/s (0: no cap),
+// and spends them.
+func (p *pageLimiter) take(rate uint64, n int) int {
+	if rate == 0 || n == 0 {
+		return n
+	}
+	now := time.Now()
+	burst := int(max(rate/10, 2*mmu.PageSize))
+	switch {
+	case p.lim == nil:
+		p.lim = xrate.NewLimiter(xrate.Limit(rate), burst)
+	case p.rate != rate:
+		p.lim.SetLimitAt(now, xrate.Limit(rate))
+		p.lim.SetBurstAt(now, burst)
+	}
+	p.rate = rate
+	k := min(n, int(p.lim.TokensAt(now)/mmu.PageSize))
+	if k > 0 {
+		p.lim.AllowN(now, k*mmu.PageSize)
+	}
+	return k
+}
