@@ -19,8 +19,10 @@
 //     builds the u-root commands from the module cache: go.mod pins u-root
 //     and mkuimage, and tools.go keeps the command packages required.
 //
-// The inits themselves live elsewhere: package boot (shared helpers),
-// initramfs/guestinit (the nested guest's /init) and `understudy appliance`
-// (vmm/cmd/understudy/appliance.go). This package is build-time only; the
-// understudy binary must not import it.
+// The inits themselves live in the packages below this one:
+// initramfs/appliance (the appliance's uinit as a library, which `understudy
+// appliance` runs; it also declares the image's layout, the paths Build
+// writes), initramfs/guestinit (the nested guest's /init) and
+// initramfs/boot (what both inits share). This package is build-time only;
+// the understudy binary must not import it.
 package initramfs

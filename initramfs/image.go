@@ -18,6 +18,7 @@ import (
 	"github.com/u-root/mkuimage/cpio"
 	"github.com/u-root/mkuimage/uimage"
 	"github.com/u-root/uio/llog"
+	"github.com/understudy-vmm/understudy/initramfs/appliance"
 )
 
 // The u-root commands in the appliance, built into one busybox binary. The
@@ -39,15 +40,6 @@ var ApplianceModules = []string{
 // GuestModules are the modules the nested guest's initramfs carries; its
 // init loads those its mode needs.
 var GuestModules = []string{"virtio_pci", "virtio_mmio", "virtio_net", "virtio_blk"}
-
-// Paths inside the appliance image.
-const (
-	ImageKernel     = "boot/vmlinuz"           // the kernel nested guests boot
-	ImageGuestInitr = "boot/guest.cpio"        // their initramfs
-	ImageMarker     = "etc/understudy/image"   // says "this is the appliance" and what built it
-	ImageModuleList = "etc/understudy/modules" // modules the uinit loads, one per line
-	ImageUnderstudy = "bin/understudy"         // the uinit, run as `understudy appliance`
-)
 
 // Options configure Build.
 type Options struct {
@@ -147,13 +139,13 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	}
 	step("built guestinit (static)")
 
-	guestCPIO := filepath.Join(o.OutDir, "guest.cpio")
+	guestCPIO := filepath.Join(o.OutDir, appliance.ImageGuest)
 	if err := writeGuestCPIO(guestCPIO, guestinit, filepath.Join(stage, "guest"), k.Release, guestMods); err != nil {
 		return nil, err
 	}
 	step("wrote %s (%s)", guestCPIO, sizeOf(guestCPIO))
 
-	vmlinuz := filepath.Join(o.OutDir, "vmlinuz")
+	vmlinuz := filepath.Join(o.OutDir, appliance.ImageKernel)
 	if err := copyFile(k.Vmlinuz(), vmlinuz); err != nil {
 		return nil, err
 	}
@@ -166,13 +158,13 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	marker := fmt.Sprintf("understudy appliance image\nkernel %s %s %s\nu-root %s\nbuilt %s\n",
 		k.Package, k.Version, k.Release, uroot, time.Now().UTC().Format(time.RFC3339))
 	extra := map[string]string{
-		ImageMarker:     marker,
-		ImageModuleList: strings.Join(ApplianceModules, "\n") + "\n",
+		appliance.Marker:     marker,
+		appliance.ModuleList: strings.Join(ApplianceModules, "\n") + "\n",
 	}
 	files := []string{
-		o.Understudy + ":" + ImageUnderstudy,
-		k.Vmlinuz() + ":" + ImageKernel,
-		guestCPIO + ":" + ImageGuestInitr,
+		o.Understudy + ":" + appliance.Binary,
+		k.Vmlinuz() + ":" + appliance.GuestKernel,
+		guestCPIO + ":" + appliance.GuestInitrd,
 	}
 	for _, f := range modFiles {
 		files = append(files, filepath.Join(appStage, filepath.FromSlash(f))+":"+f)
@@ -197,13 +189,13 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	}
 	step("u-root %s base (%s): %s", uroot, how, base)
 
-	appliance := filepath.Join(o.OutDir, "appliance.cpio")
-	partial := appliance + ".partial"
+	applianceCPIO := filepath.Join(o.OutDir, appliance.ImageAppliance)
+	partial := applianceCPIO + ".partial"
 	err = uimage.Create(llog.New(slog.LevelWarn, llog.WritePrintf(o.Log)),
 		uimage.WithBaseFile(base),
 		uimage.WithExistingInit(true),
 		uimage.WithTempDir(stage),
-		uimage.WithUinit("/"+ImageUnderstudy, "appliance"),
+		uimage.WithUinit("/"+appliance.Binary, "appliance"),
 		uimage.WithFiles(files...),
 		uimage.WithSkipLDD(),
 		uimage.WithCPIOOutput(partial),
@@ -212,19 +204,19 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		os.Remove(partial)
 		return nil, fmt.Errorf("mkuimage: %w", err)
 	}
-	if err := os.Rename(partial, appliance); err != nil {
+	if err := os.Rename(partial, applianceCPIO); err != nil {
 		return nil, err
 	}
-	step("wrote %s (%s)", appliance, sizeOf(appliance))
+	step("wrote %s (%s)", applianceCPIO, sizeOf(applianceCPIO))
 
 	version := fmt.Sprintf("kernel-package %s\nkernel-version %s\nkernel-release %s\nu-root %s\nmkuimage %s\nappliance-modules %s\nguest-modules %s\n",
 		k.Package, k.Version, k.Release, uroot, o.MkUimage, names(appMods), names(guestMods))
-	if err := os.WriteFile(filepath.Join(o.OutDir, "VERSION"), []byte(version), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(o.OutDir, appliance.ImageVersion), []byte(version), 0o644); err != nil {
 		return nil, err
 	}
 	fmt.Fprintf(o.Log, "mkimage: done in %.1fs: %s, %s, %s, %s\n", time.Since(start).Seconds(),
-		vmlinuz, appliance, guestCPIO, filepath.Join(o.OutDir, "VERSION"))
-	return &Result{Kernel: k, Appliance: appliance, Guest: guestCPIO, Vmlinuz: vmlinuz, Builtin: builtin}, nil
+		vmlinuz, applianceCPIO, guestCPIO, filepath.Join(o.OutDir, appliance.ImageVersion))
+	return &Result{Kernel: k, Appliance: applianceCPIO, Guest: guestCPIO, Vmlinuz: vmlinuz, Builtin: builtin}, nil
 }
 
 func names(mods []Module) string {

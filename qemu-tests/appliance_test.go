@@ -10,6 +10,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/understudy-vmm/understudy/initramfs/appliance"
+	"github.com/understudy-vmm/understudy/initramfs/boot"
 )
 
 // Timeouts. Under TCG the appliance is ready about 5 s after QEMU starts
@@ -61,7 +64,7 @@ func setup(t *testing.T) env {
 	if d := os.Getenv("UNDERSTUDY_QEMU_ARTIFACTS"); d != "" {
 		e.artifacts = d
 	}
-	for _, f := range []string{"vmlinuz", "appliance.cpio"} {
+	for _, f := range []string{appliance.ImageKernel, appliance.ImageAppliance} {
 		if _, err := os.Stat(filepath.Join(e.image, f)); err != nil {
 			missing("no appliance image (%v): run `make image` first (`make test` does)", err)
 		}
@@ -124,7 +127,7 @@ func (e env) kvmModule() string {
 // a failed test keeps the console log under e.artifacts.
 func (e env) boot(t *testing.T, params string) *Machine {
 	t.Helper()
-	return e.bootInitrd(t, params, filepath.Join(e.image, "appliance.cpio"))
+	return e.bootInitrd(t, params, filepath.Join(e.image, appliance.ImageAppliance))
 }
 
 // bootInitrd is boot with another initramfs.
@@ -132,7 +135,7 @@ func (e env) bootInitrd(t *testing.T, params, initrd string) *Machine {
 	t.Helper()
 	log := filepath.Join(t.TempDir(), "console.log")
 	cfg := Config{
-		Kernel: filepath.Join(e.image, "vmlinuz"),
+		Kernel: filepath.Join(e.image, appliance.ImageKernel),
 		Initrd: initrd,
 		Append: "console=ttyS0 panic=-1 quiet " + params,
 		MemMiB: 1024,
@@ -231,7 +234,8 @@ func TestApplianceBadRole(t *testing.T) {
 // controller, which understudy sees; no PCI) and adds quiet: every console
 // byte of a nested guest under TCG is expensive.
 func nestedRun(extra, guest string) string {
-	return fmt.Sprintf(`understudy.exec="understudy run --kernel /boot/vmlinuz --initrd /boot/guest.cpio --mem 256M %s--cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet %s'"`, extra, guest)
+	return fmt.Sprintf(`understudy.exec="understudy run --kernel /%s --initrd /%s --mem 256M %s--cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet %s'"`,
+		appliance.GuestKernel, appliance.GuestInitrd, extra, guest)
 }
 
 // TestNestedLinuxBoot: inside the appliance, `understudy run --kernel`
@@ -279,13 +283,11 @@ func TestNestedDisk(t *testing.T) {
 	m := e.boot(t, fmt.Sprintf("understudy.role=test understudy.testdisk=/tmp/disk.img:%s %s",
 		token, nestedRun("--disk /tmp/disk.img ", "guest.mode=disk")))
 	expect(t, m, bootTimeout, "understudy-appliance: ready role=test", "understudy-appliance: testdisk /tmp/disk.img: ")
-	expect(t, m, nestedTimeout,
-		"understudy-guest: init reached",
-		"understudy-guest: module virtio_blk: loaded",
-		fmt.Sprintf(`understudy-guest: disk /dev/vda offset 0: %q`, token),
-		fmt.Sprintf(`understudy-guest: disk /dev/vda offset 524288: %q`, token+"@524288"),
-		"understudy-appliance: exec: exit status 0",
-	)
+	want := []string{"understudy-guest: init reached", "understudy-guest: module virtio_blk: loaded"}
+	for _, off := range boot.TestDiskOffsets {
+		want = append(want, fmt.Sprintf(`understudy-guest: disk /dev/vda offset %d: %q`, off, boot.TestDiskText(token, off)))
+	}
+	expect(t, m, nestedTimeout, append(want, "understudy-appliance: exec: exit status 0")...)
 	poweredOff(t, m, 0)
 }
 

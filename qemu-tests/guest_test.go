@@ -11,6 +11,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/understudy-vmm/understudy/initramfs/appliance"
+	"github.com/understudy-vmm/understudy/initramfs/boot"
 )
 
 // TestGuestInitramfs boots the nested guests' kernel and initramfs
@@ -27,7 +30,7 @@ func TestGuestInitramfs(t *testing.T) {
 	start := func(t *testing.T, guest string, network, extra []string) *Machine {
 		log := filepath.Join(t.TempDir(), "console.log")
 		m, err := Start(Config{
-			Kernel: filepath.Join(e.image, "vmlinuz"), Initrd: filepath.Join(e.image, "guest.cpio"),
+			Kernel: filepath.Join(e.image, appliance.ImageKernel), Initrd: filepath.Join(e.image, appliance.ImageGuest),
 			Append: "console=ttyS0 panic=-1 quiet " + guest, MemMiB: 256, Accel: accel,
 			Network: network, Extra: extra, LogPath: log, Deadline: testDeadline(t),
 			OnLine: func(l Line) { t.Logf("console %6.2fs| %s", l.At.Seconds(), l.Text) },
@@ -47,17 +50,18 @@ func TestGuestInitramfs(t *testing.T) {
 	})
 	t.Run("disk", func(t *testing.T) {
 		img := filepath.Join(t.TempDir(), "disk.img")
-		b := make([]byte, 1<<20)
-		copy(b, "guest-disk-0\n")
-		copy(b[512<<10:], "guest-disk-512k\n")
+		b := make([]byte, boot.TestDiskSize)
+		want := []string{"understudy-guest: module virtio_blk: loaded"}
+		for _, off := range boot.TestDiskOffsets {
+			text := fmt.Sprintf("guest-disk-%d", off)
+			copy(b[off:], text+"\n")
+			want = append(want, fmt.Sprintf(`understudy-guest: disk /dev/vda offset %d: %q`, off, text))
+		}
 		if err := os.WriteFile(img, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
 		m := start(t, "guest.mode=disk", nil, []string{"-drive", "file=" + img + ",if=virtio,format=raw,readonly=on"})
-		expect(t, m, bootTimeout, "understudy-guest: module virtio_blk: loaded",
-			`understudy-guest: disk /dev/vda offset 0: "guest-disk-0"`,
-			`understudy-guest: disk /dev/vda offset 524288: "guest-disk-512k"`,
-			"understudy-guest: done, powering off")
+		expect(t, m, bootTimeout, append(want, "understudy-guest: done, powering off")...)
 		if err := m.Wait(exitTimeout); err != nil {
 			t.Fatal(err)
 		}

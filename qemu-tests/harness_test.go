@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/understudy-vmm/understudy/initramfs/appliance"
 )
 
 func TestDetectAccel(t *testing.T) {
@@ -97,7 +99,7 @@ func TestHarnessKillsOnTimeout(t *testing.T) {
 	e := setup(t)
 	log := filepath.Join(t.TempDir(), "console.log")
 	m, err := Start(Config{
-		Kernel: filepath.Join(e.image, "vmlinuz"), Append: "console=ttyS0 panic=0 loglevel=4", MemMiB: 256,
+		Kernel: filepath.Join(e.image, appliance.ImageKernel), Append: "console=ttyS0 panic=0 loglevel=4", MemMiB: 256,
 		Accel: e.accel, LogPath: log,
 	})
 	if err != nil {
@@ -133,7 +135,7 @@ func hungKernel(t *testing.T, e env, deadline time.Time) (*Machine, string) {
 	t.Helper()
 	log := filepath.Join(t.TempDir(), "console.log")
 	m, err := Start(Config{
-		Kernel: filepath.Join(e.image, "vmlinuz"), Append: "console=ttyS0 panic=0 loglevel=4", MemMiB: 256,
+		Kernel: filepath.Join(e.image, appliance.ImageKernel), Append: "console=ttyS0 panic=0 loglevel=4", MemMiB: 256,
 		Accel: e.accel, LogPath: log, Deadline: deadline,
 	})
 	if err != nil {

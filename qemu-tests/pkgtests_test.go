@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/u-root/u-root/pkg/cpio"
+	"github.com/understudy-vmm/understudy/initramfs/appliance"
 )
 
 // TestApplianceVsock runs ft/transport's vsock test inside the appliance,
@@ -57,7 +58,7 @@ func (e env) bootTest(t *testing.T, pkg, run string) *Machine {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base, err := os.ReadFile(filepath.Join(e.image, "appliance.cpio"))
+	base, err := os.ReadFile(filepath.Join(e.image, appliance.ImageAppliance))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +87,7 @@ func TestApplianceDAMON(t *testing.T) {
 	if d := os.Getenv("UNDERSTUDY_IMAGE_DAMON"); d != "" {
 		e.image = d
 	}
-	if _, err := os.Stat(filepath.Join(e.image, "appliance.cpio")); err != nil {
+	if _, err := os.Stat(filepath.Join(e.image, appliance.ImageAppliance)); err != nil {
 		if os.Getenv("UNDERSTUDY_QEMU_REQUIRED") == "1" {
 			t.Fatalf("no DAMON appliance image (%v): run `make image` first", err)
 		}

@@ -5,37 +5,16 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"strings"
 	"time"
 
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 	"golang.org/x/sys/unix"
 )
-
-// ErrIfName is wrapped by the error for an unusable interface name.
-var ErrIfName = errors.New("bad network interface name")
-
-// CheckIfName reports whether name can name a network interface: 1 to 15
-// bytes (IFNAMSIZ less the NUL), no '/', ':', white space or control
-// characters, and not "." or "..".
-func CheckIfName(name string) error {
-	if name == "" || len(name) >= unix.IFNAMSIZ {
-		return fmt.Errorf("%w: %q: want 1..%d bytes", ErrIfName, name, unix.IFNAMSIZ-1)
-	}
-	if name == "." || name == ".." {
-		return fmt.Errorf("%w: %q", ErrIfName, name)
-	}
-	for _, r := range name {
-		if r <= ' ' || r >= 0x7f || strings.ContainsRune("/:", r) {
-			return fmt.Errorf("%w: %q contains %q", ErrIfName, name, r)
-		}
-	}
-	return nil
-}
 
 // CreateTap creates a persistent tap device (IFF_TAP|IFF_NO_PI) called name,
 // which a VMM then attaches to by name; it stays after this process ends.
 func CreateTap(name string) error {
-	if err := CheckIfName(name); err != nil {
+	if err := virtio.CheckIfName(name); err != nil {
 		return err
 	}
 	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
@@ -59,7 +38,7 @@ func CreateTap(name string) error {
 
 // ifIoctl runs one SIOC* ioctl on interface name through an AF_INET socket.
 func ifIoctl(name string, req uint, set func(*unix.Ifreq)) (*unix.Ifreq, error) {
-	if err := CheckIfName(name); err != nil {
+	if err := virtio.CheckIfName(name); err != nil {
 		return nil, err
 	}
 	s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
@@ -115,7 +94,7 @@ func LinkUp(name string) error {
 // WaitLink waits until interface name exists (a driver probed its device),
 // or timeout passes.
 func WaitLink(name string, timeout time.Duration) error {
-	if err := CheckIfName(name); err != nil {
+	if err := virtio.CheckIfName(name); err != nil {
 		return err
 	}
 	return waitPath("/sys/class/net/"+name, timeout)

@@ -9,21 +9,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 	"golang.org/x/sys/unix"
 )
-
-func TestCheckIfName(t *testing.T) {
-	for _, ok := range []string{"tap0", "eth0", "a", "x-y_z.1", strings.Repeat("n", 15)} {
-		if err := CheckIfName(ok); err != nil {
-			t.Errorf("CheckIfName(%q) = %v, want nil", ok, err)
-		}
-	}
-	for _, bad := range []string{"", ".", "..", "a/b", "a:1", "a b", "tab\t", strings.Repeat("n", 16), "é"} {
-		if err := CheckIfName(bad); !errors.Is(err, ErrIfName) {
-			t.Errorf("CheckIfName(%q) = %v, want ErrIfName", bad, err)
-		}
-	}
-}
 
 // TestTapInNetns creates a tap device, gives it an address and sets it up,
 // inside a network namespace of its own (on a locked thread that dies with
@@ -85,7 +73,7 @@ func tapScenario() error {
 	if got, _ := ifr.Inet4Addr(); !net.IP(got).Equal(net.IPv4(255, 255, 255, 0)) {
 		return errors.New("ustap0 netmask is " + net.IP(got).String() + ", want 255.255.255.0")
 	}
-	if err := CreateTap("bad/name"); !errors.Is(err, ErrIfName) {
+	if err := CreateTap("bad/name"); !errors.Is(err, virtio.ErrIfName) {
 		return errors.New("CreateTap(bad/name) did not fail with ErrIfName")
 	}
 	if err := SetAddr("ustap0", netip.MustParsePrefix("2001:db8::1/64")); err == nil {

@@ -1,10 +1,49 @@
 package boot
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// maxDrain bounds DrainConsole's wait for a UART that does not empty.
+const maxDrain = 5 * time.Second
+
+// DrainConsole waits until the terminal w has sent everything written to
+// it; it does nothing when w is not a terminal. An init calls it before it
+// stops the machine, so that the serial console's last lines leave the
+// UART: on a loaded host running QEMU with TCG they did not always. tcdrain
+// (TCSBRK) alone is not enough there: the serial driver stops waiting for
+// the UART after a few character times, and a signal ends the wait early
+// (the Go runtime sends itself SIGURG to preempt goroutines). So it asks
+// the UART too (TIOCSERGETLSR), until its transmitter is empty, for up to
+// maxDrain.
+func DrainConsole(w io.Writer) {
+	f, ok := w.(*os.File)
+	if !ok {
+		return
+	}
+	fd := int(f.Fd())
+	deadline := time.Now().Add(maxDrain)
+	for time.Now().Before(deadline) {
+		err := unix.IoctlSetInt(fd, unix.TCSBRK, 1)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return // not a terminal
+		}
+		lsr, err := unix.IoctlGetInt(fd, unix.TIOCSERGETLSR)
+		if err != nil || lsr&unix.TIOCSER_TEMT != 0 {
+			return // not a serial port, or everything is out
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
 
 // PowerOff syncs file systems and powers the machine off. It returns only on
 // failure (not root, or not allowed).

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/initramfs/boot"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // The modes of guest.mode.
@@ -57,7 +58,7 @@ func parseConfig(ps boot.Params) (config, error) {
 				return c, fmt.Errorf("guest.mode=%q: want %s, %s, %s, %s or %s", v, modePoweroff, modeHalt, modeNet, modeDisk, modeEcho)
 			}
 		case "iface":
-			if err := boot.CheckIfName(v); err != nil {
+			if err := virtio.CheckIfName(v); err != nil {
 				return c, fmt.Errorf("guest.iface: %w", err)
 			}
 			c.iface = v

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/initramfs/boot"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 	"golang.org/x/sys/unix"
 )
 
@@ -85,7 +86,7 @@ func FuzzParseConfig(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if c.port == 0 || c.timeout <= 0 || !strings.HasPrefix(c.disk, "/dev/") || !strings.HasPrefix(c.console, "/dev/") || boot.CheckIfName(c.iface) != nil {
+		if c.port == 0 || c.timeout <= 0 || !strings.HasPrefix(c.disk, "/dev/") || !strings.HasPrefix(c.console, "/dev/") || virtio.CheckIfName(c.iface) != nil {
 			t.Fatalf("parseConfig(%q) accepted %+v", s, c)
 		}
 		if c.mode == modeNet && !c.addr.Addr().Is4() {
@@ -231,7 +232,7 @@ func TestEchoConsole(t *testing.T) {
 			t.Fatalf("echo mode printed %q, then %v", out.String(), err)
 		}
 	}
-	if want := prefix + echoPrompt + slave + "\n"; out.String() != want {
+	if want := boot.EchoPrompt + " on " + slave + "\n"; out.String() != want {
 		t.Fatalf("prompt %q, want %q", out.String(), want)
 	}
 	if _, err := master.Write([]byte("hello there\r")); err != nil {

@@ -15,7 +15,7 @@
 //	                                       text at offsets 0 and 512 KiB of the
 //	                                       disk, power off
 //	guest.mode=echo [guest.console=/dev/ttyS0]
-//	                                       print echoPrompt, read one line from
+//	                                       print boot.EchoPrompt, read one line from
 //	                                       the serial console, print it back
 //	                                       quoted ("echo: got ..."), power off
 //	guest.mode=halt                        halt instead of powering off
@@ -40,7 +40,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-const prefix = "understudy-guest: "
+const prefix = boot.GuestTag
 
 func main() {
 	out := os.Stdout
@@ -55,28 +55,22 @@ func main() {
 	}
 	if mode == modeHalt {
 		fmt.Fprintf(out, "%sdone, halting\n", prefix)
-		drain(out)
+		boot.DrainConsole(out)
 		unix.Sync()
 		err = unix.Reboot(unix.LINUX_REBOOT_CMD_HALT)
 		fail(out, fmt.Errorf("halt: %w", err))
 	}
 	fmt.Fprintf(out, "%sdone, powering off\n", prefix)
-	drain(out)
+	boot.DrainConsole(out)
 	if err := boot.PowerOff(); err != nil {
 		fail(out, err)
 	}
 }
 
-// drain waits until the console has sent what was written to it (tcdrain),
-// so that the last lines are out before the machine stops.
-func drain(f *os.File) { _ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1) }
-
 // fail reports err and resets the machine.
 func fail(out io.Writer, err error) {
 	fmt.Fprintf(out, "%sFAIL: %v\n", prefix, err)
-	if f, ok := out.(*os.File); ok {
-		drain(f)
-	}
+	boot.DrainConsole(out)
 	if rerr := boot.Restart(); rerr != nil {
 		fmt.Fprintf(out, "%s%v\n", prefix, rerr)
 	}

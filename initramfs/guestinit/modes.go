@@ -14,9 +14,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// diskOffsets are where readDisk looks for text.
-var diskOffsets = []int64{0, 512 << 10}
-
 // serve configures the interface and answers one TCP connection.
 func serve(out io.Writer, c config) error {
 	if err := boot.WaitLink(c.iface, c.timeout); err != nil {
@@ -57,7 +54,7 @@ func serve(out io.Writer, c config) error {
 	return nil
 }
 
-// readDisk prints the text at each of diskOffsets of the disk: the bytes up
+// readDisk prints the text at each of boot.TestDiskOffsets of the disk: the bytes up
 // to the first newline or NUL, quoted.
 func readDisk(out io.Writer, c config) error {
 	if err := boot.WaitDevice(c.disk, c.timeout); err != nil {
@@ -69,7 +66,7 @@ func readDisk(out io.Writer, c config) error {
 	}
 	defer f.Close()
 	buf := make([]byte, 4096)
-	for _, off := range diskOffsets {
+	for _, off := range boot.TestDiskOffsets {
 		n, err := f.ReadAt(buf, off)
 		if err != nil && err != io.EOF {
 			return fmt.Errorf("read %s at %d: %w", c.disk, off, err)
@@ -87,15 +84,11 @@ func textAt(b []byte) []byte {
 	return b
 }
 
-// echoPrompt is what echo mode prints once it is ready for a line: the
-// appliance's understudy.stdin= waits for it before it types (bytes that
-// arrive before the guest's serial driver is ready would be lost).
-const echoPrompt = "echo: waiting for a line on "
-
 // maxEchoLine bounds the line echo mode reads.
 const maxEchoLine = 256
 
-// echoConsole opens the serial console, prints echoPrompt and reads one
+// echoConsole opens the serial console, prints boot.EchoPrompt (the
+// appliance's understudy.stdin= waits for it) and reads one
 // line from it, then prints it back quoted.
 func echoConsole(out io.Writer, c config) error {
 	f, err := os.OpenFile(c.console, os.O_RDONLY|unix.O_NOCTTY, 0)
@@ -103,7 +96,7 @@ func echoConsole(out io.Writer, c config) error {
 		return err
 	}
 	defer f.Close()
-	fmt.Fprintf(out, "%s%s%s\n", prefix, echoPrompt, c.console)
+	fmt.Fprintf(out, "%s on %s\n", boot.EchoPrompt, c.console)
 	line, err := readLine(f, c.timeout)
 	if err != nil {
 		return fmt.Errorf("read a line from %s: %w", c.console, err)

@@ -10,11 +10,24 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// validIfName reports why name cannot be a Linux interface name, or nil.
-func validIfName(name string) error {
-	if name == "" || len(name) >= unix.IFNAMSIZ || name == "." || name == ".." ||
-		strings.ContainsAny(name, "/: \t\n") {
-		return fmt.Errorf("%q is not a valid interface name (1 to %d characters, no '/', ':' or spaces)", name, unix.IFNAMSIZ-1)
+// ErrIfName is wrapped by CheckIfName's errors.
+var ErrIfName = errors.New("not a valid interface name")
+
+// CheckIfName reports why name cannot name a Linux network interface, or
+// nil. It checks what the kernel does (dev_valid_name), a little more
+// strictly: 1 to 15 bytes (IFNAMSIZ less the NUL), not "." or "..", and only
+// printable ASCII other than '/', ':' and the space. Every user of an
+// interface name checks it here: the tap a VMM attaches to (NewNet, and
+// `understudy run --net tap=NAME`), the taps the appliance creates and the
+// interface a nested guest's init configures (package initramfs/boot).
+func CheckIfName(name string) error {
+	if name == "" || len(name) >= unix.IFNAMSIZ || name == "." || name == ".." {
+		return fmt.Errorf("%q is %w: want 1 to %d characters other than %q and %q", name, ErrIfName, unix.IFNAMSIZ-1, ".", "..")
+	}
+	for _, c := range name {
+		if c == '/' || c == ':' || c <= ' ' || c > '~' {
+			return fmt.Errorf("%q is %w: %q is not allowed", name, ErrIfName, c)
+		}
 	}
 	return nil
 }
@@ -51,7 +64,7 @@ func tapFlags(name string) (uint64, error) {
 // information and without virtio-net headers, as a non-blocking file that
 // Go's poller serves (so Close ends a blocked Read).
 func openTap(name string) (*os.File, error) {
-	if err := validIfName(name); err != nil {
+	if err := CheckIfName(name); err != nil {
 		return nil, fmt.Errorf("tap device: %w", err)
 	}
 	flags, err := tapFlags(name)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 	"golang.org/x/sys/unix"
 )
 
@@ -122,9 +123,6 @@ func (l *diskList) Set(s string) error {
 	return nil
 }
 
-// maxIfName is the longest network interface name Linux allows (IFNAMSIZ-1).
-const maxIfName = 15
-
 // parseNet parses "tap=NAME[,mac=MAC]".
 func parseNet(s string) (vmm.NetConfig, error) {
 	var n vmm.NetConfig
@@ -141,7 +139,7 @@ func parseNet(s string) (vmm.NetConfig, error) {
 		v := opts[k]
 		switch k {
 		case "tap":
-			if err := checkIfName(v); err != nil {
+			if err := virtio.CheckIfName(v); err != nil {
 				return n, fmt.Errorf("--net %q: %w", s, err)
 			}
 			n.Tap = v
@@ -174,19 +172,6 @@ func isZero(b []byte) bool {
 		}
 	}
 	return true
-}
-
-// checkIfName checks a network interface name as Linux would (dev_valid_name).
-func checkIfName(name string) error {
-	if name == "" || len(name) > maxIfName || name == "." || name == ".." {
-		return fmt.Errorf("tap device name %q: want 1 to %d characters other than %q and %q", name, maxIfName, ".", "..")
-	}
-	for _, c := range name {
-		if c == '/' || c == ':' || c <= ' ' || c > '~' {
-			return fmt.Errorf("tap device name %q: %q is not allowed in an interface name", name, c)
-		}
-	}
-	return nil
 }
 
 // parseDisk parses "PATH[,ro]" (",rw", the default, is accepted too). Only

@@ -12,6 +12,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // testKernel builds a bzImage whose 64-bit entry runs code (see
@@ -237,7 +238,7 @@ func FuzzParseNet(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if checkIfName(n.Tap) != nil {
+		if virtio.CheckIfName(n.Tap) != nil {
 			t.Errorf("parseNet(%q) accepted tap %q", s, n.Tap)
 		}
 		if n.MAC != nil && (len(n.MAC) != 6 || n.MAC[0]&1 != 0 || bytes.Equal(n.MAC, make(net.HardwareAddr, 6))) {

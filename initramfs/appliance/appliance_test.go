@@ -1,0 +1,237 @@
+package appliance
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
+	"github.com/understudy-vmm/understudy/initramfs/boot"
+	"golang.org/x/sys/unix"
+)
+
+// runAppliance runs the uinit on a command line in a file, with the other
+// options of o (the image root a new directory unless o.Root is set), never
+// powering off; it returns the status and the console output.
+func runAppliance(t *testing.T, o Options, cmdline string) (int, string) {
+	t.Helper()
+	dir := t.TempDir()
+	o.Cmdline = filepath.Join(dir, "cmdline")
+	if err := os.WriteFile(o.Cmdline, []byte(cmdline+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if o.Root == "" {
+		o.Root = dir
+	}
+	o.Version = "test"
+	var out strings.Builder
+	o.Out = &out
+	code := Run(context.Background(), o)
+	return code, out.String()
+}
+
+func wantLines(t *testing.T, out string, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(out, w) {
+			t.Errorf("console lacks %q:\n%s", w, out)
+		}
+	}
+}
+
+func TestApplianceOutsideImage(t *testing.T) {
+	code, out := runAppliance(t, Options{}, `console=ttyS0 understudy.role=test understudy.exec="sh -c 'echo from-the-command; exit 3'" understudy.tap=tap9`)
+	if code != 3 {
+		t.Errorf("exit code %d, want the command's 3", code)
+	}
+	wantLines(t, out, Tag+"starting: understudy ", Tag+"role test\n",
+		Tag+`option exec="sh -c 'echo from-the-command; exit 3'"`, "modules: not loaded: ", "is not the appliance image",
+		Tag+"kvm: ", "tap tap9: not created", Tag+"ready role=test\n",
+		Tag+"exec: sh -c 'echo from-the-command; exit 3'", "from-the-command\n",
+		Tag+"exec: exit status 3 after ", Tag+"done status=3\n")
+}
+
+func TestApplianceBadCmdline(t *testing.T) {
+	for _, tt := range []struct{ cmdline, want string }{
+		{"console=ttyS0", "error: no understudy.role="},
+		{`understudy.role="test`, "error: bad kernel command line: the quote at byte 16 is not closed"},
+		{"understudy.role=test understudy.exec=/nonexistent/prog", "exec: fork/exec /nonexistent/prog"},
+	} {
+		code, out := runAppliance(t, Options{}, tt.cmdline)
+		if code == 0 || !strings.Contains(out, Tag+tt.want) || !strings.Contains(out, "done status=") {
+			t.Errorf("appliance(%q) = %d, %q; want a failure reporting %q", tt.cmdline, code, out, tt.want)
+		}
+	}
+}
+
+func TestApplianceKVM(t *testing.T) {
+	kvmtest.Require(t)
+	_, out := runAppliance(t, Options{}, "understudy.role=test")
+	wantLines(t, out, Tag+"kvm: usable: /dev/kvm API version 12, VM created")
+	_, out = runAppliance(t, Options{KVM: filepath.Join(t.TempDir(), "nokvm")}, "understudy.role=test")
+	wantLines(t, out, Tag+"kvm: unavailable (module none loaded): ")
+}
+
+func TestApplianceProbe(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("pong from the test\nmore\n"))
+			c.Close()
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	code, out := runAppliance(t, Options{}, "understudy.role=test understudy.exec=\"sleep 0.5\" understudy.probe=tcp:127.0.0.1:"+strconv.Itoa(port))
+	if code != 0 {
+		t.Errorf("exit code %d, want 0", code)
+	}
+	wantLines(t, out, Tag+"probe tcp:127.0.0.1:"+strconv.Itoa(port)+`: answer "pong from the test" after `)
+
+	ln.Close() // nothing listens now: the probe fails, and so does the run
+	code, out = runAppliance(t, Options{}, "understudy.role=test understudy.exec=\"sleep 0.5\" understudy.probe=tcp:127.0.0.1:"+strconv.Itoa(port))
+	if code == 0 {
+		t.Errorf("exit code 0 with a failed probe")
+	}
+	wantLines(t, out, "no connection before the command ended", Tag+"exec: exit status 0")
+}
+
+func TestApplianceTestDiskAndTimeout(t *testing.T) {
+	disk := filepath.Join(t.TempDir(), "d.img")
+	code, out := runAppliance(t, Options{}, "understudy.role=test understudy.exec=true understudy.testdisk="+disk+":tok-42")
+	if code != 0 {
+		t.Fatalf("exit code %d:\n%s", code, out)
+	}
+	b, err := os.ReadFile(disk)
+	if err != nil || len(b) != boot.TestDiskSize || !strings.HasPrefix(string(b), "tok-42\n\x00") || !strings.HasPrefix(string(b[512<<10:]), "tok-42@524288\n\x00") {
+		t.Errorf("test disk: %d bytes, %v; want 1 MiB with the text at 0 and 512 KiB", len(b), err)
+	}
+	code, out = runAppliance(t, Options{}, "understudy.role=test understudy.exec=true understudy.testdisk="+disk+":tok-42")
+	if code == 0 || !strings.Contains(out, "testdisk: open "+disk+": file exists") {
+		t.Errorf("second testdisk on the same path = %d, %q; want file exists", code, out)
+	}
+	start := time.Now()
+	code, out = runAppliance(t, Options{}, `understudy.role=test understudy.exec="sleep 30" understudy.timeout=300ms`)
+	if code == 0 || time.Since(start) > 10*time.Second {
+		t.Errorf("timeout: exit %d after %v", code, time.Since(start))
+	}
+	wantLines(t, out, Tag+"exec: stopped after the 300ms timeout")
+}
+
+// TestApplianceStdin: with understudy.stdin, the command's stdin gets the
+// text once its output shows the prompt, and not before: the command reads
+// with a 0.1 s timeout before printing the prompt and must find nothing.
+func TestApplianceStdin(t *testing.T) {
+	script := `if read -t 0.1 early; then echo too early: $early; exit 1; fi; ` +
+		`echo ` + boot.EchoPrompt + ` on /dev/ttyS0; read -r line; echo read: $line`
+	code, out := runAppliance(t, Options{}, `understudy.role=test understudy.stdin=hello-42 understudy.exec="bash -c '`+script+`'"`)
+	if code != 0 {
+		t.Errorf("exit code %d, want 0:\n%s", code, out)
+	}
+	wantLines(t, out, boot.EchoPrompt+" on /dev/ttyS0\n", Tag+`stdin: writing "hello-42" after the prompt`, "read: hello-42\n")
+	// Without the option, stdin is /dev/null: read gets end of file.
+	code, out = runAppliance(t, Options{}, `understudy.role=test understudy.exec="bash -c 'read -r line || echo eof'"`)
+	if code != 0 || !strings.Contains(out, "eof\n") {
+		t.Errorf("without understudy.stdin: %d, %q; want stdin at end of file", code, out)
+	}
+}
+
+func TestPromptWatcher(t *testing.T) {
+	// The watcher marks where it fired with "|" in what it passed on.
+	for _, tt := range []struct {
+		writes []string
+		want   string
+	}{
+		{[]string{"abc PROMPT def\nmore\n"}, "abc PROMPT def\n|more\n"},
+		{[]string{"abc PRO", "MPT def", "\n"}, "abc PROMPT def\n|"},
+		{[]string{"P", "R", "O", "M", "P", "T", "\n", "x\n"}, "PROMPT\n|x\n"},
+		{[]string{"PROMP", "", "T", " on x\nPROMPT again\n"}, "PROMPT on x\n|PROMPT again\n"},
+		{[]string{"\nPROMPT\n"}, "\nPROMPT\n|"},
+		{[]string{"PROMPT no newline yet"}, "PROMPT no newline yet"},
+		{[]string{"PROMP PROMPX ROMPT\n"}, "PROMP PROMPX ROMPT\n"},
+	} {
+		var out strings.Builder
+		w := &promptWatcher{w: &out, prompt: []byte("PROMPT")}
+		w.fire = func() { out.WriteString("|") }
+		for _, s := range tt.writes {
+			if n, err := w.Write([]byte(s)); n != len(s) || err != nil {
+				t.Fatalf("Write(%q) = %d, %v", s, n, err)
+			}
+		}
+		if out.String() != tt.want {
+			t.Errorf("writes %q: passed %q, want %q", tt.writes, out.String(), tt.want)
+		}
+	}
+}
+
+// TestApplianceImageModules runs the uinit on an image root with a module
+// list and modules.dep: the files are not modules, so the kernel refuses
+// them (or has no module support), and the report says so per module; the
+// vendor module the CPU cannot use is skipped.
+func TestApplianceImageModules(t *testing.T) {
+	root := t.TempDir()
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	mods := filepath.Join(root, "lib", "modules", unix.ByteSliceToString(u.Release[:]))
+	for _, f := range []struct{ name, content string }{
+		{Marker, "understudy appliance image\nkernel test\n"},
+		{ModuleList, "kvm\nkvm_intel\nkvm_amd\n"},
+		{"cpuinfo", "processor\t: 0\nflags\t\t: fpu svm lm\n"},
+		{filepath.Join(mods, "modules.dep"), "kernel/kvm.ko:\nkernel/kvm-amd.ko: kernel/kvm.ko\nkernel/kvm-intel.ko: kernel/kvm.ko\n"},
+		{filepath.Join(mods, "kernel/kvm.ko"), "not a module"},
+		{filepath.Join(mods, "kernel/kvm-amd.ko"), "not a module"},
+		{filepath.Join(mods, "kernel/kvm-intel.ko"), "not a module"},
+	} {
+		p := f.name
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(root, p)
+		}
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(f.content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	code, out := runAppliance(t, Options{Root: root, CPUInfo: filepath.Join(root, "cpuinfo"), KVM: filepath.Join(root, "nokvm")}, "understudy.role=test kvm_amd.nested=1")
+	if code != 0 {
+		t.Errorf("Run = %d, want 0 (module failures are reported, not fatal)", code)
+	}
+	wantLines(t, out, Tag+"image: kernel test", Tag+"module kvm_intel: skipped: the CPU has no vmx",
+		Tag+"module kvm: not loaded: load module ", Tag+"module kvm_amd: not loaded: load module kvm_amd: not tried: it needs kvm",
+		Tag+"kvm: unavailable (module none loaded)")
+}
+
+// TestApplianceRoleRuns checks that a role runs `understudy ROLE ARGS` with
+// the arguments the command line gives, through a stand-in for this binary
+// that prints its arguments and exits 7.
+func TestApplianceRoleRuns(t *testing.T) {
+	dir := t.TempDir()
+	self := filepath.Join(dir, "understudy")
+	if err := os.WriteFile(self, []byte("#!/bin/sh\necho \"args:$*\"\nexit 7\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, role := range []string{"run", "intermediary", "backup"} {
+		o := Options{Root: dir, CPUInfo: filepath.Join(dir, "cpuinfo"), KVM: filepath.Join(dir, "nokvm"), Self: self}
+		code, out := runAppliance(t, o, "understudy.role="+role+` understudy.args="--keys /k --name 'node a'"`)
+		if code != 7 {
+			t.Errorf("role %s: status %d, want the command's 7", role, code)
+		}
+		wantLines(t, out, Tag+"ready role="+role, Tag+"exec: understudy "+role+" --keys /k --name 'node a'",
+			"args:"+role+" --keys /k --name node a\n", Tag+"exec: exit status 7")
+	}
+}

@@ -1,0 +1,237 @@
+package appliance
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"path"
+	"strings"
+	"time"
+
+	"github.com/understudy-vmm/understudy/initramfs/boot"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
+)
+
+// Limits on what the command line may ask for.
+const (
+	maxTaps    = 8
+	maxArgs    = 256
+	maxTimeout = 24 * time.Hour
+)
+
+// Help describes the kernel command line options, for `understudy
+// appliance --help`.
+const Help = `The role and its options come from the kernel command line:
+  understudy.role=ROLE         run, intermediary, backup or test (required)
+  understudy.args="ARGS"       run, intermediary, backup: the role's flags, as for
+                               "understudy ROLE ARGS"; group words with single quotes
+  understudy.exec="CMD ARGS"   test: a command to run ("understudy" is this binary);
+                               without it, test only reports and ends
+  understudy.timeout=DUR       test: stop the command after DUR (default 10m)
+  understudy.probe=tcp:A:P     test: while the command runs, connect to A:P until
+                               it answers, and print the answer's first line
+  understudy.testdisk=PATH:TEXT  test: create a 1 MiB file PATH with TEXT at offset 0
+                               and TEXT@524288 at 512 KiB, before the command runs
+  understudy.stdin=TEXT        test: the command's stdin is a pipe; once its output
+                               shows a nested guest waiting for a line ("` + boot.EchoPrompt + `"),
+                               write TEXT and a newline to it
+  understudy.tap=NAME[,A/N]    create tap device NAME (with IPv4 address A/N), up;
+                               repeatable
+  understudy.modules=M,M|none  modules to load instead of the image's list
+`
+
+// config is what the kernel command line asks of the appliance.
+type config struct {
+	role     string
+	args     []string // role's flags, or test's command
+	modules  []string // nil: the image's list
+	noMods   bool     // understudy.modules=none
+	taps     []tapSpec
+	probe    netip.AddrPort // valid when asked for
+	testDisk *testDisk
+	stdin    string // "": the command's stdin is /dev/null
+	timeout  time.Duration
+}
+
+type tapSpec struct {
+	name string
+	addr netip.Prefix // invalid: no address
+}
+
+// testDisk is a test disk to write (see boot.TestDiskOffsets).
+type testDisk struct{ path, text string }
+
+// parseConfig reads the understudy.* parameters of the kernel command line.
+// Everything else is the kernel's or u-root's and is ignored.
+func parseConfig(ps boot.Params) (config, error) {
+	c := config{timeout: 10 * time.Minute}
+	once := map[string]bool{}
+	for _, p := range ps.WithPrefix("understudy.") {
+		if p.Key != "tap" {
+			if once[p.Key] {
+				return c, fmt.Errorf("understudy.%s given twice", p.Key)
+			}
+			once[p.Key] = true
+		}
+		if !p.HasValue || strings.TrimSpace(p.Value) == "" {
+			return c, fmt.Errorf("understudy.%s needs a value", p.Key)
+		}
+		v := p.Value
+		var err error
+		switch p.Key {
+		case "role":
+			switch v {
+			case "run", "intermediary", "backup", "test":
+				c.role = v
+			default:
+				return c, fmt.Errorf("understudy.role=%q: want run, intermediary, backup or test", v)
+			}
+		case "args", "exec":
+			if c.args, err = splitArgs(v); err != nil {
+				return c, fmt.Errorf("understudy.%s: %w", p.Key, err)
+			}
+		case "timeout":
+			c.timeout, err = time.ParseDuration(v)
+			if err != nil || c.timeout <= 0 || c.timeout > maxTimeout {
+				return c, fmt.Errorf("understudy.timeout=%q: want a duration up to %v, as 10m", v, maxTimeout)
+			}
+		case "modules":
+			if v == "none" {
+				c.noMods = true
+				continue
+			}
+			for _, m := range strings.Split(v, ",") {
+				if !validModName(m) {
+					return c, fmt.Errorf("understudy.modules: %q is not a module name", m)
+				}
+				c.modules = append(c.modules, boot.NormalizeModuleName(m))
+			}
+		case "tap":
+			if len(c.taps) == maxTaps {
+				return c, fmt.Errorf("understudy.tap: more than %d tap devices", maxTaps)
+			}
+			t, err := parseTapSpec(v)
+			if err != nil {
+				return c, err
+			}
+			for _, o := range c.taps {
+				if o.name == t.name {
+					return c, fmt.Errorf("understudy.tap: %s given twice", t.name)
+				}
+			}
+			c.taps = append(c.taps, t)
+		case "probe":
+			rest, ok := strings.CutPrefix(v, "tcp:")
+			if c.probe, err = netip.ParseAddrPort(rest); !ok || err != nil || c.probe.Port() == 0 {
+				return c, fmt.Errorf("understudy.probe=%q: want tcp:ADDRESS:PORT, as tcp:192.0.2.2:7777", v)
+			}
+		case "testdisk":
+			p, text, ok := strings.Cut(v, ":")
+			if !ok || !path.IsAbs(p) || path.Clean(p) != p || p == "/" || len(p) > 256 || !validToken(text) {
+				return c, fmt.Errorf("understudy.testdisk=%q: want /ABSOLUTE/PATH:TEXT, TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
+			}
+			c.testDisk = &testDisk{path: p, text: text}
+		case "stdin":
+			if !validToken(v) {
+				return c, fmt.Errorf("understudy.stdin=%q: want TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
+			}
+			c.stdin = v
+		default:
+			return c, fmt.Errorf("unknown option understudy.%s", p.Key)
+		}
+	}
+	switch {
+	case c.role == "":
+		return c, errors.New("no understudy.role= on the kernel command line")
+	case c.role == "test" && once["args"]:
+		return c, errors.New("understudy.role=test takes understudy.exec=, not understudy.args=")
+	case c.role != "test" && once["exec"]:
+		return c, fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
+	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"]):
+		return c, fmt.Errorf("understudy.probe, testdisk, stdin and timeout are for understudy.role=test, not %s", c.role)
+	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "") && len(c.args) == 0:
+		return c, errors.New("understudy.probe, testdisk and stdin need a command: understudy.exec=")
+	}
+	return c, nil
+}
+
+func parseTapSpec(v string) (tapSpec, error) {
+	name, addr, hasAddr := strings.Cut(v, ",")
+	t := tapSpec{name: name}
+	if err := virtio.CheckIfName(name); err != nil {
+		return t, fmt.Errorf("understudy.tap: %w", err)
+	}
+	if hasAddr {
+		p, err := netip.ParsePrefix(addr)
+		if err != nil || !p.Addr().Is4() || p.Bits() == 0 || p.Bits() == 32 {
+			return t, fmt.Errorf("understudy.tap=%q: want NAME,A.B.C.D/N with N in 1..31", v)
+		}
+		t.addr = p
+	}
+	return t, nil
+}
+
+func validModName(s string) bool {
+	if s == "" || len(s) > 56 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+func validToken(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// splitArgs splits a command line into words at spaces; single quotes group
+// words with spaces ('console=ttyS0 quiet'). The kernel command line has
+// already removed double quotes, so there is no other quoting.
+func splitArgs(s string) ([]string, error) {
+	var (
+		args    []string
+		cur     strings.Builder
+		inWord  bool
+		inQuote bool
+	)
+	for _, r := range s {
+		switch {
+		case r == '\'':
+			inQuote = !inQuote
+			inWord = true
+		case (r == ' ' || r == '\t') && !inQuote:
+			if inWord {
+				args = append(args, cur.String())
+				cur.Reset()
+				inWord = false
+			}
+		default:
+			cur.WriteRune(r)
+			inWord = true
+		}
+		if len(args) > maxArgs {
+			return nil, fmt.Errorf("more than %d words", maxArgs)
+		}
+	}
+	if inQuote {
+		return nil, errors.New("a single quote is not closed")
+	}
+	if inWord {
+		args = append(args, cur.String())
+	}
+	if len(args) > maxArgs {
+		return nil, fmt.Errorf("more than %d words", maxArgs)
+	}
+	return args, nil
+}
