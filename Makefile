@@ -22,7 +22,7 @@ help:
 	@echo "make image     build the appliance into $(IMAGE) (Debian kernel, u-root initramfs, nested guest initramfs), and build/image-damon with the 6.12 kernel"
 	@echo "make qemu-test boot the appliance under QEMU: uinit report, nested Linux guest, its network and disk"
 	@echo "make bench     benchmarks; prints 'bench ...' result lines"
-	@echo "make soak      1000 primary kills with the fault-injection harness (ft/chaos)"
+	@echo "make soak      1000 primary kills with the fault-injection harness (internal/chaos)"
 	@echo "make payloads  rebuild the payload binaries from their sources"
 	@echo "make lint      gofmt, go vet, staticcheck"
 
@@ -55,9 +55,9 @@ lint:
 test: unit-test qemu-test
 
 unit-test: lint
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /qemu-tests -e /ft/chaos)
-	$(GO) test -count=1 -timeout 30m ./ft/chaos/
-	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./ft/wan/ ./ft/wanzip/ ./vmm/virtio/
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /qemu-tests -e /internal/chaos)
+	$(GO) test -count=1 -timeout 30m ./internal/chaos/
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./internal/wan/ ./ft/wanzip/ ./vmm/virtio/
 
 # The appliance (initramfs/): kernel cached in build/cache, image in $(IMAGE).
 # A second appliance with Debian's 6.12 kernel (bookworm-backports), which
@@ -74,10 +74,10 @@ qemu-test: image
 # The long fault-injection run: 1000 SIGKILLs of the primary, and 200 more
 # with the intermediary holding back hot pages.
 soak:
-	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill(HoldBack|Manifest|LargePages|DirtyBudget)?$$' ./ft/chaos/ | grep -E '^(soak ft|--- |\s+\S+_test.go)'
+	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill(HoldBack|Manifest|LargePages|DirtyBudget)?$$' ./internal/chaos/ | grep -E '^(soak ft|--- |\s+\S+_test.go)'
 
 bench:
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./ft/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./internal/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
 
 clean:
 	rm -rf build

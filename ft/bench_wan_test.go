@@ -13,9 +13,9 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/arch/kvmtest"
-	"github.com/understudy-vmm/understudy/ft/wan"
 	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/internal/wan"
 	"github.com/understudy-vmm/understudy/vmm"
 	"golang.org/x/sys/unix"
 )

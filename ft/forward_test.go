@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 )
@@ -38,19 +39,9 @@ func sendEpoch(t *testing.T, c MessageConn, e uint64) {
 	}
 }
 
-// waitFor polls cond for up to 10 s; on a timeout it shows state, if given.
-func waitFor(t *testing.T, what string, cond func() bool, state ...func() string) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			msg := ""
-			for _, f := range state {
-				msg += ": " + f()
-			}
-			t.Fatalf("timed out waiting for %s%s", what, msg)
-		}
-	}
-}
+// waitFor is testutil.WaitFor, under the name the package's tests (and
+// those written in parallel with them) call it by.
+var waitFor = testutil.WaitFor
 
 // sameImage reports whether two images hold the same epoch, memory and state.
 func sameImage(a, b *Image) bool {

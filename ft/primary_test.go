@@ -157,9 +157,10 @@ func TestOutputCommit(t *testing.T) {
 			t.Fatalf("released record %d = %d, want %d", i, v, i+1)
 		}
 	}
-	// About 140 epochs of 10 ms normally; under the race detector a run
-	// under load has been seen to fit in two.
-	if p.Epochs() < 5 && !raceEnabled {
+	// The run spans several checkpoints (about 140 epochs of 10 ms on an
+	// idle host; under the race detector on a loaded one it has been seen
+	// to fit in two), so output was released epoch by epoch.
+	if p.Epochs() < 2 {
 		t.Errorf("only %d checkpoints", p.Epochs())
 	}
 	// The guest stopped after the last checkpoint was taken: the image
@@ -368,15 +369,16 @@ func TestDirtyBudget(t *testing.T) {
 	if got := p.BudgetEpochs(); got != uint64(len(deltas)) && got != uint64(len(deltas)+1) {
 		t.Errorf("BudgetEpochs = %d, want %d or %d (every delta but the stopped guest's, or all)", got, len(deltas), len(deltas)+1)
 	}
-	// The budget is checked every millisecond, so an epoch overshoots by
-	// what the guest writes in that time (here tens of pages). The first
-	// delta also holds what the guest wrote while the full image was sent.
-	// Under the race detector a checkpoint streams for longer than the
-	// guest takes to write every one of its pages, and the budget is
-	// counted between checkpoints: the epochs' size is not checked there.
+	// An epoch the budget ended holds at least the budget. By how much it
+	// overshoots is what the guest writes between two polls of the budget
+	// (a millisecond apart; tens of pages on an idle host, far more when
+	// the host is loaded or under the race detector, where a checkpoint
+	// streams for longer than the guest takes to write all its pages): a
+	// figure of the host's speed, not a behaviour. The first delta also
+	// holds what the guest wrote while the full image was sent.
 	sorted := slices.Sorted(slices.Values(deltas[1:]))
-	if med := sorted[len(sorted)/2]; !raceEnabled && (med < budget/mmu.PageSize || med > 2*budget/mmu.PageSize) {
-		t.Errorf("median delta checkpoint of %d pages, want %d..%d (the budget, plus what one poll lets through)", med, budget/mmu.PageSize, 2*budget/mmu.PageSize)
+	if med := sorted[len(sorted)/2]; med < budget/mmu.PageSize {
+		t.Errorf("median delta checkpoint of %d pages, want at least the budget's %d", med, budget/mmu.PageSize)
 	}
 	if in.Image().Epoch() != p.Epochs() {
 		t.Errorf("intermediary at epoch %d, primary sent %d", in.Image().Epoch(), p.Epochs())

@@ -204,9 +204,12 @@ func TestBandwidthCap(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	elapsed := time.Since(start)
+	// The cap's allowance over the time the epochs took; a loaded host
+	// stretches that time, and then most of what was offered may fit.
 	limit := uint64(rate*elapsed.Seconds()) + rate/10 + 2*mmu.PageSize
-	if got := in.stagedOut.Load(); got > limit || got < limit/3 {
-		t.Errorf("staged %d bytes in %v under a %d B/s cap: want at most %d and a fair share of it", got, elapsed, rate, limit)
+	const offered = 59 * 16 * mmu.PageSize
+	if got := in.stagedOut.Load(); got > limit || got < min(limit, offered)/3 {
+		t.Errorf("staged %d bytes of %d offered in %v under a %d B/s cap: want at most %d and a fair share of it", got, offered, elapsed, rate, limit)
 	}
 	if err := attachedBackup(in).sync(t.Context(), in, 60); err != nil {
 		t.Fatal(err)

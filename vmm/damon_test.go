@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/mmu"
 )
 
@@ -73,7 +74,7 @@ func TestDAMONSampler(t *testing.T) {
 	if err != nil {
 		t.Fatalf("StartLargePages = %v", err)
 	}
-	waitFor(t, "eight windows", time.Minute, func() bool { return lp.Status().Windows >= 8 }, func() string { return lp.Status().String() })
+	testutil.WaitFor(t, "eight windows", func() bool { return lp.Status().Windows >= 8 }, func() string { return lp.Status().String() })
 	st := lp.Stop()
 	t.Logf("large pages with DAMON: %s", st)
 	if st.Source != SourceDAMON || st.DAMON.Windows < 8 {

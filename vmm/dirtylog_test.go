@@ -5,8 +5,8 @@ import (
 	"errors"
 	"sync/atomic"
 	"testing"
-	"time"
 
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/mmu"
 )
 
@@ -47,7 +47,7 @@ func TestDirtyLogHarvest(t *testing.T) {
 	base := m.payload.dataBase / mmu.PageSize // backing page of counter page 0 (region 0 is at offset 0)
 	for round := 0; round < 5; round++ {
 		start := recs.Load()
-		waitFor(t, "100 more iterations", 10*time.Second, func() bool { return recs.Load() >= start+100 })
+		testutil.WaitFor(t, "100 more iterations", func() bool { return recs.Load() >= start+100 })
 		if _, err := m.Pause(); err != nil {
 			t.Fatal(err)
 		}

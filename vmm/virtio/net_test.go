@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -195,17 +196,6 @@ func (d *testDriver) waitUsed(qi, want int) []usedElem {
 	return got
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 func TestNetConfig(t *testing.T) {
 	d, n := newNetDriver(t, makeTunTap(t, unix.IFF_TAP))
 	if got := d.read(regDeviceID); got != DeviceIDNet {
@@ -293,7 +283,7 @@ func TestNetReceive(t *testing.T) {
 	if !bytes.Equal(got[:NetHeaderSize], wantHdr) || !bytes.Equal(got[NetHeaderSize:], want) {
 		t.Errorf("guest received %x, want header %x and frame %x", got, wantHdr, want)
 	}
-	waitFor(t, "the receive interrupt", func() bool { return d.irqs.Load() > irqs })
+	testutil.WaitFor(t, "the receive interrupt", func() bool { return d.irqs.Load() > irqs })
 	if s := d.ackInterrupt(); s&InterruptUsedBuffer == 0 {
 		t.Errorf("InterruptStatus = %#x, want the used-buffer bit", s)
 	}
@@ -305,7 +295,7 @@ func TestNetReceive(t *testing.T) {
 	for i := range 3 {
 		ps.send(frame(guestMAC, hostMAC, fmt.Sprintf("backlog %d", i)))
 	}
-	waitFor(t, "3 frames in the backlog", func() bool { return n.Stats().RxBacklog == 3 })
+	testutil.WaitFor(t, "3 frames in the backlog", func() bool { return n.Stats().RxBacklog == 3 })
 	bufs = d.postRx(3, 1526)
 	used = d.waitUsed(netRxQueue, 3)
 	for i, u := range used {
@@ -321,7 +311,7 @@ func TestNetReceive(t *testing.T) {
 	// A frame too big for the buffer is dropped; the buffer takes the next.
 	d.postRx(1, 100)
 	ps.send(frame(guestMAC, hostMAC, strings.Repeat("x", 200)))
-	waitFor(t, "the big frame dropped", func() bool { return n.Stats().RxDropped == 1 })
+	testutil.WaitFor(t, "the big frame dropped", func() bool { return n.Stats().RxDropped == 1 })
 	ps.send(frame(guestMAC, hostMAC, "small"))
 	if used = d.waitUsed(netRxQueue, 1); used[0].len != NetHeaderSize+14+5 {
 		t.Errorf("used entry after the dropped frame = %+v", used[0])
@@ -332,7 +322,7 @@ func TestNetReceive(t *testing.T) {
 	for i := range NetBacklog + 5 {
 		ps.send(frame(guestMAC, hostMAC, fmt.Sprint("flood ", i)))
 	}
-	waitFor(t, "5 frames dropped beyond the backlog", func() bool {
+	testutil.WaitFor(t, "5 frames dropped beyond the backlog", func() bool {
 		s := n.Stats()
 		return s.RxBacklog == NetBacklog && s.RxDropped == before+5
 	})
@@ -347,7 +337,7 @@ func TestNetResetAndClose(t *testing.T) {
 	d.postRx(2, 1526)
 	d.mustWrite(regStatus, 0)
 	ps.send(frame(guestMAC, hostMAC, "after reset"))
-	waitFor(t, "the frame dropped", func() bool { return n.Stats().RxDropped == 1 })
+	testutil.WaitFor(t, "the frame dropped", func() bool { return n.Stats().RxDropped == 1 })
 
 	done := make(chan error)
 	go func() { done <- d.tr.Close() }()

@@ -1,42 +1,17 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"os"
-	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"testing/iotest"
 	"time"
 
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"golang.org/x/sys/unix"
 )
-
-// openPTY opens a pseudo-terminal: its master and its slave.
-func openPTY(t *testing.T) (master, slave *os.File) {
-	t.Helper()
-	master, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Skipf("no pseudo-terminals here: %v", err)
-	}
-	t.Cleanup(func() { master.Close() })
-	if err := unix.IoctlSetPointerInt(int(master.Fd()), unix.TIOCSPTLCK, 0); err != nil {
-		t.Fatal(err)
-	}
-	n, err := unix.IoctlGetInt(int(master.Fd()), unix.TIOCGPTN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	slave, err = os.OpenFile("/dev/pts/"+strconv.Itoa(n), os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { slave.Close() })
-	return master, slave
-}
 
 func termios(t *testing.T, f *os.File) unix.Termios {
 	t.Helper()
@@ -56,7 +31,7 @@ func isRaw(tio unix.Termios) bool {
 // TestLinuxConsoleTerminal: a terminal on stdin is put in raw mode and read
 // through the escape; restoring gives back its settings exactly.
 func TestLinuxConsoleTerminal(t *testing.T) {
-	master, slave := openPTY(t)
+	master, slave := testutil.OpenPTY(t)
 	before := termios(t, slave)
 	if isRaw(before) {
 		t.Fatalf("a new pseudo-terminal is already raw: %+v", before)
@@ -139,47 +114,20 @@ func TestEscapeReader(t *testing.T) {
 	}
 }
 
-// lockedBuffer is a bytes.Buffer safe for one writer and one reader.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestRunLinuxTerminal runs a guest that echoes its serial input, with a
 // pseudo-terminal as stdin: typed keys reach the guest (Ctrl-C too: raw
 // mode), Ctrl-A x ends the run with exit 130, and the terminal gets its
 // settings back.
 func TestRunLinuxTerminal(t *testing.T) {
 	requireKVM(t)
-	master, slave := openPTY(t)
+	master, slave := testutil.OpenPTY(t)
 	before := termios(t, slave)
 	linuxStdin = slave
 	defer func() { linuxStdin = os.Stdin }()
 	// Poll LSR.DR, read RBR, write it to THR, again.
-	echo := []byte{
-		0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd
-		0xec,       // in al, dx
-		0xa8, 0x01, // test al, 1
-		0x74, 0xf7, // jz -9
-		0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-		0xec,       // in al, dx
-		0xee,       // out dx, al
-		0xeb, 0xef, // jmp -17
-	}
+	echo := testutil.SerialEchoLoop()
 	k := writeFile(t, t.TempDir(), "bzImage", testKernel(echo), 0o644)
-	var stdout, stderr lockedBuffer
+	var stdout, stderr testutil.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run(context.Background(), []string{"run", "--kernel", k, "--mem", "64M"}, &stdout, &stderr)

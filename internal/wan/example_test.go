@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/understudy-vmm/understudy/ft/wan"
+	"github.com/understudy-vmm/understudy/internal/wan"
 )
 
 // listenIn opens a TCP listener inside the network namespace ns: a socket

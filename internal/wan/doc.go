@@ -89,5 +89,5 @@
 //
 //	bench wan-link: rate_mbit=100 measured_mbit=X rtt_ms=40 measured_rtt_ms=Y
 //
-// when run as go test -run '^$' -bench . -benchtime 1x ./ft/wan/.
+// when run as go test -run '^$' -bench . -benchtime 1x ./internal/wan/.
 package wan
