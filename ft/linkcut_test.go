@@ -222,7 +222,7 @@ func servingIntermediaryErr(t testing.TB, memSize uint64) (<-chan error, Message
 
 // testImage returns a full image of memSize bytes at epoch.
 func testImage(epoch, memSize uint64) *Checkpoint {
-	cp := &Checkpoint{Epoch: epoch, Full: true, State: sealState([]byte("state"), nil), Data: make([]byte, memSize)}
+	cp := &Checkpoint{Epoch: epoch, Kind: KindFull, State: sealState([]byte("state"), nil), Data: make([]byte, memSize)}
 	for i := range cp.Data {
 		cp.Data[i] = byte(i * 7)
 	}
