@@ -166,6 +166,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 		}
 	}
 	maxPFN := layoutMaxPFN(b.regions)
+	var spare []byte // page memory of the last checkpoint committed
 	for {
 		m, err := c.ReadMessage()
 		if errors.Is(err, io.EOF) {
@@ -193,7 +194,8 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeRefused, Reason: ErrActivated.Error()})
 				return nil, ErrActivated
 			}
-			cp, base, err := ReceiveCheckpoint(c, m, maxPFN)
+			cp, base, err := receiveCheckpoint(c, m, maxPFN, spare)
+			spare = nil
 			if errors.Is(err, ErrLinkBroken) {
 				// Not a refusal: the link broke before the checkpoint
 				// ended. A primary's direct link breaking is a lost
@@ -213,6 +215,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				return nil, fmt.Errorf("backup: %w", err)
 			}
 			b.log.Debug("committed", "epoch", cp.Epoch, "base", base, "kind", cp.Kind, "pages", len(cp.PFNs))
+			spare = cp.Data[:0] // applied (copied into the image): free for the next one
 			b.ret.committed(cp.Epoch)
 			b.received.Add(uint64(len(cp.Data) + len(cp.State)))
 			b.checkpoints.Add(1)

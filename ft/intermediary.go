@@ -46,6 +46,10 @@ type Intermediary struct {
 	heardOnce sync.Once
 	active    atomic.Pointer[string]
 
+	// spare is page memory of a received checkpoint nothing uses any more,
+	// for the next one.
+	spare pageBuffer
+
 	// Stats.
 	received    atomic.Uint64 // checkpoint bytes received and applied
 	forwarded   atomic.Uint64 // checkpoint bytes sent to backups
@@ -265,7 +269,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
-			cp, base, err := ReceiveCheckpoint(c, m, in.maxPFN())
+			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take())
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}
@@ -316,6 +320,13 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	// (also one whose acknowledgement cannot be sent: Failover activates
 	// the image's epoch, and hold-back's bookkeeping must know its pages).
 	in.forward(cp)
+	in.bmu.Lock()
+	if in.backup == nil {
+		// No backup took cp into its queue, or the link that did has
+		// ended (its writer with it): its page memory is free.
+		in.spare.put(cp.Data)
+	}
+	in.bmu.Unlock()
 	if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
 		return fmt.Errorf("%w %d: %w", errAckFailed, cp.Epoch, err)
 	}

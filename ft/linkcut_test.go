@@ -192,9 +192,8 @@ func TestRefusalIsNotLoss(t *testing.T) {
 	in, pc := servingIntermediaryErr(t, memSize)
 	cp := testImage(1, memSize)
 	bad := &corruptingConn{MessageConn: pc}
-	if err := SendCheckpoint(bad, cp, 0); err != nil {
-		t.Fatal(err)
-	}
+	// The refusal may end the link before the whole image is written.
+	SendCheckpoint(bad, cp, 0)
 	if m, err := pc.ReadMessage(); err == nil {
 		if e, ok := m.(*wire.Error); !ok || e.Code != wire.CodeIncomplete {
 			t.Errorf("reply to a corrupt checkpoint: %v; want an Error (incomplete)", m)
@@ -216,7 +215,11 @@ func servingIntermediaryErr(t testing.TB, memSize uint64) (<-chan error, Message
 		t.Fatal(err)
 	}
 	served := make(chan error, 1)
-	go func() { served <- in.ServePrimary(ic) }()
+	go func() {
+		err := in.ServePrimary(ic)
+		ic.Close() // as the role loop does once ServePrimary returns
+		served <- err
+	}()
 	return served, pc
 }
 

@@ -3,6 +3,7 @@ package ft
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
@@ -17,6 +18,12 @@ type MessageConn interface {
 
 // stateChunk is the most state bytes sent in one StateBlob.
 const stateChunk = 1 << 20
+
+// batchPages is the most pages sent in one PageBatch: 1 MiB, small enough
+// that a batch's pages are still in the CPU's cache when the sender, having
+// summed them, seals them into TLS records, and when the receiver, having
+// read them from TLS, verifies their sums.
+const batchPages = 256
 
 // ErrBadCheckpoint wraps every way a received checkpoint stream can be
 // wrong; the receiver refuses it and changes nothing.
@@ -104,6 +111,12 @@ type pagePlacer interface {
 // A checkpoint that arrived and fails verification is an ErrBadCheckpoint;
 // a link that broke before the checkpoint ended is an ErrLinkBroken.
 func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64) (*Checkpoint, uint64, error) {
+	return receiveCheckpoint(c, begin, maxPFN, nil)
+}
+
+// receiveCheckpoint is ReceiveCheckpoint receiving the pages into spare if
+// it is large enough (the caller no longer uses it), else into new memory.
+func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64, spare []byte) (*Checkpoint, uint64, error) {
 	if begin.StateLen == 0 || begin.StateLen > wire.MaxStateLen {
 		return nil, 0, badf("checkpoint %d: state length %d", begin.Epoch, begin.StateLen)
 	}
@@ -118,7 +131,11 @@ func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 	cp.Sums = make([]uint32, 0, begin.Pages)
 	// The pages are read straight into cp.Data, batch after batch, where
 	// the link can place them; else copied there.
-	cp.Data = make([]byte, begin.Pages*mmu.PageSize)
+	if n := int(begin.Pages) * mmu.PageSize; cap(spare) >= n {
+		cp.Data = spare[:n]
+	} else {
+		cp.Data = make([]byte, n)
+	}
 	if pp, ok := c.(pagePlacer); ok {
 		pp.SetPagePlace(func(n int) []byte {
 			got := len(cp.PFNs)
@@ -201,8 +218,8 @@ func sendStaged(c MessageConn, cp *Checkpoint) error {
 // from the pages). The batch is reused between calls.
 func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
 	batch := wire.PageBatch{Epoch: cp.Epoch}
-	for i := 0; i < len(cp.PFNs); i += wire.MaxBatchPages {
-		n := min(wire.MaxBatchPages, len(cp.PFNs)-i)
+	for i := 0; i < len(cp.PFNs); i += batchPages {
+		n := min(batchPages, len(cp.PFNs)-i)
 		batch.Pages = batch.Pages[:0]
 		for j := i; j < i+n; j++ {
 			p := wire.Page{PFN: cp.PFNs[j], Data: cp.Page(j)}
@@ -218,4 +235,32 @@ func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
 		}
 	}
 	return nil
+}
+
+// pageBuffer keeps the page memory of one received checkpoint that its
+// receiver no longer uses, for the next one: a new buffer of a large
+// checkpoint costs a page fault and the kernel's zeroing for each of its
+// pages before the first byte lands, about as much as receiving it.
+type pageBuffer struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+// take returns the kept memory (nil if none), which is the caller's now.
+func (p *pageBuffer) take() []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	b := p.buf
+	p.buf = nil
+	return b
+}
+
+// put keeps b, the page memory of a checkpoint nothing refers to any more,
+// unless larger memory is kept already.
+func (p *pageBuffer) put(b []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if cap(b) > cap(p.buf) {
+		p.buf = b[:0]
+	}
 }
