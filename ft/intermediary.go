@@ -275,7 +275,6 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeIncomplete, Reason: truncate(err.Error(), wire.MaxReasonLen)})
 				return fmt.Errorf("%w: %w", ErrRefused, err)
 			}
-		case *wire.Heartbeat:
 		case *wire.Bye:
 			return nil
 		default:

@@ -424,7 +424,6 @@ func (p *Primary) readAcks(ln MessageConn) error {
 			if m.Role == wire.RoleBackup {
 				p.backupEpoch.Store(m.Committed)
 			}
-		case *wire.Heartbeat:
 		default:
 			return fmt.Errorf("unexpected %v from the intermediary", m.Type())
 		}
