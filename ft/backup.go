@@ -181,7 +181,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 		}
 		if direct {
 			switch m.(type) {
-			case *wire.CheckpointBegin, *wire.Heartbeat, *wire.Bye:
+			case *wire.CheckpointBegin, *wire.Bye:
 			default:
 				err := fmt.Errorf("backup: unexpected %v from the primary", m.Type())
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: err.Error()})
@@ -281,7 +281,6 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 			}
 			b.setPolicyState(m.Reason)
 			b.log.Warn("the intermediary refused this backup's policy; it forwards by its own", "reason", m.Reason)
-		case *wire.Heartbeat:
 		case *wire.Bye:
 			// A primary says Bye only when its guest exited.
 			if m.Reason == ByePrimaryFinished || direct {

@@ -26,14 +26,18 @@ type Intermediary struct {
 	log     *slog.Logger
 
 	// mu orders applying and acknowledging against fencing: a checkpoint is
-	// applied and acknowledged under mu, and only while not fenced.
+	// applied, passed to forward and acknowledged under mu, and only while
+	// not fenced. So while mu is held the image is at the last epoch
+	// forwarded (flushHeld relies on it).
 	mu      sync.Mutex
 	fenced  bool
 	primary MessageConn // the primary link being served, if any
 
-	// bmu guards policy, backup, attached and stallWithoutBackup.
+	// policy is the forwarding policy (its own lock).
+	policy policyHolder
+
+	// bmu guards backup, attached and stall.
 	bmu      sync.Mutex
-	policy   ForwardPolicy
 	backup   *backupLink
 	attached chan struct{} // closed while a backup is attached
 	stall    bool          // BackupLossPolicy StallWithoutBackup
@@ -204,7 +208,7 @@ func NewIntermediary(memSize uint64, log *slog.Logger) (*Intermediary, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &Intermediary{img: NewImage(memSize), regions: mmu.Layout(memSize), log: log, policy: ForwardEvery{},
+	return &Intermediary{img: NewImage(memSize), regions: mmu.Layout(memSize), log: log,
 		attached: make(chan struct{}), fencedCh: make(chan struct{}), heard: make(chan struct{})}, nil
 }
 
@@ -291,7 +295,6 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeIncomplete, Reason: truncate(err.Error(), wire.MaxReasonLen)})
 				return fmt.Errorf("%w: %w", ErrRefused, err)
 			}
-		case *wire.Heartbeat:
 		case *wire.Bye:
 			return nil
 		default:

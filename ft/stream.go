@@ -11,6 +11,10 @@ import (
 
 // MessageConn is what the checkpoint stream needs of a link
 // (transport.Conn has it).
+//
+// ReadMessage never returns a wire.Heartbeat: liveness is the transport's
+// (transport.Conn answers for it and drops heartbeats), so the roles treat
+// one as any message out of protocol.
 type MessageConn interface {
 	WriteMessage(wire.Message) error
 	ReadMessage() (wire.Message, error)
