@@ -58,6 +58,7 @@ type Backup struct {
 	// staged holds pages that arrived ahead of the hold-back sync that
 	// commits them (latest version of each page; only Serve touches it).
 	staged      map[uint64][]byte
+	stagedSums  map[uint64]uint32 // the staged pages' end-to-end sums
 	stagedBytes atomic.Uint64
 	// ret is backup-driven retrieval's state (manifests and requests).
 	ret *retriever
@@ -165,6 +166,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 		}
 	}
 	maxPFN := layoutMaxPFN(b.regions)
+	var spare []byte // page memory of the last checkpoint committed
 	for {
 		m, err := c.ReadMessage()
 		if errors.Is(err, io.EOF) {
@@ -179,7 +181,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 		}
 		if direct {
 			switch m.(type) {
-			case *wire.CheckpointBegin, *wire.Heartbeat, *wire.Bye:
+			case *wire.CheckpointBegin, *wire.Bye:
 			default:
 				err := fmt.Errorf("backup: unexpected %v from the primary", m.Type())
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeProtocol, Reason: err.Error()})
@@ -192,7 +194,8 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeRefused, Reason: ErrActivated.Error()})
 				return nil, ErrActivated
 			}
-			cp, base, err := ReceiveCheckpoint(c, m, maxPFN)
+			cp, base, err := receiveCheckpoint(c, m, maxPFN, spare)
+			spare = nil
 			if errors.Is(err, ErrLinkBroken) {
 				// Not a refusal: the link broke before the checkpoint
 				// ended. A primary's direct link breaking is a lost
@@ -212,6 +215,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				return nil, fmt.Errorf("backup: %w", err)
 			}
 			b.log.Debug("committed", "epoch", cp.Epoch, "base", base, "kind", cp.Kind, "pages", len(cp.PFNs))
+			spare = cp.Data[:0] // applied (copied into the image): free for the next one
 			b.ret.committed(cp.Epoch)
 			b.received.Add(uint64(len(cp.Data) + len(cp.State)))
 			b.checkpoints.Add(1)
@@ -277,7 +281,6 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 			}
 			b.setPolicyState(m.Reason)
 			b.log.Warn("the intermediary refused this backup's policy; it forwards by its own", "reason", m.Reason)
-		case *wire.Heartbeat:
 		case *wire.Bye:
 			// A primary says Bye only when its guest exited.
 			if m.Reason == ByePrimaryFinished || direct {
@@ -465,11 +468,15 @@ func (b *Backup) stage(m *wire.PageBatch, maxPFN uint64) error {
 	}
 	if b.staged == nil {
 		b.staged = make(map[uint64][]byte)
+		b.stagedSums = make(map[uint64]uint32)
 	}
 	for _, p := range m.Pages {
 		if p.PFN >= maxPFN {
 			return badf("staged page %#x beyond guest memory", p.PFN)
 		}
+	}
+	if err := wire.VerifyPages(m.Pages); err != nil {
+		return badf("staged pages of epoch %d: digest mismatch: %v", m.Epoch, err)
 	}
 	for _, p := range m.Pages {
 		buf, ok := b.staged[p.PFN]
@@ -479,6 +486,7 @@ func (b *Backup) stage(m *wire.PageBatch, maxPFN uint64) error {
 			b.stagedBytes.Add(mmu.PageSize)
 		}
 		copy(buf, p.Data)
+		b.stagedSums[p.PFN] = p.Sum
 	}
 	return nil
 }
@@ -488,13 +496,13 @@ func (b *Backup) stage(m *wire.PageBatch, maxPFN uint64) error {
 // its own, which win, in one atomic Apply.
 func (b *Backup) commit(cp *Checkpoint, base uint64) error {
 	if cp.Kind == KindSync && len(b.staged) > 0 {
-		cp = mergeStaged(cp, b.staged)
+		cp = mergeStaged(cp, b.staged, b.stagedSums)
 	}
 	if err := b.img.Apply(cp, base, b.pageOffset); err != nil {
 		return err
 	}
 	if cp.Kind == KindFull || cp.Kind == KindSync {
-		b.staged = nil
+		b.staged, b.stagedSums = nil, nil
 		b.stagedBytes.Store(0)
 	}
 	return nil
@@ -502,7 +510,7 @@ func (b *Backup) commit(cp *Checkpoint, base uint64) error {
 
 // mergeStaged returns cp with the staged pages it does not carry itself,
 // in PFN order.
-func mergeStaged(cp *Checkpoint, staged map[uint64][]byte) *Checkpoint {
+func mergeStaged(cp *Checkpoint, staged map[uint64][]byte, sums map[uint64]uint32) *Checkpoint {
 	pfns := make([]uint64, 0, len(staged)+len(cp.PFNs))
 	for pfn := range staged {
 		pfns = append(pfns, pfn)
@@ -511,12 +519,14 @@ func mergeStaged(cp *Checkpoint, staged map[uint64][]byte) *Checkpoint {
 	out := &Checkpoint{Epoch: cp.Epoch, Kind: KindSync, Base: cp.Base, State: cp.State}
 	out.PFNs = make([]uint64, 0, len(pfns)+len(cp.PFNs))
 	out.Data = make([]byte, 0, (len(pfns)+len(cp.PFNs))*mmu.PageSize)
+	out.Sums = make([]uint32, 0, len(pfns)+len(cp.PFNs))
 	i, j := 0, 0
 	for i < len(pfns) || j < len(cp.PFNs) {
 		switch {
 		case j == len(cp.PFNs) || i < len(pfns) && pfns[i] < cp.PFNs[j]:
 			out.PFNs = append(out.PFNs, pfns[i])
 			out.Data = append(out.Data, staged[pfns[i]]...)
+			out.Sums = append(out.Sums, sums[pfns[i]])
 			i++
 		default:
 			if i < len(pfns) && pfns[i] == cp.PFNs[j] {
@@ -524,6 +534,7 @@ func mergeStaged(cp *Checkpoint, staged map[uint64][]byte) *Checkpoint {
 			}
 			out.PFNs = append(out.PFNs, cp.PFNs[j])
 			out.Data = append(out.Data, cp.Page(j)...)
+			out.Sums = append(out.Sums, cp.Sums[j])
 			j++
 		}
 	}

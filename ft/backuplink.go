@@ -396,7 +396,7 @@ func (b *backupLink) readLoop(in *Intermediary) error {
 			b.note()
 			b.mu.Unlock()
 			return nil
-		case *wire.Status, *wire.Heartbeat:
+		case *wire.Status:
 		case *wire.Policy:
 			b.reply(in.installPolicy(b, m))
 		case *wire.PageRequest:

@@ -18,7 +18,11 @@ type Checkpoint struct {
 	Base  uint64         // a KindSync's base epoch (0 for the other kinds)
 	PFNs  []uint64       // guest-physical page frame numbers, ascending
 	Data  []byte         // len(PFNs) pages of 4 KiB, in PFN order
-	State []byte         // the encoded vmm.MachineState
+	// Sums are the pages' end-to-end sums (wire.PageSum), in PFN order,
+	// as the primary computed them from the pages it captured; nil until
+	// the checkpoint is first sent (the primary's own checkpoints).
+	Sums  []uint32
+	State []byte // the encoded vmm.MachineState
 
 	// Timings of the stun (vCPUs paused): the whole stun and its parts.
 	Stun, Pause, Harvest, Copy, Capture, Resume time.Duration

@@ -59,3 +59,11 @@ func TestPageLimiter(t *testing.T) {
 		t.Errorf("take(1 page/s) right after the burst = %d, want 0", n)
 	}
 }
+
+// BenchmarkPageLimiter is one capped take, as forward makes per checkpoint.
+func BenchmarkPageLimiter(b *testing.B) {
+	var l pageLimiter
+	for b.Loop() {
+		l.take(1<<40, 64)
+	}
+}

@@ -14,11 +14,12 @@ import (
 // Call with in.mu held, the image at cp's epoch.
 func (in *Intermediary) forward(cp *Checkpoint) {
 	in.bmu.Lock()
-	b, p := in.backup, in.policy
+	b := in.backup
 	in.bmu.Unlock()
 	if b == nil {
 		return
 	}
+	p := in.policy.get()
 	offs := make([]uint64, len(cp.PFNs))
 	for i, pfn := range cp.PFNs {
 		off, _ := in.PageOffset(pfn) // Apply checked every page

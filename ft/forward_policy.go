@@ -2,6 +2,7 @@ package ft
 
 import (
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
@@ -60,22 +61,30 @@ func (ForwardEvery) Decide(*Checkpoint, func(int) float64) Decision { return Dec
 // SyncNow is never asked (everything is sent).
 func (ForwardEvery) SyncNow(BackupView) bool { return false }
 
-// SetForwardPolicy replaces the forwarding policy (nil: ForwardEvery).
-func (in *Intermediary) SetForwardPolicy(p ForwardPolicy) {
-	if p == nil {
-		p = ForwardEvery{}
-	}
-	in.bmu.Lock()
-	in.policy = p
-	in.bmu.Unlock()
+// policyHolder holds the intermediary's forwarding policy under a lock of
+// its own (ForwardEvery until one is set).
+type policyHolder struct {
+	mu sync.Mutex
+	p  ForwardPolicy
 }
 
-// forwardPolicy returns the forwarding policy.
-func (in *Intermediary) forwardPolicy() ForwardPolicy {
-	in.bmu.Lock()
-	defer in.bmu.Unlock()
-	return in.policy
+func (h *policyHolder) get() ForwardPolicy {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.p == nil {
+		return ForwardEvery{}
+	}
+	return h.p
 }
+
+func (h *policyHolder) set(p ForwardPolicy) {
+	h.mu.Lock()
+	h.p = p
+	h.mu.Unlock()
+}
+
+// SetForwardPolicy replaces the forwarding policy (nil: ForwardEvery).
+func (in *Intermediary) SetForwardPolicy(p ForwardPolicy) { in.policy.set(p) }
 
 // installPolicy validates a policy the backup asks for and, if it is good,
 // makes it the forwarding policy. A refusal says why and changes nothing.

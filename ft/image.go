@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 )
 
@@ -23,6 +24,8 @@ type Image struct {
 	epoch   uint64
 	changed []uint64  // per page: epoch of its last change
 	freq    []float64 // per page: decayed change count as of changed[p]
+	sums    []uint32  // per page: its end-to-end sum (wire.PageSum) as received
+	summed  []bool    // per page: sums holds its sum (a page no checkpoint wrote has none)
 }
 
 // FreqHalfLife is the number of epochs after which a page's change count
@@ -37,7 +40,7 @@ func NewImage(size uint64) *Image { return NewImageOn(make([]byte, size)) }
 // restored machine).
 func NewImageOn(mem []byte) *Image {
 	n := uint64(len(mem)) / mmu.PageSize
-	return &Image{mem: mem, changed: make([]uint64, n), freq: make([]float64, n)}
+	return &Image{mem: mem, changed: make([]uint64, n), freq: make([]float64, n), sums: make([]uint32, n), summed: make([]bool, n)}
 }
 
 // Epoch returns the image's complete epoch (0: none yet).
@@ -65,6 +68,9 @@ func (im *Image) Apply(cp *Checkpoint, base uint64, pageOffset func(pfn uint64) 
 	if cp.Epoch <= im.epoch && cp.Kind != KindFull {
 		return badf("checkpoint %d is not after the image's epoch %d", cp.Epoch, im.epoch)
 	}
+	if cp.Sums != nil && len(cp.Sums) != len(cp.PFNs) {
+		return badf("checkpoint %d: %d page sums for %d pages", cp.Epoch, len(cp.Sums), len(cp.PFNs))
+	}
 	// Validate every offset first, so that a bad page changes nothing.
 	offs := make([]uint64, len(cp.PFNs))
 	for i, pfn := range cp.PFNs {
@@ -77,6 +83,12 @@ func (im *Image) Apply(cp *Checkpoint, base uint64, pageOffset func(pfn uint64) 
 	for i, off := range offs {
 		copy(im.mem[off:off+mmu.PageSize], cp.Page(i))
 		p := off / mmu.PageSize
+		if cp.Sums != nil {
+			im.sums[p] = cp.Sums[i]
+		} else {
+			im.sums[p] = wire.PageSum(cp.PFNs[i], cp.Page(i))
+		}
+		im.summed[p] = true
 		im.freq[p] = decay(im.freq[p], cp.Epoch-min(im.changed[p], cp.Epoch)) + 1
 		im.changed[p] = cp.Epoch
 	}
@@ -124,12 +136,19 @@ func (im *Image) Snapshot(regions []mmu.Region) (*Checkpoint, error) {
 	}
 	cp := &Checkpoint{Epoch: im.epoch, Kind: KindFull, Data: make([]byte, 0, len(im.mem)), State: append([]byte(nil), im.state...)}
 	cp.PFNs = make([]uint64, 0, len(im.changed))
+	cp.Sums = make([]uint32, 0, len(im.changed))
 	for _, r := range regions {
 		if r.Offset+r.Size > uint64(len(im.mem)) {
 			return nil, fmt.Errorf("snapshot: region %#x+%#x beyond the image's %d bytes", r.GPA, r.Size, len(im.mem))
 		}
 		for off := uint64(0); off < r.Size; off += mmu.PageSize {
-			cp.PFNs = append(cp.PFNs, (r.GPA+off)/mmu.PageSize)
+			pfn, p := (r.GPA+off)/mmu.PageSize, (r.Offset+off)/mmu.PageSize
+			cp.PFNs = append(cp.PFNs, pfn)
+			if im.summed[p] {
+				cp.Sums = append(cp.Sums, im.sums[p])
+			} else { // never written: summed here
+				cp.Sums = append(cp.Sums, wire.PageSum(pfn, im.mem[p*mmu.PageSize:(p+1)*mmu.PageSize]))
+			}
 		}
 		cp.Data = append(cp.Data, im.mem[r.Offset:r.Offset+r.Size]...)
 	}

@@ -26,14 +26,18 @@ type Intermediary struct {
 	log     *slog.Logger
 
 	// mu orders applying and acknowledging against fencing: a checkpoint is
-	// applied and acknowledged under mu, and only while not fenced.
+	// applied, passed to forward and acknowledged under mu, and only while
+	// not fenced. So while mu is held the image is at the last epoch
+	// forwarded (flushHeld relies on it).
 	mu      sync.Mutex
 	fenced  bool
 	primary MessageConn // the primary link being served, if any
 
-	// bmu guards policy, backup, attached and stallWithoutBackup.
+	// policy is the forwarding policy (its own lock).
+	policy policyHolder
+
+	// bmu guards backup, attached and stall.
 	bmu      sync.Mutex
-	policy   ForwardPolicy
 	backup   *backupLink
 	attached chan struct{} // closed while a backup is attached
 	stall    bool          // BackupLossPolicy StallWithoutBackup
@@ -45,6 +49,10 @@ type Intermediary struct {
 	heard     chan struct{}
 	heardOnce sync.Once
 	active    atomic.Pointer[string]
+
+	// spare is page memory of a received checkpoint nothing uses any more,
+	// for the next one.
+	spare pageBuffer
 
 	// Stats.
 	received    atomic.Uint64 // checkpoint bytes received and applied
@@ -200,7 +208,7 @@ func NewIntermediary(memSize uint64, log *slog.Logger) (*Intermediary, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &Intermediary{img: NewImage(memSize), regions: mmu.Layout(memSize), log: log, policy: ForwardEvery{},
+	return &Intermediary{img: NewImage(memSize), regions: mmu.Layout(memSize), log: log,
 		attached: make(chan struct{}), fencedCh: make(chan struct{}), heard: make(chan struct{})}, nil
 }
 
@@ -265,7 +273,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
-			cp, base, err := ReceiveCheckpoint(c, m, in.maxPFN())
+			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take())
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}
@@ -287,7 +295,6 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeIncomplete, Reason: truncate(err.Error(), wire.MaxReasonLen)})
 				return fmt.Errorf("%w: %w", ErrRefused, err)
 			}
-		case *wire.Heartbeat:
 		case *wire.Bye:
 			return nil
 		default:
@@ -316,6 +323,13 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	// (also one whose acknowledgement cannot be sent: Failover activates
 	// the image's epoch, and hold-back's bookkeeping must know its pages).
 	in.forward(cp)
+	in.bmu.Lock()
+	if in.backup == nil {
+		// No backup took cp into its queue, or the link that did has
+		// ended (its writer with it): its page memory is free.
+		in.spare.put(cp.Data)
+	}
+	in.bmu.Unlock()
 	if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
 		return fmt.Errorf("%w %d: %w", errAckFailed, cp.Epoch, err)
 	}

@@ -192,9 +192,8 @@ func TestRefusalIsNotLoss(t *testing.T) {
 	in, pc := servingIntermediaryErr(t, memSize)
 	cp := testImage(1, memSize)
 	bad := &corruptingConn{MessageConn: pc}
-	if err := SendCheckpoint(bad, cp, 0); err != nil {
-		t.Fatal(err)
-	}
+	// The refusal may end the link before the whole image is written.
+	SendCheckpoint(bad, cp, 0)
 	if m, err := pc.ReadMessage(); err == nil {
 		if e, ok := m.(*wire.Error); !ok || e.Code != wire.CodeIncomplete {
 			t.Errorf("reply to a corrupt checkpoint: %v; want an Error (incomplete)", m)
@@ -216,13 +215,17 @@ func servingIntermediaryErr(t testing.TB, memSize uint64) (<-chan error, Message
 		t.Fatal(err)
 	}
 	served := make(chan error, 1)
-	go func() { served <- in.ServePrimary(ic) }()
+	go func() {
+		err := in.ServePrimary(ic)
+		ic.Close() // as the role loop does once ServePrimary returns
+		served <- err
+	}()
 	return served, pc
 }
 
 // testImage returns a full image of memSize bytes at epoch.
 func testImage(epoch, memSize uint64) *Checkpoint {
-	cp := &Checkpoint{Epoch: epoch, Full: true, State: sealState([]byte("state"), nil), Data: make([]byte, memSize)}
+	cp := &Checkpoint{Epoch: epoch, Kind: KindFull, State: sealState([]byte("state"), nil), Data: make([]byte, memSize)}
 	for i := range cp.Data {
 		cp.Data[i] = byte(i * 7)
 	}

@@ -1,66 +1,111 @@
 package ft
 
 import (
-	"fmt"
-	"io"
 	"math"
 	"net/http"
 	"slices"
-	"strings"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// Metric is one sample a role reports: on its status line and, in the
-// Prometheus text format, on its metrics endpoint.
+// Metric is one sample a role reports: on its status line and, through
+// the Prometheus client library, on its metrics endpoint.
 type Metric struct {
-	Name   string // understudy_<role>_<what>, Prometheus style
-	Help   string
-	Kind   string // "counter" or "gauge"
-	Labels string // preformatted label set, e.g. `quantile="0.99"` (optional)
+	Name   string  // understudy_<role>_<what>, Prometheus style
+	Help   string  // plain text (the library escapes it)
+	Kind   string  // "counter" or "gauge"
+	Labels []Label // optional, e.g. {quantile 0.99}; the same names for every sample of a Name
 	Value  float64
 }
 
-// WriteMetrics writes ms in the Prometheus text exposition format (version
-// 0.0.4): a HELP and TYPE line per metric name, then its samples.
-func WriteMetrics(w io.Writer, ms []Metric) error {
-	var b strings.Builder
-	seen := map[string]bool{}
-	for _, m := range ms {
-		if !seen[m.Name] {
-			seen[m.Name] = true
-			fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", m.Name, m.Help, m.Name, m.Kind)
-		}
-		name := m.Name
-		if m.Labels != "" {
-			name += "{" + m.Labels + "}"
-		}
-		fmt.Fprintf(&b, "%s %s\n", name, formatValue(m.Value))
-	}
-	_, err := io.WriteString(w, b.String())
-	return err
+// Label is a label of a Metric's sample.
+type Label struct{ Name, Value string }
+
+// roleCollector is a prometheus.Collector that reads a role's figures at
+// scrape time: collect returns them (a role's Metrics method).
+type roleCollector struct {
+	collect func() []Metric
+	descs   map[string]*prometheus.Desc // by metric name, fixed at registration
 }
 
-func formatValue(v float64) string {
-	switch {
-	case math.IsNaN(v):
-		return "NaN"
-	case v == math.Trunc(v) && math.Abs(v) < 1e15:
-		return fmt.Sprintf("%d", int64(v))
+func newRoleCollector(collect func() []Metric) *roleCollector {
+	c := &roleCollector{collect: collect, descs: map[string]*prometheus.Desc{}}
+	for _, m := range collect() {
+		if c.descs[m.Name] == nil {
+			names := make([]string, len(m.Labels))
+			for i, l := range m.Labels {
+				names[i] = l.Name
+			}
+			c.descs[m.Name] = prometheus.NewDesc(m.Name, m.Help, names, nil)
+		}
 	}
-	return fmt.Sprintf("%g", v)
+	return c
+}
+
+// Describe sends the descriptions of the role's metrics.
+func (c *roleCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.descs {
+		ch <- d
+	}
+}
+
+// Collect reads the role's figures now.
+func (c *roleCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, m := range c.collect() {
+		d := c.descs[m.Name]
+		if d == nil {
+			continue // not described at registration: the registry would refuse it
+		}
+		kind := prometheus.UntypedValue
+		switch m.Kind {
+		case "counter":
+			kind = prometheus.CounterValue
+		case "gauge":
+			kind = prometheus.GaugeValue
+		}
+		values := make([]string, len(m.Labels))
+		for i, l := range m.Labels {
+			values[i] = l.Value
+		}
+		pm, err := prometheus.NewConstMetric(d, kind, m.Value, values...)
+		if err != nil {
+			pm = prometheus.NewInvalidMetric(d, err)
+		}
+		ch <- pm
+	}
+}
+
+// NewMetricsRegistry returns a registry of its own for one role, whose
+// collector reads the figures collect returns at every scrape. The set of
+// metric names is taken from a first call of collect.
+func NewMetricsRegistry(collect func() []Metric) (*prometheus.Registry, error) {
+	reg := prometheus.NewRegistry()
+	if err := reg.Register(newRoleCollector(collect)); err != nil {
+		return nil, err
+	}
+	return reg, nil
 }
 
 // MetricsHandler serves the metrics returned by collect at any path, in the
-// Prometheus text format.
+// Prometheus text format (promhttp over a registry of the role's own,
+// NewMetricsRegistry). Only GET and HEAD are served.
 func MetricsHandler(collect func() []Metric) http.Handler {
+	reg, err := NewMetricsRegistry(collect)
+	if err != nil {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "metrics: "+err.Error(), http.StatusInternalServerError)
+		})
+	}
+	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			http.Error(w, "GET only", http.StatusMethodNotAllowed)
 			return
 		}
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		WriteMetrics(w, collect())
+		h.ServeHTTP(w, r)
 	})
 }
 

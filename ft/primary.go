@@ -135,6 +135,12 @@ type Primary struct {
 	reconnects  atomic.Uint64
 	stuns       *durationWindow
 	rate        rate
+
+	// ackedEpoch is the last epoch acknowledged, set as its Ack arrives
+	// (before its records are released); releasedRecords counts the
+	// records handed out. Acked is the last epoch released.
+	ackedEpoch      atomic.Uint64
+	releasedRecords atomic.Uint64
 }
 
 type heldRecord struct {
@@ -238,6 +244,9 @@ func (p *Primary) BudgetEpochs() uint64 { return p.byBudget.Load() }
 func (p *Primary) release(e uint64) {
 	p.relMu.Lock()
 	defer p.relMu.Unlock()
+	if e > p.ackedEpoch.Load() {
+		p.ackedEpoch.Store(e) // under relMu: no other release stores
+	}
 	p.mu.Lock()
 	if e <= p.acked {
 		p.mu.Unlock()
@@ -254,6 +263,7 @@ func (p *Primary) release(e uint64) {
 			p.cfg.OnRelease(h.rec)
 		}
 	}
+	p.releasedRecords.Add(uint64(n))
 	p.mu.Lock()
 	// Only release removes from the front (under relMu); Record appends.
 	p.pending = append(p.pending[:0], p.pending[n:]...)
@@ -535,7 +545,6 @@ func (p *Primary) readAcks(ln MessageConn) error {
 			if m.Role == wire.RoleBackup {
 				p.backupEpoch.Store(m.Committed)
 			}
-		case *wire.Heartbeat:
 		default:
 			return fmt.Errorf("unexpected %v from the intermediary", m.Type())
 		}
@@ -662,13 +671,19 @@ func (p *Primary) Metrics() []Metric {
 		up = 1
 	}
 	sent := float64(p.bytesSent.Load())
+	// Released before acknowledged: both only grow, and an epoch is
+	// acknowledged before it is released, so released <= acked here too.
+	released, records := p.Acked(), p.releasedRecords.Load()
+	acked := p.ackedEpoch.Load()
 	return []Metric{
 		{Name: "understudy_primary_epochs_total", Help: "Checkpoints sent to the intermediary.", Kind: "counter", Value: float64(p.Epochs())},
-		{Name: "understudy_primary_acked_epoch", Help: "Last epoch the intermediary acknowledged (its output is released).", Kind: "gauge", Value: float64(p.Acked())},
+		{Name: "understudy_primary_acked_epoch", Help: "Last epoch acknowledged (by the intermediary, or the backup on a direct link): its output may be released from then on.", Kind: "gauge", Value: float64(acked)},
+		{Name: "understudy_primary_released_epoch", Help: "Last epoch whose held output was all released; never above understudy_primary_acked_epoch.", Kind: "gauge", Value: float64(released)},
+		{Name: "understudy_primary_released_records_total", Help: "Output records released after their checkpoint was acknowledged.", Kind: "counter", Value: float64(records)},
 		{Name: "understudy_primary_backup_epoch", Help: "The backup's committed epoch, as the intermediary last reported it.", Kind: "gauge", Value: float64(p.backupEpoch.Load())},
 		{Name: "understudy_primary_sent_bytes_total", Help: "Page and state bytes of the checkpoints sent.", Kind: "counter", Value: sent},
-		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: `quantile="0.5"`, Value: q[0]},
-		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: `quantile="0.99"`, Value: q[1]},
+		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: []Label{{"quantile", "0.5"}}, Value: q[0]},
+		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: []Label{{"quantile", "0.99"}}, Value: q[1]},
 		{Name: "understudy_primary_held_records", Help: "Output records held until their checkpoint is acknowledged.", Kind: "gauge", Value: float64(p.Held())},
 		{Name: "understudy_primary_link_up", Help: "1 while a link to an intermediary is up.", Kind: "gauge", Value: up},
 		{Name: "understudy_primary_budget_epochs_total", Help: "Epochs ended early by the dirty budget.", Kind: "counter", Value: float64(p.BudgetEpochs())},

@@ -117,7 +117,7 @@ func next(t *testing.T, c MessageConn) wire.Message {
 			t.Fatalf("ReadMessage = %v", err)
 		}
 		switch m := m.(type) {
-		case *wire.Status, *wire.Heartbeat, *wire.Manifest:
+		case *wire.Status, *wire.Manifest:
 			continue
 		case *wire.CheckpointBegin:
 			cp, _, err := ReceiveCheckpoint(c, m, wire.MaxPFN)

@@ -3,6 +3,7 @@ package ft
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
@@ -10,6 +11,10 @@ import (
 
 // MessageConn is what the checkpoint stream needs of a link
 // (transport.Conn has it).
+//
+// ReadMessage never returns a wire.Heartbeat: liveness is the transport's
+// (transport.Conn answers for it and drops heartbeats), so the roles treat
+// one as any message out of protocol.
 type MessageConn interface {
 	WriteMessage(wire.Message) error
 	ReadMessage() (wire.Message, error)
@@ -17,6 +22,12 @@ type MessageConn interface {
 
 // stateChunk is the most state bytes sent in one StateBlob.
 const stateChunk = 1 << 20
+
+// batchPages is the most pages sent in one PageBatch: 1 MiB, small enough
+// that a batch's pages are still in the CPU's cache when the sender, having
+// summed them, seals them into TLS records, and when the receiver, having
+// read them from TLS, verifies their sums.
+const batchPages = 256
 
 // ErrBadCheckpoint wraps every way a received checkpoint stream can be
 // wrong; the receiver refuses it and changes nothing.
@@ -48,10 +59,17 @@ func readFailed(epoch uint64, err error) error {
 
 // SendCheckpoint writes cp to c: CheckpointBegin, PageBatches, StateBlobs
 // and a CheckpointEnd whose digest covers all of them. base is the epoch the
-// delta applies on (0 for a full image).
+// delta applies on (0 for a full image). Each page goes with its end-to-end
+// sum: cp.Sums if the checkpoint carries them (it was received, or taken
+// from an image that keeps them), else computed here from the page (the
+// primary, where the pages were captured). The pages are written from
+// where they lie in cp.Data (see wire.Writer).
 func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
 	if err := cp.validate(); err != nil {
 		return fmt.Errorf("send checkpoint: %w", err)
+	}
+	if cp.Sums != nil && len(cp.Sums) != len(cp.PFNs) {
+		return fmt.Errorf("send checkpoint %d: %d page sums for %d pages", cp.Epoch, len(cp.Sums), len(cp.PFNs))
 	}
 	if !cp.Kind.Commits() {
 		return sendStaged(c, cp)
@@ -84,6 +102,12 @@ func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
 	return nil
 }
 
+// pagePlacer is a link that can read page batches straight into memory
+// the caller places (transport.Conn can; see wire.Reader.SetPagePlace).
+type pagePlacer interface {
+	SetPagePlace(func(pages int) []byte)
+}
+
 // ReceiveCheckpoint reads the rest of the checkpoint that begin opened and
 // verifies it: every frame belongs to the epoch, pages ascend and stay below
 // maxPFN, the counts and state length match the Begin, and the digest
@@ -91,6 +115,12 @@ func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
 // A checkpoint that arrived and fails verification is an ErrBadCheckpoint;
 // a link that broke before the checkpoint ended is an ErrLinkBroken.
 func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64) (*Checkpoint, uint64, error) {
+	return receiveCheckpoint(c, begin, maxPFN, nil)
+}
+
+// receiveCheckpoint is ReceiveCheckpoint receiving the pages into spare if
+// it is large enough (the caller no longer uses it), else into new memory.
+func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64, spare []byte) (*Checkpoint, uint64, error) {
 	if begin.StateLen == 0 || begin.StateLen > wire.MaxStateLen {
 		return nil, 0, badf("checkpoint %d: state length %d", begin.Epoch, begin.StateLen)
 	}
@@ -102,7 +132,24 @@ func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 		cp.Base = begin.Base
 	}
 	cp.PFNs = make([]uint64, 0, begin.Pages)
-	cp.Data = make([]byte, 0, begin.Pages*mmu.PageSize)
+	cp.Sums = make([]uint32, 0, begin.Pages)
+	// The pages are read straight into cp.Data, batch after batch, where
+	// the link can place them; else copied there.
+	if n := int(begin.Pages) * mmu.PageSize; cap(spare) >= n {
+		cp.Data = spare[:n]
+	} else {
+		cp.Data = make([]byte, n)
+	}
+	if pp, ok := c.(pagePlacer); ok {
+		pp.SetPagePlace(func(n int) []byte {
+			got := len(cp.PFNs)
+			if uint64(got+n) > begin.Pages {
+				return nil // more than announced: refused below
+			}
+			return cp.Data[got*mmu.PageSize : (got+n)*mmu.PageSize]
+		})
+		defer pp.SetPagePlace(nil)
+	}
 	d := wire.NewDigester(*begin)
 	for {
 		m, err := c.ReadMessage()
@@ -124,8 +171,17 @@ func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 				if uint64(len(cp.PFNs)) == begin.Pages {
 					return nil, 0, badf("checkpoint %d: more than %d pages", begin.Epoch, begin.Pages)
 				}
+				// The end-to-end check: the page is what the primary
+				// captured at that PFN.
+				if sum := wire.PageSum(p.PFN, p.Data); sum != p.Sum {
+					return nil, 0, badf("checkpoint %d: digest mismatch: page %#x sums to %#08x, sent with %#08x", begin.Epoch, p.PFN, sum, p.Sum)
+				}
+				i := len(cp.PFNs)
+				if dst := cp.Page(i); &dst[0] != &p.Data[0] {
+					copy(dst, p.Data) // not placed: copied
+				}
 				cp.PFNs = append(cp.PFNs, p.PFN)
-				cp.Data = append(cp.Data, p.Data...)
+				cp.Sums = append(cp.Sums, p.Sum)
 			}
 			d.AddBatch(m)
 		case *wire.StateBlob:
@@ -162,18 +218,53 @@ func sendStaged(c MessageConn, cp *Checkpoint) error {
 }
 
 // eachBatch passes cp's pages to fn as page batches of its epoch, at most
-// wire.MaxBatchPages each, in order. The batch is reused between calls.
+// wire.MaxBatchPages each, in order, with their sums (cp.Sums, or computed
+// from the pages). The batch is reused between calls.
 func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
 	batch := wire.PageBatch{Epoch: cp.Epoch}
-	for i := 0; i < len(cp.PFNs); i += wire.MaxBatchPages {
-		n := min(wire.MaxBatchPages, len(cp.PFNs)-i)
+	for i := 0; i < len(cp.PFNs); i += batchPages {
+		n := min(batchPages, len(cp.PFNs)-i)
 		batch.Pages = batch.Pages[:0]
 		for j := i; j < i+n; j++ {
-			batch.Pages = append(batch.Pages, wire.Page{PFN: cp.PFNs[j], Data: cp.Page(j)})
+			p := wire.Page{PFN: cp.PFNs[j], Data: cp.Page(j)}
+			if cp.Sums != nil {
+				p.Sum = cp.Sums[j]
+			} else {
+				p.Sum = wire.PageSum(p.PFN, p.Data)
+			}
+			batch.Pages = append(batch.Pages, p)
 		}
 		if err := fn(&batch); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// pageBuffer keeps the page memory of one received checkpoint that its
+// receiver no longer uses, for the next one: a new buffer of a large
+// checkpoint costs a page fault and the kernel's zeroing for each of its
+// pages before the first byte lands, about as much as receiving it.
+type pageBuffer struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+// take returns the kept memory (nil if none), which is the caller's now.
+func (p *pageBuffer) take() []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	b := p.buf
+	p.buf = nil
+	return b
+}
+
+// put keeps b, the page memory of a checkpoint nothing refers to any more,
+// unless larger memory is kept already.
+func (p *pageBuffer) put(b []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if cap(b) > cap(p.buf) {
+		p.buf = b[:0]
+	}
 }

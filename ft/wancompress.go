@@ -10,14 +10,15 @@ import (
 
 // Compression on the intermediary→backup link (the WAN): the intermediary
 // sends every page batch as a wire.CompressedBatch (zstd with zero-page
-// elision, ft/wanzip); the backup accepts either form. Digests and counts
-// are over the pages, so verification is the same.
+// elision, ft/wanzip) with the pages' end-to-end sums beside it; the
+// backup accepts either form and verifies the same sums.
 
 // compressingConn sends PageBatch messages compressed.
 type compressingConn struct {
 	MessageConn
-	enc *wanzip.Encoder
-	buf []byte
+	enc  *wanzip.Encoder
+	buf  []byte
+	sums []uint32
 	// Page bytes handed in and bytes put on the link for them.
 	raw, wire *atomic.Uint64
 }
@@ -34,7 +35,11 @@ func (c *compressingConn) WriteMessage(m wire.Message) error {
 	}
 	c.raw.Add(uint64(len(pb.Pages)) * wire.PageSize)
 	c.wire.Add(uint64(len(c.buf)))
-	return c.MessageConn.WriteMessage(&wire.CompressedBatch{Epoch: pb.Epoch, Data: c.buf})
+	c.sums = c.sums[:0]
+	for _, p := range pb.Pages {
+		c.sums = append(c.sums, p.Sum) // the end-to-end sums travel as they came
+	}
+	return c.MessageConn.WriteMessage(&wire.CompressedBatch{Epoch: pb.Epoch, Sums: c.sums, Data: c.buf})
 }
 
 // decompressingConn returns every CompressedBatch as the PageBatch it
@@ -54,10 +59,24 @@ func (c *decompressingConn) ReadMessage() (wire.Message, error) {
 		return m, nil
 	}
 	pages, err := c.dec.DecodeBatch(cb.Data, wire.MaxBatchPages, nil, nil)
+	if err == nil && len(pages) != len(cb.Sums) {
+		err = fmt.Errorf("%d pages for %d sums", len(pages), len(cb.Sums))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: compressed page batch of epoch %d: %w", ErrBadCheckpoint, cb.Epoch, err)
 	}
+	for i := range pages {
+		pages[i].Sum = cb.Sums[i]
+	}
 	return &wire.PageBatch{Epoch: cb.Epoch, Pages: pages}, nil
+}
+
+// SetPagePlace passes page placing on to the link (compressed batches are
+// decoded, not placed).
+func (c *decompressingConn) SetPagePlace(place func(pages int) []byte) {
+	if pp, ok := c.MessageConn.(pagePlacer); ok {
+		pp.SetPagePlace(place)
+	}
 }
 
 // WAN compression level of the intermediary (0: off).

@@ -53,7 +53,7 @@ func TestCompressedBatchRefused(t *testing.T) {
 	}
 	waitFor(t, "epoch 1", func() bool { return bk.Committed() == 1 })
 	ib.WriteMessage(&wire.CheckpointBegin{Epoch: 2, Base: 1, Pages: 1, StateLen: 5})
-	ib.WriteMessage(&wire.CompressedBatch{Epoch: 2, Data: []byte{1, 0, 1, 7, 0xff, 0xff}})
+	ib.WriteMessage(&wire.CompressedBatch{Epoch: 2, Sums: []uint32{0}, Data: []byte{1, 0, 1, 7, 0xff, 0xff}})
 	if err := <-done; !errors.Is(err, ErrBadCheckpoint) {
 		t.Errorf("Serve after a corrupt compressed batch = %v, want ErrBadCheckpoint", err)
 	}

@@ -293,6 +293,11 @@ func (c *conn) SetDeadline(t time.Time) error      { return c.tc.SetDeadline(t) 
 func (c *conn) SetReadDeadline(t time.Time) error  { return c.tc.SetReadDeadline(t) }
 func (c *conn) SetWriteDeadline(t time.Time) error { return c.tc.SetWriteDeadline(t) }
 
+// SetPagePlace makes ReadMessage read the page data of page batches into
+// the memory place gives (see wire.Reader.SetPagePlace); nil ends it. Call
+// it from the goroutine that reads.
+func (c *conn) SetPagePlace(place func(pages int) []byte) { c.r.SetPagePlace(place) }
+
 func (c *conn) ReadMessage() (wire.Message, error) {
 	for {
 		if c.peerTimeout > 0 {

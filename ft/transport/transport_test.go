@@ -265,13 +265,13 @@ func TestRefusedPeers(t *testing.T) {
 			try: func(t *testing.T, a Addr) {
 				tc := rawTLS(t, a, good)
 				h := hello
-				h.Version = 2
+				h.Version = 1 // the version before this one
 				tc.Write(frame(t, &h))
 				if e, err := readRefusal(t, tc); err != nil || e.Code != wire.CodeVersion {
-					t.Errorf("server answer to Hello{Version: 2} = %+v, %v; want Error{CodeVersion}", e, err)
+					t.Errorf("server answer to Hello{Version: 1} = %+v, %v; want Error{CodeVersion}", e, err)
 				}
 			},
-			logs: []string{"refused peer", "peer speaks protocol version 2"},
+			logs: []string{"refused peer", "peer speaks protocol version 1"},
 		},
 		{
 			name: "wrong version in frame header",
@@ -473,7 +473,7 @@ func TestClientRefusesWrongVersion(t *testing.T) {
 	}()
 	var clb logBuf
 	_, err = Dial(context.Background(), "tcp://"+ln.Addr().String(), &Config{Credentials: p.node("pri", wire.RolePrimary), Logger: clb.logger()})
-	if err == nil || !strings.Contains(err.Error(), "peer speaks protocol version 3, this node speaks 1") {
+	if err == nil || !strings.Contains(err.Error(), "peer speaks protocol version 3, this node speaks 2") {
 		t.Errorf("Dial(server speaking version 3) = %v, want a version refusal", err)
 	}
 	if m := <-got; m == nil || m.(*wire.Error).Code != wire.CodeVersion {

@@ -7,7 +7,8 @@ import (
 	"testing"
 )
 
-// FuzzReadFrame feeds arbitrary bytes to a Reader. It must never panic;
+// FuzzReadFrame feeds arbitrary bytes to a Reader, with and without page
+// batches read into placed memory. It must never panic;
 // every error must be one of the documented kinds; and every message it
 // returns must re-encode to exactly the bytes it was read from.
 func FuzzReadFrame(f *testing.F) {
@@ -22,10 +23,30 @@ func FuzzReadFrame(f *testing.F) {
 	}
 	f.Add(all)
 	f.Add([]byte("USFT"))
-	f.Add(encodeRaw(2, TypeAck, 0, make([]byte, 8)))
+	f.Add(encodeRaw(1, TypeAck, 0, make([]byte, 8)))
+	big := &PageBatch{Epoch: 1, Pages: make([]Page, 17)}
+	for i := range big.Pages {
+		big.Pages[i] = Page{PFN: uint64(i), Sum: uint32(i), Data: page(byte(i))}
+	}
+	if b, err := AppendFrame(nil, big); err == nil {
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
+		readAll(t, data, false)
+		readAll(t, data, true) // page batches read into placed memory
+	})
+}
+
+// readAll reads every message of data (placing page batches' data if
+// placed) and checks the error kinds and that messages re-encode to the
+// bytes they were read from.
+func readAll(t *testing.T, data []byte, placed bool) {
+	{
 		src := bytes.NewReader(data)
 		r := NewReader(src)
+		if placed {
+			r.SetPagePlace(func(n int) []byte { return make([]byte, n*PageSize) })
+		}
 		for off := 0; ; {
 			m, err := r.ReadMessage()
 			next := len(data) - src.Len()
@@ -50,7 +71,7 @@ func FuzzReadFrame(f *testing.F) {
 			}
 			off = next
 		}
-	})
+	}
 }
 
 // FuzzDecodeMessage feeds arbitrary bodies to every message decoder. A body
@@ -65,6 +86,7 @@ func FuzzDecodeMessage(f *testing.F) {
 		f.Add(uint8(m.Type()), b)
 	}
 	f.Add(uint8(TypePageBatch), []byte{1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0})
+	f.Add(uint8(TypeCompressedBatch), []byte{1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, typ uint8, body []byte) {
 		m, err := Decode(Type(typ), body)
 		if err != nil {

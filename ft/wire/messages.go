@@ -3,6 +3,7 @@ package wire
 import (
 	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 )
 
 // Role is a node's part in replication.
@@ -380,11 +381,27 @@ func (m *CheckpointBegin) UnmarshalBinary(data []byte) error {
 // Page is one guest page record.
 type Page struct {
 	PFN  uint64 // guest page frame number (guest-physical address / PageSize)
+	Sum  uint32 // PageSum(PFN, Data), computed where the page was captured
 	Data []byte // exactly PageSize bytes
 }
 
+// PageSum returns the end-to-end check of a page record: CRC-32C
+// (Castagnoli) of its PFN (u64, little-endian) followed by its data. The
+// primary computes it once, from the page it captured; every node that
+// receives the page verifies it (VerifyPages) and passes the same sum on,
+// so a page that our own bookkeeping misplaces or damages anywhere between
+// the primary's and the backup's memory is caught. (TLS guards each hop
+// against tampering; this guards the path.)
+func PageSum(pfn uint64, data []byte) uint32 {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], pfn)
+	return crc32.Update(crc32.Checksum(b[:], castagnoli), castagnoli, data)
+}
+
 // PageBatch carries page records of checkpoint Epoch, 1..MaxBatchPages of
-// them, in strictly ascending PFN order.
+// them, in strictly ascending PFN order, each with its end-to-end sum. The
+// encoding does not check the sums (that is a pass over the data, done once
+// by whoever receives the pages: VerifyPages).
 type PageBatch struct {
 	Epoch uint64
 	Pages []Page
@@ -392,6 +409,24 @@ type PageBatch struct {
 
 // Type returns TypePageBatch.
 func (PageBatch) Type() Type { return TypePageBatch }
+
+// pageBatchHead is the size of a PageBatch body before its records.
+const pageBatchHead = 16
+
+// pageRecordHead is the size of one record's PFN and sum.
+const pageRecordHead = 12
+
+// pageBatchHeadLen returns the length of the part of a PageBatch body
+// before its page data (epoch, count, reserved, PFNs and sums), given the
+// body: it reads the count. A body too short to hold a count, or one that
+// ends before the records' heads, gives its own length.
+func pageBatchHeadLen(body []byte) int {
+	if len(body) < pageBatchHead {
+		return len(body)
+	}
+	n := uint64(binary.LittleEndian.Uint32(body[8:]))
+	return int(min(uint64(len(body)), pageBatchHead+pageRecordHead*n))
+}
 
 func (m PageBatch) check() error {
 	const t = TypePageBatch
@@ -422,18 +457,38 @@ func checkPFNs(pages []Page) error {
 	return nil
 }
 
+// VerifyPages checks every page's sum against its PFN and data and returns
+// an ErrChecksum naming the first that does not match.
+func VerifyPages(pages []Page) error {
+	for i, p := range pages {
+		if got := PageSum(p.PFN, p.Data); got != p.Sum {
+			return fmt.Errorf("%w: page %d (PFN %#x): sum %#08x, computed %#08x", ErrChecksum, i, p.PFN, p.Sum, got)
+		}
+	}
+	return nil
+}
+
+// appendHead appends the body's head: epoch, count, reserved, PFNs, sums.
+func (m PageBatch) appendHead(b []byte) []byte {
+	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.Pages)))
+	b = binary.LittleEndian.AppendUint32(b, 0)
+	for _, p := range m.Pages {
+		b = binary.LittleEndian.AppendUint64(b, p.PFN)
+	}
+	for _, p := range m.Pages {
+		b = binary.LittleEndian.AppendUint32(b, p.Sum)
+	}
+	return b
+}
+
 // AppendBinary appends the message body to b.
 func (m PageBatch) AppendBinary(b []byte) ([]byte, error) {
 	if err := m.check(); err != nil {
 		return b, err
 	}
-	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
-	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.Pages)))
-	b = binary.LittleEndian.AppendUint32(b, 0)
-	b = growAppend(b, len(m.Pages)*(8+PageSize))
-	for _, p := range m.Pages {
-		b = binary.LittleEndian.AppendUint64(b, p.PFN)
-	}
+	b = growAppend(b, pageBatchHead+len(m.Pages)*(pageRecordHead+PageSize))
+	b = m.appendHead(b)
 	for _, p := range m.Pages {
 		b = append(b, p.Data...)
 	}
@@ -456,41 +511,58 @@ func (m PageBatch) MarshalBinary() ([]byte, error) { return m.AppendBinary(nil) 
 // UnmarshalBinary decodes a message body. The page data share one new
 // allocation.
 func (m *PageBatch) UnmarshalBinary(data []byte) error {
+	v, err := decodeBatchHead(data, len(data))
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, len(v.Pages)*PageSize)
+	copy(buf, data[pageBatchHead+pageRecordHead*len(v.Pages):])
+	v.place(buf)
+	*m = v
+	return nil
+}
+
+// decodeBatchHead decodes the head of a PageBatch body of size bytes (of
+// which head holds at least the head) and checks it: the records' PFNs
+// and sums, without their data.
+func decodeBatchHead(head []byte, size int) (PageBatch, error) {
 	const t = TypePageBatch
-	d := decoder{t: t, b: data}
+	d := decoder{t: t, b: head}
 	epoch := d.u64()
 	n := d.u32()
 	if r := d.u32(); d.err == nil && r != 0 {
-		return malformed(t, "reserved field %#x (want 0)", r)
+		return PageBatch{}, malformed(t, "reserved field %#x (want 0)", r)
 	}
 	if d.err != nil {
-		return d.err
+		return PageBatch{}, d.err
 	}
 	if n == 0 || n > MaxBatchPages {
-		return malformed(t, "%d pages (want 1..%d)", n, MaxBatchPages)
+		return PageBatch{}, malformed(t, "%d pages (want 1..%d)", n, MaxBatchPages)
 	}
 	if err := checkEpoch(t, epoch); err != nil {
-		return err
+		return PageBatch{}, err
 	}
-	if want := 16 + int(n)*(8+PageSize); len(data) != want {
-		return malformed(t, "%d pages need %d bytes, payload has %d", n, want, len(data))
+	if want := pageBatchHead + int(n)*(pageRecordHead+PageSize); size != want {
+		return PageBatch{}, malformed(t, "%d pages need %d bytes, payload has %d", n, want, size)
 	}
 	pfns := d.take(int(n) * 8)
-	raw := d.rest()
+	sums := d.take(int(n) * 4)
 	pages := make([]Page, n)
 	for i := range pages {
 		pages[i].PFN = binary.LittleEndian.Uint64(pfns[8*i:])
+		pages[i].Sum = binary.LittleEndian.Uint32(sums[4*i:])
 	}
 	if err := checkPFNs(pages); err != nil {
-		return err
+		return PageBatch{}, err
 	}
-	buf := make([]byte, len(raw))
-	copy(buf, raw)
-	for i := range pages {
-		pages[i].Data = buf[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]
+	return PageBatch{Epoch: epoch, Pages: pages}, nil
+}
+
+// place points the pages' data at consecutive pages of buf.
+func (m *PageBatch) place(buf []byte) {
+	for i := range m.Pages {
+		m.Pages[i].Data = buf[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]
 	}
-	*m = PageBatch{Epoch: epoch, Pages: pages}
-	return nil
 }
 
 // StateBlob carries bytes Offset..Offset+len(Data) of checkpoint Epoch's
@@ -553,7 +625,7 @@ type CheckpointEnd struct {
 	Epoch    uint64
 	Pages    uint64
 	StateLen uint64
-	Digest   [32]byte
+	Digest   uint32
 }
 
 // Type returns TypeCheckpointEnd.
@@ -581,7 +653,7 @@ func (m CheckpointEnd) AppendBinary(b []byte) ([]byte, error) {
 	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
 	b = binary.LittleEndian.AppendUint64(b, m.Pages)
 	b = binary.LittleEndian.AppendUint64(b, m.StateLen)
-	return append(b, m.Digest[:]...), nil
+	return binary.LittleEndian.AppendUint32(b, m.Digest), nil
 }
 
 // MarshalBinary returns the message body.
@@ -590,8 +662,7 @@ func (m CheckpointEnd) MarshalBinary() ([]byte, error) { return m.AppendBinary(n
 // UnmarshalBinary decodes a message body.
 func (m *CheckpointEnd) UnmarshalBinary(data []byte) error {
 	d := decoder{t: TypeCheckpointEnd, b: data}
-	v := CheckpointEnd{Epoch: d.u64(), Pages: d.u64(), StateLen: d.u64()}
-	copy(v.Digest[:], d.take(32))
+	v := CheckpointEnd{Epoch: d.u64(), Pages: d.u64(), StateLen: d.u64(), Digest: d.u32()}
 	if err := d.finish(); err != nil {
 		return err
 	}
@@ -734,27 +805,44 @@ func (m *PolicyAck) UnmarshalBinary(data []byte) error {
 	return nil
 }
 
-// CompressedBatch is a PageBatch of Epoch compressed for a slow link: Data
-// is one batch in the ft/wanzip encoding, which the receiver decodes (and
-// checks) back into the PageBatch it stands for, wherever a PageBatch may
-// come. This package only frames it.
+// CompressedBatch is a PageBatch of Epoch compressed for a slow link: Sums
+// are its pages' end-to-end sums (see PageSum), in order, and Data is the
+// batch in the ft/wanzip encoding, which the receiver decodes (and checks)
+// back into the PageBatch it stands for, wherever a PageBatch may come; it
+// must hold len(Sums) pages. This package only frames it.
 type CompressedBatch struct {
 	Epoch uint64
-	Data  []byte // at least 3 bytes: a wanzip batch
+	Sums  []uint32 // 1..MaxBatchPages
+	Data  []byte   // at least 3 bytes: a wanzip batch
 }
 
 // Type returns TypeCompressedBatch.
 func (CompressedBatch) Type() Type { return TypeCompressedBatch }
 
-// AppendBinary appends the message body to b.
-func (m CompressedBatch) AppendBinary(b []byte) ([]byte, error) {
-	if err := checkEpoch(TypeCompressedBatch, m.Epoch); err != nil {
-		return b, err
+func (m CompressedBatch) check() error {
+	const t = TypeCompressedBatch
+	if err := checkEpoch(t, m.Epoch); err != nil {
+		return err
+	}
+	if n := len(m.Sums); n == 0 || n > MaxBatchPages {
+		return malformed(t, "%d pages (want 1..%d)", n, MaxBatchPages)
 	}
 	if len(m.Data) < 3 {
-		return b, malformed(TypeCompressedBatch, "%d data bytes, want at least 3", len(m.Data))
+		return malformed(t, "%d data bytes, want at least 3", len(m.Data))
+	}
+	return nil
+}
+
+// AppendBinary appends the message body to b.
+func (m CompressedBatch) AppendBinary(b []byte) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return b, err
 	}
 	b = binary.LittleEndian.AppendUint64(b, m.Epoch)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.Sums)))
+	for _, s := range m.Sums {
+		b = binary.LittleEndian.AppendUint32(b, s)
+	}
 	return append(b, m.Data...), nil
 }
 
@@ -763,17 +851,27 @@ func (m CompressedBatch) MarshalBinary() ([]byte, error) { return m.AppendBinary
 
 // UnmarshalBinary decodes a message body.
 func (m *CompressedBatch) UnmarshalBinary(data []byte) error {
-	d := decoder{t: TypeCompressedBatch, b: data}
+	const t = TypeCompressedBatch
+	d := decoder{t: t, b: data}
 	v := CompressedBatch{Epoch: d.u64()}
+	n := d.u32()
+	if d.err == nil && n > MaxBatchPages {
+		return malformed(t, "%d pages (want 1..%d)", n, MaxBatchPages)
+	}
+	sums := d.take(4 * int(n))
+	if d.err != nil {
+		return d.err
+	}
+	v.Sums = make([]uint32, n)
+	for i := range v.Sums {
+		v.Sums[i] = binary.LittleEndian.Uint32(sums[4*i:])
+	}
 	v.Data = append([]byte(nil), d.rest()...)
 	if err := d.finish(); err != nil {
 		return err
 	}
-	if err := checkEpoch(TypeCompressedBatch, v.Epoch); err != nil {
+	if err := v.check(); err != nil {
 		return err
-	}
-	if len(v.Data) < 3 {
-		return malformed(TypeCompressedBatch, "%d data bytes, want at least 3", len(v.Data))
 	}
 	*m = v
 	return nil

@@ -39,11 +39,11 @@ func samples() []Message {
 		&Ready{},
 		&CheckpointBegin{Epoch: 1, Pages: 65536, StateLen: 12345, Flags: FlagFullImage},
 		&CheckpointBegin{Epoch: 9, Base: 8, Pages: 3, StateLen: MaxStateLen},
-		&PageBatch{Epoch: 3, Pages: []Page{{PFN: 0, Data: page(1)}}},
-		&PageBatch{Epoch: 3, Pages: []Page{{PFN: 5, Data: page(2)}, {PFN: 6, Data: page(3)}, {PFN: MaxPFN, Data: page(4)}}},
+		&PageBatch{Epoch: 3, Pages: []Page{{PFN: 0, Sum: PageSum(0, page(1)), Data: page(1)}}},
+		&PageBatch{Epoch: 3, Pages: []Page{{PFN: 5, Sum: 1, Data: page(2)}, {PFN: 6, Data: page(3)}, {PFN: MaxPFN, Sum: 1<<32 - 1, Data: page(4)}}},
 		&StateBlob{Epoch: 3, Offset: 0, Data: []byte("vcpu state")},
 		&StateBlob{Epoch: 3, Offset: MaxStateLen - 1, Data: []byte{0}},
-		&CheckpointEnd{Epoch: 3, Pages: 3, StateLen: 10, Digest: [32]byte{0: 0xaa, 31: 0x55}},
+		&CheckpointEnd{Epoch: 3, Pages: 3, StateLen: 10, Digest: 0xaa5500ff},
 		&Ack{Epoch: 3},
 		&Activate{Epoch: 1<<64 - 1},
 		&CheckpointBegin{Epoch: 9, Base: 4, Pages: 0, StateLen: 1, Flags: FlagStaged},
@@ -51,7 +51,8 @@ func samples() []Message {
 		&Policy{Version: 1<<64 - 1, Spec: strings.Repeat("p", MaxPolicyLen)},
 		&PolicyAck{Version: 0},
 		&PolicyAck{Version: 7},
-		&CompressedBatch{Epoch: 4, Data: []byte{1, 0, 1, 0, 0}},
+		&CompressedBatch{Epoch: 4, Sums: []uint32{7}, Data: []byte{1, 0, 1, 0, 0}},
+		&CompressedBatch{Epoch: 4, Sums: make([]uint32, MaxBatchPages), Data: []byte{1, 0, 1}},
 		&Manifest{Epoch: 5, Pages: []ManifestPage{{PFN: 0, Freq: 0}, {PFN: 7, Freq: FreqOne}, {PFN: MaxPFN, Freq: 65535}}},
 		&PageRequest{ID: 0, PFNs: []uint64{3}},
 		&PageRequest{ID: 1<<64 - 1, PFNs: []uint64{1, 2, 9, MaxPFN}},
@@ -128,7 +129,7 @@ func TestLargeBatch(t *testing.T) {
 	if err != nil {
 		t.Fatalf("AppendFrame(%d-page batch) = %v", len(pages), err)
 	}
-	if want := HeaderSize + 16 + MaxBatchPages*(8+PageSize) + TrailerSize; len(frame) != want {
+	if want := HeaderSize + 16 + MaxBatchPages*(12+PageSize) + TrailerSize; len(frame) != want {
 		t.Errorf("len(AppendFrame(%d-page batch)) = %d, want %d", len(pages), len(frame), want)
 	}
 	got, err := NewReader(bytes.NewReader(frame)).ReadMessage()
@@ -136,7 +137,7 @@ func TestLargeBatch(t *testing.T) {
 		t.Fatalf("ReadMessage(%d-page batch) = %v; want the batch back", len(pages), err)
 	}
 	// The decoded pages do not alias the frame.
-	frame[HeaderSize+16+MaxBatchPages*8] ^= 0xff
+	frame[HeaderSize+16+MaxBatchPages*12] ^= 0xff
 	if got.(*PageBatch).Pages[0].Data[0] != page(0)[0] {
 		t.Errorf("decoded page data aliases the frame buffer")
 	}
@@ -151,7 +152,7 @@ func encodeRaw(version uint8, typ Type, flags uint16, payload []byte) []byte {
 	binary.LittleEndian.PutUint32(h[8:], uint32(len(payload)))
 	binary.LittleEndian.PutUint32(h[12:], crc32.Checksum(h[:12], castagnoli))
 	b := append(h, payload...)
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b[:HeaderSize+coveredLen(typ, payload)], castagnoli))
 }
 
 func TestReadFrameErrors(t *testing.T) {
@@ -177,7 +178,8 @@ func TestReadFrameErrors(t *testing.T) {
 		{"http", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), ErrBadMagic, "magic"},
 		{"header crc", mut(func(b []byte) { b[12] ^= 1 }), ErrChecksum, "header CRC"},
 		{"length bit flip", mut(func(b []byte) { b[9] ^= 4 }), ErrChecksum, "header CRC"},
-		{"version 2", encodeRaw(2, TypeAck, 0, make([]byte, 8)), ErrVersion, "version 2"},
+		{"version 1", encodeRaw(1, TypeAck, 0, make([]byte, 8)), ErrVersion, "version 1"},
+		{"version 3", encodeRaw(3, TypeAck, 0, make([]byte, 8)), ErrVersion, "version 3"},
 		{"version 0", encodeRaw(0, TypeAck, 0, make([]byte, 8)), ErrVersion, "version 0"},
 		{"type 0", encodeRaw(Version, 0, 0, nil), ErrUnknownType, "type 0x00"},
 		{"type 0x3f", encodeRaw(Version, 0x3f, 0, nil), ErrUnknownType, "type 0x3f"},
@@ -486,9 +488,9 @@ func TestDecodeRejects(t *testing.T) {
 		{"state empty", TypeStateBlob, append(u64(1), u64(0)...), "no data"},
 		{"state short", TypeStateBlob, make([]byte, 15), "truncated"},
 		{"state limit", TypeStateBlob, append(append(u64(1), u64(MaxStateLen)...), 1), "state limit"},
-		{"end short", TypeCheckpointEnd, make([]byte, 55), "truncated"},
-		{"end long", TypeCheckpointEnd, append(u64(1), make([]byte, 49)...), "trailing"},
-		{"end state", TypeCheckpointEnd, append(append(u64(1), u64(0)...), append(u64(MaxStateLen+1), make([]byte, 32)...)...), "state length"},
+		{"end short", TypeCheckpointEnd, make([]byte, 27), "truncated"},
+		{"end long", TypeCheckpointEnd, append(u64(1), make([]byte, 21)...), "trailing"},
+		{"end state", TypeCheckpointEnd, append(append(u64(1), u64(0)...), append(u64(MaxStateLen+1), make([]byte, 4)...)...), "state length"},
 		{"ack short", TypeAck, make([]byte, 7), "truncated"},
 		{"ack zero", TypeAck, make([]byte, 8), "epoch 0"},
 		{"ack long", TypeAck, make([]byte, 9), "trailing"},
@@ -498,7 +500,10 @@ func TestDecodeRejects(t *testing.T) {
 		{"policy bad utf-8", TypePolicy, []byte{1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0xff}, "UTF-8"},
 		{"policy ack long", TypePolicyAck, make([]byte, 9), "trailing"},
 		{"compressed epoch 0", TypeCompressedBatch, make([]byte, 12), "epoch 0"},
-		{"compressed short", TypeCompressedBatch, []byte{1, 0, 0, 0, 0, 0, 0, 0, 1}, "at least 3"},
+		{"compressed short", TypeCompressedBatch, []byte{1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9, 9, 9, 9, 1}, "at least 3"},
+		{"compressed no pages", TypeCompressedBatch, []byte{1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3}, "0 pages"},
+		{"compressed too many", TypeCompressedBatch, []byte{1, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x20, 0, 0, 1, 2, 3}, "8193 pages"},
+		{"compressed sums short", TypeCompressedBatch, []byte{1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 1, 2, 3}, "truncated"},
 		{"manifest empty", TypeManifest, nil, "truncated"},
 		{"manifest count 0", TypeManifest, set(manifest, 8, 0)[:12], "0 pages"},
 		{"manifest count huge", TypeManifest, set(manifest, 8, 0xff, 0xff, 0xff, 0xff), "4294967295 pages"},
@@ -579,52 +584,53 @@ func TestRolesAndCodes(t *testing.T) {
 
 func TestDigester(t *testing.T) {
 	begin := CheckpointBegin{Epoch: 4, Base: 3, Pages: 2, StateLen: 6}
-	sum := func(begin CheckpointBegin, f func(d *Digester)) [32]byte {
+	sum := func(begin CheckpointBegin, f func(d *Digester)) uint32 {
 		d := NewDigester(begin)
 		f(d)
 		return d.Sum()
 	}
+	s1, s2, s3 := PageSum(1, page(1)), PageSum(2, page(2)), PageSum(2, page(3))
 	base := sum(begin, func(d *Digester) {
-		d.AddPage(1, page(1))
-		d.AddPage(2, page(2))
+		d.AddPage(1, s1)
+		d.AddPage(2, s2)
 		d.AddState([]byte("abcdef"))
 	})
-	same := map[string][32]byte{
+	same := map[string]uint32{
 		"batch and chunks": sum(begin, func(d *Digester) {
 			d.AddState([]byte("ab"))
-			d.AddBatch(&PageBatch{Epoch: 4, Pages: []Page{{1, page(1)}}})
+			d.AddBatch(&PageBatch{Epoch: 4, Pages: []Page{{1, s1, page(1)}}})
 			d.AddState([]byte("cdef"))
-			d.AddBatch(&PageBatch{Epoch: 4, Pages: []Page{{2, page(2)}}})
+			d.AddBatch(&PageBatch{Epoch: 4, Pages: []Page{{2, s2, page(2)}}})
 		}),
 	}
-	differ := map[string][32]byte{
+	differ := map[string]uint32{
 		"other epoch": sum(CheckpointBegin{Epoch: 5, Base: 3, Pages: 2, StateLen: 6}, func(d *Digester) {
-			d.AddPage(1, page(1))
-			d.AddPage(2, page(2))
+			d.AddPage(1, s1)
+			d.AddPage(2, s2)
 			d.AddState([]byte("abcdef"))
 		}),
 		"other pfn": sum(begin, func(d *Digester) {
-			d.AddPage(1, page(1))
-			d.AddPage(3, page(2))
+			d.AddPage(1, s1)
+			d.AddPage(3, s2)
 			d.AddState([]byte("abcdef"))
 		}),
 		"other data": sum(begin, func(d *Digester) {
-			d.AddPage(1, page(1))
-			d.AddPage(2, page(3))
+			d.AddPage(1, s1)
+			d.AddPage(2, s3)
 			d.AddState([]byte("abcdef"))
 		}),
 		"page order": sum(begin, func(d *Digester) {
-			d.AddPage(2, page(2))
-			d.AddPage(1, page(1))
+			d.AddPage(2, s2)
+			d.AddPage(1, s1)
 			d.AddState([]byte("abcdef"))
 		}),
 		"missing page": sum(begin, func(d *Digester) {
-			d.AddPage(1, page(1))
+			d.AddPage(1, s1)
 			d.AddState([]byte("abcdef"))
 		}),
 		"state": sum(begin, func(d *Digester) {
-			d.AddPage(1, page(1))
-			d.AddPage(2, page(2))
+			d.AddPage(1, s1)
+			d.AddPage(2, s2)
 			d.AddState([]byte("abcdeF"))
 		}),
 	}
@@ -639,8 +645,133 @@ func TestDigester(t *testing.T) {
 		}
 	}
 	d := NewDigester(begin)
-	d.AddBatch(&PageBatch{Epoch: 4, Pages: []Page{{1, page(1)}, {2, page(2)}}})
+	d.AddBatch(&PageBatch{Epoch: 4, Pages: []Page{{1, s1, page(1)}, {2, s2, page(2)}}})
 	if d.Pages() != 2 {
 		t.Errorf("Digester.Pages() = %d, want 2", d.Pages())
 	}
 }
+
+// TestPageSums: a page's sum covers its PFN and its data, and VerifyPages
+// names the first page whose data or PFN no longer matches its sum.
+func TestPageSums(t *testing.T) {
+	pages := []Page{{PFN: 1, Data: page(1)}, {PFN: 2, Data: page(2)}}
+	for i := range pages {
+		pages[i].Sum = PageSum(pages[i].PFN, pages[i].Data)
+	}
+	if err := VerifyPages(pages); err != nil {
+		t.Fatalf("VerifyPages(good pages) = %v", err)
+	}
+	if PageSum(1, page(1)) == PageSum(2, page(1)) {
+		t.Errorf("PageSum does not cover the PFN")
+	}
+	bad := []Page{pages[0], {PFN: 2, Sum: pages[1].Sum, Data: bytes.Clone(pages[1].Data)}}
+	bad[1].Data[4095] ^= 1
+	if err := VerifyPages(bad); !errors.Is(err, ErrChecksum) || !strings.Contains(err.Error(), "page 1 (PFN 0x2)") {
+		t.Errorf("VerifyPages(a flipped bit) = %v, want ErrChecksum naming page 1", err)
+	}
+	moved := []Page{{PFN: 3, Sum: pages[0].Sum, Data: pages[0].Data}}
+	if err := VerifyPages(moved); !errors.Is(err, ErrChecksum) {
+		t.Errorf("VerifyPages(a page at another PFN) = %v, want ErrChecksum", err)
+	}
+}
+
+// TestPlacedBatch: with a page place, a PageBatch's data is read straight
+// into the placed memory (the message's pages lie there), the frame is
+// written vectored from where the pages lie, and what is read equals what
+// a Reader without a place reads. The frame's CRC does not cover page data
+// (the sums do): a flipped data byte gets through the frame and is caught
+// by VerifyPages; a flipped PFN or sum is caught by the frame CRC.
+func TestPlacedBatch(t *testing.T) {
+	const n = 40 // 160 KiB: written vectored
+	mem := make([]byte, (n+1)*PageSize)
+	for i := range mem {
+		mem[i] = byte(i * 13)
+	}
+	pages := make([]Page, n)
+	for i := range pages {
+		d := mem[(i+1)*PageSize : (i+2)*PageSize] // one run, not at the start of mem
+		pages[i] = Page{PFN: uint64(10 + 2*i), Sum: PageSum(uint64(10+2*i), d), Data: d}
+	}
+	m := &PageBatch{Epoch: 7, Pages: pages}
+	var wrote [][]byte
+	w := NewWriter(writerFunc(func(b []byte) (int, error) { wrote = append(wrote, bytes.Clone(b)); return len(b), nil }))
+	if err := w.WriteMessage(m); err != nil {
+		t.Fatal(err)
+	}
+	if len(wrote) != 3 || len(wrote[1]) != n*PageSize {
+		t.Fatalf("vectored write made %d writes, want 3 (header and head, the pages in one run, trailer)", len(wrote))
+	}
+	frame := bytes.Join(wrote, nil)
+	if want, _ := AppendFrame(nil, m); !bytes.Equal(frame, want) {
+		t.Fatalf("vectored frame differs from AppendFrame's")
+	}
+	for _, src := range []func() io.Reader{
+		func() io.Reader { return bytes.NewReader(frame) },
+		func() io.Reader { return iotest.OneByteReader(bytes.NewReader(frame)) },
+	} {
+		dst := make([]byte, n*PageSize)
+		r := NewReader(src())
+		r.SetPagePlace(func(k int) []byte {
+			if k != n {
+				t.Errorf("place(%d), want %d pages", k, n)
+			}
+			return dst
+		})
+		got, err := r.ReadMessage()
+		if err != nil || !reflect.DeepEqual(got, m) {
+			t.Fatalf("placed ReadMessage = %v; want the batch back", err)
+		}
+		if &got.(*PageBatch).Pages[0].Data[0] != &dst[0] || !bytes.Equal(dst, mem[PageSize:]) {
+			t.Fatalf("the pages were not read into the placed memory")
+		}
+	}
+	// No memory placed: read and copied as usual.
+	r := NewReader(bytes.NewReader(frame))
+	r.SetPagePlace(func(int) []byte { return nil })
+	if got, err := r.ReadMessage(); err != nil || !reflect.DeepEqual(got, m) {
+		t.Fatalf("ReadMessage with no memory placed = %v", err)
+	}
+	// A flipped data byte passes the frame, not the sums.
+	flipped := bytes.Clone(frame)
+	flipped[HeaderSize+16+n*12+5] ^= 1
+	r = NewReader(bytes.NewReader(flipped))
+	r.SetPagePlace(func(int) []byte { return make([]byte, n*PageSize) })
+	got, err := r.ReadMessage()
+	if err != nil {
+		t.Fatalf("ReadMessage(flipped page data) = %v; the frame CRC leaves page data to the sums", err)
+	}
+	if err := VerifyPages(got.(*PageBatch).Pages); !errors.Is(err, ErrChecksum) {
+		t.Errorf("VerifyPages(flipped page data) = %v, want ErrChecksum", err)
+	}
+	// A flipped sum or PFN does not pass the frame, placed or not.
+	for _, off := range []int{HeaderSize + 16 + 3, HeaderSize + 16 + n*8 + 1} {
+		for _, place := range []bool{false, true} {
+			flipped := bytes.Clone(frame)
+			flipped[off] ^= 1
+			r := NewReader(bytes.NewReader(flipped))
+			if place {
+				r.SetPagePlace(func(int) []byte { return make([]byte, n*PageSize) })
+			}
+			if _, err := r.ReadMessage(); !errors.Is(err, ErrChecksum) {
+				t.Errorf("ReadMessage(head byte %d flipped, placed %v) = %v, want ErrChecksum", off, place, err)
+			}
+		}
+	}
+	// A malformed batch is refused the same, placed or not, and the stream
+	// stays in step.
+	bad := bytes.Clone(frame[HeaderSize : len(frame)-TrailerSize])
+	bad[12] = 1 // reserved
+	stream := append(encodeRaw(Version, TypePageBatch, 0, bad), frame...)
+	r = NewReader(bytes.NewReader(stream))
+	r.SetPagePlace(func(int) []byte { return make([]byte, n*PageSize) })
+	if _, err := r.ReadMessage(); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("ReadMessage(reserved field set, placed) = %v, want ErrMalformed", err)
+	}
+	if got, err := r.ReadMessage(); err != nil || !reflect.DeepEqual(got, m) {
+		t.Fatalf("ReadMessage after a malformed batch = %v", err)
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
