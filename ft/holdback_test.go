@@ -214,9 +214,10 @@ func sendTimed(t *testing.T, in *Intermediary, pc MessageConn, n uint64, each fu
 
 // baseOf returns the epoch the intermediary's backup link is synced to.
 func baseOf(in *Intermediary) uint64 {
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	return attachedBackup(in).synced
+	h := &attachedBackup(in).held
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.synced
 }
 
 // checkLagSyncs checks, from the times the test saw, that an epoch synced
