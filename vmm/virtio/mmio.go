@@ -31,6 +31,9 @@ type Transport struct {
 	host   *Host // non-nil while the device is active (DRIVER_OK)
 	gen    uint64
 	closed bool
+	// quiesced is set from Quiesce or LoadState until Resume: the device
+	// must not write into guest memory.
+	quiesced bool
 }
 
 // NewMMIO puts dev behind a virtio-mmio transport that accesses guest memory
