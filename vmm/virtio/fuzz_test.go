@@ -144,11 +144,11 @@ func (w *watchedMemory) MarkDirty(gpa, n uint64) error {
 
 // startDevice runs the init sequence on tr with queue 0 at the fuzz
 // layout.
-func startDevice(t *testing.T, tr *Transport, size uint16) { startQueue(t, tr, 0, size) }
+func startDevice(t testing.TB, tr *Transport, size uint16) { startQueue(t, tr, 0, size) }
 
 // startQueue runs the init sequence on tr with queue sel at the fuzz layout
 // (and no other queue ready).
-func startQueue(t *testing.T, tr *Transport, sel, size uint16) {
+func startQueue(t testing.TB, tr *Transport, sel, size uint16) {
 	w := func(off uint64, v uint32) {
 		var b [4]byte
 		binary.LittleEndian.PutUint32(b[:], v)

@@ -368,6 +368,11 @@ func (t *Transport) notify(v uint32) error {
 		return badAccess("notify of queue %d while the device needs a reset", v)
 	case !q.st.Ready:
 		return badAccess("notify of queue %d, which is not ready", v)
+	case t.quiesced:
+		// The machine is paused for a capture (a vCPU's exit raced the
+		// pause): guest memory must not change. Resume kicks every
+		// queue, so the notification is not lost.
+		return nil
 	}
 	if err := t.dev.Notify(int(v)); err != nil {
 		return &QueueError{Device: t.name, Queue: int(v), Err: err}
