@@ -23,9 +23,10 @@ import (
 //	           next available u16 | next used u16 | desc u64 | driver u64 | device u64
 //	device     length u32 | body: see block_state.go (virtio-blk) or net_state.go (virtio-net)
 //
-// What the encoding accepts is what a transport can reach: only the status
-// bits of VIRTIO 1.x, DRIVER_OK only with FEATURES_OK, FEATURES_OK only with
-// VIRTIO_F_VERSION_1 accepted, interrupt status bits 0 and 1 only. What
+// What the encoding accepts is what a transport can reach: any status bits
+// (the driver may set bits VIRTIO 1.x does not define), but DRIVER_OK only
+// with FEATURES_OK and FEATURES_OK only with VIRTIO_F_VERSION_1 accepted;
+// interrupt status bits 0 and 1 only. What
 // depends on the machine it is restored into (the device's offered
 // features, its queue sizes, guest memory, the disk) is checked by
 // Transport.LoadState.
@@ -55,7 +56,6 @@ const (
 	queueStateSize      = 32
 	flagBeyond64        = 1
 
-	statusKnown    = StatusAcknowledge | StatusDriver | StatusDriverOK | StatusFeaturesOK | StatusDeviceNeedsReset | StatusFailed
 	interruptKnown = InterruptUsedBuffer | InterruptConfigChange
 )
 
@@ -70,8 +70,6 @@ func badState(format string, args ...any) error {
 // validate checks the rules the encoding enforces on its own.
 func (s *TransportState) validate() error {
 	switch {
-	case s.Status&^statusKnown != 0:
-		return badState("status %#x has bits beyond %#x", s.Status, statusKnown)
 	case s.Status&StatusDriverOK != 0 && s.Status&StatusFeaturesOK == 0:
 		return badState("status %#x has DRIVER_OK without FEATURES_OK", s.Status)
 	case s.Status&StatusFeaturesOK != 0 && (s.DriverFeatures&FeatureVersion1 == 0 || s.DriverFeaturesBeyond64):
