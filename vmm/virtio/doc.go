@@ -28,5 +28,61 @@
 // must accept VIRTIO_F_VERSION_1), split virtqueues of up to 256
 // descriptors, no indirect descriptors, no EVENT_IDX (the device interrupts
 // after every batch of used buffers and ignores VIRTQ_AVAIL_F_NO_INTERRUPT,
-// which the spec allows). Transport state for snapshots is TransportState.
+// which the spec allows).
+//
+// # Snapshots and checkpoints
+//
+// Each transport saves and restores itself and its device; the state lives
+// beside each device (mmio_state.go, block_state.go, net_state.go) and is one
+// opaque, versioned byte string per transport. The machine, paused (no vCPU
+// runs), does for every transport:
+//
+//	err := t.Quiesce()        // complete in-flight work; no guest-memory writes until Resume
+//	err = t.Flush()           // only for a snapshot to a file: fsync the disk
+//	state, err := t.SaveState() // registers, queues, device state, disk fingerprint
+//	// ... capture memory (KVM dirty log ∪ the VMM's MarkDirty set), vCPUs ...
+//	err = t.Resume()          // kick every queue; the guest goes on
+//
+// and to restore, on a transport fresh from NewMMIO (with the disk and tap
+// named again on the new host), after guest memory holds the snapshot:
+//
+//	err := t.LoadState(state) // refuses, changing nothing, what cannot be
+//	// ... restore vCPUs, irqchip ...
+//	err = t.Resume()          // kick every queue, raise a pending interrupt
+//
+// In-flight block requests are completed at the pause, not recorded for
+// replay. The device serves every request completely on the vCPU that
+// notifies (pread/pwrite straight between the file and guest memory), so at
+// a pause the only unfinished requests are those the guest made available
+// but had not notified yet; Quiesce serves them (data on the disk or in
+// guest memory, used ring written, interrupt raised), and a checkpoint
+// never holds a request at all. That costs one read of each queue's
+// available index when nothing is pending (BenchmarkBlockCheckpoint:
+// Quiesce, SaveState and Resume of an idle virtio-blk transport take about
+// 50 µs here, so 40 checkpoints a second cost about 0.2% of a core), while
+// replay would need a request format in the state, a second code path on
+// restore, and the disk rolled back to before each recorded write.
+// Between Quiesce and Resume the transport writes nothing into guest
+// memory: a notify is deferred to Resume's kick, and virtio-net keeps the
+// frames that arrive in its backlog, which the state carries. A received
+// frame is placed and returned in one step under the transport's lock, so
+// none is ever half placed; a frame not in the used ring is delivered again
+// after a restore.
+//
+// Every byte the devices write into guest memory (used rings, receive
+// buffers, block read data, status bytes, GET_ID) goes through Memory.Write
+// or Memory.MarkDirty, so a checkpoint harvests it with the guest's own
+// writes (TestDeviceWritesAreDirty compares guest memory before and after).
+//
+// A block device's state identifies its disk by size and a Fingerprint: a
+// SHA-256 per 64 KiB chunk in a binary hash tree. The device records which
+// chunks the guest writes, and each SaveState rehashes only those and their
+// paths to the root; the first SaveState and every restore hash the whole
+// disk. Measured on this machine (2 shared cores, loaded):
+// BenchmarkFingerprint full-64MiB 139 ms (482 MB/s, including the reads
+// from the page cache), update-16-chunks 0.6 ms. SHA-256 runs at 730 MB/s
+// here and CRC-32C at 15.9 GB/s, so a CRC-32C leaf would make a full
+// fingerprint about 20 times cheaper, but it misses a changed chunk with
+// probability 2^-32 and anyone can forge it; the checkpoint path hashes only
+// written chunks, so SHA-256 was kept.
 package virtio

@@ -34,6 +34,9 @@ type Transport struct {
 	// quiesced is set from Quiesce or LoadState until Resume: the device
 	// must not write into guest memory.
 	quiesced bool
+	// restored is set by LoadState until Resume, which then raises a
+	// pending interrupt again.
+	restored bool
 }
 
 // NewMMIO puts dev behind a virtio-mmio transport that accesses guest memory

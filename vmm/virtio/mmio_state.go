@@ -373,6 +373,7 @@ func (t *Transport) loadState(b []byte) error {
 	}
 	apply()
 	t.quiesced = true
+	t.restored = true
 	if t.st.Status&StatusDriverOK != 0 {
 		t.gen++
 		t.host = &Host{t: t, gen: t.gen}
@@ -390,13 +391,18 @@ func (t *Transport) loadState(b []byte) error {
 // restore) and kicks every ready queue, as if the driver had notified it:
 // the device re-reads each available ring and serves what the guest made
 // available while it was still (a block request, a receive buffer for the
-// backlog, a frame to transmit). If an interrupt is pending in the
-// interrupt status register, it is raised again, since the machine's
-// interrupt controller may not have seen it. Errors are as for Write:
-// for the log; the machine keeps running.
+// backlog, a frame to transmit), and raises the interrupt if that used
+// buffers. After a restore it also raises the interrupt if the interrupt
+// status register shows one pending, since the new machine's interrupt
+// controller may not have seen it (a spurious one is harmless: the driver
+// finds the status register clear). Guest memory must hold the snapshot's
+// contents by then. Errors are as for Write: for the log; the machine keeps
+// running.
 func (t *Transport) Resume() error {
 	t.mu.Lock()
 	t.quiesced = false
+	restored := t.restored
+	t.restored = false
 	var errs error
 	if t.host != nil && t.st.Status&StatusDeviceNeedsReset == 0 {
 		for i, q := range t.queues {
@@ -411,7 +417,7 @@ func (t *Transport) Resume() error {
 			}
 		}
 	}
-	raise := t.settle(errs) || t.st.InterruptStatus != 0
+	raise := t.settle(errs) || restored && t.st.InterruptStatus != 0
 	t.mu.Unlock()
 	return errors.Join(errs, t.raise(raise))
 }

@@ -663,3 +663,31 @@ func BenchmarkBlockCheckpoint(b *testing.B) {
 		}
 	}
 }
+
+// After a restore, Resume raises an interrupt the state shows pending (the
+// new machine's interrupt controller never saw it); after a checkpoint it
+// raises none the guest has not already had.
+func TestResumeRaisesPendingInterrupt(t *testing.T) {
+	path := newDisk(t)
+	d, _ := newBlockDriver(t, path, false)
+	d.request(d.chain(buf{data: blkHeader(BlockTIn, 1)}, buf{n: 512, write: true}, buf{n: 1, write: true}))
+	// The guest has not acknowledged the interrupt yet.
+	state := d.capture()
+	irqs := d.irqs.Load()
+	if err := d.tr.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if got := d.irqs.Load(); got != irqs {
+		t.Errorf("Resume after a checkpoint raised %d interrupts, want none", got-irqs)
+	}
+	r := d.restored(newBlock(t, copyDisk(t, path), false), state)
+	if err := r.tr.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.irqs.Load(); got != 1 {
+		t.Errorf("Resume after a restore with an interrupt pending raised %d interrupts, want 1", got)
+	}
+	if s := r.ackInterrupt(); s != InterruptUsedBuffer {
+		t.Errorf("restored InterruptStatus = %#x, want the used-buffer bit", s)
+	}
+}
