@@ -1,7 +1,6 @@
 package virtio
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"fmt"
 )
@@ -74,11 +73,19 @@ func DecodeBlockState(b []byte) (BlockState, error) {
 	return s, nil
 }
 
-func allZero(b []byte) bool { return bytes.Count(b, []byte{0}) == len(b) }
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
 
 // fingerprint brings the disk's fingerprint up to date: a full read the
-// first time, then only the chunks written since. Called with the
-// transport's lock held.
+// first time, then only the chunks the guest wrote since. It assumes that
+// nothing but this device writes the disk file while it is attached.
+// Called with the transport's lock held.
 func (b *Block) fingerprint() (*Fingerprint, error) {
 	if b.fp == nil {
 		fp, err := NewFingerprint(b.f, b.size)
