@@ -58,8 +58,8 @@
 // guest memory, used ring written, interrupt raised), and a checkpoint
 // never holds a request at all. That costs one read of each queue's
 // available index when nothing is pending (BenchmarkBlockCheckpoint:
-// Quiesce, SaveState and Resume of an idle virtio-blk transport take about
-// 50 µs here, so 40 checkpoints a second cost about 0.2% of a core), while
+// Quiesce, SaveState and Resume of an idle virtio-blk transport take 50 to
+// 70 µs here, so 40 checkpoints a second cost under 0.3% of a core), while
 // replay would need a request format in the state, a second code path on
 // restore, and the disk rolled back to before each recorded write.
 // Between Quiesce and Resume the transport writes nothing into guest
@@ -78,11 +78,15 @@
 // SHA-256 per 64 KiB chunk in a binary hash tree. The device records which
 // chunks the guest writes, and each SaveState rehashes only those and their
 // paths to the root; the first SaveState and every restore hash the whole
-// disk. Measured on this machine (2 shared cores, loaded):
-// BenchmarkFingerprint full-64MiB 139 ms (482 MB/s, including the reads
-// from the page cache), update-16-chunks 0.6 ms. SHA-256 runs at 730 MB/s
-// here and CRC-32C at 15.9 GB/s, so a CRC-32C leaf would make a full
-// fingerprint about 20 times cheaper, but it misses a changed chunk with
-// probability 2^-32 and anyone can forge it; the checkpoint path hashes only
-// written chunks, so SHA-256 was kept.
+// disk. Measured on this machine (2 cores shared with other work, so the
+// figures vary by a factor of 2 between runs): BenchmarkFingerprint
+// full-64MiB 67 to 139 ms (0.5 to 1 GB/s, reads from the page cache
+// included), update-16-chunks (1 MiB written in an epoch) 0.6 to 1.5 ms,
+// which at 40 checkpoints a second is 2.4 to 6% of a core. Memory: 64 bytes
+// per 64 KiB chunk (the leaves and the tree), 1 MiB for a 1 GiB disk.
+// SHA-256 ran at 730 MB/s and CRC-32C at 15.9 GB/s in the same conditions,
+// so a CRC-32C leaf would make the fingerprint about 20 times cheaper, but
+// it misses a changed chunk with probability 2^-32 and anyone can forge it;
+// the checkpoint path hashes only written chunks, so SHA-256 was kept (the
+// encoding names the chunk size; a leaf change needs a new version).
 package virtio
