@@ -49,6 +49,7 @@
 //	err := t.LoadState(state) // refuses, changing nothing, what cannot be
 //	// ... restore vCPUs, irqchip ...
 //	err = t.Resume()          // kick every queue, raise a pending interrupt
+//	err = netDev.Announce()   // virtio-net: RARP from the guest's MAC; repeat a few times
 //
 // In-flight block requests are completed at the pause, not recorded for
 // replay. The device serves every request completely on the vCPU that

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -690,4 +691,43 @@ func TestResumeRaisesPendingInterrupt(t *testing.T) {
 	if s := r.ackInterrupt(); s != InterruptUsedBuffer {
 		t.Errorf("restored InterruptStatus = %#x, want the used-buffer bit", s)
 	}
+}
+
+// Announce puts a RARP frame from the guest's MAC (the restored one) on the
+// tap, as QEMU does after a migration.
+func TestNetAnnounce(t *testing.T) {
+	tap := makeTunTap(t, unix.IFF_TAP)
+	d, _ := newNetDriver(t, tap)
+	state := d.capture()
+	tap2 := makeTunTap(t, unix.IFF_TAP)
+	ps := newPacketSocket(t, tap2)
+	n2, err := NewNet(tap2, hostMAC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.restored(n2, state)
+	if err := n2.Announce(); err != nil {
+		t.Fatalf("Announce() = %v", err)
+	}
+	buf := make([]byte, 2048)
+	for range 50 {
+		k, _, err := unix.Recvfrom(ps.fd, buf, 0)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := buf[:k]
+		if k < 42 || binary.BigEndian.Uint16(f[12:]) != etherTypeRARP {
+			continue
+		}
+		broadcast := net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+		if !bytes.Equal(f[0:6], broadcast) || !bytes.Equal(f[6:12], guestMAC) ||
+			binary.BigEndian.Uint16(f[20:]) != rarpRequestRev || !bytes.Equal(f[22:28], guestMAC) || !bytes.Equal(f[32:38], guestMAC) {
+			t.Fatalf("announce frame %x: want a broadcast RARP request-reverse from and for %v", f, guestMAC)
+		}
+		return
+	}
+	t.Fatalf("no RARP frame on the tap")
 }
