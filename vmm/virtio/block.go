@@ -43,8 +43,15 @@ type Block struct {
 	f        *os.File
 	path     string
 	readOnly bool
+	size     int64  // the file's size in bytes
 	sectors  uint64 // capacity; a partial sector at the end of the file is not used
 	id       [BlockIDBytes]byte
+
+	// Guarded by the transport's lock: the disk's fingerprint as of the
+	// last state capture or restore (nil before), and the chunks written
+	// since (bit i: FingerprintChunk i).
+	fp      *Fingerprint
+	written []uint64
 
 	// h is set while the device is active; guarded by the transport's lock.
 	h *Host
@@ -100,7 +107,9 @@ func (b *Block) init() error {
 	if err != nil {
 		return fmt.Errorf("virtio-blk: size of disk %s: %w", b.path, err)
 	}
+	b.size = size
 	b.sectors = uint64(size) / SectorSize
+	b.written = make([]uint64, ((size+FingerprintChunk-1)/FingerprintChunk+63)/64)
 	copy(b.id[:], filepath.Base(b.path))
 	return nil
 }
@@ -314,7 +323,9 @@ func (b *Block) writeOut(bufs []Buffer, off int64) error {
 			continue
 		}
 		p, skip = p[skip:], 0
-		if _, err := b.f.WriteAt(p, off); err != nil {
+		n, err := b.f.WriteAt(p, off)
+		b.markWritten(off, n)
+		if err != nil {
 			return fmt.Errorf("virtio-blk write %s at %d: %w", b.path, off, err)
 		}
 		off += int64(len(p))

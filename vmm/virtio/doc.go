@@ -28,5 +28,66 @@
 // must accept VIRTIO_F_VERSION_1), split virtqueues of up to 256
 // descriptors, no indirect descriptors, no EVENT_IDX (the device interrupts
 // after every batch of used buffers and ignores VIRTQ_AVAIL_F_NO_INTERRUPT,
-// which the spec allows). Transport state for snapshots is TransportState.
+// which the spec allows).
+//
+// # Snapshots and checkpoints
+//
+// Each transport saves and restores itself and its device; the state lives
+// beside each device (mmio_state.go, block_state.go, net_state.go) and is one
+// opaque, versioned byte string per transport. The machine, paused (no vCPU
+// runs), does for every transport:
+//
+//	err := t.Quiesce()        // complete in-flight work; no guest-memory writes until Resume
+//	err = t.Flush()           // only for a snapshot to a file: fsync the disk
+//	state, err := t.SaveState() // registers, queues, device state, disk fingerprint
+//	// ... capture memory (KVM dirty log ∪ the VMM's MarkDirty set), vCPUs ...
+//	err = t.Resume()          // kick every queue; the guest goes on
+//
+// and to restore, on a transport fresh from NewMMIO (with the disk and tap
+// named again on the new host), after guest memory holds the snapshot:
+//
+//	err := t.LoadState(state) // refuses, changing nothing, what cannot be
+//	// ... restore vCPUs, irqchip ...
+//	err = t.Resume()          // kick every queue, raise a pending interrupt
+//	err = netDev.Announce()   // virtio-net: RARP from the guest's MAC; repeat a few times
+//
+// In-flight block requests are completed at the pause, not recorded for
+// replay. The device serves every request completely on the vCPU that
+// notifies (pread/pwrite straight between the file and guest memory), so at
+// a pause the only unfinished requests are those the guest made available
+// but had not notified yet; Quiesce serves them (data on the disk or in
+// guest memory, used ring written, interrupt raised), and a checkpoint
+// never holds a request at all. That costs one read of each queue's
+// available index when nothing is pending (BenchmarkBlockCheckpoint:
+// Quiesce, SaveState and Resume of an idle virtio-blk transport take 50 to
+// 70 µs here, so 40 checkpoints a second cost under 0.3% of a core), while
+// replay would need a request format in the state, a second code path on
+// restore, and the disk rolled back to before each recorded write.
+// Between Quiesce and Resume the transport writes nothing into guest
+// memory: a notify is deferred to Resume's kick, and virtio-net keeps the
+// frames that arrive in its backlog, which the state carries. A received
+// frame is placed and returned in one step under the transport's lock, so
+// none is ever half placed; a frame not in the used ring is delivered again
+// after a restore.
+//
+// Every byte the devices write into guest memory (used rings, receive
+// buffers, block read data, status bytes, GET_ID) goes through Memory.Write
+// or Memory.MarkDirty, so a checkpoint harvests it with the guest's own
+// writes (TestDeviceWritesAreDirty compares guest memory before and after).
+//
+// A block device's state identifies its disk by size and a Fingerprint: a
+// SHA-256 per 64 KiB chunk in a binary hash tree. The device records which
+// chunks the guest writes, and each SaveState rehashes only those and their
+// paths to the root; the first SaveState and every restore hash the whole
+// disk. Measured on this machine (2 cores shared with other work, so the
+// figures vary by a factor of 2 between runs): BenchmarkFingerprint
+// full-64MiB 67 to 139 ms (0.5 to 1 GB/s, reads from the page cache
+// included), update-16-chunks (1 MiB written in an epoch) 0.6 to 1.5 ms,
+// which at 40 checkpoints a second is 2.4 to 6% of a core. Memory: 64 bytes
+// per 64 KiB chunk (the leaves and the tree), 1 MiB for a 1 GiB disk.
+// SHA-256 ran at 730 MB/s and CRC-32C at 15.9 GB/s in the same conditions,
+// so a CRC-32C leaf would make the fingerprint about 20 times cheaper, but
+// it misses a changed chunk with probability 2^-32 and anyone can forge it;
+// the checkpoint path hashes only written chunks, so SHA-256 was kept (the
+// encoding names the chunk size; a leaf change needs a new version).
 package virtio

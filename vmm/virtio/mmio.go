@@ -31,6 +31,12 @@ type Transport struct {
 	host   *Host // non-nil while the device is active (DRIVER_OK)
 	gen    uint64
 	closed bool
+	// quiesced is set from Quiesce or LoadState until Resume: the device
+	// must not write into guest memory.
+	quiesced bool
+	// restored is set by LoadState until Resume, which then raises a
+	// pending interrupt again.
+	restored bool
 }
 
 // NewMMIO puts dev behind a virtio-mmio transport that accesses guest memory
@@ -365,6 +371,11 @@ func (t *Transport) notify(v uint32) error {
 		return badAccess("notify of queue %d while the device needs a reset", v)
 	case !q.st.Ready:
 		return badAccess("notify of queue %d, which is not ready", v)
+	case t.quiesced:
+		// The machine is paused for a capture (a vCPU's exit raced the
+		// pause): guest memory must not change. Resume kicks every
+		// queue, so the notification is not lost.
+		return nil
 	}
 	if err := t.dev.Notify(int(v)); err != nil {
 		return &QueueError{Device: t.name, Queue: int(v), Err: err}

@@ -56,8 +56,9 @@ type Net struct {
 	tap     *os.File
 
 	// Guarded by the transport's lock (Device methods and Deliver):
-	h       *Host
-	backlog [][]byte
+	h          *Host
+	backlog    [][]byte
+	linkStatus uint16 // the config space's status field
 
 	active                                             atomic.Pointer[Host]
 	rxFrames, rxDropped, txFrames, txErrors, rxBacklog atomic.Uint64
@@ -80,7 +81,7 @@ func NewNet(tap string, mac net.HardwareAddr) (*Net, error) {
 	if err != nil {
 		return nil, fmt.Errorf("virtio-net: %w", err)
 	}
-	n := &Net{tapName: tap, tap: f, done: make(chan struct{})}
+	n := &Net{tapName: tap, tap: f, linkStatus: netStatusLinkUp, done: make(chan struct{})}
 	copy(n.mac[:], mac)
 	go n.receiveLoop()
 	return n, nil
@@ -111,11 +112,11 @@ func (n *Net) Features() uint64 { return FeatureVersion1 | NetFMAC | NetFStatus 
 func (n *Net) QueueSizes() []uint16 { return []uint16{DefaultQueueSize, DefaultQueueSize} }
 
 // ReadConfig reads struct virtio_net_config: the MAC and the link status
-// (always up).
+// (up, unless a restored state said otherwise).
 func (n *Net) ReadConfig(offset uint64, data []byte) {
 	var cfg [netConfigSize]byte
 	copy(cfg[:], n.mac[:])
-	binary.LittleEndian.PutUint16(cfg[6:], netStatusLinkUp)
+	binary.LittleEndian.PutUint16(cfg[6:], n.linkStatus)
 	readConfig(cfg[:], offset, data)
 }
 
@@ -251,6 +252,11 @@ func (n *Net) receiveLoop() {
 // backlog, or keeps a copy in the backlog. Called with the transport's lock
 // held.
 func (n *Net) receive(frame []byte) error {
+	if n.h.Paused() {
+		// The machine is paused for a capture: guest memory must not
+		// change, so the frame waits with the others.
+		return n.hold(frame, nil)
+	}
 	err := n.drain()
 	if errors.Is(err, ErrMalformed) {
 		return err
@@ -262,6 +268,12 @@ func (n *Net) receive(frame []byte) error {
 			return err
 		}
 	}
+	return n.hold(frame, err)
+}
+
+// hold appends a copy of frame to the backlog, or drops it if the backlog
+// is full, and returns err.
+func (n *Net) hold(frame []byte, err error) error {
 	if len(n.backlog) >= NetBacklog {
 		n.rxDropped.Add(1)
 		return err

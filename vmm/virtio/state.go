@@ -18,8 +18,8 @@ type QueueState struct {
 }
 
 // TransportState is the guest-visible state of a virtio-mmio transport: the
-// registers and every queue. The device's own state (backlogs, counters)
-// lives in the device.
+// registers and every queue. The device's own state (BlockState, NetState)
+// lives in the device; Transport.SaveState encodes both (mmio_state.go).
 type TransportState struct {
 	Status            uint32 // device status (StatusAcknowledge | ...)
 	DeviceFeaturesSel uint32
