@@ -20,6 +20,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -96,16 +97,19 @@ func (v Verify) OK(records uint64) bool {
 	return v.Mismatched == 0 && v.Matched == v.Keys && v.Records == records
 }
 
-// Client is a connection to the service. It is not safe for concurrent
-// use: one goroutine drives it, as one client would.
+// Client is a connection to the service. One goroutine sends requests, as
+// one client would; the methods that report (Acked, AckedCount, Breaks,
+// Reconnects, ConnectionSurvived, Hello, Instances) may be called from any
+// goroutine meanwhile.
 type Client struct {
 	addr string
 	opts Options
 
-	conn  net.Conn
-	r     *bufio.Reader
-	hello Hello
+	conn net.Conn // used by the requesting goroutine only
+	r    *bufio.Reader
 
+	mu        sync.Mutex // guards the fields below
+	hello     Hello
 	dials     int
 	breaks    []Break
 	instances []string
@@ -134,13 +138,16 @@ func (c *Client) dial(ctx context.Context) error {
 	defer cancel()
 	var last error
 	for attempt := 1; ; attempt++ {
-		err := c.dialOnce(ctx)
+		h, err := c.dialOnce(ctx)
 		if err == nil {
+			c.mu.Lock()
+			c.hello = h
 			c.dials++
-			if len(c.instances) == 0 || c.instances[len(c.instances)-1] != c.hello.Instance {
-				c.instances = append(c.instances, c.hello.Instance)
+			if len(c.instances) == 0 || c.instances[len(c.instances)-1] != h.Instance {
+				c.instances = append(c.instances, h.Instance)
 			}
-			c.logf("kvclient: connected to %s (instance %s, conn %d, attempt %d)", c.addr, c.hello.Instance, c.hello.Conn, attempt)
+			c.mu.Unlock()
+			c.logf("kvclient: connected to %s (instance %s, conn %d, attempt %d)", c.addr, h.Instance, h.Conn, attempt)
 			return nil
 		}
 		last = err
@@ -152,28 +159,28 @@ func (c *Client) dial(ctx context.Context) error {
 	}
 }
 
-func (c *Client) dialOnce(ctx context.Context) error {
+func (c *Client) dialOnce(ctx context.Context) (Hello, error) {
 	dctx, cancel := context.WithTimeout(ctx, c.opts.DialTimeout)
 	defer cancel()
 	conn, err := (&net.Dialer{}).DialContext(dctx, "tcp", c.addr)
 	if err != nil {
-		return err
+		return Hello{}, err
 	}
 	conn.SetDeadline(time.Now().Add(c.opts.DialTimeout))
 	r := bufio.NewReader(conn)
 	line, err := readLine(r)
 	if err != nil {
 		conn.Close()
-		return fmt.Errorf("greeting: %w", err)
+		return Hello{}, fmt.Errorf("greeting: %w", err)
 	}
 	h, err := ParseHello(line)
 	if err != nil {
 		conn.Close()
-		return err
+		return Hello{}, err
 	}
 	conn.SetDeadline(time.Time{})
-	c.conn, c.r, c.hello = conn, r, h
-	return nil
+	c.conn, c.r = conn, r
+	return h, nil
 }
 
 // ParseHello reads the greeting "HELLO understudy-kv 1 instance=HEX conn=N".
@@ -259,10 +266,13 @@ func (c *Client) do(req string) (string, error) {
 			return line, nil
 		}
 		b := Break{At: time.Now(), Cause: cause(err), Err: err}
+		c.mu.Lock()
 		c.breaks = append(c.breaks, b)
+		conn := c.hello.Conn
+		c.mu.Unlock()
 		c.conn.Close()
 		c.conn = nil
-		c.logf("kvclient: connection %d to %s broke (%s): %v", c.hello.Conn, c.addr, b.Cause, err)
+		c.logf("kvclient: connection %d to %s broke (%s): %v", conn, c.addr, b.Cause, err)
 		if !c.opts.Reconnect || attempt == maxAttempts {
 			return "", fmt.Errorf("%s: %w (%s): %v", firstWord(req), ErrBroken, b.Cause, err)
 		}
@@ -314,7 +324,9 @@ func (c *Client) Put(key, value string) (uint64, error) {
 	if !ok || perr != nil || seq == 0 {
 		return 0, fmt.Errorf("PUT: answer %q", trim(line))
 	}
+	c.mu.Lock()
 	c.acked[key] = Ack{Value: value, Seq: seq}
+	c.mu.Unlock()
 	return seq, nil
 }
 
@@ -432,6 +444,8 @@ func (c *Client) Close() error {
 // Acked returns every write the service acknowledged through this client:
 // the last acknowledged value of each key.
 func (c *Client) Acked() map[string]Ack {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	m := make(map[string]Ack, len(c.acked))
 	for k, v := range c.acked {
 		m[k] = v
@@ -439,19 +453,46 @@ func (c *Client) Acked() map[string]Ack {
 	return m
 }
 
+// AckedCount is len(Acked()), without the copy.
+func (c *Client) AckedCount() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.acked)
+}
+
 // Breaks returns every time the connection broke.
-func (c *Client) Breaks() []Break { return append([]Break(nil), c.breaks...) }
+func (c *Client) Breaks() []Break {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]Break(nil), c.breaks...)
+}
 
 // Reconnects is how many connections were made after the first.
-func (c *Client) Reconnects() int { return c.dials - 1 }
+func (c *Client) Reconnects() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.dials - 1
+}
 
 // ConnectionSurvived reports whether the first connection never broke: every
 // request went over it.
-func (c *Client) ConnectionSurvived() bool { return len(c.breaks) == 0 && c.dials == 1 }
+func (c *Client) ConnectionSurvived() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.breaks) == 0 && c.dials == 1
+}
 
 // Hello is the greeting of the current connection.
-func (c *Client) Hello() Hello { return c.hello }
+func (c *Client) Hello() Hello {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.hello
+}
 
 // Instances lists the service instances seen, in order (one unless the
 // service restarted).
-func (c *Client) Instances() []string { return append([]string(nil), c.instances...) }
+func (c *Client) Instances() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.instances...)
+}
