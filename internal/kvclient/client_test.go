@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -32,7 +31,7 @@ func serve(t *testing.T, ln net.Listener, size int64) *kvstore.Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := kvstore.NewServer(s, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	srv := kvstore.NewServer(s, nil)
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close(); s.Close() })
 	return srv

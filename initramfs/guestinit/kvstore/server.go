@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -27,7 +26,7 @@ const ProtocolVersion = 1
 // protocol).
 type Server struct {
 	store    *Store
-	log      *slog.Logger
+	logf     func(format string, args ...any)
 	instance string
 
 	mu       sync.Mutex // guards the fields below
@@ -38,12 +37,15 @@ type Server struct {
 	wg       sync.WaitGroup
 }
 
-// NewServer returns a server of store that logs connections (not requests)
-// to log.
-func NewServer(store *Store, log *slog.Logger) *Server {
+// NewServer returns a server of store that tells logf about connections
+// (not requests); logf may be nil.
+func NewServer(store *Store, logf func(format string, args ...any)) *Server {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
-	return &Server{store: store, log: log, instance: hex.EncodeToString(b[:]), conns: map[net.Conn]bool{}}
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	return &Server{store: store, logf: logf, instance: hex.EncodeToString(b[:]), conns: map[net.Conn]bool{}}
 }
 
 // Instance is the random id the server gives in its greeting.
@@ -113,7 +115,7 @@ func (s *Server) Close() error {
 
 func (s *Server) serveConn(c net.Conn, id uint64) {
 	defer c.Close()
-	s.log.Info("kv connection", "conn", id, "peer", c.RemoteAddr().String())
+	s.logf("connection %d from %s", id, c.RemoteAddr())
 	r := bufio.NewReaderSize(c, MaxLine+2)
 	w := bufio.NewWriter(c)
 	fmt.Fprintf(w, "HELLO understudy-kv %d instance=%s conn=%d\n", ProtocolVersion, s.instance, id)
@@ -121,7 +123,7 @@ func (s *Server) serveConn(c net.Conn, id uint64) {
 	for {
 		if r.Buffered() == 0 {
 			if err := w.Flush(); err != nil {
-				s.log.Info("kv connection closed", "conn", id, "requests", requests, "err", err.Error())
+				s.logf("connection %d closed after %d requests: %s", id, requests, err.Error())
 				return
 			}
 		}
@@ -137,7 +139,7 @@ func (s *Server) serveConn(c net.Conn, id uint64) {
 			if !errors.Is(err, io.EOF) {
 				why = err.Error()
 			}
-			s.log.Info("kv connection closed", "conn", id, "requests", requests, "err", why)
+			s.logf("connection %d closed after %d requests: %s", id, requests, why)
 			return
 		}
 		requests++
@@ -147,11 +149,11 @@ func (s *Server) serveConn(c net.Conn, id uint64) {
 		switch act {
 		case actQuit:
 			w.Flush()
-			s.log.Info("kv connection closed", "conn", id, "requests", requests, "err", "QUIT")
+			s.logf("connection %d closed after %d requests: QUIT", id, requests)
 			return
 		case actPowerOff:
 			w.Flush()
-			s.log.Info("kv connection closed", "conn", id, "requests", requests, "err", "POWEROFF")
+			s.logf("connection %d closed after %d requests: POWEROFF", id, requests)
 			s.mu.Lock()
 			s.poweroff = true
 			if s.ln != nil {

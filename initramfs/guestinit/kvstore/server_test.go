@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -46,7 +45,7 @@ func serveMain(v string) int {
 	}
 	info := s.Info()
 	fmt.Printf("serving %s records=%d direct=%t\n", ln.Addr(), info.Records, info.Direct)
-	err = NewServer(s, slog.New(slog.NewTextHandler(os.Stderr, nil))).Serve(ln)
+	err = NewServer(s, func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }).Serve(ln)
 	fmt.Fprintln(os.Stderr, err)
 	return 2
 }
@@ -59,7 +58,7 @@ func startServer(t *testing.T) (addr string, srv *Server, done <-chan error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv = NewServer(s, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	srv = NewServer(s, nil)
 	ch := make(chan error, 1)
 	go func() { ch <- srv.Serve(ln) }()
 	t.Cleanup(func() { srv.Close() })

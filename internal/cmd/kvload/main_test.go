@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -54,7 +53,7 @@ func (s *service) start(ln net.Listener) {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	srv := kvstore.NewServer(st, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	srv := kvstore.NewServer(st, nil)
 	s.mu.Lock()
 	s.st, s.srv = st, srv
 	s.mu.Unlock()
