@@ -70,6 +70,7 @@ type config struct {
 	verifyDisk   bool
 	wantSurvived bool
 	poweroff     bool
+	slow         time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -90,6 +91,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.verifyDisk, "verify-disk", true, "at the end, ask SYNC and VERIFY (the service re-reads its disk)")
 	fs.BoolVar(&c.wantSurvived, "want-survived", false, "fail unless the first connection served every request")
 	fs.BoolVar(&c.poweroff, "poweroff", false, "at the end, ask the service to power the guest off")
+	fs.DurationVar(&c.slow, "slow", 500*time.Millisecond, "print a line for each write answered after longer than this (0: never)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -99,8 +101,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	if c.addr == "" {
 		return c, errors.New("-addr host:port is required")
 	}
-	if c.n < 0 || c.duration < 0 || c.interval < 0 || c.progress < 0 || c.timeout <= 0 || c.retryFor <= 0 {
-		return c, errors.New("-n, -duration, -interval and -progress must not be negative; -timeout and -retry-for must be positive")
+	if c.n < 0 || c.duration < 0 || c.interval < 0 || c.progress < 0 || c.slow < 0 || c.timeout <= 0 || c.retryFor <= 0 {
+		return c, errors.New("-n, -duration, -interval, -progress and -slow must not be negative; -timeout and -retry-for must be positive")
 	}
 	if c.valueSize < 32 || c.valueSize > kvclient.MaxValue {
 		return c, fmt.Errorf("-value-size=%d: want 32..%d", c.valueSize, kvclient.MaxValue)
@@ -254,7 +256,11 @@ func run(args []string, out, stderr io.Writer, stop <-chan struct{}) int {
 		}
 		t0 := time.Now()
 		_, writeErr = cl.Put(fmt.Sprintf("%s-%d", c.prefix, i), value(c.prefix, i, c.valueSize))
-		st.add(time.Since(t0))
+		rtt := time.Since(t0)
+		st.add(rtt)
+		if writeErr == nil && c.slow > 0 && rtt > c.slow {
+			say("slow write %s-%d answered after %s ms (connection %s, acked=%d)", c.prefix, i, ms(rtt), connection(cl), cl.AckedCount())
+		}
 		if writeErr != nil {
 			end("error")
 			break

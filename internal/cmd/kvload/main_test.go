@@ -231,6 +231,94 @@ func TestLost(t *testing.T) {
 	}
 }
 
+// pausingProxy relays TCP connections to a service and can stop relaying
+// for a while, as a paused guest (a snapshot, a restore, a failover) stops
+// answering without closing anything.
+type pausingProxy struct {
+	addr  string
+	mu    sync.RWMutex // held for writing while paused; relays take it for reading
+	cmu   sync.Mutex   // guards conns
+	conns []net.Conn
+}
+
+func newPausingProxy(t *testing.T, to string) *pausingProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &pausingProxy{addr: ln.Addr().String()}
+	t.Cleanup(func() {
+		ln.Close()
+		p.cmu.Lock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.cmu.Unlock()
+	})
+	relay := func(dst, src net.Conn) {
+		defer dst.Close()
+		buf := make([]byte, 4096)
+		for {
+			n, err := src.Read(buf)
+			if n > 0 {
+				p.mu.RLock()
+				_, werr := dst.Write(buf[:n])
+				p.mu.RUnlock()
+				if werr != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", to)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.cmu.Lock()
+			p.conns = append(p.conns, c, s)
+			p.cmu.Unlock()
+			go relay(s, c)
+			go relay(c, s)
+		}
+	}()
+	return p
+}
+
+// TestPause: the service stops answering for a while in mid-stream and
+// goes on; kvload reports the slow write and that its connection survived.
+func TestPause(t *testing.T) {
+	s := startService(t)
+	p := newPausingProxy(t, s.addr)
+	stop := make(chan struct{})
+	go func() {
+		s.waitRecords(50)
+		p.mu.Lock()
+		time.Sleep(time.Second) // nothing relayed: the write in flight waits
+		p.mu.Unlock()
+		s.mu.Lock()
+		_, n := s.st.Count()
+		s.mu.Unlock()
+		s.waitRecords(n + 50)
+		close(stop)
+	}()
+	code, out := kvload(stop, "-addr", p.addr, "-slow", "300ms", "-want-survived")
+	r := result(t, out)
+	if code != 0 || r["acked"] != r["verified"] || r["connection_survived"] != "true" || r["reconnects"] != "0" || r["breaks"] != "none" ||
+		!strings.Contains(out, "kvload: slow write ") || !strings.Contains(out, "(connection kept, acked=") {
+		t.Errorf("kvload across a pause = %d:\n%s", code, out)
+	}
+}
+
 func TestNoService(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
