@@ -34,6 +34,7 @@ type Server struct {
 	conns    map[net.Conn]bool
 	nextConn uint64
 	poweroff bool
+	closed   bool // Close was called: no connection is added
 	wg       sync.WaitGroup
 }
 
@@ -60,8 +61,12 @@ var ErrPowerOff = errors.New("powering off on request")
 func (s *Server) Serve(ln net.Listener) error {
 	s.mu.Lock()
 	s.ln = ln
+	closed := s.closed
 	s.mu.Unlock()
 	defer s.Close()
+	if closed {
+		return nil
+	}
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -77,6 +82,11 @@ func (s *Server) Serve(ln net.Listener) error {
 			return err
 		}
 		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			c.Close()
+			return nil
+		}
 		if len(s.conns) >= MaxConns {
 			s.mu.Unlock()
 			io.WriteString(c, "ERR too many connections\n")
@@ -102,6 +112,7 @@ func (s *Server) Serve(ln net.Listener) error {
 // waits for their goroutines. The store stays open.
 func (s *Server) Close() error {
 	s.mu.Lock()
+	s.closed = true
 	if s.ln != nil {
 		s.ln.Close()
 	}

@@ -407,3 +407,30 @@ func TestStopContinue(t *testing.T) {
 	}
 	checkAcked(t, c)
 }
+
+// TestClose: Close ends Serve, and a Serve after Close returns at once and
+// closes its listener.
+func TestClose(t *testing.T) {
+	addr, srv, done := startServer(t)
+	c, err := kvclient.Dial(context.Background(), addr, kvclient.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	if err := <-done; err != nil {
+		t.Errorf("Serve after Close = %v, want nil", err)
+	}
+	if err := c.Ping(); !errors.Is(err, kvclient.ErrBroken) {
+		t.Errorf("Ping() after Close = %v, want a broken connection", err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Serve(ln); err != nil {
+		t.Errorf("Serve on a closed server = %v", err)
+	}
+	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("the listener of a closed server: Accept() = %v, want closed", err)
+	}
+}
