@@ -355,6 +355,11 @@ func (c *Client) Count() (keys int, records uint64, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
+	return parseCount(line)
+}
+
+// parseCount reads "COUNT keys=K records=R".
+func parseCount(line string) (keys int, records uint64, err error) {
 	kv, err := fields(line, "COUNT", "keys", "records")
 	if err != nil {
 		return 0, 0, err
@@ -378,6 +383,11 @@ func (c *Client) Verify() (Verify, error) {
 	if err != nil {
 		return Verify{}, err
 	}
+	return parseVerify(line)
+}
+
+// parseVerify reads "VERIFIED records=R keys=K matched=M mismatched=X direct=B".
+func parseVerify(line string) (Verify, error) {
 	d, rest, _ := strings.Cut(line, " direct=")
 	if rest != "true" && rest != "false" {
 		return Verify{}, fmt.Errorf("VERIFY: answer %q", trim(line))

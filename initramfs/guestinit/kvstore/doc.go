@@ -48,4 +48,8 @@
 // the device equals the one in memory; mismatched counts keys that differ
 // or exist on one side only, and records the log records found on the
 // device (equal to COUNT's records when nothing was lost).
+//
+// The package is linked into the guest's static /init: it must stay free
+// of cgo and of the VMM's packages. Its client is internal/kvclient, and
+// internal/cmd/kvload drives it in tests.
 package kvstore
