@@ -12,9 +12,10 @@
 //	                                       connection on port P (default 7777)
 //	                                       with a fixed line, power off
 //	guest.mode=kv guest.addr=A/N [guest.port=P] [guest.iface=eth0] [guest.disk=/dev/vda]
-//	                                       the key-value service of package
-//	                                       kvstore on port P, its log on the
-//	                                       disk; power off on its POWEROFF
+//	                                       as net, then serve the key-value
+//	                                       store of package kvstore on port P,
+//	                                       its log on the disk; power off on
+//	                                       the request POWEROFF
 //	guest.mode=disk [guest.disk=/dev/vda]  load the virtio modules, print the
 //	                                       text at offsets 0 and 512 KiB of the
 //	                                       disk, power off
