@@ -52,10 +52,10 @@ func parseConfig(ps boot.Params) (config, error) {
 		switch p.Key {
 		case "mode":
 			switch v {
-			case modePoweroff, modeNet, modeDisk, modeHalt, modeEcho:
+			case modePoweroff, modeNet, modeDisk, modeHalt, modeEcho, modeKV:
 				c.mode = v
 			default:
-				return c, fmt.Errorf("guest.mode=%q: want %s, %s, %s, %s or %s", v, modePoweroff, modeHalt, modeNet, modeDisk, modeEcho)
+				return c, fmt.Errorf("guest.mode=%q: want %s, %s, %s, %s, %s or %s", v, modePoweroff, modeHalt, modeNet, modeDisk, modeEcho, modeKV)
 			}
 		case "iface":
 			if err := virtio.CheckIfName(v); err != nil {
@@ -94,8 +94,8 @@ func parseConfig(ps boot.Params) (config, error) {
 			return c, fmt.Errorf("unknown parameter guest.%s (known: mode, iface, addr, port, disk, console, timeout)", p.Key)
 		}
 	}
-	if c.mode == modeNet && !c.addr.IsValid() {
-		return c, fmt.Errorf("guest.mode=net needs guest.addr=A/N")
+	if (c.mode == modeNet || c.mode == modeKV) && !c.addr.IsValid() {
+		return c, fmt.Errorf("guest.mode=%s needs guest.addr=A/N", c.mode)
 	}
 	return c, nil
 }
@@ -109,6 +109,8 @@ func (c config) modules() []string {
 		return []string{"virtio_mmio", "virtio_pci", "virtio_net"}
 	case modeDisk:
 		return []string{"virtio_mmio", "virtio_pci", "virtio_blk"}
+	case modeKV:
+		return []string{"virtio_mmio", "virtio_pci", "virtio_net", "virtio_blk"}
 	}
 	return nil
 }

@@ -50,7 +50,7 @@ func TestParseConfig(t *testing.T) {
 		t.Errorf("parseConfig(echo) = %+v, %v", c, err)
 	}
 	for _, tt := range []struct{ in, want string }{
-		{"guest.mode=dance", "want poweroff, halt, net, disk or echo"},
+		{"guest.mode=dance", "want poweroff, halt, net, disk, echo or kv"},
 		{"guest.console=ttyS0", "under /dev"},
 		{"guest.mode=net", "needs guest.addr"},
 		{"guest.mode=net guest.addr=192.0.2.2", "prefix length"},

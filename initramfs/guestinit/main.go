@@ -11,6 +11,11 @@
 //	                                       interface address A/N, answer one TCP
 //	                                       connection on port P (default 7777)
 //	                                       with a fixed line, power off
+//	guest.mode=kv guest.addr=A/N [guest.port=P] [guest.iface=eth0] [guest.disk=/dev/vda]
+//	                                       as net, then serve the key-value
+//	                                       store of package kvstore on port P,
+//	                                       its log on the disk; power off on
+//	                                       the request POWEROFF
 //	guest.mode=disk [guest.disk=/dev/vda]  load the virtio modules, print the
 //	                                       text at offsets 0 and 512 KiB of the
 //	                                       disk, power off
@@ -132,6 +137,8 @@ func run(out io.Writer) (string, error) {
 		return cfg.mode, readDisk(out, cfg)
 	case modeEcho:
 		return cfg.mode, echoConsole(out, cfg)
+	case modeKV:
+		return cfg.mode, serveKV(out, cfg)
 	}
 	return cfg.mode, nil
 }
