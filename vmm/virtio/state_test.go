@@ -10,6 +10,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -464,7 +465,7 @@ func TestNetStateRoundTrip(t *testing.T) {
 	}
 	want := frame(guestMAC, hostMAC, "sent during the pause")
 	ps.send(want)
-	waitFor(t, "the frame held in the backlog", func() bool { return n.Stats().RxBacklog == 1 })
+	testutil.WaitFor(t, "the frame held in the backlog", func() bool { return n.Stats().RxBacklog == 1 })
 	if got := d.takeUsed(netRxQueue); len(got) != 0 {
 		t.Fatalf("a quiesced device placed a frame: %v", got)
 	}
@@ -581,7 +582,7 @@ func TestDeviceWritesAreDirty(t *testing.T) {
 		})
 		d.tr.Quiesce()
 		ps.send(frame(guestMAC, hostMAC, "held"))
-		waitFor(t, "the held frame", func() bool { return n.Stats().RxBacklog == 1 })
+		testutil.WaitFor(t, "the held frame", func() bool { return n.Stats().RxBacklog == 1 })
 		d.postRx(1, 1526) // a notify while quiesced waits for Resume
 		if got := d.takeUsed(netRxQueue); len(got) != 0 {
 			t.Fatalf("a quiesced device placed a frame on notify: %v", got)
