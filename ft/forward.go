@@ -100,13 +100,21 @@ func manifests(cp *Checkpoint, freq func(i int) float64, describe []int) []*wire
 }
 
 // stagedPages copies the pages of cp at the indexes stage into a
-// KindStagePages checkpoint.
+// KindStagePages checkpoint, with their sums as the primary sent them
+// (cp.Sums, which a received checkpoint has), so that the backup checks
+// them end to end.
 func stagedPages(cp *Checkpoint, stage []int) *Checkpoint {
 	out := &Checkpoint{Epoch: cp.Epoch, Kind: KindStagePages, PFNs: make([]uint64, 0, len(stage)), Data: make([]byte, 0, len(stage)*mmu.PageSize)}
+	if cp.Sums != nil {
+		out.Sums = make([]uint32, 0, len(stage))
+	}
 	for _, i := range stage {
 		if i >= 0 && i < len(cp.PFNs) {
 			out.PFNs = append(out.PFNs, cp.PFNs[i])
 			out.Data = append(out.Data, cp.Page(i)...)
+			if cp.Sums != nil {
+				out.Sums = append(out.Sums, cp.Sums[i])
+			}
 		}
 	}
 	return out

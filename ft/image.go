@@ -123,6 +123,28 @@ func (im *Image) Read(fn func(mem, state []byte, epoch uint64)) {
 	fn(im.mem, im.state, im.epoch)
 }
 
+// ReadSummed is Read that also passes sum, which returns the end-to-end sum
+// of image page p (an offset / page size) at guest page pfn: the sum the
+// primary computed for it, as it was received with the page, so that a
+// checkpoint built from the image carries the primary's sums and its pages
+// are checked end to end, not against the image's own copy. (A page no
+// checkpoint wrote, all zeros as the guest started, is summed from the
+// image.) sum is valid only inside fn.
+func (im *Image) ReadSummed(fn func(mem, state []byte, epoch uint64, sum func(p, pfn uint64) uint32)) {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	fn(im.mem, im.state, im.epoch, im.pageSum)
+}
+
+// pageSum returns page p's end-to-end sum at pfn (see ReadSummed). Call
+// with im.mu held.
+func (im *Image) pageSum(p, pfn uint64) uint32 {
+	if im.summed[p] {
+		return im.sums[p]
+	}
+	return wire.PageSum(pfn, im.mem[p*mmu.PageSize:(p+1)*mmu.PageSize])
+}
+
 // Snapshot returns a copy of the image as a full-image checkpoint at its
 // epoch: every page of the guest-physical layout regions (which must be the
 // image's) in ascending order, and the machine state, copied under the read
@@ -144,11 +166,7 @@ func (im *Image) Snapshot(regions []mmu.Region) (*Checkpoint, error) {
 		for off := uint64(0); off < r.Size; off += mmu.PageSize {
 			pfn, p := (r.GPA+off)/mmu.PageSize, (r.Offset+off)/mmu.PageSize
 			cp.PFNs = append(cp.PFNs, pfn)
-			if im.summed[p] {
-				cp.Sums = append(cp.Sums, im.sums[p])
-			} else { // never written: summed here
-				cp.Sums = append(cp.Sums, wire.PageSum(pfn, im.mem[p*mmu.PageSize:(p+1)*mmu.PageSize]))
-			}
+			cp.Sums = append(cp.Sums, im.pageSum(p, pfn))
 		}
 		cp.Data = append(cp.Data, im.mem[r.Offset:r.Offset+r.Size]...)
 	}

@@ -1,0 +1,130 @@
+package ft
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/mmu"
+)
+
+// corruptImagePage flips one byte of page pfn in the intermediary's image,
+// as a bookkeeping bug between the page's arrival and its forwarding would.
+func corruptImagePage(t *testing.T, in *Intermediary, pfn uint64) {
+	t.Helper()
+	off, err := in.PageOffset(pfn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.img.mu.Lock()
+	in.img.mem[off+100] ^= 0x5a
+	in.img.mu.Unlock()
+}
+
+// refusedDigest reports whether err is the backup's refusal of a page
+// whose end-to-end sum does not match.
+func refusedDigest(err error) bool {
+	var we *wire.Error
+	return errors.As(err, &we) && (we.Code == wire.CodeIncomplete || we.Code == wire.CodeProtocol)
+}
+
+// TestSyncCarriesPrimarySums: a hold-back sync is built from the
+// intermediary's image, yet each of its pages goes with the sum the primary
+// computed: a page corrupted in the image after it arrived is refused by the
+// backup, which commits nothing of the sync, rather than checked against the
+// intermediary's own (corrupt) copy.
+func TestSyncCarriesPrimarySums(t *testing.T) {
+	const memSize = 4 << 20
+	in, bk, pc := forwardRig(t, memSize, holdAll{}, BackupConfig{})
+	sendAcked(t, pc, holdBackEpoch(1), 0)
+	waitFor(t, "the seed", func() bool { return bk.Committed() == 1 })
+	b := attachedBackup(in)
+	for e := uint64(2); e <= 5; e++ {
+		sendAcked(t, pc, holdBackEpoch(e), e-1)
+	}
+	corruptImagePage(t, in, 11) // a hot page: held back, so in the sync
+	err := b.sync(t.Context(), in, 5)
+	if !refusedDigest(err) {
+		t.Fatalf("sync with a page corrupted at the intermediary = %v, want the backup's refusal", err)
+	}
+	if got := bk.Committed(); got != 1 {
+		t.Errorf("backup committed epoch %d after refusing the sync, want 1", got)
+	}
+}
+
+// stageCorrupt stages every page of a checkpoint, and first corrupts page
+// pfn of the received checkpoint the staged pages are copied from.
+type stageCorrupt struct{ pfn uint64 }
+
+func (s stageCorrupt) Decide(cp *Checkpoint, _ func(int) float64) Decision {
+	var d Decision
+	for i, pfn := range cp.PFNs {
+		if pfn == s.pfn {
+			cp.Page(i)[7] ^= 0xa5
+		}
+		d.Stage = append(d.Stage, i)
+	}
+	return d
+}
+func (stageCorrupt) SyncNow(BackupView) bool { return false }
+
+// TestStagedCarriesPrimarySums: staged pages go with the primary's sums: a
+// page corrupted at the intermediary between its arrival and its staging is
+// refused by the backup, and the sync after it is not committed.
+func TestStagedCarriesPrimarySums(t *testing.T) {
+	const memSize = 4 << 20
+	in, bk, pc := forwardRig(t, memSize, stageCorrupt{pfn: 203}, BackupConfig{})
+	sendAcked(t, pc, holdBackEpoch(1), 0)
+	waitFor(t, "the seed", func() bool { return bk.Committed() == 1 })
+	b := attachedBackup(in) // the link ends when the backup refuses
+	for e := uint64(2); e <= 4; e++ {
+		sendAcked(t, pc, holdBackEpoch(e), e-1)
+	}
+	err := b.sync(t.Context(), in, 4)
+	if !refusedDigest(err) {
+		t.Fatalf("staging a page corrupted at the intermediary, then a sync = %v, want the backup's refusal", err)
+	}
+	if got := bk.Committed(); got != 1 {
+		t.Errorf("backup committed epoch %d after refusing staged pages, want 1", got)
+	}
+}
+
+// TestServedCarriesPrimarySums: pages served on a backup's request come
+// from the intermediary's image with the primary's sums: a page corrupted
+// in the image is refused by the backup's staging (the check it runs on
+// every staged page), the others pass.
+func TestServedCarriesPrimarySums(t *testing.T) {
+	const memSize = 4 << 20
+	in, c := rawBackup(t, memSize, HoldBack{Manifest: true, MaxHeld: 1 << 30, MaxLagEpochs: 1 << 20, MaxLag: time.Hour}, 6)
+	bk, err := NewBackup(memSize, BackupConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bk.Close() })
+	maxPFN := uint64(memSize / mmu.PageSize)
+
+	if err := c.WriteMessage(&wire.PageRequest{ID: 1, PFNs: []uint64{10}}); err != nil {
+		t.Fatal(err)
+	}
+	batch, ok := next(t, c).(*wire.PageBatch)
+	if !ok || len(batch.Pages) != 1 {
+		t.Fatalf("reply to a request for a held page = %v, want it staged", batch)
+	}
+	if err := bk.stage(batch, maxPFN); err != nil {
+		t.Fatalf("backup staging a served page = %v", err)
+	}
+	next(t, c) // Served
+
+	corruptImagePage(t, in, 11)
+	if err := c.WriteMessage(&wire.PageRequest{ID: 2, PFNs: []uint64{11}}); err != nil {
+		t.Fatal(err)
+	}
+	batch, ok = next(t, c).(*wire.PageBatch)
+	if !ok || len(batch.Pages) != 1 {
+		t.Fatalf("reply to a request for a held page = %v, want it staged", batch)
+	}
+	if err := bk.stage(batch, maxPFN); !errors.Is(err, ErrBadCheckpoint) {
+		t.Errorf("backup staging a page corrupted at the intermediary = %v, want ErrBadCheckpoint", err)
+	}
+}
