@@ -128,3 +128,49 @@ func TestServedCarriesPrimarySums(t *testing.T) {
 		t.Errorf("backup staging a page corrupted at the intermediary = %v, want ErrBadCheckpoint", err)
 	}
 }
+
+// TestForwardRecyclesPageMemory: with a backup attached, the page memory of
+// a checkpoint the intermediary forwards whole comes back once the backup
+// link's writer has sent it, so the intermediary receives the next ones
+// into it instead of allocating per epoch; and what the backup commits is
+// exactly what was sent (the receiver never writes into memory the writer
+// is still sending: the backup's end-to-end check would refuse it), also
+// when the primary runs ahead of the backup.
+func TestForwardRecyclesPageMemory(t *testing.T) {
+	const (
+		memSize = 4 << 20
+		epochs  = 40
+	)
+	in, bk, pc := forwardRig(t, memSize, nil, BackupConfig{})
+	ref := NewImage(memSize)
+	send := func(e uint64) {
+		cp := holdBackEpoch(e)
+		if err := ref.Apply(cp, e-1, in.PageOffset); err != nil {
+			t.Fatal(err)
+		}
+		sendAcked(t, pc, cp, e-1)
+	}
+	// In step with the backup: two buffers circulate (one being sent, one
+	// being received), so allocations stop after the first epochs.
+	for e := uint64(1); e <= epochs; e++ {
+		send(e)
+		waitFor(t, "the backup's commit", func() bool { return bk.Committed() == e })
+	}
+	if n := in.spare.misses(); n > 3 {
+		t.Errorf("the intermediary allocated page memory for %d of %d checkpoints forwarded whole, want at most 3", n, epochs)
+	}
+	if !sameImage(ref, bk.Image()) {
+		t.Fatalf("backup image at epoch %d differs from what was sent", bk.Committed())
+	}
+	// Running ahead of the backup: the writer sends while the next
+	// checkpoints are received.
+	for e := uint64(epochs + 1); e <= 3*epochs; e++ {
+		send(e)
+	}
+	if err := attachedBackup(in).sync(t.Context(), in, 3*epochs); err != nil {
+		t.Fatal(err)
+	}
+	if !sameImage(ref, bk.Image()) {
+		t.Errorf("backup image at epoch %d differs from what was sent", bk.Committed())
+	}
+}

@@ -10,14 +10,16 @@ import (
 // forward passes an acknowledged checkpoint through the policy to the
 // attached backup, if any: the policy's Decision says what goes now, the
 // hold-back ledger (heldPages) records what the backup lacks, and the
-// backup link's writer sends it. It never blocks on the backup.
+// backup link's writer sends it. It never blocks on the backup. It
+// reports whether cp itself was queued (its page memory is then the
+// writer's, which gives it back to in.spare once sent).
 // Call with in.mu held, the image at cp's epoch.
-func (in *Intermediary) forward(cp *Checkpoint) {
+func (in *Intermediary) forward(cp *Checkpoint) (queued bool) {
 	in.bmu.Lock()
 	b := in.backup
 	in.bmu.Unlock()
 	if b == nil {
-		return
+		return false
 	}
 	p := in.policy.get()
 	offs := make([]uint64, len(cp.PFNs))
@@ -35,6 +37,7 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 	var out []outgoing
 	if d.Whole && !h.holdMode {
 		out = append(out, outgoing{cp: cp})
+		queued = true
 		if h.synced != 0 || cp.Kind == KindFull {
 			// The backup's base once this arrives: a policy installed
 			// later syncs on it.
@@ -76,9 +79,10 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 	}
 	h.publish()
 	if len(out) == 0 {
-		return
+		return false
 	}
 	b.enqueue(out...)
+	return queued
 }
 
 // manifests describes the pages of cp at the indexes describe for the

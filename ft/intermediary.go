@@ -273,7 +273,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
-			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take())
+			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize))
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}
@@ -322,14 +322,11 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	// Queued under mu, so that Failover finds every applied epoch queued
 	// (also one whose acknowledgement cannot be sent: Failover activates
 	// the image's epoch, and hold-back's bookkeeping must know its pages).
-	in.forward(cp)
-	in.bmu.Lock()
-	if in.backup == nil {
-		// No backup took cp into its queue, or the link that did has
-		// ended (its writer with it): its page memory is free.
+	if !in.forward(cp) {
+		// No backup link took cp into its queue: its page memory is
+		// free. (One that did gives it back once sent: sendBatch.)
 		in.spare.put(cp.Data)
 	}
-	in.bmu.Unlock()
 	if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
 		return fmt.Errorf("%w %d: %w", errAckFailed, cp.Epoch, err)
 	}

@@ -241,30 +241,69 @@ func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
 	return nil
 }
 
-// pageBuffer keeps the page memory of one received checkpoint that its
-// receiver no longer uses, for the next one: a new buffer of a large
-// checkpoint costs a page fault and the kernel's zeroing for each of its
-// pages before the first byte lands, about as much as receiving it.
+// pageBuffer keeps the page memory of received checkpoints that nothing
+// uses any more (at most keepBuffers of them), for the next ones: a new
+// buffer of a large checkpoint costs a page fault and the kernel's zeroing
+// for each of its pages before the first byte lands, about as much as
+// receiving it. Two circulate at the intermediary while it forwards: one
+// being sent to the backup, one being received.
 type pageBuffer struct {
-	mu  sync.Mutex
-	buf []byte
+	mu   sync.Mutex
+	bufs [keepBuffers][]byte
+	// missed counts takes that found no kept memory large enough (the
+	// receiver then allocates).
+	missed uint64
 }
 
-// take returns the kept memory (nil if none), which is the caller's now.
-func (p *pageBuffer) take() []byte {
+// keepBuffers is how many page buffers a pageBuffer keeps.
+const keepBuffers = 2
+
+// take returns kept memory of at least n bytes (the smallest that fits),
+// which is the caller's now, or nil if none fits.
+func (p *pageBuffer) take(n int) []byte {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	b := p.buf
-	p.buf = nil
+	best := -1
+	for i, b := range p.bufs {
+		if b != nil && cap(b) >= n && (best < 0 || cap(b) < cap(p.bufs[best])) {
+			best = i
+		}
+	}
+	if best < 0 {
+		p.missed++
+		return nil
+	}
+	b := p.bufs[best]
+	p.bufs[best] = nil
 	return b
 }
 
 // put keeps b, the page memory of a checkpoint nothing refers to any more,
-// unless larger memory is kept already.
+// in a free place or instead of smaller kept memory.
 func (p *pageBuffer) put(b []byte) {
+	if cap(b) == 0 {
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if cap(b) > cap(p.buf) {
-		p.buf = b[:0]
+	small := 0
+	for i, k := range p.bufs {
+		if k == nil {
+			p.bufs[i] = b[:0]
+			return
+		}
+		if cap(k) < cap(p.bufs[small]) {
+			small = i
+		}
 	}
+	if cap(b) > cap(p.bufs[small]) {
+		p.bufs[small] = b[:0]
+	}
+}
+
+// misses returns how many takes found no kept memory large enough.
+func (p *pageBuffer) misses() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.missed
 }
