@@ -176,7 +176,7 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 	if err != nil {
 		return fmt.Errorf("serve backup: %w", err)
 	}
-	limit := max(minForwardQueue, 2*len(in.img.mem))
+	limit := max(minForwardQueue, 2*int(in.img.Size()))
 	b := &backupLink{c: c, wake: make(chan struct{}, 1), limit: limit, reseed: true, changed: make(chan struct{})}
 	b.held.bytes = &in.heldBytes
 	in.bmu.Lock()

@@ -174,3 +174,85 @@ func TestForwardRecyclesPageMemory(t *testing.T) {
 		t.Errorf("backup image at epoch %d differs from what was sent", bk.Committed())
 	}
 }
+
+// fullImage is a full image of every page of a memSize guest (laid out as
+// the image's memory), page p filled with p+epoch.
+func fullImage(epoch, memSize uint64) *Checkpoint {
+	var pfns []uint64
+	for p := range memSize / mmu.PageSize {
+		pfns = append(pfns, p)
+	}
+	cp := testCheckpoint(epoch, true, pfns...)
+	cp.State = []byte("full")
+	return cp
+}
+
+// TestApplyAdopting: a full image laid out as the image's memory becomes
+// the image's memory (the old memory is returned), once the image has an
+// epoch; it is applied exactly as a copy would be. A full image of some
+// pages only, and an image in guest RAM (NewImageOn), are copied.
+func TestApplyAdopting(t *testing.T) {
+	const memSize = 1 << 20
+	layout := mmu.Layout(memSize)
+	off := func(pfn uint64) (uint64, error) { return mmu.LayoutOffset(layout, pfn*mmu.PageSize, mmu.PageSize) }
+	im, ref := NewImage(memSize), NewImage(memSize)
+	for e, cp := range []*Checkpoint{fullImage(1, memSize), fullImage(2, memSize), testCheckpoint(3, true, 4, 9), fullImage(4, memSize)} {
+		old, adopted, err := im.ApplyAdopting(cp, 0, off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := e == 1 || e == 3; adopted != want || (old != nil) != want {
+			t.Errorf("epoch %d: adopted %v (old memory returned: %v), want %v", cp.Epoch, adopted, old != nil, want)
+		}
+		if adopted {
+			var same bool
+			im.Read(func(mem, _ []byte, _ uint64) { same = &mem[0] == &cp.Data[0] })
+			if !same || &old[0] == &cp.Data[0] {
+				t.Errorf("epoch %d: adopted, yet the image's memory is not the checkpoint's", cp.Epoch)
+			}
+		}
+		if err := ref.Apply(cp, 0, off); err != nil {
+			t.Fatal(err)
+		}
+		if !sameImage(im, ref) {
+			t.Fatalf("epoch %d: the adopting image differs from a copying one", cp.Epoch)
+		}
+	}
+	ram := NewImageOn(make([]byte, memSize))
+	for _, cp := range []*Checkpoint{fullImage(1, memSize), fullImage(2, memSize)} {
+		if _, adopted, err := ram.ApplyAdopting(cp, 0, off); err != nil || adopted {
+			t.Errorf("an image in guest RAM: ApplyAdopting(%d) = adopted %v, %v; want a copy", cp.Epoch, adopted, err)
+		}
+	}
+}
+
+// TestForwardAdoptedImage: a full image the intermediary adopts goes to
+// the backup as a copy, so that the checkpoints after it, applied to the
+// image (the same memory), do not change what is still being sent: the
+// backup follows the intermediary's image exactly.
+func TestForwardAdoptedImage(t *testing.T) {
+	const memSize = 4 << 20
+	in, bk, pc := forwardRig(t, memSize, nil, BackupConfig{})
+	ref := NewImage(memSize)
+	send := func(cp *Checkpoint, base uint64) {
+		if err := ref.Apply(cp, base, in.PageOffset); err != nil {
+			t.Fatal(err)
+		}
+		sendAcked(t, pc, cp, base)
+	}
+	send(fullImage(1, memSize), 0)
+	waitFor(t, "the seed", func() bool { return bk.Committed() == 1 })
+	for e := uint64(2); e <= 30; e++ {
+		if e%5 == 0 {
+			send(fullImage(e, memSize), 0) // adopted
+		} else {
+			send(testCheckpoint(e, false, e, 100+e, 1000), e-1)
+		}
+	}
+	if err := attachedBackup(in).sync(t.Context(), in, 30); err != nil {
+		t.Fatal(err)
+	}
+	if !sameImage(ref, in.Image()) || !sameImage(ref, bk.Image()) {
+		t.Errorf("after 30 epochs with adopted full images: intermediary same %v, backup same %v", sameImage(ref, in.Image()), sameImage(ref, bk.Image()))
+	}
+}

@@ -12,9 +12,11 @@ import (
 // hold-back ledger (heldPages) records what the backup lacks, and the
 // backup link's writer sends it. It never blocks on the backup. It
 // reports whether cp itself was queued (its page memory is then the
-// writer's, which gives it back to in.spare once sent).
+// writer's, which gives it back to in.spare once sent). If shared, cp's
+// page memory is the image's (ApplyAdopting): what goes whole is a copy,
+// as the image changes with the next checkpoint.
 // Call with in.mu held, the image at cp's epoch.
-func (in *Intermediary) forward(cp *Checkpoint) (queued bool) {
+func (in *Intermediary) forward(cp *Checkpoint, shared bool) (queued bool) {
 	in.bmu.Lock()
 	b := in.backup
 	in.bmu.Unlock()
@@ -36,8 +38,12 @@ func (in *Intermediary) forward(cp *Checkpoint) (queued bool) {
 	h.rate = d.Rate
 	var out []outgoing
 	if d.Whole && !h.holdMode {
-		out = append(out, outgoing{cp: cp})
-		queued = true
+		if shared {
+			out = append(out, outgoing{cp: cp.withOwnPages(in.spare.take(len(cp.Data)))})
+		} else {
+			out = append(out, outgoing{cp: cp})
+			queued = true
+		}
 		if h.synced != 0 || cp.Kind == KindFull {
 			// The backup's base once this arrives: a policy installed
 			// later syncs on it.
@@ -122,4 +128,13 @@ func stagedPages(cp *Checkpoint, stage []int) *Checkpoint {
 		}
 	}
 	return out
+}
+
+// withOwnPages returns cp with a copy of its page data, in buf if it is
+// large enough (the rest shared: a received checkpoint's PFNs, sums and
+// state are never written).
+func (cp *Checkpoint) withOwnPages(buf []byte) *Checkpoint {
+	c := *cp
+	c.Data = append(buf[:0], cp.Data...)
+	return &c
 }
