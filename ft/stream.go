@@ -220,15 +220,49 @@ func sendStaged(c MessageConn, cp *Checkpoint) error {
 // eachBatch passes cp's pages to fn as page batches of its epoch, at most
 // wire.MaxBatchPages each, in order, with their sums (cp.Sums, or computed
 // from the pages). The batch is reused between calls.
+//
+// Sums computed here (the primary's own checkpoints) are computed by a
+// helper goroutine for a checkpoint of several batches, at most
+// sumAhead batches ahead of fn: the next batches are summed on another
+// core while fn seals and writes this one, and their pages are still in
+// the shared cache when fn reads them.
 func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
+	sums := cp.Sums
+	var summed chan struct{} // one value per batch summed
+	if sums == nil && len(cp.PFNs) > sumAhead*batchPages {
+		sums = make([]uint32, len(cp.PFNs))
+		summed = make(chan struct{}, sumAhead)
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < len(cp.PFNs); i += batchPages {
+				for j := i; j < min(i+batchPages, len(cp.PFNs)); j++ {
+					sums[j] = wire.PageSum(cp.PFNs[j], cp.Page(j))
+				}
+				select {
+				case summed <- struct{}{}:
+				case <-stop:
+					return
+				}
+			}
+		}()
+		// cp's pages are the caller's again once this returns.
+		defer wg.Wait()
+		defer close(stop)
+	}
 	batch := wire.PageBatch{Epoch: cp.Epoch}
 	for i := 0; i < len(cp.PFNs); i += batchPages {
 		n := min(batchPages, len(cp.PFNs)-i)
+		if summed != nil {
+			<-summed
+		}
 		batch.Pages = batch.Pages[:0]
 		for j := i; j < i+n; j++ {
 			p := wire.Page{PFN: cp.PFNs[j], Data: cp.Page(j)}
-			if cp.Sums != nil {
-				p.Sum = cp.Sums[j]
+			if sums != nil {
+				p.Sum = sums[j]
 			} else {
 				p.Sum = wire.PageSum(p.PFN, p.Data)
 			}
@@ -240,6 +274,10 @@ func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
 	}
 	return nil
 }
+
+// sumAhead is how many batches eachBatch's helper sums ahead of the
+// sender at most.
+const sumAhead = 2
 
 // pageBuffer keeps the page memory of received checkpoints that nothing
 // uses any more (at most keepBuffers of them), for the next ones: a new
