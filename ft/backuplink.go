@@ -176,7 +176,7 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 	if err != nil {
 		return fmt.Errorf("serve backup: %w", err)
 	}
-	limit := max(minForwardQueue, 2*len(in.img.mem))
+	limit := max(minForwardQueue, 2*int(in.img.Size()))
 	b := &backupLink{c: c, wake: make(chan struct{}, 1), limit: limit, reseed: true, changed: make(chan struct{})}
 	b.held.bytes = &in.heldBytes
 	in.bmu.Lock()
@@ -308,16 +308,23 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent
 			in.forwarded.Add(uint64(msgBytes(o.msg)))
 			continue
 		}
+		// A queued checkpoint is the queue's alone (the received one
+		// forward queued whole, or one built for the backup): once sent
+		// or skipped, its page memory goes back to the intermediary for
+		// the next checkpoint it receives. (A re-seed's image, rare and
+		// as large as guest memory, is not kept.)
 		cp := o.cp
 		if cp.Epoch <= sent {
 			// Already in the re-seed image. (An earlier epoch from a
 			// restarted primary is caught by the next delta, which does
 			// not follow: that re-seeds.)
+			in.spare.put(cp.Data)
 			continue
 		}
 		switch cp.Kind {
 		case KindStagePages:
 			if sent == 0 {
+				in.spare.put(cp.Data)
 				continue // no base yet: the re-seed will carry them
 			}
 			if err := SendCheckpoint(b.c, cp, 0); err != nil {
@@ -325,6 +332,7 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent
 			}
 			in.forwarded.Add(uint64(len(cp.Data)))
 			in.stagedOut.Add(uint64(len(cp.Data)))
+			in.spare.put(cp.Data)
 			continue
 		case KindSync:
 			if cp.Base != sent {
@@ -347,6 +355,7 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent
 		}
 		in.forwarded.Add(uint64(len(cp.Data) + len(cp.State)))
 		sent = cp.Epoch
+		in.spare.put(cp.Data)
 	}
 	return nil
 }

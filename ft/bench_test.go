@@ -183,7 +183,10 @@ func outputLatency(b *testing.B, attach func(in *Intermediary, memSize uint64), 
 //     output buffer; the page is written vectored, no frame buffer)
 //  3. intermediary: TLS record → checkpoint buffer (crypto/tls opens in
 //     place and copies into the placed page memory; no batch allocation)
-//  4. intermediary: checkpoint buffer → image (Apply, after verification)
+//  4. intermediary: checkpoint buffer → image (Apply, after verification;
+//     a full image laid out as guest memory is adopted as the image
+//     instead, and then copied for the backup to be sent from, as the
+//     image changes with the next checkpoint: one copy either way)
 //  5. intermediary: checkpoint buffer → TLS record (forwarded as received)
 //  6. backup: TLS record → checkpoint buffer (placed)
 //  7. backup: checkpoint buffer → guest RAM (Apply, after verification)

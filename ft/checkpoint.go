@@ -19,8 +19,11 @@ type Checkpoint struct {
 	PFNs  []uint64       // guest-physical page frame numbers, ascending
 	Data  []byte         // len(PFNs) pages of 4 KiB, in PFN order
 	// Sums are the pages' end-to-end sums (wire.PageSum), in PFN order,
-	// as the primary computed them from the pages it captured; nil until
-	// the checkpoint is first sent (the primary's own checkpoints).
+	// as the primary computed them from the pages it captured; nil in the
+	// primary's own checkpoints (summed as they are sent). Every checkpoint
+	// the intermediary builds (forwarded, staged, served, a sync or a
+	// re-seed) carries the primary's sums, from the received checkpoint or
+	// its image, so that the backup checks each page end to end.
 	Sums  []uint32
 	State []byte // the encoded vmm.MachineState
 

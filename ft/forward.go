@@ -10,14 +10,18 @@ import (
 // forward passes an acknowledged checkpoint through the policy to the
 // attached backup, if any: the policy's Decision says what goes now, the
 // hold-back ledger (heldPages) records what the backup lacks, and the
-// backup link's writer sends it. It never blocks on the backup.
+// backup link's writer sends it. It never blocks on the backup. It
+// reports whether cp itself was queued (its page memory is then the
+// writer's, which gives it back to in.spare once sent). If shared, cp's
+// page memory is the image's (ApplyAdopting): what goes whole is a copy,
+// as the image changes with the next checkpoint.
 // Call with in.mu held, the image at cp's epoch.
-func (in *Intermediary) forward(cp *Checkpoint) {
+func (in *Intermediary) forward(cp *Checkpoint, shared bool) (queued bool) {
 	in.bmu.Lock()
 	b := in.backup
 	in.bmu.Unlock()
 	if b == nil {
-		return
+		return false
 	}
 	p := in.policy.get()
 	offs := make([]uint64, len(cp.PFNs))
@@ -34,7 +38,12 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 	h.rate = d.Rate
 	var out []outgoing
 	if d.Whole && !h.holdMode {
-		out = append(out, outgoing{cp: cp})
+		if shared {
+			out = append(out, outgoing{cp: cp.withOwnPages(in.spare.take(len(cp.Data)))})
+		} else {
+			out = append(out, outgoing{cp: cp})
+			queued = true
+		}
 		if h.synced != 0 || cp.Kind == KindFull {
 			// The backup's base once this arrives: a policy installed
 			// later syncs on it.
@@ -76,9 +85,10 @@ func (in *Intermediary) forward(cp *Checkpoint) {
 	}
 	h.publish()
 	if len(out) == 0 {
-		return
+		return false
 	}
 	b.enqueue(out...)
+	return queued
 }
 
 // manifests describes the pages of cp at the indexes describe for the
@@ -100,14 +110,31 @@ func manifests(cp *Checkpoint, freq func(i int) float64, describe []int) []*wire
 }
 
 // stagedPages copies the pages of cp at the indexes stage into a
-// KindStagePages checkpoint.
+// KindStagePages checkpoint, with their sums as the primary sent them
+// (cp.Sums, which a received checkpoint has), so that the backup checks
+// them end to end.
 func stagedPages(cp *Checkpoint, stage []int) *Checkpoint {
 	out := &Checkpoint{Epoch: cp.Epoch, Kind: KindStagePages, PFNs: make([]uint64, 0, len(stage)), Data: make([]byte, 0, len(stage)*mmu.PageSize)}
+	if cp.Sums != nil {
+		out.Sums = make([]uint32, 0, len(stage))
+	}
 	for _, i := range stage {
 		if i >= 0 && i < len(cp.PFNs) {
 			out.PFNs = append(out.PFNs, cp.PFNs[i])
 			out.Data = append(out.Data, cp.Page(i)...)
+			if cp.Sums != nil {
+				out.Sums = append(out.Sums, cp.Sums[i])
+			}
 		}
 	}
 	return out
+}
+
+// withOwnPages returns cp with a copy of its page data, in buf if it is
+// large enough (the rest shared: a received checkpoint's PFNs, sums and
+// state are never written).
+func (cp *Checkpoint) withOwnPages(buf []byte) *Checkpoint {
+	c := *cp
+	c.Data = append(buf[:0], cp.Data...)
+	return &c
 }

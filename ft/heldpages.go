@@ -71,7 +71,8 @@ func (h *heldPages) lacked(off uint64) bool { return h.lacks != nil && h.lacks[o
 func (h *heldPages) publish() { h.bytes.Store(h.lacking * mmu.PageSize) }
 
 // syncCheckpoint builds the hold-back sync to the image's epoch: every
-// page held back since the last sync, copied from the image, and the state;
+// page held back since the last sync, copied from the image with the sum the
+// primary sent it with (the backup checks it end to end), and the state;
 // the backup commits it together with the pages staged since. Call with
 // b.held.mu held and the image at the last epoch forwarded (in.mu held:
 // no checkpoint is between its Apply and its forward).
@@ -85,16 +86,19 @@ func (in *Intermediary) syncCheckpoint(b *backupLink) *Checkpoint {
 		return nil
 	}
 	var cp *Checkpoint
-	in.img.Read(func(mem, state []byte, epoch uint64) {
+	in.img.ReadSummed(func(mem, state []byte, epoch uint64, sum func(p, pfn uint64) uint32) {
 		cp = &Checkpoint{Epoch: epoch, Kind: KindSync, Base: h.synced, State: append([]byte(nil), state...)}
 		cp.PFNs = make([]uint64, 0, h.lacking)
 		cp.Data = make([]byte, 0, h.lacking*mmu.PageSize)
+		cp.Sums = make([]uint32, 0, h.lacking)
 		for _, r := range in.regions {
 			first := r.Offset / mmu.PageSize
 			for k := uint64(0); k < r.Size/mmu.PageSize; k++ {
 				if off := first + k; h.lacked(off) {
-					cp.PFNs = append(cp.PFNs, r.GPA/mmu.PageSize+k)
+					pfn := r.GPA/mmu.PageSize + k
+					cp.PFNs = append(cp.PFNs, pfn)
 					cp.Data = append(cp.Data, mem[off*mmu.PageSize:(off+1)*mmu.PageSize]...)
+					cp.Sums = append(cp.Sums, sum(off, pfn))
 					h.lacks[off] = false
 				}
 			}

@@ -273,7 +273,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
-			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take())
+			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize))
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}
@@ -314,22 +314,25 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	if in.fenced {
 		return ErrFenced
 	}
-	if err := in.img.Apply(cp, base, in.PageOffset); err != nil {
+	// A full image received in its final place becomes the image without
+	// a copy; the memory the image held until then is free.
+	old, adopted, err := in.img.ApplyAdopting(cp, base, in.PageOffset)
+	if err != nil {
 		return err
+	}
+	if adopted {
+		in.spare.put(old)
 	}
 	in.received.Add(uint64(len(cp.Data) + len(cp.State)))
 	in.noteApplied(cp.Epoch)
 	// Queued under mu, so that Failover finds every applied epoch queued
 	// (also one whose acknowledgement cannot be sent: Failover activates
 	// the image's epoch, and hold-back's bookkeeping must know its pages).
-	in.forward(cp)
-	in.bmu.Lock()
-	if in.backup == nil {
-		// No backup took cp into its queue, or the link that did has
-		// ended (its writer with it): its page memory is free.
+	if !in.forward(cp, adopted) && !adopted {
+		// No backup link took cp into its queue: its page memory is
+		// free. (One that did gives it back once sent: sendBatch.)
 		in.spare.put(cp.Data)
 	}
-	in.bmu.Unlock()
 	if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
 		return fmt.Errorf("%w %d: %w", errAckFailed, cp.Epoch, err)
 	}

@@ -42,12 +42,15 @@ func (in *Intermediary) servePages(b *backupLink, m *wire.PageRequest) {
 	epoch := max(in.img.Epoch(), 1)
 	var out []outgoing
 	if len(want) > 0 {
-		cp := &Checkpoint{Kind: KindStagePages, PFNs: want, Data: make([]byte, 0, len(want)*mmu.PageSize)}
-		in.img.Read(func(mem, _ []byte, e uint64) {
+		cp := &Checkpoint{Kind: KindStagePages, PFNs: want, Data: make([]byte, 0, len(want)*mmu.PageSize),
+			Sums: make([]uint32, 0, len(want))}
+		// Each page goes with the primary's sum (checked end to end).
+		in.img.ReadSummed(func(mem, _ []byte, e uint64, sum func(p, pfn uint64) uint32) {
 			cp.Epoch = e
 			for _, pfn := range want {
 				off, _ := in.PageOffset(pfn)
 				cp.Data = append(cp.Data, mem[off:off+mmu.PageSize]...)
+				cp.Sums = append(cp.Sums, sum(off/mmu.PageSize, pfn))
 				h.mark(off/mmu.PageSize, false, 0)
 			}
 		})

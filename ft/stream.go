@@ -220,15 +220,49 @@ func sendStaged(c MessageConn, cp *Checkpoint) error {
 // eachBatch passes cp's pages to fn as page batches of its epoch, at most
 // wire.MaxBatchPages each, in order, with their sums (cp.Sums, or computed
 // from the pages). The batch is reused between calls.
+//
+// Sums computed here (the primary's own checkpoints) are computed by a
+// helper goroutine for a checkpoint of several batches, at most
+// sumAhead batches ahead of fn: the next batches are summed on another
+// core while fn seals and writes this one, and their pages are still in
+// the shared cache when fn reads them.
 func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
+	sums := cp.Sums
+	var summed chan struct{} // one value per batch summed
+	if sums == nil && len(cp.PFNs) > sumAhead*batchPages {
+		sums = make([]uint32, len(cp.PFNs))
+		summed = make(chan struct{}, sumAhead)
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < len(cp.PFNs); i += batchPages {
+				for j := i; j < min(i+batchPages, len(cp.PFNs)); j++ {
+					sums[j] = wire.PageSum(cp.PFNs[j], cp.Page(j))
+				}
+				select {
+				case summed <- struct{}{}:
+				case <-stop:
+					return
+				}
+			}
+		}()
+		// cp's pages are the caller's again once this returns.
+		defer wg.Wait()
+		defer close(stop)
+	}
 	batch := wire.PageBatch{Epoch: cp.Epoch}
 	for i := 0; i < len(cp.PFNs); i += batchPages {
 		n := min(batchPages, len(cp.PFNs)-i)
+		if summed != nil {
+			<-summed
+		}
 		batch.Pages = batch.Pages[:0]
 		for j := i; j < i+n; j++ {
 			p := wire.Page{PFN: cp.PFNs[j], Data: cp.Page(j)}
-			if cp.Sums != nil {
-				p.Sum = cp.Sums[j]
+			if sums != nil {
+				p.Sum = sums[j]
 			} else {
 				p.Sum = wire.PageSum(p.PFN, p.Data)
 			}
@@ -241,30 +275,73 @@ func eachBatch(cp *Checkpoint, fn func(*wire.PageBatch) error) error {
 	return nil
 }
 
-// pageBuffer keeps the page memory of one received checkpoint that its
-// receiver no longer uses, for the next one: a new buffer of a large
-// checkpoint costs a page fault and the kernel's zeroing for each of its
-// pages before the first byte lands, about as much as receiving it.
+// sumAhead is how many batches eachBatch's helper sums ahead of the
+// sender at most.
+const sumAhead = 2
+
+// pageBuffer keeps the page memory of received checkpoints that nothing
+// uses any more (at most keepBuffers of them), for the next ones: a new
+// buffer of a large checkpoint costs a page fault and the kernel's zeroing
+// for each of its pages before the first byte lands, about as much as
+// receiving it. Two circulate at the intermediary while it forwards: one
+// being sent to the backup, one being received.
 type pageBuffer struct {
-	mu  sync.Mutex
-	buf []byte
+	mu   sync.Mutex
+	bufs [keepBuffers][]byte
+	// missed counts takes that found no kept memory large enough (the
+	// receiver then allocates).
+	missed uint64
 }
 
-// take returns the kept memory (nil if none), which is the caller's now.
-func (p *pageBuffer) take() []byte {
+// keepBuffers is how many page buffers a pageBuffer keeps.
+const keepBuffers = 2
+
+// take returns kept memory of at least n bytes (the smallest that fits),
+// which is the caller's now, or nil if none fits.
+func (p *pageBuffer) take(n int) []byte {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	b := p.buf
-	p.buf = nil
+	best := -1
+	for i, b := range p.bufs {
+		if b != nil && cap(b) >= n && (best < 0 || cap(b) < cap(p.bufs[best])) {
+			best = i
+		}
+	}
+	if best < 0 {
+		p.missed++
+		return nil
+	}
+	b := p.bufs[best]
+	p.bufs[best] = nil
 	return b
 }
 
 // put keeps b, the page memory of a checkpoint nothing refers to any more,
-// unless larger memory is kept already.
+// in a free place or instead of smaller kept memory.
 func (p *pageBuffer) put(b []byte) {
+	if cap(b) == 0 {
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if cap(b) > cap(p.buf) {
-		p.buf = b[:0]
+	small := 0
+	for i, k := range p.bufs {
+		if k == nil {
+			p.bufs[i] = b[:0]
+			return
+		}
+		if cap(k) < cap(p.bufs[small]) {
+			small = i
+		}
 	}
+	if cap(b) > cap(p.bufs[small]) {
+		p.bufs[small] = b[:0]
+	}
+}
+
+// misses returns how many takes found no kept memory large enough.
+func (p *pageBuffer) misses() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.missed
 }
