@@ -45,13 +45,13 @@ func wantLines(t *testing.T, out string, want ...string) {
 }
 
 func TestApplianceOutsideImage(t *testing.T) {
-	code, out := runAppliance(t, Options{}, `console=ttyS0 understudy.role=test understudy.exec="sh -c 'echo from-the-command; exit 3'" understudy.tap=tap9`)
+	code, out := runAppliance(t, Options{}, `console=ttyS0 understudy.role=test understudy.exec="sh -c 'echo from-the-command; exit 3'" understudy.tap=tap9 understudy.bridge=br9:eth0+tap9,192.0.2.11/24`)
 	if code != 3 {
 		t.Errorf("exit code %d, want the command's 3", code)
 	}
 	wantLines(t, out, Tag+"starting: understudy ", Tag+"role test\n",
 		Tag+`option exec="sh -c 'echo from-the-command; exit 3'"`, "modules: not loaded: ", "is not the appliance image",
-		Tag+"kvm: ", "tap tap9: not created", Tag+"ready role=test\n",
+		Tag+"kvm: ", "tap tap9: not created", "bridge br9: not created", Tag+"ready role=test\n",
 		Tag+"exec: sh -c 'echo from-the-command; exit 3'", "from-the-command\n",
 		Tag+"exec: exit status 3 after ", Tag+"done status=3\n")
 }

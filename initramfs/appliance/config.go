@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path"
+	"slices"
 	"strings"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 // Limits on what the command line may ask for.
 const (
 	maxTaps    = 8
+	maxPorts   = 8
 	maxArgs    = 256
 	maxTimeout = 24 * time.Hour
 )
@@ -37,6 +39,11 @@ const Help = `The role and its options come from the kernel command line:
                                write TEXT and a newline to it
   understudy.tap=NAME[,A/N]    create tap device NAME (with IPv4 address A/N), up;
                                repeatable
+  understudy.bridge=BR:P[+P...][,A/N]
+                               after the taps, create bridge BR with ports P (taps,
+                               or the node's NIC eth0, waited for), give BR the IPv4
+                               address A/N and set it all up: a nested guest on a
+                               tap port is then on the node's Ethernet segment
   understudy.modules=M,M|none  modules to load instead of the image's list
 `
 
@@ -47,6 +54,7 @@ type config struct {
 	modules  []string // nil: the image's list
 	noMods   bool     // understudy.modules=none
 	taps     []tapSpec
+	bridge   *bridgeSpec    // nil: none
 	probe    netip.AddrPort // valid when asked for
 	testDisk *testDisk
 	stdin    string // "": the command's stdin is /dev/null
@@ -56,6 +64,13 @@ type config struct {
 type tapSpec struct {
 	name string
 	addr netip.Prefix // invalid: no address
+}
+
+// bridgeSpec is a bridge to make: its ports and its own address.
+type bridgeSpec struct {
+	name  string
+	ports []string
+	addr  netip.Prefix // invalid: no address
 }
 
 // testDisk is a test disk to write (see boot.TestDiskOffsets).
@@ -120,6 +135,10 @@ func parseConfig(ps boot.Params) (config, error) {
 				}
 			}
 			c.taps = append(c.taps, t)
+		case "bridge":
+			if c.bridge, err = parseBridgeSpec(v); err != nil {
+				return c, err
+			}
 		case "probe":
 			rest, ok := strings.CutPrefix(v, "tcp:")
 			if c.probe, err = netip.ParseAddrPort(rest); !ok || err != nil || c.probe.Port() == 0 {
@@ -169,6 +188,39 @@ func parseTapSpec(v string) (tapSpec, error) {
 		t.addr = p
 	}
 	return t, nil
+}
+
+func parseBridgeSpec(v string) (*bridgeSpec, error) {
+	bad := fmt.Errorf("understudy.bridge=%q: want BRIDGE:PORT[+PORT...][,A.B.C.D/N], as br0:eth0+tap0,192.0.2.11/24", v)
+	spec, addr, hasAddr := strings.Cut(v, ",")
+	name, ports, ok := strings.Cut(spec, ":")
+	if !ok || ports == "" {
+		return nil, bad
+	}
+	b := &bridgeSpec{name: name}
+	if err := virtio.CheckIfName(name); err != nil {
+		return nil, fmt.Errorf("understudy.bridge: %w", err)
+	}
+	for _, p := range strings.Split(ports, "+") {
+		if err := virtio.CheckIfName(p); err != nil {
+			return nil, fmt.Errorf("understudy.bridge: port: %w", err)
+		}
+		if p == name || slices.Contains(b.ports, p) {
+			return nil, fmt.Errorf("understudy.bridge=%q: port %s given twice or is the bridge", v, p)
+		}
+		if len(b.ports) == maxPorts {
+			return nil, fmt.Errorf("understudy.bridge: more than %d ports", maxPorts)
+		}
+		b.ports = append(b.ports, p)
+	}
+	if hasAddr {
+		p, err := netip.ParsePrefix(addr)
+		if err != nil || !p.Addr().Is4() || p.Bits() == 0 || p.Bits() == 32 {
+			return nil, bad
+		}
+		b.addr = p
+	}
+	return b, nil
 }
 
 func validModName(s string) bool {
