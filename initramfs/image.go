@@ -146,7 +146,11 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err := goBuild(ctx, o.RepoDir, kvload, "./internal/cmd/kvload"); err != nil {
 		return nil, err
 	}
-	step("built kvload (static)")
+	nodefile := filepath.Join(stage, "nodefile")
+	if err := goBuild(ctx, o.RepoDir, nodefile, "./initramfs/cmd/nodefile"); err != nil {
+		return nil, err
+	}
+	step("built kvload and nodefile (static)")
 
 	guestCPIO := filepath.Join(o.OutDir, appliance.ImageGuest)
 	if err := writeGuestCPIO(guestCPIO, guestinit, filepath.Join(stage, "guest"), k.Release, guestMods); err != nil {
@@ -173,6 +177,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	files := []string{
 		o.Understudy + ":" + appliance.Binary,
 		kvload + ":" + appliance.KVLoad,
+		nodefile + ":" + appliance.NodeFile,
 		k.Vmlinuz() + ":" + appliance.GuestKernel,
 		guestCPIO + ":" + appliance.GuestInitrd,
 	}

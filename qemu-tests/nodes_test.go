@@ -15,6 +15,7 @@ import (
 const (
 	segPrefix = 24
 	kvPort    = "7777"
+	filePort  = "7000" // nodefile's
 )
 
 // nodeAddr is node i's own address on the segment (on its bridge br0).
@@ -71,16 +72,21 @@ func (e env) bootNode(t *testing.T, s *Segment, i int, params string) *Machine {
 // connection across the segment, reads every acknowledged one back, has the
 // guest verify its disk, and powers the guest off. This is the network that
 // snapshot/restore on another node and failover need: the client reaches
-// the guest by its own IP and MAC, wherever the guest runs.
+// the guest by its own IP and MAC, wherever the guest runs. Then node 1
+// sends the guest's disk image to node 2 over the segment (nodefile, as a
+// snapshot and its disk would move), and both ends print the same size and
+// SHA-256.
 func TestTwoNodesKV(t *testing.T) {
 	e := setup(t)
 	seg := e.segment(t)
 	const writes = 200
-	n1 := e.bootNode(t, seg, 1, fmt.Sprintf("understudy.testdisk=/tmp/kv.img:kv-%d %s", time.Now().UnixNano(),
+	n1 := e.bootNode(t, seg, 1, fmt.Sprintf(`understudy.testdisk=/tmp/kv.img:kv-%d %s understudy.then="/%s send -listen %s:%s /tmp/kv.img"`,
+		time.Now().UnixNano(),
 		nestedRun(fmt.Sprintf("--disk /tmp/kv.img --net tap=%s,mac=%s ", tapName, guestMAC),
-			fmt.Sprintf("guest.mode=kv guest.addr=%s/%d guest.port=%s", guestAddr, segPrefix, kvPort))))
-	n2 := e.bootNode(t, seg, 2, fmt.Sprintf(`understudy.exec="/%s -addr %s:%s -n %d -retry-for 5m -want-survived -poweroff"`,
-		appliance.KVLoad, guestAddr, kvPort, writes))
+			fmt.Sprintf("guest.mode=kv guest.addr=%s/%d guest.port=%s", guestAddr, segPrefix, kvPort)),
+		appliance.NodeFile, nodeAddr(1), filePort))
+	n2 := e.bootNode(t, seg, 2, fmt.Sprintf(`understudy.exec="/%s -addr %s:%s -n %d -retry-for 5m -want-survived -poweroff" understudy.then="/%s recv -from %s:%s -dir /tmp/in"`,
+		appliance.KVLoad, guestAddr, kvPort, writes, appliance.NodeFile, nodeAddr(1), filePort))
 	bridgeUp := func(i int) string {
 		return fmt.Sprintf("understudy-appliance: bridge br0: created, ports eth0 %s, address %s/%d, up", tapName, nodeAddr(i), segPrefix)
 	}
@@ -101,8 +107,14 @@ func TestTwoNodesKV(t *testing.T) {
 		"understudy-guest: done, powering off",
 		"understudy-appliance: exec: exit status 0",
 	)
+	sent := expect(t, n1, nestedTimeout, "nodefile: sending kv.img ", "nodefile: sent 1 files ", "nodefile: OK", "understudy-appliance: exec: exit status 0")
+	recvd := expect(t, n2, nestedTimeout, "nodefile: received kv.img ", "nodefile: received 1 files ", "nodefile: OK", "understudy-appliance: exec: exit status 0")
+	if s, r := strings.TrimPrefix(sent[0].Text, "nodefile: sending kv.img "), strings.TrimPrefix(recvd[0].Text, "nodefile: received kv.img "); s != r {
+		t.Errorf("node 1 sent kv.img %s, node 2 received %s", s, r)
+	}
 	poweredOff(t, n2, 0)
 	poweredOff(t, n1, 0)
-	t.Logf("two nodes: the guest served %.2fs after its init; kvload's run: %s; node 1's QEMU ran %.1fs, node 2's %.1fs",
-		(g[1].At - g[0].At).Seconds(), strings.TrimPrefix(got[0].Text, "kvload: "), n1.Elapsed().Seconds(), n2.Elapsed().Seconds())
+	t.Logf("two nodes: the guest served %.2fs after its init; kvload's run: %s; %s; node 1's QEMU ran %.1fs, node 2's %.1fs",
+		(g[1].At - g[0].At).Seconds(), strings.TrimPrefix(got[0].Text, "kvload: "), strings.TrimPrefix(recvd[1].Text, "nodefile: "),
+		n1.Elapsed().Seconds(), n2.Elapsed().Seconds())
 }

@@ -56,6 +56,19 @@ func TestApplianceOutsideImage(t *testing.T) {
 		Tag+"exec: exit status 3 after ", Tag+"done status=3\n")
 }
 
+// TestApplianceThen: understudy.then commands run in order after exec,
+// each only if the one before exited 0; the run's status is the last one's.
+func TestApplianceThen(t *testing.T) {
+	code, out := runAppliance(t, Options{}, `understudy.role=test understudy.exec="sh -c 'echo first'" understudy.then="sh -c 'echo second'" understudy.then="sh -c 'echo third; exit 4'" understudy.then="sh -c 'echo fourth'"`)
+	if code != 4 {
+		t.Errorf("exit code %d, want the third command's 4", code)
+	}
+	wantLines(t, out, "first\n", "second\n", "third\n", Tag+"then: 1 more commands not run: the last one failed")
+	if strings.Contains(out, "fourth\n") || strings.Index(out, "second\n") > strings.Index(out, "third\n") {
+		t.Errorf("commands out of order or run after a failure:\n%s", out)
+	}
+}
+
 func TestApplianceBadCmdline(t *testing.T) {
 	for _, tt := range []struct{ cmdline, want string }{
 		{"console=ttyS0", "error: no understudy.role="},

@@ -20,7 +20,9 @@ import (
 )
 
 // runTest runs the test role: optional test disk, the command (with a
-// timeout), and a probe while it runs.
+// timeout), and a probe while it runs; then, while each exits 0, the
+// understudy.then commands in order. It returns the status of the last
+// command that ran.
 func (a *appliance) runTest(ctx context.Context, cfg config) int {
 	if len(cfg.args) == 0 {
 		return 0
@@ -36,7 +38,15 @@ func (a *appliance) runTest(ctx context.Context, cfg config) int {
 	if cfg.probe.IsValid() {
 		probe = func(ctx context.Context) error { return a.runProbe(ctx, cfg.probe) }
 	}
-	return a.runCommand(ctx, cfg.args, cfg.timeout, probe, cfg.stdin)
+	code := a.runCommand(ctx, cfg.args, cfg.timeout, probe, cfg.stdin)
+	for i, argv := range cfg.then {
+		if code != 0 {
+			a.printf("then: %d more commands not run: the last one failed", len(cfg.then)-i)
+			break
+		}
+		code = a.runCommand(ctx, argv, cfg.timeout, nil, "")
+	}
+	return code
 }
 
 // writeTestDisk creates the test disk d: boot.TestDiskSize bytes holding

@@ -17,6 +17,7 @@ import (
 const (
 	maxTaps    = 8
 	maxPorts   = 8
+	maxThen    = 8
 	maxArgs    = 256
 	maxTimeout = 24 * time.Hour
 )
@@ -29,7 +30,9 @@ const Help = `The role and its options come from the kernel command line:
                                "understudy ROLE ARGS"; group words with single quotes
   understudy.exec="CMD ARGS"   test: a command to run ("understudy" is this binary);
                                without it, test only reports and ends
-  understudy.timeout=DUR       test: stop the command after DUR (default 10m)
+  understudy.then="CMD ARGS"   test: a command to run once the previous one exited 0
+                               (repeatable, in order; each with the timeout)
+  understudy.timeout=DUR       test: stop each command after DUR (default 10m)
   understudy.probe=tcp:A:P     test: while the command runs, connect to A:P until
                                it answers, and print the answer's first line
   understudy.testdisk=PATH:TEXT  test: create a 1 MiB file PATH with TEXT at offset 0
@@ -50,9 +53,10 @@ const Help = `The role and its options come from the kernel command line:
 // config is what the kernel command line asks of the appliance.
 type config struct {
 	role     string
-	args     []string // role's flags, or test's command
-	modules  []string // nil: the image's list
-	noMods   bool     // understudy.modules=none
+	args     []string   // role's flags, or test's command
+	then     [][]string // test: commands to run after it, in order
+	modules  []string   // nil: the image's list
+	noMods   bool       // understudy.modules=none
 	taps     []tapSpec
 	bridge   *bridgeSpec    // nil: none
 	probe    netip.AddrPort // valid when asked for
@@ -82,7 +86,7 @@ func parseConfig(ps boot.Params) (config, error) {
 	c := config{timeout: 10 * time.Minute}
 	once := map[string]bool{}
 	for _, p := range ps.WithPrefix("understudy.") {
-		if p.Key != "tap" {
+		if p.Key != "tap" && p.Key != "then" {
 			if once[p.Key] {
 				return c, fmt.Errorf("understudy.%s given twice", p.Key)
 			}
@@ -105,6 +109,18 @@ func parseConfig(ps boot.Params) (config, error) {
 			if c.args, err = splitArgs(v); err != nil {
 				return c, fmt.Errorf("understudy.%s: %w", p.Key, err)
 			}
+		case "then":
+			if len(c.then) == maxThen {
+				return c, fmt.Errorf("understudy.then: more than %d commands", maxThen)
+			}
+			argv, err := splitArgs(v)
+			if err != nil {
+				return c, fmt.Errorf("understudy.then: %w", err)
+			}
+			if len(argv) == 0 || argv[0] == "" {
+				return c, errors.New("understudy.then needs a command")
+			}
+			c.then = append(c.then, argv)
 		case "timeout":
 			c.timeout, err = time.ParseDuration(v)
 			if err != nil || c.timeout <= 0 || c.timeout > maxTimeout {
@@ -166,10 +182,10 @@ func parseConfig(ps boot.Params) (config, error) {
 		return c, errors.New("understudy.role=test takes understudy.exec=, not understudy.args=")
 	case c.role != "test" && once["exec"]:
 		return c, fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
-	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"]):
-		return c, fmt.Errorf("understudy.probe, testdisk, stdin and timeout are for understudy.role=test, not %s", c.role)
-	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "") && len(c.args) == 0:
-		return c, errors.New("understudy.probe, testdisk and stdin need a command: understudy.exec=")
+	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"] || len(c.then) > 0):
+		return c, fmt.Errorf("understudy.probe, testdisk, stdin, then and timeout are for understudy.role=test, not %s", c.role)
+	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || len(c.then) > 0) && len(c.args) == 0:
+		return c, errors.New("understudy.probe, testdisk, stdin and then need a command: understudy.exec=")
 	}
 	return c, nil
 }

@@ -25,7 +25,7 @@ func TestParseApplianceConfig(t *testing.T) {
 	c, err := parseConfig(applianceParams(t, `console=ttyS0 quiet understudy.role=test `+
 		`understudy.exec="understudy run --kernel /boot/vmlinuz --cmdline 'console=ttyS0 guest.mode=net'" `+
 		`understudy.tap=tap0,192.0.2.1/24 understudy.tap=tap1 understudy.probe=tcp:192.0.2.2:7777 `+
-		`understudy.bridge=br0:eth0+tap0,192.0.2.11/24 understudy.testdisk=/tmp/d.img:tok-1 understudy.timeout=90s understudy.modules=kvm,kvm-amd understudy.stdin=line-1`))
+		`understudy.bridge=br0:eth0+tap0,192.0.2.11/24 understudy.then="a b" understudy.then=c understudy.testdisk=/tmp/d.img:tok-1 understudy.timeout=90s understudy.modules=kvm,kvm-amd understudy.stdin=line-1`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,6 +34,7 @@ func TestParseApplianceConfig(t *testing.T) {
 		args:     []string{"understudy", "run", "--kernel", "/boot/vmlinuz", "--cmdline", "console=ttyS0 guest.mode=net"},
 		modules:  []string{"kvm", "kvm_amd"},
 		taps:     []tapSpec{{"tap0", netip.MustParsePrefix("192.0.2.1/24")}, {name: "tap1"}},
+		then:     [][]string{{"a", "b"}, {"c"}},
 		bridge:   &bridgeSpec{"br0", []string{"eth0", "tap0"}, netip.MustParsePrefix("192.0.2.11/24")},
 		probe:    netip.MustParseAddrPort("192.0.2.2:7777"),
 		testDisk: &testDisk{"/tmp/d.img", "tok-1"},
@@ -72,6 +73,11 @@ func TestParseApplianceConfigErrors(t *testing.T) {
 		{"understudy.role=test understudy.tap=tap0,2001:db8::1/64", "want NAME,A.B.C.D/N"},
 		{"understudy.role=test understudy.tap=tap0 understudy.tap=tap0", "tap0 given twice"},
 		{"understudy.role=test understudy.tap=a understudy.tap=b understudy.tap=c understudy.tap=d understudy.tap=e understudy.tap=f understudy.tap=g understudy.tap=h understudy.tap=i", "more than 8"},
+		{"understudy.role=test understudy.then=x", "need a command"},
+		{"understudy.role=run understudy.then=x", "are for understudy.role=test"},
+		{`understudy.role=test understudy.exec=x understudy.then=" "`, "needs a value"},
+		{`understudy.role=test understudy.exec=x understudy.then="''"`, "needs a command"},
+		{"understudy.role=test understudy.exec=x understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a", "more than 8 commands"},
 		{"understudy.role=test understudy.bridge=br0", "want BRIDGE:PORT"},
 		{"understudy.role=test understudy.bridge=br0:", "want BRIDGE:PORT"},
 		{"understudy.role=test understudy.bridge=br0:eth0,192.0.2.11", "want BRIDGE:PORT"},
@@ -172,7 +178,7 @@ func FuzzParseApplianceConfig(f *testing.F) {
 		default:
 			t.Fatalf("accepted role %q", c.role)
 		}
-		if c.timeout <= 0 || c.timeout > maxTimeout || len(c.taps) > maxTaps || len(c.args) > maxArgs {
+		if c.timeout <= 0 || c.timeout > maxTimeout || len(c.taps) > maxTaps || len(c.args) > maxArgs || len(c.then) > maxThen || (len(c.then) > 0 && len(c.args) == 0) {
 			t.Fatalf("accepted %+v", c)
 		}
 		for _, tp := range c.taps {
