@@ -69,6 +69,17 @@ func TestApplianceThen(t *testing.T) {
 	}
 }
 
+// TestApplianceSignal: understudy.signal sends the command its signal once
+// a line of its output contains the text, and not before.
+func TestApplianceSignal(t *testing.T) {
+	script := `on() { echo got-usr1; kill $!; exit 0; }; trap on USR1; echo not yet; sleep 0.3; echo the marker: now; sleep 20 & wait; echo no signal; exit 1`
+	code, out := runAppliance(t, Options{}, `understudy.role=test understudy.signal="USR1:marker: now" understudy.exec="bash -c '`+script+`'"`)
+	if code != 0 {
+		t.Errorf("exit code %d, want 0:\n%s", code, out)
+	}
+	wantLines(t, out, "not yet\n", "the marker: now\n", Tag+`signal: sending SIGUSR1 after "marker: now"`, "got-usr1\n")
+}
+
 func TestApplianceBadCmdline(t *testing.T) {
 	for _, tt := range []struct{ cmdline, want string }{
 		{"console=ttyS0", "error: no understudy.role="},

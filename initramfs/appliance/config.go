@@ -7,6 +7,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/understudy-vmm/understudy/initramfs/boot"
@@ -40,6 +41,9 @@ const Help = `The role and its options come from the kernel command line:
   understudy.stdin=TEXT        test: the command's stdin is a pipe; once its output
                                shows a nested guest waiting for a line ("` + boot.EchoPrompt + `"),
                                write TEXT and a newline to it
+  understudy.signal="SIG:TEXT"  test: send SIG (USR1, USR2, HUP, INT or TERM) to the command
+                               once its output has a line containing TEXT (1..128
+                               printable ASCII characters)
   understudy.tap=NAME[,A/N]    create tap device NAME (with IPv4 address A/N), up;
                                repeatable
   understudy.bridge=BR:P[+P...][,A/N]
@@ -61,7 +65,8 @@ type config struct {
 	bridge   *bridgeSpec    // nil: none
 	probe    netip.AddrPort // valid when asked for
 	testDisk *testDisk
-	stdin    string // "": the command's stdin is /dev/null
+	stdin    string      // "": the command's stdin is /dev/null
+	signal   *signalSpec // nil: none
 	timeout  time.Duration
 }
 
@@ -76,6 +81,16 @@ type bridgeSpec struct {
 	ports []string
 	addr  netip.Prefix // invalid: no address
 }
+
+// signalSpec is a signal to send the command once its output shows text.
+type signalSpec struct {
+	sig  syscall.Signal
+	name string // "USR1"
+	text string
+}
+
+// signals are the signals understudy.signal may send.
+var signals = map[string]syscall.Signal{"USR1": syscall.SIGUSR1, "USR2": syscall.SIGUSR2, "HUP": syscall.SIGHUP, "INT": syscall.SIGINT, "TERM": syscall.SIGTERM}
 
 // testDisk is a test disk to write (see boot.TestDiskOffsets).
 type testDisk struct{ path, text string }
@@ -166,6 +181,13 @@ func parseConfig(ps boot.Params) (config, error) {
 				return c, fmt.Errorf("understudy.testdisk=%q: want /ABSOLUTE/PATH:TEXT, TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
 			}
 			c.testDisk = &testDisk{path: p, text: text}
+		case "signal":
+			name, text, _ := strings.Cut(v, ":")
+			sig, ok := signals[name]
+			if !ok || text == "" || len(text) > 128 || strings.Trim(text, printable) != "" {
+				return c, fmt.Errorf("understudy.signal=%q: want SIG:TEXT, SIG one of USR1, USR2, HUP, INT, TERM, TEXT 1..128 printable ASCII characters", v)
+			}
+			c.signal = &signalSpec{sig: sig, name: name, text: text}
 		case "stdin":
 			if !validToken(v) {
 				return c, fmt.Errorf("understudy.stdin=%q: want TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
@@ -182,10 +204,10 @@ func parseConfig(ps boot.Params) (config, error) {
 		return c, errors.New("understudy.role=test takes understudy.exec=, not understudy.args=")
 	case c.role != "test" && once["exec"]:
 		return c, fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
-	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"] || len(c.then) > 0):
-		return c, fmt.Errorf("understudy.probe, testdisk, stdin, then and timeout are for understudy.role=test, not %s", c.role)
-	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || len(c.then) > 0) && len(c.args) == 0:
-		return c, errors.New("understudy.probe, testdisk, stdin and then need a command: understudy.exec=")
+	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"] || once["signal"] || len(c.then) > 0):
+		return c, fmt.Errorf("understudy.probe, testdisk, stdin, signal, then and timeout are for understudy.role=test, not %s", c.role)
+	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || c.signal != nil || len(c.then) > 0) && len(c.args) == 0:
+		return c, errors.New("understudy.probe, testdisk, stdin, signal and then need a command: understudy.exec=")
 	}
 	return c, nil
 }
@@ -238,6 +260,9 @@ func parseBridgeSpec(v string) (*bridgeSpec, error) {
 	}
 	return b, nil
 }
+
+// printable is every printable ASCII character, space included.
+const printable = " !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~"
 
 func validModName(s string) bool {
 	if s == "" || len(s) > 56 {

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -25,7 +26,7 @@ func TestParseApplianceConfig(t *testing.T) {
 	c, err := parseConfig(applianceParams(t, `console=ttyS0 quiet understudy.role=test `+
 		`understudy.exec="understudy run --kernel /boot/vmlinuz --cmdline 'console=ttyS0 guest.mode=net'" `+
 		`understudy.tap=tap0,192.0.2.1/24 understudy.tap=tap1 understudy.probe=tcp:192.0.2.2:7777 `+
-		`understudy.bridge=br0:eth0+tap0,192.0.2.11/24 understudy.then="a b" understudy.then=c understudy.testdisk=/tmp/d.img:tok-1 understudy.timeout=90s understudy.modules=kvm,kvm-amd understudy.stdin=line-1`))
+		`understudy.bridge=br0:eth0+tap0,192.0.2.11/24 understudy.signal="USR1:kv: connection 1 from" understudy.then="a b" understudy.then=c understudy.testdisk=/tmp/d.img:tok-1 understudy.timeout=90s understudy.modules=kvm,kvm-amd understudy.stdin=line-1`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,6 +36,7 @@ func TestParseApplianceConfig(t *testing.T) {
 		modules:  []string{"kvm", "kvm_amd"},
 		taps:     []tapSpec{{"tap0", netip.MustParsePrefix("192.0.2.1/24")}, {name: "tap1"}},
 		then:     [][]string{{"a", "b"}, {"c"}},
+		signal:   &signalSpec{syscall.SIGUSR1, "USR1", "kv: connection 1 from"},
 		bridge:   &bridgeSpec{"br0", []string{"eth0", "tap0"}, netip.MustParsePrefix("192.0.2.11/24")},
 		probe:    netip.MustParseAddrPort("192.0.2.2:7777"),
 		testDisk: &testDisk{"/tmp/d.img", "tok-1"},
@@ -74,6 +76,13 @@ func TestParseApplianceConfigErrors(t *testing.T) {
 		{"understudy.role=test understudy.tap=tap0 understudy.tap=tap0", "tap0 given twice"},
 		{"understudy.role=test understudy.tap=a understudy.tap=b understudy.tap=c understudy.tap=d understudy.tap=e understudy.tap=f understudy.tap=g understudy.tap=h understudy.tap=i", "more than 8"},
 		{"understudy.role=test understudy.then=x", "need a command"},
+		{"understudy.role=test understudy.signal=USR1:x", "need a command"},
+		{"understudy.role=run understudy.signal=USR1:x", "are for understudy.role=test"},
+		{"understudy.role=test understudy.exec=x understudy.signal=KILL:x", "want SIG:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.signal=USR1", "want SIG:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.signal=USR1:", "want SIG:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.signal=USR1:\u00e9", "want SIG:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.signal=USR1:" + strings.Repeat("a", 129), "want SIG:TEXT"},
 		{"understudy.role=run understudy.then=x", "are for understudy.role=test"},
 		{`understudy.role=test understudy.exec=x understudy.then=" "`, "needs a value"},
 		{`understudy.role=test understudy.exec=x understudy.then="''"`, "needs a command"},
@@ -203,6 +212,9 @@ func FuzzParseApplianceConfig(f *testing.F) {
 		}
 		if d := c.testDisk; d != nil && (!filepath.IsAbs(d.path) || filepath.Clean(d.path) != d.path || !validToken(d.text)) {
 			t.Fatalf("accepted test disk %+v", d)
+		}
+		if sg := c.signal; sg != nil && (signals[sg.name] != sg.sig || sg.text == "" || len(sg.text) > 128 || strings.Trim(sg.text, printable) != "") {
+			t.Fatalf("accepted signal %+v", sg)
 		}
 		if c.stdin != "" && !validToken(c.stdin) {
 			t.Fatalf("accepted stdin %q", c.stdin)
