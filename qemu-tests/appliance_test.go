@@ -135,13 +135,14 @@ func (e env) boot(t *testing.T, params string) *Machine {
 // bootInitrd is boot with another initramfs.
 func (e env) bootInitrd(t *testing.T, params, initrd string) *Machine {
 	t.Helper()
-	return e.start(t, "", params, initrd, nil, "")
+	return e.start(t, "", params, initrd, nil, "", 1024)
 }
 
-// start boots the appliance with initramfs initrd; with a netns, QEMU runs
-// in it with the network flags given (a Segment's node), and name tells the
-// node's console lines and kept log apart from the others'.
-func (e env) start(t *testing.T, name, params, initrd string, network []string, netns string) *Machine {
+// start boots the appliance with initramfs initrd and memMiB of memory;
+// with a netns, QEMU runs in it with the network flags given (a Segment's
+// node), and name tells the node's console lines and kept log apart from
+// the others'.
+func (e env) start(t *testing.T, name, params, initrd string, network []string, netns string, memMiB int) *Machine {
 	t.Helper()
 	log := filepath.Join(t.TempDir(), "console.log")
 	label := "console"
@@ -152,7 +153,7 @@ func (e env) start(t *testing.T, name, params, initrd string, network []string, 
 		Kernel: filepath.Join(e.image, appliance.ImageKernel),
 		Initrd: initrd,
 		Append: "console=ttyS0 panic=-1 quiet " + params,
-		MemMiB: 1024,
+		MemMiB: memMiB,
 		CPUs:   1,
 		Accel:  e.accel,
 		OnLine: func(l Line) {

@@ -54,15 +54,27 @@ func (e env) segment(t *testing.T) *Segment {
 }
 
 // bootNode boots node i (1, 2, ...) of segment s with the given
-// understudy.* parameters after nodeParams(i).
+// understudy.* parameters after nodeParams(i), with nodeMemMiB of memory.
 func (e env) bootNode(t *testing.T, s *Segment, i int, params string) *Machine {
+	t.Helper()
+	return e.bootNodeMem(t, s, i, nodeMemMiB, params)
+}
+
+// nodeMemMiB is a node's memory: the appliance's own (its root file system,
+// where snapshots and disk images land, is in memory too) and a 256 MiB
+// nested guest's.
+const nodeMemMiB = 1024
+
+// bootNodeMem is bootNode with memMiB of memory (a node that holds a
+// large snapshot and a disk image next to a running guest needs more).
+func (e env) bootNodeMem(t *testing.T, s *Segment, i, memMiB int, params string) *Machine {
 	t.Helper()
 	network, err := s.AddNode(nodeMAC(i))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return e.start(t, fmt.Sprintf("node%d", i), nodeParams(i)+" "+params,
-		filepath.Join(e.image, appliance.ImageAppliance), network, s.NetNS)
+		filepath.Join(e.image, appliance.ImageAppliance), network, s.NetNS, memMiB)
 }
 
 // TestTwoNodesKV: two appliance nodes on one Ethernet segment. Node 1 runs
