@@ -29,6 +29,15 @@
 // network namespaces do; QEMU's socket/dgram/stream netdevs were the
 // alternative (point to point, or multicast on loopback).
 //
+// A node's test role runs a sequence (understudy.exec, then each
+// understudy.then once the one before exited 0), can signal its command
+// once a console line shows a text (understudy.signal=USR1:TEXT), and has
+// two tools besides understudy: /bin/kvload, the key-value client, and
+// /bin/nodefile, which moves files (a snapshot, a disk image) from one
+// node to another over the segment, SHA-256 checked at both ends.
+// bootNodeMem gives a node more memory than nodeMemMiB when it must hold a
+// large snapshot next to a running guest.
+//
 // The tests skip, saying to run `make image`, when there is no image, and
 // fail instead when UNDERSTUDY_QEMU_REQUIRED=1 (as `make qemu-test` sets).
 // A failed test keeps its console log under build/qemu-tests/ and names it.
