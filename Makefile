@@ -20,7 +20,7 @@ help:
 	@echo "make build     build $(BIN) (static, CGO_ENABLED=0)"
 	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages), then qemu-test"
 	@echo "make image     build the appliance into $(IMAGE) (Debian kernel, u-root initramfs, nested guest initramfs), and build/image-damon with the 6.12 kernel"
-	@echo "make qemu-test boot the appliance under QEMU: uinit report, nested Linux guest, its network and disk"
+	@echo "make qemu-test boot the appliance under QEMU: uinit report, nested Linux guest, its network and disk, two nodes on one segment (root)"
 	@echo "make bench     benchmarks; prints 'bench ...' result lines"
 	@echo "make soak      1000 primary kills with the fault-injection harness (internal/chaos)"
 	@echo "make payloads  rebuild the payload binaries from their sources"

@@ -28,12 +28,13 @@ import (
 var URootCommands = []string{"init", "ls", "cat", "ip", "dmesg", "mount", "ps", "uname", "lsmod", "free", "hexdump", "sleep"}
 
 // ApplianceModules are the modules the appliance image carries and its uinit
-// loads (with their dependencies): KVM, vsock, tap, veth and the qdiscs for
+// loads (with their dependencies): KVM, vsock, tap, veth, the bridge (a
+// nested guest's tap and the node's NIC on one segment) and the qdiscs for
 // shaping links, and virtio so the appliance can use QEMU's virtio devices.
 // kvm_amd and kvm_intel are both carried; the uinit loads the one the CPU
 // supports.
 var ApplianceModules = []string{
-	"kvm", "kvm_amd", "kvm_intel", "vhost_vsock", "vsock_loopback", "tun", "veth", "sch_netem", "sch_tbf",
+	"kvm", "kvm_amd", "kvm_intel", "vhost_vsock", "vsock_loopback", "tun", "veth", "bridge", "sch_netem", "sch_tbf",
 	"virtio_pci", "virtio_mmio", "virtio_net", "virtio_blk",
 }
 
@@ -127,8 +128,10 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	}
 	step("modules: %d for the appliance, %d for the guest; built in: %s", len(appMods), len(guestMods), strings.Join(builtin, " "))
 
-	stage := filepath.Join(o.CacheDir, "stage")
-	if err := os.RemoveAll(stage); err != nil {
+	// A stage of this build's own: two builds sharing a cache do not
+	// clobber each other's files.
+	stage, err := os.MkdirTemp(o.CacheDir, "stage-")
+	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(stage)
@@ -138,6 +141,16 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	step("built guestinit (static)")
+
+	kvload := filepath.Join(stage, "kvload")
+	if err := goBuild(ctx, o.RepoDir, kvload, "./internal/cmd/kvload"); err != nil {
+		return nil, err
+	}
+	nodefile := filepath.Join(stage, "nodefile")
+	if err := goBuild(ctx, o.RepoDir, nodefile, "./initramfs/cmd/nodefile"); err != nil {
+		return nil, err
+	}
+	step("built kvload and nodefile (static)")
 
 	guestCPIO := filepath.Join(o.OutDir, appliance.ImageGuest)
 	if err := writeGuestCPIO(guestCPIO, guestinit, filepath.Join(stage, "guest"), k.Release, guestMods); err != nil {
@@ -163,6 +176,8 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	}
 	files := []string{
 		o.Understudy + ":" + appliance.Binary,
+		kvload + ":" + appliance.KVLoad,
+		nodefile + ":" + appliance.NodeFile,
 		k.Vmlinuz() + ":" + appliance.GuestKernel,
 		guestCPIO + ":" + appliance.GuestInitrd,
 	}

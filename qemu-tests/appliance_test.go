@@ -43,6 +43,7 @@ type env struct {
 	image     string // build/image
 	artifacts string // build/qemu-tests
 	accel     Accel
+	required  bool // UNDERSTUDY_QEMU_REQUIRED=1: fail rather than skip
 }
 
 // setup finds the image and QEMU. Without them it skips, naming `make image`,
@@ -50,14 +51,15 @@ type env struct {
 func setup(t *testing.T) env {
 	t.Helper()
 	missing := t.Skipf
-	if os.Getenv("UNDERSTUDY_QEMU_REQUIRED") == "1" {
+	required := os.Getenv("UNDERSTUDY_QEMU_REQUIRED") == "1"
+	if required {
 		missing = t.Fatalf
 	}
 	repo, err := repoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := env{repo: repo, image: filepath.Join(repo, "build", "image"), artifacts: filepath.Join(repo, "build", "qemu-tests")}
+	e := env{required: required, repo: repo, image: filepath.Join(repo, "build", "image"), artifacts: filepath.Join(repo, "build", "qemu-tests")}
 	if d := os.Getenv("UNDERSTUDY_IMAGE"); d != "" {
 		e.image = d
 	}
@@ -133,35 +135,55 @@ func (e env) boot(t *testing.T, params string) *Machine {
 // bootInitrd is boot with another initramfs.
 func (e env) bootInitrd(t *testing.T, params, initrd string) *Machine {
 	t.Helper()
+	return e.start(t, "", params, initrd, nil, "", 1024)
+}
+
+// start boots the appliance with initramfs initrd and memMiB of memory;
+// with a netns, QEMU runs in it with the network flags given (a Segment's
+// node), and name tells the node's console lines and kept log apart from
+// the others'.
+func (e env) start(t *testing.T, name, params, initrd string, network []string, netns string, memMiB int) *Machine {
+	t.Helper()
 	log := filepath.Join(t.TempDir(), "console.log")
+	label := "console"
+	if name != "" {
+		label = name
+	}
 	cfg := Config{
 		Kernel: filepath.Join(e.image, appliance.ImageKernel),
 		Initrd: initrd,
 		Append: "console=ttyS0 panic=-1 quiet " + params,
-		MemMiB: 1024,
+		MemMiB: memMiB,
 		CPUs:   1,
 		Accel:  e.accel,
 		OnLine: func(l Line) {
-			t.Logf("console %6.2fs| %s", l.At.Seconds(), l.Text)
+			t.Logf("%s %6.2fs| %s", label, l.At.Seconds(), l.Text)
 		},
 		LogPath:  log,
 		Deadline: testDeadline(t),
+		Network:  network,
+		NetNS:    netns,
 	}
 	t.Logf("QEMU with %s (%s)", e.accel.Name, e.accel.Why)
 	m, err := Start(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { m.Kill(); keepLog(t, e, log) })
+	t.Cleanup(func() { m.Kill(); keepLog(t, e, log, name) })
 	return m
 }
 
-// keepLog copies a failed test's console log to e.artifacts and says where.
-func keepLog(t *testing.T, e env, log string) {
+// keepLog copies a failed test's console log (of node name, if set) to
+// e.artifacts and says where.
+func keepLog(t *testing.T, e env, log string, name ...string) {
 	if !t.Failed() {
 		return
 	}
-	keep := filepath.Join(e.artifacts, strings.ReplaceAll(t.Name(), "/", "_")+".log")
+	base := strings.ReplaceAll(t.Name(), "/", "_")
+	if len(name) > 0 && name[0] != "" {
+		base += "-" + name[0]
+	}
+	keep := filepath.Join(e.artifacts, base+".log")
 	if err := os.MkdirAll(e.artifacts, 0o755); err == nil {
 		if b, err := os.ReadFile(log); err == nil && os.WriteFile(keep, b, 0o644) == nil {
 			t.Logf("console log kept at %s", keep)

@@ -115,7 +115,10 @@ type Config struct {
 	Accel   Accel    // TCG if empty
 	Network []string // QEMU network flags; none ("-nic none") if nil
 	Extra   []string // more QEMU flags
-	LogPath string   // the console is written here as it arrives
+	// NetNS, if set, is the network namespace QEMU runs in (through
+	// `ip netns exec`), as the nodes of a Segment do.
+	NetNS   string
+	LogPath string // the console is written here as it arrives
 	// OnLine, if set, gets every console line as it arrives.
 	OnLine func(Line)
 	// Deadline, if set, is when the harness kills QEMU whatever it is
@@ -176,6 +179,16 @@ func (c Config) Args() []string {
 	return append(args, c.Extra...)
 }
 
+// Command returns the program and arguments that run QEMU for c: QEMU
+// itself, or ip netns exec NS QEMU (ip execs QEMU, so the process the
+// harness starts and kills is QEMU's all the same).
+func (c Config) Command() (string, []string) {
+	if c.NetNS == "" {
+		return QEMU, c.Args()
+	}
+	return "ip", append([]string{"netns", "exec", c.NetNS, QEMU}, c.Args()...)
+}
+
 // Start starts QEMU. The console (QEMU's standard output: -nographic puts
 // the serial port there) goes to c.LogPath and to c.OnLine.
 func Start(c Config) (*Machine, error) {
@@ -186,7 +199,8 @@ func Start(c Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(QEMU, c.Args()...)
+	prog, argv := c.Command()
+	cmd := exec.Command(prog, argv...)
 	cmd.Stdin = nil // /dev/null: nobody types at the console
 	// QEMU must not outlive the test process, however that ends (a panic,
 	// go test's -timeout, a SIGKILL): the kernel kills it when the thread
@@ -200,7 +214,7 @@ func Start(c Config) (*Machine, error) {
 		return nil, err
 	}
 	cmd.Stderr = cmd.Stdout // QEMU's own complaints land in the log too
-	fmt.Fprintf(log, "# %s %s\n", QEMU, strings.Join(quote(c.Args()), " "))
+	fmt.Fprintf(log, "# %s %s\n", prog, strings.Join(quote(argv), " "))
 	m := &Machine{cmd: cmd, log: log, changed: make(chan struct{}), readerDone: make(chan struct{})}
 	m.start = time.Now()
 	if err := cmd.Start(); err != nil {

@@ -228,3 +228,62 @@ func TestHarnessChild(t *testing.T) {
 	fmt.Printf("qemu-pid %d\n", m.cmd.Process.Pid)
 	time.Sleep(5 * time.Minute)
 }
+
+// TestConfigCommand: with NetNS, QEMU runs through ip netns exec.
+func TestConfigCommand(t *testing.T) {
+	c := Config{Kernel: "k", Append: "x"}
+	if prog, args := c.Command(); prog != QEMU || !slices.Equal(args, c.Args()) {
+		t.Errorf("Command() = %s %q, want %s %q", prog, args, QEMU, c.Args())
+	}
+	c.NetNS = "ns1"
+	prog, args := c.Command()
+	if want := append([]string{"netns", "exec", "ns1", QEMU}, c.Args()...); prog != "ip" || !slices.Equal(args, want) {
+		t.Errorf("Command() with NetNS = %s %q, want ip %q", prog, args, want)
+	}
+}
+
+// TestSegment: a segment is a namespace with a bridge; each node's tap is
+// one of its ports, up; the QEMU flags name the tap and the MAC; Close
+// deletes the namespace.
+func TestSegment(t *testing.T) {
+	s, err := NewSegment()
+	if err != nil {
+		if os.Geteuid() != 0 {
+			t.Skip(err)
+		}
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i, mac := range []string{"52:54:00:00:01:01", "52:54:00:00:01:02"} {
+		flags, err := s.AddNode(mac)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := strings.Join(flags, " ")
+		want := fmt.Sprintf("-netdev tap,id=seg0,ifname=tap%d,script=no,downscript=no -device virtio-net-pci,netdev=seg0,mac=%s", i, mac)
+		if got != want {
+			t.Errorf("AddNode flags %q, want %q", got, want)
+		}
+	}
+	out, err := exec.Command("ip", "-n", s.NetNS, "-o", "link", "show", "master", s.Bridge).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip link show master: %v: %s", err, out)
+	}
+	for _, tap := range []string{"tap0", "tap1"} {
+		if !strings.Contains(string(out), ": "+tap+": ") {
+			t.Errorf("%s is not a port of %s: %s", tap, s.Bridge, out)
+		}
+	}
+	if out, err := exec.Command("ip", "-n", s.NetNS, "-o", "route").CombinedOutput(); err != nil || len(strings.TrimSpace(string(out))) != 0 {
+		t.Errorf("the segment's namespace has routes (%v): %s", err, out)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := exec.Command("ip", "netns", "list").CombinedOutput(); strings.Contains(string(out), s.NetNS) {
+		t.Errorf("namespace %s still there after Close: %s", s.NetNS, out)
+	}
+	if _, err := s.AddNode("52:54:00:00:01:03"); err == nil {
+		t.Error("AddNode after Close succeeded")
+	}
+}

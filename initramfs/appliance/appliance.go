@@ -128,12 +128,16 @@ func (a *appliance) run(ctx context.Context) int {
 		a.printf("error: %v", err)
 		return statusError
 	}
+	if err := a.makeBridge(cfg.bridge); err != nil {
+		a.printf("error: %v", err)
+		return statusError
+	}
 	a.printf("ready role=%s", cfg.role)
 	switch cfg.role {
 	case "test":
 		return a.runTest(ctx, cfg)
 	default:
-		return a.runCommand(ctx, append([]string{"understudy", cfg.role}, cfg.args...), 0, nil, "")
+		return a.runCommand(ctx, append([]string{"understudy", cfg.role}, cfg.args...), 0, nil, "", nil)
 	}
 }
 
@@ -302,5 +306,47 @@ func (a *appliance) makeTaps(taps []tapSpec) error {
 		}
 		a.printf("tap %s: created, address %v, up", t.name, t.addr)
 	}
+	return nil
+}
+
+// portTimeout bounds the wait for a bridge port that is not there yet (the
+// node's NIC, until its driver has probed it).
+const portTimeout = 30 * time.Second
+
+// makeBridge creates the bridge b asks for (if any), adds its ports, sets
+// them up and gives the bridge its address.
+func (a *appliance) makeBridge(b *bridgeSpec) error {
+	if b == nil {
+		return nil
+	}
+	if !a.inImage() {
+		a.printf("bridge %s: not created: %s is not the appliance image", b.name, a.Root)
+		return nil
+	}
+	if err := boot.CreateBridge(b.name); err != nil {
+		return err
+	}
+	for _, p := range b.ports {
+		if err := boot.WaitLink(p, portTimeout); err != nil {
+			return fmt.Errorf("bridge %s: port %s: %w", b.name, p, err)
+		}
+		if err := boot.AddBridgePort(b.name, p); err != nil {
+			return err
+		}
+		if err := boot.LinkUp(p); err != nil {
+			return err
+		}
+	}
+	if b.addr.IsValid() {
+		if err := boot.SetAddr(b.name, b.addr); err != nil {
+			return err
+		}
+	}
+	for _, l := range []string{"lo", b.name} {
+		if err := boot.LinkUp(l); err != nil {
+			return err
+		}
+	}
+	a.printf("bridge %s: created, ports %s, address %v, up", b.name, strings.Join(b.ports, " "), b.addr)
 	return nil
 }

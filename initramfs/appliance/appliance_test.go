@@ -45,15 +45,39 @@ func wantLines(t *testing.T, out string, want ...string) {
 }
 
 func TestApplianceOutsideImage(t *testing.T) {
-	code, out := runAppliance(t, Options{}, `console=ttyS0 understudy.role=test understudy.exec="sh -c 'echo from-the-command; exit 3'" understudy.tap=tap9`)
+	code, out := runAppliance(t, Options{}, `console=ttyS0 understudy.role=test understudy.exec="sh -c 'echo from-the-command; exit 3'" understudy.tap=tap9 understudy.bridge=br9:eth0+tap9,192.0.2.11/24`)
 	if code != 3 {
 		t.Errorf("exit code %d, want the command's 3", code)
 	}
 	wantLines(t, out, Tag+"starting: understudy ", Tag+"role test\n",
 		Tag+`option exec="sh -c 'echo from-the-command; exit 3'"`, "modules: not loaded: ", "is not the appliance image",
-		Tag+"kvm: ", "tap tap9: not created", Tag+"ready role=test\n",
+		Tag+"kvm: ", "tap tap9: not created", "bridge br9: not created", Tag+"ready role=test\n",
 		Tag+"exec: sh -c 'echo from-the-command; exit 3'", "from-the-command\n",
 		Tag+"exec: exit status 3 after ", Tag+"done status=3\n")
+}
+
+// TestApplianceThen: understudy.then commands run in order after exec,
+// each only if the one before exited 0; the run's status is the last one's.
+func TestApplianceThen(t *testing.T) {
+	code, out := runAppliance(t, Options{}, `understudy.role=test understudy.exec="sh -c 'echo first'" understudy.then="sh -c 'echo second'" understudy.then="sh -c 'echo third; exit 4'" understudy.then="sh -c 'echo fourth'"`)
+	if code != 4 {
+		t.Errorf("exit code %d, want the third command's 4", code)
+	}
+	wantLines(t, out, "first\n", "second\n", "third\n", Tag+"then: 1 more commands not run: the last one failed")
+	if strings.Contains(out, "fourth\n") || strings.Index(out, "second\n") > strings.Index(out, "third\n") {
+		t.Errorf("commands out of order or run after a failure:\n%s", out)
+	}
+}
+
+// TestApplianceSignal: understudy.signal sends the command its signal once
+// a line of its output contains the text, and not before.
+func TestApplianceSignal(t *testing.T) {
+	script := `on() { echo got-usr1; kill $!; exit 0; }; trap on USR1; echo not yet; sleep 0.3; echo the marker: now; sleep 20 & wait; echo no signal; exit 1`
+	code, out := runAppliance(t, Options{}, `understudy.role=test understudy.signal="USR1:marker: now" understudy.exec="bash -c '`+script+`'"`)
+	if code != 0 {
+		t.Errorf("exit code %d, want 0:\n%s", code, out)
+	}
+	wantLines(t, out, "not yet\n", "the marker: now\n", Tag+`signal: sending SIGUSR1 after "marker: now"`, "got-usr1\n")
 }
 
 func TestApplianceBadCmdline(t *testing.T) {

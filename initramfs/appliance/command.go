@@ -20,7 +20,9 @@ import (
 )
 
 // runTest runs the test role: optional test disk, the command (with a
-// timeout), and a probe while it runs.
+// timeout), and a probe while it runs; then, while each exits 0, the
+// understudy.then commands in order. It returns the status of the last
+// command that ran.
 func (a *appliance) runTest(ctx context.Context, cfg config) int {
 	if len(cfg.args) == 0 {
 		return 0
@@ -36,7 +38,15 @@ func (a *appliance) runTest(ctx context.Context, cfg config) int {
 	if cfg.probe.IsValid() {
 		probe = func(ctx context.Context) error { return a.runProbe(ctx, cfg.probe) }
 	}
-	return a.runCommand(ctx, cfg.args, cfg.timeout, probe, cfg.stdin)
+	code := a.runCommand(ctx, cfg.args, cfg.timeout, probe, cfg.stdin, cfg.signal)
+	for i, argv := range cfg.then {
+		if code != 0 {
+			a.printf("then: %d more commands not run: the last one failed", len(cfg.then)-i)
+			break
+		}
+		code = a.runCommand(ctx, argv, cfg.timeout, nil, "", nil)
+	}
+	return code
 }
 
 // writeTestDisk creates the test disk d: boot.TestDiskSize bytes holding
@@ -62,8 +72,10 @@ func writeTestDisk(d *testDisk) error {
 // console as its output, stopping it after timeout (0: never). probe, if
 // set, runs while the command does; a failed probe fails the run. With
 // stdin set, the command's stdin is a pipe that gets stdin and a newline
-// once the command prints boot.EchoPrompt; otherwise it is /dev/null.
-func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.Duration, probe func(context.Context) error, stdin string) int {
+// once the command prints boot.EchoPrompt; otherwise it is /dev/null. With
+// sig set, the command gets sig.sig once its output has a line containing
+// sig.text.
+func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.Duration, probe func(context.Context) error, stdin string, sig *signalSpec) int {
 	if timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, timeout)
@@ -95,12 +107,31 @@ func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.
 		}
 		cmd.Stdout, cmd.Stderr = w, w
 	}
+	started := make(chan struct{}) // closed once cmd.Process is set
+	if sig != nil {
+		w := &promptWatcher{w: cmd.Stdout, prompt: []byte(sig.text)}
+		w.fire = func() {
+			a.printf("signal: sending SIG%s after %q", sig.name, sig.text)
+			go func() {
+				<-started
+				if cmd.Process == nil {
+					return // Start failed
+				}
+				if err := cmd.Process.Signal(sig.sig); err != nil {
+					a.printf("signal: %v", err)
+				}
+			}()
+		}
+		cmd.Stdout, cmd.Stderr = w, w
+	}
 	a.printf("exec: %s", strings.Join(quoteArgs(argv), " "))
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
+		close(started)
 		a.printf("exec: %v", err)
 		return statusError
 	}
+	close(started)
 	probeErr := make(chan error, 1)
 	pctx, stopProbe := context.WithCancel(ctx)
 	defer stopProbe()

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net/netip"
 	"path"
+	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/understudy-vmm/understudy/initramfs/boot"
@@ -15,6 +17,8 @@ import (
 // Limits on what the command line may ask for.
 const (
 	maxTaps    = 8
+	maxPorts   = 8
+	maxThen    = 8
 	maxArgs    = 256
 	maxTimeout = 24 * time.Hour
 )
@@ -27,7 +31,9 @@ const Help = `The role and its options come from the kernel command line:
                                "understudy ROLE ARGS"; group words with single quotes
   understudy.exec="CMD ARGS"   test: a command to run ("understudy" is this binary);
                                without it, test only reports and ends
-  understudy.timeout=DUR       test: stop the command after DUR (default 10m)
+  understudy.then="CMD ARGS"   test: a command to run once the previous one exited 0
+                               (repeatable, in order; each with the timeout)
+  understudy.timeout=DUR       test: stop each command after DUR (default 10m)
   understudy.probe=tcp:A:P     test: while the command runs, connect to A:P until
                                it answers, and print the answer's first line
   understudy.testdisk=PATH:TEXT  test: create a 1 MiB file PATH with TEXT at offset 0
@@ -35,21 +41,32 @@ const Help = `The role and its options come from the kernel command line:
   understudy.stdin=TEXT        test: the command's stdin is a pipe; once its output
                                shows a nested guest waiting for a line ("` + boot.EchoPrompt + `"),
                                write TEXT and a newline to it
+  understudy.signal="SIG:TEXT"  test: send SIG (USR1, USR2, HUP, INT or TERM) to the command
+                               once its output has a line containing TEXT (1..128
+                               printable ASCII characters)
   understudy.tap=NAME[,A/N]    create tap device NAME (with IPv4 address A/N), up;
                                repeatable
+  understudy.bridge=BR:P[+P...][,A/N]
+                               after the taps, create bridge BR with ports P (taps,
+                               or the node's NIC eth0, waited for), give BR the IPv4
+                               address A/N and set it all up: a nested guest on a
+                               tap port is then on the node's Ethernet segment
   understudy.modules=M,M|none  modules to load instead of the image's list
 `
 
 // config is what the kernel command line asks of the appliance.
 type config struct {
 	role     string
-	args     []string // role's flags, or test's command
-	modules  []string // nil: the image's list
-	noMods   bool     // understudy.modules=none
+	args     []string   // role's flags, or test's command
+	then     [][]string // test: commands to run after it, in order
+	modules  []string   // nil: the image's list
+	noMods   bool       // understudy.modules=none
 	taps     []tapSpec
+	bridge   *bridgeSpec    // nil: none
 	probe    netip.AddrPort // valid when asked for
 	testDisk *testDisk
-	stdin    string // "": the command's stdin is /dev/null
+	stdin    string      // "": the command's stdin is /dev/null
+	signal   *signalSpec // nil: none
 	timeout  time.Duration
 }
 
@@ -57,6 +74,23 @@ type tapSpec struct {
 	name string
 	addr netip.Prefix // invalid: no address
 }
+
+// bridgeSpec is a bridge to make: its ports and its own address.
+type bridgeSpec struct {
+	name  string
+	ports []string
+	addr  netip.Prefix // invalid: no address
+}
+
+// signalSpec is a signal to send the command once its output shows text.
+type signalSpec struct {
+	sig  syscall.Signal
+	name string // "USR1"
+	text string
+}
+
+// signals are the signals understudy.signal may send.
+var signals = map[string]syscall.Signal{"USR1": syscall.SIGUSR1, "USR2": syscall.SIGUSR2, "HUP": syscall.SIGHUP, "INT": syscall.SIGINT, "TERM": syscall.SIGTERM}
 
 // testDisk is a test disk to write (see boot.TestDiskOffsets).
 type testDisk struct{ path, text string }
@@ -67,7 +101,7 @@ func parseConfig(ps boot.Params) (config, error) {
 	c := config{timeout: 10 * time.Minute}
 	once := map[string]bool{}
 	for _, p := range ps.WithPrefix("understudy.") {
-		if p.Key != "tap" {
+		if p.Key != "tap" && p.Key != "then" {
 			if once[p.Key] {
 				return c, fmt.Errorf("understudy.%s given twice", p.Key)
 			}
@@ -90,6 +124,18 @@ func parseConfig(ps boot.Params) (config, error) {
 			if c.args, err = splitArgs(v); err != nil {
 				return c, fmt.Errorf("understudy.%s: %w", p.Key, err)
 			}
+		case "then":
+			if len(c.then) == maxThen {
+				return c, fmt.Errorf("understudy.then: more than %d commands", maxThen)
+			}
+			argv, err := splitArgs(v)
+			if err != nil {
+				return c, fmt.Errorf("understudy.then: %w", err)
+			}
+			if len(argv) == 0 || argv[0] == "" {
+				return c, errors.New("understudy.then needs a command")
+			}
+			c.then = append(c.then, argv)
 		case "timeout":
 			c.timeout, err = time.ParseDuration(v)
 			if err != nil || c.timeout <= 0 || c.timeout > maxTimeout {
@@ -120,6 +166,10 @@ func parseConfig(ps boot.Params) (config, error) {
 				}
 			}
 			c.taps = append(c.taps, t)
+		case "bridge":
+			if c.bridge, err = parseBridgeSpec(v); err != nil {
+				return c, err
+			}
 		case "probe":
 			rest, ok := strings.CutPrefix(v, "tcp:")
 			if c.probe, err = netip.ParseAddrPort(rest); !ok || err != nil || c.probe.Port() == 0 {
@@ -131,6 +181,13 @@ func parseConfig(ps boot.Params) (config, error) {
 				return c, fmt.Errorf("understudy.testdisk=%q: want /ABSOLUTE/PATH:TEXT, TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
 			}
 			c.testDisk = &testDisk{path: p, text: text}
+		case "signal":
+			name, text, _ := strings.Cut(v, ":")
+			sig, ok := signals[name]
+			if !ok || text == "" || len(text) > 128 || strings.Trim(text, printable) != "" {
+				return c, fmt.Errorf("understudy.signal=%q: want SIG:TEXT, SIG one of USR1, USR2, HUP, INT, TERM, TEXT 1..128 printable ASCII characters", v)
+			}
+			c.signal = &signalSpec{sig: sig, name: name, text: text}
 		case "stdin":
 			if !validToken(v) {
 				return c, fmt.Errorf("understudy.stdin=%q: want TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
@@ -147,10 +204,10 @@ func parseConfig(ps boot.Params) (config, error) {
 		return c, errors.New("understudy.role=test takes understudy.exec=, not understudy.args=")
 	case c.role != "test" && once["exec"]:
 		return c, fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
-	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"]):
-		return c, fmt.Errorf("understudy.probe, testdisk, stdin and timeout are for understudy.role=test, not %s", c.role)
-	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "") && len(c.args) == 0:
-		return c, errors.New("understudy.probe, testdisk and stdin need a command: understudy.exec=")
+	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"] || once["signal"] || len(c.then) > 0):
+		return c, fmt.Errorf("understudy.probe, testdisk, stdin, signal, then and timeout are for understudy.role=test, not %s", c.role)
+	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || c.signal != nil || len(c.then) > 0) && len(c.args) == 0:
+		return c, errors.New("understudy.probe, testdisk, stdin, signal and then need a command: understudy.exec=")
 	}
 	return c, nil
 }
@@ -170,6 +227,42 @@ func parseTapSpec(v string) (tapSpec, error) {
 	}
 	return t, nil
 }
+
+func parseBridgeSpec(v string) (*bridgeSpec, error) {
+	bad := fmt.Errorf("understudy.bridge=%q: want BRIDGE:PORT[+PORT...][,A.B.C.D/N], as br0:eth0+tap0,192.0.2.11/24", v)
+	spec, addr, hasAddr := strings.Cut(v, ",")
+	name, ports, ok := strings.Cut(spec, ":")
+	if !ok || ports == "" {
+		return nil, bad
+	}
+	b := &bridgeSpec{name: name}
+	if err := virtio.CheckIfName(name); err != nil {
+		return nil, fmt.Errorf("understudy.bridge: %w", err)
+	}
+	for _, p := range strings.Split(ports, "+") {
+		if err := virtio.CheckIfName(p); err != nil {
+			return nil, fmt.Errorf("understudy.bridge: port: %w", err)
+		}
+		if p == name || slices.Contains(b.ports, p) {
+			return nil, fmt.Errorf("understudy.bridge=%q: port %s given twice or is the bridge", v, p)
+		}
+		if len(b.ports) == maxPorts {
+			return nil, fmt.Errorf("understudy.bridge: more than %d ports", maxPorts)
+		}
+		b.ports = append(b.ports, p)
+	}
+	if hasAddr {
+		p, err := netip.ParsePrefix(addr)
+		if err != nil || !p.Addr().Is4() || p.Bits() == 0 || p.Bits() == 32 {
+			return nil, bad
+		}
+		b.addr = p
+	}
+	return b, nil
+}
+
+// printable is every printable ASCII character, space included.
+const printable = " !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~"
 
 func validModName(s string) bool {
 	if s == "" || len(s) > 56 {

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -25,7 +26,7 @@ func TestParseApplianceConfig(t *testing.T) {
 	c, err := parseConfig(applianceParams(t, `console=ttyS0 quiet understudy.role=test `+
 		`understudy.exec="understudy run --kernel /boot/vmlinuz --cmdline 'console=ttyS0 guest.mode=net'" `+
 		`understudy.tap=tap0,192.0.2.1/24 understudy.tap=tap1 understudy.probe=tcp:192.0.2.2:7777 `+
-		`understudy.testdisk=/tmp/d.img:tok-1 understudy.timeout=90s understudy.modules=kvm,kvm-amd understudy.stdin=line-1`))
+		`understudy.bridge=br0:eth0+tap0,192.0.2.11/24 understudy.signal="USR1:kv: connection 1 from" understudy.then="a b" understudy.then=c understudy.testdisk=/tmp/d.img:tok-1 understudy.timeout=90s understudy.modules=kvm,kvm-amd understudy.stdin=line-1`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,6 +35,9 @@ func TestParseApplianceConfig(t *testing.T) {
 		args:     []string{"understudy", "run", "--kernel", "/boot/vmlinuz", "--cmdline", "console=ttyS0 guest.mode=net"},
 		modules:  []string{"kvm", "kvm_amd"},
 		taps:     []tapSpec{{"tap0", netip.MustParsePrefix("192.0.2.1/24")}, {name: "tap1"}},
+		then:     [][]string{{"a", "b"}, {"c"}},
+		signal:   &signalSpec{syscall.SIGUSR1, "USR1", "kv: connection 1 from"},
+		bridge:   &bridgeSpec{"br0", []string{"eth0", "tap0"}, netip.MustParsePrefix("192.0.2.11/24")},
 		probe:    netip.MustParseAddrPort("192.0.2.2:7777"),
 		testDisk: &testDisk{"/tmp/d.img", "tok-1"},
 		stdin:    "line-1",
@@ -71,6 +75,27 @@ func TestParseApplianceConfigErrors(t *testing.T) {
 		{"understudy.role=test understudy.tap=tap0,2001:db8::1/64", "want NAME,A.B.C.D/N"},
 		{"understudy.role=test understudy.tap=tap0 understudy.tap=tap0", "tap0 given twice"},
 		{"understudy.role=test understudy.tap=a understudy.tap=b understudy.tap=c understudy.tap=d understudy.tap=e understudy.tap=f understudy.tap=g understudy.tap=h understudy.tap=i", "more than 8"},
+		{"understudy.role=test understudy.then=x", "need a command"},
+		{"understudy.role=test understudy.signal=USR1:x", "need a command"},
+		{"understudy.role=run understudy.signal=USR1:x", "are for understudy.role=test"},
+		{"understudy.role=test understudy.exec=x understudy.signal=KILL:x", "want SIG:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.signal=USR1", "want SIG:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.signal=USR1:", "want SIG:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.signal=USR1:\u00e9", "want SIG:TEXT"},
+		{"understudy.role=test understudy.exec=x understudy.signal=USR1:" + strings.Repeat("a", 129), "want SIG:TEXT"},
+		{"understudy.role=run understudy.then=x", "are for understudy.role=test"},
+		{`understudy.role=test understudy.exec=x understudy.then=" "`, "needs a value"},
+		{`understudy.role=test understudy.exec=x understudy.then="''"`, "needs a command"},
+		{"understudy.role=test understudy.exec=x understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a understudy.then=a", "more than 8 commands"},
+		{"understudy.role=test understudy.bridge=br0", "want BRIDGE:PORT"},
+		{"understudy.role=test understudy.bridge=br0:", "want BRIDGE:PORT"},
+		{"understudy.role=test understudy.bridge=br0:eth0,192.0.2.11", "want BRIDGE:PORT"},
+		{"understudy.role=test understudy.bridge=br0:eth0+eth0", "given twice or is the bridge"},
+		{"understudy.role=test understudy.bridge=br0:br0", "given twice or is the bridge"},
+		{"understudy.role=test understudy.bridge=br0:a/b", "not a valid interface name"},
+		{"understudy.role=test understudy.bridge=a/b:eth0", "not a valid interface name"},
+		{"understudy.role=test understudy.bridge=br0:a+b+c+d+e+f+g+h+i", "more than 8 ports"},
+		{"understudy.role=test understudy.bridge=br0:eth0 understudy.bridge=br1:eth1", "given twice"},
 		{"understudy.role=test understudy.exec=x understudy.probe=192.0.2.2:1", "want tcp:ADDRESS:PORT"},
 		{"understudy.role=test understudy.exec=x understudy.probe=tcp:192.0.2.2:0", "want tcp:ADDRESS:PORT"},
 		{"understudy.role=test understudy.exec=x understudy.probe=tcp:host:80", "want tcp:ADDRESS:PORT"},
@@ -144,6 +169,7 @@ func FuzzParseApplianceConfig(f *testing.F) {
 		"understudy.role=run understudy.args=--help understudy.modules=kvm,tun",
 		"understudy.role=test understudy.exec=true understudy.testdisk=/tmp/x:t understudy.timeout=1s",
 		"understudy.role=backup understudy.modules=none",
+		"understudy.role=test understudy.tap=tap0 understudy.bridge=br0:eth0+tap0,192.0.2.11/24",
 	} {
 		f.Add(s)
 	}
@@ -161,12 +187,22 @@ func FuzzParseApplianceConfig(f *testing.F) {
 		default:
 			t.Fatalf("accepted role %q", c.role)
 		}
-		if c.timeout <= 0 || c.timeout > maxTimeout || len(c.taps) > maxTaps || len(c.args) > maxArgs {
+		if c.timeout <= 0 || c.timeout > maxTimeout || len(c.taps) > maxTaps || len(c.args) > maxArgs || len(c.then) > maxThen || (len(c.then) > 0 && len(c.args) == 0) {
 			t.Fatalf("accepted %+v", c)
 		}
 		for _, tp := range c.taps {
 			if virtio.CheckIfName(tp.name) != nil {
 				t.Fatalf("accepted tap name %q", tp.name)
+			}
+		}
+		if b := c.bridge; b != nil {
+			if virtio.CheckIfName(b.name) != nil || len(b.ports) == 0 || len(b.ports) > maxPorts {
+				t.Fatalf("accepted bridge %+v", b)
+			}
+			for _, p := range b.ports {
+				if virtio.CheckIfName(p) != nil || p == b.name {
+					t.Fatalf("accepted bridge port %q", p)
+				}
 			}
 		}
 		for _, m := range c.modules {
@@ -176,6 +212,9 @@ func FuzzParseApplianceConfig(f *testing.F) {
 		}
 		if d := c.testDisk; d != nil && (!filepath.IsAbs(d.path) || filepath.Clean(d.path) != d.path || !validToken(d.text)) {
 			t.Fatalf("accepted test disk %+v", d)
+		}
+		if sg := c.signal; sg != nil && (signals[sg.name] != sg.sig || sg.text == "" || len(sg.text) > 128 || strings.Trim(sg.text, printable) != "") {
+			t.Fatalf("accepted signal %+v", sg)
 		}
 		if c.stdin != "" && !validToken(c.stdin) {
 			t.Fatalf("accepted stdin %q", c.stdin)

@@ -5,6 +5,8 @@ package appliance
 // name them (the nested guests boot /boot/vmlinuz and /boot/guest.cpio).
 const (
 	Binary      = "bin/understudy"         // the uinit, run as `understudy appliance`
+	KVLoad      = "bin/kvload"             // the key-value service's client (internal/cmd/kvload)
+	NodeFile    = "bin/nodefile"           // moves files between nodes (initramfs/cmd/nodefile)
 	GuestKernel = "boot/vmlinuz"           // the kernel nested guests boot
 	GuestInitrd = "boot/guest.cpio"        // their initramfs
 	Marker      = "etc/understudy/image"   // says "this is the appliance" and what built it

@@ -22,6 +22,13 @@ const maxDrain = 5 * time.Second
 // (the Go runtime sends itself SIGURG to preempt goroutines). So it asks
 // the UART too (TIOCSERGETLSR), until its transmitter is empty, for up to
 // maxDrain.
+//
+// When w is a pipe (u-root's init gives its uinit a pipe and copies what
+// comes out of it to the consoles, its "multi-TTY" output), it first waits
+// until the pipe is empty (FIONREAD, alias TIOCINQ) and the reader has had a moment to
+// write what it read, then drains the console device (ConsoleDevice)
+// itself; otherwise the machine could stop with the uinit's last lines
+// still in the pipe.
 func DrainConsole(w io.Writer) {
 	f, ok := w.(*os.File)
 	if !ok {
@@ -29,6 +36,35 @@ func DrainConsole(w io.Writer) {
 	}
 	fd := int(f.Fd())
 	deadline := time.Now().Add(maxDrain)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFIFO {
+		for time.Now().Before(deadline) {
+			n, err := unix.IoctlGetInt(fd, unix.TIOCINQ) // FIONREAD
+			if err != nil || n == 0 {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		time.Sleep(pipeReaderDelay)
+		c, err := os.OpenFile(ConsoleDevice, os.O_WRONLY|unix.O_NOCTTY, 0)
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		fd = int(c.Fd())
+	}
+	drainTTY(fd, deadline)
+}
+
+// ConsoleDevice is the kernel's console, drained when the uinit's output
+// is a pipe to init.
+var ConsoleDevice = "/dev/console"
+
+// pipeReaderDelay is how long DrainConsole gives the reader of an emptied
+// pipe to write what it read.
+const pipeReaderDelay = 50 * time.Millisecond
+
+func drainTTY(fd int, deadline time.Time) {
 	for time.Now().Before(deadline) {
 		err := unix.IoctlSetInt(fd, unix.TCSBRK, 1)
 		if errors.Is(err, unix.EINTR) {
