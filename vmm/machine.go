@@ -166,10 +166,15 @@ type Machine struct {
 	log     *slog.Logger
 
 	// pauseMu serializes Pause, Resume, OnVCPU and CaptureState and guards
-	// paused and msrs.
+	// paused.
 	pauseMu sync.Mutex
 	paused  bool
-	msrs    *msrList // the MSRs CaptureState saves, probed on first use
+	// msrs is the list of MSRs CaptureState saves, probed on first use
+	// (under pauseMu) and read by parking vCPUs.
+	msrs atomic.Pointer[msrList]
+	// captureOnPause makes every vCPU read its own state as it parks
+	// (CaptureOnPause).
+	captureOnPause atomic.Bool
 
 	// reqMu guards pending and the pause channels below. It is held only
 	// briefly, never while waiting for vCPUs, so RequestPause may take it on
@@ -235,6 +240,18 @@ type vcpu struct {
 	cmds        chan func()
 	started     chan struct{}
 	exits       atomic.Uint64
+
+	// The vCPU's saved state. These fields are touched only by the thread
+	// that runs the vCPU (its own; once Run is over, the caller's) and, under
+	// pauseMu, while it is parked.
+	//
+	// static holds what cannot change once the vCPU has run (read once).
+	static *vcpuStatic
+	// parked is the state the vCPU read as it parked (CaptureOnPause);
+	// parkedOK says it is current: set when parking, cleared when the vCPU
+	// leaves its park or OnVCPU runs a function on it.
+	parked   VCPUState
+	parkedOK bool
 }
 
 // New validates cfg and builds the machine: KVM VM, in-kernel irqchip and
@@ -664,12 +681,15 @@ func (m *Machine) onVCPU(i int, fn func(*arch.VCPU) error) error {
 	}
 	if m.halted.Load() {
 		// Run is over: no thread runs this vCPU any more.
+		m.vcpus[i].parkedOK = false
 		return fn(m.vcpus[i].cpu)
 	}
 	if !m.paused {
 		return ErrNotPaused
 	}
 	v := m.vcpus[i]
+	// fn may change the vCPU's state: what it read as it parked is stale.
+	v.parkedOK = false
 	done := make(chan error, 1)
 	select {
 	case v.cmds <- func() { done <- fn(v.cpu) }:
@@ -757,12 +777,14 @@ func (m *Machine) park(v *vcpu) {
 	// may set it again and must not have it cleared under it.
 	v.cpu.SetImmediateExit(false)
 	resume := m.resumeCh
+	m.captureParked(v)
 	m.parkAck <- v.id
 	for {
 		select {
 		case fn := <-v.cmds:
 			fn()
 		case <-resume:
+			v.parkedOK = false
 			m.leaveAck <- v.id
 			return
 		case <-m.stopCh:

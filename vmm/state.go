@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"sync"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
@@ -36,7 +37,8 @@ type StateConfig struct {
 }
 
 // VCPUState is one vCPU's state, each field as the corresponding KVM_GET_*
-// ioctl returns it.
+// ioctl returns it, except FPU, which is taken from the XSAVE area's legacy
+// region (see fpuFromXSave).
 type VCPUState struct {
 	Regs      arch.Regs
 	Sregs     arch.Sregs // includes EFER, APIC base and the FS/GS bases
@@ -136,8 +138,8 @@ func probeMSRs(c *arch.VCPU, cands []uint32) (*msrList, error) {
 // savedMSRs returns the machine's MSR list, probing it on vCPU 0 the first
 // time. The caller holds pauseMu and the machine is paused.
 func (m *Machine) savedMSRs() (*msrList, error) {
-	if m.msrs != nil {
-		return m.msrs, nil
+	if l := m.msrs.Load(); l != nil {
+		return l, nil
 	}
 	list, err := m.sys.MSRIndexList()
 	if err != nil {
@@ -158,15 +160,41 @@ func (m *Machine) savedMSRs() (*msrList, error) {
 	if err != nil {
 		return nil, fmt.Errorf("probe MSRs: %w", err)
 	}
-	m.msrs = l
+	m.msrs.Store(l)
 	return l, nil
+}
+
+// CaptureOnPause turns on (or off) capture at parking: every vCPU reads
+// its own state (see VCPUState) on its own thread as it parks, all vCPUs at
+// once and each as soon as it has stopped, so that CaptureState of the
+// paused machine needs no vCPU ioctls any more. A Pause then takes longer
+// by those ioctls, and CaptureState is quicker by them and by the trips to
+// every vCPU's thread. A checkpointer, which captures at every pause, turns
+// it on. Until the first CaptureState has probed the MSRs to save, vCPUs
+// park without capturing.
+func (m *Machine) CaptureOnPause(on bool) { m.captureOnPause.Store(on) }
+
+// captureParked reads parking vCPU v's state on its own thread, if capture
+// at parking is on.
+func (m *Machine) captureParked(v *vcpu) {
+	v.parkedOK = false
+	if !m.captureOnPause.Load() {
+		return
+	}
+	l := m.msrs.Load()
+	if l == nil {
+		return
+	}
+	v.parked = VCPUState{}
+	v.parkedOK = v.capture(l.indices, &v.parked) == nil
 }
 
 // CaptureState returns the state of a paused machine (see MachineState), or
 // of one whose Run has returned; it fails with ErrNotPaused unless Pause has
-// returned and Resume has not been called since, or Run is over. The
-// per-vCPU ioctls run on each vCPU's own thread, all vCPUs at once (after
-// Run, on the caller's). Guest memory is not copied.
+// returned and Resume has not been called since, or Run is over. A vCPU's
+// state is what it read as it parked (CaptureOnPause), or else is read now
+// on the vCPU's own thread, all such vCPUs at once (after Run, on the
+// caller's). Guest memory is not copied.
 func (m *Machine) CaptureState() (*MachineState, error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
@@ -187,10 +215,7 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 		},
 		VCPUs: make([]VCPUState, len(m.vcpus)),
 	}
-	err = m.onEveryVCPU(func(i int, c *arch.VCPU) error {
-		return captureVCPU(c, msrs.indices, &st.VCPUs[i])
-	})
-	if err != nil {
+	if err := m.captureVCPUs(msrs.indices, st.VCPUs); err != nil {
 		return nil, fmt.Errorf("capture state: %w", err)
 	}
 	if st.VM, err = captureVM(m.vm); err != nil {
@@ -206,15 +231,58 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 	return st, nil
 }
 
-// captureVCPU reads vCPU c's state into s.
-func captureVCPU(c *arch.VCPU, msrs []uint32, s *VCPUState) error {
+// captureVCPUs fills out[i] with vCPU i's state: what it read as it parked,
+// or else read now on its own thread, the vCPUs that need it all at once.
+// The caller holds pauseMu.
+func (m *Machine) captureVCPUs(msrs []uint32, out []VCPUState) error {
+	errs := make([]error, len(m.vcpus))
+	var wg sync.WaitGroup
+	for i, v := range m.vcpus {
+		if v.parkedOK {
+			out[i] = v.parked
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = m.onVCPU(i, func(*arch.VCPU) error { return v.capture(msrs, &out[i]) })
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			return fmt.Errorf("vCPU %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// vcpuStatic is the part of a vCPU's state that cannot change once it has
+// run: KVM refuses a different CPUID after the first KVM_RUN, and Understudy
+// sets the TSC frequency only before (restoreVCPU).
+type vcpuStatic struct {
+	cpuid  []arch.CPUIDEntry
+	tscKHz uint32
+}
+
+// capture reads the vCPU's state into s, on the thread that runs it. CPUID
+// and the TSC frequency are read once (vcpuStatic), and the legacy FPU state
+// is taken from the XSAVE area's first 512 bytes, where KVM keeps it.
+func (v *vcpu) capture(msrs []uint32, s *VCPUState) error {
+	c := v.cpu
+	if v.static == nil {
+		cpuid, err := c.CPUID()
+		if err != nil {
+			return err
+		}
+		khz, err := c.TSCKHz()
+		if err != nil {
+			return err
+		}
+		v.static = &vcpuStatic{cpuid: cpuid, tscKHz: khz}
+	}
+	s.CPUID, s.TSCKHz = slices.Clone(v.static.cpuid), v.static.tscKHz
 	var err error
-	if s.CPUID, err = c.CPUID(); err != nil {
-		return err
-	}
-	if s.TSCKHz, err = c.TSCKHz(); err != nil {
-		return err
-	}
 	for rest := msrs; len(rest) > 0; {
 		n := min(len(rest), msrBatch)
 		ents, err := c.MSRs(rest[:n])
@@ -230,12 +298,10 @@ func captureVCPU(c *arch.VCPU, msrs []uint32, s *VCPUState) error {
 	if s.Regs, err = c.Regs(); err != nil {
 		return err
 	}
-	if s.FPU, err = c.FPU(); err != nil {
-		return err
-	}
 	if s.XSave, err = c.XSave(); err != nil {
 		return err
 	}
+	s.FPU = fpuFromXSave(s.XSave)
 	if s.XCRs, err = c.XCRs(); err != nil {
 		return err
 	}
@@ -252,6 +318,32 @@ func captureVCPU(c *arch.VCPU, msrs []uint32, s *VCPUState) error {
 		return err
 	}
 	return nil
+}
+
+// fpuFromXSave returns the legacy FPU/SSE state (struct kvm_fpu) held in an
+// XSAVE area's legacy region, which has the FXSAVE layout: FCW, FSW, the
+// abridged tag word, FOP, FIP, FDP, MXCSR, then ST0-7 and XMM0-15 in 16-byte
+// slots. Restore sets the FPU state before the XSAVE area, which supersedes
+// it, so the saved FPU state only has to agree with the area.
+func fpuFromXSave(x []byte) arch.FPU {
+	var f arch.FPU
+	if len(x) < 416 {
+		return f
+	}
+	f.FCW = le.Uint16(x[0:])
+	f.FSW = le.Uint16(x[2:])
+	f.FTWX = x[4]
+	f.LastOpcode = le.Uint16(x[6:])
+	f.LastIP = le.Uint64(x[8:])
+	f.LastDP = le.Uint64(x[16:])
+	f.MXCSR = le.Uint32(x[24:])
+	for i := range f.FPR {
+		copy(f.FPR[i][:], x[32+16*i:])
+	}
+	for i := range f.XMM {
+		copy(f.XMM[i][:], x[160+16*i:])
+	}
+	return f
 }
 
 // captureVM reads the VM-wide in-kernel device state.

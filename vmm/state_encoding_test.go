@@ -346,3 +346,42 @@ func TestStateEncodingUART(t *testing.T) {
 		t.Errorf("MarshalBinary accepted a 17-byte FIFO")
 	}
 }
+
+// TestAppendFPU checks the hand-written kvm_fpu encoder against the
+// reflective one it replaces, and fpuFromXSave against the FXSAVE layout.
+func TestAppendFPU(t *testing.T) {
+	var f arch.FPU
+	for i := range f.FPR {
+		f.FPR[i][3] = byte(i + 1)
+	}
+	for i := range f.XMM {
+		f.XMM[i][i] = byte(0x80 + i)
+	}
+	f.FCW, f.FSW, f.FTWX, f.LastOpcode, f.LastIP, f.LastDP, f.MXCSR = 0x37f, 0x1234, 0x81, 0x55, 0x1122334455667788, 0x99aabbccddeeff00, 0x1f80
+	want, err := binary.Append(nil, le, &f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := appendFPU(nil, &f); !bytes.Equal(got, want) {
+		t.Fatalf("appendFPU = %x, want %x", got, want)
+	}
+	// The same values in an FXSAVE area.
+	x := make([]byte, xsaveLegacySize)
+	le.PutUint16(x[0:], f.FCW)
+	le.PutUint16(x[2:], f.FSW)
+	x[4] = f.FTWX
+	le.PutUint16(x[6:], f.LastOpcode)
+	le.PutUint64(x[8:], f.LastIP)
+	le.PutUint64(x[16:], f.LastDP)
+	le.PutUint32(x[24:], f.MXCSR)
+	le.PutUint32(x[28:], 0xffff) // MXCSR_MASK: not part of kvm_fpu
+	for i := range f.FPR {
+		copy(x[32+16*i:], f.FPR[i][:])
+	}
+	for i := range f.XMM {
+		copy(x[160+16*i:], f.XMM[i][:])
+	}
+	if got := fpuFromXSave(x); got != f {
+		t.Errorf("fpuFromXSave = %+v, want %+v", got, f)
+	}
+}

@@ -323,7 +323,7 @@ func TestCaptureStateRoundTrip(t *testing.T) {
 			t.Errorf("vCPU %d: xsave %d bytes, %d CPUID entries, TSC %d kHz, APIC id %d; want a full state", i, len(v.XSave), len(v.CPUID), v.TSCKHz, v.LAPIC.Regs[0x23])
 		}
 	}
-	t.Logf("state: %d bytes for 2 vCPUs; %d MSRs saved per vCPU; unreadable MSRs dropped: %#x", len(b), len(st.VCPUs[0].MSRs), m.msrs.dropped)
+	t.Logf("state: %d bytes for 2 vCPUs; %d MSRs saved per vCPU; unreadable MSRs dropped: %#x", len(b), len(st.VCPUs[0].MSRs), m.msrs.Load().dropped)
 	if _, err := m.Resume(); err != nil {
 		t.Fatal(err)
 	}
