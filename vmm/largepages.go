@@ -12,6 +12,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"golang.org/x/sys/unix"
 )
 
@@ -149,24 +150,25 @@ type LargePager struct {
 	status LargePageStatus
 }
 
+// largePagesOption is the --large-pages option list.
+var largePagesOption = option.List{Name: "--large-pages", Keys: []string{
+	"budget", "policy", "period", "window", "warmup", "samples", "per_window", "alpha", "hysteresis", "seed", "source"}}
+
 // ParseLargePages parses the --large-pages option string
-// "budget=N[,policy=P,period=D,window=D,warmup=N,samples=N,per_window=N,alpha=F,hysteresis=F,seed=N]".
+// "budget=N[,policy=P,period=D,window=D,warmup=N,samples=N,per_window=N,alpha=F,hysteresis=F,seed=N,source=S]".
 func ParseLargePages(s string) (LargePageConfig, error) {
 	var c LargePageConfig
-	seen := map[string]bool{}
-	for _, kv := range strings.Split(s, ",") {
-		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
-		if !ok || v == "" {
-			return c, fmt.Errorf("--large-pages: %q: want key=value", kv)
-		}
-		if seen[k] {
-			return c, fmt.Errorf("--large-pages: %s given twice", k)
-		}
-		seen[k] = true
+	pairs, err := largePagesOption.Parse(s)
+	if err != nil {
+		return c, err
+	}
+	budget := false
+	for _, p := range pairs {
 		var err error
-		switch k {
+		switch v := p.Value; p.Key {
 		case "budget":
-			c.Budget, err = parseIntRange(v, 0, 1<<20)
+			c.Budget, err = option.Int(v, 0, 1<<20)
+			budget = true
 		case "policy":
 			switch v {
 			case PolicyPrioritized, PolicyRandom, PolicyAll, PolicyNone:
@@ -175,22 +177,22 @@ func ParseLargePages(s string) (LargePageConfig, error) {
 				err = fmt.Errorf("want prioritized, random, all or none")
 			}
 		case "period":
-			c.Period, err = parseDurationRange(v, time.Millisecond, time.Hour)
+			c.Period, err = option.Duration(v, time.Millisecond, time.Hour)
 		case "window":
-			c.Window, err = parseDurationRange(v, 100*time.Microsecond, time.Minute)
+			c.Window, err = option.Duration(v, 100*time.Microsecond, time.Minute)
 		case "warmup":
-			c.Warmup, err = parseIntRange(v, 0, 1<<20)
+			c.Warmup, err = option.Int(v, 0, 1<<20)
 		case "samples":
-			c.PagesPerRegion, err = parseIntRange(v, 1, 64)
+			c.PagesPerRegion, err = option.Int(v, 1, 64)
 		case "per_window":
-			c.PerWindow, err = parseIntRange(v, 1, 1<<20)
+			c.PerWindow, err = option.Int(v, 1, 1<<20)
 		case "alpha":
-			c.Alpha, err = parseFloatRange(v, 0.001, 1)
+			c.Alpha, err = option.Float(v, 0.001, 1)
 		case "hysteresis":
-			c.Hysteresis, err = parseFloatRange(v, 1, 1000)
+			c.Hysteresis, err = option.Float(v, 1, 1000)
 		case "seed":
 			var n int
-			n, err = parseIntRange(v, 0, 1<<62)
+			n, err = option.Int(v, 0, 1<<62)
 			c.Seed = uint64(n)
 		case "source":
 			switch v {
@@ -199,14 +201,12 @@ func ParseLargePages(s string) (LargePageConfig, error) {
 			default:
 				err = fmt.Errorf("want auto, damon or refault")
 			}
-		default:
-			return c, fmt.Errorf("--large-pages: unknown key %q (keys: budget, policy, period, window, warmup, samples, per_window, alpha, hysteresis, seed, source)", k)
 		}
 		if err != nil {
-			return c, fmt.Errorf("--large-pages %s=%s: %w", k, v, err)
+			return c, largePagesOption.Bad(p, err)
 		}
 	}
-	if !seen["budget"] && c.Policy != PolicyAll && c.Policy != PolicyNone {
+	if !budget && c.Policy != PolicyAll && c.Policy != PolicyNone {
 		return c, fmt.Errorf("--large-pages: budget=N is required")
 	}
 	return c, nil

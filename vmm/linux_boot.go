@@ -11,6 +11,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
@@ -139,7 +140,7 @@ func prepareLinux(cfg Config) (*linuxGuest, error) {
 	kernelEnd := k.MemoryEnd(linuxKernelAddr)
 	if need := roundUp(kernelEnd+linuxMinFreeForBoot, mmu.RegionSize); lowEnd < need {
 		return nil, fmt.Errorf("guest memory %s is too small for kernel %s: it needs at least %s (it occupies up to %#x while it starts)",
-			FormatSize(cfg.MemSize), cfg.Kernel, FormatSize(need), kernelEnd)
+			option.FormatSize(cfg.MemSize), cfg.Kernel, option.FormatSize(need), kernelEnd)
 	}
 	if cfg.Initrd != "" {
 		fi, err := os.Stat(cfg.Initrd)
@@ -154,13 +155,13 @@ func prepareLinux(cfg Config) (*linuxGuest, error) {
 			return nil, fmt.Errorf("initrd %s is empty", cfg.Initrd)
 		}
 		if size >= cfg.MemSize {
-			return nil, fmt.Errorf("initrd %s (%s) is larger than guest memory (%s)", cfg.Initrd, FormatSize(size), FormatSize(cfg.MemSize))
+			return nil, fmt.Errorf("initrd %s (%s) is larger than guest memory (%s)", cfg.Initrd, option.FormatSize(size), option.FormatSize(cfg.MemSize))
 		}
 		top := k.InitrdMax(lowEnd) &^ (arch.PageSize - 1)
 		addr := (top - min(top, size)) &^ (arch.PageSize - 1)
 		if size > top || addr < kernelEnd+linuxMinFreeForBoot {
 			return nil, fmt.Errorf("initrd %s (%s) does not fit in %s of guest memory next to the kernel: it must end below %#x and the kernel needs up to %#x; give the guest at least %s",
-				cfg.Initrd, FormatSize(size), FormatSize(cfg.MemSize), top, kernelEnd, FormatSize(roundUp(kernelEnd+linuxMinFreeForBoot+size, mmu.RegionSize)))
+				cfg.Initrd, option.FormatSize(size), option.FormatSize(cfg.MemSize), top, kernelEnd, option.FormatSize(roundUp(kernelEnd+linuxMinFreeForBoot+size, mmu.RegionSize)))
 		}
 		g.initrdSize, g.initrdAddr = size, addr
 	}
@@ -358,7 +359,7 @@ func (m *Machine) loadLinux() error {
 		return err
 	}
 	if err := mem.Write(linuxKernelAddr, g.kernel.Kernel); err != nil {
-		return fmt.Errorf("load kernel (%s) at %#x: %w", FormatSize(uint64(len(g.kernel.Kernel))), linuxKernelAddr, err)
+		return fmt.Errorf("load kernel (%s) at %#x: %w", option.FormatSize(uint64(len(g.kernel.Kernel))), linuxKernelAddr, err)
 	}
 	if g.initrdPath != "" {
 		if err := m.loadInitrd(); err != nil {

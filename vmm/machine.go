@@ -15,6 +15,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 	"golang.org/x/sys/unix"
 )
@@ -316,10 +317,10 @@ func checkConfig(cfg *Config) error {
 		return fmt.Errorf("%d vCPUs: want 1..%d", cfg.CPUs, MaxCPUs)
 	}
 	if cfg.MemSize < MinMemSize {
-		return fmt.Errorf("guest memory %s is too small: payload guests need at least %s", FormatSize(cfg.MemSize), FormatSize(MinMemSize))
+		return fmt.Errorf("guest memory %s is too small: payload guests need at least %s", option.FormatSize(cfg.MemSize), option.FormatSize(MinMemSize))
 	}
 	if cfg.MemSize%mmu.RegionSize != 0 {
-		return fmt.Errorf("guest memory %s: must be a multiple of 2 MiB", FormatSize(cfg.MemSize))
+		return fmt.Errorf("guest memory %s: must be a multiple of 2 MiB", option.FormatSize(cfg.MemSize))
 	}
 	if cfg.Console == nil {
 		cfg.Console = io.Discard

@@ -8,6 +8,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
 
@@ -79,7 +80,7 @@ func resolvePayload(cfg Config) (*loadedPayload, error) {
 	}
 	end := uint64(payloadBase) + uint64(len(pl.image))
 	if end > ramEnd {
-		return nil, fmt.Errorf("payload %s (%d bytes, loaded at 1 MiB) does not fit in %s of guest memory", cfg.Payload, len(pl.image), FormatSize(cfg.MemSize))
+		return nil, fmt.Errorf("payload %s (%d bytes, loaded at 1 MiB) does not fit in %s of guest memory", cfg.Payload, len(pl.image), option.FormatSize(cfg.MemSize))
 	}
 	pl.dataBase = (end + payloadDataMask) &^ payloadDataMask
 	if pl.dataBase < ramEnd {
@@ -154,7 +155,7 @@ func (m *Machine) loadPayload(pl *loadedPayload) error {
 		return err
 	}
 	if pageTablesAddr+uint64(len(tables)) > pageTablesEnd {
-		return fmt.Errorf("page tables for %s of guest-physical space do not fit below %#x", FormatSize(top), pageTablesEnd)
+		return fmt.Errorf("page tables for %s of guest-physical space do not fit below %#x", option.FormatSize(top), pageTablesEnd)
 	}
 	if err := mem.Write(pageTablesAddr, tables); err != nil {
 		return err

@@ -9,6 +9,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // MachineState is everything about a paused machine except its memory: the
@@ -419,7 +420,7 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 	}
 	if mem != nil && mem.Size() != st.Config.MemSize {
 		closeMem()
-		return nil, fmt.Errorf("restore: guest memory of %s given, the state needs %s", FormatSize(mem.Size()), FormatSize(st.Config.MemSize))
+		return nil, fmt.Errorf("restore: guest memory of %s given, the state needs %s", option.FormatSize(mem.Size()), option.FormatSize(st.Config.MemSize))
 	}
 	mc := Config{
 		KVMDevice: cfg.KVMDevice, MemSize: st.Config.MemSize, CPUs: st.Config.CPUs, Backing: cfg.Backing,
@@ -507,7 +508,7 @@ func (m *Machine) loadImage(r io.Reader) error {
 	var extra [1]byte
 	switch _, err := io.ReadFull(r, extra[:]); {
 	case err == nil:
-		return fmt.Errorf("memory image is longer than the state's %s of guest memory", FormatSize(uint64(len(b))))
+		return fmt.Errorf("memory image is longer than the state's %s of guest memory", option.FormatSize(uint64(len(b))))
 	case !errors.Is(err, io.EOF):
 		return fmt.Errorf("read memory image: %w", err)
 	}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // The binary encoding of a MachineState, version 1. It arrives over the
@@ -616,7 +617,7 @@ func (st *MachineState) validate() error {
 	}
 	c := &st.Config
 	if c.MemSize < MinMemSize || c.MemSize > MaxStateMemSize || c.MemSize%mmu.RegionSize != 0 {
-		return bad("memory size %d: want a multiple of 2 MiB from %s to %s", c.MemSize, FormatSize(MinMemSize), FormatSize(MaxStateMemSize))
+		return bad("memory size %d: want a multiple of 2 MiB from %s to %s", c.MemSize, option.FormatSize(MinMemSize), option.FormatSize(MaxStateMemSize))
 	}
 	if c.CPUs < 1 || c.CPUs > MaxCPUs {
 		return bad("%d vCPUs, want 1..%d", c.CPUs, MaxCPUs)

@@ -21,6 +21,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
 
@@ -251,7 +252,7 @@ func testRestoreContinues(t *testing.T, cpus int) {
 		t.Errorf("guest memory after restore has SHA-256 %s, the uninterrupted run's %s", got.MemSHA, ref.MemSHA)
 	}
 	t.Logf("%d vCPU(s): saved after %d records, restored in a fresh process: records %d..%d, %d counter pages and all %s of memory equal the uninterrupted run's",
-		cpus, proofSaveAfter, got.Values[0], got.Values[len(got.Values)-1], proofPages, FormatSize(cfg.MemSize))
+		cpus, proofSaveAfter, got.Values[0], got.Values[len(got.Values)-1], proofPages, option.FormatSize(cfg.MemSize))
 }
 
 // endlessCounter returns a counter machine (not running) that emits records
