@@ -16,6 +16,7 @@ import (
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
 )
 
 // link returns a connected primary→intermediary pair over mutual TLS on
@@ -230,7 +231,7 @@ func TestProtectWithLargePages(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	lp, err := m.StartLargePages(vmm.LargePageConfig{Budget: 2, Period: 4 * time.Millisecond, Window: 3 * time.Millisecond, Warmup: 1, Source: vmm.SourceRefault})
+	lp, err := largepage.Start(m, largepage.Config{Budget: 2, Period: 4 * time.Millisecond, Window: 3 * time.Millisecond, Warmup: 1, Source: largepage.SourceRefault})
 	if err != nil {
 		t.Fatal(err)
 	}

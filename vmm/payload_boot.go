@@ -195,3 +195,13 @@ func (m *Machine) loadPayload(pl *loadedPayload) error {
 }
 
 func roundUp(x, to uint64) uint64 { return (x + to - 1) / to * to }
+
+// DataRegions lists the guest-physical 2 MiB regions of the payload's data
+// area, in ascending order.
+func (m *Machine) DataRegions() []uint64 {
+	var out []uint64
+	for gpa := m.payload.dataBase; gpa+mmu.RegionSize <= m.payload.dataBase+m.payload.dataSize; gpa += mmu.RegionSize {
+		out = append(out, gpa/mmu.RegionSize)
+	}
+	return out
+}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
 )
 
 // The large-page benchmark: the touch payload over 256 regions (a 512 MiB
@@ -43,12 +44,12 @@ type lpResult struct {
 	ratio       float64 // nsPerAccess / nsBefore
 	pages2M     uint64
 	precision   float64
-	status      vmm.LargePageStatus
+	status      largepage.Status
 }
 
 // runTouch runs one touch guest under cfg (nil: no large-page management)
 // and returns the median time per read once the policy has settled.
-func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
+func runTouch(b *testing.B, cfg *largepage.Config) lpResult {
 	b.Helper()
 	var mu sync.Mutex
 	var stamps []time.Time
@@ -98,7 +99,7 @@ func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
 		return medianF(per)
 	}
 	before := measure()
-	var lp *vmm.LargePager
+	var lp *largepage.Pager
 	if cfg != nil {
 		c := *cfg
 		if c.Regions == nil {
@@ -109,12 +110,12 @@ func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
 				c.Regions = append(c.Regions, r)
 			}
 		}
-		if lp, err = m.StartLargePages(c); err != nil {
+		if lp, err = largepage.Start(m, c); err != nil {
 			b.Fatal(err)
 		}
 		defer lp.Stop()
 		want := c.Budget
-		if c.Policy == vmm.PolicyAll {
+		if c.Policy == largepage.PolicyAll {
 			want = len(c.Regions)
 		}
 		deadline := time.Now().Add(30 * time.Second)
@@ -123,7 +124,7 @@ func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
 			if st.Err != "" {
 				b.Fatal(st.Err)
 			}
-			if len(st.Promoted) >= want && (c.Policy != vmm.PolicyPrioritized || st.Windows >= st.FirstPromotion+3) {
+			if len(st.Promoted) >= want && (c.Policy != largepage.PolicyPrioritized || st.Windows >= st.FirstPromotion+3) {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -166,15 +167,15 @@ func BenchmarkLargePage(b *testing.B) {
 	requireKVM(b)
 	policies := []struct {
 		name string
-		cfg  *vmm.LargePageConfig
+		cfg  *largepage.Config
 	}{
 		{"none", nil},
-		{"random-16", &vmm.LargePageConfig{Policy: vmm.PolicyRandom, Budget: lpHot}},
-		{"prioritized-16", &vmm.LargePageConfig{Policy: vmm.PolicyPrioritized, Budget: lpHot}},
-		{"all-256", &vmm.LargePageConfig{Policy: vmm.PolicyAll}},
+		{"random-16", &largepage.Config{Policy: largepage.PolicyRandom, Budget: lpHot}},
+		{"prioritized-16", &largepage.Config{Policy: largepage.PolicyPrioritized, Budget: lpHot}},
+		{"all-256", &largepage.Config{Policy: largepage.PolicyAll}},
 		// Told which regions are hot, without sampling: the ceiling for any
 		// policy that promotes 16 regions.
-		{"hot-16-oracle", &vmm.LargePageConfig{Policy: vmm.PolicyAll, Regions: []uint64{0}}},
+		{"hot-16-oracle", &largepage.Config{Policy: largepage.PolicyAll, Regions: []uint64{0}}},
 	}
 	ns := map[string][]float64{}
 	ratio := map[string][]float64{}
@@ -224,7 +225,7 @@ func BenchmarkSampler(b *testing.B) {
 	var ratios, noise, cpuPerGiB, refaults []float64
 	for run := 0; run < lpRuns; run++ {
 		noise = append(noise, runTouch(b, nil).ratio)
-		r := runTouch(b, &vmm.LargePageConfig{Policy: vmm.PolicyPrioritized, Budget: 0, Warmup: 1})
+		r := runTouch(b, &largepage.Config{Policy: largepage.PolicyPrioritized, Budget: 0, Warmup: 1})
 		ratios = append(ratios, r.ratio)
 		st := r.status.Sampler
 		gib := float64(lpRegions) * 2 / 1024

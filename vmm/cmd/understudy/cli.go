@@ -19,6 +19,7 @@ import (
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
 
@@ -328,9 +329,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return fail(stderr, err)
 	}
 	defer m.Close()
-	var lp *vmm.LargePager
+	var lp *largepage.Pager
 	if lpCfg != nil {
-		if lp, err = m.StartLargePages(*lpCfg); err != nil {
+		if lp, err = largepage.Start(m, *lpCfg); err != nil {
 			return fail(stderr, err)
 		}
 		if st := lp.Status(); st.Source != "" {
@@ -442,18 +443,18 @@ func openRecords(path string, stdout io.Writer) (*bufio.Writer, func(), error) {
 // printStatus prints lp's status line every interval until the returned
 // function is called.
 // parseLargePagesFlag parses a --large-pages value ("": nil, off).
-func parseLargePagesFlag(s string) (*vmm.LargePageConfig, error) {
+func parseLargePagesFlag(s string) (*largepage.Config, error) {
 	if s == "" {
 		return nil, nil
 	}
-	c, err := vmm.ParseLargePages(s)
+	c, err := largepage.Parse(s)
 	if err != nil {
 		return nil, err
 	}
 	return &c, nil
 }
 
-func printStatus(w io.Writer, lp *vmm.LargePager, every time.Duration) func() {
+func printStatus(w io.Writer, lp *largepage.Pager, every time.Duration) func() {
 	if every <= 0 {
 		return func() {}
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
 )
 
 // The fault-tolerance roles: `run --protect` (primary), `intermediary` and
@@ -623,7 +624,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	stopRefusing := refuseIntermediaries(ctx, ln, b.Committed(), stderr)
 	defer stopRefusing()
 	if lpCfg != nil {
-		lp, err := m.StartLargePages(*lpCfg)
+		lp, err := largepage.Start(m, *lpCfg)
 		if err != nil {
 			return fail(stderr, err)
 		}

@@ -1,4 +1,4 @@
-package vmm
+package largepage
 
 import (
 	"context"
@@ -12,6 +12,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/option"
 	"golang.org/x/sys/unix"
 )
@@ -29,8 +30,8 @@ const (
 	PolicyNone = "none"
 )
 
-// LargePageConfig configures large-page management of a machine.
-type LargePageConfig struct {
+// Config configures large-page management of a machine.
+type Config struct {
 	Policy string        // PolicyPrioritized (default), PolicyRandom, PolicyAll, PolicyNone
 	Budget int           // regions mapped large at most (prioritized, random)
 	Period time.Duration // time from one sampling window to the next (default 200ms)
@@ -64,8 +65,8 @@ const (
 	SourceRefault = "refault"
 )
 
-// LargePageStatus is a snapshot of large-page management.
-type LargePageStatus struct {
+// Status is a snapshot of large-page management.
+type Status struct {
 	Policy string
 	// Source is the sampler in use (SourceDAMON or SourceRefault);
 	// NoDAMON says why DAMON is not, where the source was auto.
@@ -104,7 +105,7 @@ type LargePageStatus struct {
 }
 
 // String formats the status as one line.
-func (s LargePageStatus) String() string {
+func (s Status) String() string {
 	var top []string
 	for _, h := range s.Top {
 		top = append(top, fmt.Sprintf("r%d:%.0f", h.Region, h.Count))
@@ -132,10 +133,11 @@ func (s LargePageStatus) String() string {
 	return line
 }
 
-// LargePager runs large-page management for a machine.
-type LargePager struct {
-	m       *Machine
-	cfg     LargePageConfig
+// Pager runs large-page management for a machine.
+type Pager struct {
+	m       *vmm.Machine
+	mem     *mmu.Memory
+	cfg     Config
 	sampler *mmu.Sampler
 	damon   *mmu.DAMON // the sampler, if the source is DAMON
 	prio    *mmu.Prioritizer
@@ -147,18 +149,18 @@ type LargePager struct {
 
 	// mu guards status.
 	mu     sync.Mutex
-	status LargePageStatus
+	status Status
 }
 
-// largePagesOption is the --large-pages option list.
-var largePagesOption = option.List{Name: "--large-pages", Keys: []string{
+// optionList is the --large-pages option list.
+var optionList = option.List{Name: "--large-pages", Keys: []string{
 	"budget", "policy", "period", "window", "warmup", "samples", "per_window", "alpha", "hysteresis", "seed", "source"}}
 
-// ParseLargePages parses the --large-pages option string
+// Parse parses the --large-pages option string
 // "budget=N[,policy=P,period=D,window=D,warmup=N,samples=N,per_window=N,alpha=F,hysteresis=F,seed=N,source=S]".
-func ParseLargePages(s string) (LargePageConfig, error) {
-	var c LargePageConfig
-	pairs, err := largePagesOption.Parse(s)
+func Parse(s string) (Config, error) {
+	var c Config
+	pairs, err := optionList.Parse(s)
 	if err != nil {
 		return c, err
 	}
@@ -203,7 +205,7 @@ func ParseLargePages(s string) (LargePageConfig, error) {
 			}
 		}
 		if err != nil {
-			return c, largePagesOption.Bad(p, err)
+			return c, optionList.Bad(p, err)
 		}
 	}
 	if !budget && c.Policy != PolicyAll && c.Policy != PolicyNone {
@@ -212,9 +214,9 @@ func ParseLargePages(s string) (LargePageConfig, error) {
 	return c, nil
 }
 
-// StartLargePages starts large-page management on a machine that is
-// running (or about to run). Stop ends it.
-func (m *Machine) StartLargePages(cfg LargePageConfig) (*LargePager, error) {
+// Start starts large-page management on a machine that is running (or
+// about to run). Stop ends it.
+func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 	if cfg.Policy == "" {
 		cfg.Policy = PolicyPrioritized
 	}
@@ -243,7 +245,7 @@ func (m *Machine) StartLargePages(cfg LargePageConfig) (*LargePager, error) {
 		return nil, fmt.Errorf("large pages: the guest has no data regions to manage (raise --mem)")
 	}
 	for _, r := range cfg.Regions {
-		if _, err := m.mem.Offset(r*mmu.RegionSize, mmu.RegionSize); err != nil {
+		if _, err := m.Memory().Offset(r*mmu.RegionSize, mmu.RegionSize); err != nil {
 			return nil, fmt.Errorf("large pages: region %d: %w", r, err)
 		}
 	}
@@ -252,11 +254,11 @@ func (m *Machine) StartLargePages(cfg LargePageConfig) (*LargePager, error) {
 		return nil, fmt.Errorf("large pages: %w", err)
 	}
 	cfg.Warmup = prio.Config().Warmup
-	sampler, err := mmu.NewSampler(m.mem, mmu.SamplerConfig{PagesPerRegion: cfg.PagesPerRegion, Seed: cfg.Seed})
+	sampler, err := mmu.NewSampler(m.Memory(), mmu.SamplerConfig{PagesPerRegion: cfg.PagesPerRegion, Seed: cfg.Seed})
 	if err != nil {
 		return nil, fmt.Errorf("large pages: %w", err)
 	}
-	stats, err := m.vm.StatsFD()
+	stats, err := m.VM().StatsFD()
 	if err != nil {
 		return nil, fmt.Errorf("large pages: KVM statistics: %w", err)
 	}
@@ -265,7 +267,7 @@ func (m *Machine) StartLargePages(cfg LargePageConfig) (*LargePager, error) {
 		return nil, fmt.Errorf("large pages: this KVM reports no pages_2m/pages_4k statistics")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	lp := &LargePager{m: m, cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
+	lp := &Pager{m: m, mem: m.Memory(), cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
 	lp.status.Policy = cfg.Policy
 	if cfg.Policy == PolicyPrioritized {
 		if err := lp.pickSource(); err != nil {
@@ -284,7 +286,7 @@ func (m *Machine) StartLargePages(cfg LargePageConfig) (*LargePager, error) {
 // DAMON samples every candidate every window: one page per region per
 // sampling interval (a tenth of the window), aggregated over half the
 // period.
-func (lp *LargePager) pickSource() error {
+func (lp *Pager) pickSource() error {
 	src := lp.cfg.Source
 	if src == "" {
 		src = SourceAuto
@@ -293,7 +295,7 @@ func (lp *LargePager) pickSource() error {
 		lp.status.Source = SourceRefault
 		return nil
 	}
-	d, err := mmu.NewDAMON(lp.m.mem, mmu.DAMONConfig{Sample: max(lp.cfg.Window/10, 100*time.Microsecond), Aggregate: lp.cfg.Period / 2})
+	d, err := mmu.NewDAMON(lp.mem, mmu.DAMONConfig{Sample: max(lp.cfg.Window/10, 100*time.Microsecond), Aggregate: lp.cfg.Period / 2})
 	switch {
 	case err == nil:
 		lp.damon = d
@@ -306,18 +308,8 @@ func (lp *LargePager) pickSource() error {
 	return nil
 }
 
-// DataRegions lists the guest-physical 2 MiB regions of the payload's data
-// area, in ascending order.
-func (m *Machine) DataRegions() []uint64 {
-	var out []uint64
-	for gpa := m.payload.dataBase; gpa+mmu.RegionSize <= m.payload.dataBase+m.payload.dataSize; gpa += mmu.RegionSize {
-		out = append(out, gpa/mmu.RegionSize)
-	}
-	return out
-}
-
 // Status returns the latest status.
-func (lp *LargePager) Status() LargePageStatus {
+func (lp *Pager) Status() Status {
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
 	s := lp.status
@@ -328,7 +320,7 @@ func (lp *LargePager) Status() LargePageStatus {
 }
 
 // Stop ends management and waits for it; promoted regions stay large.
-func (lp *LargePager) Stop() LargePageStatus {
+func (lp *Pager) Stop() Status {
 	lp.cancel()
 	<-lp.done
 	lp.stats.Close()
@@ -340,13 +332,13 @@ func (lp *LargePager) Stop() LargePageStatus {
 	return lp.Status()
 }
 
-func (lp *LargePager) fail(err error) {
+func (lp *Pager) fail(err error) {
 	lp.mu.Lock()
 	lp.status.Err = err.Error()
 	lp.mu.Unlock()
 }
 
-func (lp *LargePager) run(ctx context.Context) {
+func (lp *Pager) run(ctx context.Context) {
 	defer close(lp.done)
 	if lp.cfg.Policy != PolicyPrioritized {
 		lp.runFixed(ctx)
@@ -379,7 +371,7 @@ func (lp *LargePager) run(ctx context.Context) {
 }
 
 // runFixed runs the random, all and none policies.
-func (lp *LargePager) runFixed(ctx context.Context) {
+func (lp *Pager) runFixed(ctx context.Context) {
 	tick := time.NewTicker(lp.cfg.Period)
 	defer tick.Stop()
 	// Fixed policies choose their regions once and promote them as soon
@@ -416,7 +408,7 @@ func (lp *LargePager) runFixed(ctx context.Context) {
 const MaxBackoff = 8
 
 // fixedTargets chooses the regions of the random and all policies.
-func (lp *LargePager) fixedTargets() []uint64 {
+func (lp *Pager) fixedTargets() []uint64 {
 	blocked, _ := lp.guestView(false)
 	var cand []uint64
 	for _, r := range lp.cfg.Regions {
@@ -442,11 +434,11 @@ func (lp *LargePager) fixedTargets() []uint64 {
 // A collapse the kernel could not do for now (EAGAIN: a page was busy or
 // memory short) is not a failure: the region stays a candidate and is tried
 // again in a later window; transient reports that.
-func (lp *LargePager) promote(r uint64) (ok, transient bool) {
-	err := lp.m.mem.Collapse(r)
+func (lp *Pager) promote(r uint64) (ok, transient bool) {
+	err := lp.mem.Collapse(r)
 	ok = err == nil
 	if ok {
-		ok, err = lp.m.mem.HugeBacked(r)
+		ok, err = lp.mem.HugeBacked(r)
 	}
 	lp.prio.SetPromoted(r, ok)
 	lp.mu.Lock()
@@ -466,7 +458,7 @@ func (lp *LargePager) promote(r uint64) (ok, transient bool) {
 
 // window runs one sampling window and acts on it. It returns the regions
 // the guest maps with 4 KiB pages.
-func (lp *LargePager) window(ctx context.Context) (blocked map[uint64]bool, changed bool, err error) {
+func (lp *Pager) window(ctx context.Context) (blocked map[uint64]bool, changed bool, err error) {
 	sample := lp.refaultWindow
 	if lp.damon != nil {
 		sample = lp.damonWindow
@@ -490,7 +482,7 @@ func (lp *LargePager) window(ctx context.Context) (blocked map[uint64]bool, chan
 
 // damonWindow takes DAMON's next aggregation: an estimate for every
 // candidate not promoted, and whether each promoted one was touched.
-func (lp *LargePager) damonWindow(context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
+func (lp *Pager) damonWindow(context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
 	c, err := lp.damon.Counts()
 	if err != nil {
 		return nil, nil, false, err
@@ -509,7 +501,7 @@ func (lp *LargePager) damonWindow(context.Context) (n map[uint64]float64, large 
 // refaultWindow samples the promoted regions and the next PerWindow
 // candidates with the refault sampler for one window; ok is false for a
 // window that does not count.
-func (lp *LargePager) refaultWindow(ctx context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
+func (lp *Pager) refaultWindow(ctx context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
 	var specs []mmu.SampleSpec
 	regions := lp.cfg.Regions
 	for _, r := range regions {
@@ -571,8 +563,8 @@ func (lp *LargePager) refaultWindow(ctx context.Context) (n map[uint64]float64, 
 
 // act promotes and demotes what the prioritizer decides, unless dirty
 // logging is on.
-func (lp *LargePager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error) {
-	if lp.m.mem.DirtyLogging() {
+func (lp *Pager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error) {
+	if lp.mem.DirtyLogging() {
 		// Fault tolerance is on: KVM maps everything with 4 KiB pages while
 		// it logs dirty pages, so collapsing would cost CPU and change
 		// nothing. Keep counting; promote again once logging stops.
@@ -586,7 +578,7 @@ func (lp *LargePager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error
 	lp.mu.Unlock()
 	d := lp.prio.Decide(func(r uint64) bool { return blocked[r] })
 	for _, r := range d.Demote {
-		if err := lp.m.mem.Split(r); err != nil {
+		if err := lp.mem.Split(r); err != nil {
 			return nil, false, err
 		}
 		lp.prio.SetPromoted(r, false)
@@ -606,13 +598,13 @@ func (lp *LargePager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error
 // maps with 4 KiB pages (blocked, on shadow-paging hosts) and the number of
 // accessed 4 KiB guest PTEs per region. With clear, the accessed bits it
 // counted are cleared, which it does only while the vCPUs are paused.
-func (lp *LargePager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
+func (lp *Pager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
 	m := lp.m
 	if _, err := m.Pause(); err != nil {
 		return nil, nil
 	}
 	var cr3s []uint64
-	for i := range m.vcpus {
+	for i := range m.NumCPUs() {
 		_ = m.OnVCPU(i, func(c *arch.VCPU) error {
 			s, err := c.Sregs()
 			if err == nil && s.CR0&arch.CR0PG != 0 {
@@ -621,7 +613,7 @@ func (lp *LargePager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
 			return err
 		})
 	}
-	acc, _, err := m.mem.CountAccessed(cr3s, clear)
+	acc, _, err := lp.mem.CountAccessed(cr3s, clear)
 	m.Resume()
 	if err != nil {
 		return nil, nil
@@ -642,7 +634,7 @@ func (lp *LargePager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
 }
 
 // publish refreshes the status; period is the current sampling period.
-func (lp *LargePager) publish(blocked map[uint64]bool, period time.Duration) {
+func (lp *Pager) publish(blocked map[uint64]bool, period time.Duration) {
 	p4k, _ := lp.stats.Value("pages_4k")
 	p2m, _ := lp.stats.Value("pages_2m")
 	lp.mu.Lock()
