@@ -11,6 +11,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
@@ -55,7 +56,7 @@ const (
 	VirtioFirstGSI = 5
 	// MaxVirtioDevices bounds the virtio devices of a Linux machine: their
 	// GSIs 5..8 are ISA IRQs Linux maps one to one; 9 is the ACPI SCI.
-	MaxVirtioDevices = acpiSCI - VirtioFirstGSI
+	MaxVirtioDevices = devices.ACPISCI - VirtioFirstGSI
 
 	ioapicID = 0
 )
@@ -85,9 +86,9 @@ type linuxGuest struct {
 	initrdSize uint64
 	initrdAddr uint64
 
-	uart    *uart
-	kbd     *i8042
-	pm      *acpiPM
+	uart    *devices.UART
+	kbd     *devices.I8042
+	pm      *devices.ACPIPM
 	unknown *unknownPorts
 	virtio  []*virtioSlot
 }
@@ -122,7 +123,7 @@ func (g *linuxGuest) close() error {
 		s.t, s.dev = nil, nil
 	}
 	if g.uart != nil {
-		g.uart.stop()
+		g.uart.Stop()
 	}
 	return errors.Join(errs...)
 }
@@ -273,13 +274,13 @@ func (m *Machine) addLinuxDevices() error {
 	g.unknown = newUnknownPorts()
 	m.io.lenient = g.unknown
 	m.mmio.lenient = newUnknownMMIO()
-	g.uart = newUART(com1Port, m.cfg.Console, m.irqLine(com1IRQ))
-	g.kbd = &i8042{onReset: func(d string) { m.guestEnded(EndReboot, d) }}
-	g.pm = &acpiPM{
-		onPowerOff: func(d string) { m.guestEnded(EndPowerOff, d) },
-		onReset:    func(d string) { m.guestEnded(EndReboot, d) },
+	g.uart = devices.NewUART(devices.COM1Port, m.cfg.Console, m.irqLine(devices.COM1IRQ))
+	g.kbd = &devices.I8042{OnReset: func(d string) { m.guestEnded(EndReboot, d) }}
+	g.pm = &devices.ACPIPM{
+		OnPowerOff: func(d string) { m.guestEnded(EndPowerOff, d) },
+		OnReset:    func(d string) { m.guestEnded(EndReboot, d) },
 	}
-	for _, d := range []portDevice{g.uart, g.kbd, g.pm} {
+	for _, d := range []devices.PortDevice{g.uart, g.kbd, g.pm} {
 		if err := m.io.add(d); err != nil {
 			return err
 		}
@@ -323,9 +324,9 @@ func (m *Machine) loadLinux() error {
 		return err
 	}
 	ac := arch.ACPIConfig{
-		Base: linuxACPIAddr, CPUs: len(m.vcpus), IOAPICID: ioapicID, SCI: acpiSCI,
-		PM1EventPort: acpiPM1EventPort, PM1ControlPort: acpiPM1ControlPort,
-		ResetPort: acpiResetPort, ResetValue: acpiResetValue, S5Type: acpiS5Type,
+		Base: linuxACPIAddr, CPUs: len(m.vcpus), IOAPICID: ioapicID, SCI: devices.ACPISCI,
+		PM1EventPort: devices.ACPIPM1EventPort, PM1ControlPort: devices.ACPIPM1ControlPort,
+		ResetPort: devices.ACPIResetPort, ResetValue: devices.ACPIResetValue, S5Type: devices.ACPIS5Type,
 	}
 	for _, s := range g.virtio {
 		ac.VirtioMMIO = append(ac.VirtioMMIO, arch.VirtioMMIODevice{Base: uint32(s.base), Size: virtio.MMIOSize, GSI: s.gsi})

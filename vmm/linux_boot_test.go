@@ -15,6 +15,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 )
 
 // Setup header offsets (see arch/bootparams.go) for building test images.
@@ -604,10 +605,14 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	m.linux.uart.regs.SCR = 0x5a
-	m.linux.uart.regs.RX = append(m.linux.uart.regs.RX, 'q')
-	m.linux.pm.enable, m.linux.pm.control = 0x0120, 0x0001 // power button and RTC enabled; SCI_EN
-	m.linux.kbd.writeOutput = true
+	u := m.linux.uart.Save()
+	u.SCR = 0x5a
+	u.RX = append(u.RX, 'q')
+	if err := m.linux.uart.Restore(u); err != nil {
+		t.Fatal(err)
+	}
+	// Power button and RTC enabled; SCI_EN.
+	devices.RestorePlatform(m.linux.pm, m.linux.kbd, devices.PlatformState{ACPIEnable: 0x0120, ACPIControl: 0x0001, KbdWriteOutput: true})
 	m.halted.Store(true) // never ran: state may be read directly
 	st, err := m.CaptureState()
 	if err != nil {
@@ -627,7 +632,7 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 	if !reflect.DeepEqual(back.Devices.UART, st.Devices.UART) {
 		t.Errorf("UART state after encoding %+v, want %+v", back.Devices.UART, st.Devices.UART)
 	}
-	wantPlatform := PlatformState{ACPIEnable: 0x0120, ACPIControl: 0x0001, KbdWriteOutput: true}
+	wantPlatform := devices.PlatformState{ACPIEnable: 0x0120, ACPIControl: 0x0001, KbdWriteOutput: true}
 	if back.Devices.Platform == nil || *back.Devices.Platform != wantPlatform {
 		t.Errorf("platform state after encoding %+v, want %+v", back.Devices.Platform, wantPlatform)
 	}
@@ -636,12 +641,15 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	if r.linux == nil || r.linux.uart.regs.SCR != 0x5a || string(r.linux.uart.regs.RX) != "q" {
-		t.Errorf("restored machine's serial port: %+v", r.linux)
+	if r.linux == nil {
+		t.Fatalf("restored machine is not a Linux machine")
 	}
-	if r.linux != nil && (r.linux.pm.enable != 0x0120 || r.linux.pm.control != 0x0001 || !r.linux.kbd.writeOutput) {
+	if u := r.linux.uart.Save(); u.SCR != 0x5a || string(u.RX) != "q" {
+		t.Errorf("restored machine's serial port: %+v", u)
+	}
+	if p := devices.SavePlatform(r.linux.pm, r.linux.kbd); p.ACPIEnable != 0x0120 || p.ACPIControl != 0x0001 || !p.KbdWriteOutput {
 		t.Errorf("restored ACPI PM enable %#x control %#x, keyboard write-output %v; want 0x120, 0x1, true",
-			r.linux.pm.enable, r.linux.pm.control, r.linux.kbd.writeOutput)
+			p.ACPIEnable, p.ACPIControl, p.KbdWriteOutput)
 	}
 	if _, err := r.mem.Slice(0, mmu.PageSize); err != nil {
 		t.Error(err)

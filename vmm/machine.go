@@ -15,6 +15,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 	"golang.org/x/sys/unix"
@@ -161,7 +162,7 @@ type Machine struct {
 	vcpus   []*vcpu
 	io      ioBus
 	mmio    mmioBus
-	debug   *debugPort
+	debug   *devices.DebugPort
 	payload *loadedPayload
 	linux   *linuxGuest // nil for payload machines
 	log     *slog.Logger
@@ -385,7 +386,11 @@ func build(cfg Config, mem *mmu.Memory, linux bool) (*Machine, error) {
 		}
 		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, cmds: make(chan func()), started: make(chan struct{})})
 	}
-	m.debug = newDebugPort(cfg.CPUs, cfg.Console, cfg.OnRecord, cfg.OnMark, m.guestExit)
+	var onRecord func(cpu int, value uint64)
+	if cfg.OnRecord != nil {
+		onRecord = func(cpu int, value uint64) { cfg.OnRecord(Record{CPU: cpu, Value: value}) }
+	}
+	m.debug = devices.NewDebugPort(cfg.CPUs, cfg.Console, onRecord, cfg.OnMark, m.guestExit)
 	if !linux {
 		if err := m.io.add(m.debug); err != nil {
 			return nil, err
@@ -482,7 +487,7 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 		<-v.started
 	}
 	if m.linux != nil {
-		m.linux.uart.start(m.cfg.ConsoleIn)
+		m.linux.uart.Start(m.cfg.ConsoleIn)
 	}
 	select {
 	case <-ctx.Done():
@@ -494,11 +499,11 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	m.halted.Store(true)
 	if m.linux != nil {
 		// No vCPU reads the serial port any more: stop feeding it.
-		m.linux.uart.stop()
+		m.linux.uart.Stop()
 	}
 	m.resMu.Lock()
 	defer m.resMu.Unlock()
-	m.result.Records = m.debug.records.Load()
+	m.result.Records = m.debug.Records()
 	return m.result, m.runErr
 }
 

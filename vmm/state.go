@@ -9,6 +9,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
@@ -66,13 +67,13 @@ type VMState struct {
 // DeviceStates holds the saved state of each VMM device. Each device's
 // state type and its encoding live next to the device.
 type DeviceStates struct {
-	DebugPort DebugPortState // debugport_state.go
-	// UART is the serial port of a Linux machine (uart_state.go); nil for
+	DebugPort devices.DebugPortState
+	// UART is the serial port of a Linux machine (vmm/devices/uart_state.go); nil for
 	// payload machines. Its presence makes a state a Linux machine's.
-	UART *UARTState
+	UART *devices.UARTState
 	// Platform is a Linux machine's ACPI PM and keyboard controller state
-	// (platform_state.go); nil for payload machines.
-	Platform *PlatformState
+	// (vmm/devices/platform_state.go); nil for payload machines.
+	Platform *devices.PlatformState
 }
 
 // MSR numbers Understudy names. EFER, the APIC base and the FS/GS bases are
@@ -222,11 +223,11 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 	if st.VM, err = captureVM(m.vm); err != nil {
 		return nil, fmt.Errorf("capture state: %w", err)
 	}
-	st.Devices.DebugPort = m.debug.save()
+	st.Devices.DebugPort = m.debug.Save()
 	if m.linux != nil {
-		u := m.linux.uart.save()
+		u := m.linux.uart.Save()
 		st.Devices.UART = &u
-		p := m.linux.savePlatform()
+		p := devices.SavePlatform(m.linux.pm, m.linux.kbd)
 		st.Devices.Platform = &p
 	}
 	return st, nil
@@ -483,14 +484,14 @@ func (m *Machine) restore(st *MachineState, image io.Reader) error {
 		return err
 	}
 	if st.Devices.UART != nil {
-		if err := m.linux.uart.restore(*st.Devices.UART); err != nil {
+		if err := m.linux.uart.Restore(*st.Devices.UART); err != nil {
 			return err
 		}
 		if st.Devices.Platform != nil {
-			m.linux.restorePlatform(*st.Devices.Platform)
+			devices.RestorePlatform(m.linux.pm, m.linux.kbd, *st.Devices.Platform)
 		}
 	}
-	return m.debug.restore(st.Devices.DebugPort)
+	return m.debug.Restore(st.Devices.DebugPort)
 }
 
 // loadImage reads exactly the whole of guest RAM from r.

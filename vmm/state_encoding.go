@@ -3,12 +3,12 @@ package vmm
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"unicode/utf8"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
@@ -31,8 +31,9 @@ import (
 //	                                payload name length u16 (at most 255) | name (UTF-8)
 //	0x02  vcpu         vCPUs        vCPU id u32 (0, 1, ... in order) | reserved u32 | fields (records)
 //	0x03  vm           1            fields (records)
-//	0x10  debug port   1            see debugport_state.go
-//	0x11  uart         0 or 1       see uart_state.go; present only for a Linux machine
+//	0x10  debug port   1            see vmm/devices/debugport_state.go
+//	0x11  uart         0 or 1       see vmm/devices/uart_state.go; present only for a Linux machine
+//	0x12  platform     0 or 1       see vmm/devices/platform_state.go; present only with a uart section
 //
 // A vcpu section holds these fields, each once and in this order. "struct"
 // means the kernel's x86-64 KVM struct (<asm/kvm.h>) byte for byte:
@@ -67,7 +68,8 @@ const StateVersion = 1
 
 // ErrBadState is wrapped by every error about a malformed or inconsistent
 // machine state.
-var ErrBadState = errors.New("bad machine state")
+// It is devices.ErrBadState, which the device states' decoders wrap.
+var ErrBadState = devices.ErrBadState
 
 // Limits of a machine state.
 const (
@@ -204,12 +206,12 @@ func (st *MachineState) encode(b []byte) []byte {
 	start := e.begin(tagVM)
 	st.VM.encode(e)
 	e.end(start)
-	e.record(tagDebugPort, st.Devices.DebugPort.appendBinary)
+	e.record(tagDebugPort, st.Devices.DebugPort.AppendBinary)
 	if st.Devices.UART != nil {
-		e.record(tagUART, st.Devices.UART.appendBinary)
+		e.record(tagUART, st.Devices.UART.AppendBinary)
 	}
 	if st.Devices.Platform != nil {
-		e.record(tagPlatform, st.Devices.Platform.appendBinary)
+		e.record(tagPlatform, st.Devices.Platform.AppendBinary)
 	}
 	return e.b
 }
@@ -449,7 +451,7 @@ func decodeState(data []byte, s *MachineState) error {
 		return d.err
 	}
 	var err error
-	if s.Devices.DebugPort, err = decodeDebugPortState(body, s.Config.CPUs); err != nil {
+	if s.Devices.DebugPort, err = devices.DecodeDebugPortState(body, s.Config.CPUs); err != nil {
 		return err
 	}
 	if len(d.b) >= 2 && le.Uint16(d.b) == tagUART {
@@ -457,7 +459,7 @@ func decodeState(data []byte, s *MachineState) error {
 		if d.err != nil {
 			return d.err
 		}
-		u, err := decodeUARTState(body)
+		u, err := devices.DecodeUARTState(body)
 		if err != nil {
 			return err
 		}
@@ -468,7 +470,7 @@ func decodeState(data []byte, s *MachineState) error {
 		if d.err != nil {
 			return d.err
 		}
-		p, err := decodePlatformState(body)
+		p, err := devices.DecodePlatformState(body)
 		if err != nil {
 			return err
 		}
@@ -677,11 +679,11 @@ func (st *MachineState) validate() error {
 			return bad("irqchip %d has chip id %d", i, chip.ChipID)
 		}
 	}
-	if err := st.Devices.DebugPort.validate(c.CPUs); err != nil {
+	if err := st.Devices.DebugPort.Validate(c.CPUs); err != nil {
 		return bad("debug port: %v", err)
 	}
 	if u := st.Devices.UART; u != nil {
-		if err := u.validate(); err != nil {
+		if err := u.Validate(); err != nil {
 			return bad("serial port: %v", err)
 		}
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 )
 
 // testState returns a valid state of an 8 MiB machine with ncpus vCPUs,
@@ -54,7 +55,7 @@ func testState(ncpus int) *MachineState {
 	st.VM.PIT.Channels[0].Mode = 3
 	st.VM.PIT.Flags = 1
 	st.VM.Clock.Clock = 987654321
-	st.Devices.DebugPort = DebugPortState{Records: 7000, RecordHigh: make([]uint32, ncpus)}
+	st.Devices.DebugPort = devices.DebugPortState{Records: 7000, RecordHigh: make([]uint32, ncpus)}
 	st.Devices.DebugPort.RecordHigh[ncpus-1] = 1
 	return st
 }
@@ -283,16 +284,17 @@ func FuzzUnmarshalMachineState(f *testing.F) {
 func linuxTestState() *MachineState {
 	st := testState(2)
 	st.Config.Payload, st.Config.DataBase, st.Config.DataSize = "", 0, 0
-	st.Devices.UART = &UARTState{IER: ierRDI | ierTHRI, FCR: fcrEnable, LCR: 3, MCR: mcrOUT2, MSR: msrCTS | msrDSR | msrDCD, DLL: 1, THRPending: true, RX: []byte("ls\r")}
+	// IER: RDI and THRI; FCR: FIFOs on; MCR: OUT2; MSR: CTS, DSR and DCD.
+	st.Devices.UART = &devices.UARTState{IER: 0x01 | 0x02, FCR: 0x01, LCR: 3, MCR: 0x08, MSR: 0x10 | 0x20 | 0x80, DLL: 1, THRPending: true, RX: []byte("ls\r")}
 	return st
 }
 
 func TestStateEncodingPlatform(t *testing.T) {
 	st := linuxTestState()
 	withoutPlatform := mustMarshal(t, st)
-	st.Devices.Platform = &PlatformState{ACPIEnable: 0x100, ACPIControl: 1, KbdWriteOutput: true}
+	st.Devices.Platform = &devices.PlatformState{ACPIEnable: 0x100, ACPIControl: 1, KbdWriteOutput: true}
 	b := mustMarshal(t, st)
-	if len(b) != len(withoutPlatform)+recordHeaderSize+platformStateLen {
+	if len(b) != len(withoutPlatform)+recordHeaderSize+len((&devices.PlatformState{}).AppendBinary(nil)) {
 		t.Errorf("with platform state %d bytes, without %d: want one platform section more", len(b), len(withoutPlatform))
 	}
 	var got MachineState
@@ -330,11 +332,11 @@ func TestStateEncodingUART(t *testing.T) {
 	plain := linuxTestState()
 	plain.Devices.UART = nil
 	pb := mustMarshal(t, plain)
-	if len(b) != len(pb)+recordHeaderSize+uartStateFixed+len(st.Devices.UART.RX) {
+	if len(b) != len(pb)+recordHeaderSize+len((&devices.UARTState{}).AppendBinary(nil))+len(st.Devices.UART.RX) {
 		t.Errorf("Linux state is %d bytes, payload state %d: want exactly one UART section more", len(b), len(pb))
 	}
 	bad := append([]byte(nil), b...)
-	bad[len(bad)-len(st.Devices.UART.RX)-uartStateFixed] = 0x40 // IER with a bit that does not exist
+	bad[len(bad)-len(st.Devices.UART.RX)-len((&devices.UARTState{}).AppendBinary(nil))] = 0x40 // IER with a bit that does not exist
 	if err := got.UnmarshalBinary(bad); err == nil || !strings.Contains(err.Error(), "IER") {
 		t.Errorf("UnmarshalBinary(bad IER) = %v", err)
 	}
