@@ -85,6 +85,7 @@ type linuxGuest struct {
 	initrdPath string
 	initrdSize uint64
 	initrdAddr uint64
+	consoleIn  io.Reader // the serial port's input (LinuxConfig.ConsoleIn)
 
 	uart    *devices.UART
 	kbd     *devices.I8042
@@ -132,44 +133,45 @@ func (g *linuxGuest) close() error {
 // kernel image, the initrd's size against guest memory, the command line,
 // and the virtio backends (which it opens).
 func prepareLinux(cfg Config) (*linuxGuest, error) {
-	k, err := arch.LoadBzImage(cfg.Kernel)
+	lc := cfg.Linux
+	k, err := arch.LoadBzImage(lc.Kernel)
 	if err != nil {
 		return nil, err
 	}
-	g := &linuxGuest{kernel: k, initrdPath: cfg.Initrd}
+	g := &linuxGuest{kernel: k, initrdPath: lc.Initrd, consoleIn: lc.ConsoleIn}
 	lowEnd := min(cfg.MemSize, uint64(mmu.HoleStart))
 	kernelEnd := k.MemoryEnd(linuxKernelAddr)
 	if need := roundUp(kernelEnd+linuxMinFreeForBoot, mmu.RegionSize); lowEnd < need {
 		return nil, fmt.Errorf("guest memory %s is too small for kernel %s: it needs at least %s (it occupies up to %#x while it starts)",
-			option.FormatSize(cfg.MemSize), cfg.Kernel, option.FormatSize(need), kernelEnd)
+			option.FormatSize(cfg.MemSize), lc.Kernel, option.FormatSize(need), kernelEnd)
 	}
-	if cfg.Initrd != "" {
-		fi, err := os.Stat(cfg.Initrd)
+	if lc.Initrd != "" {
+		fi, err := os.Stat(lc.Initrd)
 		if err != nil {
 			return nil, fmt.Errorf("initrd: %w", err)
 		}
 		if !fi.Mode().IsRegular() {
-			return nil, fmt.Errorf("initrd %s is not a regular file", cfg.Initrd)
+			return nil, fmt.Errorf("initrd %s is not a regular file", lc.Initrd)
 		}
 		size := uint64(fi.Size())
 		if size == 0 {
-			return nil, fmt.Errorf("initrd %s is empty", cfg.Initrd)
+			return nil, fmt.Errorf("initrd %s is empty", lc.Initrd)
 		}
 		if size >= cfg.MemSize {
-			return nil, fmt.Errorf("initrd %s (%s) is larger than guest memory (%s)", cfg.Initrd, option.FormatSize(size), option.FormatSize(cfg.MemSize))
+			return nil, fmt.Errorf("initrd %s (%s) is larger than guest memory (%s)", lc.Initrd, option.FormatSize(size), option.FormatSize(cfg.MemSize))
 		}
 		top := k.InitrdMax(lowEnd) &^ (arch.PageSize - 1)
 		addr := (top - min(top, size)) &^ (arch.PageSize - 1)
 		if size > top || addr < kernelEnd+linuxMinFreeForBoot {
 			return nil, fmt.Errorf("initrd %s (%s) does not fit in %s of guest memory next to the kernel: it must end below %#x and the kernel needs up to %#x; give the guest at least %s",
-				cfg.Initrd, option.FormatSize(size), option.FormatSize(cfg.MemSize), top, kernelEnd, option.FormatSize(roundUp(kernelEnd+linuxMinFreeForBoot+size, mmu.RegionSize)))
+				lc.Initrd, option.FormatSize(size), option.FormatSize(cfg.MemSize), top, kernelEnd, option.FormatSize(roundUp(kernelEnd+linuxMinFreeForBoot+size, mmu.RegionSize)))
 		}
 		g.initrdSize, g.initrdAddr = size, addr
 	}
-	if len(cfg.Disks)+len(cfg.Nets) > MaxVirtioDevices {
-		return nil, fmt.Errorf("%d disks and %d network interfaces: a Linux machine has room for %d virtio devices", len(cfg.Disks), len(cfg.Nets), MaxVirtioDevices)
+	if len(lc.Disks)+len(lc.Nets) > MaxVirtioDevices {
+		return nil, fmt.Errorf("%d disks and %d network interfaces: a Linux machine has room for %d virtio devices", len(lc.Disks), len(lc.Nets), MaxVirtioDevices)
 	}
-	cmdline := cfg.Cmdline
+	cmdline := lc.Cmdline
 	if cmdline == "" {
 		cmdline = DefaultCmdline
 	}
@@ -182,14 +184,14 @@ func prepareLinux(cfg Config) (*linuxGuest, error) {
 			g.close()
 		}
 	}()
-	for i, d := range cfg.Disks {
+	for i, d := range lc.Disks {
 		b, err := virtio.NewBlock(d.Path, d.ReadOnly)
 		if err != nil {
 			return nil, fmt.Errorf("disk %d: %w", i, err)
 		}
 		g.addVirtio(fmt.Sprintf("virtio-blk %s", d.Path), b)
 	}
-	for i, n := range cfg.Nets {
+	for i, n := range lc.Nets {
 		mac := n.MAC
 		if mac == nil {
 			mac = DefaultMAC(i)
@@ -207,7 +209,7 @@ func prepareLinux(cfg Config) (*linuxGuest, error) {
 		return nil, fmt.Errorf("kernel command line is %d bytes, at most %d fit", len(cmdline), linuxCmdlineMax-1)
 	}
 	if err := k.CheckCmdline(cmdline); err != nil {
-		return nil, fmt.Errorf("kernel %s: %w", cfg.Kernel, err)
+		return nil, fmt.Errorf("kernel %s: %w", lc.Kernel, err)
 	}
 	g.cmdline = cmdline
 	ok = true

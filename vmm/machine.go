@@ -21,8 +21,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Config describes a machine: either a payload guest (Payload) or a Linux
-// guest (Kernel), never both.
+// Config describes a machine: what every machine has (memory, vCPUs, the
+// console, ...) and its guest, which is either a payload (Payload) or a
+// Linux kernel (Linux), never both.
 type Config struct {
 	// KVMDevice is the KVM device node; empty means /dev/kvm.
 	KVMDevice string
@@ -32,32 +33,27 @@ type Config struct {
 	CPUs int
 	// Backing selects anonymous or memfd guest RAM.
 	Backing mmu.Backing
-	// Payload is a built-in payload name or a path to a flat binary.
-	Payload string
-	// Kernel is the path of a Linux bzImage to boot (64-bit boot protocol,
-	// 2.12 or later). A Linux machine has a serial port (COM1), a keyboard
-	// controller that can reset it, ACPI power-off, and the virtio devices
-	// of Disks and Nets.
-	Kernel string
-	// Initrd is the path of the Linux guest's initial RAM disk (optional).
-	Initrd string
-	// Cmdline is the Linux guest's kernel command line; empty means
-	// DefaultCmdline. A virtio_mmio.device= entry for each virtio device is
-	// appended.
-	Cmdline string
-	// ConsoleIn, if set, is the Linux guest's serial input: its bytes
-	// arrive on COM1 (nil: the guest receives nothing).
-	ConsoleIn io.Reader
-	// Disks are the Linux guest's virtio-blk disks.
-	Disks []DiskConfig
-	// Nets are the Linux guest's virtio-net interfaces.
-	Nets []NetConfig
-	// Logger receives device diagnostics (nil: slog.Default()).
-	Logger *slog.Logger
-	// PayloadOptions are the payload's options (name → value).
-	PayloadOptions map[string]string
 	// Console receives the guest's console bytes (nil: discarded).
 	Console io.Writer
+	// Logger receives device diagnostics (nil: slog.Default()).
+	Logger *slog.Logger
+	// Affinity, if set, pins vCPU i's thread to host CPU Affinity[i].
+	Affinity []int
+
+	// Payload, if set, makes the guest a payload (boot_payload.go).
+	Payload *PayloadConfig
+	// Linux, if set, makes the guest a Linux kernel (boot_linux.go).
+	Linux *LinuxConfig
+}
+
+// PayloadConfig is a payload guest: a small long-mode program from package
+// vmm/payload (or a flat binary) that talks to the VMM through the debug
+// port (vmm/devices).
+type PayloadConfig struct {
+	// Name is a built-in payload name or a path to a flat binary.
+	Name string
+	// Options are the payload's options (name → value).
+	Options map[string]string
 	// OnRecord, if set, is called on the emitting vCPU's thread for every
 	// output record. It must not block for long.
 	OnRecord func(Record)
@@ -66,8 +62,27 @@ type Config struct {
 	// Guest4K lists guest-physical 2 MiB regions the payload's page tables
 	// map with 4 KiB pages instead of one 2 MiB page.
 	Guest4K []uint64
-	// Affinity, if set, pins vCPU i's thread to host CPU Affinity[i].
-	Affinity []int
+}
+
+// LinuxConfig is a Linux guest: a bzImage booted through the 64-bit boot
+// protocol (2.12 or later). A Linux machine has a serial port (COM1), a
+// keyboard controller that can reset it, ACPI power-off, and the virtio
+// devices of Disks and Nets.
+type LinuxConfig struct {
+	// Kernel is the path of the bzImage.
+	Kernel string
+	// Initrd is the path of the initial RAM disk (optional).
+	Initrd string
+	// Cmdline is the kernel command line; empty means DefaultCmdline. A
+	// virtio_mmio.device= entry for each virtio device is appended.
+	Cmdline string
+	// ConsoleIn, if set, is the guest's serial input: its bytes arrive on
+	// COM1 (nil: the guest receives nothing).
+	ConsoleIn io.Reader
+	// Disks are the guest's virtio-blk disks.
+	Disks []DiskConfig
+	// Nets are the guest's virtio-net interfaces.
+	Nets []NetConfig
 }
 
 // DiskConfig is a virtio-blk disk backed by a file.
@@ -266,7 +281,7 @@ func New(cfg Config) (*Machine, error) {
 	if err := checkConfig(&cfg); err != nil {
 		return nil, err
 	}
-	if cfg.Kernel != "" {
+	if cfg.Linux != nil {
 		return newLinux(cfg)
 	}
 	pl, err := resolvePayload(cfg)
@@ -292,15 +307,16 @@ func New(cfg Config) (*Machine, error) {
 // checkGuest checks that cfg describes one guest, a payload or a Linux
 // kernel, with only the settings that apply to it.
 func checkGuest(cfg *Config) error {
+	p, l := cfg.Payload, cfg.Linux
 	switch {
-	case cfg.Payload != "" && cfg.Kernel != "":
-		return fmt.Errorf("both a payload (%s) and a Linux kernel (%s) given: a machine runs one guest", cfg.Payload, cfg.Kernel)
-	case cfg.Payload == "" && cfg.Kernel == "":
-		return fmt.Errorf("no payload given and no Linux kernel: a machine needs one (built-in payloads: %s)", strings.Join(payload.Names(), ", "))
-	case cfg.Kernel == "" && (cfg.Initrd != "" || cfg.Cmdline != "" || len(cfg.Disks) > 0 || len(cfg.Nets) > 0 || cfg.ConsoleIn != nil):
+	case l != nil && l.Kernel == "":
 		return errors.New("an initrd, command line, serial input, disks and network interfaces are for Linux guests: no kernel given")
-	case cfg.Kernel != "" && (len(cfg.PayloadOptions) > 0 || len(cfg.Guest4K) > 0):
-		return errors.New("payload options and 4 KiB guest regions are for payload guests, not Linux guests")
+	case p != nil && l != nil && p.Name == "":
+		return errors.New("payload options, callbacks and 4 KiB guest regions are for payload guests, not Linux guests")
+	case p != nil && l != nil:
+		return fmt.Errorf("both a payload (%s) and a Linux kernel (%s) given: a machine runs one guest", p.Name, l.Kernel)
+	case l == nil && (p == nil || p.Name == ""):
+		return fmt.Errorf("no payload given and no Linux kernel: a machine needs one (built-in payloads: %s)", strings.Join(payload.Names(), ", "))
 	}
 	return nil
 }
@@ -387,10 +403,14 @@ func build(cfg Config, mem *mmu.Memory, linux bool) (*Machine, error) {
 		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, cmds: make(chan func()), started: make(chan struct{})})
 	}
 	var onRecord func(cpu int, value uint64)
-	if cfg.OnRecord != nil {
-		onRecord = func(cpu int, value uint64) { cfg.OnRecord(Record{CPU: cpu, Value: value}) }
+	var onMark func(cpu int, phase uint32)
+	if p := cfg.Payload; p != nil {
+		if p.OnRecord != nil {
+			onRecord = func(cpu int, value uint64) { p.OnRecord(Record{CPU: cpu, Value: value}) }
+		}
+		onMark = p.OnMark
 	}
-	m.debug = devices.NewDebugPort(cfg.CPUs, cfg.Console, onRecord, cfg.OnMark, m.guestExit)
+	m.debug = devices.NewDebugPort(cfg.CPUs, cfg.Console, onRecord, onMark, m.guestExit)
 	if !linux {
 		if err := m.io.add(m.debug); err != nil {
 			return nil, err
@@ -487,7 +507,7 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 		<-v.started
 	}
 	if m.linux != nil {
-		m.linux.uart.Start(m.cfg.ConsoleIn)
+		m.linux.uart.Start(m.linux.consoleIn)
 	}
 	select {
 	case <-ctx.Done():

@@ -375,9 +375,9 @@ type RestoreConfig struct {
 	Backing mmu.Backing
 	// Console receives the guest's console bytes (nil: discarded).
 	Console io.Writer
-	// ConsoleIn is a Linux guest's serial input, as in Config.
+	// ConsoleIn is a Linux guest's serial input, as in LinuxConfig.
 	ConsoleIn io.Reader
-	// OnRecord and OnMark are as in Config.
+	// OnRecord and OnMark are a payload guest's, as in PayloadConfig.
 	OnRecord func(Record)
 	OnMark   func(cpu int, phase uint32)
 	// Affinity, if set, pins vCPU i's thread to host CPU Affinity[i].
@@ -425,13 +425,18 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 	}
 	mc := Config{
 		KVMDevice: cfg.KVMDevice, MemSize: st.Config.MemSize, CPUs: st.Config.CPUs, Backing: cfg.Backing,
-		Console: cfg.Console, OnRecord: cfg.OnRecord, OnMark: cfg.OnMark, Affinity: cfg.Affinity,
+		Console: cfg.Console, Affinity: cfg.Affinity,
+	}
+	linux := st.Devices.UART != nil
+	if linux {
+		mc.Linux = &LinuxConfig{ConsoleIn: cfg.ConsoleIn}
+	} else {
+		mc.Payload = &PayloadConfig{Name: st.Config.Payload, OnRecord: cfg.OnRecord, OnMark: cfg.OnMark}
 	}
 	if err := checkConfig(&mc); err != nil {
 		closeMem()
 		return nil, fmt.Errorf("restore: %w", err)
 	}
-	linux := st.Devices.UART != nil
 	m, err := build(mc, mem, linux)
 	if err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
@@ -440,8 +445,7 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 	if linux {
 		// A Linux machine without virtio devices (CaptureState refuses
 		// those): its devices, with the serial port's state restored below.
-		m.linux = &linuxGuest{}
-		m.cfg.ConsoleIn = cfg.ConsoleIn
+		m.linux = &linuxGuest{consoleIn: cfg.ConsoleIn}
 		if err := m.addLinuxDevices(); err != nil {
 			m.Close()
 			return nil, fmt.Errorf("restore: %w", err)

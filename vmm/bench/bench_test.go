@@ -52,7 +52,7 @@ func BenchmarkVMStart(b *testing.B) {
 	for i := 0; i < runs; i++ {
 		fb := &firstByte{}
 		t0 := time.Now()
-		m, err := vmm.New(vmm.Config{MemSize: 64 << 20, Payload: "hello", Console: fb})
+		m, err := vmm.New(vmm.Config{MemSize: 64 << 20, Console: fb, Payload: &vmm.PayloadConfig{Name: "hello"}})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -79,8 +79,8 @@ func BenchmarkExitRoundTrip(b *testing.B) {
 	requireKVM(b)
 	const n = 100000
 	stamps := make([]time.Time, 0, n)
-	m, err := vmm.New(vmm.Config{MemSize: 4 << 20, Payload: "pio", PayloadOptions: map[string]string{"count": strconv.Itoa(n)},
-		OnRecord: func(vmm.Record) { stamps = append(stamps, time.Now()) }})
+	m, err := vmm.New(vmm.Config{MemSize: 4 << 20, Payload: &vmm.PayloadConfig{Name: "pio", Options: map[string]string{"count": strconv.Itoa(n)},
+		OnRecord: func(vmm.Record) { stamps = append(stamps, time.Now()) }}})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -113,7 +113,7 @@ func BenchmarkExitRoundTrip(b *testing.B) {
 func BenchmarkPause(b *testing.B) {
 	requireKVM(b)
 	const cycles = 1000
-	m, err := vmm.New(vmm.Config{MemSize: 16 << 20, CPUs: 2, Payload: "counter", PayloadOptions: map[string]string{"iterations": "0", "report": "0"}})
+	m, err := vmm.New(vmm.Config{MemSize: 16 << 20, CPUs: 2, Payload: &vmm.PayloadConfig{Name: "counter", Options: map[string]string{"iterations": "0", "report": "0"}}})
 	if err != nil {
 		b.Fatal(err)
 	}

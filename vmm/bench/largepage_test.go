@@ -55,12 +55,11 @@ func runTouch(b *testing.B, cfg *largepage.Config) lpResult {
 	var stamps []time.Time
 	marked := make(chan struct{})
 	pin := runtime.NumCPU() - 1
-	m, err := vmm.New(vmm.Config{
-		MemSize: 1 << 30, Payload: "touch", Affinity: []int{pin},
-		PayloadOptions: map[string]string{"regions": fmt.Sprint(lpRegions), "hot": fmt.Sprint(lpHot), "hot_permille": "875",
+	m, err := vmm.New(vmm.Config{MemSize: 1 << 30, Affinity: []int{pin}, Payload: &vmm.PayloadConfig{Name: "touch",
+		Options: map[string]string{"regions": fmt.Sprint(lpRegions), "hot": fmt.Sprint(lpHot), "hot_permille": "875",
 			"accesses": fmt.Sprint(lpAccesses), "rounds": "0"},
 		OnMark:   func(int, uint32) { close(marked) },
-		OnRecord: func(vmm.Record) { mu.Lock(); stamps = append(stamps, time.Now()); mu.Unlock() },
+		OnRecord: func(vmm.Record) { mu.Lock(); stamps = append(stamps, time.Now()); mu.Unlock() }},
 	})
 	if err != nil {
 		b.Fatal(err)

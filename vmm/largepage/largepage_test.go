@@ -92,8 +92,8 @@ func FuzzParseLargePages(f *testing.F) {
 func touchMachine(t *testing.T, guest4K []uint64, opts ...func(*vmm.Config)) (*vmm.Machine, []uint64, context.CancelFunc, chan error) {
 	t.Helper()
 	marked := make(chan struct{})
-	cfg := vmm.Config{MemSize: 256 << 20, Payload: "touch", Guest4K: guest4K, OnMark: func(int, uint32) { close(marked) },
-		PayloadOptions: map[string]string{"regions": "64", "hot": "4", "rounds": "0", "accesses": "200000"}}
+	cfg := vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch", Guest4K: guest4K, OnMark: func(int, uint32) { close(marked) },
+		Options: map[string]string{"regions": "64", "hot": "4", "rounds": "0", "accesses": "200000"}}}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -250,7 +250,7 @@ func TestLargePagesBlocked(t *testing.T) {
 	base := uint64(0)
 	{
 		// The data base is fixed by the payload image: work it out first.
-		probe, err := vmm.New(vmm.Config{MemSize: 256 << 20, Payload: "touch"})
+		probe, err := vmm.New(vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch"}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -336,9 +336,9 @@ func TestLargePagesFixedPolicies(t *testing.T) {
 func TestSamplerKeepsCounterData(t *testing.T) {
 	requireKVM(t)
 	var recs []uint64
-	m, err := vmm.New(vmm.Config{MemSize: 16 << 20, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "1024", "hot": "600", "cold_every": "1", "iterations": "1500", "report": "0"},
-		OnRecord:       func(r vmm.Record) { recs = append(recs, r.Value) }})
+	m, err := vmm.New(vmm.Config{MemSize: 16 << 20, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "1024", "hot": "600", "cold_every": "1", "iterations": "1500", "report": "0"},
+		OnRecord: func(r vmm.Record) { recs = append(recs, r.Value) }}})
 	if err != nil {
 		t.Fatal(err)
 	}

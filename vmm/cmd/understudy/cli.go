@@ -291,8 +291,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer closeRecords()
 
 	cfg := vmm.Config{
-		KVMDevice: *kvmDev, MemSize: mem.v, CPUs: *cpus, Backing: bk,
-		Payload: name, PayloadOptions: opts, Console: stdout,
+		KVMDevice: *kvmDev, MemSize: mem.v, CPUs: *cpus, Backing: bk, Console: stdout,
+		Payload: &vmm.PayloadConfig{Name: name, Options: opts},
 	}
 	var m *vmm.Machine
 	var saveReq chan struct{}
@@ -310,9 +310,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if *protect != "" {
-		cfg.OnRecord = func(r vmm.Record) { route(r) }
+		cfg.Payload.OnRecord = func(r vmm.Record) { route(r) }
 	} else if recW != nil || saveReq != nil {
-		cfg.OnRecord = func(r vmm.Record) {
+		cfg.Payload.OnRecord = func(r vmm.Record) {
 			if recW != nil {
 				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
 			}
