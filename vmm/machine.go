@@ -193,16 +193,17 @@ type Machine struct {
 	// (CaptureOnPause).
 	captureOnPause atomic.Bool
 
-	// reqMu guards pending and the pause channels below. It is held only
-	// briefly, never while waiting for vCPUs, so RequestPause may take it on
-	// a vCPU thread. The pause protocol: beginPause publishes resumeCh, then
-	// sets pausing and kicks every vCPU; each parks and acks on parkAck.
-	reqMu    sync.Mutex
-	pending  bool // a pause has begun and Resume has not ended it
-	pausing  atomic.Bool
-	resumeCh chan struct{}
-	parkAck  chan int
-	leaveAck chan int
+	// reqMu guards pending and the making of pause records. It is held
+	// only briefly, never while waiting for vCPUs, so RequestPause may take
+	// it on a vCPU thread. The pause protocol: beginPause publishes a new
+	// pause record (cur), then sets pausing and kicks every vCPU; each
+	// parks, counting itself in the record's parked word, and sleeps on its
+	// bell until the record is released (Resume) or the machine stops,
+	// counting itself in left as it goes.
+	reqMu   sync.Mutex
+	pending bool // a pause has begun and Resume has not ended it
+	pausing atomic.Bool
+	cur     atomic.Pointer[pauseRec]
 
 	// faultHandler, if set, is offered guest accesses KVM could not fault
 	// in (EFAULT from KVM_RUN, KVM_EXIT_MEMORY_FAULT).
@@ -254,9 +255,16 @@ type vcpu struct {
 	exitPending bool
 	cpu         *arch.VCPU
 	tid         atomic.Int32
-	cmds        chan func()
 	started     chan struct{}
 	exits       atomic.Uint64
+
+	// bell is the futex word a parked vCPU sleeps on (park_unsafe.go); it
+	// is rung when a command arrives, when its pause is released and when
+	// the machine stops. cmdMu guards cmd, the OnVCPU function waiting to
+	// run on the parked vCPU's thread.
+	bell  atomic.Uint32
+	cmdMu sync.Mutex
+	cmd   func()
 
 	// The vCPU's saved state. These fields are touched only by the thread
 	// that runs the vCPU (its own; once Run is over, the caller's) and, under
@@ -400,7 +408,7 @@ func build(cfg Config, mem *mmu.Memory, linux bool) (*Machine, error) {
 		if err != nil {
 			return nil, fmt.Errorf("create vCPU %d: %w", i, err)
 		}
-		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, cmds: make(chan func()), started: make(chan struct{})})
+		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, started: make(chan struct{})})
 	}
 	var onRecord func(cpu int, value uint64)
 	var onMark func(cpu int, phase uint32)
@@ -494,6 +502,7 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	} else {
 		close(watchDone)
 	}
+	defer reserveProcs(len(m.vcpus))()
 	for _, v := range m.vcpus {
 		m.vcpuWG.Add(1)
 		go func(v *vcpu) {
@@ -527,6 +536,36 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	return m.result, m.runErr
 }
 
+// procs counts the vCPU threads of every running machine: Run raises
+// GOMAXPROCS by its vCPUs while they run (reserveProcs).
+var procs struct {
+	mu          sync.Mutex
+	base, extra int
+}
+
+// reserveProcs raises GOMAXPROCS by n processors until the returned
+// function is called. A vCPU thread spends its life in system calls (KVM_RUN,
+// or the futex wait of its park) and keeps its processor there until the
+// runtime's monitor takes it back, which can take milliseconds; meanwhile a
+// woken vCPU, or the goroutine that paused the machine, would wait for a
+// processor. One processor per vCPU on top of the others means a thread
+// coming back from a system call always finds one idle.
+func reserveProcs(n int) func() {
+	procs.mu.Lock()
+	defer procs.mu.Unlock()
+	if procs.extra == 0 {
+		procs.base = runtime.GOMAXPROCS(0)
+	}
+	procs.extra += n
+	runtime.GOMAXPROCS(procs.base + procs.extra)
+	return func() {
+		procs.mu.Lock()
+		defer procs.mu.Unlock()
+		procs.extra -= n
+		runtime.GOMAXPROCS(procs.base + procs.extra)
+	}
+}
+
 // Stop ends Run as if the guest had exited with code.
 func (m *Machine) Stop(code int) { m.finish(code, nil) }
 
@@ -557,10 +596,80 @@ func (m *Machine) end(res Result, err error) {
 		m.resMu.Unlock()
 		m.stopping.Store(true)
 		close(m.stopCh)
+		m.reqMu.Lock()
+		if p := m.cur.Load(); p != nil {
+			p.stop()
+		}
+		m.reqMu.Unlock()
 		for _, v := range m.vcpus {
 			m.kick(v)
+			v.ring()
 		}
 	})
+}
+
+// pauseRec is one pause. parked, captured and left are futex words that
+// count the vCPUs that have parked, that have then read their own state
+// (CaptureOnPause; at once if it is off), and that have left their park
+// again; the vCPU that completes a count wakes its waiter. stoppedBit is set
+// in each once the machine stops, so that no waiter sleeps through the stop.
+// released is set when Resume lets the vCPUs go.
+type pauseRec struct {
+	n                      uint32 // the machine's vCPUs
+	parked, captured, left atomic.Uint32
+	released               atomic.Bool
+}
+
+// stoppedBit marks a pause record's counts once the machine has stopped.
+const stoppedBit = 1 << 31
+
+// stop marks the record for a stopped machine and wakes its waiters.
+func (p *pauseRec) stop() {
+	for _, w := range []*atomic.Uint32{&p.parked, &p.captured, &p.left} {
+		w.Or(stoppedBit)
+		futexWake(w)
+	}
+}
+
+// count adds a vCPU to w and wakes the waiter once all are counted.
+func (p *pauseRec) count(w *atomic.Uint32) {
+	if w.Add(1) == p.n {
+		futexWake(w)
+	}
+}
+
+// wait waits until w counts every vCPU. It returns false if the machine
+// stopped first. It sleeps in a futex wait rather than on a channel: the
+// vCPU that completes the count wakes this thread directly, with no
+// goroutine hand-off in between.
+func (p *pauseRec) wait(w *atomic.Uint32) bool {
+	for {
+		c := w.Load()
+		if c&stoppedBit != 0 {
+			return false
+		}
+		if c >= p.n {
+			return true
+		}
+		futexWait(w, c)
+	}
+}
+
+// waitCaptured waits until every parked vCPU has read its own state (see
+// CaptureOnPause): its saved state may be used, or changed, from then on.
+// The caller holds pauseMu and the machine is paused.
+func (m *Machine) waitCaptured() error {
+	if p := m.cur.Load(); !p.wait(&p.captured) {
+		return ErrStopped
+	}
+	return nil
+}
+
+// ring wakes the vCPU if it is parked, to look at its command, its pause
+// and the machine again.
+func (v *vcpu) ring() {
+	v.bell.Add(1)
+	futexWake(&v.bell)
 }
 
 // kick forces vCPU v out of KVM_RUN: immediate_exit covers the window before
@@ -592,14 +701,10 @@ func (m *Machine) pauseLocked() (time.Duration, error) {
 		return 0, ErrPaused
 	}
 	start := time.Now()
-	parkAck := m.beginPause()
-	for range m.vcpus {
-		select {
-		case <-parkAck:
-		case <-m.stopCh:
-			m.endPause()
-			return 0, ErrStopped
-		}
+	p := m.beginPause()
+	if !p.wait(&p.parked) {
+		m.endPause()
+		return 0, ErrStopped
 	}
 	m.paused = true
 	return time.Since(start), nil
@@ -634,33 +739,39 @@ func (m *Machine) RequestPause() {
 	m.beginPause()
 }
 
-// beginPause starts a pause unless one is under way, and returns the channel
-// on which parked vCPUs ack.
-func (m *Machine) beginPause() chan int {
+// beginPause starts a pause unless one is under way, and returns its
+// record.
+func (m *Machine) beginPause() *pauseRec {
 	m.reqMu.Lock()
 	defer m.reqMu.Unlock()
 	if !m.pending {
 		m.pending = true
-		m.resumeCh = make(chan struct{})
-		m.parkAck = make(chan int, len(m.vcpus))
-		m.leaveAck = make(chan int, len(m.vcpus))
+		p := &pauseRec{n: uint32(len(m.vcpus))}
+		if m.stopping.Load() {
+			p.stop() // end has run: nothing would mark this record
+		}
+		m.cur.Store(p)
 		m.pausing.Store(true)
 		for _, v := range m.vcpus {
 			m.kick(v)
 		}
 	}
-	return m.parkAck
+	return m.cur.Load()
 }
 
-// endPause releases parked vCPUs and returns the channel on which they ack
-// leaving.
-func (m *Machine) endPause() chan int {
+// endPause releases the parked vCPUs and returns the pause's record, whose
+// left word counts them as they go.
+func (m *Machine) endPause() *pauseRec {
 	m.reqMu.Lock()
-	defer m.reqMu.Unlock()
+	p := m.cur.Load()
 	m.pending = false
 	m.pausing.Store(false)
-	close(m.resumeCh)
-	return m.leaveAck
+	p.released.Store(true)
+	m.reqMu.Unlock()
+	for _, v := range m.vcpus {
+		v.ring()
+	}
+	return p
 }
 
 // Resume lets paused vCPUs run again and returns how long it took until the
@@ -681,13 +792,9 @@ func (m *Machine) resumeLocked() (time.Duration, error) {
 	}
 	start := time.Now()
 	m.paused = false
-	leaveAck := m.endPause()
-	for range m.vcpus {
-		select {
-		case <-leaveAck:
-		case <-m.stopCh:
-			return 0, ErrStopped
-		}
+	p := m.endPause()
+	if !p.wait(&p.left) {
+		return 0, ErrStopped
 	}
 	return time.Since(start), nil
 }
@@ -714,15 +821,31 @@ func (m *Machine) onVCPU(i int, fn func(*arch.VCPU) error) error {
 		return ErrNotPaused
 	}
 	v := m.vcpus[i]
+	if err := m.waitCaptured(); err != nil {
+		return err
+	}
 	// fn may change the vCPU's state: what it read as it parked is stale.
 	v.parkedOK = false
 	done := make(chan error, 1)
+	v.cmdMu.Lock()
+	v.cmd = func() { done <- fn(v.cpu) }
+	v.cmdMu.Unlock()
+	v.ring()
 	select {
-	case v.cmds <- func() { done <- fn(v.cpu) }:
+	case err := <-done:
+		return err
 	case <-m.stopCh:
+		// The vCPU may have left for good without taking the command; if
+		// it took it, the command runs to its end.
+		v.cmdMu.Lock()
+		taken := v.cmd == nil
+		v.cmd = nil
+		v.cmdMu.Unlock()
+		if taken {
+			return <-done
+		}
 		return ErrStopped
 	}
-	return <-done
 }
 
 // onEveryVCPU runs fn(i, vCPU i) on every paused vCPU's own thread, all at
@@ -797,24 +920,36 @@ func (m *Machine) runVCPU(v *vcpu) error {
 	}
 }
 
-// park holds vCPU v until Resume or Stop, serving OnVCPU requests.
+// park holds vCPU v until Resume or Stop, serving OnVCPU requests. It
+// sleeps on the vCPU's bell (a futex word), not on a Go channel: see
+// park_unsafe.go.
 func (m *Machine) park(v *vcpu) {
-	// Clear immediate_exit before acking: once Pause returns, a later Pause
-	// may set it again and must not have it cleared under it.
+	// Clear immediate_exit before counting: once Pause returns, a later
+	// Pause may set it again and must not have it cleared under it.
 	v.cpu.SetImmediateExit(false)
-	resume := m.resumeCh
+	p := m.cur.Load()
+	// The vCPU has stopped: Pause may return while it reads its state, and
+	// the caller copy guest memory meanwhile.
+	p.count(&p.parked)
 	m.captureParked(v)
-	m.parkAck <- v.id
+	p.count(&p.captured)
 	for {
-		select {
-		case fn := <-v.cmds:
+		bell := v.bell.Load()
+		v.cmdMu.Lock()
+		fn := v.cmd
+		v.cmd = nil
+		v.cmdMu.Unlock()
+		switch {
+		case fn != nil:
 			fn()
-		case <-resume:
+			continue
+		case p.released.Load():
 			v.parkedOK = false
-			m.leaveAck <- v.id
+			p.count(&p.left)
 			return
-		case <-m.stopCh:
+		case m.stopping.Load():
 			return
 		}
+		futexWait(&v.bell, bell)
 	}
 }

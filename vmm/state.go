@@ -167,13 +167,13 @@ func (m *Machine) savedMSRs() (*msrList, error) {
 }
 
 // CaptureOnPause turns on (or off) capture at parking: every vCPU reads
-// its own state (see VCPUState) on its own thread as it parks, all vCPUs at
-// once and each as soon as it has stopped, so that CaptureState of the
-// paused machine needs no vCPU ioctls any more. A Pause then takes longer
-// by those ioctls, and CaptureState is quicker by them and by the trips to
-// every vCPU's thread. A checkpointer, which captures at every pause, turns
-// it on. Until the first CaptureState has probed the MSRs to save, vCPUs
-// park without capturing.
+// its own state (see VCPUState) on its own thread as soon as it has
+// stopped, all vCPUs at once, while the caller of Pause (which returns once
+// they have stopped) goes on, for instance to copy guest memory. So
+// CaptureState of the paused machine needs no vCPU ioctls: it waits, if
+// need be, for the vCPUs to finish reading. A checkpointer, which captures
+// at every pause, turns it on. Until the first CaptureState has probed the
+// MSRs to save, vCPUs park without capturing.
 func (m *Machine) CaptureOnPause(on bool) { m.captureOnPause.Store(on) }
 
 // captureParked reads parking vCPU v's state on its own thread, if capture
@@ -205,6 +205,11 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 	}
 	if m.linux != nil && len(m.linux.virtio) > 0 {
 		return nil, fmt.Errorf("capture state: the machine has %d virtio devices, whose state is not saved yet", len(m.linux.virtio))
+	}
+	if !m.halted.Load() {
+		if err := m.waitCaptured(); err != nil {
+			return nil, fmt.Errorf("capture state: %w", err)
+		}
 	}
 	msrs, err := m.savedMSRs()
 	if err != nil {
