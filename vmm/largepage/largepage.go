@@ -403,6 +403,10 @@ func (lp *Pager) runFixed(ctx context.Context) {
 	}
 }
 
+// pauseWait bounds how long a window waits for another controller's pause
+// to end (a checkpoint's stun lasts milliseconds).
+const pauseWait = 100 * time.Millisecond
+
 // MaxBackoff bounds how far a steady prioritizer stretches its sampling
 // period.
 const MaxBackoff = 8
@@ -597,10 +601,13 @@ func (lp *Pager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error) {
 // sampled while they are paused) and returns the candidate regions the guest
 // maps with 4 KiB pages (blocked, on shadow-paging hosts) and the number of
 // accessed 4 KiB guest PTEs per region. With clear, the accessed bits it
-// counted are cleared, which it does only while the vCPUs are paused.
+// counted are cleared, which it does only while the vCPUs are paused. It
+// shares the machine's pause with other controllers (a checkpointer): while
+// one has the machine paused it waits for that pause to end, up to
+// pauseWait, and reads nothing if it does not.
 func (lp *Pager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
 	m := lp.m
-	if _, err := m.Pause(); err != nil {
+	if _, err := m.PauseWait(pauseWait); err != nil {
 		return nil, nil
 	}
 	var cr3s []uint64
