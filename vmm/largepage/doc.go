@@ -4,7 +4,10 @@
 // mmu's Prioritizer, and maps the hottest large (MADV_COLLAPSE) within a
 // budget, with hysteresis; or it applies a fixed policy (random, all,
 // none). Parse reads the --large-pages option, Start runs the controller on
-// a machine, Status reports what it did.
+// a machine, Status reports what it did. The files: config.go (policies,
+// sources, Parse), largepage.go (Start, the policy loops, promotion),
+// sample.go (the samplers' windows and the guest's page-table view),
+// status.go (Status and its one-line text).
 //
 // It is a client of the machine's public API, as ft's Checkpointer is:
 // Pause, OnVCPU (to read each vCPU's CR3 for the guest's page tables) and
