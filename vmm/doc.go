@@ -18,7 +18,9 @@
 //
 // The parts live in their own rooms:
 //
-//	machine.go      Config, New, Run, Close, the vCPU loop, pause and resume
+//	config.go       Config and its checks
+//	machine.go      New, Run, Close, the vCPU loop
+//	pause.go        Pause, Resume, OnVCPU: how vCPUs park
 //	park_unsafe.go  the futex words parked vCPUs sleep on
 //	exits.go        KVM exits; iobus.go, mmiobus.go the port and MMIO buses
 //	halt.go         detection of a Linux guest halted for good
