@@ -20,6 +20,7 @@ import (
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/largepage"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
 
@@ -171,19 +172,15 @@ func (o optList) Set(v string) error { return parseOptions(v, o) }
 
 // parseOptions adds comma-separated key=value pairs from s to into.
 func parseOptions(s string, into map[string]string) error {
-	for _, kv := range strings.Split(s, ",") {
-		if kv == "" {
-			continue
+	pairs, err := option.List{SkipEmpty: true}.Parse(s)
+	if err != nil {
+		return err
+	}
+	for _, p := range pairs {
+		if _, dup := into[p.Key]; dup {
+			return fmt.Errorf("option %s given twice", p.Key)
 		}
-		k, v, ok := strings.Cut(kv, "=")
-		k = strings.TrimSpace(k)
-		if !ok || k == "" || strings.TrimSpace(v) == "" {
-			return fmt.Errorf("%q: want key=value", kv)
-		}
-		if _, dup := into[k]; dup {
-			return fmt.Errorf("option %s given twice", k)
-		}
-		into[k] = strings.TrimSpace(v)
+		into[p.Key] = p.Value
 	}
 	return nil
 }
@@ -203,9 +200,9 @@ func parsePayloadArg(s string, into map[string]string) (string, error) {
 
 type sizeFlag struct{ v uint64 }
 
-func (s *sizeFlag) String() string { return vmm.FormatSize(s.v) }
+func (s *sizeFlag) String() string { return option.FormatSize(s.v) }
 func (s *sizeFlag) Set(v string) error {
-	n, err := vmm.ParseSize(v)
+	n, err := option.ParseSize(v)
 	if err != nil {
 		return err
 	}

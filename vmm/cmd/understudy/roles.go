@@ -21,6 +21,7 @@ import (
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/largepage"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // The fault-tolerance roles: `run --protect` (primary), `intermediary` and
@@ -147,7 +148,7 @@ func (p protectFlags) dirtyBudget() (uint64, error) {
 	if *p.budget == "" {
 		return 0, nil
 	}
-	b, err := vmm.ParseSize(*p.budget)
+	b, err := option.ParseSize(*p.budget)
 	if err != nil {
 		return 0, fmt.Errorf("--dirty-budget %s: %w", *p.budget, err)
 	}
