@@ -41,9 +41,9 @@ func BenchmarkRate(b *testing.B) {
 		}
 		go in.ServePrimary(ic)
 		var p *Primary
-		m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-			PayloadOptions: map[string]string{"pages": strconv.Itoa(hot), "hot": strconv.Itoa(hot), "cold_every": "0", "iterations": "0", "report": "0"},
-			OnRecord:       func(r vmm.Record) { p.Record(r) }})
+		m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+			Options:  map[string]string{"pages": strconv.Itoa(hot), "hot": strconv.Itoa(hot), "cold_every": "0", "iterations": "0", "report": "0"},
+			OnRecord: func(r vmm.Record) { p.Record(r) }}})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -131,9 +131,9 @@ func failoverOnce(b *testing.B, memSize uint64) (detect, flush, activate, total 
 	go func() { m, _ := bk.Serve(bi); served <- m }()
 
 	var p *Primary
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "0", "report": "0"},
-		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "0", "report": "0"},
+		OnRecord: func(r vmm.Record) { p.Record(r) }}})
 	if err != nil {
 		b.Fatal(err)
 	}

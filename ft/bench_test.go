@@ -122,14 +122,14 @@ func outputLatency(b *testing.B, attach func(in *Intermediary, memSize uint64), 
 		start   = time.Now()
 		first   time.Duration // when the first (full-image) checkpoint was acknowledged
 	)
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "1024", "hot": "64", "cold_every": "1", "iterations": "20000", "spin": "100000", "report": "0"},
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options: map[string]string{"pages": "1024", "hot": "64", "cold_every": "1", "iterations": "20000", "spin": "100000", "report": "0"},
 		OnRecord: func(r vmm.Record) {
 			mu.Lock()
 			emitted[r.Value] = time.Now()
 			mu.Unlock()
 			p.Record(r)
-		}})
+		}}})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -141,8 +141,8 @@ func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, b
 		p          *Primary
 		iterations atomic.Uint64
 	)
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter", PayloadOptions: holdBackWorkload,
-		OnRecord: func(r vmm.Record) { iterations.Store(r.Value); p.Record(r) }})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter", Options: holdBackWorkload,
+		OnRecord: func(r vmm.Record) { iterations.Store(r.Value); p.Record(r) }}})
 	if err != nil {
 		b.Fatal(err)
 	}

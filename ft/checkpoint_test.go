@@ -18,8 +18,8 @@ import (
 func startCounter(t testing.TB, mem uint64, opts map[string]string) (m *vmm.Machine, recs *atomic.Uint64, stop func()) {
 	t.Helper()
 	recs = new(atomic.Uint64)
-	m, err := vmm.New(vmm.Config{MemSize: mem, Payload: "counter", PayloadOptions: opts,
-		OnRecord: func(r vmm.Record) { recs.Store(r.Value) }})
+	m, err := vmm.New(vmm.Config{MemSize: mem, Payload: &vmm.PayloadConfig{Name: "counter", Options: opts,
+		OnRecord: func(r vmm.Record) { recs.Store(r.Value) }}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,14 +67,14 @@ func TestFailoverNothingLost(t *testing.T) {
 		emitted  uint64 // last record the primary's guest emitted
 		released []uint64
 	)
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "0", "report": "0"},
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "0", "report": "0"},
 		OnRecord: func(r vmm.Record) {
 			mu.Lock()
 			emitted = r.Value
 			mu.Unlock()
 			p.Record(r)
-		}})
+		}}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/mmu"
-	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // HoldBack is the intermediary's hold-back forwarding policy (seed idea 1):
@@ -92,15 +92,15 @@ func (h HoldBack) String() string {
 	var s string
 	switch {
 	case h.Manifest:
-		s = fmt.Sprintf("manifest,max-held=%s,max-lag-epochs=%d,max-lag=%v", vmm.FormatSize(h.MaxHeld), h.MaxLagEpochs, h.MaxLag)
+		s = fmt.Sprintf("manifest,max-held=%s,max-lag-epochs=%d,max-lag=%v", option.FormatSize(h.MaxHeld), h.MaxLagEpochs, h.MaxLag)
 	case h.Threshold == 0:
-		s = fmt.Sprintf("pull-every=%v,max-held=%s,max-lag-epochs=%d", h.MaxLag, vmm.FormatSize(h.MaxHeld), h.MaxLagEpochs)
+		s = fmt.Sprintf("pull-every=%v,max-held=%s,max-lag-epochs=%d", h.MaxLag, option.FormatSize(h.MaxHeld), h.MaxLagEpochs)
 	default:
 		s = fmt.Sprintf("threshold=%g,max-held=%s,max-lag-epochs=%d,max-lag=%v",
-			h.Threshold, vmm.FormatSize(h.MaxHeld), h.MaxLagEpochs, h.MaxLag)
+			h.Threshold, option.FormatSize(h.MaxHeld), h.MaxLagEpochs, h.MaxLag)
 	}
 	if h.Bandwidth > 0 {
-		s += fmt.Sprintf(",bandwidth=%s/s", vmm.FormatSize(h.Bandwidth))
+		s += fmt.Sprintf(",bandwidth=%s/s", option.FormatSize(h.Bandwidth))
 	}
 	for _, r := range h.Ranges {
 		s += ",range=" + r.String()
@@ -125,37 +125,6 @@ func (h HoldBack) checkRegions(regions []mmu.Region) error {
 	return nil
 }
 
-// parseRate parses a bandwidth: bits per second with a decimal prefix
-// ("100Mbit", "1.5Gbit", "800kbit") or bytes per second as a size
-// ("12M", "12MiB/s").
-func parseRate(v string) (uint64, error) {
-	lv := strings.ToLower(v)
-	if num, ok := strings.CutSuffix(lv, "bit"); ok {
-		mult := 1.0
-		switch {
-		case strings.HasSuffix(num, "k"):
-			mult = 1e3
-		case strings.HasSuffix(num, "m"):
-			mult = 1e6
-		case strings.HasSuffix(num, "g"):
-			mult = 1e9
-		}
-		if mult > 1 {
-			num = num[:len(num)-1]
-		}
-		f, err := strconv.ParseFloat(num, 64)
-		if err != nil || !(f > 0) || f*mult/8 > 1<<50 {
-			return 0, fmt.Errorf("%q is not a bandwidth (examples: 100Mbit, 12MiB/s)", v)
-		}
-		return max(1, uint64(f*mult/8)), nil
-	}
-	n, err := vmm.ParseSize(strings.TrimSuffix(v, "/s"))
-	if err != nil || n == 0 {
-		return 0, fmt.Errorf("%q is not a bandwidth (examples: 100Mbit, 12MiB/s)", v)
-	}
-	return n, nil
-}
-
 // parseRange parses START-END (sizes or 0x hex addresses, END exclusive,
 // both page aligned).
 func parseRange(v string) (Range, error) {
@@ -163,7 +132,7 @@ func parseRange(v string) (Range, error) {
 		if h, ok := strings.CutPrefix(strings.ToLower(s), "0x"); ok {
 			return strconv.ParseUint(h, 16, 64)
 		}
-		return vmm.ParseSize(s)
+		return option.ParseSize(s)
 	}
 	a, b, ok := strings.Cut(v, "-")
 	if !ok {
@@ -204,7 +173,7 @@ func ParseHoldBack(s string) (*HoldBack, error) {
 				err = fmt.Errorf("want a positive frequency")
 			}
 		case "max-held":
-			h.MaxHeld, err = vmm.ParseSize(v)
+			h.MaxHeld, err = option.ParseSize(v)
 		case "max-lag-epochs":
 			h.MaxLagEpochs, err = strconv.ParseUint(v, 10, 64)
 			if err == nil && h.MaxLagEpochs == 0 {
@@ -216,7 +185,7 @@ func ParseHoldBack(s string) (*HoldBack, error) {
 				err = fmt.Errorf("want a positive duration")
 			}
 		case "bandwidth":
-			h.Bandwidth, err = parseRate(v)
+			h.Bandwidth, err = option.ParseRate(v)
 		case "range":
 			var r Range
 			if r, err = parseRange(v); err == nil {
@@ -236,18 +205,19 @@ func ParseHoldBack(s string) (*HoldBack, error) {
 // errUnknownKey is what an eachKV setter returns for a key it does not know.
 var errUnknownKey = errors.New("unknown key")
 
-// eachKV calls set for every key=value of the comma list s; errors name
-// the option (what) and, for an unknown key, the keys there are.
+// eachKV calls set for every key=value of the comma list s (option.List);
+// errors name the option (what) and, for an unknown key, the keys there
+// are (keys, comma-separated). A key may be given more than once.
 func eachKV(what, s, keys string, set func(k, v string) error) error {
-	for _, kv := range strings.Split(s, ",") {
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok {
-			return fmt.Errorf("%s %q: %q is not key=value", what, s, kv)
-		}
-		if err := set(k, v); errors.Is(err, errUnknownKey) {
-			return fmt.Errorf("%s %q: unknown key %q (want %s)", what, s, k, keys)
-		} else if err != nil {
-			return fmt.Errorf("%s %s=%s: %w", what, k, v, err)
+	known := strings.Split(keys, ", ")
+	l := option.List{Name: what, Keys: known, Repeatable: known}
+	pairs, err := l.Parse(s)
+	if err != nil {
+		return err
+	}
+	for _, p := range pairs {
+		if err := set(p.Key, p.Value); err != nil {
+			return l.Bad(p, err)
 		}
 	}
 	return nil

@@ -186,9 +186,9 @@ func TestMetricsReleasedAfterAcked(t *testing.T) {
 	const memSize, iterations = 32 << 20, 20000
 	_, pc := servingIntermediary(t, memSize)
 	var p *Primary
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": strconv.Itoa(iterations), "spin": "30000", "report": "0"},
-		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": strconv.Itoa(iterations), "spin": "30000", "report": "0"},
+		OnRecord: func(r vmm.Record) { p.Record(r) }}})
 	if err != nil {
 		t.Fatal(err)
 	}

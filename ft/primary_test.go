@@ -16,6 +16,7 @@ import (
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
 )
 
 // link returns a connected primary→intermediary pair over mutual TLS on
@@ -116,9 +117,9 @@ func TestOutputCommit(t *testing.T) {
 	go func() { served <- in.ServePrimary(ic) }()
 
 	var p *Primary
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "30000", "spin": "30000", "report": "0"},
-		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "30000", "spin": "30000", "report": "0"},
+		OnRecord: func(r vmm.Record) { p.Record(r) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,9 +188,9 @@ func TestOutputCommitShortGuest(t *testing.T) {
 	in, pc := servingIntermediary(t, memSize)
 	var p *Primary
 	var released []uint64
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "8", "hot": "8", "iterations": "3", "report": "0"},
-		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "8", "hot": "8", "iterations": "3", "report": "0"},
+		OnRecord: func(r vmm.Record) { p.Record(r) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,14 +225,14 @@ func TestProtectWithLargePages(t *testing.T) {
 	const memSize = 32 << 20
 	in, pc := servingIntermediary(t, memSize)
 	var p *Primary
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "2048", "hot": "64", "cold_every": "1", "iterations": "4000", "spin": "100000", "report": "0"},
-		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "2048", "hot": "64", "cold_every": "1", "iterations": "4000", "spin": "100000", "report": "0"},
+		OnRecord: func(r vmm.Record) { p.Record(r) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	lp, err := m.StartLargePages(vmm.LargePageConfig{Budget: 2, Period: 4 * time.Millisecond, Window: 3 * time.Millisecond, Warmup: 1, Source: vmm.SourceRefault})
+	lp, err := largepage.Start(m, largepage.Config{Budget: 2, Period: 4 * time.Millisecond, Window: 3 * time.Millisecond, Warmup: 1, Source: largepage.SourceRefault})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,9 +315,9 @@ func TestDirtyBudget(t *testing.T) {
 		p       *Primary
 		emitted atomic.Uint64
 	)
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "4096", "hot": "64", "cold_every": "1", "iterations": "0", "report": "0"},
-		OnRecord:       func(r vmm.Record) { emitted.Store(r.Value); p.Record(r) }})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "4096", "hot": "64", "cold_every": "1", "iterations": "0", "report": "0"},
+		OnRecord: func(r vmm.Record) { emitted.Store(r.Value); p.Record(r) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -388,7 +389,7 @@ func TestDirtyBudget(t *testing.T) {
 // TestDirtyBudgetConfig: a budget smaller than a page is refused.
 func TestDirtyBudgetConfig(t *testing.T) {
 	kvmtest.Require(t)
-	m, err := vmm.New(vmm.Config{MemSize: 8 << 20, Payload: "hello"})
+	m, err := vmm.New(vmm.Config{MemSize: 8 << 20, Payload: &vmm.PayloadConfig{Name: "hello"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -421,9 +422,9 @@ func TestDirectToBackup(t *testing.T) {
 		served <- err
 	}()
 	var p *Primary
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "5000", "report": "0"},
-		OnRecord:       func(r vmm.Record) { p.Record(r) }})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "256", "hot": "16", "cold_every": "2", "iterations": "5000", "report": "0"},
+		OnRecord: func(r vmm.Record) { p.Record(r) }}})
 	if err != nil {
 		t.Fatal(err)
 	}

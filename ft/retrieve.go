@@ -8,7 +8,7 @@ import (
 	"sync/atomic"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
-	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // RequestPolicy is how a backup in manifest mode (backup-driven retrieval)
@@ -30,7 +30,7 @@ var DefaultRequestPolicy = RequestPolicy{Settle: 4, MaxFreq: 1.5}
 func (r RequestPolicy) String() string {
 	s := fmt.Sprintf("settle=%d,max-freq=%g", r.Settle, r.MaxFreq)
 	if r.Bandwidth > 0 {
-		s += fmt.Sprintf(",bandwidth=%s/s", vmm.FormatSize(r.Bandwidth))
+		s += fmt.Sprintf(",bandwidth=%s/s", option.FormatSize(r.Bandwidth))
 	}
 	return s
 }
@@ -56,7 +56,7 @@ func ParseRequestPolicy(s string) (*RequestPolicy, error) {
 				err = fmt.Errorf("want a positive frequency")
 			}
 		case "bandwidth":
-			r.Bandwidth, err = parseRate(v)
+			r.Bandwidth, err = option.ParseRate(v)
 		default:
 			return errUnknownKey
 		}

@@ -158,8 +158,8 @@ func TestRunBackupActivatesAlone(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "64", "hot": "8", "iterations": "0", "report": "0"}, OnRecord: p.Record})
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options: map[string]string{"pages": "64", "hot": "8", "iterations": "0", "report": "0"}, OnRecord: p.Record}})
 	if err != nil {
 		t.Fatal(err)
 	}

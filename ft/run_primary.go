@@ -14,7 +14,7 @@ import (
 // PrimaryRunConfig configures RunPrimary.
 type PrimaryRunConfig struct {
 	// Machine configures the protected guest. RunPrimary builds the
-	// machine with the primary as its record sink, so Machine.OnRecord
+	// machine with the primary as its record sink, so Machine.Payload.OnRecord
 	// must be nil: records reach Epochs.OnRelease once the checkpoint
 	// covering them is acknowledged.
 	Machine vmm.Config
@@ -58,8 +58,11 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 	if err := cfg.Links.check(); err != nil {
 		return vmm.Result{}, err
 	}
-	if cfg.Machine.OnRecord != nil {
-		return vmm.Result{}, errors.New("primary: the machine's output records go to the primary: Machine.OnRecord must be nil")
+	if cfg.Machine.Payload == nil {
+		return vmm.Result{}, errors.New("primary: only payload guests can be protected (Machine.Payload is nil)")
+	}
+	if cfg.Machine.Payload.OnRecord != nil {
+		return vmm.Result{}, errors.New("primary: the machine's output records go to the primary: Machine.Payload.OnRecord must be nil")
 	}
 	if (cfg.Epochs.OnLinkLoss == ReplicateDirect) != (cfg.DirectBackup != "") {
 		return vmm.Result{}, errors.New("primary: the direct policy for a lost intermediary and the backup's address go together")
@@ -77,7 +80,9 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 		return vmm.Result{}, err
 	}
 	mcfg := cfg.Machine
-	mcfg.OnRecord = p.Record
+	payload := *mcfg.Payload // the caller's stays as it was
+	payload.OnRecord = p.Record
+	mcfg.Payload = &payload
 	m, err := vmm.New(mcfg)
 	if err != nil {
 		return vmm.Result{}, err

@@ -60,7 +60,7 @@ func TestRunPrimaryFenced(t *testing.T) {
 	)
 	log, tl := newTestLog()
 	_, err := RunPrimary(ctx, PrimaryRunConfig{
-		Machine: vmm.Config{MemSize: memSize, Payload: "counter", PayloadOptions: map[string]string{"pages": "16", "iterations": "0", "report": "0"}},
+		Machine: vmm.Config{MemSize: memSize, Payload: &vmm.PayloadConfig{Name: "counter", Options: map[string]string{"pages": "16", "iterations": "0", "report": "0"}}},
 		Epochs: PrimaryConfig{Interval: 10 * time.Millisecond, OnRelease: func(r vmm.Record) {
 			mu.Lock()
 			released = append(released, r.Value)

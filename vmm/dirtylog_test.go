@@ -18,9 +18,9 @@ func bit(bm []uint64, page uint64) bool { return bm[page/64]&(1<<(page%64)) != 0
 func TestDirtyLogHarvest(t *testing.T) {
 	requireKVM(t)
 	var recs atomic.Uint64
-	m, err := New(Config{MemSize: 16 << 20, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "64", "hot": "4", "cold_every": "1", "iterations": "0", "report": "0"},
-		OnRecord:       func(r Record) { recs.Store(r.Value) }})
+	m, err := New(Config{MemSize: 16 << 20, Payload: &PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "64", "hot": "4", "cold_every": "1", "iterations": "0", "report": "0"},
+		OnRecord: func(r Record) { recs.Store(r.Value) }}})
 	if err != nil {
 		t.Fatal(err)
 	}

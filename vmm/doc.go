@@ -1,27 +1,52 @@
 // Package vmm is the machine: it builds a VM from arch (KVM) and mmu (guest
 // memory), runs one goroutine per vCPU locked to its OS thread, handles every
-// KVM exit, pauses and resumes all vCPUs on demand, and owns the devices and
-// boot loaders. The binary is vmm/cmd/understudy.
+// KVM exit, pauses and resumes all vCPUs on demand, and boots its guest. The
+// binary is vmm/cmd/understudy.
 //
 // A machine's life cycle:
 //
-//	m, err := vmm.New(vmm.Config{MemSize: 64 << 20, CPUs: 1, Payload: "hello", Console: os.Stdout})
+//	m, err := vmm.New(vmm.Config{MemSize: 64 << 20, CPUs: 1, Console: os.Stdout,
+//		Payload: &vmm.PayloadConfig{Name: "hello"}})
 //	res, err := m.Run(ctx)   // until the guest exits, fails or ctx ends
 //	m.Close()
 //
-// A Linux guest instead of a payload: Config{Kernel: "bzImage", Initrd:
-// "initrd.cpio", Cmdline: ..., Disks: ..., Nets: ...} boots a bzImage through
-// the 64-bit boot protocol, with a UART, an i8042 for reset, ACPI power-off
-// and virtio-mmio devices from package vmm/virtio (linux_boot.go).
+// Config holds what every machine has (memory, vCPUs, console, ...) and its
+// guest: a payload (PayloadConfig: a small long-mode program from
+// vmm/payload, booted by boot_payload.go) or a Linux kernel (LinuxConfig:
+// a bzImage booted through the 64-bit boot protocol by boot_linux.go, with
+// a UART, an i8042 for reset, ACPI power-off and virtio-mmio devices).
+//
+// The parts live in their own rooms:
+//
+//	config.go       Config and its checks
+//	machine.go      New, Run, Close, the vCPU loop
+//	pause.go        Pause, Resume, OnVCPU: how vCPUs park
+//	park_unsafe.go  the futex words parked vCPUs sleep on
+//	exits.go        KVM exits; iobus.go, mmiobus.go the port and MMIO buses
+//	halt.go         detection of a Linux guest halted for good
+//	boot_*.go       the two boot loaders
+//	state*.go       MachineState: capture, restore, binary encoding
+//	snapshot.go     a state and a memory image in one stream
+//	vmm/devices     the legacy port devices, each with its saved state
+//	vmm/virtio      virtio-mmio devices
+//	vmm/largepage   the large-page controller, a client of this package
+//	vmm/option      the option parsers the binary and ft share
 //
 // While Run is going, Pause stops every vCPU (returning how long that took),
 // OnVCPU runs a function on a paused vCPU's own thread, and Resume lets
-// them go again. Package ft builds checkpoints on these.
+// them go again. A parked vCPU sleeps on a futex word, so waking it goes
+// straight through the kernel. Package ft builds checkpoints on these, as
+// vmm/largepage samples on them; neither reaches into the machine otherwise.
 //
 // A paused machine's complete state, memory aside, is a MachineState
-// (CaptureState; every device keeps its saved state in a *_state.go file
-// next to itself). It has a strict, versioned binary encoding
-// (MarshalBinary, UnmarshalBinary), and Restore builds a new machine from it
-// and a memory image that continues exactly where the captured one
-// stopped. WriteSnapshot and RestoreSnapshot put both into one stream.
+// (CaptureState). With CaptureOnPause each vCPU reads its own state on its
+// own thread as soon as it has stopped, while the pauser goes on copying
+// memory. The state has a strict, versioned binary encoding (MarshalBinary,
+// UnmarshalBinary; each device's part is encoded in vmm/devices), and
+// Restore builds a new machine from it and a memory image that continues
+// exactly where the captured one stopped. WriteSnapshot and RestoreSnapshot
+// put both into one stream.
+//
+// vmm imports vmm/devices, vmm/virtio, vmm/payload and vmm/option; none of
+// them imports vmm.
 package vmm

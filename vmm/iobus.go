@@ -5,36 +5,27 @@ import (
 	"sync"
 
 	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 )
-
-// portDevice is a device on the I/O port bus.
-type portDevice interface {
-	// ports returns the inclusive port range the device decodes.
-	ports() (first, last uint16)
-	// out handles a write of data (1, 2 or 4 bytes) by vCPU cpu.
-	out(cpu int, port uint16, data []byte) error
-	// in fills data for a read by vCPU cpu.
-	in(cpu int, port uint16, data []byte) error
-}
 
 // ioBus dispatches port I/O exits. For a payload machine an access to a port
 // no device decodes is an error: payload guests only use the debug ports.
 // A Linux machine's bus is lenient (see unknownPorts), because Linux probes
 // legacy hardware that may or may not be there.
 type ioBus struct {
-	devs []portDevice
+	devs []devices.PortDevice
 	// lenient, if set, answers accesses to ports without a device.
 	lenient *unknownPorts
 }
 
 // add registers d; its ports must not overlap another device's.
-func (b *ioBus) add(d portDevice) error {
-	first, last := d.ports()
+func (b *ioBus) add(d devices.PortDevice) error {
+	first, last := d.Ports()
 	if first > last {
 		return fmt.Errorf("I/O device %T: empty port range %#x..%#x", d, first, last)
 	}
 	for _, o := range b.devs {
-		f, l := o.ports()
+		f, l := o.Ports()
 		if first <= l && f <= last {
 			return fmt.Errorf("I/O device %T at ports %#x..%#x overlaps %T at %#x..%#x", d, first, last, o, f, l)
 		}
@@ -48,7 +39,7 @@ func (b *ioBus) handle(m *Machine, v *vcpu, io arch.IOExit) error {
 		return m.exitError(v, "bad I/O exit", fmt.Sprintf("port %#x access of %d bytes", io.Port, io.Size))
 	}
 	for _, d := range b.devs {
-		first, last := d.ports()
+		first, last := d.Ports()
 		if io.Port < first || io.Port > last {
 			continue
 		}
@@ -56,9 +47,9 @@ func (b *ioBus) handle(m *Machine, v *vcpu, io arch.IOExit) error {
 			chunk := io.Data[i*io.Size : (i+1)*io.Size]
 			var err error
 			if io.Out {
-				err = d.out(v.id, io.Port, chunk)
+				err = d.Out(v.id, io.Port, chunk)
 			} else {
-				err = d.in(v.id, io.Port, chunk)
+				err = d.In(v.id, io.Port, chunk)
 			}
 			if err != nil {
 				return m.exitError(v, "device error", err.Error())

@@ -4,81 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
 	"runtime"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
-	"github.com/understudy-vmm/understudy/vmm/payload"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 	"golang.org/x/sys/unix"
 )
-
-// Config describes a machine: either a payload guest (Payload) or a Linux
-// guest (Kernel), never both.
-type Config struct {
-	// KVMDevice is the KVM device node; empty means /dev/kvm.
-	KVMDevice string
-	// MemSize is guest RAM in bytes, a multiple of 2 MiB.
-	MemSize uint64
-	// CPUs is the number of vCPUs.
-	CPUs int
-	// Backing selects anonymous or memfd guest RAM.
-	Backing mmu.Backing
-	// Payload is a built-in payload name or a path to a flat binary.
-	Payload string
-	// Kernel is the path of a Linux bzImage to boot (64-bit boot protocol,
-	// 2.12 or later). A Linux machine has a serial port (COM1), a keyboard
-	// controller that can reset it, ACPI power-off, and the virtio devices
-	// of Disks and Nets.
-	Kernel string
-	// Initrd is the path of the Linux guest's initial RAM disk (optional).
-	Initrd string
-	// Cmdline is the Linux guest's kernel command line; empty means
-	// DefaultCmdline. A virtio_mmio.device= entry for each virtio device is
-	// appended.
-	Cmdline string
-	// ConsoleIn, if set, is the Linux guest's serial input: its bytes
-	// arrive on COM1 (nil: the guest receives nothing).
-	ConsoleIn io.Reader
-	// Disks are the Linux guest's virtio-blk disks.
-	Disks []DiskConfig
-	// Nets are the Linux guest's virtio-net interfaces.
-	Nets []NetConfig
-	// Logger receives device diagnostics (nil: slog.Default()).
-	Logger *slog.Logger
-	// PayloadOptions are the payload's options (name → value).
-	PayloadOptions map[string]string
-	// Console receives the guest's console bytes (nil: discarded).
-	Console io.Writer
-	// OnRecord, if set, is called on the emitting vCPU's thread for every
-	// output record. It must not block for long.
-	OnRecord func(Record)
-	// OnMark, if set, is called for every phase marker.
-	OnMark func(cpu int, phase uint32)
-	// Guest4K lists guest-physical 2 MiB regions the payload's page tables
-	// map with 4 KiB pages instead of one 2 MiB page.
-	Guest4K []uint64
-	// Affinity, if set, pins vCPU i's thread to host CPU Affinity[i].
-	Affinity []int
-}
-
-// DiskConfig is a virtio-blk disk backed by a file.
-type DiskConfig struct {
-	Path     string // the disk image (a regular file or block device)
-	ReadOnly bool   // the guest sees a read-only disk; the file is opened read-only
-}
-
-// NetConfig is a virtio-net interface backed by an existing tap device.
-type NetConfig struct {
-	Tap string           // name of the tap device, which must exist
-	MAC net.HardwareAddr // the guest's MAC address (nil: DefaultMAC of its index)
-}
 
 // Record is one output record a guest emitted.
 type Record struct {
@@ -160,27 +96,33 @@ type Machine struct {
 	vcpus   []*vcpu
 	io      ioBus
 	mmio    mmioBus
-	debug   *debugPort
+	debug   *devices.DebugPort
 	payload *loadedPayload
 	linux   *linuxGuest // nil for payload machines
 	log     *slog.Logger
 
 	// pauseMu serializes Pause, Resume, OnVCPU and CaptureState and guards
-	// paused and msrs.
+	// paused.
 	pauseMu sync.Mutex
 	paused  bool
-	msrs    *msrList // the MSRs CaptureState saves, probed on first use
+	// msrs is the list of MSRs CaptureState saves, probed on first use
+	// (under pauseMu) and read by parking vCPUs.
+	msrs atomic.Pointer[msrList]
+	// captureOnPause makes every vCPU read its own state as it parks
+	// (CaptureOnPause).
+	captureOnPause atomic.Bool
 
-	// reqMu guards pending and the pause channels below. It is held only
-	// briefly, never while waiting for vCPUs, so RequestPause may take it on
-	// a vCPU thread. The pause protocol: beginPause publishes resumeCh, then
-	// sets pausing and kicks every vCPU; each parks and acks on parkAck.
-	reqMu    sync.Mutex
-	pending  bool // a pause has begun and Resume has not ended it
-	pausing  atomic.Bool
-	resumeCh chan struct{}
-	parkAck  chan int
-	leaveAck chan int
+	// reqMu guards pending and the making of pause records. It is held
+	// only briefly, never while waiting for vCPUs, so RequestPause may take
+	// it on a vCPU thread. The pause protocol: beginPause publishes a new
+	// pause record (cur), then sets pausing and kicks every vCPU; each
+	// parks, counting itself in the record's parked word, and sleeps on its
+	// bell until the record is released (Resume) or the machine stops,
+	// counting itself in left as it goes.
+	reqMu   sync.Mutex
+	pending bool // a pause has begun and Resume has not ended it
+	pausing atomic.Bool
+	cur     atomic.Pointer[pauseRec]
 
 	// faultHandler, if set, is offered guest accesses KVM could not fault
 	// in (EFAULT from KVM_RUN, KVM_EXIT_MEMORY_FAULT).
@@ -232,9 +174,28 @@ type vcpu struct {
 	exitPending bool
 	cpu         *arch.VCPU
 	tid         atomic.Int32
-	cmds        chan func()
 	started     chan struct{}
 	exits       atomic.Uint64
+
+	// bell is the futex word a parked vCPU sleeps on (park_unsafe.go); it
+	// is rung when a command arrives, when its pause is released and when
+	// the machine stops. cmdMu guards cmd, the OnVCPU function waiting to
+	// run on the parked vCPU's thread.
+	bell  atomic.Uint32
+	cmdMu sync.Mutex
+	cmd   func()
+
+	// The vCPU's saved state. These fields are touched only by the thread
+	// that runs the vCPU (its own; once Run is over, the caller's) and, under
+	// pauseMu, while it is parked.
+	//
+	// static holds what cannot change once the vCPU has run (read once).
+	static *vcpuStatic
+	// parked is the state the vCPU read as it parked (CaptureOnPause);
+	// parkedOK says it is current: set when parking, cleared when the vCPU
+	// leaves its park or OnVCPU runs a function on it.
+	parked   VCPUState
+	parkedOK bool
 }
 
 // New validates cfg and builds the machine: KVM VM, in-kernel irqchip and
@@ -247,7 +208,7 @@ func New(cfg Config) (*Machine, error) {
 	if err := checkConfig(&cfg); err != nil {
 		return nil, err
 	}
-	if cfg.Kernel != "" {
+	if cfg.Linux != nil {
 		return newLinux(cfg)
 	}
 	pl, err := resolvePayload(cfg)
@@ -268,51 +229,6 @@ func New(cfg Config) (*Machine, error) {
 		return nil, err
 	}
 	return m, nil
-}
-
-// checkGuest checks that cfg describes one guest, a payload or a Linux
-// kernel, with only the settings that apply to it.
-func checkGuest(cfg *Config) error {
-	switch {
-	case cfg.Payload != "" && cfg.Kernel != "":
-		return fmt.Errorf("both a payload (%s) and a Linux kernel (%s) given: a machine runs one guest", cfg.Payload, cfg.Kernel)
-	case cfg.Payload == "" && cfg.Kernel == "":
-		return fmt.Errorf("no payload given and no Linux kernel: a machine needs one (built-in payloads: %s)", strings.Join(payload.Names(), ", "))
-	case cfg.Kernel == "" && (cfg.Initrd != "" || cfg.Cmdline != "" || len(cfg.Disks) > 0 || len(cfg.Nets) > 0 || cfg.ConsoleIn != nil):
-		return errors.New("an initrd, command line, serial input, disks and network interfaces are for Linux guests: no kernel given")
-	case cfg.Kernel != "" && (len(cfg.PayloadOptions) > 0 || len(cfg.Guest4K) > 0):
-		return errors.New("payload options and 4 KiB guest regions are for payload guests, not Linux guests")
-	}
-	return nil
-}
-
-// checkConfig validates the parts of cfg every machine needs, before KVM is
-// touched, and fills defaults.
-func checkConfig(cfg *Config) error {
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
-	if cfg.CPUs == 0 {
-		cfg.CPUs = 1
-	}
-	if cfg.CPUs < 1 || cfg.CPUs > MaxCPUs {
-		return fmt.Errorf("%d vCPUs: want 1..%d", cfg.CPUs, MaxCPUs)
-	}
-	if cfg.MemSize < MinMemSize {
-		return fmt.Errorf("guest memory %s is too small: payload guests need at least %s", FormatSize(cfg.MemSize), FormatSize(MinMemSize))
-	}
-	if cfg.MemSize%mmu.RegionSize != 0 {
-		return fmt.Errorf("guest memory %s: must be a multiple of 2 MiB", FormatSize(cfg.MemSize))
-	}
-	if cfg.Console == nil {
-		cfg.Console = io.Discard
-	}
-	for _, c := range cfg.Affinity {
-		if c < 0 || c >= runtime.NumCPU() {
-			return fmt.Errorf("vCPU affinity: host CPU %d does not exist (this host has %d)", c, runtime.NumCPU())
-		}
-	}
-	return nil
 }
 
 // build creates what New and Restore share: the KVM VM with its TSS region,
@@ -365,9 +281,17 @@ func build(cfg Config, mem *mmu.Memory, linux bool) (*Machine, error) {
 		if err != nil {
 			return nil, fmt.Errorf("create vCPU %d: %w", i, err)
 		}
-		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, cmds: make(chan func()), started: make(chan struct{})})
+		m.vcpus = append(m.vcpus, &vcpu{id: i, cpu: c, started: make(chan struct{})})
 	}
-	m.debug = newDebugPort(cfg.CPUs, cfg.Console, cfg.OnRecord, cfg.OnMark, m.guestExit)
+	var onRecord func(cpu int, value uint64)
+	var onMark func(cpu int, phase uint32)
+	if p := cfg.Payload; p != nil {
+		if p.OnRecord != nil {
+			onRecord = func(cpu int, value uint64) { p.OnRecord(Record{CPU: cpu, Value: value}) }
+		}
+		onMark = p.OnMark
+	}
+	m.debug = devices.NewDebugPort(cfg.CPUs, cfg.Console, onRecord, onMark, m.guestExit)
 	if !linux {
 		if err := m.io.add(m.debug); err != nil {
 			return nil, err
@@ -451,6 +375,7 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	} else {
 		close(watchDone)
 	}
+	defer reserveProcs(len(m.vcpus))()
 	for _, v := range m.vcpus {
 		m.vcpuWG.Add(1)
 		go func(v *vcpu) {
@@ -464,7 +389,7 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 		<-v.started
 	}
 	if m.linux != nil {
-		m.linux.uart.start(m.cfg.ConsoleIn)
+		m.linux.uart.Start(m.linux.consoleIn)
 	}
 	select {
 	case <-ctx.Done():
@@ -476,11 +401,11 @@ func (m *Machine) Run(ctx context.Context) (Result, error) {
 	m.halted.Store(true)
 	if m.linux != nil {
 		// No vCPU reads the serial port any more: stop feeding it.
-		m.linux.uart.stop()
+		m.linux.uart.Stop()
 	}
 	m.resMu.Lock()
 	defer m.resMu.Unlock()
-	m.result.Records = m.debug.records.Load()
+	m.result.Records = m.debug.Records()
 	return m.result, m.runErr
 }
 
@@ -514,190 +439,16 @@ func (m *Machine) end(res Result, err error) {
 		m.resMu.Unlock()
 		m.stopping.Store(true)
 		close(m.stopCh)
+		m.reqMu.Lock()
+		if p := m.cur.Load(); p != nil {
+			p.stop()
+		}
+		m.reqMu.Unlock()
 		for _, v := range m.vcpus {
 			m.kick(v)
+			v.ring()
 		}
 	})
-}
-
-// kick forces vCPU v out of KVM_RUN: immediate_exit covers the window before
-// it enters the kernel, the signal the time inside it.
-func (m *Machine) kick(v *vcpu) {
-	v.cpu.SetImmediateExit(true)
-	if tid := v.tid.Load(); tid != 0 {
-		// SIGURG is the Go runtime's preemption signal: harmless to Go code,
-		// and enough to make KVM_RUN return EINTR.
-		_ = unix.Tgkill(unix.Getpid(), int(tid), unix.SIGURG)
-	}
-}
-
-// Pause stops every vCPU outside the guest and returns how long it took
-// from the request until the last vCPU parked. A paused vCPU has completed
-// the instruction of its last exit, so its state is consistent.
-func (m *Machine) Pause() (time.Duration, error) {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	return m.pauseLocked()
-}
-
-// pauseLocked is Pause for a caller that holds pauseMu.
-func (m *Machine) pauseLocked() (time.Duration, error) {
-	if m.stopping.Load() {
-		return 0, ErrStopped
-	}
-	if m.paused {
-		return 0, ErrPaused
-	}
-	start := time.Now()
-	parkAck := m.beginPause()
-	for range m.vcpus {
-		select {
-		case <-parkAck:
-		case <-m.stopCh:
-			m.endPause()
-			return 0, ErrStopped
-		}
-	}
-	m.paused = true
-	return time.Since(start), nil
-}
-
-// PauseWait is Pause for a controller that shares the machine with others
-// (checkpoints and large-page sampling both pause it, each for moments):
-// while another one has the machine paused (ErrPaused) it waits for that
-// pause to end, up to timeout, rather than fail.
-func (m *Machine) PauseWait(timeout time.Duration) (time.Duration, error) {
-	start := time.Now()
-	for {
-		d, err := m.Pause()
-		if !errors.Is(err, ErrPaused) || time.Since(start) > timeout {
-			return d, err
-		}
-		time.Sleep(20 * time.Microsecond)
-	}
-}
-
-// RequestPause starts a pause without waiting for it: every vCPU stops
-// before it next enters the guest. It never blocks, so an OnRecord or OnMark
-// callback may call it to stop the guest right after that output, on the
-// vCPU's own thread. The machine counts as paused only once Pause (which
-// then just waits for the vCPUs to park) has returned; until then OnVCPU,
-// CaptureState and Resume refuse it. Calling it while a pause is under way
-// or the machine is paused or stopped does nothing.
-func (m *Machine) RequestPause() {
-	if m.stopping.Load() {
-		return
-	}
-	m.beginPause()
-}
-
-// beginPause starts a pause unless one is under way, and returns the channel
-// on which parked vCPUs ack.
-func (m *Machine) beginPause() chan int {
-	m.reqMu.Lock()
-	defer m.reqMu.Unlock()
-	if !m.pending {
-		m.pending = true
-		m.resumeCh = make(chan struct{})
-		m.parkAck = make(chan int, len(m.vcpus))
-		m.leaveAck = make(chan int, len(m.vcpus))
-		m.pausing.Store(true)
-		for _, v := range m.vcpus {
-			m.kick(v)
-		}
-	}
-	return m.parkAck
-}
-
-// endPause releases parked vCPUs and returns the channel on which they ack
-// leaving.
-func (m *Machine) endPause() chan int {
-	m.reqMu.Lock()
-	defer m.reqMu.Unlock()
-	m.pending = false
-	m.pausing.Store(false)
-	close(m.resumeCh)
-	return m.leaveAck
-}
-
-// Resume lets paused vCPUs run again and returns how long it took until the
-// last one left its parked state.
-func (m *Machine) Resume() (time.Duration, error) {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	return m.resumeLocked()
-}
-
-// resumeLocked is Resume for a caller that holds pauseMu.
-func (m *Machine) resumeLocked() (time.Duration, error) {
-	if m.stopping.Load() {
-		return 0, ErrStopped
-	}
-	if !m.paused {
-		return 0, ErrNotPaused
-	}
-	start := time.Now()
-	m.paused = false
-	leaveAck := m.endPause()
-	for range m.vcpus {
-		select {
-		case <-leaveAck:
-		case <-m.stopCh:
-			return 0, ErrStopped
-		}
-	}
-	return time.Since(start), nil
-}
-
-// OnVCPU runs fn on paused vCPU i's own OS thread (once Run has returned,
-// on the caller's) and returns its error.
-func (m *Machine) OnVCPU(i int, fn func(*arch.VCPU) error) error {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	return m.onVCPU(i, fn)
-}
-
-// onVCPU is OnVCPU for a caller that holds pauseMu.
-func (m *Machine) onVCPU(i int, fn func(*arch.VCPU) error) error {
-	if i < 0 || i >= len(m.vcpus) {
-		return fmt.Errorf("vCPU %d: machine has %d", i, len(m.vcpus))
-	}
-	if m.halted.Load() {
-		// Run is over: no thread runs this vCPU any more.
-		return fn(m.vcpus[i].cpu)
-	}
-	if !m.paused {
-		return ErrNotPaused
-	}
-	v := m.vcpus[i]
-	done := make(chan error, 1)
-	select {
-	case v.cmds <- func() { done <- fn(v.cpu) }:
-	case <-m.stopCh:
-		return ErrStopped
-	}
-	return <-done
-}
-
-// onEveryVCPU runs fn(i, vCPU i) on every paused vCPU's own thread, all at
-// once, and returns the first error. The caller holds pauseMu.
-func (m *Machine) onEveryVCPU(fn func(i int, c *arch.VCPU) error) error {
-	errs := make([]error, len(m.vcpus))
-	var wg sync.WaitGroup
-	for i := range m.vcpus {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = m.onVCPU(i, func(c *arch.VCPU) error { return fn(i, c) })
-		}()
-	}
-	wg.Wait()
-	for i, err := range errs {
-		if err != nil {
-			return fmt.Errorf("vCPU %d: %w", i, err)
-		}
-	}
-	return nil
 }
 
 // runVCPU is one vCPU's goroutine.
@@ -747,26 +498,6 @@ func (m *Machine) runVCPU(v *vcpu) error {
 		v.exits.Add(1)
 		if err := m.handleExit(v); err != nil {
 			return err
-		}
-	}
-}
-
-// park holds vCPU v until Resume or Stop, serving OnVCPU requests.
-func (m *Machine) park(v *vcpu) {
-	// Clear immediate_exit before acking: once Pause returns, a later Pause
-	// may set it again and must not have it cleared under it.
-	v.cpu.SetImmediateExit(false)
-	resume := m.resumeCh
-	m.parkAck <- v.id
-	for {
-		select {
-		case fn := <-v.cmds:
-			fn()
-		case <-resume:
-			m.leaveAck <- v.id
-			return
-		case <-m.stopCh:
-			return
 		}
 	}
 }

@@ -42,7 +42,7 @@ func TestHello(t *testing.T) {
 	requireKVM(t)
 	for _, cpus := range []int{1, 3} {
 		var out testutil.Buffer
-		res, _, err := runMachine(t, Config{MemSize: 16 << 20, CPUs: cpus, Payload: "hello", Console: &out})
+		res, _, err := runMachine(t, Config{MemSize: 16 << 20, CPUs: cpus, Console: &out, Payload: &PayloadConfig{Name: "hello"}})
 		if err != nil {
 			t.Fatalf("hello with %d vCPUs: Run = %v", cpus, err)
 		}
@@ -61,14 +61,13 @@ func TestCounter(t *testing.T) {
 		recs []uint64
 	)
 	var out testutil.Buffer
-	res, m, err := runMachine(t, Config{
-		MemSize: 16 << 20, Payload: "counter", Console: &out,
-		PayloadOptions: map[string]string{"pages": "32", "hot": "4", "cold_every": "10", "iterations": "3000", "report": "1000"},
+	res, m, err := runMachine(t, Config{MemSize: 16 << 20, Console: &out, Payload: &PayloadConfig{Name: "counter",
+		Options: map[string]string{"pages": "32", "hot": "4", "cold_every": "10", "iterations": "3000", "report": "1000"},
 		OnRecord: func(r Record) {
 			mu.Lock()
 			recs = append(recs, r.Value)
 			mu.Unlock()
-		},
+		}},
 	})
 	if err != nil {
 		t.Fatalf("Run = %v", err)
@@ -132,11 +131,10 @@ func mustU64(t *testing.T, m *Machine, gpa uint64) uint64 {
 func TestTouch(t *testing.T) {
 	requireKVM(t)
 	var marks, records atomic.Int32
-	res, m, err := runMachine(t, Config{
-		MemSize: 64 << 20, Payload: "touch",
-		PayloadOptions: map[string]string{"regions": "8", "hot": "2", "accesses": "20000", "rounds": "3"},
-		OnMark:         func(cpu int, phase uint32) { marks.Add(1) },
-		OnRecord:       func(Record) { records.Add(1) },
+	res, m, err := runMachine(t, Config{MemSize: 64 << 20, Payload: &PayloadConfig{Name: "touch",
+		Options:  map[string]string{"regions": "8", "hot": "2", "accesses": "20000", "rounds": "3"},
+		OnMark:   func(cpu int, phase uint32) { marks.Add(1) },
+		OnRecord: func(Record) { records.Add(1) }},
 	})
 	if err != nil || res.ExitCode != 0 {
 		t.Fatalf("Run = %+v, %v", res, err)
@@ -160,8 +158,8 @@ func TestTouch(t *testing.T) {
 func TestPIO(t *testing.T) {
 	requireKVM(t)
 	var last atomic.Uint64
-	res, m, err := runMachine(t, Config{MemSize: 4 << 20, Payload: "pio", PayloadOptions: map[string]string{"count": "500"},
-		OnRecord: func(r Record) { last.Store(r.Value) }})
+	res, m, err := runMachine(t, Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: "pio", Options: map[string]string{"count": "500"},
+		OnRecord: func(r Record) { last.Store(r.Value) }}})
 	if err != nil || res.ExitCode != 0 || res.Records != 500 || last.Load() != 500 {
 		t.Fatalf("Run = %+v, %v, last record %d; want 500 records ending in 500", res, err, last.Load())
 	}
@@ -172,7 +170,7 @@ func TestPIO(t *testing.T) {
 
 func TestGuestFault(t *testing.T) {
 	requireKVM(t)
-	_, _, err := runMachine(t, Config{MemSize: 8 << 20, Payload: "fault"})
+	_, _, err := runMachine(t, Config{MemSize: 8 << 20, Payload: &PayloadConfig{Name: "fault"}})
 	var ee *ExitError
 	if !errors.As(err, &ee) {
 		t.Fatalf("Run = %v, want an *ExitError", err)
@@ -197,7 +195,7 @@ func TestPayloadFile(t *testing.T) {
 	if err := os.WriteFile(path, prog, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	res, _, err := runMachine(t, Config{MemSize: 4 << 20, Payload: path})
+	res, _, err := runMachine(t, Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: path}})
 	if err != nil || res.ExitCode != 7 {
 		t.Fatalf("Run(%s) = %+v, %v; want exit code 7", path, res, err)
 	}
@@ -219,19 +217,19 @@ func TestBadConfig(t *testing.T) {
 		errSub string
 		noKVM  bool // error must come before KVM is opened
 	}{
-		{"no kvm device", Config{KVMDevice: filepath.Join(dir, "kvm"), MemSize: 4 << 20, Payload: "hello"}, "does not exist", false},
-		{"unknown payload", Config{MemSize: 4 << 20, Payload: "nope"}, `unknown payload "nope"`, true},
+		{"no kvm device", Config{KVMDevice: filepath.Join(dir, "kvm"), MemSize: 4 << 20, Payload: &PayloadConfig{Name: "hello"}}, "does not exist", false},
+		{"unknown payload", Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: "nope"}}, `unknown payload "nope"`, true},
 		{"no payload", Config{MemSize: 4 << 20}, "no payload given", true},
-		{"memory too small", Config{MemSize: 1 << 20, Payload: "hello"}, "too small", true},
-		{"memory not 2 MiB multiple", Config{MemSize: 5 << 20, Payload: "hello"}, "multiple of 2 MiB", true},
-		{"too many vCPUs", Config{MemSize: 4 << 20, CPUs: MaxCPUs + 1, Payload: "hello"}, "vCPUs: want 1..", true},
-		{"negative vCPUs", Config{MemSize: 4 << 20, CPUs: -1, Payload: "hello"}, "vCPUs: want 1..", true},
-		{"payload larger than memory", Config{MemSize: 2 << 20, Payload: big}, "does not fit", true},
-		{"empty payload file", Config{MemSize: 2 << 20, Payload: empty}, "is empty", true},
-		{"missing payload file", Config{MemSize: 2 << 20, Payload: filepath.Join(dir, "none.bin")}, "no such file", true},
-		{"options for a file", Config{MemSize: 4 << 20, Payload: empty, PayloadOptions: map[string]string{"a": "1"}}, "", true},
-		{"bad payload option", Config{MemSize: 4 << 20, Payload: "counter", PayloadOptions: map[string]string{"pages": "x"}}, "not a non-negative integer", true},
-		{"data too small", Config{MemSize: 4 << 20, Payload: "counter", PayloadOptions: map[string]string{"pages": "100000"}}, "raise --mem", true},
+		{"memory too small", Config{MemSize: 1 << 20, Payload: &PayloadConfig{Name: "hello"}}, "too small", true},
+		{"memory not 2 MiB multiple", Config{MemSize: 5 << 20, Payload: &PayloadConfig{Name: "hello"}}, "multiple of 2 MiB", true},
+		{"too many vCPUs", Config{MemSize: 4 << 20, CPUs: MaxCPUs + 1, Payload: &PayloadConfig{Name: "hello"}}, "vCPUs: want 1..", true},
+		{"negative vCPUs", Config{MemSize: 4 << 20, CPUs: -1, Payload: &PayloadConfig{Name: "hello"}}, "vCPUs: want 1..", true},
+		{"payload larger than memory", Config{MemSize: 2 << 20, Payload: &PayloadConfig{Name: big}}, "does not fit", true},
+		{"empty payload file", Config{MemSize: 2 << 20, Payload: &PayloadConfig{Name: empty}}, "is empty", true},
+		{"missing payload file", Config{MemSize: 2 << 20, Payload: &PayloadConfig{Name: filepath.Join(dir, "none.bin")}}, "no such file", true},
+		{"options for a file", Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: empty, Options: map[string]string{"a": "1"}}}, "", true},
+		{"bad payload option", Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: "counter", Options: map[string]string{"pages": "x"}}}, "not a non-negative integer", true},
+		{"data too small", Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: "counter", Options: map[string]string{"pages": "100000"}}}, "raise --mem", true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -257,14 +255,14 @@ func TestBadConfig(t *testing.T) {
 			}
 		})
 	}
-	if _, err := New(Config{KVMDevice: filepath.Join(dir, "kvm"), MemSize: 4 << 20, Payload: "hello"}); !errors.Is(err, arch.ErrNoKVM) {
+	if _, err := New(Config{KVMDevice: filepath.Join(dir, "kvm"), MemSize: 4 << 20, Payload: &PayloadConfig{Name: "hello"}}); !errors.Is(err, arch.ErrNoKVM) {
 		t.Errorf("New with a missing device = %v, want ErrNoKVM", err)
 	}
 }
 
 func TestContextCancel(t *testing.T) {
 	requireKVM(t)
-	m, err := New(Config{MemSize: 8 << 20, Payload: "counter", PayloadOptions: map[string]string{"iterations": "0", "report": "0"}})
+	m, err := New(Config{MemSize: 8 << 20, Payload: &PayloadConfig{Name: "counter", Options: map[string]string{"iterations": "0", "report": "0"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -289,9 +287,9 @@ func TestContextCancel(t *testing.T) {
 func TestPauseResume(t *testing.T) {
 	requireKVM(t)
 	var recs atomic.Uint64
-	m, err := New(Config{MemSize: 8 << 20, CPUs: 2, Payload: "counter",
-		PayloadOptions: map[string]string{"iterations": "0", "report": "0"},
-		OnRecord:       func(r Record) { recs.Store(r.Value) }})
+	m, err := New(Config{MemSize: 8 << 20, CPUs: 2, Payload: &PayloadConfig{Name: "counter",
+		Options:  map[string]string{"iterations": "0", "report": "0"},
+		OnRecord: func(r Record) { recs.Store(r.Value) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -372,7 +370,7 @@ func TestPauseResume(t *testing.T) {
 
 func TestVMMWritesAreDirty(t *testing.T) {
 	requireKVM(t)
-	m, err := New(Config{MemSize: 4 << 20, Payload: "hello"})
+	m, err := New(Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: "hello"}})
 	if err != nil {
 		t.Fatal(err)
 	}

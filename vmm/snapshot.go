@@ -8,6 +8,7 @@ import (
 	"io"
 
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // A snapshot is a machine's state followed by all of its memory, as one
@@ -61,7 +62,7 @@ func (m *Machine) SaveSnapshot(w io.Writer) error {
 // describes, to w as a snapshot.
 func WriteSnapshot(w io.Writer, st *MachineState, mem *mmu.Memory) error {
 	if mem.Size() != st.Config.MemSize {
-		return fmt.Errorf("write snapshot: %s of memory for a state with %s", FormatSize(mem.Size()), FormatSize(st.Config.MemSize))
+		return fmt.Errorf("write snapshot: %s of memory for a state with %s", option.FormatSize(mem.Size()), option.FormatSize(st.Config.MemSize))
 	}
 	state, err := st.MarshalBinary()
 	if err != nil {

@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"sync"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // MachineState is everything about a paused machine except its memory: the
@@ -36,7 +39,8 @@ type StateConfig struct {
 }
 
 // VCPUState is one vCPU's state, each field as the corresponding KVM_GET_*
-// ioctl returns it.
+// ioctl returns it, except FPU, which is taken from the XSAVE area's legacy
+// region (see fpuFromXSave).
 type VCPUState struct {
 	Regs      arch.Regs
 	Sregs     arch.Sregs // includes EFER, APIC base and the FS/GS bases
@@ -63,13 +67,13 @@ type VMState struct {
 // DeviceStates holds the saved state of each VMM device. Each device's
 // state type and its encoding live next to the device.
 type DeviceStates struct {
-	DebugPort DebugPortState // debugport_state.go
-	// UART is the serial port of a Linux machine (uart_state.go); nil for
+	DebugPort devices.DebugPortState
+	// UART is the serial port of a Linux machine (vmm/devices/uart_state.go); nil for
 	// payload machines. Its presence makes a state a Linux machine's.
-	UART *UARTState
+	UART *devices.UARTState
 	// Platform is a Linux machine's ACPI PM and keyboard controller state
-	// (platform_state.go); nil for payload machines.
-	Platform *PlatformState
+	// (vmm/devices/platform_state.go); nil for payload machines.
+	Platform *devices.PlatformState
 }
 
 // MSR numbers Understudy names. EFER, the APIC base and the FS/GS bases are
@@ -136,8 +140,8 @@ func probeMSRs(c *arch.VCPU, cands []uint32) (*msrList, error) {
 // savedMSRs returns the machine's MSR list, probing it on vCPU 0 the first
 // time. The caller holds pauseMu and the machine is paused.
 func (m *Machine) savedMSRs() (*msrList, error) {
-	if m.msrs != nil {
-		return m.msrs, nil
+	if l := m.msrs.Load(); l != nil {
+		return l, nil
 	}
 	list, err := m.sys.MSRIndexList()
 	if err != nil {
@@ -158,15 +162,41 @@ func (m *Machine) savedMSRs() (*msrList, error) {
 	if err != nil {
 		return nil, fmt.Errorf("probe MSRs: %w", err)
 	}
-	m.msrs = l
+	m.msrs.Store(l)
 	return l, nil
+}
+
+// CaptureOnPause turns on (or off) capture at parking: every vCPU reads
+// its own state (see VCPUState) on its own thread as soon as it has
+// stopped, all vCPUs at once, while the caller of Pause (which returns once
+// they have stopped) goes on, for instance to copy guest memory. So
+// CaptureState of the paused machine needs no vCPU ioctls: it waits, if
+// need be, for the vCPUs to finish reading. A checkpointer, which captures
+// at every pause, turns it on. Until the first CaptureState has probed the
+// MSRs to save, vCPUs park without capturing.
+func (m *Machine) CaptureOnPause(on bool) { m.captureOnPause.Store(on) }
+
+// captureParked reads parking vCPU v's state on its own thread, if capture
+// at parking is on.
+func (m *Machine) captureParked(v *vcpu) {
+	v.parkedOK = false
+	if !m.captureOnPause.Load() {
+		return
+	}
+	l := m.msrs.Load()
+	if l == nil {
+		return
+	}
+	v.parked = VCPUState{}
+	v.parkedOK = v.capture(l.indices, &v.parked) == nil
 }
 
 // CaptureState returns the state of a paused machine (see MachineState), or
 // of one whose Run has returned; it fails with ErrNotPaused unless Pause has
-// returned and Resume has not been called since, or Run is over. The
-// per-vCPU ioctls run on each vCPU's own thread, all vCPUs at once (after
-// Run, on the caller's). Guest memory is not copied.
+// returned and Resume has not been called since, or Run is over. A vCPU's
+// state is what it read as it parked (CaptureOnPause), or else is read now
+// on the vCPU's own thread, all such vCPUs at once (after Run, on the
+// caller's). Guest memory is not copied.
 func (m *Machine) CaptureState() (*MachineState, error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
@@ -175,6 +205,11 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 	}
 	if m.linux != nil && len(m.linux.virtio) > 0 {
 		return nil, fmt.Errorf("capture state: the machine has %d virtio devices, whose state is not saved yet", len(m.linux.virtio))
+	}
+	if !m.halted.Load() {
+		if err := m.waitCaptured(); err != nil {
+			return nil, fmt.Errorf("capture state: %w", err)
+		}
 	}
 	msrs, err := m.savedMSRs()
 	if err != nil {
@@ -187,34 +222,74 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 		},
 		VCPUs: make([]VCPUState, len(m.vcpus)),
 	}
-	err = m.onEveryVCPU(func(i int, c *arch.VCPU) error {
-		return captureVCPU(c, msrs.indices, &st.VCPUs[i])
-	})
-	if err != nil {
+	if err := m.captureVCPUs(msrs.indices, st.VCPUs); err != nil {
 		return nil, fmt.Errorf("capture state: %w", err)
 	}
 	if st.VM, err = captureVM(m.vm); err != nil {
 		return nil, fmt.Errorf("capture state: %w", err)
 	}
-	st.Devices.DebugPort = m.debug.save()
+	st.Devices.DebugPort = m.debug.Save()
 	if m.linux != nil {
-		u := m.linux.uart.save()
+		u := m.linux.uart.Save()
 		st.Devices.UART = &u
-		p := m.linux.savePlatform()
+		p := devices.SavePlatform(m.linux.pm, m.linux.kbd)
 		st.Devices.Platform = &p
 	}
 	return st, nil
 }
 
-// captureVCPU reads vCPU c's state into s.
-func captureVCPU(c *arch.VCPU, msrs []uint32, s *VCPUState) error {
+// captureVCPUs fills out[i] with vCPU i's state: what it read as it parked,
+// or else read now on its own thread, the vCPUs that need it all at once.
+// The caller holds pauseMu.
+func (m *Machine) captureVCPUs(msrs []uint32, out []VCPUState) error {
+	errs := make([]error, len(m.vcpus))
+	var wg sync.WaitGroup
+	for i, v := range m.vcpus {
+		if v.parkedOK {
+			out[i] = v.parked
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = m.onVCPU(i, func(*arch.VCPU) error { return v.capture(msrs, &out[i]) })
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			return fmt.Errorf("vCPU %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// vcpuStatic is the part of a vCPU's state that cannot change once it has
+// run: KVM refuses a different CPUID after the first KVM_RUN, and Understudy
+// sets the TSC frequency only before (restoreVCPU).
+type vcpuStatic struct {
+	cpuid  []arch.CPUIDEntry
+	tscKHz uint32
+}
+
+// capture reads the vCPU's state into s, on the thread that runs it. CPUID
+// and the TSC frequency are read once (vcpuStatic), and the legacy FPU state
+// is taken from the XSAVE area's first 512 bytes, where KVM keeps it.
+func (v *vcpu) capture(msrs []uint32, s *VCPUState) error {
+	c := v.cpu
+	if v.static == nil {
+		cpuid, err := c.CPUID()
+		if err != nil {
+			return err
+		}
+		khz, err := c.TSCKHz()
+		if err != nil {
+			return err
+		}
+		v.static = &vcpuStatic{cpuid: cpuid, tscKHz: khz}
+	}
+	s.CPUID, s.TSCKHz = slices.Clone(v.static.cpuid), v.static.tscKHz
 	var err error
-	if s.CPUID, err = c.CPUID(); err != nil {
-		return err
-	}
-	if s.TSCKHz, err = c.TSCKHz(); err != nil {
-		return err
-	}
 	for rest := msrs; len(rest) > 0; {
 		n := min(len(rest), msrBatch)
 		ents, err := c.MSRs(rest[:n])
@@ -230,12 +305,10 @@ func captureVCPU(c *arch.VCPU, msrs []uint32, s *VCPUState) error {
 	if s.Regs, err = c.Regs(); err != nil {
 		return err
 	}
-	if s.FPU, err = c.FPU(); err != nil {
-		return err
-	}
 	if s.XSave, err = c.XSave(); err != nil {
 		return err
 	}
+	s.FPU = fpuFromXSave(s.XSave)
 	if s.XCRs, err = c.XCRs(); err != nil {
 		return err
 	}
@@ -252,6 +325,32 @@ func captureVCPU(c *arch.VCPU, msrs []uint32, s *VCPUState) error {
 		return err
 	}
 	return nil
+}
+
+// fpuFromXSave returns the legacy FPU/SSE state (struct kvm_fpu) held in an
+// XSAVE area's legacy region, which has the FXSAVE layout: FCW, FSW, the
+// abridged tag word, FOP, FIP, FDP, MXCSR, then ST0-7 and XMM0-15 in 16-byte
+// slots. Restore sets the FPU state before the XSAVE area, which supersedes
+// it, so the saved FPU state only has to agree with the area.
+func fpuFromXSave(x []byte) arch.FPU {
+	var f arch.FPU
+	if len(x) < 416 {
+		return f
+	}
+	f.FCW = le.Uint16(x[0:])
+	f.FSW = le.Uint16(x[2:])
+	f.FTWX = x[4]
+	f.LastOpcode = le.Uint16(x[6:])
+	f.LastIP = le.Uint64(x[8:])
+	f.LastDP = le.Uint64(x[16:])
+	f.MXCSR = le.Uint32(x[24:])
+	for i := range f.FPR {
+		copy(f.FPR[i][:], x[32+16*i:])
+	}
+	for i := range f.XMM {
+		copy(f.XMM[i][:], x[160+16*i:])
+	}
+	return f
 }
 
 // captureVM reads the VM-wide in-kernel device state.
@@ -281,9 +380,9 @@ type RestoreConfig struct {
 	Backing mmu.Backing
 	// Console receives the guest's console bytes (nil: discarded).
 	Console io.Writer
-	// ConsoleIn is a Linux guest's serial input, as in Config.
+	// ConsoleIn is a Linux guest's serial input, as in LinuxConfig.
 	ConsoleIn io.Reader
-	// OnRecord and OnMark are as in Config.
+	// OnRecord and OnMark are a payload guest's, as in PayloadConfig.
 	OnRecord func(Record)
 	OnMark   func(cpu int, phase uint32)
 	// Affinity, if set, pins vCPU i's thread to host CPU Affinity[i].
@@ -327,17 +426,22 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 	}
 	if mem != nil && mem.Size() != st.Config.MemSize {
 		closeMem()
-		return nil, fmt.Errorf("restore: guest memory of %s given, the state needs %s", FormatSize(mem.Size()), FormatSize(st.Config.MemSize))
+		return nil, fmt.Errorf("restore: guest memory of %s given, the state needs %s", option.FormatSize(mem.Size()), option.FormatSize(st.Config.MemSize))
 	}
 	mc := Config{
 		KVMDevice: cfg.KVMDevice, MemSize: st.Config.MemSize, CPUs: st.Config.CPUs, Backing: cfg.Backing,
-		Console: cfg.Console, OnRecord: cfg.OnRecord, OnMark: cfg.OnMark, Affinity: cfg.Affinity,
+		Console: cfg.Console, Affinity: cfg.Affinity,
+	}
+	linux := st.Devices.UART != nil
+	if linux {
+		mc.Linux = &LinuxConfig{ConsoleIn: cfg.ConsoleIn}
+	} else {
+		mc.Payload = &PayloadConfig{Name: st.Config.Payload, OnRecord: cfg.OnRecord, OnMark: cfg.OnMark}
 	}
 	if err := checkConfig(&mc); err != nil {
 		closeMem()
 		return nil, fmt.Errorf("restore: %w", err)
 	}
-	linux := st.Devices.UART != nil
 	m, err := build(mc, mem, linux)
 	if err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
@@ -346,8 +450,7 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 	if linux {
 		// A Linux machine without virtio devices (CaptureState refuses
 		// those): its devices, with the serial port's state restored below.
-		m.linux = &linuxGuest{}
-		m.cfg.ConsoleIn = cfg.ConsoleIn
+		m.linux = &linuxGuest{consoleIn: cfg.ConsoleIn}
 		if err := m.addLinuxDevices(); err != nil {
 			m.Close()
 			return nil, fmt.Errorf("restore: %w", err)
@@ -390,14 +493,14 @@ func (m *Machine) restore(st *MachineState, image io.Reader) error {
 		return err
 	}
 	if st.Devices.UART != nil {
-		if err := m.linux.uart.restore(*st.Devices.UART); err != nil {
+		if err := m.linux.uart.Restore(*st.Devices.UART); err != nil {
 			return err
 		}
 		if st.Devices.Platform != nil {
-			m.linux.restorePlatform(*st.Devices.Platform)
+			devices.RestorePlatform(m.linux.pm, m.linux.kbd, *st.Devices.Platform)
 		}
 	}
-	return m.debug.restore(st.Devices.DebugPort)
+	return m.debug.Restore(st.Devices.DebugPort)
 }
 
 // loadImage reads exactly the whole of guest RAM from r.
@@ -415,7 +518,7 @@ func (m *Machine) loadImage(r io.Reader) error {
 	var extra [1]byte
 	switch _, err := io.ReadFull(r, extra[:]); {
 	case err == nil:
-		return fmt.Errorf("memory image is longer than the state's %s of guest memory", FormatSize(uint64(len(b))))
+		return fmt.Errorf("memory image is longer than the state's %s of guest memory", option.FormatSize(uint64(len(b))))
 	case !errors.Is(err, io.EOF):
 		return fmt.Errorf("read memory image: %w", err)
 	}

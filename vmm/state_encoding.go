@@ -3,12 +3,13 @@ package vmm
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"unicode/utf8"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // The binary encoding of a MachineState, version 1. It arrives over the
@@ -30,8 +31,9 @@ import (
 //	                                payload name length u16 (at most 255) | name (UTF-8)
 //	0x02  vcpu         vCPUs        vCPU id u32 (0, 1, ... in order) | reserved u32 | fields (records)
 //	0x03  vm           1            fields (records)
-//	0x10  debug port   1            see debugport_state.go
-//	0x11  uart         0 or 1       see uart_state.go; present only for a Linux machine
+//	0x10  debug port   1            see vmm/devices/debugport_state.go
+//	0x11  uart         0 or 1       see vmm/devices/uart_state.go; present only for a Linux machine
+//	0x12  platform     0 or 1       see vmm/devices/platform_state.go; present only with a uart section
 //
 // A vcpu section holds these fields, each once and in this order. "struct"
 // means the kernel's x86-64 KVM struct (<asm/kvm.h>) byte for byte:
@@ -66,7 +68,8 @@ const StateVersion = 1
 
 // ErrBadState is wrapped by every error about a malformed or inconsistent
 // machine state.
-var ErrBadState = errors.New("bad machine state")
+// It is devices.ErrBadState, which the device states' decoders wrap.
+var ErrBadState = devices.ErrBadState
 
 // Limits of a machine state.
 const (
@@ -163,7 +166,20 @@ func (e *stateEncoder) fixed(tag uint16, v any) {
 
 // MarshalBinary encodes the state (see the format above). It fails if the
 // state breaks a rule that decoding enforces.
-func (st *MachineState) MarshalBinary() ([]byte, error) { return st.AppendBinary(nil) }
+func (st *MachineState) MarshalBinary() ([]byte, error) {
+	return st.AppendBinary(make([]byte, 0, st.sizeHint()))
+}
+
+// sizeHint is about the encoded size of the state, at least as large, so
+// that encoding it allocates once.
+func (st *MachineState) sizeHint() int {
+	n := 4096 + maxPayloadName + regionSize*len(st.Config.Regions)
+	for i := range st.VCPUs {
+		v := &st.VCPUs[i]
+		n += 4096 + len(v.XSave) + msrEntrySize*len(v.MSRs) + cpuidEntrySize*len(v.CPUID)
+	}
+	return n
+}
 
 // AppendBinary appends the encoded state to b.
 func (st *MachineState) AppendBinary(b []byte) ([]byte, error) {
@@ -190,12 +206,12 @@ func (st *MachineState) encode(b []byte) []byte {
 	start := e.begin(tagVM)
 	st.VM.encode(e)
 	e.end(start)
-	e.record(tagDebugPort, st.Devices.DebugPort.appendBinary)
+	e.record(tagDebugPort, st.Devices.DebugPort.AppendBinary)
 	if st.Devices.UART != nil {
-		e.record(tagUART, st.Devices.UART.appendBinary)
+		e.record(tagUART, st.Devices.UART.AppendBinary)
 	}
 	if st.Devices.Platform != nil {
-		e.record(tagPlatform, st.Devices.Platform.appendBinary)
+		e.record(tagPlatform, st.Devices.Platform.AppendBinary)
 	}
 	return e.b
 }
@@ -220,7 +236,7 @@ func (c *StateConfig) appendBinary(b []byte) []byte {
 func (s *VCPUState) encode(e *stateEncoder) {
 	e.fixed(tagRegs, &s.Regs)
 	e.fixed(tagSregs, &s.Sregs)
-	e.fixed(tagFPU, &s.FPU)
+	e.record(tagFPU, func(b []byte) []byte { return appendFPU(b, &s.FPU) })
 	e.record(tagXSave, func(b []byte) []byte { return append(b, s.XSave...) })
 	e.fixed(tagXCRs, &s.XCRs)
 	e.record(tagMSRs, func(b []byte) []byte {
@@ -244,6 +260,25 @@ func (s *VCPUState) encode(e *stateEncoder) {
 		return b
 	})
 	e.record(tagTSCKHz, func(b []byte) []byte { return le.AppendUint32(b, s.TSCKHz) })
+}
+
+// appendFPU appends struct kvm_fpu, as fixed would, without reflection
+// (its byte arrays are most of a state's reflective encoding time).
+func appendFPU(b []byte, f *arch.FPU) []byte {
+	for i := range f.FPR {
+		b = append(b, f.FPR[i][:]...)
+	}
+	b = le.AppendUint16(b, f.FCW)
+	b = le.AppendUint16(b, f.FSW)
+	b = append(b, f.FTWX, 0)
+	b = le.AppendUint16(b, f.LastOpcode)
+	b = le.AppendUint64(b, f.LastIP)
+	b = le.AppendUint64(b, f.LastDP)
+	for i := range f.XMM {
+		b = append(b, f.XMM[i][:]...)
+	}
+	b = le.AppendUint32(b, f.MXCSR)
+	return le.AppendUint32(b, 0)
 }
 
 func (s *VMState) encode(e *stateEncoder) {
@@ -416,7 +451,7 @@ func decodeState(data []byte, s *MachineState) error {
 		return d.err
 	}
 	var err error
-	if s.Devices.DebugPort, err = decodeDebugPortState(body, s.Config.CPUs); err != nil {
+	if s.Devices.DebugPort, err = devices.DecodeDebugPortState(body, s.Config.CPUs); err != nil {
 		return err
 	}
 	if len(d.b) >= 2 && le.Uint16(d.b) == tagUART {
@@ -424,7 +459,7 @@ func decodeState(data []byte, s *MachineState) error {
 		if d.err != nil {
 			return d.err
 		}
-		u, err := decodeUARTState(body)
+		u, err := devices.DecodeUARTState(body)
 		if err != nil {
 			return err
 		}
@@ -435,7 +470,7 @@ func decodeState(data []byte, s *MachineState) error {
 		if d.err != nil {
 			return d.err
 		}
-		p, err := decodePlatformState(body)
+		p, err := devices.DecodePlatformState(body)
 		if err != nil {
 			return err
 		}
@@ -584,7 +619,7 @@ func (st *MachineState) validate() error {
 	}
 	c := &st.Config
 	if c.MemSize < MinMemSize || c.MemSize > MaxStateMemSize || c.MemSize%mmu.RegionSize != 0 {
-		return bad("memory size %d: want a multiple of 2 MiB from %s to %s", c.MemSize, FormatSize(MinMemSize), FormatSize(MaxStateMemSize))
+		return bad("memory size %d: want a multiple of 2 MiB from %s to %s", c.MemSize, option.FormatSize(MinMemSize), option.FormatSize(MaxStateMemSize))
 	}
 	if c.CPUs < 1 || c.CPUs > MaxCPUs {
 		return bad("%d vCPUs, want 1..%d", c.CPUs, MaxCPUs)
@@ -644,11 +679,11 @@ func (st *MachineState) validate() error {
 			return bad("irqchip %d has chip id %d", i, chip.ChipID)
 		}
 	}
-	if err := st.Devices.DebugPort.validate(c.CPUs); err != nil {
+	if err := st.Devices.DebugPort.Validate(c.CPUs); err != nil {
 		return bad("debug port: %v", err)
 	}
 	if u := st.Devices.UART; u != nil {
-		if err := u.validate(); err != nil {
+		if err := u.Validate(); err != nil {
 			return bad("serial port: %v", err)
 		}
 	}

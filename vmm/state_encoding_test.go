@@ -10,6 +10,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 )
 
 // testState returns a valid state of an 8 MiB machine with ncpus vCPUs,
@@ -54,7 +55,7 @@ func testState(ncpus int) *MachineState {
 	st.VM.PIT.Channels[0].Mode = 3
 	st.VM.PIT.Flags = 1
 	st.VM.Clock.Clock = 987654321
-	st.Devices.DebugPort = DebugPortState{Records: 7000, RecordHigh: make([]uint32, ncpus)}
+	st.Devices.DebugPort = devices.DebugPortState{Records: 7000, RecordHigh: make([]uint32, ncpus)}
 	st.Devices.DebugPort.RecordHigh[ncpus-1] = 1
 	return st
 }
@@ -283,16 +284,17 @@ func FuzzUnmarshalMachineState(f *testing.F) {
 func linuxTestState() *MachineState {
 	st := testState(2)
 	st.Config.Payload, st.Config.DataBase, st.Config.DataSize = "", 0, 0
-	st.Devices.UART = &UARTState{IER: ierRDI | ierTHRI, FCR: fcrEnable, LCR: 3, MCR: mcrOUT2, MSR: msrCTS | msrDSR | msrDCD, DLL: 1, THRPending: true, RX: []byte("ls\r")}
+	// IER: RDI and THRI; FCR: FIFOs on; MCR: OUT2; MSR: CTS, DSR and DCD.
+	st.Devices.UART = &devices.UARTState{IER: 0x01 | 0x02, FCR: 0x01, LCR: 3, MCR: 0x08, MSR: 0x10 | 0x20 | 0x80, DLL: 1, THRPending: true, RX: []byte("ls\r")}
 	return st
 }
 
 func TestStateEncodingPlatform(t *testing.T) {
 	st := linuxTestState()
 	withoutPlatform := mustMarshal(t, st)
-	st.Devices.Platform = &PlatformState{ACPIEnable: 0x100, ACPIControl: 1, KbdWriteOutput: true}
+	st.Devices.Platform = &devices.PlatformState{ACPIEnable: 0x100, ACPIControl: 1, KbdWriteOutput: true}
 	b := mustMarshal(t, st)
-	if len(b) != len(withoutPlatform)+recordHeaderSize+platformStateLen {
+	if len(b) != len(withoutPlatform)+recordHeaderSize+len((&devices.PlatformState{}).AppendBinary(nil)) {
 		t.Errorf("with platform state %d bytes, without %d: want one platform section more", len(b), len(withoutPlatform))
 	}
 	var got MachineState
@@ -330,11 +332,11 @@ func TestStateEncodingUART(t *testing.T) {
 	plain := linuxTestState()
 	plain.Devices.UART = nil
 	pb := mustMarshal(t, plain)
-	if len(b) != len(pb)+recordHeaderSize+uartStateFixed+len(st.Devices.UART.RX) {
+	if len(b) != len(pb)+recordHeaderSize+len((&devices.UARTState{}).AppendBinary(nil))+len(st.Devices.UART.RX) {
 		t.Errorf("Linux state is %d bytes, payload state %d: want exactly one UART section more", len(b), len(pb))
 	}
 	bad := append([]byte(nil), b...)
-	bad[len(bad)-len(st.Devices.UART.RX)-uartStateFixed] = 0x40 // IER with a bit that does not exist
+	bad[len(bad)-len(st.Devices.UART.RX)-len((&devices.UARTState{}).AppendBinary(nil))] = 0x40 // IER with a bit that does not exist
 	if err := got.UnmarshalBinary(bad); err == nil || !strings.Contains(err.Error(), "IER") {
 		t.Errorf("UnmarshalBinary(bad IER) = %v", err)
 	}
@@ -344,5 +346,44 @@ func TestStateEncodingUART(t *testing.T) {
 	st.Devices.UART.RX = make([]byte, 17)
 	if _, err := st.MarshalBinary(); err == nil {
 		t.Errorf("MarshalBinary accepted a 17-byte FIFO")
+	}
+}
+
+// TestAppendFPU checks the hand-written kvm_fpu encoder against the
+// reflective one it replaces, and fpuFromXSave against the FXSAVE layout.
+func TestAppendFPU(t *testing.T) {
+	var f arch.FPU
+	for i := range f.FPR {
+		f.FPR[i][3] = byte(i + 1)
+	}
+	for i := range f.XMM {
+		f.XMM[i][i] = byte(0x80 + i)
+	}
+	f.FCW, f.FSW, f.FTWX, f.LastOpcode, f.LastIP, f.LastDP, f.MXCSR = 0x37f, 0x1234, 0x81, 0x55, 0x1122334455667788, 0x99aabbccddeeff00, 0x1f80
+	want, err := binary.Append(nil, le, &f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := appendFPU(nil, &f); !bytes.Equal(got, want) {
+		t.Fatalf("appendFPU = %x, want %x", got, want)
+	}
+	// The same values in an FXSAVE area.
+	x := make([]byte, xsaveLegacySize)
+	le.PutUint16(x[0:], f.FCW)
+	le.PutUint16(x[2:], f.FSW)
+	x[4] = f.FTWX
+	le.PutUint16(x[6:], f.LastOpcode)
+	le.PutUint64(x[8:], f.LastIP)
+	le.PutUint64(x[16:], f.LastDP)
+	le.PutUint32(x[24:], f.MXCSR)
+	le.PutUint32(x[28:], 0xffff) // MXCSR_MASK: not part of kvm_fpu
+	for i := range f.FPR {
+		copy(x[32+16*i:], f.FPR[i][:])
+	}
+	for i := range f.XMM {
+		copy(x[160+16*i:], f.XMM[i][:])
+	}
+	if got := fpuFromXSave(x); got != f {
+		t.Errorf("fpuFromXSave = %+v, want %+v", got, f)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
 
@@ -139,12 +140,13 @@ func TestSnapshotRestoreContinues(t *testing.T) {
 }
 
 func testRestoreContinues(t *testing.T, cpus int) {
-	cfg := Config{MemSize: 8 << 20, CPUs: cpus, Payload: "counter", PayloadOptions: proofOptions}
+	cfg := func(onRecord func(Record)) Config {
+		return Config{MemSize: 8 << 20, CPUs: cpus, Payload: &PayloadConfig{Name: "counter", Options: proofOptions, OnRecord: onRecord}}
+	}
 
 	// The uninterrupted run.
 	var refLog recordLog
-	refCfg := cfg
-	refCfg.OnRecord = refLog.add
+	refCfg := cfg(refLog.add)
 	res, m, err := runMachine(t, refCfg)
 	if err != nil || res.ExitCode != 0 || res.Records != proofIterations {
 		t.Fatalf("uninterrupted run = %+v, %v; want exit 0 after %d records", res, err, proofIterations)
@@ -164,15 +166,14 @@ func testRestoreContinues(t *testing.T, cpus int) {
 	var saveLog recordLog
 	var n atomic.Uint64
 	saveReq := make(chan struct{})
-	saveCfg := cfg
 	var sm *Machine
-	saveCfg.OnRecord = func(r Record) {
+	saveCfg := cfg(func(r Record) {
 		saveLog.add(r)
 		if n.Add(1) == proofSaveAfter {
 			sm.RequestPause()
 			close(saveReq)
 		}
-	}
+	})
 	sm, err = New(saveCfg)
 	if err != nil {
 		t.Fatal(err)
@@ -252,7 +253,7 @@ func testRestoreContinues(t *testing.T, cpus int) {
 		t.Errorf("guest memory after restore has SHA-256 %s, the uninterrupted run's %s", got.MemSHA, ref.MemSHA)
 	}
 	t.Logf("%d vCPU(s): saved after %d records, restored in a fresh process: records %d..%d, %d counter pages and all %s of memory equal the uninterrupted run's",
-		cpus, proofSaveAfter, got.Values[0], got.Values[len(got.Values)-1], proofPages, FormatSize(cfg.MemSize))
+		cpus, proofSaveAfter, got.Values[0], got.Values[len(got.Values)-1], proofPages, option.FormatSize(refCfg.MemSize))
 }
 
 // endlessCounter returns a counter machine (not running) that emits records
@@ -260,9 +261,9 @@ func testRestoreContinues(t *testing.T, cpus int) {
 func endlessCounter(t *testing.T, mem uint64, cpus int) (*Machine, *atomic.Uint64) {
 	t.Helper()
 	recs := new(atomic.Uint64)
-	m, err := New(Config{MemSize: mem, CPUs: cpus, Payload: "counter",
-		PayloadOptions: map[string]string{"iterations": "0", "report": "0"},
-		OnRecord:       func(r Record) { recs.Store(r.Value) }})
+	m, err := New(Config{MemSize: mem, CPUs: cpus, Payload: &PayloadConfig{Name: "counter",
+		Options:  map[string]string{"iterations": "0", "report": "0"},
+		OnRecord: func(r Record) { recs.Store(r.Value) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -324,7 +325,7 @@ func TestCaptureStateRoundTrip(t *testing.T) {
 			t.Errorf("vCPU %d: xsave %d bytes, %d CPUID entries, TSC %d kHz, APIC id %d; want a full state", i, len(v.XSave), len(v.CPUID), v.TSCKHz, v.LAPIC.Regs[0x23])
 		}
 	}
-	t.Logf("state: %d bytes for 2 vCPUs; %d MSRs saved per vCPU; unreadable MSRs dropped: %#x", len(b), len(st.VCPUs[0].MSRs), m.msrs.dropped)
+	t.Logf("state: %d bytes for 2 vCPUs; %d MSRs saved per vCPU; unreadable MSRs dropped: %#x", len(b), len(st.VCPUs[0].MSRs), m.msrs.Load().dropped)
 	if _, err := m.Resume(); err != nil {
 		t.Fatal(err)
 	}
@@ -373,8 +374,8 @@ func TestRequestPause(t *testing.T) {
 	var last atomic.Uint64
 	var m *Machine
 	reached := make(chan struct{})
-	m, err := New(Config{MemSize: 4 << 20, Payload: "counter",
-		PayloadOptions: map[string]string{"iterations": "1000", "report": "0"},
+	m, err := New(Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: "counter",
+		Options: map[string]string{"iterations": "1000", "report": "0"},
 		OnRecord: func(r Record) {
 			last.Store(r.Value)
 			if r.Value == 500 {
@@ -382,7 +383,7 @@ func TestRequestPause(t *testing.T) {
 				m.RequestPause() // a second request while one is under way does nothing
 				close(reached)
 			}
-		}})
+		}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -461,13 +462,13 @@ func TestRestoreMemory(t *testing.T) {
 	requireKVM(t)
 	var recs atomic.Uint64
 	var m *Machine // set before Run starts, so before OnRecord runs
-	m, err := New(Config{MemSize: 4 << 20, Payload: "counter",
-		PayloadOptions: map[string]string{"iterations": "3000", "report": "0"},
+	m, err := New(Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: "counter",
+		Options: map[string]string{"iterations": "3000", "report": "0"},
 		OnRecord: func(r Record) {
 			if recs.Add(1) == 1000 {
 				m.RequestPause()
 			}
-		}})
+		}}})
 	if err != nil {
 		t.Fatal(err)
 	}

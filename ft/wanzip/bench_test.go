@@ -41,9 +41,9 @@ const (
 // The parts follow one another in PFN order, so most batches hold one kind.
 func benchInput(b *testing.B) []wire.Page {
 	var recs atomic.Uint64
-	m, err := vmm.New(vmm.Config{MemSize: benchGuestMem, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "2048", "hot": "64", "cold_every": "1", "iterations": "0", "report": "0"},
-		OnRecord:       func(r vmm.Record) { recs.Store(r.Value) }})
+	m, err := vmm.New(vmm.Config{MemSize: benchGuestMem, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "2048", "hot": "64", "cold_every": "1", "iterations": "0", "report": "0"},
+		OnRecord: func(r vmm.Record) { recs.Store(r.Value) }}})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
 	"golang.org/x/sys/unix"
 )
 
@@ -47,7 +48,7 @@ type lpResult struct {
 	ratio       float64 // nsPerAccess / nsBefore
 	pages2M     uint64
 	precision   float64
-	status      vmm.LargePageStatus
+	status      largepage.Status
 }
 
 // runTouch runs one touch guest under cfg (nil: no large-page management)
@@ -56,15 +57,14 @@ type lpResult struct {
 // thread that runs it), read as each round's record exits to the VMM on
 // that thread: the time the host spends running other work while the vCPU
 // waits for a CPU is not in it, so a loaded host does not inflate it.
-func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
+func runTouch(b *testing.B, cfg *largepage.Config) lpResult {
 	b.Helper()
 	var mu sync.Mutex
 	var stamps []time.Duration // the vCPU thread's CPU time at each record
 	marked := make(chan struct{})
 	pin := runtime.NumCPU() - 1
-	m, err := vmm.New(vmm.Config{
-		MemSize: 1 << 30, Payload: "touch", Affinity: []int{pin},
-		PayloadOptions: map[string]string{"regions": fmt.Sprint(lpRegions), "hot": fmt.Sprint(lpHot), "hot_permille": "875",
+	m, err := vmm.New(vmm.Config{MemSize: 1 << 30, Affinity: []int{pin}, Payload: &vmm.PayloadConfig{Name: "touch",
+		Options: map[string]string{"regions": fmt.Sprint(lpRegions), "hot": fmt.Sprint(lpHot), "hot_permille": "875",
 			"accesses": fmt.Sprint(lpAccesses), "rounds": "0"},
 		OnMark: func(int, uint32) { close(marked) },
 		OnRecord: func(vmm.Record) {
@@ -75,7 +75,7 @@ func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
 			mu.Lock()
 			stamps = append(stamps, time.Duration(ts.Nano()))
 			mu.Unlock()
-		},
+		}},
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -122,7 +122,7 @@ func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
 		return medianF(per)
 	}
 	before := measure()
-	var lp *vmm.LargePager
+	var lp *largepage.Pager
 	if cfg != nil {
 		c := *cfg
 		if c.Regions == nil {
@@ -133,12 +133,12 @@ func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
 				c.Regions = append(c.Regions, r)
 			}
 		}
-		if lp, err = m.StartLargePages(c); err != nil {
+		if lp, err = largepage.Start(m, c); err != nil {
 			b.Fatal(err)
 		}
 		defer lp.Stop()
 		want := c.Budget
-		if c.Policy == vmm.PolicyAll {
+		if c.Policy == largepage.PolicyAll {
 			want = len(c.Regions)
 		}
 		deadline := time.Now().Add(30 * time.Second)
@@ -147,7 +147,7 @@ func runTouch(b *testing.B, cfg *vmm.LargePageConfig) lpResult {
 			if st.Err != "" {
 				b.Fatal(st.Err)
 			}
-			if len(st.Promoted) >= want && (c.Policy != vmm.PolicyPrioritized || st.Windows >= st.FirstPromotion+3) {
+			if len(st.Promoted) >= want && (c.Policy != largepage.PolicyPrioritized || st.Windows >= st.FirstPromotion+3) {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -203,15 +203,15 @@ func BenchmarkLargePage(b *testing.B) {
 	requireKVM(b)
 	policies := []struct {
 		name string
-		cfg  *vmm.LargePageConfig
+		cfg  *largepage.Config
 	}{
 		{"none", nil},
-		{"random-16", &vmm.LargePageConfig{Policy: vmm.PolicyRandom, Budget: lpHot}},
-		{"prioritized-16", &vmm.LargePageConfig{Policy: vmm.PolicyPrioritized, Budget: lpHot}},
-		{"all-256", &vmm.LargePageConfig{Policy: vmm.PolicyAll}},
+		{"random-16", &largepage.Config{Policy: largepage.PolicyRandom, Budget: lpHot}},
+		{"prioritized-16", &largepage.Config{Policy: largepage.PolicyPrioritized, Budget: lpHot}},
+		{"all-256", &largepage.Config{Policy: largepage.PolicyAll}},
 		// Told which regions are hot, without sampling: the ceiling for any
 		// policy that promotes 16 regions.
-		{"hot-16-oracle", &vmm.LargePageConfig{Policy: vmm.PolicyAll, Regions: []uint64{0}}},
+		{"hot-16-oracle", &largepage.Config{Policy: largepage.PolicyAll, Regions: []uint64{0}}},
 	}
 	ns := map[string][]float64{}
 	ratio := map[string][]float64{}
@@ -274,7 +274,7 @@ func BenchmarkSampler(b *testing.B) {
 	var ratios, noise, cpuPerGiB, refaults []float64
 	for run := 0; run < lpRuns; run++ {
 		noise = append(noise, runTouch(b, nil).ratio)
-		r := runTouch(b, &vmm.LargePageConfig{Policy: vmm.PolicyPrioritized, Budget: 0, Warmup: 1})
+		r := runTouch(b, &largepage.Config{Policy: largepage.PolicyPrioritized, Budget: 0, Warmup: 1})
 		ratios = append(ratios, r.ratio)
 		st := r.status.Sampler
 		gib := float64(lpRegions) * 2 / 1024

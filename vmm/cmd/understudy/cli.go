@@ -20,6 +20,8 @@ import (
 	"github.com/understudy-vmm/understudy/ft"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
 
@@ -185,19 +187,15 @@ func (o optList) Set(v string) error { return parseOptions(v, o) }
 
 // parseOptions adds comma-separated key=value pairs from s to into.
 func parseOptions(s string, into map[string]string) error {
-	for _, kv := range strings.Split(s, ",") {
-		if kv == "" {
-			continue
+	pairs, err := option.List{SkipEmpty: true}.Parse(s)
+	if err != nil {
+		return err
+	}
+	for _, p := range pairs {
+		if _, dup := into[p.Key]; dup {
+			return fmt.Errorf("option %s given twice", p.Key)
 		}
-		k, v, ok := strings.Cut(kv, "=")
-		k = strings.TrimSpace(k)
-		if !ok || k == "" || strings.TrimSpace(v) == "" {
-			return fmt.Errorf("%q: want key=value", kv)
-		}
-		if _, dup := into[k]; dup {
-			return fmt.Errorf("option %s given twice", k)
-		}
-		into[k] = strings.TrimSpace(v)
+		into[p.Key] = p.Value
 	}
 	return nil
 }
@@ -217,9 +215,9 @@ func parsePayloadArg(s string, into map[string]string) (string, error) {
 
 type sizeFlag struct{ v uint64 }
 
-func (s *sizeFlag) String() string { return vmm.FormatSize(s.v) }
+func (s *sizeFlag) String() string { return option.FormatSize(s.v) }
 func (s *sizeFlag) Set(v string) error {
-	n, err := vmm.ParseSize(v)
+	n, err := option.ParseSize(v)
 	if err != nil {
 		return err
 	}
@@ -301,8 +299,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer closeRecords()
 
 	cfg := vmm.Config{
-		KVMDevice: *kvmDev, MemSize: mem.v, CPUs: *cpus, Backing: bk,
-		Payload: name, PayloadOptions: opts, Console: stdout,
+		KVMDevice: *kvmDev, MemSize: mem.v, CPUs: *cpus, Backing: bk, Console: stdout,
+		Payload: &vmm.PayloadConfig{Name: name, Options: opts},
 	}
 	// beside starts what runs beside the guest (the large-page controller)
 	// and returns the function that stops it once the guest has stopped;
@@ -313,7 +311,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		beside = func(m *vmm.Machine) (func(), error) {
 			stopLP := func() {}
 			if lpCfg != nil {
-				lp, err := m.StartLargePages(*lpCfg)
+				lp, err := largepage.Start(m, *lpCfg)
 				if err != nil {
 					return nil, err
 				}
@@ -405,7 +403,7 @@ func runMachine(ctx context.Context, cfg vmm.Config, beside func(*vmm.Machine) (
 		saveReq = make(chan struct{})
 	}
 	if recW != nil || saveReq != nil {
-		cfg.OnRecord = func(r vmm.Record) {
+		cfg.Payload.OnRecord = func(r vmm.Record) {
 			if recW != nil {
 				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
 			}
@@ -491,18 +489,18 @@ func openRecords(path string, stdout io.Writer) (*bufio.Writer, func(), error) {
 // printStatus prints lp's status line every interval until the returned
 // function is called.
 // parseLargePagesFlag parses a --large-pages value ("": nil, off).
-func parseLargePagesFlag(s string) (*vmm.LargePageConfig, error) {
+func parseLargePagesFlag(s string) (*largepage.Config, error) {
 	if s == "" {
 		return nil, nil
 	}
-	c, err := vmm.ParseLargePages(s)
+	c, err := largepage.Parse(s)
 	if err != nil {
 		return nil, err
 	}
 	return &c, nil
 }
 
-func printStatus(w io.Writer, lp *vmm.LargePager, every time.Duration) func() {
+func printStatus(w io.Writer, lp *largepage.Pager, every time.Duration) func() {
 	if every <= 0 {
 		return func() {}
 	}

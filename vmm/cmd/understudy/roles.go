@@ -16,6 +16,8 @@ import (
 	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // The fault-tolerance roles: `run --protect` (primary), `intermediary` and
@@ -200,7 +202,7 @@ func (p protectFlags) dirtyBudget() (uint64, error) {
 	if *p.budget == "" {
 		return 0, nil
 	}
-	b, err := vmm.ParseSize(*p.budget)
+	b, err := option.ParseSize(*p.budget)
 	if err != nil {
 		return 0, fmt.Errorf("--dirty-budget %s: %w", *p.budget, err)
 	}
@@ -369,7 +371,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		if lpCfg == nil {
 			return nil, nil
 		}
-		lp, err := m.StartLargePages(*lpCfg)
+		lp, err := largepage.Start(m, *lpCfg)
 		if err != nil {
 			return nil, err
 		}

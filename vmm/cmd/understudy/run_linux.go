@@ -227,13 +227,15 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	}
 	cfg := vmm.Config{
 		KVMDevice: o.kvm, MemSize: o.mem, CPUs: o.cpus, Backing: bk,
-		Kernel: lf.kernel, Initrd: lf.initrd, Cmdline: lf.cmdline.v,
-		Disks: lf.disks, Nets: lf.nets,
 		Console: stdout,
+		Linux: &vmm.LinuxConfig{
+			Kernel: lf.kernel, Initrd: lf.initrd, Cmdline: lf.cmdline.v,
+			Disks: lf.disks, Nets: lf.nets,
+		},
 	}
 	if lf.cmdline.set && lf.cmdline.v == "" {
 		// An empty --cmdline means an empty command line, not the default.
-		cfg.Cmdline = " "
+		cfg.Linux.Cmdline = " "
 	}
 	runCtx, quit := context.WithCancelCause(ctx)
 	defer quit(nil)
@@ -244,7 +246,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	// Every way out of here restores the terminal, a panic included; the
 	// normal ways do it before they print.
 	defer restore()
-	cfg.ConsoleIn = in
+	cfg.Linux.ConsoleIn = in
 	m, err := vmm.New(cfg)
 	if err != nil {
 		restore()

@@ -15,7 +15,7 @@ import (
 )
 
 // testKernel builds a bzImage whose 64-bit entry runs code (see
-// vmm/linux_boot_test.go for the layout).
+// vmm/boot_linux_test.go for the layout).
 func testKernel(code []byte) []byte {
 	const sects = 4
 	kernel := make([]byte, 0x1000)

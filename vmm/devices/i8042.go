@@ -1,18 +1,18 @@
-package vmm
+package devices
 
 import (
 	"fmt"
 	"sync"
 )
 
-// i8042 is the keyboard controller as far as a Linux guest without a
+// I8042 is the keyboard controller as far as a Linux guest without a
 // keyboard needs it: the status port says the controller is idle, and the
 // commands that pulse the CPU reset line (0xfe, or 0xd1 followed by an
 // output-port value with bit 0 clear) end the run as a reboot. That is how
 // Linux reboots with reboot=k. Other commands and data are ignored.
-type i8042 struct {
-	// onReset is called when the guest resets the machine.
-	onReset func(detail string)
+type I8042 struct {
+	// OnReset is called when the guest resets the machine.
+	OnReset func(detail string)
 	// mu guards writeOutput, set after command 0xd1 (write output port).
 	mu          sync.Mutex
 	writeOutput bool
@@ -27,20 +27,21 @@ const (
 	i8042OutputReset    = 0x01 // output port bit 0: 0 holds the CPU in reset
 )
 
-func (k *i8042) ports() (uint16, uint16) { return i8042Data, i8042Command }
+// Ports, Out and In make the I8042 a PortDevice.
+func (k *I8042) Ports() (uint16, uint16) { return i8042Data, i8042Command }
 
-func (k *i8042) out(cpu int, port uint16, data []byte) error {
+func (k *I8042) Out(cpu int, port uint16, data []byte) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	switch port {
 	case i8042Command:
 		k.writeOutput = data[0] == i8042CmdWriteOutput
 		if data[0] == i8042CmdPulseReset {
-			k.onReset(fmt.Sprintf("keyboard controller reset (command %#x to port %#x)", data[0], port))
+			k.OnReset(fmt.Sprintf("keyboard controller reset (command %#x to port %#x)", data[0], port))
 		}
 	case i8042Data:
 		if k.writeOutput && data[0]&i8042OutputReset == 0 {
-			k.onReset(fmt.Sprintf("keyboard controller reset (output port %#x)", data[0]))
+			k.OnReset(fmt.Sprintf("keyboard controller reset (output port %#x)", data[0]))
 		}
 		k.writeOutput = false
 	}
@@ -49,7 +50,7 @@ func (k *i8042) out(cpu int, port uint16, data []byte) error {
 	return nil
 }
 
-func (k *i8042) in(cpu int, port uint16, data []byte) error {
+func (k *I8042) In(cpu int, port uint16, data []byte) error {
 	for i := range data {
 		data[i] = 0
 	}

@@ -1,10 +1,9 @@
-package vmm
+package option
 
 import (
 	"fmt"
 	"strconv"
 	"strings"
-	"time"
 )
 
 // ParseSize parses a memory size: a number of bytes, or a number with a
@@ -59,37 +58,4 @@ func FormatSize(n uint64) string {
 		}
 	}
 	return fmt.Sprintf("%d bytes", n)
-}
-
-func parseIntRange(s string, min, max int) (int, error) {
-	n, err := strconv.Atoi(strings.TrimSpace(s))
-	if err != nil {
-		return 0, fmt.Errorf("%q is not an integer", s)
-	}
-	if n < min || n > max {
-		return 0, fmt.Errorf("%d is out of range %d..%d", n, min, max)
-	}
-	return n, nil
-}
-
-func parseFloatRange(s string, min, max float64) (float64, error) {
-	f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
-	if err != nil || f != f {
-		return 0, fmt.Errorf("%q is not a number", s)
-	}
-	if f < min || f > max {
-		return 0, fmt.Errorf("%v is out of range %v..%v", f, min, max)
-	}
-	return f, nil
-}
-
-func parseDurationRange(s string, min, max time.Duration) (time.Duration, error) {
-	d, err := time.ParseDuration(strings.TrimSpace(s))
-	if err != nil {
-		return 0, fmt.Errorf("%q is not a duration (examples: 10ms, 1s)", s)
-	}
-	if d < min || d > max {
-		return 0, fmt.Errorf("%v is out of range %v..%v", d, min, max)
-	}
-	return d, nil
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
 )
 
 // Setup header offsets (see arch/bootparams.go) for building test images.
@@ -107,7 +108,7 @@ func writeTemp(t *testing.T, dir, name string, b []byte) string {
 // linuxConfig is a Linux machine with the test kernel running code.
 func linuxConfig(t *testing.T, code []byte) Config {
 	dir := t.TempDir()
-	return Config{MemSize: 64 << 20, Kernel: writeTemp(t, dir, "bzImage", testKernel(code, 0x100000))}
+	return Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: writeTemp(t, dir, "bzImage", testKernel(code, 0x100000))}}
 }
 
 func TestLinuxMachineSetup(t *testing.T) {
@@ -116,9 +117,11 @@ func TestLinuxMachineSetup(t *testing.T) {
 	initrd := bytes.Repeat([]byte("initrd!\n"), 40000) // 320000 bytes
 	cfg := Config{
 		MemSize: 64 << 20, CPUs: 2,
-		Kernel:  writeTemp(t, dir, "bzImage", testKernel(codeHalt, 0x100000)),
-		Initrd:  writeTemp(t, dir, "initrd", initrd),
-		Cmdline: "console=ttyS0 hello=world",
+		Linux: &LinuxConfig{
+			Kernel:  writeTemp(t, dir, "bzImage", testKernel(codeHalt, 0x100000)),
+			Initrd:  writeTemp(t, dir, "initrd", initrd),
+			Cmdline: "console=ttyS0 hello=world",
+		},
 	}
 	m, err := New(cfg)
 	if err != nil {
@@ -142,9 +145,9 @@ func TestLinuxMachineSetup(t *testing.T) {
 		t.Errorf("type_of_loader = %#x, want 0xff", bp[tLoader])
 	}
 	cmdAddr := uint64(le.Uint32(bp[tCmdline:]))
-	cmd := read(cmdAddr, uint64(len(cfg.Cmdline)+1))
-	if string(cmd) != cfg.Cmdline+"\x00" {
-		t.Errorf("command line at %#x = %q, want %q", cmdAddr, cmd, cfg.Cmdline)
+	cmd := read(cmdAddr, uint64(len(cfg.Linux.Cmdline)+1))
+	if string(cmd) != cfg.Linux.Cmdline+"\x00" {
+		t.Errorf("command line at %#x = %q, want %q", cmdAddr, cmd, cfg.Linux.Cmdline)
 	}
 	rdAddr, rdLen := uint64(le.Uint32(bp[tRamdisk:])), uint64(le.Uint32(bp[tRamdiskLen:]))
 	if rdLen != uint64(len(initrd)) || rdAddr%arch.PageSize != 0 || rdAddr+rdLen > 64<<20 || rdAddr < 0x1000000+0x100000 {
@@ -448,7 +451,7 @@ func TestLinuxSerialInput(t *testing.T) {
 	cfg.Console = &out
 	pr, pw := io.Pipe()
 	defer pw.Close()
-	cfg.ConsoleIn = pr
+	cfg.Linux.ConsoleIn = pr
 	go func() {
 		time.Sleep(50 * time.Millisecond)
 		pw.Write([]byte("ab"))
@@ -552,25 +555,25 @@ func TestLinuxConfigErrors(t *testing.T) {
 		cfg    Config
 		errSub string
 	}{
-		{"payload and kernel", Config{MemSize: 64 << 20, Payload: "hello", Kernel: good}, "both a payload"},
+		{"payload and kernel", Config{MemSize: 64 << 20, Payload: &PayloadConfig{Name: "hello"}, Linux: &LinuxConfig{Kernel: good}}, "both a payload"},
 		{"neither", Config{MemSize: 64 << 20}, "no payload given and no Linux kernel"},
-		{"initrd without kernel", Config{MemSize: 64 << 20, Payload: "hello", Initrd: good}, "no kernel given"},
-		{"options for Linux", Config{MemSize: 64 << 20, Kernel: good, PayloadOptions: map[string]string{"a": "1"}}, "payload options"},
-		{"missing kernel", Config{MemSize: 64 << 20, Kernel: filepath.Join(dir, "nope")}, "no such file"},
-		{"bad magic", Config{MemSize: 64 << 20, Kernel: badMagic}, `no setup header signature "HdrS"`},
-		{"truncated", Config{MemSize: 64 << 20, Kernel: trunc}, "truncated"},
-		{"protocol too old", Config{MemSize: 64 << 20, Kernel: tooOld}, "too old"},
-		{"no 64-bit entry", Config{MemSize: 64 << 20, Kernel: no64Path}, "no 64-bit entry point"},
-		{"memory too small", Config{MemSize: 32 << 20, Kernel: hugeKernel}, "too small for kernel"},
-		{"initrd larger than memory", Config{MemSize: 64 << 20, Kernel: good, Initrd: bigInitrd}, "larger than guest memory"},
-		{"initrd does not fit", Config{MemSize: 64 << 20, Kernel: good, Initrd: midInitrd}, "does not fit"},
-		{"missing initrd", Config{MemSize: 64 << 20, Kernel: good, Initrd: filepath.Join(dir, "nope")}, "initrd"},
-		{"command line too long", Config{MemSize: 64 << 20, Kernel: good, Cmdline: strings.Repeat("x", 3000)}, "at most 2047"},
-		{"command line with newline", Config{MemSize: 64 << 20, Kernel: good, Cmdline: "a\nb"}, "newline"},
-		{"read-only disk for writing", Config{MemSize: 64 << 20, Kernel: good, Disks: []DiskConfig{{Path: ro}}}, "cannot be opened for writing"},
-		{"missing disk", Config{MemSize: 64 << 20, Kernel: good, Disks: []DiskConfig{{Path: filepath.Join(dir, "nodisk")}}}, "no such file"},
-		{"missing tap", Config{MemSize: 64 << 20, Kernel: good, Nets: []NetConfig{{Tap: "ustest-none0"}}}, "ustest-none0"},
-		{"too many devices", Config{MemSize: 64 << 20, Kernel: good, Disks: make([]DiskConfig, 5)}, "room for 4 virtio devices"},
+		{"initrd without kernel", Config{MemSize: 64 << 20, Payload: &PayloadConfig{Name: "hello"}, Linux: &LinuxConfig{Initrd: good}}, "no kernel given"},
+		{"options for Linux", Config{MemSize: 64 << 20, Payload: &PayloadConfig{Options: map[string]string{"a": "1"}}, Linux: &LinuxConfig{Kernel: good}}, "payload options"},
+		{"missing kernel", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: filepath.Join(dir, "nope")}}, "no such file"},
+		{"bad magic", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: badMagic}}, `no setup header signature "HdrS"`},
+		{"truncated", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: trunc}}, "truncated"},
+		{"protocol too old", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: tooOld}}, "too old"},
+		{"no 64-bit entry", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: no64Path}}, "no 64-bit entry point"},
+		{"memory too small", Config{MemSize: 32 << 20, Linux: &LinuxConfig{Kernel: hugeKernel}}, "too small for kernel"},
+		{"initrd larger than memory", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Initrd: bigInitrd}}, "larger than guest memory"},
+		{"initrd does not fit", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Initrd: midInitrd}}, "does not fit"},
+		{"missing initrd", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Initrd: filepath.Join(dir, "nope")}}, "initrd"},
+		{"command line too long", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Cmdline: strings.Repeat("x", 3000)}}, "at most 2047"},
+		{"command line with newline", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Cmdline: "a\nb"}}, "newline"},
+		{"read-only disk for writing", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Disks: []DiskConfig{{Path: ro}}}}, "cannot be opened for writing"},
+		{"missing disk", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Disks: []DiskConfig{{Path: filepath.Join(dir, "nodisk")}}}}, "no such file"},
+		{"missing tap", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Nets: []NetConfig{{Tap: "ustest-none0"}}}}, "ustest-none0"},
+		{"too many devices", Config{MemSize: 64 << 20, Linux: &LinuxConfig{Kernel: good, Disks: make([]DiskConfig, 5)}}, "room for 4 virtio devices"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -598,10 +601,14 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	m.linux.uart.regs.SCR = 0x5a
-	m.linux.uart.regs.RX = append(m.linux.uart.regs.RX, 'q')
-	m.linux.pm.enable, m.linux.pm.control = 0x0120, 0x0001 // power button and RTC enabled; SCI_EN
-	m.linux.kbd.writeOutput = true
+	u := m.linux.uart.Save()
+	u.SCR = 0x5a
+	u.RX = append(u.RX, 'q')
+	if err := m.linux.uart.Restore(u); err != nil {
+		t.Fatal(err)
+	}
+	// Power button and RTC enabled; SCI_EN.
+	devices.RestorePlatform(m.linux.pm, m.linux.kbd, devices.PlatformState{ACPIEnable: 0x0120, ACPIControl: 0x0001, KbdWriteOutput: true})
 	m.halted.Store(true) // never ran: state may be read directly
 	st, err := m.CaptureState()
 	if err != nil {
@@ -621,7 +628,7 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 	if !reflect.DeepEqual(back.Devices.UART, st.Devices.UART) {
 		t.Errorf("UART state after encoding %+v, want %+v", back.Devices.UART, st.Devices.UART)
 	}
-	wantPlatform := PlatformState{ACPIEnable: 0x0120, ACPIControl: 0x0001, KbdWriteOutput: true}
+	wantPlatform := devices.PlatformState{ACPIEnable: 0x0120, ACPIControl: 0x0001, KbdWriteOutput: true}
 	if back.Devices.Platform == nil || *back.Devices.Platform != wantPlatform {
 		t.Errorf("platform state after encoding %+v, want %+v", back.Devices.Platform, wantPlatform)
 	}
@@ -630,12 +637,15 @@ func TestLinuxStateRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	if r.linux == nil || r.linux.uart.regs.SCR != 0x5a || string(r.linux.uart.regs.RX) != "q" {
-		t.Errorf("restored machine's serial port: %+v", r.linux)
+	if r.linux == nil {
+		t.Fatalf("restored machine is not a Linux machine")
 	}
-	if r.linux != nil && (r.linux.pm.enable != 0x0120 || r.linux.pm.control != 0x0001 || !r.linux.kbd.writeOutput) {
+	if u := r.linux.uart.Save(); u.SCR != 0x5a || string(u.RX) != "q" {
+		t.Errorf("restored machine's serial port: %+v", u)
+	}
+	if p := devices.SavePlatform(r.linux.pm, r.linux.kbd); p.ACPIEnable != 0x0120 || p.ACPIControl != 0x0001 || !p.KbdWriteOutput {
 		t.Errorf("restored ACPI PM enable %#x control %#x, keyboard write-output %v; want 0x120, 0x1, true",
-			r.linux.pm.enable, r.linux.pm.control, r.linux.kbd.writeOutput)
+			p.ACPIEnable, p.ACPIControl, p.KbdWriteOutput)
 	}
 	if _, err := r.mem.Slice(0, mmu.PageSize); err != nil {
 		t.Error(err)
@@ -658,7 +668,7 @@ func TestLinuxVirtioMMIO(t *testing.T) {
 	cfg := linuxConfig(t, concat(read(VirtioMMIOBase), read(VirtioMMIOBase+0x1000), codePowerOff, codeHalt))
 	cfg.Console = &out
 	disk := writeTemp(t, t.TempDir(), "disk.img", make([]byte, 1<<20))
-	cfg.Disks = []DiskConfig{{Path: disk, ReadOnly: true}}
+	cfg.Linux.Disks = []DiskConfig{{Path: disk, ReadOnly: true}}
 	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -721,7 +731,7 @@ func TestLinuxVirtioInDSDT(t *testing.T) {
 	requireKVM(t)
 	cfg := linuxConfig(t, codeHalt)
 	dir := t.TempDir()
-	cfg.Disks = []DiskConfig{{Path: writeTemp(t, dir, "a.img", make([]byte, 4096)), ReadOnly: true}, {Path: writeTemp(t, dir, "b.img", make([]byte, 4096))}}
+	cfg.Linux.Disks = []DiskConfig{{Path: writeTemp(t, dir, "a.img", make([]byte, 4096)), ReadOnly: true}, {Path: writeTemp(t, dir, "b.img", make([]byte, 4096))}}
 	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

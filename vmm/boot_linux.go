@@ -11,6 +11,8 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/devices"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
@@ -54,7 +56,7 @@ const (
 	VirtioFirstGSI = 5
 	// MaxVirtioDevices bounds the virtio devices of a Linux machine: their
 	// GSIs 5..8 are ISA IRQs Linux maps one to one; 9 is the ACPI SCI.
-	MaxVirtioDevices = acpiSCI - VirtioFirstGSI
+	MaxVirtioDevices = devices.ACPISCI - VirtioFirstGSI
 
 	ioapicID = 0
 )
@@ -83,10 +85,11 @@ type linuxGuest struct {
 	initrdPath string
 	initrdSize uint64
 	initrdAddr uint64
+	consoleIn  io.Reader // the serial port's input (LinuxConfig.ConsoleIn)
 
-	uart    *uart
-	kbd     *i8042
-	pm      *acpiPM
+	uart    *devices.UART
+	kbd     *devices.I8042
+	pm      *devices.ACPIPM
 	unknown *unknownPorts
 	virtio  []*virtioSlot
 }
@@ -121,7 +124,7 @@ func (g *linuxGuest) close() error {
 		s.t, s.dev = nil, nil
 	}
 	if g.uart != nil {
-		g.uart.stop()
+		g.uart.Stop()
 	}
 	return errors.Join(errs...)
 }
@@ -130,44 +133,45 @@ func (g *linuxGuest) close() error {
 // kernel image, the initrd's size against guest memory, the command line,
 // and the virtio backends (which it opens).
 func prepareLinux(cfg Config) (*linuxGuest, error) {
-	k, err := arch.LoadBzImage(cfg.Kernel)
+	lc := cfg.Linux
+	k, err := arch.LoadBzImage(lc.Kernel)
 	if err != nil {
 		return nil, err
 	}
-	g := &linuxGuest{kernel: k, initrdPath: cfg.Initrd}
+	g := &linuxGuest{kernel: k, initrdPath: lc.Initrd, consoleIn: lc.ConsoleIn}
 	lowEnd := min(cfg.MemSize, uint64(mmu.HoleStart))
 	kernelEnd := k.MemoryEnd(linuxKernelAddr)
 	if need := roundUp(kernelEnd+linuxMinFreeForBoot, mmu.RegionSize); lowEnd < need {
 		return nil, fmt.Errorf("guest memory %s is too small for kernel %s: it needs at least %s (it occupies up to %#x while it starts)",
-			FormatSize(cfg.MemSize), cfg.Kernel, FormatSize(need), kernelEnd)
+			option.FormatSize(cfg.MemSize), lc.Kernel, option.FormatSize(need), kernelEnd)
 	}
-	if cfg.Initrd != "" {
-		fi, err := os.Stat(cfg.Initrd)
+	if lc.Initrd != "" {
+		fi, err := os.Stat(lc.Initrd)
 		if err != nil {
 			return nil, fmt.Errorf("initrd: %w", err)
 		}
 		if !fi.Mode().IsRegular() {
-			return nil, fmt.Errorf("initrd %s is not a regular file", cfg.Initrd)
+			return nil, fmt.Errorf("initrd %s is not a regular file", lc.Initrd)
 		}
 		size := uint64(fi.Size())
 		if size == 0 {
-			return nil, fmt.Errorf("initrd %s is empty", cfg.Initrd)
+			return nil, fmt.Errorf("initrd %s is empty", lc.Initrd)
 		}
 		if size >= cfg.MemSize {
-			return nil, fmt.Errorf("initrd %s (%s) is larger than guest memory (%s)", cfg.Initrd, FormatSize(size), FormatSize(cfg.MemSize))
+			return nil, fmt.Errorf("initrd %s (%s) is larger than guest memory (%s)", lc.Initrd, option.FormatSize(size), option.FormatSize(cfg.MemSize))
 		}
 		top := k.InitrdMax(lowEnd) &^ (arch.PageSize - 1)
 		addr := (top - min(top, size)) &^ (arch.PageSize - 1)
 		if size > top || addr < kernelEnd+linuxMinFreeForBoot {
 			return nil, fmt.Errorf("initrd %s (%s) does not fit in %s of guest memory next to the kernel: it must end below %#x and the kernel needs up to %#x; give the guest at least %s",
-				cfg.Initrd, FormatSize(size), FormatSize(cfg.MemSize), top, kernelEnd, FormatSize(roundUp(kernelEnd+linuxMinFreeForBoot+size, mmu.RegionSize)))
+				lc.Initrd, option.FormatSize(size), option.FormatSize(cfg.MemSize), top, kernelEnd, option.FormatSize(roundUp(kernelEnd+linuxMinFreeForBoot+size, mmu.RegionSize)))
 		}
 		g.initrdSize, g.initrdAddr = size, addr
 	}
-	if len(cfg.Disks)+len(cfg.Nets) > MaxVirtioDevices {
-		return nil, fmt.Errorf("%d disks and %d network interfaces: a Linux machine has room for %d virtio devices", len(cfg.Disks), len(cfg.Nets), MaxVirtioDevices)
+	if len(lc.Disks)+len(lc.Nets) > MaxVirtioDevices {
+		return nil, fmt.Errorf("%d disks and %d network interfaces: a Linux machine has room for %d virtio devices", len(lc.Disks), len(lc.Nets), MaxVirtioDevices)
 	}
-	cmdline := cfg.Cmdline
+	cmdline := lc.Cmdline
 	if cmdline == "" {
 		cmdline = DefaultCmdline
 	}
@@ -180,14 +184,14 @@ func prepareLinux(cfg Config) (*linuxGuest, error) {
 			g.close()
 		}
 	}()
-	for i, d := range cfg.Disks {
+	for i, d := range lc.Disks {
 		b, err := virtio.NewBlock(d.Path, d.ReadOnly)
 		if err != nil {
 			return nil, fmt.Errorf("disk %d: %w", i, err)
 		}
 		g.addVirtio(fmt.Sprintf("virtio-blk %s", d.Path), b)
 	}
-	for i, n := range cfg.Nets {
+	for i, n := range lc.Nets {
 		mac := n.MAC
 		if mac == nil {
 			mac = DefaultMAC(i)
@@ -205,7 +209,7 @@ func prepareLinux(cfg Config) (*linuxGuest, error) {
 		return nil, fmt.Errorf("kernel command line is %d bytes, at most %d fit", len(cmdline), linuxCmdlineMax-1)
 	}
 	if err := k.CheckCmdline(cmdline); err != nil {
-		return nil, fmt.Errorf("kernel %s: %w", cfg.Kernel, err)
+		return nil, fmt.Errorf("kernel %s: %w", lc.Kernel, err)
 	}
 	g.cmdline = cmdline
 	ok = true
@@ -272,13 +276,13 @@ func (m *Machine) addLinuxDevices() error {
 	g.unknown = newUnknownPorts()
 	m.io.lenient = g.unknown
 	m.mmio.lenient = newUnknownMMIO()
-	g.uart = newUART(com1Port, m.cfg.Console, m.irqLine(com1IRQ))
-	g.kbd = &i8042{onReset: func(d string) { m.guestEnded(EndReboot, d) }}
-	g.pm = &acpiPM{
-		onPowerOff: func(d string) { m.guestEnded(EndPowerOff, d) },
-		onReset:    func(d string) { m.guestEnded(EndReboot, d) },
+	g.uart = devices.NewUART(devices.COM1Port, m.cfg.Console, m.irqLine(devices.COM1IRQ))
+	g.kbd = &devices.I8042{OnReset: func(d string) { m.guestEnded(EndReboot, d) }}
+	g.pm = &devices.ACPIPM{
+		OnPowerOff: func(d string) { m.guestEnded(EndPowerOff, d) },
+		OnReset:    func(d string) { m.guestEnded(EndReboot, d) },
 	}
-	for _, d := range []portDevice{g.uart, g.kbd, g.pm} {
+	for _, d := range []devices.PortDevice{g.uart, g.kbd, g.pm} {
 		if err := m.io.add(d); err != nil {
 			return err
 		}
@@ -322,9 +326,9 @@ func (m *Machine) loadLinux() error {
 		return err
 	}
 	ac := arch.ACPIConfig{
-		Base: linuxACPIAddr, CPUs: len(m.vcpus), IOAPICID: ioapicID, SCI: acpiSCI,
-		PM1EventPort: acpiPM1EventPort, PM1ControlPort: acpiPM1ControlPort,
-		ResetPort: acpiResetPort, ResetValue: acpiResetValue, S5Type: acpiS5Type,
+		Base: linuxACPIAddr, CPUs: len(m.vcpus), IOAPICID: ioapicID, SCI: devices.ACPISCI,
+		PM1EventPort: devices.ACPIPM1EventPort, PM1ControlPort: devices.ACPIPM1ControlPort,
+		ResetPort: devices.ACPIResetPort, ResetValue: devices.ACPIResetValue, S5Type: devices.ACPIS5Type,
 	}
 	for _, s := range g.virtio {
 		ac.VirtioMMIO = append(ac.VirtioMMIO, arch.VirtioMMIODevice{Base: uint32(s.base), Size: virtio.MMIOSize, GSI: s.gsi})
@@ -358,7 +362,7 @@ func (m *Machine) loadLinux() error {
 		return err
 	}
 	if err := mem.Write(linuxKernelAddr, g.kernel.Kernel); err != nil {
-		return fmt.Errorf("load kernel (%s) at %#x: %w", FormatSize(uint64(len(g.kernel.Kernel))), linuxKernelAddr, err)
+		return fmt.Errorf("load kernel (%s) at %#x: %w", option.FormatSize(uint64(len(g.kernel.Kernel))), linuxKernelAddr, err)
 	}
 	if g.initrdPath != "" {
 		if err := m.loadInitrd(); err != nil {

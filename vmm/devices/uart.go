@@ -1,4 +1,4 @@
-package vmm
+package devices
 
 import (
 	"errors"
@@ -16,8 +16,8 @@ import (
 
 // COM1, the serial console of a Linux guest.
 const (
-	com1Port = 0x3f8
-	com1IRQ  = 4
+	COM1Port = 0x3f8
+	COM1IRQ  = 4
 )
 
 // UART register offsets.
@@ -69,9 +69,10 @@ const (
 	uartRXBuffer = 256
 )
 
-// uart is COM1. Its registers are read and written by vCPUs (I/O exits)
+// UART is a 16550A serial port (COM1 of a Linux machine; its state is in
+// uart_state.go). Its registers are read and written by vCPUs (I/O exits)
 // and its receive FIFO is filled by the reader goroutine.
-type uart struct {
+type UART struct {
 	base uint16
 	// irq sets the level of the UART's interrupt line.
 	irq func(level bool) error
@@ -89,10 +90,10 @@ type uart struct {
 	wg      sync.WaitGroup
 }
 
-// newUART makes a UART at base whose output goes to out and whose
+// NewUART makes a UART at base whose output goes to out and whose
 // interrupt line irq drives.
-func newUART(base uint16, out io.Writer, irq func(level bool) error) *uart {
-	u := &uart{base: base, console: out, irq: irq}
+func NewUART(base uint16, out io.Writer, irq func(level bool) error) *UART {
+	u := &UART{base: base, console: out, irq: irq}
 	u.space = sync.NewCond(&u.mu)
 	u.regs = initialUARTState()
 	return u
@@ -104,11 +105,12 @@ func initialUARTState() UARTState {
 	return UARTState{LCR: 0x03, DLL: 1, MSR: msrCTS | msrDSR | msrDCD}
 }
 
-func (u *uart) ports() (uint16, uint16) { return u.base, u.base + 7 }
+// Ports, Out and In make the UART a PortDevice.
+func (u *UART) Ports() (uint16, uint16) { return u.base, u.base + 7 }
 
-// start feeds r into the receive FIFO from a goroutine until r ends or stop
+// Start feeds r into the receive FIFO from a goroutine until r ends or stop
 // is called.
-func (u *uart) start(r io.Reader) {
+func (u *UART) Start(r io.Reader) {
 	if r == nil {
 		return
 	}
@@ -130,7 +132,7 @@ func (u *uart) start(r io.Reader) {
 
 // receive puts p into the FIFO, waiting for room; it reports false once the
 // UART is stopped.
-func (u *uart) receive(p []byte) bool {
+func (u *UART) receive(p []byte) bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	for _, b := range p {
@@ -149,7 +151,7 @@ func (u *uart) receive(p []byte) bool {
 // stop ends the reader goroutine once its current read returns (a blocked
 // read of a terminal cannot be interrupted; the goroutine then ends on the
 // next input or end of file). It does not wait.
-func (u *uart) stop() {
+func (u *UART) Stop() {
 	u.mu.Lock()
 	u.stopped = true
 	u.space.Broadcast()
@@ -157,7 +159,7 @@ func (u *uart) stop() {
 }
 
 // push appends b to the FIFO (the caller holds mu).
-func (u *uart) push(b byte) {
+func (u *UART) push(b byte) {
 	if len(u.regs.RX) < uartFIFOLen {
 		u.regs.RX = append(u.regs.RX, b)
 	}
@@ -166,7 +168,7 @@ func (u *uart) push(b byte) {
 // update recomputes the interrupt line (the caller holds mu) and changes it
 // if needed. The line is high while an enabled interrupt is pending, as on
 // the chip: the in-kernel PIC and IOAPIC see its rising edges.
-func (u *uart) update() {
+func (u *UART) update() {
 	level := u.iir()&iirNoInt == 0
 	if level == u.line {
 		return
@@ -180,7 +182,7 @@ func (u *uart) update() {
 }
 
 // iir returns the interrupt identification (the caller holds mu).
-func (u *uart) iir() uint8 {
+func (u *UART) iir() uint8 {
 	r := &u.regs
 	var id uint8 = iirNoInt
 	switch {
@@ -199,7 +201,7 @@ func (u *uart) iir() uint8 {
 
 // msr returns the modem status (the caller holds mu): in loopback mode the
 // modem control outputs feed back to the inputs.
-func (u *uart) msr() uint8 {
+func (u *UART) msr() uint8 {
 	r := &u.regs
 	if r.MCR&mcrLoop == 0 {
 		return r.MSR
@@ -224,7 +226,7 @@ func (u *uart) msr() uint8 {
 // uses byte accesses only); a wider access does what an ISA bus does with
 // an 8-bit device: one byte access per byte, to consecutive ports. Bytes
 // past the UART's last port go nowhere.
-func (u *uart) out(cpu int, port uint16, data []byte) error {
+func (u *UART) Out(cpu int, port uint16, data []byte) error {
 	for i, b := range data {
 		p := port + uint16(i)
 		if p < u.base || p > u.base+7 {
@@ -239,7 +241,7 @@ func (u *uart) out(cpu int, port uint16, data []byte) error {
 
 // in handles a read, byte by byte as out does; bytes past the UART's last
 // port read as all ones, as from an ISA port without a device.
-func (u *uart) in(cpu int, port uint16, data []byte) error {
+func (u *UART) In(cpu int, port uint16, data []byte) error {
 	for i := range data {
 		p := port + uint16(i)
 		if p < u.base || p > u.base+7 {
@@ -252,7 +254,7 @@ func (u *uart) in(cpu int, port uint16, data []byte) error {
 }
 
 // outByte writes v to the register at port.
-func (u *uart) outByte(port uint16, v byte) error {
+func (u *UART) outByte(port uint16, v byte) error {
 	u.mu.Lock()
 	r := &u.regs
 	var tx []byte
@@ -312,7 +314,7 @@ func (u *uart) outByte(port uint16, v byte) error {
 }
 
 // inByte reads the register at port.
-func (u *uart) inByte(port uint16) byte {
+func (u *UART) inByte(port uint16) byte {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	r := &u.regs

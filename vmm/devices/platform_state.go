@@ -1,4 +1,4 @@
-package vmm
+package devices
 
 import (
 	"fmt"
@@ -23,28 +23,29 @@ type PlatformState struct {
 
 const platformStateLen = 8
 
-// savePlatform returns the platform devices' state; the machine is paused.
-func (g *linuxGuest) savePlatform() PlatformState {
-	g.pm.mu.Lock()
-	s := PlatformState{ACPIEnable: g.pm.enable, ACPIControl: g.pm.control}
-	g.pm.mu.Unlock()
-	g.kbd.mu.Lock()
-	s.KbdWriteOutput = g.kbd.writeOutput
-	g.kbd.mu.Unlock()
+// SavePlatform returns the state of a machine's ACPI PM and keyboard
+// controller; the machine is paused.
+func SavePlatform(pm *ACPIPM, kbd *I8042) PlatformState {
+	pm.mu.Lock()
+	s := PlatformState{ACPIEnable: pm.enable, ACPIControl: pm.control}
+	pm.mu.Unlock()
+	kbd.mu.Lock()
+	s.KbdWriteOutput = kbd.writeOutput
+	kbd.mu.Unlock()
 	return s
 }
 
-// restorePlatform puts s into devices whose guest has not run.
-func (g *linuxGuest) restorePlatform(s PlatformState) {
-	g.pm.mu.Lock()
-	g.pm.enable, g.pm.control = s.ACPIEnable, s.ACPIControl
-	g.pm.mu.Unlock()
-	g.kbd.mu.Lock()
-	g.kbd.writeOutput = s.KbdWriteOutput
-	g.kbd.mu.Unlock()
+// RestorePlatform puts s into devices whose guest has not run.
+func RestorePlatform(pm *ACPIPM, kbd *I8042, s PlatformState) {
+	pm.mu.Lock()
+	pm.enable, pm.control = s.ACPIEnable, s.ACPIControl
+	pm.mu.Unlock()
+	kbd.mu.Lock()
+	kbd.writeOutput = s.KbdWriteOutput
+	kbd.mu.Unlock()
 }
 
-func (s *PlatformState) appendBinary(b []byte) []byte {
+func (s *PlatformState) AppendBinary(b []byte) []byte {
 	b = le.AppendUint16(b, s.ACPIEnable)
 	b = le.AppendUint16(b, s.ACPIControl)
 	var flags byte
@@ -54,8 +55,8 @@ func (s *PlatformState) appendBinary(b []byte) []byte {
 	return append(b, flags, 0, 0, 0)
 }
 
-// decodePlatformState decodes a platform section body.
-func decodePlatformState(b []byte) (PlatformState, error) {
+// DecodePlatformState decodes a platform section body.
+func DecodePlatformState(b []byte) (PlatformState, error) {
 	var s PlatformState
 	if len(b) != platformStateLen {
 		return s, fmt.Errorf("%w: platform section is %d bytes, want %d", ErrBadState, len(b), platformStateLen)

@@ -1,4 +1,4 @@
-package vmm
+package devices
 
 import (
 	"bytes"
@@ -40,24 +40,24 @@ func (r *irqRecorder) level() bool {
 	return len(r.levels) > 0 && r.levels[len(r.levels)-1]
 }
 
-func newTestUART() (*uart, *bytes.Buffer, *irqRecorder) {
+func newTestUART() (*UART, *bytes.Buffer, *irqRecorder) {
 	var out bytes.Buffer
 	irq := &irqRecorder{}
-	return newUART(com1Port, &out, irq.set), &out, irq
+	return NewUART(COM1Port, &out, irq.set), &out, irq
 }
 
-func uartOut(t *testing.T, u *uart, reg uint16, v byte) {
+func uartOut(t *testing.T, u *UART, reg uint16, v byte) {
 	t.Helper()
-	if err := u.out(0, com1Port+reg, []byte{v}); err != nil {
-		t.Fatalf("out %#x, %#x: %v", com1Port+reg, v, err)
+	if err := u.Out(0, COM1Port+reg, []byte{v}); err != nil {
+		t.Fatalf("out %#x, %#x: %v", COM1Port+reg, v, err)
 	}
 }
 
-func uartIn(t *testing.T, u *uart, reg uint16) byte {
+func uartIn(t *testing.T, u *UART, reg uint16) byte {
 	t.Helper()
 	b := []byte{0}
-	if err := u.in(0, com1Port+reg, b); err != nil {
-		t.Fatalf("in %#x: %v", com1Port+reg, err)
+	if err := u.In(0, COM1Port+reg, b); err != nil {
+		t.Fatalf("in %#x: %v", COM1Port+reg, err)
 	}
 	return b[0]
 }
@@ -153,8 +153,8 @@ func TestUARTReceive(t *testing.T) {
 	u, out, irq := newTestUART()
 	uartOut(t, u, uartIER, ierRDI)
 	pr, pw := io.Pipe()
-	u.start(pr)
-	defer u.stop()
+	u.Start(pr)
+	defer u.Stop()
 	input := strings.Repeat("0123456789", 5) // more than the FIFO holds
 	go pw.Write([]byte(input))
 	var got []byte
@@ -198,14 +198,14 @@ func TestUARTReceive(t *testing.T) {
 func TestUARTStopUnblocksReader(t *testing.T) {
 	u, _, irq := newTestUART()
 	uartOut(t, u, uartIER, ierRDI)
-	u.start(bytes.NewReader(bytes.Repeat([]byte{'z'}, 100)))
+	u.Start(bytes.NewReader(bytes.Repeat([]byte{'z'}, 100)))
 	for i := 0; uartIn(t, u, uartLSR)&lsrDR == 0; i++ {
 		if i > 5000 {
 			t.Fatal("no input arrived")
 		}
 		time.Sleep(time.Millisecond)
 	}
-	u.stop()
+	u.Stop()
 	done := make(chan struct{})
 	go func() { u.wg.Wait(); close(done) }()
 	select {
@@ -225,21 +225,21 @@ func TestUARTStopUnblocksReader(t *testing.T) {
 func TestUARTWideAccess(t *testing.T) {
 	u, out, _ := newTestUART()
 	// THR 'A' and IER 0x02 at once.
-	if err := u.out(0, com1Port, []byte{'A', ierTHRI}); err != nil {
+	if err := u.Out(0, COM1Port, []byte{'A', ierTHRI}); err != nil {
 		t.Fatal(err)
 	}
 	if out.String() != "A" || u.regs.IER != ierTHRI {
 		t.Errorf("2-byte write: console %q, IER %#x; want %q, %#x", out.String(), u.regs.IER, "A", ierTHRI)
 	}
 	// SCR, then three bytes past the UART.
-	if err := u.out(0, com1Port+uartSCR, []byte{0x5a, 1, 2, 3}); err != nil {
+	if err := u.Out(0, COM1Port+uartSCR, []byte{0x5a, 1, 2, 3}); err != nil {
 		t.Fatal(err)
 	}
 	if u.regs.SCR != 0x5a {
 		t.Errorf("4-byte write at SCR: SCR %#x, want 0x5a", u.regs.SCR)
 	}
 	got := make([]byte, 4)
-	if err := u.in(0, com1Port+uartMCR, got); err != nil {
+	if err := u.In(0, COM1Port+uartMCR, got); err != nil {
 		t.Fatal(err)
 	}
 	// MCR 0, LSR (transmitter empty), MSR (the lines a terminal sets), SCR.
@@ -247,7 +247,7 @@ func TestUARTWideAccess(t *testing.T) {
 		t.Errorf("4-byte read at MCR = % x, want % x", got, want)
 	}
 	got = got[:2]
-	if err := u.in(0, com1Port+uartSCR, got); err != nil {
+	if err := u.In(0, COM1Port+uartSCR, got); err != nil {
 		t.Fatal(err)
 	}
 	if want := []byte{0x5a, 0xff}; !bytes.Equal(got, want) {
@@ -255,7 +255,7 @@ func TestUARTWideAccess(t *testing.T) {
 	}
 	// A received byte comes out of a wide read of RBR once, in its low byte.
 	u.receive([]byte("z"))
-	if err := u.in(0, com1Port, got); err != nil || got[0] != 'z' || got[1] != ierTHRI {
+	if err := u.In(0, COM1Port, got); err != nil || got[0] != 'z' || got[1] != ierTHRI {
 		t.Errorf("2-byte read at RBR = % x, %v; want 'z' and IER", got, err)
 	}
 	if len(u.regs.RX) != 0 {
@@ -264,8 +264,8 @@ func TestUARTWideAccess(t *testing.T) {
 }
 
 func TestUARTConsoleError(t *testing.T) {
-	u2 := newUART(com1Port, failWriter{}, nil)
-	if err := u2.out(0, com1Port, []byte{'x'}); err == nil || !strings.Contains(err.Error(), "serial console") {
+	u2 := NewUART(COM1Port, failWriter{}, nil)
+	if err := u2.Out(0, COM1Port, []byte{'x'}); err == nil || !strings.Contains(err.Error(), "serial console") {
 		t.Errorf("console write error = %v", err)
 	}
 }
@@ -276,8 +276,8 @@ func (failWriter) Write([]byte) (int, error) { return 0, errors.New("disk full")
 
 func TestUARTStateEncoding(t *testing.T) {
 	s := UARTState{IER: 0x05, FCR: 0xc1, LCR: 0x03, MCR: 0x0b, MSR: 0xb0, SCR: 7, DLL: 1, DLM: 0, THRPending: true, RX: []byte("abc")}
-	b := s.appendBinary(nil)
-	got, err := decodeUARTState(b)
+	b := s.AppendBinary(nil)
+	got, err := DecodeUARTState(b)
 	if err != nil || !reflect.DeepEqual(got, s) {
 		t.Fatalf("decode(encode(%+v)) = %+v, %v", s, got, err)
 	}
@@ -295,46 +295,46 @@ func TestUARTStateEncoding(t *testing.T) {
 		{"mcr", func(b []byte) []byte { b[3] = 0x20; return b }, "MCR"},
 	}
 	for _, tc := range bad {
-		_, err := decodeUARTState(tc.mutate(append([]byte(nil), b...)))
+		_, err := DecodeUARTState(tc.mutate(append([]byte(nil), b...)))
 		if err == nil || !errors.Is(err, ErrBadState) || !strings.Contains(err.Error(), tc.errSub) {
 			t.Errorf("%s: decode = %v, want ErrBadState about %q", tc.name, err, tc.errSub)
 		}
 	}
 	u, _, irq := newTestUART()
-	if err := u.restore(s); err != nil {
+	if err := u.Restore(s); err != nil {
 		t.Fatal(err)
 	}
 	if !irq.level() {
 		t.Errorf("restored UART with data and RDI enabled: line low")
 	}
-	if saved := u.save(); !reflect.DeepEqual(saved, s) {
+	if saved := u.Save(); !reflect.DeepEqual(saved, s) {
 		t.Errorf("save after restore = %+v, want %+v", saved, s)
 	}
 }
 
 func TestI8042(t *testing.T) {
 	var resets []string
-	k := &i8042{onReset: func(d string) { resets = append(resets, d) }}
+	k := &I8042{OnReset: func(d string) { resets = append(resets, d) }}
 	st := []byte{0xff}
-	k.in(0, i8042Command, st)
+	k.In(0, i8042Command, st)
 	if st[0]&0x02 != 0 {
 		t.Errorf("status %#x: input buffer full, Linux would wait", st[0])
 	}
-	k.out(0, i8042Command, []byte{0xad}) // disable keyboard: ignored
-	k.out(0, i8042Data, []byte{0x00})
+	k.Out(0, i8042Command, []byte{0xad}) // disable keyboard: ignored
+	k.Out(0, i8042Data, []byte{0x00})
 	if len(resets) != 0 {
 		t.Fatalf("reset on ordinary commands: %v", resets)
 	}
-	k.out(0, i8042Command, []byte{i8042CmdPulseReset})
-	k.out(0, i8042Command, []byte{i8042CmdWriteOutput})
-	k.out(0, i8042Data, []byte{0x01}) // reset line released: no reset
-	k.out(0, i8042Command, []byte{i8042CmdWriteOutput})
-	k.out(0, i8042Data, []byte{0xfe}) // bit 0 clear: reset
+	k.Out(0, i8042Command, []byte{i8042CmdPulseReset})
+	k.Out(0, i8042Command, []byte{i8042CmdWriteOutput})
+	k.Out(0, i8042Data, []byte{0x01}) // reset line released: no reset
+	k.Out(0, i8042Command, []byte{i8042CmdWriteOutput})
+	k.Out(0, i8042Data, []byte{0xfe}) // bit 0 clear: reset
 	if len(resets) != 2 || !strings.Contains(resets[0], "0xfe") || !strings.Contains(resets[1], "output port") {
 		t.Errorf("resets = %q, want the 0xfe command and the output port write", resets)
 	}
 	b := []byte{0}
-	k.in(0, 0x62, b)
+	k.In(0, 0x62, b)
 	if b[0] != 0xff {
 		t.Errorf("port 0x62 reads %#x, want 0xff (nothing there)", b[0])
 	}
@@ -342,36 +342,36 @@ func TestI8042(t *testing.T) {
 
 func TestACPIPM(t *testing.T) {
 	var off, reset []string
-	p := &acpiPM{onPowerOff: func(d string) { off = append(off, d) }, onReset: func(d string) { reset = append(reset, d) }}
+	p := &ACPIPM{OnPowerOff: func(d string) { off = append(off, d) }, OnReset: func(d string) { reset = append(reset, d) }}
 	ctl := []byte{0, 0}
-	p.in(0, acpiPM1ControlPort, ctl)
+	p.In(0, ACPIPM1ControlPort, ctl)
 	if ctl[0]&arch.PM1CntSCIEnable == 0 {
 		t.Errorf("PM1a control reads %#x: SCI_EN clear, Linux would try to enable ACPI", ctl)
 	}
 	// Enable register keeps what is written; status reads zero.
-	p.out(0, acpiPM1EventPort, []byte{0xff, 0xff, 0x21, 0x01})
+	p.Out(0, ACPIPM1EventPort, []byte{0xff, 0xff, 0x21, 0x01})
 	ev := make([]byte, 4)
-	p.in(0, acpiPM1EventPort, ev)
+	p.In(0, ACPIPM1EventPort, ev)
 	if !bytes.Equal(ev, []byte{0, 0, 0x21, 0x01}) {
 		t.Errorf("PM1a event block reads % x, want status 0, enable 0x0121", ev)
 	}
 	// ACPICA writes SLP_TYP first, then SLP_EN.
-	p.out(0, acpiPM1ControlPort, []byte{0x00, 0x14})
+	p.Out(0, ACPIPM1ControlPort, []byte{0x00, 0x14})
 	if len(off) != 0 {
 		t.Fatalf("powered off without SLP_EN")
 	}
-	p.out(0, acpiPM1ControlPort, []byte{0x00, 0x34})
+	p.Out(0, ACPIPM1ControlPort, []byte{0x00, 0x34})
 	if len(off) != 1 || !strings.Contains(off[0], "S5") {
 		t.Errorf("power-off calls %q", off)
 	}
 	// Another sleep type with SLP_EN does not power off; byte writes work.
-	p.out(0, acpiPM1ControlPort, []byte{0x00})
-	p.out(0, acpiPM1ControlPort+1, []byte{0x2c}) // SLP_TYP 3 | SLP_EN
+	p.Out(0, ACPIPM1ControlPort, []byte{0x00})
+	p.Out(0, ACPIPM1ControlPort+1, []byte{0x2c}) // SLP_TYP 3 | SLP_EN
 	if len(off) != 1 {
 		t.Errorf("S3 request powered off")
 	}
-	p.out(0, acpiResetPort, []byte{0x02})
-	p.out(0, acpiResetPort, []byte{acpiResetValue})
+	p.Out(0, ACPIResetPort, []byte{0x02})
+	p.Out(0, ACPIResetPort, []byte{ACPIResetValue})
 	if len(reset) != 1 {
 		t.Errorf("resets %q, want one", reset)
 	}

@@ -1,4 +1,4 @@
-package vmm
+package largepage
 
 import (
 	"errors"
@@ -9,6 +9,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm"
 )
 
 // TestDAMONSampler runs the touch guest (4 hot regions of 64) under the
@@ -23,7 +24,7 @@ func TestDAMONSampler(t *testing.T) {
 	// transparent huge pages are "always" (Debian's kernels), so DAMON
 	// samples 4 KiB pages, as it does in regions not promoted yet; a
 	// region the host maps large is one page to it, accessed or not.
-	m, hot, cancel, done := touchMachine(t, nil, func(c *Config) { c.Backing = mmu.Memfd })
+	m, hot, cancel, done := touchMachine(t, nil, func(c *vmm.Config) { c.Backing = mmu.Memfd })
 	d, err := mmu.NewDAMON(m.Memory(), mmu.DAMONConfig{Sample: 5 * time.Millisecond, Aggregate: 100 * time.Millisecond})
 	if errors.Is(err, mmu.ErrNoDAMON) || errors.Is(err, mmu.ErrDAMONBusy) {
 		stopMachine(t, cancel, done)
@@ -70,9 +71,9 @@ func TestDAMONSampler(t *testing.T) {
 	// Large-page management with the DAMON source (auto picks it here):
 	// after the warm-up the hot regions are the top four, and nothing
 	// else is promoted.
-	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 200 * time.Millisecond, Window: 20 * time.Millisecond, Warmup: 3})
+	lp, err := Start(m, Config{Budget: 4, Period: 200 * time.Millisecond, Window: 20 * time.Millisecond, Warmup: 3})
 	if err != nil {
-		t.Fatalf("StartLargePages = %v", err)
+		t.Fatalf("Start = %v", err)
 	}
 	testutil.WaitFor(t, "eight windows", func() bool { return lp.Status().Windows >= 8 }, func() string { return lp.Status().String() })
 	st := lp.Stop()

@@ -1,4 +1,4 @@
-package vmm
+package devices
 
 import (
 	"fmt"
@@ -27,7 +27,7 @@ const uartStateFixed = 12
 
 // save returns the UART's state. The machine is paused, so no vCPU touches
 // the registers; the reader goroutine may still be waiting to add input.
-func (u *uart) save() UARTState {
+func (u *UART) Save() UARTState {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	s := u.regs
@@ -37,8 +37,8 @@ func (u *uart) save() UARTState {
 
 // restore puts s into a UART whose guest has not run, and sets the
 // interrupt line to match.
-func (u *uart) restore(s UARTState) error {
-	if err := s.validate(); err != nil {
+func (u *UART) Restore(s UARTState) error {
+	if err := s.Validate(); err != nil {
 		return fmt.Errorf("serial port: %w", err)
 	}
 	u.mu.Lock()
@@ -54,7 +54,7 @@ func (u *uart) restore(s UARTState) error {
 	return nil
 }
 
-func (s *UARTState) validate() error {
+func (s *UARTState) Validate() error {
 	switch {
 	case s.IER&^ierMask != 0:
 		return fmt.Errorf("IER %#x has bits beyond %#x", s.IER, ierMask)
@@ -68,7 +68,7 @@ func (s *UARTState) validate() error {
 	return nil
 }
 
-func (s *UARTState) appendBinary(b []byte) []byte {
+func (s *UARTState) AppendBinary(b []byte) []byte {
 	var thr uint8
 	if s.THRPending {
 		thr = 1
@@ -78,8 +78,8 @@ func (s *UARTState) appendBinary(b []byte) []byte {
 	return append(b, s.RX...)
 }
 
-// decodeUARTState decodes a UART section body.
-func decodeUARTState(b []byte) (UARTState, error) {
+// DecodeUARTState decodes a UART section body.
+func DecodeUARTState(b []byte) (UARTState, error) {
 	var s UARTState
 	if len(b) < uartStateFixed {
 		return s, fmt.Errorf("%w: UART section is %d bytes, at least %d", ErrBadState, len(b), uartStateFixed)
@@ -95,7 +95,7 @@ func decodeUARTState(b []byte) (UARTState, error) {
 	}
 	s = UARTState{IER: b[0], FCR: b[1], LCR: b[2], MCR: b[3], MSR: b[4], SCR: b[5], DLL: b[6], DLM: b[7], THRPending: b[8] == 1}
 	s.RX = append([]byte{}, b[uartStateFixed:]...)
-	if err := s.validate(); err != nil {
+	if err := s.Validate(); err != nil {
 		return s, fmt.Errorf("%w: UART section: %v", ErrBadState, err)
 	}
 	return s, nil

@@ -1,4 +1,4 @@
-package vmm
+package devices
 
 import (
 	"fmt"
@@ -7,16 +7,18 @@ import (
 	"github.com/understudy-vmm/understudy/arch"
 )
 
-// acpiPM is the ACPI fixed hardware a Linux guest uses to power off and
+// ACPIPM is the ACPI fixed hardware a Linux guest uses to power off and
 // reset: the PM1a event block (status, enable), the PM1a control block and
 // the reset register, on consecutive I/O ports. The FADT names them (see
 // arch.BuildACPI). A write of SLP_EN with the \_S5 sleep type to PM1a
 // control powers the guest off; writing the reset value to the reset
 // register reboots it. SCI_EN always reads as set: the machine is always in
 // ACPI mode (the FADT has no SMI command port).
-type acpiPM struct {
-	onPowerOff func(detail string)
-	onReset    func(detail string)
+type ACPIPM struct {
+	// OnPowerOff and OnReset are called, on the vCPU thread, when the guest
+	// powers off or resets the machine.
+	OnPowerOff func(detail string)
+	OnReset    func(detail string)
 	// mu guards enable and control (any vCPU may access them).
 	mu      sync.Mutex
 	enable  uint16
@@ -25,33 +27,34 @@ type acpiPM struct {
 
 // ACPI fixed hardware ports and values of a Linux machine.
 const (
-	acpiPM1EventPort   = 0x600
-	acpiPM1ControlPort = acpiPM1EventPort + arch.PM1EventLen
-	acpiResetPort      = acpiPM1ControlPort + arch.PM1ControlLen
-	acpiResetValue     = 0x01
-	acpiS5Type         = 5
-	acpiSCI            = 9
-	acpiPortLast       = acpiResetPort
+	ACPIPM1EventPort   = 0x600
+	ACPIPM1ControlPort = ACPIPM1EventPort + arch.PM1EventLen
+	ACPIResetPort      = ACPIPM1ControlPort + arch.PM1ControlLen
+	ACPIResetValue     = 0x01
+	ACPIS5Type         = 5
+	ACPISCI            = 9
+	acpiPortLast       = ACPIResetPort
 )
 
-func (p *acpiPM) ports() (uint16, uint16) { return acpiPM1EventPort, acpiPortLast }
+// Ports, Out and In make the ACPIPM a PortDevice.
+func (p *ACPIPM) Ports() (uint16, uint16) { return ACPIPM1EventPort, acpiPortLast }
 
 // reg returns a pointer to the 16-bit register holding port and the byte
 // offset of port in it (nil for status and the reset register).
-func (p *acpiPM) reg(port uint16) (*uint16, int) {
+func (p *ACPIPM) reg(port uint16) (*uint16, int) {
 	switch {
-	case port >= acpiPM1EventPort+2 && port < acpiPM1ControlPort:
-		return &p.enable, int(port - acpiPM1EventPort - 2)
-	case port >= acpiPM1ControlPort && port < acpiResetPort:
-		return &p.control, int(port - acpiPM1ControlPort)
+	case port >= ACPIPM1EventPort+2 && port < ACPIPM1ControlPort:
+		return &p.enable, int(port - ACPIPM1EventPort - 2)
+	case port >= ACPIPM1ControlPort && port < ACPIResetPort:
+		return &p.control, int(port - ACPIPM1ControlPort)
 	}
 	return nil, 0
 }
 
-func (p *acpiPM) out(cpu int, port uint16, data []byte) error {
-	if port == acpiResetPort {
-		if len(data) == 1 && data[0] == acpiResetValue {
-			p.onReset(fmt.Sprintf("ACPI reset register (%#x to port %#x)", data[0], port))
+func (p *ACPIPM) Out(cpu int, port uint16, data []byte) error {
+	if port == ACPIResetPort {
+		if len(data) == 1 && data[0] == ACPIResetValue {
+			p.OnReset(fmt.Sprintf("ACPI reset register (%#x to port %#x)", data[0], port))
 		}
 		return nil
 	}
@@ -74,20 +77,20 @@ func (p *acpiPM) out(cpu int, port uint16, data []byte) error {
 
 // checkSleep acts on a PM1a control write whose high byte has landed (the
 // caller holds mu).
-func (p *acpiPM) checkSleep() {
+func (p *ACPIPM) checkSleep() {
 	v := p.control
 	if v&arch.PM1CntSleepEnable == 0 {
 		return
 	}
 	p.control &^= arch.PM1CntSleepEnable // SLP_EN is write-only
-	if t := arch.PM1SleepType(v); t == acpiS5Type {
-		p.onPowerOff(fmt.Sprintf("ACPI S5 power-off (PM1a control %#x)", v))
+	if t := arch.PM1SleepType(v); t == ACPIS5Type {
+		p.OnPowerOff(fmt.Sprintf("ACPI S5 power-off (PM1a control %#x)", v))
 	}
 	// Other sleep states are not offered by the DSDT; a guest that writes
 	// one anyway stays awake, as if it had woken at once.
 }
 
-func (p *acpiPM) in(cpu int, port uint16, data []byte) error {
+func (p *ACPIPM) In(cpu int, port uint16, data []byte) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for i := range data {
@@ -99,7 +102,7 @@ func (p *acpiPM) in(cpu int, port uint16, data []byte) error {
 				v |= arch.PM1CntSCIEnable
 			}
 		}
-		if port+uint16(i) == acpiResetPort {
+		if port+uint16(i) == ACPIResetPort {
 			v = 0
 		}
 		data[i] = uint8(v >> (8 * off))

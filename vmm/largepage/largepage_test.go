@@ -1,4 +1,4 @@
-package vmm
+package largepage
 
 import (
 	"context"
@@ -9,27 +9,40 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
 	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm"
 )
+
+var requireKVM = kvmtest.Require
+
+func mustU64(t *testing.T, m *vmm.Machine, gpa uint64) uint64 {
+	t.Helper()
+	v, err := m.Memory().Uint64(gpa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
 
 func TestParseLargePages(t *testing.T) {
 	good := []struct {
 		in   string
-		want LargePageConfig
+		want Config
 	}{
-		{"budget=16", LargePageConfig{Budget: 16}},
-		{"budget=4,policy=random,seed=9", LargePageConfig{Budget: 4, Policy: PolicyRandom, Seed: 9}},
-		{"policy=all", LargePageConfig{Policy: PolicyAll}},
-		{"policy=none", LargePageConfig{Policy: PolicyNone}},
-		{"budget=2,period=50ms,window=5ms,warmup=3,samples=16,alpha=0.25,hysteresis=2", LargePageConfig{Budget: 2, Period: 50 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3, PagesPerRegion: 16, Alpha: 0.25, Hysteresis: 2}},
-		{"budget=1,source=damon", LargePageConfig{Budget: 1, Source: SourceDAMON}},
-		{"budget=1,source=refault", LargePageConfig{Budget: 1, Source: SourceRefault}},
+		{"budget=16", Config{Budget: 16}},
+		{"budget=4,policy=random,seed=9", Config{Budget: 4, Policy: PolicyRandom, Seed: 9}},
+		{"policy=all", Config{Policy: PolicyAll}},
+		{"policy=none", Config{Policy: PolicyNone}},
+		{"budget=2,period=50ms,window=5ms,warmup=3,samples=16,alpha=0.25,hysteresis=2", Config{Budget: 2, Period: 50 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3, PagesPerRegion: 16, Alpha: 0.25, Hysteresis: 2}},
+		{"budget=1,source=damon", Config{Budget: 1, Source: SourceDAMON}},
+		{"budget=1,source=refault", Config{Budget: 1, Source: SourceRefault}},
 	}
 	for _, g := range good {
-		got, err := ParseLargePages(g.in)
+		got, err := Parse(g.in)
 		if err != nil || !reflect.DeepEqual(got, g.want) {
-			t.Errorf("ParseLargePages(%q) = %+v, %v; want %+v", g.in, got, err, g.want)
+			t.Errorf("Parse(%q) = %+v, %v; want %+v", g.in, got, err, g.want)
 		}
 	}
 	bad := map[string]string{
@@ -52,8 +65,8 @@ func TestParseLargePages(t *testing.T) {
 		"budget=1,source=idle":     "want auto, damon or refault",
 	}
 	for in, sub := range bad {
-		if _, err := ParseLargePages(in); err == nil || !strings.Contains(err.Error(), sub) {
-			t.Errorf("ParseLargePages(%q) = %v, want an error containing %q", in, err, sub)
+		if _, err := Parse(in); err == nil || !strings.Contains(err.Error(), sub) {
+			t.Errorf("Parse(%q) = %v, want an error containing %q", in, err, sub)
 		}
 	}
 }
@@ -63,12 +76,12 @@ func FuzzParseLargePages(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		c, err := ParseLargePages(s)
+		c, err := Parse(s)
 		if err != nil {
 			return
 		}
 		if c.Budget < 0 || c.PagesPerRegion < 0 || c.PagesPerRegion > 64 || c.Period < 0 || c.Window < 0 || c.Alpha < 0 || c.Alpha > 1 {
-			t.Errorf("ParseLargePages(%q) accepted %+v", s, c)
+			t.Errorf("Parse(%q) accepted %+v", s, c)
 		}
 	})
 }
@@ -77,20 +90,20 @@ func FuzzParseLargePages(f *testing.F) {
 // 16th region of the working set) and returns it, running.
 // Its cancel function waits until the payload has written its whole working
 // set (phase mark 1) before stopping it, so checkTouchData may then run.
-func touchMachine(t *testing.T, guest4K []uint64, opts ...func(*Config)) (*Machine, []uint64, context.CancelFunc, chan error) {
+func touchMachine(t *testing.T, guest4K []uint64, opts ...func(*vmm.Config)) (*vmm.Machine, []uint64, context.CancelFunc, chan error) {
 	t.Helper()
 	marked := make(chan struct{})
-	cfg := Config{MemSize: 256 << 20, Payload: "touch", Guest4K: guest4K, OnMark: func(int, uint32) { close(marked) },
-		PayloadOptions: map[string]string{"regions": "64", "hot": "4", "rounds": "0", "accesses": "200000"}}
+	cfg := vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch", Guest4K: guest4K, OnMark: func(int, uint32) { close(marked) },
+		Options: map[string]string{"regions": "64", "hot": "4", "rounds": "0", "accesses": "200000"}}}
 	for _, o := range opts {
 		o(&cfg)
 	}
-	m, err := New(cfg)
+	m, err := vmm.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { m.Close() })
-	base := m.payload.dataBase / mmu.RegionSize
+	base := m.DataRegions()[0]
 	hot := []uint64{base, base + 16, base + 32, base + 48}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -115,9 +128,9 @@ func stopMachine(t *testing.T, cancel context.CancelFunc, done chan error) {
 
 // checkTouchData verifies that every page of the touch working set still
 // holds its own address, as the payload wrote it.
-func checkTouchData(t *testing.T, m *Machine) {
+func checkTouchData(t *testing.T, m *vmm.Machine) {
 	t.Helper()
-	base := m.payload.dataBase
+	base := m.DataRegions()[0] * mmu.RegionSize
 	for p := uint64(0); p < 64*512; p++ {
 		gpa := base + p*mmu.PageSize
 		if v := mustU64(t, m, gpa); v != gpa {
@@ -135,9 +148,9 @@ func TestLargePagesPrioritized(t *testing.T) {
 	// that warm-up samples the guest's steady pattern of accesses (on a
 	// loaded host the writing pass can last into the first windows).
 	written := make(chan struct{})
-	m, hot, cancel, done := touchMachine(t, nil, func(c *Config) {
-		mark := c.OnMark
-		c.OnMark = func(cpu int, phase uint32) { mark(cpu, phase); close(written) }
+	m, hot, cancel, done := touchMachine(t, nil, func(c *vmm.Config) {
+		mark := c.Payload.OnMark
+		c.Payload.OnMark = func(cpu int, phase uint32) { mark(cpu, phase); close(written) }
 	})
 	stats, err := m.VM().StatsFD()
 	if err != nil {
@@ -152,7 +165,7 @@ func TestLargePagesPrioritized(t *testing.T) {
 			return false
 		}
 	})
-	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 6, Seed: 1})
+	lp, err := Start(m, Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 6, Seed: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,7 +202,7 @@ func TestLargePagesPrioritized(t *testing.T) {
 	// The ranking is checked when the promotions happen: later windows on a
 	// loaded host can miss the guest running (a promoted region then decays)
 	// while a stretched window inflates a cold region's sample.
-	var atPromotion LargePageStatus
+	var atPromotion Status
 	testutil.WaitFor(t, "the hot regions to be promoted", func() bool {
 		atPromotion = lp.Status()
 		return reflect.DeepEqual(atPromotion.Promoted, hot)
@@ -213,7 +226,7 @@ func TestLargePagesPrioritized(t *testing.T) {
 	// the controller comes back to the hot regions, as the guest's pattern
 	// of accesses has not changed.)
 	w := lp.Status().Windows
-	var later LargePageStatus
+	var later Status
 	testutil.WaitFor(t, "the hot regions promoted and mapped large five windows later", func() bool {
 		later = lp.Status()
 		p2m, _ := stats.Value("pages_2m")
@@ -252,16 +265,16 @@ func TestLargePagesBlocked(t *testing.T) {
 	base := uint64(0)
 	{
 		// The data base is fixed by the payload image: work it out first.
-		probe, err := New(Config{MemSize: 256 << 20, Payload: "touch"})
+		probe, err := vmm.New(vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch"}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		base = probe.payload.dataBase / mmu.RegionSize
+		base = probe.DataRegions()[0]
 		probe.Close()
 	}
 	blocked := []uint64{base + 16, base + 48}
 	m, hot, cancel, done := touchMachine(t, blocked)
-	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 4, Seed: 2})
+	lp, err := Start(m, Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 4, Seed: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -288,20 +301,20 @@ func TestLargePagesBlocked(t *testing.T) {
 func TestLargePagesFixedPolicies(t *testing.T) {
 	requireKVM(t)
 	for _, tc := range []struct {
-		cfg  LargePageConfig
+		cfg  Config
 		want int
 	}{
-		{LargePageConfig{Policy: PolicyRandom, Budget: 5, Seed: 3}, 5},
-		{LargePageConfig{Policy: PolicyAll}, 64},
-		{LargePageConfig{Policy: PolicyNone}, 0},
+		{Config{Policy: PolicyRandom, Budget: 5, Seed: 3}, 5},
+		{Config{Policy: PolicyAll}, 64},
+		{Config{Policy: PolicyNone}, 0},
 	} {
 		m, _, cancel, done := touchMachine(t, nil)
-		base := m.payload.dataBase / mmu.RegionSize
+		base := m.DataRegions()[0]
 		tc.cfg.Regions = nil
 		for r := base; r < base+64; r++ {
 			tc.cfg.Regions = append(tc.cfg.Regions, r)
 		}
-		lp, err := m.StartLargePages(tc.cfg)
+		lp, err := Start(m, tc.cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -338,14 +351,14 @@ func TestLargePagesFixedPolicies(t *testing.T) {
 func TestSamplerKeepsCounterData(t *testing.T) {
 	requireKVM(t)
 	var recs []uint64
-	m, err := New(Config{MemSize: 16 << 20, Payload: "counter",
-		PayloadOptions: map[string]string{"pages": "1024", "hot": "600", "cold_every": "1", "iterations": "1500", "report": "0"},
-		OnRecord:       func(r Record) { recs = append(recs, r.Value) }})
+	m, err := vmm.New(vmm.Config{MemSize: 16 << 20, Payload: &vmm.PayloadConfig{Name: "counter",
+		Options:  map[string]string{"pages": "1024", "hot": "600", "cold_every": "1", "iterations": "1500", "report": "0"},
+		OnRecord: func(r vmm.Record) { recs = append(recs, r.Value) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	lp, err := m.StartLargePages(LargePageConfig{Budget: 2, Period: 5 * time.Millisecond, Window: 3 * time.Millisecond, Warmup: 1, PagesPerRegion: 64})
+	lp, err := Start(m, Config{Budget: 2, Period: 5 * time.Millisecond, Window: 3 * time.Millisecond, Warmup: 1, PagesPerRegion: 64})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -362,7 +375,7 @@ func TestSamplerKeepsCounterData(t *testing.T) {
 			t.Fatalf("record %d = %d, want %d", i, r, i+1)
 		}
 	}
-	base := m.payload.dataBase
+	base := m.DataRegions()[0] * mmu.RegionSize
 	for p := uint64(0); p < 600; p++ {
 		if v := mustU64(t, m, base+p*4096); v != 1500 {
 			t.Fatalf("hot page %d holds %d, want 1500", p, v)
@@ -392,7 +405,7 @@ func TestLargePagesSuspendedByDirtyLog(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 40 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3})
+	lp, err := Start(m, Config{Budget: 4, Period: 40 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -408,7 +421,7 @@ func TestLargePagesSuspendedByDirtyLog(t *testing.T) {
 	// The ranking is checked when the promotions happen: later windows on a
 	// loaded host can miss the guest running (a promoted region then decays)
 	// while a stretched window inflates a cold region's sample.
-	var atPromotion LargePageStatus
+	var atPromotion Status
 	testutil.WaitFor(t, "the hot regions to be promoted", func() bool {
 		atPromotion = lp.Status()
 		return reflect.DeepEqual(atPromotion.Promoted, hot)
@@ -430,7 +443,7 @@ func TestLargePagesSuspendedByDirtyLog(t *testing.T) {
 func TestLargePagesWithCheckpoints(t *testing.T) {
 	requireKVM(t)
 	m, _, cancel, done := touchMachine(t, nil)
-	lp, err := m.StartLargePages(LargePageConfig{Budget: 4, Period: 7 * time.Millisecond, Window: 6 * time.Millisecond, Warmup: 2, Source: SourceRefault})
+	lp, err := Start(m, Config{Budget: 4, Period: 7 * time.Millisecond, Window: 6 * time.Millisecond, Warmup: 2, Source: SourceRefault})
 	if err != nil {
 		t.Fatal(err)
 	}

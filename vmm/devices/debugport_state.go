@@ -1,4 +1,4 @@
-package vmm
+package devices
 
 import (
 	"fmt"
@@ -23,13 +23,13 @@ const debugPortStateFixed = 16
 
 // save returns the device's state. The machine is paused, so no vCPU
 // touches it.
-func (d *debugPort) save() DebugPortState {
+func (d *DebugPort) Save() DebugPortState {
 	return DebugPortState{Records: d.records.Load(), RecordHigh: append([]uint32(nil), d.recHi...)}
 }
 
 // restore puts s into a device that has not run.
-func (d *debugPort) restore(s DebugPortState) error {
-	if err := s.validate(len(d.recHi)); err != nil {
+func (d *DebugPort) Restore(s DebugPortState) error {
+	if err := s.Validate(len(d.recHi)); err != nil {
 		return fmt.Errorf("debug port: %w", err)
 	}
 	d.records.Store(s.Records)
@@ -37,14 +37,14 @@ func (d *debugPort) restore(s DebugPortState) error {
 	return nil
 }
 
-func (s *DebugPortState) validate(ncpus int) error {
+func (s *DebugPortState) Validate(ncpus int) error {
 	if len(s.RecordHigh) != ncpus {
 		return fmt.Errorf("record high halves for %d vCPUs, the machine has %d", len(s.RecordHigh), ncpus)
 	}
 	return nil
 }
 
-func (s *DebugPortState) appendBinary(b []byte) []byte {
+func (s *DebugPortState) AppendBinary(b []byte) []byte {
 	b = le.AppendUint64(b, s.Records)
 	b = le.AppendUint32(b, uint32(len(s.RecordHigh)))
 	b = le.AppendUint32(b, 0)
@@ -54,9 +54,9 @@ func (s *DebugPortState) appendBinary(b []byte) []byte {
 	return b
 }
 
-// decodeDebugPortState decodes the section body b of a machine with ncpus
+// DecodeDebugPortState decodes the section body b of a machine with ncpus
 // vCPUs.
-func decodeDebugPortState(b []byte, ncpus int) (DebugPortState, error) {
+func DecodeDebugPortState(b []byte, ncpus int) (DebugPortState, error) {
 	var s DebugPortState
 	if len(b) < debugPortStateFixed {
 		return s, fmt.Errorf("%w: debug port section is %d bytes, at least %d", ErrBadState, len(b), debugPortStateFixed)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
 )
 
@@ -49,26 +50,27 @@ type loadedPayload struct {
 // resolvePayload finds the payload's image and validates its options against
 // the memory it will get.
 func resolvePayload(cfg Config) (*loadedPayload, error) {
-	if cfg.Payload == "" {
+	pc := cfg.Payload
+	if pc == nil || pc.Name == "" {
 		return nil, fmt.Errorf("no payload given (built-in payloads: %s)", strings.Join(payload.Names(), ", "))
 	}
-	pl := &loadedPayload{name: cfg.Payload}
+	pl := &loadedPayload{name: pc.Name}
 	var spec *payload.Spec
-	if strings.ContainsRune(cfg.Payload, '/') || strings.HasSuffix(cfg.Payload, ".bin") {
-		img, err := os.ReadFile(cfg.Payload)
+	if strings.ContainsRune(pc.Name, '/') || strings.HasSuffix(pc.Name, ".bin") {
+		img, err := os.ReadFile(pc.Name)
 		if err != nil {
 			return nil, fmt.Errorf("payload file: %w", err)
 		}
 		if len(img) == 0 {
-			return nil, fmt.Errorf("payload file %s is empty", cfg.Payload)
+			return nil, fmt.Errorf("payload file %s is empty", pc.Name)
 		}
-		if len(cfg.PayloadOptions) > 0 {
-			return nil, fmt.Errorf("payload file %s takes no options", cfg.Payload)
+		if len(pc.Options) > 0 {
+			return nil, fmt.Errorf("payload file %s takes no options", pc.Name)
 		}
 		pl.image = img
 	} else {
 		var err error
-		if spec, err = payload.Lookup(cfg.Payload); err != nil {
+		if spec, err = payload.Lookup(pc.Name); err != nil {
 			return nil, err
 		}
 		pl.image = spec.Image()
@@ -79,14 +81,14 @@ func resolvePayload(cfg Config) (*loadedPayload, error) {
 	}
 	end := uint64(payloadBase) + uint64(len(pl.image))
 	if end > ramEnd {
-		return nil, fmt.Errorf("payload %s (%d bytes, loaded at 1 MiB) does not fit in %s of guest memory", cfg.Payload, len(pl.image), FormatSize(cfg.MemSize))
+		return nil, fmt.Errorf("payload %s (%d bytes, loaded at 1 MiB) does not fit in %s of guest memory", pc.Name, len(pl.image), option.FormatSize(cfg.MemSize))
 	}
 	pl.dataBase = (end + payloadDataMask) &^ payloadDataMask
 	if pl.dataBase < ramEnd {
 		pl.dataSize = ramEnd - pl.dataBase
 	}
 	if spec != nil {
-		args, err := spec.Args(cfg.PayloadOptions, pl.dataSize)
+		args, err := spec.Args(pc.Options, pl.dataSize)
 		if err != nil {
 			return nil, err
 		}
@@ -149,12 +151,12 @@ func (m *Machine) loadPayload(pl *loadedPayload) error {
 		return err
 	}
 
-	tables, cr3, err := arch.IdentityPageTables(arch.IdentityMapSpec{TablesGPA: pageTablesAddr, MemSize: roundUp(top, mmu.RegionSize), User: true, Small: m.cfg.Guest4K})
+	tables, cr3, err := arch.IdentityPageTables(arch.IdentityMapSpec{TablesGPA: pageTablesAddr, MemSize: roundUp(top, mmu.RegionSize), User: true, Small: m.cfg.Payload.Guest4K})
 	if err != nil {
 		return err
 	}
 	if pageTablesAddr+uint64(len(tables)) > pageTablesEnd {
-		return fmt.Errorf("page tables for %s of guest-physical space do not fit below %#x", FormatSize(top), pageTablesEnd)
+		return fmt.Errorf("page tables for %s of guest-physical space do not fit below %#x", option.FormatSize(top), pageTablesEnd)
 	}
 	if err := mem.Write(pageTablesAddr, tables); err != nil {
 		return err
@@ -194,3 +196,13 @@ func (m *Machine) loadPayload(pl *loadedPayload) error {
 }
 
 func roundUp(x, to uint64) uint64 { return (x + to - 1) / to * to }
+
+// DataRegions lists the guest-physical 2 MiB regions of the payload's data
+// area, in ascending order.
+func (m *Machine) DataRegions() []uint64 {
+	var out []uint64
+	for gpa := m.payload.dataBase; gpa+mmu.RegionSize <= m.payload.dataBase+m.payload.dataSize; gpa += mmu.RegionSize {
+		out = append(out, gpa/mmu.RegionSize)
+	}
+	return out
+}

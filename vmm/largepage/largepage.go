@@ -1,0 +1,275 @@
+package largepage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/mmu"
+	"github.com/understudy-vmm/understudy/vmm"
+	"golang.org/x/sys/unix"
+)
+
+// Pager runs large-page management for a machine.
+type Pager struct {
+	m       *vmm.Machine
+	mem     *mmu.Memory
+	cfg     Config
+	sampler *mmu.Sampler
+	damon   *mmu.DAMON // the sampler, if the source is DAMON
+	prio    *mmu.Prioritizer
+	cursor  int // next candidate to sample (round robin)
+	stats   *arch.Stats
+	shadow  bool
+	cancel  context.CancelFunc
+	done    chan struct{}
+
+	// mu guards status.
+	mu     sync.Mutex
+	status Status
+}
+
+// Start starts large-page management on a machine that is running (or
+// about to run). Stop ends it.
+func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
+	if cfg.Policy == "" {
+		cfg.Policy = PolicyPrioritized
+	}
+	if cfg.Period == 0 {
+		cfg.Period = 200 * time.Millisecond
+	}
+	if cfg.Window == 0 {
+		cfg.Window = 10 * time.Millisecond
+	}
+	if cfg.Window >= cfg.Period {
+		return nil, fmt.Errorf("large pages: window %v must be shorter than the period %v", cfg.Window, cfg.Period)
+	}
+	if len(cfg.Regions) == 0 {
+		cfg.Regions = m.DataRegions()
+	}
+	if cfg.PerWindow == 0 {
+		cfg.PerWindow = 32
+	}
+	if cfg.PerWindow < 0 {
+		return nil, fmt.Errorf("large pages: %d regions per window: must be positive", cfg.PerWindow)
+	}
+	if cfg.Warmup == 0 {
+		cfg.Warmup = max(5, (len(cfg.Regions)+cfg.PerWindow-1)/cfg.PerWindow)
+	}
+	if len(cfg.Regions) == 0 {
+		return nil, fmt.Errorf("large pages: the guest has no data regions to manage (raise --mem)")
+	}
+	for _, r := range cfg.Regions {
+		if _, err := m.Memory().Offset(r*mmu.RegionSize, mmu.RegionSize); err != nil {
+			return nil, fmt.Errorf("large pages: region %d: %w", r, err)
+		}
+	}
+	prio, err := mmu.NewPrioritizer(mmu.PrioritizerConfig{Budget: cfg.Budget, Warmup: cfg.Warmup, Alpha: cfg.Alpha, Hysteresis: cfg.Hysteresis})
+	if err != nil {
+		return nil, fmt.Errorf("large pages: %w", err)
+	}
+	cfg.Warmup = prio.Config().Warmup
+	sampler, err := mmu.NewSampler(m.Memory(), mmu.SamplerConfig{PagesPerRegion: cfg.PagesPerRegion, Seed: cfg.Seed})
+	if err != nil {
+		return nil, fmt.Errorf("large pages: %w", err)
+	}
+	stats, err := m.VM().StatsFD()
+	if err != nil {
+		return nil, fmt.Errorf("large pages: KVM statistics: %w", err)
+	}
+	if !stats.Has("pages_2m") || !stats.Has("pages_4k") {
+		stats.Close()
+		return nil, fmt.Errorf("large pages: this KVM reports no pages_2m/pages_4k statistics")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	lp := &Pager{m: m, mem: m.Memory(), cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
+	lp.status.Policy = cfg.Policy
+	if cfg.Policy == PolicyPrioritized {
+		if err := lp.pickSource(); err != nil {
+			stats.Close()
+			return nil, fmt.Errorf("large pages: %w", err)
+		}
+		if lp.damon == nil {
+			m.SetFaultHandler(sampler.Fault)
+		}
+	}
+	go lp.run(ctx)
+	return lp, nil
+}
+
+// Stop ends management and waits for it; promoted regions stay large.
+func (lp *Pager) Stop() Status {
+	lp.cancel()
+	<-lp.done
+	lp.stats.Close()
+	if lp.damon != nil {
+		if err := lp.damon.Close(); err != nil {
+			lp.fail(err)
+		}
+	}
+	return lp.Status()
+}
+
+func (lp *Pager) fail(err error) {
+	lp.mu.Lock()
+	lp.status.Err = err.Error()
+	lp.mu.Unlock()
+}
+
+func (lp *Pager) run(ctx context.Context) {
+	defer close(lp.done)
+	if lp.cfg.Policy != PolicyPrioritized {
+		lp.runFixed(ctx)
+		return
+	}
+	defer lp.m.SetFaultHandler(nil)
+	backoff := 1
+	for {
+		blocked, changed, err := lp.window(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				lp.fail(err)
+			}
+			return
+		}
+		// Once the promoted set holds steady, sample less often (up to
+		// MaxBackoff times the period); any change returns to the period.
+		if changed || !lp.prio.WarmedUp() {
+			backoff = 1
+		} else if backoff < MaxBackoff {
+			backoff *= 2
+		}
+		lp.publish(blocked, time.Duration(backoff)*lp.cfg.Period)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Duration(backoff)*lp.cfg.Period - lp.cfg.Window):
+		}
+	}
+}
+
+// runFixed runs the random, all and none policies.
+func (lp *Pager) runFixed(ctx context.Context) {
+	tick := time.NewTicker(lp.cfg.Period)
+	defer tick.Stop()
+	// Fixed policies choose their regions once and promote them as soon
+	// as the host can (a region the guest has not touched yet cannot be
+	// collapsed), then only refresh the status.
+	var targets []uint64
+	if lp.cfg.Policy != PolicyNone {
+		targets = lp.fixedTargets()
+	}
+	for {
+		failed := 0
+		for _, r := range targets {
+			if lp.prio.Promoted(r) {
+				continue
+			}
+			if ok, _ := lp.promote(r); !ok {
+				failed++ // still pending: tried again next period
+			}
+		}
+		lp.mu.Lock()
+		lp.status.Failed = failed
+		lp.mu.Unlock()
+		lp.publish(nil, 0)
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// pauseWait bounds how long a window waits for another controller's pause
+// to end (a checkpoint's stun lasts milliseconds).
+const pauseWait = 100 * time.Millisecond
+
+// MaxBackoff bounds how far a steady prioritizer stretches its sampling
+// period.
+const MaxBackoff = 8
+
+// fixedTargets chooses the regions of the random and all policies.
+func (lp *Pager) fixedTargets() []uint64 {
+	blocked, _ := lp.guestView(false)
+	var cand []uint64
+	for _, r := range lp.cfg.Regions {
+		if !blocked[r] {
+			cand = append(cand, r)
+		}
+	}
+	if lp.cfg.Policy == PolicyRandom {
+		rng := rand.New(rand.NewPCG(lp.cfg.Seed, 0x7a11))
+		rng.Shuffle(len(cand), func(i, j int) { cand[i], cand[j] = cand[j], cand[i] })
+		if len(cand) > lp.cfg.Budget {
+			cand = cand[:lp.cfg.Budget]
+		}
+	}
+	lp.mu.Lock()
+	lp.status.Blocked = keys(blocked)
+	lp.mu.Unlock()
+	return cand
+}
+
+// promote collapses region r and records it if the host backs it huge. It
+// reports whether the region is now promoted.
+// A collapse the kernel could not do for now (EAGAIN: a page was busy or
+// memory short) is not a failure: the region stays a candidate and is tried
+// again in a later window; transient reports that.
+func (lp *Pager) promote(r uint64) (ok, transient bool) {
+	err := lp.mem.Collapse(r)
+	ok = err == nil
+	if ok {
+		ok, err = lp.mem.HugeBacked(r)
+	}
+	lp.prio.SetPromoted(r, ok)
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if err != nil {
+		lp.status.LastFailure = err.Error()
+	}
+	if ok && lp.status.FirstPromotion == 0 {
+		lp.status.FirstPromotion = lp.prio.Windows()
+	}
+	if errors.Is(err, unix.EAGAIN) {
+		lp.status.Retried++
+		return false, true
+	}
+	return ok, false
+}
+
+// act promotes and demotes what the prioritizer decides, unless dirty
+// logging is on.
+func (lp *Pager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error) {
+	if lp.mem.DirtyLogging() {
+		// Fault tolerance is on: KVM maps everything with 4 KiB pages while
+		// it logs dirty pages, so collapsing would cost CPU and change
+		// nothing. Keep counting; promote again once logging stops.
+		lp.mu.Lock()
+		lp.status.Suspended = true
+		lp.mu.Unlock()
+		return blocked, false, nil
+	}
+	lp.mu.Lock()
+	lp.status.Suspended = false
+	lp.mu.Unlock()
+	d := lp.prio.Decide(func(r uint64) bool { return blocked[r] })
+	for _, r := range d.Demote {
+		if err := lp.mem.Split(r); err != nil {
+			return nil, false, err
+		}
+		lp.prio.SetPromoted(r, false)
+	}
+	for _, r := range d.Promote {
+		if ok, transient := lp.promote(r); !ok && !transient {
+			lp.mu.Lock()
+			lp.status.Failed++
+			lp.mu.Unlock()
+		}
+	}
+	return blocked, len(d.Promote)+len(d.Demote) > 0, nil
+}
