@@ -12,6 +12,7 @@ import (
 	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // BackupRunConfig configures RunBackup.
@@ -150,7 +151,7 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 			stopStatus = logStatus(cfg.StatusEvery, log, b.StatusLine)
 		} else if memSize != b.Image().Size() {
 			log.Warn(fmt.Sprintf("refused %v %q: it protects a guest of %s, this backup holds one of %s",
-				peer.Role, peer.Name, vmm.FormatSize(memSize), vmm.FormatSize(b.Image().Size())))
+				peer.Role, peer.Name, option.FormatSize(memSize), option.FormatSize(b.Image().Size())))
 			c.CloseWithError(wire.CodeRefused, "guest memory size differs from the backup's")
 			continue
 		}

@@ -11,7 +11,7 @@ import (
 	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
-	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // IntermediaryRunConfig configures RunIntermediary.
@@ -106,7 +106,7 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 	first := pc.Peer()
 	served.Store(&first)
 	memSize := first.Hello.MemSize
-	log.Info(fmt.Sprintf("primary %q connected (guest memory %s)", first.Name, vmm.FormatSize(memSize)))
+	log.Info(fmt.Sprintf("primary %q connected (guest memory %s)", first.Name, option.FormatSize(memSize)))
 	inter, err := NewIntermediary(memSize, cfg.Links.Log)
 	if err != nil {
 		pc.Close()
@@ -217,7 +217,7 @@ func acceptSamePrimary(ctx context.Context, g *gate, prev transport.Peer, timeou
 		if p := c.Peer(); p.Name == prev.Name && p.Hello.MemSize == prev.Hello.MemSize {
 			return c, nil
 		}
-		reason := fmt.Sprintf("this intermediary protects another primary (%q, guest memory %s)", prev.Name, vmm.FormatSize(prev.Hello.MemSize))
+		reason := fmt.Sprintf("this intermediary protects another primary (%q, guest memory %s)", prev.Name, option.FormatSize(prev.Hello.MemSize))
 		log.Warn(fmt.Sprintf("refused %v %q: %s", c.Peer().Role, c.Peer().Name, reason))
 		c.CloseWithError(wire.CodeProtocol, reason)
 	}
