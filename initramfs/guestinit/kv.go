@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strconv"
 	"sync"
 
 	"github.com/understudy-vmm/understudy/initramfs/boot"
@@ -20,21 +19,10 @@ const modeKV = "kv"
 // port until a client asks POWEROFF. It never returns otherwise: the
 // machine is snapshotted, restored, failed over or killed while it serves.
 func serveKV(out io.Writer, c config) error {
-	if err := boot.WaitLink(c.iface, c.timeout); err != nil {
-		return fmt.Errorf("no network interface: %w", err)
-	}
-	if err := boot.SetAddr(c.iface, c.addr); err != nil {
-		return err
-	}
-	for _, link := range []string{"lo", c.iface} {
-		if err := boot.LinkUp(link); err != nil {
-			return err
-		}
-	}
 	if err := boot.WaitDevice(c.disk, c.timeout); err != nil {
 		return fmt.Errorf("no disk: %w", err)
 	}
-	ln, err := net.Listen("tcp4", net.JoinHostPort(c.addr.Addr().String(), strconv.Itoa(int(c.port))))
+	ln, err := listen(c)
 	if err != nil {
 		return err
 	}

@@ -14,20 +14,26 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// serve configures the interface and answers one TCP connection.
-func serve(out io.Writer, c config) error {
+// listen waits for the interface, gives it guest.addr, brings it and the
+// loopback up, and listens on guest.addr and guest.port.
+func listen(c config) (net.Listener, error) {
 	if err := boot.WaitLink(c.iface, c.timeout); err != nil {
-		return fmt.Errorf("no network interface: %w", err)
+		return nil, fmt.Errorf("no network interface: %w", err)
 	}
 	if err := boot.SetAddr(c.iface, c.addr); err != nil {
-		return err
+		return nil, err
 	}
 	for _, link := range []string{"lo", c.iface} {
 		if err := boot.LinkUp(link); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	ln, err := net.Listen("tcp4", net.JoinHostPort(c.addr.Addr().String(), strconv.Itoa(int(c.port))))
+	return net.Listen("tcp4", net.JoinHostPort(c.addr.Addr().String(), strconv.Itoa(int(c.port))))
+}
+
+// serve configures the interface and answers one TCP connection.
+func serve(out io.Writer, c config) error {
+	ln, err := listen(c)
 	if err != nil {
 		return err
 	}
