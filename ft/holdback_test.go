@@ -15,7 +15,8 @@ import (
 // forwardRig is an intermediary forwarding with policy (nil: its default)
 // to a real backup configured by bcfg, fed by the stand-in primary link it
 // returns; all over mTLS, all stopped when the test ends. setup, if given,
-// configures the intermediary before the backup is attached.
+// configures the intermediary before the backup is attached; the rig
+// returns once it is.
 func forwardRig(t *testing.T, memSize uint64, policy ForwardPolicy, bcfg BackupConfig, setup ...func(*Intermediary)) (*Intermediary, *Backup, MessageConn) {
 	t.Helper()
 	pc, ic := link(t, memSize)
@@ -40,6 +41,9 @@ func forwardRig(t *testing.T, memSize uint64, policy ForwardPolicy, bcfg BackupC
 	}
 	t.Cleanup(func() { bk.Close() })
 	go bk.Serve(bi)
+	// The rig is ready once the intermediary holds its backup link (tests
+	// sync and inspect it; on a loaded host ServeBackup may not have run yet).
+	waitFor(t, "the intermediary to attach its backup", func() bool { return attachedBackup(in) != nil })
 	return in, bk, pc
 }
 
