@@ -101,6 +101,7 @@ func rawBackup(t *testing.T, memSize uint64, policy ForwardPolicy, epochs uint64
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	go in.ServeBackup(ctx, ib)
+	waitFor(t, "the intermediary to attach its backup", func() bool { return attachedBackup(in) != nil })
 	for e := uint64(1); e <= epochs; e++ {
 		sendAcked(t, pc, holdBackEpoch(e), e-1)
 	}
