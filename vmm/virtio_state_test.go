@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 	"golang.org/x/sys/unix"
@@ -301,11 +302,18 @@ func TestLinuxVirtioSnapshotRoundTrip(t *testing.T) {
 		}
 	}
 
+	rarps := countRARP(t, tap, mac)
 	r, err := restore([]DiskConfig{{Path: diskPath}}, []NetConfig{{Tap: tap, MAC: mac}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer r.Close()
+	// The restored NIC announces itself: announceRounds RARP frames.
+	var seen int
+	waitFor(t, "the restored NIC's RARP announcements", 10*time.Second, func() bool {
+		seen += rarps()
+		return seen >= announceRounds
+	}, func() string { return fmt.Sprintf("%d RARP frames seen", seen) })
 	if got := r.linux.virtio[1].dev.(*virtio.Net).MAC(); !bytes.Equal(got, mac) {
 		t.Errorf("restored MAC %s, want the snapshot's %s", got, mac)
 	}
@@ -334,4 +342,36 @@ func must[T any](v T, err error) T {
 		panic(err)
 	}
 	return v
+}
+
+// countRARP opens a packet socket on tap and returns a function that counts
+// the RARP frames from mac that have arrived since its last call.
+func countRARP(t *testing.T, tap string, mac net.HardwareAddr) func() int {
+	t.Helper()
+	ifi, err := net.InterfaceByName(tap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proto := uint16(unix.ETH_P_ALL<<8&0xff00 | unix.ETH_P_ALL>>8)
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, int(proto))
+	if err != nil {
+		t.Fatalf("AF_PACKET socket: %v", err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: proto, Ifindex: ifi.Index}); err != nil {
+		t.Fatalf("bind AF_PACKET to %s: %v", tap, err)
+	}
+	buf := make([]byte, 65536)
+	return func() int {
+		n := 0
+		for {
+			k, _, err := unix.Recvfrom(fd, buf, 0)
+			if err != nil {
+				return n
+			}
+			if k >= 22 && bytes.Equal(buf[6:12], mac) && buf[12] == 0x80 && buf[13] == 0x35 && bytes.Equal(buf[22:28], mac) {
+				n++
+			}
+		}
+	}
 }
