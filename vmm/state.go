@@ -526,14 +526,16 @@ func (m *Machine) announce() {
 		return
 	}
 	gap := announceInitial
+	warned := make([]bool, len(nets)) // one warning per NIC (a tap that is down fails every round)
 	for round := range announceRounds {
 		select {
 		case <-m.stopCh:
 			return
 		default:
 		}
-		for _, n := range nets {
-			if err := n.Announce(); err != nil && m.log != nil {
+		for i, n := range nets {
+			if err := n.Announce(); err != nil && m.log != nil && !warned[i] {
+				warned[i] = true
 				m.log.Warn("announce", "round", round, "err", err)
 			}
 		}

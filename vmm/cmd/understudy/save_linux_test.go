@@ -5,13 +5,17 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // codeWaitInput prints "up\n" on COM1, waits for a byte on COM1, echoes it
@@ -172,5 +176,64 @@ func TestRunLinuxSaveUsage(t *testing.T) {
 	}
 	if code, _, errs := runCLI("run", "--kernel", k, "--save", filepath.Join(dir, "no", "snap")); code != exitError || !strings.Contains(errs, "no directory") {
 		t.Errorf("--save into a missing directory = %d, %q", code, errs)
+	}
+}
+
+var cliTapSeq atomic.Uint32
+
+// makeTap creates a persistent tap device that is up, deleted when the test
+// ends; it skips the test without CAP_NET_ADMIN.
+func makeTap(t *testing.T) string {
+	t.Helper()
+	name := fmt.Sprintf("ucl%d_%d", os.Getpid()%100000, cliTapSeq.Add(1))
+	set := func(persist int) error {
+		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		ifr, err := unix.NewIfreq(name)
+		if err != nil {
+			return err
+		}
+		ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI)
+		if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+			return err
+		}
+		return unix.IoctlSetInt(fd, unix.TUNSETPERSIST, persist)
+	}
+	if err := set(1); err != nil {
+		if errors.Is(err, unix.EPERM) || errors.Is(err, os.ErrNotExist) {
+			t.Skipf("cannot create tap device %s: %v", name, err)
+		}
+		t.Fatalf("create tap %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		if err := set(0); err != nil {
+			t.Errorf("delete tap %s: %v", name, err)
+		}
+	})
+	return name
+}
+
+// TestRunLinuxSaveNet saves a Linux guest with a NIC: `restore` takes the
+// tap again and the MAC from the snapshot, and refuses another MAC.
+func TestRunLinuxSaveNet(t *testing.T) {
+	requireKVM(t)
+	tap := makeTap(t)
+	dir := t.TempDir()
+	k := writeFile(t, dir, "bzImage", testKernel(codeWaitInput), 0o644)
+	snap := filepath.Join(dir, "snap")
+	code, _, errs := runCLI("run", "--kernel", k, "--mem", "64M", "--net", "tap="+tap+",mac=02:00:00:00:00:07", "--save", snap, "--save-after-output", "up")
+	if code != 0 || !strings.Contains(errs, "saved a snapshot") {
+		t.Fatalf("run --save with a NIC = %d, %q", code, errs)
+	}
+	code, out, errs := runCLIInput(t, "", "restore", "--snapshot", snap, "--net", "tap="+tap+",mac=02:00:00:00:00:08")
+	if code != exitError || out != "" || !strings.Contains(errs, "MAC 02:00:00:00:00:08 given, the state's is 02:00:00:00:00:07") || strings.Count(errs, "\n") != 1 {
+		t.Errorf("restore with another MAC = %d, %q, %q; want one line refusing it", code, out, errs)
+	}
+	code, out, errs = runCLIInput(t, "x", "restore", "--snapshot", snap, "--net", "tap="+tap)
+	if code != 0 || out != "x" {
+		t.Errorf("restore with the tap = %d, stdout %q, stderr %q; want 0 and the echo", code, out, errs)
 	}
 }
