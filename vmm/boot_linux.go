@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
@@ -92,6 +93,9 @@ type linuxGuest struct {
 	pm      *devices.ACPIPM
 	unknown *unknownPorts
 	virtio  []*virtioSlot
+	// announcing counts the goroutine announcing the NICs after a
+	// restore (Machine.announce); close waits for it.
+	announcing sync.WaitGroup
 }
 
 // virtioSlot is one virtio device: its backend and, once the machine
@@ -113,6 +117,7 @@ func (d transportDevice) write(off uint64, data []byte) error { return d.t.Write
 // close stops the devices: the virtio transports (and their backends and
 // goroutines) and the serial reader.
 func (g *linuxGuest) close() error {
+	g.announcing.Wait() // the machine has stopped: it returns soon
 	var errs []error
 	for _, s := range g.virtio {
 		switch {

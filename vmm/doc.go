@@ -47,6 +47,19 @@
 // exactly where the captured one stopped. WriteSnapshot and RestoreSnapshot
 // put both into one stream.
 //
+// A Linux machine's virtio devices are part of its state: every pause
+// quiesces each virtio-mmio transport as soon as the vCPUs have parked
+// (pending block requests complete, their guest-memory writes land in the
+// VMM's dirty bitmap before the pauser harvests it, and no device writes
+// guest memory until Resume, which kicks every queue). CaptureState adds
+// each transport's SaveState bytes as a virtio section, in device order;
+// SaveSnapshot first flushes the disks (FlushDisks). Restore opens the
+// devices again from RestoreConfig.Disks and Nets (the MAC is the state's),
+// loads each transport's state (a disk of another size or content is
+// refused), restores vCPUs and interrupt controllers, resumes the
+// transports and announces each NIC (RARP, 5 rounds from 50 ms apart,
+// until the machine stops).
+//
 // vmm imports vmm/devices, vmm/virtio, vmm/payload and vmm/option; none of
 // them imports vmm.
 package vmm

@@ -146,7 +146,48 @@ func (m *Machine) pauseLocked() (time.Duration, error) {
 		return 0, ErrStopped
 	}
 	m.paused = true
+	m.quiesceVirtio()
 	return time.Since(start), nil
+}
+
+// quiesceVirtio quiesces every virtio transport of a paused machine (see
+// virtio.Transport.Quiesce): block requests the guest made available
+// complete now, writing guest memory through the VMM's dirty bitmap, so
+// that whoever paused the machine harvests the dirty pages after them, and
+// no device writes guest memory until Resume. The caller holds pauseMu.
+// Its only errors are host failures to raise the interrupt of a completed
+// request: they are logged, not returned, since the pause itself holds (and
+// a restore raises the interrupt again from the transport's interrupt
+// status, which the state keeps).
+func (m *Machine) quiesceVirtio() {
+	if m.linux == nil {
+		return
+	}
+	for _, s := range m.linux.virtio {
+		if s.t == nil {
+			continue
+		}
+		if err := s.t.Quiesce(); err != nil && m.log != nil {
+			m.log.Warn("virtio quiesce", "device", s.name, "err", err)
+		}
+	}
+}
+
+// resumeVirtio ends the transports' quiescence and kicks every queue
+// (virtio.Transport.Resume). Its errors are the guest's (a malformed ring):
+// they are logged and the machine keeps running.
+func (m *Machine) resumeVirtio() {
+	if m.linux == nil {
+		return
+	}
+	for _, s := range m.linux.virtio {
+		if s.t == nil {
+			continue
+		}
+		if err := s.t.Resume(); err != nil && m.log != nil {
+			m.log.Warn("virtio resume", "device", s.name, "err", err)
+		}
+	}
 }
 
 // PauseWait is Pause for a controller that shares the machine with others
@@ -231,6 +272,7 @@ func (m *Machine) resumeLocked() (time.Duration, error) {
 	}
 	start := time.Now()
 	m.paused = false
+	m.resumeVirtio()
 	p := m.endPause()
 	if !p.wait(&p.left) {
 		return 0, ErrStopped

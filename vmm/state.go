@@ -1,16 +1,19 @@
 package vmm
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm/devices"
 	"github.com/understudy-vmm/understudy/vmm/option"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // MachineState is everything about a paused machine except its memory: the
@@ -74,6 +77,11 @@ type DeviceStates struct {
 	// Platform is a Linux machine's ACPI PM and keyboard controller state
 	// (vmm/devices/platform_state.go); nil for payload machines.
 	Platform *devices.PlatformState
+	// Virtio is a Linux machine's virtio-mmio devices, in the machine's
+	// device order (disks, then network interfaces): each is one
+	// transport's SaveState encoding, its device's state included
+	// (vmm/virtio/mmio_state.go). Empty for a machine without any.
+	Virtio [][]byte
 }
 
 // MSR numbers Understudy names. EFER, the APIC base and the FS/GS bases are
@@ -203,9 +211,6 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 	if !m.paused && !m.halted.Load() {
 		return nil, fmt.Errorf("capture state: %w", ErrNotPaused)
 	}
-	if m.linux != nil && len(m.linux.virtio) > 0 {
-		return nil, fmt.Errorf("capture state: the machine has %d virtio devices, whose state is not saved yet", len(m.linux.virtio))
-	}
 	if !m.halted.Load() {
 		if err := m.waitCaptured(); err != nil {
 			return nil, fmt.Errorf("capture state: %w", err)
@@ -234,6 +239,19 @@ func (m *Machine) CaptureState() (*MachineState, error) {
 		st.Devices.UART = &u
 		p := devices.SavePlatform(m.linux.pm, m.linux.kbd)
 		st.Devices.Platform = &p
+		for _, s := range m.linux.virtio {
+			if !s.t.Quiesced() {
+				// Run is over and the pause did not quiesce it.
+				if err := s.t.Quiesce(); err != nil {
+					return nil, fmt.Errorf("capture state: %w", err)
+				}
+			}
+			b, err := s.t.SaveState()
+			if err != nil {
+				return nil, fmt.Errorf("capture state: %w", err)
+			}
+			st.Devices.Virtio = append(st.Devices.Virtio, b)
+		}
 	}
 	return st, nil
 }
@@ -387,6 +405,13 @@ type RestoreConfig struct {
 	OnMark   func(cpu int, phase uint32)
 	// Affinity, if set, pins vCPU i's thread to host CPU Affinity[i].
 	Affinity []int
+	// Disks and Nets are a Linux machine's virtio devices on this host,
+	// given again: the state's virtio-blk devices take Disks in order (the
+	// same size and content as when the state was captured), its
+	// virtio-net devices Nets (a tap here; the MAC is the state's, and a
+	// NetConfig.MAC other than it is refused).
+	Disks []DiskConfig
+	Nets  []NetConfig
 }
 
 // Restore builds a new machine from st and a memory image: exactly
@@ -442,15 +467,22 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 		closeMem()
 		return nil, fmt.Errorf("restore: %w", err)
 	}
+	if !linux && len(cfg.Disks)+len(cfg.Nets) > 0 {
+		closeMem()
+		return nil, errors.New("restore: disks or network interfaces given for a payload machine, which has none")
+	}
 	m, err := build(mc, mem, linux)
 	if err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
 	}
 	m.payload = &loadedPayload{name: st.Config.Payload, dataBase: st.Config.DataBase, dataSize: st.Config.DataSize}
 	if linux {
-		// A Linux machine without virtio devices (CaptureState refuses
-		// those): its devices, with the serial port's state restored below.
+		// A Linux machine: its devices, with their state restored below.
 		m.linux = &linuxGuest{consoleIn: cfg.ConsoleIn}
+		if err := m.linux.openVirtio(cfg, st.Devices.Virtio); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("restore: %w", err)
+		}
 		if err := m.addLinuxDevices(); err != nil {
 			m.Close()
 			return nil, fmt.Errorf("restore: %w", err)
@@ -460,7 +492,131 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 		m.Close()
 		return nil, fmt.Errorf("restore: %w", err)
 	}
+	if linux && len(m.linux.virtio) > 0 {
+		// Guest memory, vCPUs and interrupt controllers hold the state:
+		// kick every queue, then tell the segment where the NICs are.
+		m.resumeVirtio()
+		m.linux.announcing.Add(1)
+		go func() {
+			defer m.linux.announcing.Done()
+			m.announce()
+		}()
+	}
 	return m, nil
+}
+
+// Announce rounds after a restore, as QEMU's announce-self: 5 rounds, the
+// first gap 50 ms, each next one 100 ms longer.
+const (
+	announceRounds  = 5
+	announceInitial = 50 * time.Millisecond
+	announceStep    = 100 * time.Millisecond
+)
+
+// announce sends each virtio-net device's RARP announcement (virtio.Net's
+// Announce) announceRounds times, until the machine stops.
+func (m *Machine) announce() {
+	var nets []*virtio.Net
+	for _, s := range m.linux.virtio {
+		if n, ok := s.dev.(*virtio.Net); ok {
+			nets = append(nets, n)
+		}
+	}
+	if len(nets) == 0 {
+		return
+	}
+	gap := announceInitial
+	warned := make([]bool, len(nets)) // one warning per NIC (a tap that is down fails every round)
+	for round := range announceRounds {
+		select {
+		case <-m.stopCh:
+			return
+		default:
+		}
+		for i, n := range nets {
+			if err := n.Announce(); err != nil && m.log != nil && !warned[i] {
+				warned[i] = true
+				m.log.Warn("announce", "round", round, "err", err)
+			}
+		}
+		if round == announceRounds-1 {
+			return
+		}
+		t := time.NewTimer(gap)
+		select {
+		case <-m.stopCh:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		gap += announceStep
+	}
+}
+
+// openVirtio opens the virtio backends of a restored Linux machine: one per
+// state in states, in order, virtio-blk devices from cfg.Disks and
+// virtio-net devices from cfg.Nets, each list used up exactly. A
+// virtio-net device gets the state's MAC address.
+func (g *linuxGuest) openVirtio(cfg RestoreConfig, states [][]byte) error {
+	var blocks, nets int
+	for _, b := range states {
+		_, id, _, err := virtio.DecodeTransportState(b)
+		if err != nil {
+			return err
+		}
+		if id == virtio.DeviceIDBlock {
+			blocks++
+		} else {
+			nets++
+		}
+	}
+	if blocks != len(cfg.Disks) || nets != len(cfg.Nets) {
+		return fmt.Errorf("the state has %d disks and %d network interfaces; %d disks and %d network interfaces given", blocks, nets, len(cfg.Disks), len(cfg.Nets))
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			g.close()
+			g.virtio = nil
+		}
+	}()
+	var di, ni int
+	for _, b := range states {
+		_, id, body, _ := virtio.DecodeTransportState(b)
+		if id == virtio.DeviceIDBlock {
+			d := cfg.Disks[di]
+			bs, err := virtio.DecodeBlockState(body)
+			if err != nil {
+				return fmt.Errorf("disk %d: %w", di, err)
+			}
+			if bs.ReadOnly != d.ReadOnly {
+				return fmt.Errorf("disk %d (%s): read-only is %t, the state's disk %t", di, d.Path, d.ReadOnly, bs.ReadOnly)
+			}
+			dev, err := virtio.NewBlock(d.Path, d.ReadOnly)
+			if err != nil {
+				return fmt.Errorf("disk %d: %w", di, err)
+			}
+			g.addVirtio(fmt.Sprintf("virtio-blk %s", d.Path), dev)
+			di++
+			continue
+		}
+		n := cfg.Nets[ni]
+		ns, err := virtio.DecodeNetState(body)
+		if err != nil {
+			return fmt.Errorf("network interface %d: %w", ni, err)
+		}
+		if n.MAC != nil && !bytes.Equal(n.MAC, ns.MAC) {
+			return fmt.Errorf("network interface %d: MAC %s given, the state's is %s", ni, n.MAC, ns.MAC)
+		}
+		dev, err := virtio.NewNet(n.Tap, ns.MAC)
+		if err != nil {
+			return fmt.Errorf("network interface %d: %w", ni, err)
+		}
+		g.addVirtio(fmt.Sprintf("virtio-net %s", n.Tap), dev)
+		ni++
+	}
+	ok = true
+	return nil
 }
 
 // restore loads the memory image (if any) and puts st into a freshly built
@@ -498,6 +654,13 @@ func (m *Machine) restore(st *MachineState, image io.Reader) error {
 		}
 		if st.Devices.Platform != nil {
 			devices.RestorePlatform(m.linux.pm, m.linux.kbd, *st.Devices.Platform)
+		}
+		for i, b := range st.Devices.Virtio {
+			// Guest memory holds the image: LoadState checks the rings
+			// against it, and the disk against the state's fingerprint.
+			if err := m.linux.virtio[i].t.LoadState(b); err != nil {
+				return err
+			}
 		}
 	}
 	return m.debug.Restore(st.Devices.DebugPort)

@@ -10,6 +10,7 @@ import (
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm/devices"
 	"github.com/understudy-vmm/understudy/vmm/option"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // The binary encoding of a MachineState, version 1. It arrives over the
@@ -34,6 +35,8 @@ import (
 //	0x10  debug port   1            see vmm/devices/debugport_state.go
 //	0x11  uart         0 or 1       see vmm/devices/uart_state.go; present only for a Linux machine
 //	0x12  platform     0 or 1       see vmm/devices/platform_state.go; present only with a uart section
+//	0x13  virtio       0..MaxVirtioDevices, in the machine's device order; only with a uart section:
+//	                                one virtio-mmio transport and its device (vmm/virtio/mmio_state.go)
 //
 // A vcpu section holds these fields, each once and in this order. "struct"
 // means the kernel's x86-64 KVM struct (<asm/kvm.h>) byte for byte:
@@ -73,8 +76,10 @@ var ErrBadState = devices.ErrBadState
 
 // Limits of a machine state.
 const (
-	// MaxStateSize bounds an encoded MachineState.
-	MaxStateSize = 8 << 20
+	// MaxStateSize bounds an encoded MachineState: 8 MiB for the vCPUs
+	// and the legacy devices, and room for MaxVirtioDevices virtio
+	// sections each holding a full virtio-net backlog (about 4.2 MB).
+	MaxStateSize = 8<<20 + MaxVirtioDevices*(virtio.MaxTransportStateSize+recordHeaderSize)
 	// MaxStateMemSize bounds the guest memory a state may describe.
 	MaxStateMemSize = 1 << 40
 
@@ -96,6 +101,7 @@ const (
 	tagDebugPort = 0x10
 	tagUART      = 0x11
 	tagPlatform  = 0x12
+	tagVirtio    = 0x13
 )
 
 // vCPU field tags.
@@ -174,6 +180,9 @@ func (st *MachineState) MarshalBinary() ([]byte, error) {
 // that encoding it allocates once.
 func (st *MachineState) sizeHint() int {
 	n := 4096 + maxPayloadName + regionSize*len(st.Config.Regions)
+	for _, v := range st.Devices.Virtio {
+		n += recordHeaderSize + len(v)
+	}
 	for i := range st.VCPUs {
 		v := &st.VCPUs[i]
 		n += 4096 + len(v.XSave) + msrEntrySize*len(v.MSRs) + cpuidEntrySize*len(v.CPUID)
@@ -212,6 +221,9 @@ func (st *MachineState) encode(b []byte) []byte {
 	}
 	if st.Devices.Platform != nil {
 		e.record(tagPlatform, st.Devices.Platform.AppendBinary)
+	}
+	for _, v := range st.Devices.Virtio {
+		e.record(tagVirtio, func(b []byte) []byte { return append(b, v...) })
 	}
 	return e.b
 }
@@ -476,6 +488,19 @@ func decodeState(data []byte, s *MachineState) error {
 		}
 		s.Devices.Platform = &p
 	}
+	for len(d.b) >= 2 && le.Uint16(d.b) == tagVirtio {
+		if len(s.Devices.Virtio) == MaxVirtioDevices {
+			return fmt.Errorf("%w: more than %d virtio sections", ErrBadState, MaxVirtioDevices)
+		}
+		body = d.record(tagVirtio, "virtio section")
+		if d.err != nil {
+			return d.err
+		}
+		if err := checkVirtioState(body); err != nil {
+			return fmt.Errorf("%w: virtio device %d: %w", ErrBadState, len(s.Devices.Virtio), err)
+		}
+		s.Devices.Virtio = append(s.Devices.Virtio, bytes.Clone(body))
+	}
 	if len(d.b) != 0 {
 		return fmt.Errorf("%w: %d bytes after the last section", ErrBadState, len(d.b))
 	}
@@ -690,7 +715,35 @@ func (st *MachineState) validate() error {
 	if st.Devices.Platform != nil && st.Devices.UART == nil {
 		return bad("platform devices without a serial port: only a Linux machine has them")
 	}
+	if len(st.Devices.Virtio) > 0 && st.Devices.UART == nil {
+		return bad("virtio devices without a serial port: only a Linux machine has them")
+	}
+	if len(st.Devices.Virtio) > MaxVirtioDevices {
+		return bad("%d virtio devices, at most %d", len(st.Devices.Virtio), MaxVirtioDevices)
+	}
+	for i, v := range st.Devices.Virtio {
+		if err := checkVirtioState(v); err != nil {
+			return bad("virtio device %d: %v", i, err)
+		}
+	}
 	return nil
+}
+
+// checkVirtioState decodes a virtio section: the transport and its
+// device's body. What depends on the machine (offered features, guest
+// memory, the disk) is for Transport.LoadState.
+func checkVirtioState(b []byte) error {
+	_, id, body, err := virtio.DecodeTransportState(b)
+	if err != nil {
+		return err
+	}
+	switch id {
+	case virtio.DeviceIDBlock:
+		_, err = virtio.DecodeBlockState(body)
+	case virtio.DeviceIDNet:
+		_, err = virtio.DecodeNetState(body)
+	}
+	return err
 }
 
 func (s *VCPUState) validate() error {

@@ -11,6 +11,7 @@ import (
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm/devices"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // testState returns a valid state of an 8 MiB machine with ncpus vCPUs,
@@ -262,6 +263,8 @@ func FuzzUnmarshalMachineState(f *testing.F) {
 		f.Add(b[:len(b)/2])
 	}
 	f.Add(mustMarshal(f, linuxTestState()))
+	f.Add(mustMarshal(f, linuxVirtioTestState(f, 1)))
+	f.Add(mustMarshal(f, linuxVirtioTestState(f, 2)))
 	f.Add([]byte("USVS\x01\x00\x00\x00"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var st MachineState
@@ -385,5 +388,116 @@ func TestAppendFPU(t *testing.T) {
 	}
 	if got := fpuFromXSave(x); got != f {
 		t.Errorf("fpuFromXSave = %+v, want %+v", got, f)
+	}
+}
+
+// virtioTestStates are a virtio-blk and a virtio-net transport's states,
+// the net device with a backlog of frames of frameSize bytes.
+func virtioTestStates(t testing.TB, frames, frameSize int) [][]byte {
+	t.Helper()
+	q := virtio.QueueState{Size: 8, Ready: true, LastAvail: 3, UsedIdx: 3, Desc: 0x10000, Driver: 0x10400, Device: 0x10800}
+	ts := virtio.TransportState{
+		Status:         virtio.StatusAcknowledge | virtio.StatusDriver | virtio.StatusFeaturesOK | virtio.StatusDriverOK,
+		DriverFeatures: virtio.FeatureVersion1, Queues: []virtio.QueueState{q},
+	}
+	bs := virtio.BlockState{Capacity: 2048, DiskSize: 2048 * 512, Fingerprint: [32]byte{1, 2, 3}}
+	body, err := bs.AppendBinary(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, err := virtio.AppendTransportState(nil, virtio.DeviceIDBlock, &ts, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := virtio.NetState{MAC: DefaultMAC(0), LinkStatus: 1}
+	for i := range frames {
+		ns.Backlog = append(ns.Backlog, bytes.Repeat([]byte{byte(i + 1)}, frameSize))
+	}
+	if body, err = ns.AppendBinary(nil); err != nil {
+		t.Fatal(err)
+	}
+	ts.Queues = []virtio.QueueState{q, q}
+	nic, err := virtio.AppendTransportState(nil, virtio.DeviceIDNet, &ts, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return [][]byte{blk, nic}
+}
+
+// linuxVirtioTestState is a Linux machine's state with a virtio-blk and a
+// virtio-net device, the latter with frames frames in its backlog.
+func linuxVirtioTestState(t testing.TB, frames int) *MachineState {
+	st := linuxTestState()
+	st.Devices.Platform = &devices.PlatformState{ACPIEnable: 0x100}
+	st.Devices.Virtio = virtioTestStates(t, frames, 60)
+	return st
+}
+
+func TestStateEncodingVirtio(t *testing.T) {
+	st := linuxVirtioTestState(t, 2)
+	b := mustMarshal(t, st)
+	var got MachineState
+	if err := got.UnmarshalBinary(b); err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Devices.Virtio) != 2 || !bytes.Equal(got.Devices.Virtio[0], st.Devices.Virtio[0]) || !bytes.Equal(got.Devices.Virtio[1], st.Devices.Virtio[1]) {
+		t.Errorf("virtio sections after a round trip differ")
+	}
+	// A state without virtio sections (an older one) still decodes.
+	old := linuxVirtioTestState(t, 0)
+	old.Devices.Virtio = nil
+	if err := got.UnmarshalBinary(mustMarshal(t, old)); err != nil || got.Devices.Virtio != nil {
+		t.Errorf("state without virtio sections: %v, %d sections", err, len(got.Devices.Virtio))
+	}
+	// Refused: virtio sections in a payload machine's state, too many, a
+	// malformed one.
+	payload := testState(1)
+	payload.Devices.Virtio = st.Devices.Virtio
+	if _, err := payload.MarshalBinary(); !errors.Is(err, ErrBadState) {
+		t.Errorf("payload state with virtio devices: MarshalBinary = %v, want ErrBadState", err)
+	}
+	many := linuxVirtioTestState(t, 0)
+	for len(many.Devices.Virtio) <= MaxVirtioDevices {
+		many.Devices.Virtio = append(many.Devices.Virtio, many.Devices.Virtio[0])
+	}
+	if _, err := many.MarshalBinary(); !errors.Is(err, ErrBadState) {
+		t.Errorf("%d virtio devices: MarshalBinary = %v, want ErrBadState", len(many.Devices.Virtio), err)
+	}
+	enc := many.encode(nil) // without validation
+	if err := got.UnmarshalBinary(enc); !errors.Is(err, ErrBadState) {
+		t.Errorf("%d virtio sections: UnmarshalBinary = %v, want ErrBadState", len(many.Devices.Virtio), err)
+	}
+	bad := bytes.Clone(b)
+	bad[len(bad)-1] ^= 0xff                       // inside the net backlog's last frame: still valid
+	bad[len(bad)-len(st.Devices.Virtio[1])] = 'X' // the net section's magic
+	if err := got.UnmarshalBinary(bad); !errors.Is(err, ErrBadState) || !strings.Contains(err.Error(), "virtio device 1") {
+		t.Errorf("malformed virtio section: UnmarshalBinary = %v, want ErrBadState naming virtio device 1", err)
+	}
+}
+
+// TestMaxStateSizeFitsVirtio checks that the largest Linux state fits
+// MaxStateSize: MaxCPUs vCPUs at their limits and MaxVirtioDevices
+// virtio-net devices each with a full backlog of maximal frames.
+func TestMaxStateSizeFitsVirtio(t *testing.T) {
+	full := virtioTestStates(t, virtio.NetBacklog, virtio.NetMaxFrame)[1]
+	if len(full) > virtio.MaxTransportStateSize {
+		t.Fatalf("a full virtio-net state is %d bytes, more than MaxTransportStateSize %d", len(full), virtio.MaxTransportStateSize)
+	}
+	st := linuxVirtioTestState(t, 0)
+	st.Devices.Virtio = nil
+	for range MaxVirtioDevices {
+		st.Devices.Virtio = append(st.Devices.Virtio, full)
+	}
+	b := mustMarshal(t, st)
+	vcpu := recordHeaderSize + 8 + 12*recordHeaderSize + 144 + 312 + 416 + maxXSaveSize + 392 + msrEntrySize*maxStateMSRs +
+		1024 + 64 + 4 + 128 + cpuidEntrySize*maxStateCPUID + 4
+	worst := len(b) + MaxCPUs*vcpu
+	if worst > MaxStateSize {
+		t.Errorf("the largest state is about %d bytes, MaxStateSize %d", worst, MaxStateSize)
+	}
+	t.Logf("full virtio-net state %d bytes; largest machine state about %d bytes of %d", len(full), worst, MaxStateSize)
+	var got MachineState
+	if err := got.UnmarshalBinary(b); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -226,7 +226,7 @@ func (s *sizeFlag) Set(v string) error {
 }
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("run", "run --payload NAME[,opt=value...] [--mem SIZE] [--cpus N] [--opt key=value...] [--save FILE --save-after N]\n   or: understudy run --kernel PATH [--initrd PATH] [--cmdline S] [--mem SIZE] [--cpus N] [--net tap=NAME,mac=M] [--disk PATH[,ro]]", stderr)
+	fs := newFlags("run", "run --payload NAME[,opt=value...] [--mem SIZE] [--cpus N] [--opt key=value...] [--save FILE --save-after N]\n   or: understudy run --kernel PATH [--initrd PATH] [--cmdline S] [--mem SIZE] [--cpus N] [--net tap=NAME,mac=M] [--disk PATH[,ro]] [--save FILE [--save-on-signal USR1] [--save-after-output TEXT]]", stderr)
 	payloadArg := fs.String("payload", "", "payload guest: a built-in name (see `understudy payloads`) or a path to a flat binary")
 	mem := &sizeFlag{v: 128 << 20}
 	fs.Var(mem, "mem", "guest memory, e.g. 256M or 1G (a multiple of 2 MiB)")
@@ -241,7 +241,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		"; source auto samples with the kernel's DAMON where it has virtual-address operations and is free, else by revoking pages and counting refaults")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the large-page or protection status line on stderr (0: only at the end)")
 	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
-	save := fs.String("save", "", "save a snapshot (machine state and all guest memory) to this file once the guest has emitted --save-after output records, then stop")
+	save := fs.String("save", "", "save a snapshot (machine state and all guest memory) to this file, then stop: a payload guest once it has emitted --save-after output records, "+
+		"a Linux guest (--kernel) on --save-on-signal (SIGUSR1 unless --save-after-output is given) or --save-after-output")
 	saveAfter := fs.Uint64("save-after", 0, "with --save: the number of output records after which to save")
 	pf := addProtectFlags(fs)
 	protect := pf.addr
@@ -250,7 +251,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if code, done := parseFlags(fs, args); done {
 		return code
 	}
-	if code, done := lf.run(ctx, fs, linuxRunOptions{mem: mem.v, cpus: *cpus, kvm: *kvmDev, backing: *backing, quiet: *quiet, stats: *stats}, stdout, stderr); done {
+	if code, done := lf.run(ctx, fs, linuxRunOptions{mem: mem.v, cpus: *cpus, kvm: *kvmDev, backing: *backing, quiet: *quiet, stats: *stats, save: *save}, stdout, stderr); done {
 		return code
 	}
 	if *protect != "" && *save != "" {

@@ -36,6 +36,8 @@ type linuxFlags struct {
 	cmdline        cmdlineFlag
 	nets           netList
 	disks          diskList
+	// saveSignal and saveOutput say when --save saves a Linux guest.
+	saveSignal, saveOutput string
 }
 
 // linuxRunOptions are the flags `run` shares with payload guests.
@@ -46,12 +48,14 @@ type linuxRunOptions struct {
 	backing string
 	quiet   bool
 	stats   bool
+	save    string // --save: the snapshot file
 }
 
 // linuxFlagNames are the flags that apply to a Linux guest.
 var linuxFlagNames = map[string]bool{
 	"kernel": true, "initrd": true, "cmdline": true, "net": true, "disk": true,
 	"mem": true, "cpus": true, "kvm": true, "backing": true, "quiet": true, "stats": true,
+	"save": true, "save-on-signal": true, "save-after-output": true,
 }
 
 // addLinuxFlags registers the Linux guest flags on fs.
@@ -66,6 +70,8 @@ func addLinuxFlags(fs *flag.FlagSet) *linuxFlags {
 		"(its crash timeout set to -1), and skips PCI (pci=off). A virtio_mmio.device= entry per --net and --disk is appended")
 	fs.Var(&lf.nets, "net", "with --kernel: a virtio-net interface on an existing tap device: tap=NAME[,mac=MAC] (repeatable)")
 	fs.Var(&lf.disks, "disk", "with --kernel: a virtio-blk disk backed by a file: PATH[,ro] (repeatable)")
+	fs.StringVar(&lf.saveSignal, "save-on-signal", "", "with --kernel and --save: save the snapshot when this signal arrives (USR1, USR2 or HUP; the default is USR1 unless --save-after-output is given)")
+	fs.StringVar(&lf.saveOutput, "save-after-output", "", "with --kernel and --save: save the snapshot once the guest's console has printed this text")
 	return lf
 }
 
@@ -198,7 +204,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if lf.kernel == "" {
-		for _, name := range []string{"initrd", "cmdline", "net", "disk"} {
+		for _, name := range []string{"initrd", "cmdline", "net", "disk", "save-on-signal", "save-after-output"} {
 			if set[name] {
 				return usageError(fs, fmt.Sprintf("--%s needs --kernel", name)), true
 			}
@@ -218,6 +224,10 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	if !set["mem"] {
 		o.mem = linuxDefaultMem
 	}
+	save, err := lf.saveTrigger(set, o.save)
+	if err != nil {
+		return usageError(fs, err.Error()), true
+	}
 	if o.cpus < 1 || o.cpus > vmm.MaxCPUs {
 		return fail(stderr, fmt.Errorf("--cpus %d: want 1..%d vCPUs", o.cpus, vmm.MaxCPUs)), true
 	}
@@ -225,9 +235,22 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	if err != nil {
 		return fail(stderr, err), true
 	}
+	if save != nil {
+		if err := checkSaveDir(o.save); err != nil {
+			return fail(stderr, err), true
+		}
+	}
+	console := stdout
+	var saveReq chan struct{}
+	if save != nil {
+		saveReq = make(chan struct{})
+		if save.marker != "" {
+			console = &markerWriter{w: stdout, marker: []byte(save.marker), found: func() { save.trigger(fmt.Sprintf("console output %q", save.marker), saveReq) }}
+		}
+	}
 	cfg := vmm.Config{
 		KVMDevice: o.kvm, MemSize: o.mem, CPUs: o.cpus, Backing: bk,
-		Console: stdout,
+		Console: console,
 		Linux: &vmm.LinuxConfig{
 			Kernel: lf.kernel, Initrd: lf.initrd, Cmdline: lf.cmdline.v,
 			Disks: lf.disks, Nets: lf.nets,
@@ -257,7 +280,22 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 		fmt.Fprintf(stderr, "understudy: the terminal is in raw mode for the guest's console: %s\n", escapeHelp)
 	}
 	start := time.Now()
-	res, err := m.Run(runCtx)
+	var res vmm.Result
+	if save != nil {
+		stopSignal := save.watchSignal(saveReq)
+		var saved bool
+		var size int64
+		res, saved, size, err = runLinuxAndSave(runCtx, m, saveReq, o.save)
+		stopSignal()
+		restore()
+		if saved {
+			fmt.Fprintf(stderr, "understudy: saved a snapshot of the guest after %v to %s (%.1f MiB) (%s); the guest is stopped\n",
+				time.Since(start).Round(time.Millisecond), o.save, float64(size)/(1<<20), save.reason())
+			return 0, true
+		}
+	} else {
+		res, err = m.Run(runCtx)
+	}
 	restore()
 	elapsed := time.Since(start).Round(time.Millisecond)
 	if errors.Is(context.Cause(runCtx), errQuitKey) && ctx.Err() == nil {

@@ -97,12 +97,16 @@ func saveSnapshotFile(path string, m *vmm.Machine) (size int64, err error) {
 }
 
 func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("restore", "restore --snapshot FILE [--records FILE|-] [--quiet]", stderr)
+	fs := newFlags("restore", "restore --snapshot FILE [--records FILE|-] [--quiet]\n   or: understudy restore --snapshot FILE [--disk PATH[,ro]...] [--net tap=NAME...] (a Linux guest)", stderr)
 	snapshot := fs.String("snapshot", "", "snapshot file written by `understudy run --save`")
 	records := fs.String("records", "", "write the output records the restored guest emits to this file, one decimal value per line (\"-\": stdout)")
 	backing := fs.String("backing", "anon", "guest memory backing: anon or memfd")
 	kvmDev := fs.String("kvm", "/dev/kvm", "KVM device")
 	quiet := fs.Bool("quiet", false, "do not print the summary line on stderr")
+	var disks diskList
+	var nets netList
+	fs.Var(&disks, "disk", "a Linux guest's virtio-blk disk, given again in the order of the run: PATH[,ro] (the same size and content as at the snapshot; repeatable)")
+	fs.Var(&nets, "net", "a Linux guest's virtio-net interface on a tap of this host, in the order of the run: tap=NAME (the MAC is the snapshot's; repeatable)")
 	if code, done := parseFlags(fs, args); done {
 		return code
 	}
@@ -134,7 +138,23 @@ func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer) in
 			}
 		},
 	}
-	m, err := vmm.RestoreSnapshot(cfg, bufio.NewReaderSize(f, 1<<20))
+	st, image, err := vmm.ReadSnapshot(bufio.NewReaderSize(f, 1<<20))
+	if err != nil {
+		if errors.Is(err, vmm.ErrBadSnapshot) || errors.Is(err, vmm.ErrBadState) {
+			return fail(stderr, fmt.Errorf("%s: %w", *snapshot, err))
+		}
+		return fail(stderr, err)
+	}
+	if st.Devices.UART != nil {
+		if *records != "" {
+			return usageError(fs, "--records applies to payload guests; this snapshot is of a Linux guest")
+		}
+		return restoreLinux(ctx, cfg, st, image, disks, nets, *quiet, stderr)
+	}
+	if len(disks)+len(nets) > 0 {
+		return usageError(fs, "--disk and --net apply to Linux guests; this snapshot is of a payload guest")
+	}
+	m, err := vmm.Restore(cfg, st, image)
 	if err != nil {
 		if errors.Is(err, vmm.ErrBadSnapshot) || errors.Is(err, vmm.ErrBadState) {
 			return fail(stderr, fmt.Errorf("%s: %w", *snapshot, err))
@@ -152,4 +172,39 @@ func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		fmt.Fprintf(stderr, "understudy: guest exited with code %d after %v (%d output records, %d since the snapshot)\n", res.ExitCode, elapsed.Round(time.Millisecond), res.Records, emitted.Load())
 	}
 	return guestExitCode(res)
+}
+
+// restoreLinux restores and runs a Linux guest's snapshot with its disks
+// and taps given again; it ends as `run --kernel` does.
+func restoreLinux(ctx context.Context, cfg vmm.RestoreConfig, st *vmm.MachineState, image io.Reader, disks diskList, nets netList, quiet bool, stderr io.Writer) int {
+	cfg.OnRecord, cfg.Disks, cfg.Nets = nil, disks, nets
+	runCtx, quit := context.WithCancelCause(ctx)
+	defer quit(nil)
+	in, restoreTTY, err := linuxConsole(linuxStdin, func() { quit(errQuitKey) })
+	if err != nil {
+		return fail(stderr, err)
+	}
+	defer restoreTTY()
+	cfg.ConsoleIn = in
+	m, err := vmm.Restore(cfg, st, image)
+	if err != nil {
+		restoreTTY()
+		return fail(stderr, err)
+	}
+	defer m.Close()
+	start := time.Now()
+	res, err := m.Run(runCtx)
+	restoreTTY()
+	elapsed := time.Since(start).Round(time.Millisecond)
+	switch {
+	case errors.Is(context.Cause(runCtx), errQuitKey) && ctx.Err() == nil:
+		fmt.Fprintf(stderr, "understudy: quit (Ctrl-A x) after %v\n", elapsed)
+		return exitInterrupted
+	case errors.Is(err, context.Canceled):
+		fmt.Fprintf(stderr, "understudy: interrupted after %v\n", elapsed)
+		return exitInterrupted
+	case err != nil:
+		return fail(stderr, err)
+	}
+	return linuxEnd(res, elapsed, quiet, stderr)
 }

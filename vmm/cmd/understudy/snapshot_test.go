@@ -152,6 +152,11 @@ func TestSaveAndRestore(t *testing.T) {
 		t.Errorf("%s.tmp left behind: %v", snap, err)
 	}
 
+	// A payload machine has no disks or network interfaces.
+	if code, _, errs := runCLI("restore", "--snapshot", snap, "--disk", snap); code != exitUsage || !strings.Contains(errs, "payload guest") {
+		t.Errorf("restore of a payload snapshot with --disk = %d, %q; want a usage error", code, errs)
+	}
+
 	recs2 := filepath.Join(dir, "after.txt")
 	code, out, errs = runCLIProcess(t, "restore", "--snapshot", snap, "--records", recs2)
 	if code != 0 {
