@@ -10,8 +10,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 	"golang.org/x/sys/unix"
 )
@@ -310,7 +310,7 @@ func TestLinuxVirtioSnapshotRoundTrip(t *testing.T) {
 	defer r.Close()
 	// The restored NIC announces itself: announceRounds RARP frames.
 	var seen int
-	waitFor(t, "the restored NIC's RARP announcements", 10*time.Second, func() bool {
+	testutil.WaitFor(t, "the restored NIC's RARP announcements", func() bool {
 		seen += rarps()
 		return seen >= announceRounds
 	}, func() string { return fmt.Sprintf("%d RARP frames seen", seen) })
