@@ -36,7 +36,7 @@ func TestApplianceVsock(t *testing.T) {
 // KVM_EXIT_MEMORY_FAULT, so this is the mechanism it gets.
 func TestApplianceSampler(t *testing.T) {
 	e := setup(t)
-	m := e.bootTest(t, "./vmm/", "^TestSamplerKeepsCounterData$")
+	m := e.bootTest(t, "./vmm/largepage/", "^TestSamplerKeepsCounterData$")
 	expect(t, m, nestedTimeout, "--- PASS: TestSamplerKeepsCounterData")
 	poweredOff(t, m, 0)
 }
@@ -77,7 +77,7 @@ func (e env) bootTest(t *testing.T, pkg, run string) *Machine {
 	return e.bootInitrd(t, fmt.Sprintf(`understudy.role=test understudy.exec="/test/pkg.test -test.run %s -test.v"`, run), initrd)
 }
 
-// TestApplianceDAMON runs vmm's DAMON sampler test in the appliance built
+// TestApplianceDAMON runs vmm/largepage's DAMON sampler test in the appliance built
 // with Debian's 6.12 kernel (bookworm-backports), which has DAMON with
 // virtual-address operations: the touch guest's hot regions must count
 // more accesses than any cold one. The test must pass there, not skip.
@@ -93,7 +93,7 @@ func TestApplianceDAMON(t *testing.T) {
 		}
 		t.Skipf("no DAMON appliance image (%v): run `make image` first", err)
 	}
-	m := e.bootTest(t, "./vmm/", "^TestDAMONSampler$")
+	m := e.bootTest(t, "./vmm/largepage/", "^TestDAMONSampler$")
 	expect(t, m, nestedTimeout, "--- PASS: TestDAMONSampler")
 	poweredOff(t, m, 0)
 }
