@@ -41,6 +41,13 @@ const (
 	snapshotTrailer    = 8
 )
 
+// SnapshotStateSize is the size of the encoded machine state in a snapshot
+// of size bytes of a machine with memSize bytes of memory: what is not
+// memory or framing.
+func SnapshotStateSize(size int64, memSize uint64) int64 {
+	return size - int64(memSize) - snapshotHeaderSize - snapshotTrailer
+}
+
 var (
 	snapshotMagic = [8]byte{'U', 'S', 'S', 'N', 'A', 'P', 'S', 'H'}
 	snapshotEnd   = [4]byte{'U', 'S', 'N', 'D'}

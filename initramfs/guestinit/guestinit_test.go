@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -245,5 +247,34 @@ func TestEchoConsoleTimeout(t *testing.T) {
 	}
 	if err := echoConsole(io.Discard, config{mode: modeEcho, console: filepath.Join(t.TempDir(), "none")}); err == nil {
 		t.Error("echoConsole on a missing device succeeded")
+	}
+}
+
+// TestEchoForever: the console loop of guest.mode=kv answers every line
+// typed, each after a new prompt, with no time limit.
+func TestEchoForever(t *testing.T) {
+	master, pts := testutil.OpenPTY(t)
+	slave := pts.Name()
+	pr, pw := io.Pipe()
+	go func() { pw.CloseWithError(echoForever(pw, slave)) }()
+	r := bufio.NewReader(pr)
+	prompt := boot.EchoPrompt + " on " + slave + "\n"
+	for _, line := range []string{"first", "second line", "third"} {
+		if got, err := r.ReadString('\n'); err != nil || got != prompt {
+			t.Fatalf("before %q: printed %q, %v, want the prompt %q", line, got, err, prompt)
+		}
+		if _, err := master.Write([]byte(line + "\r")); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := r.ReadString('\n'); err != nil || got != fmt.Sprintf("%secho: got %q\n", prefix, line) {
+			t.Fatalf("after %q: printed %q, %v", line, got, err)
+		}
+	}
+	if got, err := r.ReadString('\n'); err != nil || got != prompt {
+		t.Fatalf("after the last line: printed %q, %v, want the prompt again", got, err)
+	}
+	master.Close() // the loop's read fails and it returns
+	if _, err := io.ReadAll(r); err == nil || !strings.Contains(err.Error(), "read a line from "+slave) {
+		t.Errorf("after the terminal closed: %v, want the read error", err)
 	}
 }

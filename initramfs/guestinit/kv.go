@@ -18,7 +18,14 @@ const modeKV = "kv"
 // store on the disk (formatting it if it holds no log) and serves it on the
 // port until a client asks POWEROFF. It never returns otherwise: the
 // machine is snapshotted, restored, failed over or killed while it serves.
+// Meanwhile the console echoes lines (echoForever), so a test can check it
+// at any moment of the service's life.
 func serveKV(out io.Writer, c config) error {
+	go func() {
+		if err := echoForever(out, c.console); err != nil {
+			fmt.Fprintf(out, "%secho: %v\n", prefix, err)
+		}
+	}()
 	if err := boot.WaitDevice(c.disk, c.timeout); err != nil {
 		return fmt.Errorf("no disk: %w", err)
 	}

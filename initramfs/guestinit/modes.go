@@ -111,12 +111,35 @@ func echoConsole(out io.Writer, c config) error {
 	return nil
 }
 
+// echoForever is echo mode's loop for services that run until the machine
+// stops (guest.mode=kv): it prints boot.EchoPrompt, reads a line with no
+// time limit, prints it back quoted, and again, so that the console can be
+// checked at any time, after a snapshot's restore or a failover too. It
+// returns only if the console fails.
+func echoForever(out io.Writer, console string) error {
+	f, err := os.OpenFile(console, os.O_RDONLY|unix.O_NOCTTY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for {
+		fmt.Fprintf(out, "%s on %s\n", boot.EchoPrompt, console)
+		line, err := readLine(f, 0)
+		if err != nil {
+			return fmt.Errorf("read a line from %s: %w", console, err)
+		}
+		fmt.Fprintf(out, "%secho: got %q\n", prefix, line)
+	}
+}
+
 // readLine reads up to a newline (which it drops, with a carriage return
-// before it) from f, within timeout if f supports deadlines.
+// before it) from f, within timeout (0: no limit) if f supports deadlines.
 func readLine(f *os.File, timeout time.Duration) (string, error) {
 	// A terminal opened with os.OpenFile is non-blocking and takes a
 	// deadline; where one cannot be set, the read just waits.
-	_ = f.SetReadDeadline(time.Now().Add(timeout))
+	if timeout > 0 {
+		_ = f.SetReadDeadline(time.Now().Add(timeout))
+	}
 	var line []byte
 	buf := make([]byte, 64)
 	for {

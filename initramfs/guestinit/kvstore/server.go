@@ -19,6 +19,11 @@ const MaxLine = 1024
 // "ERR too many connections" and closed.
 const MaxConns = 64
 
+// ProgressEvery is how often the server logs its record count: "records=N"
+// after every ProgressEvery-th PUT (tests and snapshots key on it; a
+// console line per write would cost too much under emulation).
+const ProgressEvery = 100
+
 // ProtocolVersion is the protocol's version in the greeting.
 const ProtocolVersion = 1
 
@@ -39,7 +44,8 @@ type Server struct {
 }
 
 // NewServer returns a server of store that tells logf about connections
-// (not requests); logf may be nil.
+// and, every ProgressEvery records, the record count (not each request);
+// logf may be nil.
 func NewServer(store *Store, logf func(format string, args ...any)) *Server {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
@@ -225,6 +231,9 @@ func (s *Server) handle(line string) (string, action) {
 		seq, err := s.store.Put(f[1], f[2])
 		if err != nil {
 			return "ERR " + oneLine(err), actNone
+		}
+		if seq%ProgressEvery == 0 {
+			s.logf("records=%d", seq)
 		}
 		return fmt.Sprintf("OK %d", seq), actNone
 	case "GET":

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -432,5 +433,46 @@ func TestClose(t *testing.T) {
 	}
 	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
 		t.Errorf("the listener of a closed server: Accept() = %v, want closed", err)
+	}
+}
+
+// TestProgressLog: the server logs "records=N" after every ProgressEvery-th
+// PUT and nothing per request otherwise.
+func TestProgressLog(t *testing.T) {
+	s := mustOpen(t, newDisk(t, t.TempDir(), 1<<20))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var lines []string
+	srv := NewServer(s, func(f string, a ...any) {
+		mu.Lock()
+		lines = append(lines, fmt.Sprintf(f, a...))
+		mu.Unlock()
+	})
+	go srv.Serve(ln)
+	c, err := kvclient.Dial(context.Background(), ln.Addr().String(), kvclient.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2*ProgressEvery + 1 {
+		if _, err := c.Put(fmt.Sprintf("k%d", i), "v"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Close()
+	srv.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	var progress []string
+	for _, l := range lines {
+		if strings.HasPrefix(l, "records=") {
+			progress = append(progress, l)
+		}
+	}
+	want := []string{fmt.Sprintf("records=%d", ProgressEvery), fmt.Sprintf("records=%d", 2*ProgressEvery)}
+	if !slices.Equal(progress, want) {
+		t.Errorf("progress lines %q, want %q (all lines: %q)", progress, want, lines)
 	}
 }

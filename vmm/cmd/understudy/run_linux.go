@@ -284,13 +284,13 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	if save != nil {
 		stopSignal := save.watchSignal(saveReq)
 		var saved bool
-		var size int64
-		res, saved, size, err = runLinuxAndSave(runCtx, m, saveReq, o.save)
+		var s savedSnapshot
+		res, saved, s, err = runLinuxAndSave(runCtx, m, saveReq, o.save)
 		stopSignal()
 		restore()
 		if saved {
-			fmt.Fprintf(stderr, "understudy: saved a snapshot of the guest after %v to %s (%.1f MiB) (%s); the guest is stopped\n",
-				time.Since(start).Round(time.Millisecond), o.save, float64(size)/(1<<20), save.reason())
+			fmt.Fprintf(stderr, "understudy: saved a snapshot of the guest after %v to %s (%v) (%s); the guest is stopped\n",
+				time.Since(start).Round(time.Millisecond), o.save, s, save.reason())
 			return 0, true
 		}
 	} else {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/understudy-vmm/understudy/vmm"
 )
@@ -139,9 +140,22 @@ func (m *markerWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// savedSnapshot is what a save did: the file's size, the machine state's
+// share of it, how long the pause took (the vCPUs stopping and the devices
+// completing their requests) and how long writing the file took.
+type savedSnapshot struct {
+	size, state  int64
+	pause, write time.Duration
+}
+
+func (s savedSnapshot) String() string {
+	return fmt.Sprintf("%.1f MiB, state %d KiB; paused in %.1f ms, written in %d ms",
+		float64(s.size)/(1<<20), (s.state+1023)>>10, float64(s.pause)/float64(time.Millisecond), s.write.Milliseconds())
+}
+
 // runLinuxAndSave runs m until saveReq is closed, then pauses it, saves a
 // snapshot to path and stops it. saved is false if the guest ended first.
-func runLinuxAndSave(ctx context.Context, m *vmm.Machine, saveReq <-chan struct{}, path string) (res vmm.Result, saved bool, size int64, err error) {
+func runLinuxAndSave(ctx context.Context, m *vmm.Machine, saveReq <-chan struct{}, path string) (res vmm.Result, saved bool, s savedSnapshot, err error) {
 	type outcome struct {
 		res vmm.Result
 		err error
@@ -153,24 +167,27 @@ func runLinuxAndSave(ctx context.Context, m *vmm.Machine, saveReq <-chan struct{
 	}()
 	select {
 	case o := <-done:
-		return o.res, false, 0, o.err
+		return o.res, false, s, o.err
 	case <-saveReq:
 	}
-	if _, err := m.Pause(); err != nil {
+	if s.pause, err = m.Pause(); err != nil {
 		o := <-done
 		if o.err != nil {
-			return o.res, false, 0, o.err
+			return o.res, false, s, o.err
 		}
-		return o.res, false, 0, fmt.Errorf("pause to save a snapshot: %w", err)
+		return o.res, false, s, fmt.Errorf("pause to save a snapshot: %w", err)
 	}
+	began := time.Now()
 	size, saveErr := saveSnapshotFile(path, m)
+	s.write = time.Since(began)
+	s.size, s.state = size, vmm.SnapshotStateSize(size, m.Memory().Size())
 	m.Stop(0)
 	o := <-done
 	if saveErr != nil {
-		return o.res, false, 0, saveErr
+		return o.res, false, s, saveErr
 	}
 	if o.err != nil {
-		return o.res, false, 0, o.err
+		return o.res, false, s, o.err
 	}
-	return o.res, true, size, nil
+	return o.res, true, s, nil
 }

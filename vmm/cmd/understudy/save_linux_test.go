@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -60,6 +61,10 @@ func checkRestores(t *testing.T, snap, disk string) {
 	if code != 0 || out != "x" || !strings.Contains(errs, "guest powered off") {
 		t.Errorf("restore = %d, stdout %q, stderr %q; want 0, the echoed \"x\", powered off", code, out, errs)
 	}
+	restored := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(restoredLine+snap) + ` in \d+ ms \(64 MiB of memory, state [1-9]\d* KiB, 1 disks, 0 nets\); the guest runs$`)
+	if !restored.MatchString(errs) {
+		t.Errorf("restore's stderr %q: no line matching %v", errs, restored)
+	}
 	dir := t.TempDir()
 	img, err := os.ReadFile(disk)
 	if err != nil {
@@ -93,6 +98,10 @@ func TestRunLinuxSaveAfterOutput(t *testing.T) {
 	code, out, errs := runCLI("run", "--kernel", k, "--mem", "64M", "--disk", disk, "--save", snap, "--save-after-output", "up\n")
 	if code != 0 || out != "up\n" || !strings.Contains(errs, "saved a snapshot") || !strings.Contains(errs, `console output "up\n"`) || strings.Count(errs, "\n") != 1 {
 		t.Fatalf("run --save-after-output = %d, stdout %q, stderr %q; want 0, \"up\\n\", one line saying it saved", code, out, errs)
+	}
+	figures := regexp.MustCompile(`to ` + regexp.QuoteMeta(snap) + ` \(64\.0 MiB, state [1-9]\d* KiB; paused in \d+\.\d ms, written in \d+ ms\)`)
+	if !figures.MatchString(errs) {
+		t.Errorf("the save line %q does not match %v", errs, figures)
 	}
 	if _, err := os.Stat(snap + ".tmp"); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("temporary file left behind: %v", err)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
 // runAndSave runs m until saveReq is closed (by the OnRecord callback that
@@ -117,6 +118,7 @@ func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	if err != nil {
 		return fail(stderr, err)
 	}
+	began := time.Now()
 	f, err := os.Open(*snapshot)
 	if err != nil {
 		return fail(stderr, err)
@@ -149,7 +151,7 @@ func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		if *records != "" {
 			return usageError(fs, "--records applies to payload guests; this snapshot is of a Linux guest")
 		}
-		return restoreLinux(ctx, cfg, st, image, disks, nets, *quiet, stderr)
+		return restoreLinux(ctx, cfg, st, image, disks, nets, *quiet, stderr, restoreFrom{*snapshot, f, began})
 	}
 	if len(disks)+len(nets) > 0 {
 		return usageError(fs, "--disk and --net apply to Linux guests; this snapshot is of a payload guest")
@@ -174,9 +176,21 @@ func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	return guestExitCode(res)
 }
 
+// restoreFrom is the snapshot file a restore reads and when it began.
+type restoreFrom struct {
+	path  string
+	f     *os.File
+	began time.Time
+}
+
+// restoredLine is how the line a Linux guest's restore prints once the
+// machine is restored, just before it runs, begins.
+const restoredLine = "understudy: restored a Linux guest from "
+
 // restoreLinux restores and runs a Linux guest's snapshot with its disks
-// and taps given again; it ends as `run --kernel` does.
-func restoreLinux(ctx context.Context, cfg vmm.RestoreConfig, st *vmm.MachineState, image io.Reader, disks diskList, nets netList, quiet bool, stderr io.Writer) int {
+// and taps given again; it ends as `run --kernel` does. Unless quiet, it
+// prints restoredLine with the restore's figures before the guest runs.
+func restoreLinux(ctx context.Context, cfg vmm.RestoreConfig, st *vmm.MachineState, image io.Reader, disks diskList, nets netList, quiet bool, stderr io.Writer, from restoreFrom) int {
 	cfg.OnRecord, cfg.Disks, cfg.Nets = nil, disks, nets
 	runCtx, quit := context.WithCancelCause(ctx)
 	defer quit(nil)
@@ -192,6 +206,15 @@ func restoreLinux(ctx context.Context, cfg vmm.RestoreConfig, st *vmm.MachineSta
 		return fail(stderr, err)
 	}
 	defer m.Close()
+	if !quiet {
+		took := time.Since(from.began)
+		state := "?"
+		if fi, err := from.f.Stat(); err == nil {
+			state = strconv.FormatInt((vmm.SnapshotStateSize(fi.Size(), st.Config.MemSize)+1023)>>10, 10)
+		}
+		fmt.Fprintf(stderr, "%s%s in %d ms (%s of memory, state %s KiB, %d disks, %d nets); the guest runs\n",
+			restoredLine, from.path, took.Milliseconds(), option.FormatSize(st.Config.MemSize), state, len(disks), len(nets))
+	}
 	start := time.Now()
 	res, err := m.Run(runCtx)
 	restoreTTY()
