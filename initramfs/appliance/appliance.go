@@ -137,7 +137,7 @@ func (a *appliance) run(ctx context.Context) int {
 	case "test":
 		return a.runTest(ctx, cfg)
 	default:
-		return a.runCommand(ctx, append([]string{"understudy", cfg.role}, cfg.args...), 0, nil, "", nil)
+		return a.runCommand(ctx, command{argv: append([]string{"understudy", cfg.role}, cfg.args...), label: "exec"})
 	}
 }
 

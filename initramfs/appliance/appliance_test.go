@@ -186,9 +186,11 @@ func TestPromptWatcher(t *testing.T) {
 		{[]string{"\nPROMPT\n"}, "\nPROMPT\n|"},
 		{[]string{"PROMPT no newline yet"}, "PROMPT no newline yet"},
 		{[]string{"PROMP PROMPX ROMPT\n"}, "PROMP PROMPX ROMPT\n"},
+		{[]string{"the other one: RESTO", "RED at last\nx\n"}, "the other one: RESTORED at last\n|x\n"},
+		{[]string{"RESTORED PROMPT\n"}, "RESTORED PROMPT\n|"},
 	} {
 		var out strings.Builder
-		w := &promptWatcher{w: &out, prompt: []byte("PROMPT")}
+		w := &promptWatcher{w: &out, prompts: [][]byte{[]byte("PROMPT"), []byte("RESTORED")}}
 		w.fire = func() { out.WriteString("|") }
 		for _, s := range tt.writes {
 			if n, err := w.Write([]byte(s)); n != len(s) || err != nil {
@@ -258,5 +260,87 @@ func TestApplianceRoleRuns(t *testing.T) {
 		}
 		wantLines(t, out, Tag+"ready role="+role, Tag+"exec: understudy "+role+" --keys /k --name 'node a'",
 			"args:"+role+" --keys /k --name node a\n", Tag+"exec: exit status 7")
+	}
+}
+
+// TestApplianceWith: understudy.with runs beside exec and the then chain
+// (each waits for a file the other makes, so neither could finish alone),
+// the role waits for it and takes its failure; when the chain fails, the
+// with command is stopped instead of waited for.
+func TestApplianceWith(t *testing.T) {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	wait := func(f string) string {
+		return `for i in $(seq 500); do [ -e ` + f + ` ] && break; sleep 0.02; done; [ -e ` + f + ` ]`
+	}
+	code, out := runAppliance(t, Options{}, `understudy.role=test understudy.with="bash -c 'touch `+a+`; `+wait(b)+` && echo with-done'" understudy.exec="bash -c '`+wait(a)+` && echo exec-done'" understudy.then="bash -c 'touch `+b+`; echo then-done'"`)
+	if code != 0 {
+		t.Errorf("exit code %d, want 0:\n%s", code, out)
+	}
+	wantLines(t, out, Tag+"with: bash -c", Tag+"exec: bash -c", "exec-done\n", "then-done\n", "with-done\n", Tag+"with: exit status 0 after ")
+	if strings.Index(out, "with-done\n") < strings.Index(out, "then-done\n") {
+		t.Errorf("with finished before the chain let it:\n%s", out)
+	}
+
+	code, out = runAppliance(t, Options{}, `understudy.role=test understudy.with="bash -c 'exit 5'" understudy.exec=true`)
+	if code != 5 {
+		t.Errorf("with failing: exit code %d, want its 5:\n%s", code, out)
+	}
+	start := time.Now()
+	code, out = runAppliance(t, Options{}, `understudy.role=test understudy.with="sleep 60" understudy.exec="bash -c 'exit 3'"`)
+	if code != 3 || time.Since(start) > 50*time.Second {
+		t.Errorf("chain failing: exit code %d after %v, want 3 and the with command stopped:\n%s", code, time.Since(start), out)
+	}
+	wantLines(t, out, Tag+"with: stopping it: the commands failed")
+	if code, out := runAppliance(t, Options{}, `understudy.role=run understudy.with=true`); code != statusUsage || !strings.Contains(out, "with and timeout are for understudy.role=test") {
+		t.Errorf("with for role run: %d, %q; want a usage error", code, out)
+	}
+}
+
+// TestApplianceStdinRestored: a then command (a restore) gets understudy.stdin
+// after the restore's line, with no new prompt: the restored guest still
+// waits for the line it asked for before its snapshot.
+func TestApplianceStdinRestored(t *testing.T) {
+	script := `if read -t 0.1 early; then echo too early: $early; exit 1; fi; ` +
+		`echo ` + boot.RestoredLine + `/tmp/snap in 5 ms; read -r line; echo read again: $line`
+	code, out := runAppliance(t, Options{}, `understudy.role=test understudy.stdin=hello-43 understudy.exec=true understudy.then="bash -c '`+script+`'"`)
+	if code != 0 {
+		t.Errorf("exit code %d, want 0:\n%s", code, out)
+	}
+	wantLines(t, out, Tag+`stdin: writing "hello-43" after the prompt`, "read again: hello-43\n")
+}
+
+// recordWriter keeps each write.
+type recordWriter struct{ writes []string }
+
+func (r *recordWriter) Write(b []byte) (int, error) {
+	r.writes = append(r.writes, string(b))
+	return len(b), nil
+}
+
+// TestLineWriter: whole lines pass in one write each however the writes
+// split them; a partial line waits for its end, for Flush, or for
+// maxPartial bytes.
+func TestLineWriter(t *testing.T) {
+	var r recordWriter
+	l := &lineWriter{w: &r}
+	for _, s := range []string{"ab", "c\nde", "f\ng\nh", "", "i\n", "tail"} {
+		if n, err := l.Write([]byte(s)); n != len(s) || err != nil {
+			t.Fatalf("Write(%q) = %d, %v", s, n, err)
+		}
+	}
+	want := []string{"abc\n", "def\n", "g\n", "hi\n"}
+	if strings.Join(r.writes, "|") != strings.Join(want, "|") {
+		t.Errorf("writes %q, want %q", r.writes, want)
+	}
+	l.Flush()
+	if r.writes[len(r.writes)-1] != "tail" {
+		t.Errorf("after Flush: %q, want the partial line", r.writes)
+	}
+	r.writes = nil
+	long := strings.Repeat("x", maxPartial)
+	l.Write([]byte(long))
+	if len(r.writes) != 1 || r.writes[0] != long {
+		t.Errorf("a %d-byte line without a newline: writes %d, want it passed on", maxPartial, len(r.writes))
 	}
 }

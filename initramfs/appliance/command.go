@@ -21,8 +21,10 @@ import (
 
 // runTest runs the test role: optional test disk, the command (with a
 // timeout), and a probe while it runs; then, while each exits 0, the
-// understudy.then commands in order. It returns the status of the last
-// command that ran.
+// understudy.then commands in order. The understudy.with command runs
+// beside them all, from the start; the role waits for it at the end (and
+// stops it if the others failed). It returns the status of the last
+// command that ran, or the with command's if that failed.
 func (a *appliance) runTest(ctx context.Context, cfg config) int {
 	if len(cfg.args) == 0 {
 		return 0
@@ -34,17 +36,33 @@ func (a *appliance) runTest(ctx context.Context, cfg config) int {
 		}
 		a.printf("testdisk %s: %d bytes, %q at offset 0", d.path, boot.TestDiskSize, d.text)
 	}
+	var with chan int
+	wctx, stopWith := context.WithCancel(ctx)
+	defer stopWith()
+	if len(cfg.with) > 0 {
+		with = make(chan int, 1)
+		go func() { with <- a.runCommand(wctx, command{argv: cfg.with, label: "with", timeout: cfg.timeout}) }()
+	}
 	var probe func(context.Context) error
 	if cfg.probe.IsValid() {
 		probe = func(ctx context.Context) error { return a.runProbe(ctx, cfg.probe) }
 	}
-	code := a.runCommand(ctx, cfg.args, cfg.timeout, probe, cfg.stdin, cfg.signal)
+	code := a.runCommand(ctx, command{argv: cfg.args, label: "exec", timeout: cfg.timeout, probe: probe, stdin: cfg.stdin, sig: cfg.signal})
 	for i, argv := range cfg.then {
 		if code != 0 {
 			a.printf("then: %d more commands not run: the last one failed", len(cfg.then)-i)
 			break
 		}
-		code = a.runCommand(ctx, argv, cfg.timeout, nil, "", nil)
+		code = a.runCommand(ctx, command{argv: argv, label: "exec", timeout: cfg.timeout, stdin: cfg.stdin})
+	}
+	if with != nil {
+		if code != 0 {
+			a.printf("with: stopping it: the commands failed")
+			stopWith()
+		}
+		if wcode := <-with; code == 0 {
+			code = wcode
+		}
 	}
 	return code
 }
@@ -68,39 +86,55 @@ func writeTestDisk(d *testDisk) error {
 	return f.Close()
 }
 
-// runCommand runs argv (argv[0] "understudy" is this binary) with the
-// console as its output, stopping it after timeout (0: never). probe, if
-// set, runs while the command does; a failed probe fails the run. With
-// stdin set, the command's stdin is a pipe that gets stdin and a newline
-// once the command prints boot.EchoPrompt; otherwise it is /dev/null. With
-// sig set, the command gets sig.sig once its output has a line containing
-// sig.text.
-func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.Duration, probe func(context.Context) error, stdin string, sig *signalSpec) int {
-	if timeout > 0 {
+// command is one command of the test role.
+type command struct {
+	argv    []string // argv[0] "understudy" is this binary
+	label   string   // what its report lines begin with: "exec" or "with"
+	timeout time.Duration
+	// probe, if set, runs while the command does; a failed probe fails
+	// the run.
+	probe func(context.Context) error
+	// stdin, if set, is written with a newline to the command's stdin (a
+	// pipe) once its output shows a nested guest waiting for a console
+	// line: boot.EchoPrompt, or boot.RestoredLine for a restored guest
+	// that waited before its snapshot. Otherwise stdin is /dev/null.
+	stdin string
+	// sig, if set, is sent to the command once its output has a line
+	// containing sig.text.
+	sig *signalSpec
+}
+
+// runCommand runs c with the console as its output, a line at a time (so
+// that commands running at once do not mix their lines), stopping it after
+// its timeout (0: never).
+func (a *appliance) runCommand(ctx context.Context, c command) int {
+	if c.timeout > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, timeout)
+		ctx, cancel = context.WithTimeout(ctx, c.timeout)
 		defer cancel()
 	}
-	prog := argv[0]
+	prog := c.argv[0]
 	if prog == "understudy" {
 		prog = a.Self
 	}
-	cmd := exec.CommandContext(ctx, prog, argv[1:]...)
-	cmd.Stdout, cmd.Stderr = a.Out, a.Out
+	cmd := exec.CommandContext(ctx, prog, c.argv[1:]...)
+	lines := &lineWriter{w: a.Out}
+	defer lines.Flush()
+	cmd.Stdout, cmd.Stderr = lines, lines
 	cmd.WaitDelay = 5 * time.Second
-	if stdin != "" {
+	if c.stdin != "" {
 		in, err := cmd.StdinPipe() // closed by Wait once the command exits
 		if err != nil {
-			a.printf("exec: %v", err)
+			a.printf("%s: %v", c.label, err)
 			return statusError
 		}
-		w := &promptWatcher{w: a.Out, prompt: []byte(boot.EchoPrompt)}
+		w := &promptWatcher{w: cmd.Stdout, prompts: [][]byte{[]byte(boot.EchoPrompt), []byte(boot.RestoredLine)}}
 		w.fire = func() {
 			// Not on the writer's goroutine: the pipe may be full.
 			// Report first: once the line is written, the guest prints.
-			a.printf("stdin: writing %q after the prompt", stdin)
+			a.printf("stdin: writing %q after the prompt", c.stdin)
 			go func() {
-				if _, err := io.WriteString(in, stdin+"\n"); err != nil {
+				if _, err := io.WriteString(in, c.stdin+"\n"); err != nil {
 					a.printf("stdin: %v", err)
 				}
 			}()
@@ -108,8 +142,8 @@ func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.
 		cmd.Stdout, cmd.Stderr = w, w
 	}
 	started := make(chan struct{}) // closed once cmd.Process is set
-	if sig != nil {
-		w := &promptWatcher{w: cmd.Stdout, prompt: []byte(sig.text)}
+	if sig := c.sig; sig != nil {
+		w := &promptWatcher{w: cmd.Stdout, prompts: [][]byte{[]byte(sig.text)}}
 		w.fire = func() {
 			a.printf("signal: sending SIG%s after %q", sig.name, sig.text)
 			go func() {
@@ -124,43 +158,44 @@ func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.
 		}
 		cmd.Stdout, cmd.Stderr = w, w
 	}
-	a.printf("exec: %s", strings.Join(quoteArgs(argv), " "))
+	a.printf("%s: %s", c.label, strings.Join(quoteArgs(c.argv), " "))
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		close(started)
-		a.printf("exec: %v", err)
+		a.printf("%s: %v", c.label, err)
 		return statusError
 	}
 	close(started)
 	probeErr := make(chan error, 1)
 	pctx, stopProbe := context.WithCancel(ctx)
 	defer stopProbe()
-	if probe != nil {
-		go func() { probeErr <- probe(pctx) }()
+	if c.probe != nil {
+		go func() { probeErr <- c.probe(pctx) }()
 	} else {
 		probeErr <- nil
 	}
 	err := cmd.Wait()
 	stopProbe()
 	perr := <-probeErr
+	lines.Flush() // the command's last words before the report
 	took := time.Since(start).Round(time.Millisecond)
 	code := 0
 	var ee *exec.ExitError
 	switch {
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
-		a.printf("exec: stopped after the %v timeout", timeout)
+		a.printf("%s: stopped after the %v timeout", c.label, c.timeout)
 		code = statusError
 	case errors.As(err, &ee):
 		code = ee.ExitCode()
 		if code < 0 {
 			code = statusError
 		}
-		a.printf("exec: exit status %d after %v (%v)", code, took, err)
+		a.printf("%s: exit status %d after %v (%v)", c.label, code, took, err)
 	case err != nil:
-		a.printf("exec: %v after %v", err, took)
+		a.printf("%s: %v after %v", c.label, err, took)
 		code = statusError
 	default:
-		a.printf("exec: exit status 0 after %v", took)
+		a.printf("%s: exit status 0 after %v", c.label, took)
 	}
 	if perr != nil && code == 0 {
 		code = statusError
@@ -168,17 +203,65 @@ func (a *appliance) runCommand(ctx context.Context, argv []string, timeout time.
 	return code
 }
 
+// lineWriter passes whole lines on to w, each in one write, and keeps a
+// line's beginning until its end arrives (or Flush, or maxPartial bytes).
+// exec copies a command's output from one goroutine, so it needs no lock.
+type lineWriter struct {
+	w    io.Writer
+	part []byte
+}
+
+// maxPartial bounds the bytes a lineWriter keeps waiting for a newline.
+const maxPartial = 4 << 10
+
+func (l *lineWriter) Write(b []byte) (int, error) {
+	n := len(b)
+	for len(b) > 0 {
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			l.part = append(l.part, b...)
+			if len(l.part) >= maxPartial {
+				return n, l.Flush()
+			}
+			return n, nil
+		}
+		var err error
+		if len(l.part) > 0 {
+			l.part = append(l.part, b[:i+1]...)
+			_, err = l.w.Write(l.part)
+			l.part = l.part[:0]
+		} else {
+			_, err = l.w.Write(b[:i+1])
+		}
+		if err != nil {
+			return n - len(b), err
+		}
+		b = b[i+1:]
+	}
+	return n, nil
+}
+
+// Flush passes on what is kept of an unfinished line.
+func (l *lineWriter) Flush() error {
+	if len(l.part) == 0 {
+		return nil
+	}
+	_, err := l.w.Write(l.part)
+	l.part = l.part[:0]
+	return err
+}
+
 // promptWatcher passes writes through to w and calls fire once, at the end
-// of the first line that contains prompt (wherever writes split it), after
-// passing that line on.
+// of the first line that contains one of prompts (wherever writes split
+// it), after passing that line on.
 type promptWatcher struct {
-	w      io.Writer
-	prompt []byte
-	fire   func()
+	w       io.Writer
+	prompts [][]byte
+	fire    func()
 
 	mu    sync.Mutex // guards tail, seen and fired
-	tail  []byte     // the last len(prompt)-1 bytes seen
-	seen  bool       // the prompt is on the current line
+	tail  []byte     // the last (longest prompt)-1 bytes seen
+	seen  bool       // a prompt is on the current line
 	fired bool
 }
 
@@ -190,13 +273,19 @@ func (p *promptWatcher) Write(b []byte) (int, error) {
 	}
 	if !p.seen {
 		buf := append(p.tail, b...)
-		if i := bytes.Index(buf, p.prompt); i >= 0 {
+		end, longest := -1, 0
+		for _, pr := range p.prompts {
+			longest = max(longest, len(pr))
+			if i := bytes.Index(buf, pr); i >= 0 && (end < 0 || i+len(pr) < end) {
+				end = i + len(pr)
+			}
+		}
+		if end >= 0 {
 			p.seen, p.tail = true, nil
 			// Where the prompt ends in b (it may have begun in tail).
-			end := max(0, i+len(p.prompt)-(len(buf)-len(b)))
-			return p.passLine(b, end)
+			return p.passLine(b, max(0, end-(len(buf)-len(b))))
 		}
-		keep := min(len(buf), len(p.prompt)-1)
+		keep := min(len(buf), longest-1)
 		p.tail = append([]byte(nil), buf[len(buf)-keep:]...)
 		return p.w.Write(b)
 	}

@@ -33,13 +33,17 @@ const Help = `The role and its options come from the kernel command line:
                                without it, test only reports and ends
   understudy.then="CMD ARGS"   test: a command to run once the previous one exited 0
                                (repeatable, in order; each with the timeout)
+  understudy.with="CMD ARGS"   test: a command to run beside the others from the start
+                               (a client of the nested guest, say); the role waits for
+                               it, stops it if the others fail, and fails if it fails
   understudy.timeout=DUR       test: stop each command after DUR (default 10m)
   understudy.probe=tcp:A:P     test: while the command runs, connect to A:P until
                                it answers, and print the answer's first line
   understudy.testdisk=PATH:TEXT  test: create a 1 MiB file PATH with TEXT at offset 0
                                and TEXT@524288 at 512 KiB, before the command runs
-  understudy.stdin=TEXT        test: the command's stdin is a pipe; once its output
-                               shows a nested guest waiting for a line ("` + boot.EchoPrompt + `"),
+  understudy.stdin=TEXT        test: each command's stdin is a pipe; once its output
+                               shows a nested guest waiting for a line ("` + boot.EchoPrompt + `",
+                               or a restore's "` + boot.RestoredLine + `..."),
                                write TEXT and a newline to it
   understudy.signal="SIG:TEXT"  test: send SIG (USR1, USR2, HUP, INT or TERM) to the command
                                once its output has a line containing TEXT (1..128
@@ -59,6 +63,7 @@ type config struct {
 	role     string
 	args     []string   // role's flags, or test's command
 	then     [][]string // test: commands to run after it, in order
+	with     []string   // test: a command to run beside them; nil: none
 	modules  []string   // nil: the image's list
 	noMods   bool       // understudy.modules=none
 	taps     []tapSpec
@@ -123,6 +128,13 @@ func parseConfig(ps boot.Params) (config, error) {
 		case "args", "exec":
 			if c.args, err = splitArgs(v); err != nil {
 				return c, fmt.Errorf("understudy.%s: %w", p.Key, err)
+			}
+		case "with":
+			if c.with, err = splitArgs(v); err != nil {
+				return c, fmt.Errorf("understudy.with: %w", err)
+			}
+			if len(c.with) == 0 || c.with[0] == "" {
+				return c, errors.New("understudy.with needs a command")
 			}
 		case "then":
 			if len(c.then) == maxThen {
@@ -204,10 +216,10 @@ func parseConfig(ps boot.Params) (config, error) {
 		return c, errors.New("understudy.role=test takes understudy.exec=, not understudy.args=")
 	case c.role != "test" && once["exec"]:
 		return c, fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
-	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"] || once["signal"] || len(c.then) > 0):
-		return c, fmt.Errorf("understudy.probe, testdisk, stdin, signal, then and timeout are for understudy.role=test, not %s", c.role)
-	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || c.signal != nil || len(c.then) > 0) && len(c.args) == 0:
-		return c, errors.New("understudy.probe, testdisk, stdin, signal and then need a command: understudy.exec=")
+	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"] || once["signal"] || once["with"] || len(c.then) > 0):
+		return c, fmt.Errorf("understudy.probe, testdisk, stdin, signal, then, with and timeout are for understudy.role=test, not %s", c.role)
+	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || c.signal != nil || len(c.then) > 0 || c.with != nil) && len(c.args) == 0:
+		return c, errors.New("understudy.probe, testdisk, stdin, signal, then and with need a command: understudy.exec=")
 	}
 	return c, nil
 }

@@ -15,6 +15,13 @@ const GuestTag = "understudy-guest: "
 // guest's serial driver starts, would be lost.
 const EchoPrompt = GuestTag + "echo: waiting for a line"
 
+// RestoredLine begins the line `understudy restore` prints once it has
+// restored a Linux guest, just before the guest runs again. A restored
+// guest that was waiting for a console line (EchoPrompt) before its
+// snapshot still waits and prints no new prompt, so the appliance's
+// understudy.stdin= writes after this line too.
+const RestoredLine = "understudy: restored a Linux guest from "
+
 // The test disk: a file of TestDiskSize bytes that the appliance's test
 // role writes (understudy.testdisk=PATH:TEXT) and a nested guest reads as
 // its disk (guest.mode=disk). It holds TestDiskText(TEXT, off) and a

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/understudy-vmm/understudy/initramfs/boot"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/option"
 )
@@ -184,8 +185,9 @@ type restoreFrom struct {
 }
 
 // restoredLine is how the line a Linux guest's restore prints once the
-// machine is restored, just before it runs, begins.
-const restoredLine = "understudy: restored a Linux guest from "
+// machine is restored, just before it runs, begins (the appliance's
+// understudy.stdin= waits for it).
+const restoredLine = boot.RestoredLine
 
 // restoreLinux restores and runs a Linux guest's snapshot with its disks
 // and taps given again; it ends as `run --kernel` does. Unless quiet, it
