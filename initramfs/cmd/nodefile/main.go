@@ -4,6 +4,7 @@
 //
 //	nodefile send -listen ADDR:PORT [-timeout D] FILE...
 //	nodefile recv -from ADDR:PORT -dir DIR [-retry-for D] [-timeout D]
+//	nodefile read FILE...
 //
 // send listens, serves the files to the first receiver that connects and
 // exits 0 once the receiver has acknowledged that every file arrived whole;
@@ -11,7 +12,9 @@
 // (retrying until -retry-for passes: the sender may not listen yet), writes
 // each file into DIR (as NAME.partial, renamed once its SHA-256 matches),
 // acknowledges, and exits 0. Each side prints one line per file with its
-// size and SHA-256, so a test can compare the two ends.
+// size and SHA-256, so a test can compare the two ends. read reads each
+// file once, start to end, and prints its size and how long that took: the
+// baseline a restore's time is measured against.
 //
 // # Protocol
 //
@@ -58,7 +61,7 @@ func main() {
 func run(args []string, out io.Writer) int {
 	say := func(format string, a ...any) { fmt.Fprintf(out, "nodefile: "+format+"\n", a...) }
 	if len(args) == 0 {
-		say("usage: nodefile send -listen ADDR:PORT FILE... | nodefile recv -from ADDR:PORT -dir DIR")
+		say("usage: nodefile send -listen ADDR:PORT FILE... | nodefile recv -from ADDR:PORT -dir DIR | nodefile read FILE...")
 		return 2
 	}
 	fs := flag.NewFlagSet("nodefile "+args[0], flag.ContinueOnError)
@@ -85,8 +88,14 @@ func run(args []string, out io.Writer) int {
 			return 2
 		}
 		err = recv(*from, *dir, *retryFor, *timeout, say)
+	case "read":
+		if fs.NArg() == 0 {
+			say("read needs at least one file")
+			return 2
+		}
+		err = readFiles(fs.Args(), say)
 	default:
-		say("unknown command %q: want send or recv", args[0])
+		say("unknown command %q: want send, recv or read", args[0])
 		return 2
 	}
 	if err != nil {
@@ -116,6 +125,35 @@ func hashFile(path string) (int64, string, error) {
 		return 0, "", err
 	}
 	return n, hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// readFiles reads each file once, in 1 MiB reads, and reports its size and
+// the time the reads took.
+func readFiles(paths []string, say func(string, ...any)) error {
+	buf := make([]byte, 1<<20)
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		start := time.Now()
+		var n int64
+		for {
+			k, err := f.Read(buf)
+			n += int64(k)
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				f.Close()
+				return fmt.Errorf("read %s: %w", p, err)
+			}
+		}
+		took := time.Since(start)
+		f.Close()
+		say("read %s %d bytes in %.1f ms", filepath.Base(p), n, float64(took)/float64(time.Millisecond))
+	}
+	return nil
 }
 
 func send(listen string, paths []string, timeout time.Duration, say func(string, ...any)) error {

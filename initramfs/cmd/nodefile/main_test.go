@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -165,4 +166,25 @@ func FuzzParseHeader(f *testing.F) {
 			t.Fatalf("parseHeader(%q) = %+v, which prints as %q", s, h, back)
 		}
 	})
+}
+
+// TestRead: read reports each file's size; a missing file fails the run.
+func TestRead(t *testing.T) {
+	dir := t.TempDir()
+	a := filepath.Join(dir, "a.snap")
+	if err := os.WriteFile(a, make([]byte, 3<<20+5), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	if code := run([]string{"read", a}, &out); code != 0 || !regexp.MustCompile(`(?m)^nodefile: read a\.snap 3145733 bytes in \d+\.\d ms$`).MatchString(out.String()) || !strings.HasSuffix(out.String(), "nodefile: OK\n") {
+		t.Errorf("read = %d, %q", code, out.String())
+	}
+	out.Reset()
+	if code := run([]string{"read", filepath.Join(dir, "none")}, &out); code != 1 || !strings.Contains(out.String(), "FAILED") {
+		t.Errorf("read of a missing file = %d, %q", code, out.String())
+	}
+	out.Reset()
+	if code := run([]string{"read"}, &out); code != 2 {
+		t.Errorf("read without files = %d, %q", code, out.String())
+	}
 }
