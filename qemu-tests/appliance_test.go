@@ -48,7 +48,7 @@ type env struct {
 
 // setup finds the image and QEMU. Without them it skips, naming `make image`,
 // unless UNDERSTUDY_QEMU_REQUIRED=1, when it fails.
-func setup(t *testing.T) env {
+func setup(t testing.TB) env {
 	t.Helper()
 	missing := t.Skipf
 	required := os.Getenv("UNDERSTUDY_QEMU_REQUIRED") == "1"
@@ -104,8 +104,12 @@ const deadlineMargin = 30 * time.Second
 // margin before go test's -timeout, or never without one. Tests run one
 // after another, so a test that hangs fails at this deadline and those
 // after it fail at once, each with its log, instead of go test panicking.
-func testDeadline(t *testing.T) time.Time {
-	d, ok := t.Deadline()
+func testDeadline(t testing.TB) time.Time {
+	dt, ok := t.(interface{ Deadline() (time.Time, bool) }) // benchmarks have none
+	if !ok {
+		return time.Time{}
+	}
+	d, ok := dt.Deadline()
 	if !ok {
 		return time.Time{}
 	}
@@ -127,13 +131,13 @@ func (e env) kvmModule() string {
 // boot starts the appliance with the given understudy.* parameters. The
 // console streams into the test log; QEMU is killed when the test ends, and
 // a failed test keeps the console log under e.artifacts.
-func (e env) boot(t *testing.T, params string) *Machine {
+func (e env) boot(t testing.TB, params string) *Machine {
 	t.Helper()
 	return e.bootInitrd(t, params, filepath.Join(e.image, appliance.ImageAppliance))
 }
 
 // bootInitrd is boot with another initramfs.
-func (e env) bootInitrd(t *testing.T, params, initrd string) *Machine {
+func (e env) bootInitrd(t testing.TB, params, initrd string) *Machine {
 	t.Helper()
 	return e.start(t, "", params, initrd, nil, "", 1024)
 }
@@ -142,7 +146,7 @@ func (e env) bootInitrd(t *testing.T, params, initrd string) *Machine {
 // with a netns, QEMU runs in it with the network flags given (a Segment's
 // node), and name tells the node's console lines and kept log apart from
 // the others'.
-func (e env) start(t *testing.T, name, params, initrd string, network []string, netns string, memMiB int) *Machine {
+func (e env) start(t testing.TB, name, params, initrd string, network []string, netns string, memMiB int) *Machine {
 	t.Helper()
 	log := filepath.Join(t.TempDir(), "console.log")
 	label := "console"
@@ -175,7 +179,7 @@ func (e env) start(t *testing.T, name, params, initrd string, network []string, 
 
 // keepLog copies a failed test's console log (of node name, if set) to
 // e.artifacts and says where.
-func keepLog(t *testing.T, e env, log string, name ...string) {
+func keepLog(t testing.TB, e env, log string, name ...string) {
 	if !t.Failed() {
 		return
 	}
@@ -194,7 +198,7 @@ func keepLog(t *testing.T, e env, log string, name ...string) {
 }
 
 // expect waits for each marker in turn and returns the lines that matched.
-func expect(t *testing.T, m *Machine, timeout time.Duration, markers ...string) []Line {
+func expect(t testing.TB, m *Machine, timeout time.Duration, markers ...string) []Line {
 	t.Helper()
 	var got []Line
 	for _, mk := range markers {
@@ -208,7 +212,7 @@ func expect(t *testing.T, m *Machine, timeout time.Duration, markers ...string) 
 }
 
 // poweredOff waits for the uinit's report and for QEMU to exit cleanly.
-func poweredOff(t *testing.T, m *Machine, status int) {
+func poweredOff(t testing.TB, m *Machine, status int) {
 	t.Helper()
 	expect(t, m, nestedTimeout, fmt.Sprintf("understudy-appliance: done status=%d", status), "understudy-appliance: powering off")
 	if err := m.Wait(exitTimeout); err != nil {

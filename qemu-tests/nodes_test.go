@@ -36,7 +36,7 @@ func nodeParams(i int) string {
 // segment makes a Segment for the test, deleted when the test ends (after
 // its nodes' QEMUs are killed: cleanups run last first). Without root it
 // skips, or fails under UNDERSTUDY_QEMU_REQUIRED=1.
-func (e env) segment(t *testing.T) *Segment {
+func (e env) segment(t testing.TB) *Segment {
 	t.Helper()
 	s, err := NewSegment()
 	if err != nil {
@@ -55,7 +55,7 @@ func (e env) segment(t *testing.T) *Segment {
 
 // bootNode boots node i (1, 2, ...) of segment s with the given
 // understudy.* parameters after nodeParams(i), with nodeMemMiB of memory.
-func (e env) bootNode(t *testing.T, s *Segment, i int, params string) *Machine {
+func (e env) bootNode(t testing.TB, s *Segment, i int, params string) *Machine {
 	t.Helper()
 	return e.bootNodeMem(t, s, i, nodeMemMiB, params)
 }
@@ -67,7 +67,7 @@ const nodeMemMiB = 1024
 
 // bootNodeMem is bootNode with memMiB of memory (a node that holds a
 // large snapshot and a disk image next to a running guest needs more).
-func (e env) bootNodeMem(t *testing.T, s *Segment, i, memMiB int, params string) *Machine {
+func (e env) bootNodeMem(t testing.TB, s *Segment, i, memMiB int, params string) *Machine {
 	t.Helper()
 	network, err := s.AddNode(nodeMAC(i))
 	if err != nil {

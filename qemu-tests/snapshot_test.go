@@ -1,0 +1,260 @@
+package qemutests
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/initramfs/appliance"
+	"github.com/understudy-vmm/understudy/initramfs/boot"
+)
+
+// Snapshots of a running Linux guest, moved by `understudy run --save` and
+// `understudy restore`, with a real client: the nested guest serves its
+// key-value store (guest.mode=kv: every value written to its virtio-blk
+// disk, answered after fdatasync) and kvload writes snapWrites values over
+// one TCP connection. The guest is saved mid-stream, once its service has
+// logged snapSaveAt; the understudy process ends; a restore continues it,
+// and kvload, which never stopped, goes on over the same connection: the
+// restored guest's TCP state is the saved one, and what kvload sent
+// meanwhile is retransmitted by its TCP. At the end kvload reads back every
+// value it was told was written, has the guest sync and re-read its log
+// from the disk past the page cache (VERIFY), and powers the guest off.
+const (
+	snapWrites = 300
+	snapSaveAt = "understudy-guest: kv: records=100"
+	snapFile   = "/tmp/kv.snap"
+	snapDisk   = "/tmp/kv.img"
+	// snapEcho is typed on the guest's console before the snapshot and
+	// again after the restore, which must echo it.
+	snapEcho = "console-after-restore"
+	// snapNodeMiB holds the appliance, the 256 MiB guest and its 256 MiB
+	// snapshot in the node's in-memory root file system.
+	snapNodeMiB = 1536
+)
+
+// kvloadArgs is kvload writing snapWrites values to the guest, keeping its
+// connection (-want-survived), and powering the guest off at the end.
+func kvloadArgs() string {
+	return fmt.Sprintf("/%s -addr %s:%s -n %d -retry-for 5m -timeout 5m -want-survived -poweroff",
+		appliance.KVLoad, guestAddr, kvPort, snapWrites)
+}
+
+// kvloadOK is kvload's verdict when every acknowledged write was read back
+// from the guest's memory and its disk, over the first connection.
+var kvloadOK = fmt.Sprintf("kvload: result acked=%d verified=%d missing=0 wrong=0 disk=ok connection_survived=true reconnects=0 instances=1 ", snapWrites, snapWrites)
+
+// kvRun is the nested `understudy run` of the key-value guest with its disk
+// and NIC, and extra run flags (the save's).
+func kvRun(extra string) string {
+	return nestedRun(fmt.Sprintf("--disk %s --net tap=%s,mac=%s %s", snapDisk, tapName, guestMAC, extra),
+		fmt.Sprintf("guest.mode=kv guest.addr=%s/%d guest.port=%s", guestAddr, segPrefix, kvPort))
+}
+
+// snapshotFigures are what a save and a restore printed.
+type snapshotFigures struct {
+	guestMiB, stateKiB                           int
+	pauseMs, saveMs, restoreMs, readMs, answerMs float64
+}
+
+func (f snapshotFigures) String() string {
+	return fmt.Sprintf("guest_mib=%d state_kib=%d pause_ms=%.1f save_ms=%.0f restore_ms=%.0f read_ms=%.0f restore_read_ratio=%.2f restore_to_first_answer_ms=%.0f",
+		f.guestMiB, f.stateKiB, f.pauseMs, f.saveMs, f.restoreMs, f.readMs, f.restoreMs/f.readMs, f.answerMs)
+}
+
+var (
+	savedRe    = regexp.MustCompile(`understudy: saved a snapshot of the guest after \S+ to \S+ \((\d+)\.\d MiB, state (\d+) KiB; paused in ([\d.]+) ms, written in (\d+) ms\)`)
+	restoredRe = regexp.MustCompile(regexp.QuoteMeta(boot.RestoredLine) + `\S+ in (\d+) ms \(256 MiB of memory, state (\d+) KiB, 1 disks, 1 nets\); the guest runs`)
+	readRe     = regexp.MustCompile(`nodefile: read kv\.snap (\d+) bytes in ([\d.]+) ms`)
+)
+
+// submatch returns re's submatches in l as numbers.
+func submatch(t testing.TB, re *regexp.Regexp, l Line) []float64 {
+	t.Helper()
+	m := re.FindStringSubmatch(l.Text)
+	if m == nil {
+		t.Fatalf("line %q does not match %v", l.Text, re)
+	}
+	var v []float64
+	for _, s := range m[1:] {
+		f, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v = append(v, f)
+	}
+	return v
+}
+
+// findAfter returns the first line after index from (in lines) containing
+// marker, and its index; it fails t if there is none.
+func findAfter(t testing.TB, lines []Line, from int, marker string) (Line, int) {
+	t.Helper()
+	for i := from + 1; i < len(lines); i++ {
+		if strings.Contains(lines[i].Text, marker) {
+			return lines[i], i
+		}
+	}
+	t.Fatalf("no line with %q after line %d", marker, from)
+	return Line{}, 0
+}
+
+// indexOf returns the index of line l in lines.
+func indexOf(lines []Line, l Line) int {
+	for i := range lines {
+		if lines[i] == l {
+			return i
+		}
+	}
+	return -1
+}
+
+// sameNodeSnapshot runs the same-node proof on a fresh appliance and
+// returns its figures: kvload runs beside (understudy.with) the nested run,
+// which saves the guest on SIGUSR1 sent once the service logged
+// snapSaveAt; the snapshot file is read once (the baseline of the
+// restore's time) and `understudy restore` continues the guest with its
+// disk and tap given again. The console typed before the snapshot echoes
+// again after the restore.
+func sameNodeSnapshot(t testing.TB, e env) snapshotFigures {
+	t.Helper()
+	params := fmt.Sprintf(`understudy.role=test understudy.tap=%s,%s understudy.testdisk=%s:kv-%d understudy.signal="USR1:%s" understudy.stdin=%s understudy.with="%s" %s understudy.then="/%s read %s" understudy.then="understudy restore --snapshot %s --disk %s --net tap=%s"`,
+		tapName, tapAddr, snapDisk, time.Now().UnixNano(), snapSaveAt, snapEcho, kvloadArgs(),
+		kvRun("--save "+snapFile+" --save-on-signal USR1 "),
+		appliance.NodeFile, snapFile, snapFile, snapDisk, tapName)
+	m := e.start(t, "", params, e.image+"/"+appliance.ImageAppliance, nil, "", snapNodeMiB)
+	expect(t, m, bootTimeout, "understudy-appliance: ready role=test")
+	echoed := fmt.Sprintf("understudy-guest: echo: got %q", snapEcho)
+	run := expect(t, m, nestedTimeout,
+		"understudy-appliance: exec: understudy run --kernel",
+		fmt.Sprintf("understudy-guest: kv: serving on %s:%s (eth0)", guestAddr, kvPort),
+		snapSaveAt,
+		"understudy-appliance: signal: sending SIGUSR1",
+		"understudy: saved a snapshot of the guest after ",
+		"understudy-appliance: exec: exit status 0",
+		"nodefile: read kv.snap ",
+		"understudy-appliance: exec: exit status 0",
+		"understudy-appliance: exec: understudy restore --snapshot",
+		boot.RestoredLine,
+	)
+	poweredOff(t, m, 0)
+	lines := m.Lines()
+	restoreAt := indexOf(lines, run[9])
+	// Before the snapshot: the console echoed, the client wrote.
+	if _, i := findAfter(t, lines, -1, echoed); i > indexOf(lines, run[4]) {
+		t.Errorf("the console did not echo before the snapshot")
+	}
+	// After the restore: the console echoes, the service writes on, the
+	// client gets every value back from memory and disk over its first
+	// connection, and the guest powers off on its request.
+	findAfter(t, lines, restoreAt, `understudy-appliance: stdin: writing "`+snapEcho+`" after the prompt`)
+	findAfter(t, lines, restoreAt, echoed)
+	findAfter(t, lines, restoreAt, "understudy-guest: kv: records=300")
+	answer, _ := findAfter(t, lines, restoreAt, "kvload: slow write ")
+	findAfter(t, lines, restoreAt, kvloadOK)
+	findAfter(t, lines, restoreAt, "kvload: OK")
+	findAfter(t, lines, restoreAt, fmt.Sprintf("understudy-guest: kv: powering off on request: records=%d keys=%d", snapWrites, snapWrites))
+	findAfter(t, lines, restoreAt, "understudy: guest powered off after ")
+	findAfter(t, lines, restoreAt, "understudy-appliance: with: exit status 0")
+	if _, i := findAfter(t, lines, -1, "understudy-guest: kv: connection 1 from "); i > restoreAt {
+		t.Errorf("the service's connection began after the restore")
+	}
+	for _, l := range lines {
+		if strings.Contains(l.Text, "understudy-guest: kv: connection 2 ") || strings.Contains(l.Text, "understudy-guest: kv: serving on") && l.At > run[9].At {
+			t.Errorf("the service restarted or saw another connection: %q", l.Text)
+		}
+	}
+	saved := submatch(t, savedRe, run[4])
+	restored := submatch(t, restoredRe, run[9])
+	read := submatch(t, readRe, run[6])
+	f := snapshotFigures{
+		guestMiB: int(saved[0]), stateKiB: int(saved[1]), pauseMs: saved[2], saveMs: saved[3],
+		restoreMs: restored[0], readMs: read[1],
+		answerMs: float64((answer.At - run[8].At).Milliseconds()),
+	}
+	if int(restored[1]) != f.stateKiB {
+		t.Errorf("the restore read a state of %d KiB, the save wrote %d KiB", int(restored[1]), f.stateKiB)
+	}
+	return f
+}
+
+// TestLinuxSnapshotSameNode: a Linux guest serving a client is saved
+// mid-stream, its understudy process ends, and `understudy restore`
+// continues it on the same node; the client keeps its TCP connection and
+// every acknowledged value is there, in memory and on the disk; the
+// console still echoes.
+func TestLinuxSnapshotSameNode(t *testing.T) {
+	e := setup(t)
+	f := sameNodeSnapshot(t, e)
+	t.Logf("linux-snapshot: %v", f)
+}
+
+// BenchmarkLinuxSnapshot prints the same-node proof's figures: the pause,
+// the save, the restore (also as a ratio to reading the snapshot file once
+// in the same run) and the time from the restore's start to the client's
+// first answer (which includes the client's TCP retransmission backoff).
+func BenchmarkLinuxSnapshot(b *testing.B) {
+	e := setup(b)
+	for range b.N {
+		f := sameNodeSnapshot(b, e)
+		fmt.Printf("bench linux-snapshot: %v\n", f)
+	}
+}
+
+// TestLinuxSnapshotOtherNode: two appliance nodes on one segment. Node 1
+// runs the key-value guest and the client (kvload, beside it); the guest
+// is saved once its service logged snapSaveAt (--save-after-output); node
+// 1 sends the snapshot and the disk image to node 2 over the segment
+// (nodefile, SHA-256 checked), and node 2 restores the guest on its own
+// tap, announcing its MAC. The guest keeps its IP and MAC: the client on
+// node 1, whose frames now cross the segment to node 2, goes on over its
+// first connection and reads back every acknowledged value, from memory
+// and from the disk.
+func TestLinuxSnapshotOtherNode(t *testing.T) {
+	e := setup(t)
+	seg := e.segment(t)
+	n1 := e.bootNodeMem(t, seg, 1, snapNodeMiB, fmt.Sprintf(`understudy.testdisk=%s:kv-%d understudy.with="%s" %s understudy.then="/%s send -listen %s:%s %s %s"`,
+		snapDisk, time.Now().UnixNano(), kvloadArgs(),
+		kvRun(fmt.Sprintf("--save %s --save-after-output '%s' ", snapFile, snapSaveAt)),
+		appliance.NodeFile, nodeAddr(1), filePort, snapFile, snapDisk))
+	n2 := e.bootNodeMem(t, seg, 2, snapNodeMiB, fmt.Sprintf(`understudy.exec="/%s recv -from %s:%s -dir /tmp/in" understudy.then="understudy restore --snapshot /tmp/in/kv.snap --disk /tmp/in/kv.img --net tap=%s"`,
+		appliance.NodeFile, nodeAddr(1), filePort, tapName))
+	expect(t, n1, bootTimeout, "understudy-appliance: ready role=test")
+	expect(t, n2, bootTimeout, "understudy-appliance: ready role=test")
+	saved := expect(t, n1, nestedTimeout,
+		fmt.Sprintf("understudy-guest: kv: serving on %s:%s (eth0)", guestAddr, kvPort),
+		snapSaveAt,
+		"understudy: saved a snapshot of the guest after ",
+		"understudy-appliance: exec: exit status 0",
+		"nodefile: sending kv.snap ",
+		"nodefile: OK",
+	)
+	restored := expect(t, n2, nestedTimeout,
+		"nodefile: received kv.snap ",
+		"nodefile: received kv.img ",
+		"nodefile: OK",
+		"understudy-appliance: exec: understudy restore",
+		boot.RestoredLine,
+		"understudy-guest: kv: records=300",
+		fmt.Sprintf("understudy-guest: kv: powering off on request: records=%d keys=%d", snapWrites, snapWrites),
+		"understudy: guest powered off after ",
+		"understudy-appliance: exec: exit status 0",
+	)
+	client := expect(t, n1, nestedTimeout, "kvload: slow write ", kvloadOK, "kvload: OK", "understudy-appliance: with: exit status 0")
+	poweredOff(t, n2, 0)
+	poweredOff(t, n1, 0)
+	if s, r := strings.TrimPrefix(saved[4].Text, "nodefile: sending kv.snap "), strings.TrimPrefix(restored[0].Text, "nodefile: received kv.snap "); s != r {
+		t.Errorf("node 1 sent kv.snap %s, node 2 received %s", s, r)
+	}
+	for _, l := range n2.Lines() {
+		if strings.Contains(l.Text, "understudy-guest: kv: serving on") || strings.Contains(l.Text, "understudy-guest: init reached") {
+			t.Errorf("node 2 booted the guest instead of resuming it: %q", l.Text)
+		}
+	}
+	t.Logf("other node: saved %s; moved in %.1fs; node 2: %s; the client's write across the move: %s",
+		strings.TrimPrefix(saved[2].Text, "understudy: "), (restored[3].At - saved[4].At).Seconds(),
+		strings.TrimPrefix(restored[4].Text, "understudy: "), strings.TrimPrefix(client[0].Text, "kvload: "))
+}
