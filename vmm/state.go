@@ -740,8 +740,13 @@ func restoreVCPU(c *arch.VCPU, s *VCPUState, xsaveSize int) error {
 	if err := c.SetXSave(xs); err != nil {
 		return err
 	}
-	if err := c.SetXCRs(s.XCRs); err != nil {
-		return err
+	// A host without XSAVE (QEMU's qemu64 CPU, under which the appliance
+	// runs its nested guests) reports no XCRs, and KVM refuses
+	// KVM_SET_XCRS there whatever it holds.
+	if s.XCRs.NrXCRs > 0 {
+		if err := c.SetXCRs(s.XCRs); err != nil {
+			return err
+		}
 	}
 	if err := c.SetLAPIC(s.LAPIC); err != nil {
 		return err
