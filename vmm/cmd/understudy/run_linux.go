@@ -240,12 +240,14 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 			return fail(stderr, err), true
 		}
 	}
-	console := stdout
+	ends := &lineEnds{w: stdout, stderr: stderr}
+	defer ends.finish()
+	console := io.Writer(ends)
 	var saveReq chan struct{}
 	if save != nil {
 		saveReq = make(chan struct{})
 		if save.marker != "" {
-			console = &markerWriter{w: stdout, marker: []byte(save.marker), found: func() { save.trigger(fmt.Sprintf("console output %q", save.marker), saveReq) }}
+			console = &markerWriter{w: ends, marker: []byte(save.marker), found: func() { save.trigger(fmt.Sprintf("console output %q", save.marker), saveReq) }}
 		}
 	}
 	cfg := vmm.Config{
@@ -288,6 +290,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 		res, saved, s, err = runLinuxAndSave(runCtx, m, saveReq, o.save)
 		stopSignal()
 		restore()
+		ends.finish()
 		if saved {
 			fmt.Fprintf(stderr, "understudy: saved a snapshot of the guest after %v to %s (%v) (%s); the guest is stopped\n",
 				time.Since(start).Round(time.Millisecond), o.save, s, save.reason())
@@ -297,6 +300,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 		res, err = m.Run(runCtx)
 	}
 	restore()
+	ends.finish()
 	elapsed := time.Since(start).Round(time.Millisecond)
 	if errors.Is(context.Cause(runCtx), errQuitKey) && ctx.Err() == nil {
 		fmt.Fprintf(stderr, "understudy: quit (Ctrl-A x) after %v\n", elapsed)

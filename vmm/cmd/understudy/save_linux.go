@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -151,6 +152,33 @@ type savedSnapshot struct {
 func (s savedSnapshot) String() string {
 	return fmt.Sprintf("%.1f MiB, state %d KiB; paused in %.1f ms, written in %d ms",
 		float64(s.size)/(1<<20), (s.state+1023)>>10, float64(s.pause)/float64(time.Millisecond), s.write.Milliseconds())
+}
+
+// lineEnds passes a guest's console output on to w and, once the guest has
+// stopped, ends the line it left unfinished with a newline on stderr
+// (finish), so that understudy's own last line starts a line of its own on
+// a terminal or a log that shows both, while stdout keeps the guest's bytes
+// exactly (a save triggered by --save-after-output stops the guest before
+// it writes the rest of the marker's line).
+type lineEnds struct {
+	w, stderr io.Writer
+	mid       atomic.Bool // the last byte written was not a newline
+}
+
+func (l *lineEnds) Write(p []byte) (int, error) {
+	n, err := l.w.Write(p)
+	if n > 0 {
+		l.mid.Store(p[n-1] != '\n')
+	}
+	return n, err
+}
+
+// finish writes a newline to stderr if the output stopped mid-line; the
+// guest must no longer run.
+func (l *lineEnds) finish() {
+	if l.mid.Swap(false) {
+		l.stderr.Write([]byte{'\n'})
+	}
 }
 
 // runLinuxAndSave runs m until saveReq is closed, then pauses it, saves a

@@ -246,3 +246,22 @@ func TestRunLinuxSaveNet(t *testing.T) {
 		t.Errorf("restore with the tap = %d, stdout %q, stderr %q; want 0 and the echo", code, out, errs)
 	}
 }
+
+// TestLineEnds: a console left mid-line gets its newline on stderr, once;
+// stdout keeps the guest's bytes.
+func TestLineEnds(t *testing.T) {
+	var out, errb strings.Builder
+	l := &lineEnds{w: &out, stderr: &errb}
+	l.finish()
+	l.Write([]byte("line\n"))
+	l.finish()
+	if errb.String() != "" {
+		t.Errorf("after whole lines: stderr %q, want nothing", errb.String())
+	}
+	l.Write([]byte("records=100"))
+	l.finish()
+	l.finish()
+	if out.String() != "line\nrecords=100" || errb.String() != "\n" {
+		t.Errorf("stdout %q, stderr %q; want the bytes as written and one newline on stderr", out.String(), errb.String())
+	}
+}

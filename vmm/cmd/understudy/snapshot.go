@@ -194,6 +194,9 @@ const restoredLine = boot.RestoredLine
 // prints restoredLine with the restore's figures before the guest runs.
 func restoreLinux(ctx context.Context, cfg vmm.RestoreConfig, st *vmm.MachineState, image io.Reader, disks diskList, nets netList, quiet bool, stderr io.Writer, from restoreFrom) int {
 	cfg.OnRecord, cfg.Disks, cfg.Nets = nil, disks, nets
+	ends := &lineEnds{w: cfg.Console, stderr: stderr}
+	defer ends.finish()
+	cfg.Console = ends
 	runCtx, quit := context.WithCancelCause(ctx)
 	defer quit(nil)
 	in, restoreTTY, err := linuxConsole(linuxStdin, func() { quit(errQuitKey) })
@@ -220,6 +223,7 @@ func restoreLinux(ctx context.Context, cfg vmm.RestoreConfig, st *vmm.MachineSta
 	start := time.Now()
 	res, err := m.Run(runCtx)
 	restoreTTY()
+	ends.finish()
 	elapsed := time.Since(start).Round(time.Millisecond)
 	switch {
 	case errors.Is(context.Cause(runCtx), errQuitKey) && ctx.Err() == nil:
