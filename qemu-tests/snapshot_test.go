@@ -254,7 +254,7 @@ func TestLinuxSnapshotOtherNode(t *testing.T) {
 			t.Errorf("node 2 booted the guest instead of resuming it: %q", l.Text)
 		}
 	}
-	t.Logf("other node: saved %s; moved in %.1fs; node 2: %s; the client's write across the move: %s",
+	t.Logf("other node: %s; moved in %.1fs; node 2: %s; the client's write across the move: %s",
 		strings.TrimPrefix(saved[2].Text, "understudy: "), (restored[3].At - saved[4].At).Seconds(),
 		strings.TrimPrefix(restored[4].Text, "understudy: "), strings.TrimPrefix(client[0].Text, "kvload: "))
 }
