@@ -200,7 +200,9 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 	go func() { read <- b.readLoop(in) }()
 	// Between checkpoints, tell the backup the epoch acknowledged to the
 	// primary, so that it can report the data-loss window should the
-	// intermediary be lost together with the primary.
+	// intermediary be lost together with the primary; and sync it if the
+	// policy's bound on its lag in time has passed since the last
+	// checkpoint (syncIfDue).
 	tell := time.NewTicker(statusEvery)
 	defer tell.Stop()
 	stop := context.AfterFunc(ctx, func() {
@@ -235,6 +237,7 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 				b.fail(err)
 			}
 		case <-tell.C:
+			in.syncIfDue(b)
 			if err := c.WriteMessage(&wire.Status{Role: wire.RoleIntermediary, Committed: in.img.Epoch()}); err != nil {
 				b.fail(err)
 			}
@@ -398,6 +401,7 @@ func (b *backupLink) readLoop(in *Intermediary) error {
 			b.acked = m.Epoch
 			b.note()
 			b.mu.Unlock()
+			b.held.syncs.ackedUpTo(m.Epoch)
 			in.noteBackupAck(m.Epoch)
 		case *wire.Ready:
 			b.mu.Lock()

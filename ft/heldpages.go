@@ -28,6 +28,64 @@ type heldPages struct {
 
 	// bytes is the intermediary's held-bytes figure (lacking in bytes).
 	bytes *atomic.Uint64
+
+	// syncs records the last syncs queued (its own lock).
+	syncs syncLog
+}
+
+// syncRecord is one hold-back sync: its epoch, when it was queued for the
+// backup, the backup's lag then (what the policy's bound is checked
+// against: since the epoch of the sync before was applied here), and
+// when the backup acknowledged an epoch at or after it (zero until then).
+// Queued to acknowledged is how long the sync took: its own bytes, what
+// was queued ahead of it on the backup link, the link's round trip and
+// the backup's commit.
+type syncRecord struct {
+	epoch  uint64
+	queued time.Time
+	lag    time.Duration
+	acked  time.Time
+}
+
+// syncLog keeps the last len(recent) syncs queued, for figures (the
+// ft-holdback benchmark shows them next to the lag it samples).
+type syncLog struct {
+	mu     sync.Mutex
+	recent [64]syncRecord
+	n      uint64 // syncs recorded; the latest is recent[(n-1)%len]
+}
+
+// add records a sync of epoch e queued now with the backup lagging lag.
+func (l *syncLog) add(e uint64, lag time.Duration) {
+	l.mu.Lock()
+	l.recent[l.n%uint64(len(l.recent))] = syncRecord{epoch: e, queued: time.Now(), lag: lag}
+	l.n++
+	l.mu.Unlock()
+}
+
+// ackedUpTo marks the syncs up to epoch e acknowledged now (the backup
+// acknowledges in epoch order).
+func (l *syncLog) ackedUpTo(e uint64) {
+	now := time.Now()
+	l.mu.Lock()
+	for i := range l.recent {
+		if r := &l.recent[i]; r.epoch != 0 && r.epoch <= e && r.acked.IsZero() {
+			r.acked = now
+		}
+	}
+	l.mu.Unlock()
+}
+
+// list returns the syncs recorded, oldest first.
+func (l *syncLog) list() []syncRecord {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := min(l.n, uint64(len(l.recent)))
+	out := make([]syncRecord, 0, k)
+	for i := l.n - k; i < l.n; i++ {
+		out = append(out, l.recent[i%uint64(len(l.recent))])
+	}
+	return out
 }
 
 // setRate sets the cap on pages staged ahead of a sync (0: none).
@@ -104,7 +162,9 @@ func (in *Intermediary) syncCheckpoint(b *backupLink) *Checkpoint {
 			}
 		}
 	})
-	in.log.Debug("hold-back sync", "epoch", cp.Epoch, "base", h.synced, "pages", len(cp.PFNs))
+	lag := time.Since(in.appliedAt(h.synced))
+	in.log.Debug("hold-back sync", "epoch", cp.Epoch, "base", h.synced, "pages", len(cp.PFNs), "lag", lag)
+	h.syncs.add(cp.Epoch, lag)
 	h.lacking = 0
 	h.synced = cp.Epoch
 	in.syncs.Add(1)

@@ -2,8 +2,10 @@ package ft
 
 import (
 	"context"
+	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/mmu"
 )
 
 // sync makes sure the backup holds epoch (Failover and the orderly end
@@ -47,6 +49,41 @@ func (in *Intermediary) flushHeld(b *backupLink) {
 		b.enqueue(outgoing{cp: cp})
 	} else {
 		b.poke()
+	}
+}
+
+// syncIfDue asks the policy, between checkpoints, whether the backup is
+// past a bound, and if so queues a sync to the image's epoch. forward asks
+// only when a checkpoint arrives, so without this a primary that sends
+// none for a while (a long epoch, a stalled host) would stretch the
+// backup's lag in time past the bound while the intermediary holds a
+// newer epoch. The backup link's writer calls it on its status ticker.
+// While a checkpoint is being applied (in.mu held) it does nothing:
+// forward asks the policy once that checkpoint is accounted for.
+func (in *Intermediary) syncIfDue(b *backupLink) {
+	// in.mu: the image is at the last epoch the ledger accounted for.
+	if !in.mu.TryLock() {
+		return
+	}
+	defer in.mu.Unlock()
+	h := &b.held
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	e := in.img.Epoch()
+	// Not in hold mode: everything went whole. synced == 0: a re-seed is
+	// on its way.
+	if !h.holdMode || h.synced == 0 || h.synced >= e {
+		return
+	}
+	v := BackupView{Epoch: e, Synced: h.synced, HeldBytes: h.lacking * mmu.PageSize,
+		LagEpochs: e - h.synced, Lag: time.Since(in.appliedAt(h.synced))}
+	if !in.policy.get().SyncNow(v) {
+		return
+	}
+	cp := in.syncCheckpoint(b)
+	h.publish()
+	if cp != nil {
+		b.enqueue(outgoing{cp: cp})
 	}
 }
 
