@@ -137,13 +137,19 @@ func (n *Net) Activate(h *Host) error {
 	return nil
 }
 
-// Reset stops using the queues and drops the backlog.
+// Reset stops using the queues and drops the backlog. Frames held by the
+// output gate stay held.
 func (n *Net) Reset() {
 	n.h = nil
 	n.active.Store(nil)
 	n.rxDropped.Add(uint64(len(n.backlog)))
 	n.backlog = nil
 	n.rxBacklog.Store(0)
+	// Held frames stay held (the guest sent them); chains waiting at a
+	// bound are gone with the rings.
+	n.egress.mu.Lock()
+	n.egress.stalled, n.egress.waitLeft = false, 0
+	n.egress.mu.Unlock()
 }
 
 // Close detaches from the tap and waits for the receive goroutine to end.
