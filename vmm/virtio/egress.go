@@ -43,9 +43,12 @@ import (
 // release leaves the ring alone; Resume's kick takes the chains.
 const (
 	// DefaultEgressMaxBytes and DefaultEgressMaxFrames are the bounds of a
-	// zero EgressBounds: about 25 ms of a 5 Gbit/s guest's output (one
-	// epoch at 40 checkpoints a second) at full-size frames, and as many
-	// small frames.
+	// zero EgressBounds. A device holds the open epoch's frames and those
+	// of the epoch awaiting its acknowledgement: about two epochs. At 40
+	// checkpoints a second (25 ms epochs) 16 MiB is two epochs of a guest
+	// sending 2.7 Gbit/s, and 8192 frames two epochs at 160 000 frames a
+	// second; a busier guest is slowed to that (backpressure), not cut
+	// off.
 	DefaultEgressMaxBytes  = 16 << 20
 	DefaultEgressMaxFrames = 8192
 	// MaxEgressBytes and MaxEgressFrames cap the bounds one device may be
