@@ -412,6 +412,11 @@ type RestoreConfig struct {
 	// NetConfig.MAC other than it is refused).
 	Disks []DiskConfig
 	Nets  []NetConfig
+	// NetCarried, if set, is what Machine.SealNetOutput returned for the
+	// checkpoint being restored: the frames the primary still held. They
+	// are written to the taps before the restored guest transmits (a
+	// malformed encoding is refused). See output.go.
+	NetCarried []byte
 }
 
 // Restore builds a new machine from st and a memory image: exactly
@@ -467,9 +472,14 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 		closeMem()
 		return nil, fmt.Errorf("restore: %w", err)
 	}
-	if !linux && len(cfg.Disks)+len(cfg.Nets) > 0 {
+	if !linux && len(cfg.Disks)+len(cfg.Nets)+len(cfg.NetCarried) > 0 {
 		closeMem()
-		return nil, errors.New("restore: disks or network interfaces given for a payload machine, which has none")
+		return nil, errors.New("restore: disks, network interfaces or carried frames given for a payload machine, which has none")
+	}
+	carried, err := virtio.DecodeHeldFrames(cfg.NetCarried)
+	if err != nil {
+		closeMem()
+		return nil, fmt.Errorf("restore: %w", err)
 	}
 	m, err := build(mc, mem, linux)
 	if err != nil {
@@ -489,6 +499,10 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 		}
 	}
 	if err := m.restore(st, image); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	if err := m.sendCarried(carried); err != nil {
 		m.Close()
 		return nil, fmt.Errorf("restore: %w", err)
 	}

@@ -90,4 +90,38 @@
 // it misses a changed chunk with probability 2^-32 and anyone can forge it;
 // the checkpoint path hashes only written chunks, so SHA-256 was kept (the
 // encoding names the chunk size; a leaf change needs a new version).
+//
+// # Output commit for packets
+//
+// A protected guest's transmitted frames are output, held until the
+// checkpoint that covers them is acknowledged (Remus's rule, as Linux's
+// sch_plug qdisc does it). With Net.HoldOutput the device copies each frame
+// the guest transmits into a queue and returns the chain to the guest at
+// once; the frames wait there, open, until SealOutput(e), called while the
+// machine is paused for checkpoint e, stamps them with e. ReleaseOutput(e),
+// on e's acknowledgement, writes every frame of an epoch <= e to the tap,
+// in order. Received frames are not held. The device takes transmit chains
+// only under the transport's lock and never while it is quiesced, so the
+// frames sealed with e are exactly those whose chains the checkpoint's
+// used ring shows as sent.
+//
+//	n.HoldOutput(virtio.EgressBounds{})      // before the guest runs
+//	frames, err := n.SealOutput(e)           // paused for checkpoint e: carry frames
+//	err = n.ReleaseOutput(e)                 // checkpoint e acknowledged
+//	// the activated backup, after LoadState and before Resume:
+//	err = n.SendCarried(data)                // the frames checkpoint e carried
+//
+// Bounds (EgressBounds, per device: 16 MiB and 8192 frames by default):
+// past either one the device applies backpressure, not loss. It stops
+// taking transmit chains, which wait in the available ring; the guest's
+// ring fills and its qdisc holds further packets. A release that makes room
+// takes the waiting chains itself (the guest, its ring full, will not
+// notify) and raises the interrupt; while the transport is quiesced it
+// leaves them to Resume's kick. EgressStats counts held frames and bytes,
+// released frames, the stalls at a bound and the frames that waited there,
+// and the added latency (frame taken to frame written) as a histogram.
+//
+// The frames a checkpoint carries (HeldFrame, AppendHeldFrames,
+// DecodeHeldFrames: a versioned, validated encoding) travel beside the
+// device state, not in NetState: see HeldFrame.
 package virtio

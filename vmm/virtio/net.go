@@ -36,7 +36,7 @@ const (
 type NetStats struct {
 	RxFrames  uint64 // frames placed into guest receive buffers
 	RxDropped uint64 // frames from the tap dropped: device inactive, backlog full, or too big for the guest's buffer
-	TxFrames  uint64 // frames the guest sent that were written to the tap
+	TxFrames  uint64 // frames the guest sent that were written to the tap (when output is held: released, or sent as carried frames)
 	TxErrors  uint64 // guest frames dropped: malformed request or tap write failure
 	RxBacklog uint64 // frames waiting now for a guest receive buffer
 }
@@ -50,6 +50,9 @@ type NetStats struct {
 // A goroutine reads the tap and places frames into the guest's receive
 // buffers; while there are none it keeps up to NetBacklog frames, and drops
 // (and counts) the rest. Transmit happens on the vCPU that notifies.
+//
+// With output held (HoldOutput, for a protected guest) the frames the guest
+// transmits wait in the device until ReleaseOutput: see egress.go.
 type Net struct {
 	tapName string
 	mac     [6]byte
@@ -62,6 +65,9 @@ type Net struct {
 
 	active                                             atomic.Pointer[Host]
 	rxFrames, rxDropped, txFrames, txErrors, rxBacklog atomic.Uint64
+
+	// egress is the output gate (egress.go), off unless HoldOutput.
+	egress egress
 
 	closeOnce sync.Once
 	closeErr  error
@@ -131,13 +137,19 @@ func (n *Net) Activate(h *Host) error {
 	return nil
 }
 
-// Reset stops using the queues and drops the backlog.
+// Reset stops using the queues and drops the backlog. Frames held by the
+// output gate stay held.
 func (n *Net) Reset() {
 	n.h = nil
 	n.active.Store(nil)
 	n.rxDropped.Add(uint64(len(n.backlog)))
 	n.backlog = nil
 	n.rxBacklog.Store(0)
+	// Held frames stay held (the guest sent them); chains waiting at a
+	// bound are gone with the rings.
+	n.egress.mu.Lock()
+	n.egress.stalled, n.egress.waitLeft = false, 0
+	n.egress.mu.Unlock()
 }
 
 // Close detaches from the tap and waits for the receive goroutine to end.
@@ -172,6 +184,7 @@ func (n *Net) transmit() error {
 	if q == nil {
 		return badAccess("virtio-net transmit queue is not ready")
 	}
+	hold := n.egress.holding()
 	var first error
 	frame := make([]byte, 0, 2048)
 	for {
@@ -182,13 +195,30 @@ func (n *Net) transmit() error {
 		if c == nil {
 			return first
 		}
-		if err := n.send(c, &frame); err != nil {
+		p, err := n.frameOf(c, &frame)
+		switch {
+		case err == nil && hold:
+			if !n.egress.admit(p) {
+				// At a bound: the chain waits in the ring until a
+				// release makes room (see egress.go).
+				q.Unpop()
+				if waiting, err := q.Pending(); err == nil {
+					n.egress.waiting(int(waiting))
+				}
+				return first
+			}
+		case err == nil:
+			if _, werr := n.tap.Write(p); werr != nil {
+				err = fmt.Errorf("virtio-net: write frame to tap %s: %w", n.tapName, werr)
+			} else {
+				n.txFrames.Add(1)
+			}
+		}
+		if err != nil {
 			n.txErrors.Add(1)
 			if first == nil {
 				first = err
 			}
-		} else {
-			n.txFrames.Add(1)
 		}
 		if err := q.Push(c.Head, 0); err != nil {
 			return err
@@ -196,16 +226,16 @@ func (n *Net) transmit() error {
 	}
 }
 
-// send writes one transmit chain's frame, without its virtio-net header, to
-// the tap.
-func (n *Net) send(c *Chain, frame *[]byte) error {
+// frameOf returns one transmit chain's frame, without its virtio-net
+// header, in *frame's storage.
+func (n *Net) frameOf(c *Chain, frame *[]byte) ([]byte, error) {
 	if len(c.Writable) > 0 {
-		return badRequest("virtio-net transmit chain (head %d) has %d device-writable descriptors; transmit buffers are device-readable",
+		return nil, badRequest("virtio-net transmit chain (head %d) has %d device-writable descriptors; transmit buffers are device-readable",
 			c.Head, len(c.Writable))
 	}
 	total := c.ReadableLen()
 	if total < NetHeaderSize || total-NetHeaderSize > NetMaxFrame {
-		return badRequest("virtio-net transmit chain (head %d) is %d bytes: want a %d-byte header and a frame of at most %d bytes",
+		return nil, badRequest("virtio-net transmit chain (head %d) is %d bytes: want a %d-byte header and a frame of at most %d bytes",
 			c.Head, total, NetHeaderSize, NetMaxFrame)
 	}
 	size := int(total - NetHeaderSize)
@@ -214,10 +244,7 @@ func (n *Net) send(c *Chain, frame *[]byte) error {
 	}
 	p := (*frame)[:size]
 	gather(c.Readable, NetHeaderSize, p)
-	if _, err := n.tap.Write(p); err != nil {
-		return fmt.Errorf("virtio-net: write frame to tap %s: %w", n.tapName, err)
-	}
-	return nil
+	return p, nil
 }
 
 // receiveLoop reads frames from the tap until it is closed.

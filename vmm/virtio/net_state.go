@@ -16,7 +16,9 @@ import (
 // not yet in the used ring is delivered again after a restore; the receive
 // chain it would have used is still available (the next-available index
 // was not advanced past it). Transmission happens completely on the vCPU
-// that notifies, so there is no transmit backlog.
+// that notifies, so there is no transmit backlog. Frames held by the
+// output gate (egress.go) are not part of this state: a checkpoint carries
+// them beside it (see HeldFrame for why).
 type NetState struct {
 	MAC net.HardwareAddr // 6 bytes
 	// LinkStatus is the status field of the configuration space
