@@ -92,7 +92,7 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 			return wire.CodeRefused, fmt.Sprintf("this backup is served by %v %q already", s.Role, s.Name)
 		}
 		return wire.CodeRefused, "this backup takes no peer now"
-	})
+	}, nil)
 	defer g.Close()
 
 	rcfg := cfg.Restore

@@ -86,7 +86,9 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 	log.Info(fmt.Sprintf("listening on %s", ln.Addr()))
 
 	// Once a primary is accepted, every other peer is refused: another
-	// primary while it is served, any primary once it is fenced.
+	// primary while it is served, any primary once it is fenced. The
+	// primary served, connecting again before the intermediary waits for
+	// it (just after a refusal), is held for it.
 	var served atomic.Pointer[transport.Peer]
 	var in atomic.Pointer[Intermediary]
 	g := newGate(ctx, ln, log, func(p transport.Peer) (wire.Code, string) {
@@ -94,9 +96,13 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 			return wire.CodeFenced, "this intermediary has failed over"
 		}
 		if s := served.Load(); s != nil {
-			return wire.CodeRefused, fmt.Sprintf("this intermediary protects primary %q already", s.Name)
+			return wire.CodeRefused, protectsAlready(*s)
 		}
 		return wire.CodeRefused, "this intermediary takes no peer now"
+	}, func(p transport.Peer) bool {
+		s := served.Load()
+		i := in.Load()
+		return s != nil && samePrimary(p, *s) && (i == nil || !i.Fenced())
 	})
 	defer g.Close()
 	pc, err := g.next(ctx)
@@ -214,11 +220,23 @@ func acceptSamePrimary(ctx context.Context, g *gate, prev transport.Peer, timeou
 		if err != nil {
 			return nil, fmt.Errorf("%w: it did not reconnect within %v after a refusal", ErrPrimaryLost, timeout)
 		}
-		if p := c.Peer(); p.Name == prev.Name && p.Hello.MemSize == prev.Hello.MemSize {
+		if samePrimary(c.Peer(), prev) {
 			return c, nil
 		}
-		reason := fmt.Sprintf("this intermediary protects another primary (%q, guest memory %s)", prev.Name, option.FormatSize(prev.Hello.MemSize))
+		reason := protectsAlready(prev)
 		log.Warn(fmt.Sprintf("refused %v %q: %s", c.Peer().Role, c.Peer().Name, reason))
-		c.CloseWithError(wire.CodeProtocol, reason)
+		c.CloseWithError(wire.CodeRefused, reason)
 	}
+}
+
+// samePrimary reports whether p is the primary prev connecting again: the
+// same name and guest memory size.
+func samePrimary(p, prev transport.Peer) bool {
+	return p.Name == prev.Name && p.Hello.MemSize == prev.Hello.MemSize
+}
+
+// protectsAlready is the reason another primary is refused, whether the
+// one protected is connected or awaited.
+func protectsAlready(prev transport.Peer) string {
+	return fmt.Sprintf("this intermediary protects primary %q (guest memory %s) already", prev.Name, option.FormatSize(prev.Hello.MemSize))
 }

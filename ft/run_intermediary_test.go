@@ -9,6 +9,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/internal/testutil"
 )
 
 // The intermediary's runner over real loopback mTLS links. The primary is
@@ -140,10 +141,10 @@ func TestRunIntermediaryReconnectAfterRefusal(t *testing.T) {
 
 	// Another primary is refused while the intermediary waits for its own.
 	other := r.primary(t, "other")
-	if e := readError(t, other); e.Code != wire.CodeProtocol || !strings.Contains(e.Reason, `protects another primary ("primary"`) {
-		t.Errorf("another primary's refusal = %v, want CodeProtocol naming the protected primary", e)
+	if e := readError(t, other); e.Code != wire.CodeRefused || !strings.Contains(e.Reason, `protects primary "primary" (guest memory 4 MiB) already`) {
+		t.Errorf("another primary's refusal = %v, want CodeRefused naming the protected primary", e)
 	}
-	r.log.waitFor(t, `refused primary "other": this intermediary protects another primary`)
+	r.log.waitFor(t, `refused primary "other": this intermediary protects primary "primary" \(guest memory 4 MiB\) already`)
 
 	// The same primary comes back with a full image and is served.
 	p = r.primary(t, "primary")
@@ -170,10 +171,10 @@ func TestRunIntermediaryRefusesSecondPrimary(t *testing.T) {
 	p := r.primary(t, "primary")
 	sendEpoch(t, p, 1)
 	second := r.primary(t, "primary2")
-	if e := readError(t, second); e.Code != wire.CodeRefused || !strings.Contains(e.Reason, `protects primary "primary" already`) {
+	if e := readError(t, second); e.Code != wire.CodeRefused || !strings.Contains(e.Reason, `protects primary "primary" (guest memory 4 MiB) already`) {
 		t.Errorf("second primary's refusal = %v, want CodeRefused naming the primary served", e)
 	}
-	r.log.waitFor(t, `refused primary "primary2": this intermediary protects primary "primary" already`)
+	r.log.waitFor(t, `refused primary "primary2": this intermediary protects primary "primary" \(guest memory 4 MiB\) already`)
 	sendEpoch(t, p, 2)
 	if err := p.WriteMessage(&wire.Bye{Reason: "guest exited"}); err != nil {
 		t.Fatal(err)
@@ -232,4 +233,50 @@ func TestRunIntermediaryFencedByActiveBackup(t *testing.T) {
 		t.Errorf("RunIntermediary = %v, want ErrBackupActive", err)
 	}
 	r.log.waitFor(t, `runs the guest already.*the primary is fenced and must stop its guest`)
+}
+
+// TestGateHoldsKeptPeer: a peer the role will want, arriving while the role
+// does not wait (a primary reconnecting at once after a refusal), is held
+// for the role's next call of next, one at a time; any other peer, and a
+// kept one while another is held, is refused; Close refuses the one held.
+func TestGateHoldsKeptPeer(t *testing.T) {
+	c := newCluster(t)
+	log, tl := newTestLog()
+	ln, err := transport.Listen("tcp://127.0.0.1:0", c.links("intermediary", RoleIntermediary, log).transport(wire.RoleIntermediary, 0, wire.RolePrimary))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	g := newGate(ctx, ln, log, func(transport.Peer) (wire.Code, string) { return wire.CodeRefused, "not now" },
+		func(p transport.Peer) bool { return p.Name == "kept" })
+	defer g.Close()
+	addr := ln.Addr().String()
+
+	if e := readError(t, c.dial("other", RolePrimary, runMem, addr)); e.Code != wire.CodeRefused || e.Reason != "not now" {
+		t.Errorf("a peer not kept: %v, want refused", e)
+	}
+	kept := c.dial("kept", RolePrimary, runMem, addr)
+	testutil.WaitFor(t, "the kept peer held", func() bool { return len(g.held) == 1 })
+	tl.waitFor(t, `primary "kept" connected again; held until it can be served`)
+	if e := readError(t, c.dial("kept", RolePrimary, runMem, addr)); e.Code != wire.CodeRefused {
+		t.Errorf("a second kept peer while one is held: %v, want refused", e)
+	}
+	got, err := g.next(ctx)
+	if err != nil || got.Peer().Name != "kept" || got.RemoteAddr().String() != kept.LocalAddr().String() {
+		t.Fatalf("next = %v, %v; want the held peer", got, err)
+	}
+	if err := got.WriteMessage(&wire.Ack{Epoch: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := kept.ReadMessage(); err != nil || m.Type() != wire.TypeAck {
+		t.Errorf("the held peer's link: %v, %v; want it served", m, err)
+	}
+	held := c.dial("kept", RolePrimary, runMem, addr)
+	testutil.WaitFor(t, "the kept peer held again", func() bool { return len(g.held) == 1 })
+	g.Close()
+	if e := readError(t, held); e.Code != wire.CodeRefused {
+		t.Errorf("the peer held at Close: %v, want refused", e)
+	}
 }

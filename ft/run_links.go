@@ -139,23 +139,29 @@ func logStatus(d time.Duration, log *slog.Logger, line func() string) func() {
 }
 
 // gate is a listening role's one accept loop. A peer arriving while the
-// role waits for one (next) is handed to it; any other peer is refused with
-// the reason refuse gives, and the refusal is logged: a role never keeps a
-// link it does not serve.
+// role waits for one (next) is handed to it. A peer the role will want
+// (keep) arriving while it does not wait yet is held, one at a time, for
+// its next call of next: a primary that reconnects at once after a refusal
+// may be quicker than the role that refused it. Any other peer is refused
+// with the reason refuse gives, and the refusal is logged: a role never
+// keeps a link it does not serve.
 type gate struct {
-	ln     transport.Listener
-	log    *slog.Logger
-	refuse func(transport.Peer) (wire.Code, string)
-	conns  chan transport.Conn
-	done   chan struct{} // closed when the loop has ended
-	err    error         // why it ended (read after done)
-	stop   context.CancelFunc
+	ln      transport.Listener
+	log     *slog.Logger
+	refuse  func(transport.Peer) (wire.Code, string)
+	keep    func(transport.Peer) bool // nil: hold no peer
+	conns   chan transport.Conn
+	held    chan transport.Conn // at most one peer kept for next
+	done    chan struct{}       // closed when the loop has ended
+	err     error               // why it ended (read after done)
+	stop    context.CancelFunc
+	stopped sync.Once
 }
 
 // newGate starts accepting on ln until ctx ends or Close is called.
-func newGate(ctx context.Context, ln transport.Listener, log *slog.Logger, refuse func(transport.Peer) (wire.Code, string)) *gate {
+func newGate(ctx context.Context, ln transport.Listener, log *slog.Logger, refuse func(transport.Peer) (wire.Code, string), keep func(transport.Peer) bool) *gate {
 	ctx, stop := context.WithCancel(ctx)
-	g := &gate{ln: ln, log: log, refuse: refuse, conns: make(chan transport.Conn), done: make(chan struct{}), stop: stop}
+	g := &gate{ln: ln, log: log, refuse: refuse, keep: keep, conns: make(chan transport.Conn), held: make(chan transport.Conn, 1), done: make(chan struct{}), stop: stop}
 	go g.loop(ctx)
 	return g
 }
@@ -170,18 +176,39 @@ func (g *gate) loop(ctx context.Context) {
 		}
 		select {
 		case g.conns <- c: // someone waits for a peer
+			continue
 		default:
-			p := c.Peer()
-			code, reason := g.refuse(p)
-			g.log.Warn(fmt.Sprintf("refused %v %q: %s", p.Role, p.Name, reason))
-			go c.CloseWithError(code, reason)
 		}
+		if g.keep != nil && g.keep(c.Peer()) {
+			select {
+			case g.held <- c:
+				g.log.Info(fmt.Sprintf("%v %q connected again; held until it can be served", c.Peer().Role, c.Peer().Name))
+				continue
+			default:
+			}
+		}
+		g.turnAway(c)
 	}
 }
 
-// next waits for the next peer.
+// turnAway refuses c with refuse's reason and logs it.
+func (g *gate) turnAway(c transport.Conn) {
+	p := c.Peer()
+	code, reason := g.refuse(p)
+	g.log.Warn(fmt.Sprintf("refused %v %q: %s", p.Role, p.Name, reason))
+	go c.CloseWithError(code, reason)
+}
+
+// next waits for the next peer: the one held, if any, first.
 func (g *gate) next(ctx context.Context) (transport.Conn, error) {
 	select {
+	case c := <-g.held:
+		return c, nil
+	default:
+	}
+	select {
+	case c := <-g.held:
+		return c, nil
 	case c := <-g.conns:
 		return c, nil
 	case <-ctx.Done():
@@ -191,10 +218,18 @@ func (g *gate) next(ctx context.Context) (transport.Conn, error) {
 	}
 }
 
-// Close stops accepting and waits for the loop to end.
+// Close stops accepting, waits for the loop to end and refuses a peer
+// still held.
 func (g *gate) Close() {
-	g.stop()
-	<-g.done
+	g.stopped.Do(func() {
+		g.stop()
+		<-g.done
+		select {
+		case c := <-g.held:
+			g.turnAway(c)
+		default:
+		}
+	})
 }
 
 // closeConn closes a MessageConn that can be closed.
