@@ -1,0 +1,576 @@
+package diskrep
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"syscall"
+
+	"github.com/understudy-vmm/understudy/vmm/virtio"
+	"golang.org/x/sys/unix"
+)
+
+// Errors a Replica wraps.
+var (
+	// ErrNotSeeded: the replica has no disk content yet (or lost it in a
+	// crash during Seed); it needs a Seed before it can stage epochs.
+	ErrNotSeeded = errors.New("disk replica is not seeded")
+	// ErrFingerprint: a seed, or an epoch's writes applied to the replica,
+	// would not give the disk the primary fingerprinted. Nothing changed.
+	ErrFingerprint = errors.New("disk fingerprint mismatch")
+	// ErrCorrupt: Open found a disk whose content is not the one its
+	// epoch record names (changed by something else, or damaged). The
+	// replica must be seeded again (Remove, Open, Seed).
+	ErrCorrupt = errors.New("disk replica is corrupt")
+	// ErrEpoch: an epoch that is not after the committed one, or a Commit
+	// of an epoch that is not the staged one.
+	ErrEpoch = errors.New("disk replica epoch out of order")
+	// ErrBroken: an earlier Commit or Seed failed halfway; the replica
+	// refuses everything until it is opened again, which recovers it.
+	ErrBroken = errors.New("disk replica broken by an earlier failure; open it again")
+)
+
+// Replica is the backup's copy of one of the guest's disks, advanced only
+// by whole epochs. It is not safe for concurrent use.
+type Replica struct {
+	path    string
+	size    int64
+	disk    *os.File
+	journal *os.File
+	rec     *os.File
+	state   record
+	fp      *virtio.Fingerprint // of the committed disk; nil while not seeded
+	staged  *staged
+	broken  error
+	// recovered says what Open did with the journal it found.
+	recovered string
+}
+
+// staged is an epoch's writes, durable in the journal, with the
+// fingerprint the disk will have once they are applied.
+type staged struct {
+	epoch   uint64
+	writes  *virtio.DiskWrites
+	journal []byte // the journal file's content, without the marker
+	fp      *virtio.Fingerprint
+}
+
+// testHook, when set (by tests only), is called at each step of Stage,
+// Commit and Seed: "stage-partial" (half the journal written, not synced),
+// "staged", "marked" (the commit marker is durable, the disk untouched),
+// "range" (i: range i written), "applied" (the disk synced), "recorded"
+// (the epoch record durable, the journal not yet cleared), "seed-written"
+// (the verified seed synced in its temporary file), "seed-unrecorded" (the
+// record says not seeded, the old disk still in place), "seed-renamed".
+var testHook func(step string, i int)
+
+func hook(step string, i int) {
+	if testHook != nil {
+		testHook(step, i)
+	}
+}
+
+// JournalPath, RecordPath and SeedPath name the files a replica keeps next
+// to its disk.
+func JournalPath(disk string) string { return disk + ".journal" }
+func RecordPath(disk string) string  { return disk + ".epoch" }
+func SeedPath(disk string) string    { return disk + ".seed" }
+
+// Open opens the replica of a disk of size bytes at path, creating it (not
+// seeded, epoch 0) if there is none. It recovers from a crash: a complete
+// journal (its checksum and commit marker check out) of an epoch after the
+// recorded one is applied again, since a Commit may have written part of
+// it; any other journal is discarded, since the disk was not touched for
+// it. The disk is then exactly the last committed epoch's, which Open
+// checks by fingerprinting the whole disk (one read of it) against the
+// record; a mismatch is ErrCorrupt.
+func Open(path string, size int64) (*Replica, error) {
+	if size <= 0 || size > virtio.MaxReplicatedDisk {
+		return nil, fmt.Errorf("disk replica %s: size %d, want 1 to %d", path, size, int64(virtio.MaxReplicatedDisk))
+	}
+	r := &Replica{path: path, size: size}
+	if err := r.open(); err != nil {
+		r.closeFiles()
+		return nil, fmt.Errorf("disk replica %s: %w", path, err)
+	}
+	return r, nil
+}
+
+func (r *Replica) open() error {
+	var err error
+	created := false
+	r.disk, err = os.OpenFile(r.path, os.O_RDWR|syscall.O_CLOEXEC, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		r.disk, err = os.OpenFile(r.path, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_CLOEXEC, 0o600)
+		if err == nil {
+			created = true
+			err = r.disk.Truncate(r.size)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if fi, err := r.disk.Stat(); err != nil {
+		return err
+	} else if !fi.Mode().IsRegular() || fi.Size() != r.size {
+		return fmt.Errorf("the disk file is a %v of %d bytes, want a regular file of %d bytes", fi.Mode().Type(), fi.Size(), r.size)
+	}
+	if r.journal, err = os.OpenFile(JournalPath(r.path), os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600); err != nil {
+		return err
+	}
+	if r.rec, err = os.OpenFile(RecordPath(r.path), os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600); err != nil {
+		return err
+	}
+	if created {
+		if err := syncDir(r.path); err != nil {
+			return err
+		}
+	}
+	if r.state, err = readRecord(r.rec); err != nil {
+		return fmt.Errorf("read epoch record: %w", err)
+	}
+	if r.state.seeded && r.state.size != uint64(r.size) {
+		return fmt.Errorf("%w: the epoch record is of a disk of %d bytes, not %d", ErrCorrupt, r.state.size, r.size)
+	}
+	j, why, err := readJournal(r.journal, uint64(r.size))
+	if err != nil {
+		return fmt.Errorf("read journal: %w", err)
+	}
+	switch {
+	case j != nil && r.state.seeded && j.epoch > r.state.epoch:
+		if err := r.apply(j.epoch, j.writes); err != nil {
+			return fmt.Errorf("apply committed epoch %d again: %w", j.epoch, err)
+		}
+		r.recovered = fmt.Sprintf("applied the committed journal of epoch %d again", j.epoch)
+	case j != nil:
+		r.recovered = fmt.Sprintf("discarded a journal of epoch %d (committed epoch %d, seeded %v)", j.epoch, r.state.epoch, r.state.seeded)
+	case why != "empty":
+		r.recovered = "discarded an incomplete journal: " + why
+	}
+	if err := r.journal.Truncate(0); err != nil {
+		return err
+	}
+	if !r.state.seeded {
+		return nil
+	}
+	fp, err := virtio.NewFingerprint(r.disk, r.size)
+	if err != nil {
+		return err
+	}
+	if root := fp.Root(); rootPrefix(root) != r.state.root {
+		return fmt.Errorf("%w: the disk's fingerprint %x is not epoch %d's %x", ErrCorrupt, root[:8], r.state.epoch, r.state.root[:8])
+	}
+	r.fp = fp
+	return nil
+}
+
+// Path returns the path of the replica's disk file.
+func (r *Replica) Path() string { return r.path }
+
+// Size returns the disk's size in bytes.
+func (r *Replica) Size() int64 { return r.size }
+
+// Seeded reports whether the replica holds a disk (from Seed).
+func (r *Replica) Seeded() bool { return r.state.seeded }
+
+// Epoch returns the last committed epoch (the seed's, or that of the last
+// Commit); 0 if not seeded.
+func (r *Replica) Epoch() uint64 { return r.state.epoch }
+
+// Fingerprint returns virtio.Fingerprint.Root of the committed disk (zero
+// if not seeded): the one a virtio-blk state of the committed epoch names.
+func (r *Replica) Fingerprint() [sha256.Size]byte {
+	if r.fp == nil {
+		return [sha256.Size]byte{}
+	}
+	return r.fp.Root()
+}
+
+// Recovered says what Open did with the journal it found ("" if there was
+// none), for the log.
+func (r *Replica) Recovered() string { return r.recovered }
+
+// Staged returns the staged epoch, if any.
+func (r *Replica) Staged() (uint64, bool) {
+	if r.staged == nil {
+		return 0, false
+	}
+	return r.staged.epoch, true
+}
+
+func (r *Replica) usable() error {
+	switch {
+	case r.disk == nil:
+		return fmt.Errorf("disk replica %s is closed", r.path)
+	case r.broken != nil:
+		return fmt.Errorf("disk replica %s: %w (%v)", r.path, ErrBroken, r.broken)
+	}
+	return nil
+}
+
+// Stage makes epoch's writes to this disk durable in the journal without
+// touching the disk, after checking them: epoch must be after the
+// committed one, the writes must be for a disk of this size and follow
+// the encoding's rules, and the disk with them applied must have their
+// fingerprint (w.Fingerprint), which Stage computes by hashing again only
+// the chunks they touch. A refused epoch changes nothing. A staged epoch
+// replaces one staged before (not committed). An epoch without writes is
+// staged like any other (its fingerprint is still checked).
+func (r *Replica) Stage(epoch uint64, w *virtio.DiskWrites) error {
+	if err := r.usable(); err != nil {
+		return err
+	}
+	switch {
+	case !r.state.seeded:
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, ErrNotSeeded)
+	case epoch <= r.state.epoch:
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w: epoch %d is committed", r.path, epoch, ErrEpoch, r.state.epoch)
+	case w == nil || w.Size != uint64(r.size):
+		return fmt.Errorf("disk replica %s: stage epoch %d: writes for a disk of %v bytes, the replica has %d", r.path, epoch, sizeOf(w), r.size)
+	}
+	payload, err := w.AppendBinary(make([]byte, 0, w.EncodedLen()))
+	if err != nil {
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
+	}
+	fp := r.fp.Clone()
+	if err := fp.UpdateRanges(&overlay{base: r.disk, writes: w}, rangesOf(w)); err != nil {
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
+	}
+	if root := fp.Root(); root != w.Fingerprint {
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w: the replica with the epoch's %d writes would be %x, the primary's disk is %x",
+			r.path, epoch, ErrFingerprint, len(w.Ranges), root[:8], w.Fingerprint[:8])
+	}
+	j := encodeJournal(epoch, uint64(r.size), payload)
+	r.staged = nil
+	if err := r.writeJournal(j); err != nil {
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
+	}
+	hook("staged", 0)
+	// The writes alias the journal bytes, which stay unchanged.
+	dw, err := virtio.DecodeDiskWrites(j[journalHeaderSize : len(j)-journalSumSize])
+	if err != nil {
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
+	}
+	r.staged = &staged{epoch: epoch, writes: dw, journal: j, fp: fp}
+	return nil
+}
+
+func sizeOf(w *virtio.DiskWrites) any {
+	if w == nil {
+		return "no"
+	}
+	return w.Size
+}
+
+// writeJournal replaces the journal file's content with j and syncs it.
+func (r *Replica) writeJournal(j []byte) error {
+	if err := r.journal.Truncate(0); err != nil {
+		return err
+	}
+	half := len(j) / 2
+	if _, err := r.journal.WriteAt(j[:half], 0); err != nil {
+		return err
+	}
+	hook("stage-partial", 0)
+	if _, err := r.journal.WriteAt(j[half:], int64(half)); err != nil {
+		return err
+	}
+	return datasync(r.journal)
+}
+
+// Discard drops a staged epoch (the journal is cleared). The committed
+// epoch is unchanged.
+func (r *Replica) Discard() error {
+	if err := r.usable(); err != nil {
+		return err
+	}
+	r.staged = nil
+	return r.journal.Truncate(0)
+}
+
+// Commit applies the staged epoch to the disk: it marks the journal
+// committed (durably), writes the ranges into the disk file, syncs it,
+// records the epoch durably, and clears the journal. A crash anywhere in
+// it leaves either the previous epoch (before the marker is durable) or,
+// after Open, this one: never a mix. An error halfway leaves the replica
+// broken (ErrBroken) until it is opened again.
+func (r *Replica) Commit(epoch uint64) error {
+	if err := r.usable(); err != nil {
+		return err
+	}
+	s := r.staged
+	if s == nil || s.epoch != epoch {
+		var have any = "none"
+		if s != nil {
+			have = s.epoch
+		}
+		return fmt.Errorf("disk replica %s: commit epoch %d: %w: the staged epoch is %v", r.path, epoch, ErrEpoch, have)
+	}
+	sum := le.Uint32(s.journal[len(s.journal)-journalSumSize:])
+	if _, err := r.journal.WriteAt(encodeMarker(epoch, sum), int64(len(s.journal))); err != nil {
+		return r.fail(fmt.Errorf("commit epoch %d: write marker: %w", epoch, err))
+	}
+	if err := datasync(r.journal); err != nil {
+		return r.fail(fmt.Errorf("commit epoch %d: sync journal: %w", epoch, err))
+	}
+	hook("marked", 0)
+	r.staged = nil
+	if err := r.apply(epoch, s.writes); err != nil {
+		return r.fail(fmt.Errorf("commit epoch %d: %w", epoch, err))
+	}
+	r.fp = s.fp
+	// The journal is spent: a stale one (not cleared by a crash) names an
+	// epoch the record already has, and Open discards it.
+	if err := r.journal.Truncate(0); err != nil {
+		return r.fail(fmt.Errorf("commit epoch %d: clear journal: %w", epoch, err))
+	}
+	return nil
+}
+
+// apply writes w's ranges into the disk, syncs it and records epoch.
+func (r *Replica) apply(epoch uint64, w *virtio.DiskWrites) error {
+	for i, rg := range w.Ranges {
+		if _, err := r.disk.WriteAt(rg.Data, int64(rg.Off)); err != nil {
+			return fmt.Errorf("write range [%d, +%d): %w", rg.Off, len(rg.Data), err)
+		}
+		hook("range", i)
+	}
+	if err := datasync(r.disk); err != nil {
+		return fmt.Errorf("sync disk: %w", err)
+	}
+	hook("applied", 0)
+	next := r.state
+	next.seq++
+	next.epoch = epoch
+	next.root = rootPrefix(w.Fingerprint)
+	if err := writeRecord(r.rec, next); err != nil {
+		return fmt.Errorf("record epoch: %w", err)
+	}
+	r.state = next
+	hook("recorded", 0)
+	return nil
+}
+
+func (r *Replica) fail(err error) error {
+	r.broken = err
+	r.staged = nil
+	return fmt.Errorf("disk replica %s: %w", r.path, err)
+}
+
+// Seed replaces the replica's disk with size bytes read from src (the
+// primary's disk as of epoch, sent with the full memory image), checked
+// against fingerprint (virtio.Fingerprint.Root, as the disk's virtio-blk
+// state names it). The seed is written to a temporary file next to the
+// disk (SeedPath; all-zero 64 KiB chunks are left as holes), fingerprinted,
+// and refused with ErrFingerprint if it differs, leaving the replica as it
+// was; otherwise it is synced and renamed over the disk, and the replica
+// is at epoch, with nothing staged. A crash during the switch leaves a
+// replica that is not seeded (never one whose record names another disk's
+// content).
+func (r *Replica) Seed(epoch uint64, src io.Reader, size int64, fingerprint [sha256.Size]byte) error {
+	if err := r.usable(); err != nil {
+		return err
+	}
+	if size != r.size {
+		return fmt.Errorf("disk replica %s: seed of %d bytes for a disk of %d bytes", r.path, size, r.size)
+	}
+	fp, tmp, err := r.writeSeed(src)
+	if err != nil {
+		return fmt.Errorf("disk replica %s: seed: %w", r.path, err)
+	}
+	if root := fp.Root(); root != fingerprint {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		return fmt.Errorf("disk replica %s: seed of epoch %d refused: %w: it has fingerprint %x, the primary's disk %x",
+			r.path, epoch, ErrFingerprint, root[:8], fingerprint[:8])
+	}
+	hook("seed-written", 0)
+	// From here the old replica is given up: first say so durably, then
+	// switch the files, then record the seed.
+	r.staged = nil
+	unseeded := record{seq: r.state.seq + 1}
+	if err := writeRecord(r.rec, unseeded); err != nil {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		return r.fail(fmt.Errorf("seed: %w", err))
+	}
+	r.state, r.fp = unseeded, nil
+	hook("seed-unrecorded", 0)
+	if err := r.journal.Truncate(0); err != nil {
+		tmp.Close()
+		return r.fail(fmt.Errorf("seed: %w", err))
+	}
+	if err := os.Rename(tmp.Name(), r.path); err != nil {
+		tmp.Close()
+		return r.fail(fmt.Errorf("seed: %w", err))
+	}
+	r.disk.Close()
+	r.disk = tmp
+	if err := syncDir(r.path); err != nil {
+		return r.fail(fmt.Errorf("seed: %w", err))
+	}
+	hook("seed-renamed", 0)
+	seeded := record{seq: unseeded.seq + 1, seeded: true, epoch: epoch, size: uint64(r.size), root: rootPrefix(fingerprint)}
+	if err := writeRecord(r.rec, seeded); err != nil {
+		return r.fail(fmt.Errorf("seed: %w", err))
+	}
+	r.state, r.fp = seeded, fp
+	return nil
+}
+
+// writeSeed copies the seed into SeedPath, fingerprints it and syncs it.
+func (r *Replica) writeSeed(src io.Reader) (*virtio.Fingerprint, *os.File, error) {
+	tmp, err := os.OpenFile(SeedPath(r.path), os.O_RDWR|os.O_CREATE|os.O_TRUNC|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, nil, err
+	}
+	fail := func(err error) (*virtio.Fingerprint, *os.File, error) {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		return nil, nil, err
+	}
+	if err := tmp.Truncate(r.size); err != nil {
+		return fail(err)
+	}
+	buf := make([]byte, virtio.FingerprintChunk)
+	zero := make([]byte, virtio.FingerprintChunk)
+	for off := int64(0); off < r.size; {
+		p := buf[:min(int64(len(buf)), r.size-off)]
+		if _, err := io.ReadFull(src, p); err != nil {
+			return fail(fmt.Errorf("read the seed at %d of %d bytes: %w", off, r.size, err))
+		}
+		if !bytes.Equal(p, zero[:len(p)]) {
+			if _, err := tmp.WriteAt(p, off); err != nil {
+				return fail(err)
+			}
+		}
+		off += int64(len(p))
+	}
+	fp, err := virtio.NewFingerprint(tmp, r.size)
+	if err != nil {
+		return fail(err)
+	}
+	if err := datasync(tmp); err != nil {
+		return fail(err)
+	}
+	return fp, tmp, nil
+}
+
+// Activate ends replication at failover: it closes the replica and removes
+// its journal and epoch record (the guest is about to write the disk, which
+// then no longer is any epoch's), and returns the disk's path for the
+// machine's virtio-blk device. Call it only with nothing staged that
+// should still be committed.
+func (r *Replica) Activate() (string, error) {
+	if err := r.usable(); err != nil {
+		return "", err
+	}
+	if !r.state.seeded {
+		return "", fmt.Errorf("disk replica %s: activate: %w", r.path, ErrNotSeeded)
+	}
+	r.closeFiles()
+	var errs []error
+	for _, p := range []string{JournalPath(r.path), RecordPath(r.path)} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return "", fmt.Errorf("disk replica %s: activate: %w", r.path, err)
+	}
+	return r.path, nil
+}
+
+// Close closes the replica's files; a staged epoch stays in the journal
+// but is discarded by the next Open (it has no commit marker).
+func (r *Replica) Close() error {
+	if r.disk == nil {
+		return nil
+	}
+	return r.closeFiles()
+}
+
+func (r *Replica) closeFiles() error {
+	var errs []error
+	for _, f := range []**os.File{&r.disk, &r.journal, &r.rec} {
+		if *f != nil {
+			errs = append(errs, (*f).Close())
+			*f = nil
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Remove deletes a replica's disk and its side files (for a replica Open
+// found corrupt, before seeding it again).
+func Remove(path string) error {
+	var errs []error
+	for _, p := range []string{path, JournalPath(path), RecordPath(path), SeedPath(path)} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("remove disk replica %s: %w", path, err)
+	}
+	return nil
+}
+
+// overlay reads the disk as it will be with writes applied.
+type overlay struct {
+	base   io.ReaderAt
+	writes *virtio.DiskWrites
+}
+
+func (o *overlay) ReadAt(p []byte, off int64) (int, error) {
+	n, err := o.base.ReadAt(p, off)
+	if err != nil {
+		return n, err
+	}
+	end := uint64(off) + uint64(len(p))
+	rs := o.writes.Ranges
+	i := sort.Search(len(rs), func(i int) bool { return rs[i].Off+uint64(len(rs[i].Data)) > uint64(off) })
+	for ; i < len(rs) && rs[i].Off < end; i++ {
+		lo, hi := max(rs[i].Off, uint64(off)), min(rs[i].Off+uint64(len(rs[i].Data)), end)
+		copy(p[lo-uint64(off):hi-uint64(off)], rs[i].Data[lo-rs[i].Off:hi-rs[i].Off])
+	}
+	return n, nil
+}
+
+func rangesOf(w *virtio.DiskWrites) []virtio.WriteRange {
+	out := make([]virtio.WriteRange, len(w.Ranges))
+	for i, rg := range w.Ranges {
+		out[i] = virtio.WriteRange{Off: rg.Off, Len: uint64(len(rg.Data))}
+	}
+	return out
+}
+
+func datasync(f *os.File) error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err != unix.EINTR {
+			if err != nil {
+				return fmt.Errorf("fdatasync %s: %w", f.Name(), err)
+			}
+			return nil
+		}
+	}
+}
+
+func syncDir(path string) error {
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync directory of %s: %w", path, err)
+	}
+	return nil
+}
