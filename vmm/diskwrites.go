@@ -21,10 +21,13 @@ import (
 //	m.ReturnDiskWrites(ws)
 //	m.Resume()
 //
-// The first harvest after a disk is attached covers every write since then:
-// a seed of a new backup (the whole disk with a full image) must be taken at
-// a pause that also calls TakeDiskWrites and discards the result, so the
-// next harvest holds exactly the writes after the seed.
+// The first harvest after a disk is attached covers every write since then.
+// A new backup's seed (each whole disk, with the full image) is taken at
+// one pause: TakeDiskWrites there gives each disk's fingerprint (its ranges
+// are in the seed, so they are not shipped), and CloneDisk copies each disk
+// as it is at that pause; after Resume the copies are streamed to the
+// backup (ft/diskrep Replica.Seed checks them against the fingerprints),
+// and the next harvest holds exactly the writes after the seed.
 
 // TakeDiskWrites harvests, from a paused machine, the writes to every
 // virtio-blk disk since the previous harvest (virtio.Block.HarvestWrites):
@@ -80,6 +83,23 @@ func (m *Machine) PendingDiskWrites() uint64 {
 		n += b.PendingWrites()
 	}
 	return n
+}
+
+// CloneDisk copies disk i (in the order of LinuxConfig.Disks), as it is at
+// this pause, to a new file at dst, for a backup's seed
+// (virtio.Block.CloneTo: a reflink where the file system has them, a full
+// copy elsewhere).
+func (m *Machine) CloneDisk(i int, dst string) error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if !m.paused && !m.halted.Load() {
+		return fmt.Errorf("clone disk %d: %w", i, ErrNotPaused)
+	}
+	disks := m.blocks()
+	if i < 0 || i >= len(disks) {
+		return fmt.Errorf("clone disk %d: the machine has %d disks", i, len(disks))
+	}
+	return disks[i].CloneTo(dst)
 }
 
 // blocks returns the machine's virtio-blk devices in disk order.

@@ -165,8 +165,22 @@ func TestTakeDiskWrites(t *testing.T) {
 	if bs.Fingerprint != w.Fingerprint {
 		t.Errorf("state fingerprint %x, harvest's %x", bs.Fingerprint[:8], w.Fingerprint[:8])
 	}
+	// A seed's copy of the disk, at this pause.
+	clone := dir + "/clone.img"
+	if err := m.CloneDisk(1, clone); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(clone); !bytes.Equal(got, file) {
+		t.Errorf("CloneDisk(1) differs from the disk")
+	}
+	if err := m.CloneDisk(2, dir+"/none.img"); err == nil {
+		t.Errorf("CloneDisk(2) of a machine with 2 disks succeeded")
+	}
 	if _, err := m.Resume(); err != nil {
 		t.Fatal(err)
+	}
+	if err := m.CloneDisk(1, dir+"/running.img"); !errors.Is(err, ErrNotPaused) {
+		t.Errorf("CloneDisk of a running machine = %v, want ErrNotPaused", err)
 	}
 	m.Stop(0)
 	if err := <-done; err != nil {

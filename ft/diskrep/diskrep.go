@@ -462,18 +462,21 @@ func (r *Replica) writeSeed(src io.Reader) (*virtio.Fingerprint, *os.File, error
 	return fp, tmp, nil
 }
 
-// Activate ends replication at failover: it closes the replica and removes
-// its journal and epoch record (the guest is about to write the disk, which
-// then no longer is any epoch's), and returns the disk's path for the
-// machine's virtio-blk device. Call it only with nothing staged that
-// should still be committed.
-func (r *Replica) Activate() (string, error) {
+// Activate ends replication at failover: it closes the replica, removes
+// its journal and epoch record (the guest is about to write the disk,
+// which then is no epoch's any more), and returns the disk's path for the
+// machine's virtio-blk device with the committed disk's fingerprint, which
+// virtio.Block.SetFingerprint takes so that the restore does not read the
+// whole disk again. A staged epoch not committed is dropped.
+func (r *Replica) Activate() (string, *virtio.Fingerprint, error) {
 	if err := r.usable(); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	if !r.state.seeded {
-		return "", fmt.Errorf("disk replica %s: activate: %w", r.path, ErrNotSeeded)
+		return "", nil, fmt.Errorf("disk replica %s: activate: %w", r.path, ErrNotSeeded)
 	}
+	fp := r.fp
+	r.staged = nil
 	r.closeFiles()
 	var errs []error
 	for _, p := range []string{JournalPath(r.path), RecordPath(r.path)} {
@@ -482,9 +485,9 @@ func (r *Replica) Activate() (string, error) {
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return "", fmt.Errorf("disk replica %s: activate: %w", r.path, err)
+		return "", nil, fmt.Errorf("disk replica %s: activate: %w", r.path, err)
 	}
-	return r.path, nil
+	return r.path, fp, nil
 }
 
 // Close closes the replica's files; a staged epoch stays in the journal

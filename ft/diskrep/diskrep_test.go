@@ -202,7 +202,7 @@ func TestNotSeeded(t *testing.T) {
 	if err := r.Stage(2, w); !errors.Is(err, ErrNotSeeded) {
 		t.Errorf("Stage on a fresh replica = %v, want ErrNotSeeded", err)
 	}
-	if _, err := r.Activate(); !errors.Is(err, ErrNotSeeded) {
+	if _, _, err := r.Activate(); !errors.Is(err, ErrNotSeeded) {
 		t.Errorf("Activate of a fresh replica = %v, want ErrNotSeeded", err)
 	}
 }
@@ -343,9 +343,12 @@ func TestOpenDetectsCorruption(t *testing.T) {
 func TestActivate(t *testing.T) {
 	dir := t.TempDir()
 	r, disk := seeded(t, dir)
-	got, err := r.Activate()
+	got, fp, err := r.Activate()
 	if err != nil || got != filepath.Join(dir, "disk.img") {
 		t.Fatalf("Activate() = %q, %v", got, err)
+	}
+	if fp == nil || fp.Root() != rootOf(t, disk) {
+		t.Errorf("Activate's fingerprint is not the disk's")
 	}
 	checkDisk(t, got, disk, "activated")
 	for _, p := range []string{JournalPath(got), RecordPath(got)} {

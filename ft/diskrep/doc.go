@@ -17,7 +17,8 @@
 //	// ... when e's memory is committed:
 //	err = r.Commit(e)                  // apply to the disk (fsync), record e
 //	...
-//	path, err := r.Activate()          // failover: the guest's disk from now on
+//	path, fp, err := r.Activate()      // failover: the guest's disk from now on;
+//	                                   // blk.SetFingerprint(fp) spares the restore a read of it
 //
 // Stage refuses writes that would not give the primary's fingerprint (a
 // tracking bug, a corrupt or misrouted checkpoint), with nothing changed,

@@ -61,6 +61,9 @@ type Block struct {
 	// block i, written since the last TakeWrites; wcount counts its bits.
 	wset   []uint64
 	wcount uint64
+	// trusted is a fingerprint given by SetFingerprint, which the next
+	// restore uses instead of reading the disk.
+	trusted *Fingerprint
 
 	// h is set while the device is active; guarded by the transport's lock.
 	h *Host

@@ -124,7 +124,7 @@ func (b *Block) appendState(dst []byte) ([]byte, error) {
 
 // prepareState checks that this device's disk is the one the state saw:
 // same capacity, read-only setting, size and content fingerprint (a full
-// read of the disk).
+// read of the disk, unless SetFingerprint gave the disk's fingerprint).
 func (b *Block) prepareState(body []byte) (func(), error) {
 	s, err := DecodeBlockState(body)
 	if err != nil {
@@ -138,9 +138,13 @@ func (b *Block) prepareState(body []byte) (func(), error) {
 	case s.Capacity != b.sectors:
 		return nil, badState("virtio-blk: the state's capacity is %d sectors, %s has %d", s.Capacity, b.path, b.sectors)
 	}
-	fp, err := NewFingerprint(b.f, b.size)
-	if err != nil {
-		return nil, fmt.Errorf("virtio-blk %s: %w", b.path, err)
+	b.wmu.Lock()
+	fp := b.trusted
+	b.wmu.Unlock()
+	if fp == nil {
+		if fp, err = NewFingerprint(b.f, b.size); err != nil {
+			return nil, fmt.Errorf("virtio-blk %s: %w", b.path, err)
+		}
 	}
 	if root := fp.Root(); root != s.Fingerprint {
 		return nil, badState("virtio-blk: %s has fingerprint %x, the state's disk %x: another disk, or one changed since the snapshot",
@@ -148,7 +152,7 @@ func (b *Block) prepareState(body []byte) (func(), error) {
 	}
 	return func() {
 		b.wmu.Lock()
-		b.fp = fp
+		b.fp, b.trusted = fp, nil
 		clear(b.written)
 		b.wmu.Unlock()
 	}, nil

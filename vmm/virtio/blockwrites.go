@@ -1,8 +1,14 @@
 package virtio
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"math/bits"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Write tracking for disk replication. Every write request the device
@@ -201,4 +207,72 @@ func (b *Block) HarvestWrites(index uint32) (*DiskWrites, error) {
 		return nil, err
 	}
 	return w, nil
+}
+
+// CloneTo writes a copy of the disk file, as it is now, to a new file at
+// dst (which must not exist), for seeding a new backup. Call it while the
+// machine is paused, at the pause whose HarvestWrites gives the seed's
+// fingerprint (and whose ranges the seed already holds): the copy then has
+// exactly that fingerprint's content. On a file system with reflinks
+// (btrfs, XFS) the copy is a clone made in constant time; elsewhere it is a
+// full in-kernel copy (copy_file_range), which lengthens the pause by the
+// disk's size over the copy rate. The copy is synced before CloneTo
+// returns.
+func (b *Block) CloneTo(dst string) error {
+	out, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("virtio-blk %s: clone: %w", b.path, err)
+	}
+	err = b.cloneInto(out)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
+		return fmt.Errorf("virtio-blk %s: clone to %s: %w", b.path, dst, err)
+	}
+	return nil
+}
+
+func (b *Block) cloneInto(out *os.File) error {
+	if err := unix.IoctlFileClone(int(out.Fd()), int(b.f.Fd())); err != nil {
+		if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOTTY) {
+			return err
+		}
+		// No reflinks here: copy (io.Copy between files uses
+		// copy_file_range).
+		if _, err := io.Copy(out, io.NewSectionReader(b.f, 0, b.size)); err != nil {
+			return err
+		}
+	}
+	if fi, err := out.Stat(); err != nil {
+		return err
+	} else if fi.Size() != b.size {
+		return fmt.Errorf("the copy is %d bytes, the disk %d", fi.Size(), b.size)
+	}
+	return out.Sync()
+}
+
+// SetFingerprint gives the device the fingerprint of its disk's current
+// content, computed elsewhere, so that a restore into it (LoadState)
+// compares the state's fingerprint with this one instead of reading the
+// whole disk. ft/diskrep's replica keeps its disk's fingerprint up to date
+// epoch by epoch (Replica.Activate returns it), which spares a failover one
+// read and hash of the disk. The caller vouches that fp is the disk's:
+// nothing checks it but the size.
+func (b *Block) SetFingerprint(fp *Fingerprint) error {
+	if fp == nil || fp.Size() != b.size {
+		return fmt.Errorf("virtio-blk %s: a fingerprint of a disk of %v bytes, this one has %d", b.path, fpSize(fp), b.size)
+	}
+	b.wmu.Lock()
+	b.trusted = fp.Clone()
+	b.wmu.Unlock()
+	return nil
+}
+
+func fpSize(fp *Fingerprint) any {
+	if fp == nil {
+		return "no"
+	}
+	return fp.Size()
 }

@@ -330,3 +330,70 @@ func FuzzDecodeDiskWrites(f *testing.F) {
 		}
 	})
 }
+
+// CloneTo copies the disk as it is; a restore into a device given a
+// fingerprint (SetFingerprint) checks the state against that one, without
+// reading the disk.
+func TestCloneToAndSetFingerprint(t *testing.T) {
+	path, _ := newSizedDisk(t, 1<<20)
+	d, b := newBlockDriver(t, path, false)
+	d.next = bufBase
+	ds := d.chain(buf{data: append(blkHeader(BlockTOut, 8), bytes.Repeat([]byte{0x5a}, 4096)...)}, buf{n: 1, write: true})
+	if _, st, err := d.request(ds); err != nil || st != BlockSOK {
+		t.Fatalf("write: status %d err %v", st, err)
+	}
+	dst := filepath.Join(t.TempDir(), "clone.img")
+	if err := b.CloneTo(dst); err != nil {
+		t.Fatal(err)
+	}
+	file, _ := os.ReadFile(path)
+	clone, _ := os.ReadFile(dst)
+	if !bytes.Equal(file, clone) {
+		t.Errorf("the clone differs from the disk")
+	}
+	if err := b.CloneTo(dst); err == nil {
+		t.Errorf("CloneTo over an existing file succeeded")
+	}
+
+	if err := d.tr.Quiesce(); err != nil {
+		t.Fatal(err)
+	}
+	state, err := d.tr.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	right, err := NewFingerprint(bytes.NewReader(file), int64(len(file)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := bytes.Clone(file)
+	other[0] ^= 1
+	wrong, _ := NewFingerprint(bytes.NewReader(other), int64(len(other)))
+	restore := func(fp *Fingerprint) error {
+		b2, err := NewBlock(path, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr := NewMMIO(b2, d.mem, func() error { return nil })
+		defer tr.Close()
+		if fp != nil {
+			if err := b2.SetFingerprint(fp); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return tr.LoadState(state)
+	}
+	if err := restore(nil); err != nil {
+		t.Errorf("restore, disk read: %v", err)
+	}
+	if err := restore(right); err != nil {
+		t.Errorf("restore with the disk's fingerprint given: %v", err)
+	}
+	if err := restore(wrong); !errors.Is(err, ErrBadState) || !strings.Contains(err.Error(), "fingerprint") {
+		t.Errorf("restore with another fingerprint given = %v, want a fingerprint refusal", err)
+	}
+	small, _ := NewFingerprint(bytes.NewReader(file[:4096]), 4096)
+	if err := b.SetFingerprint(small); err == nil {
+		t.Errorf("SetFingerprint of another size succeeded")
+	}
+}
