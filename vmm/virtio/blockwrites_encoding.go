@@ -215,3 +215,48 @@ func DecodeDiskWrites(b []byte) (*DiskWrites, error) {
 	}
 	return w, nil
 }
+
+// Split divides w into parts whose encodings are at most maxEncoded bytes
+// each (for a transport that bounds its messages), in order; every part
+// has w's disk, size and fingerprint. maxEncoded must hold a header and one
+// range of MaxWriteRange bytes. JoinDiskWrites puts the parts together.
+func (w *DiskWrites) Split(maxEncoded int) ([]*DiskWrites, error) {
+	if maxEncoded < diskWritesHeader+diskRangeHeader+MaxWriteRange {
+		return nil, fmt.Errorf("split disk writes: %d bytes cannot hold a range of %d bytes", maxEncoded, MaxWriteRange)
+	}
+	part := &DiskWrites{Disk: w.Disk, Size: w.Size, Fingerprint: w.Fingerprint}
+	parts := []*DiskWrites{part}
+	n := diskWritesHeader
+	for _, r := range w.Ranges {
+		if k := diskRangeHeader + len(r.Data); n+k > maxEncoded {
+			part = &DiskWrites{Disk: w.Disk, Size: w.Size, Fingerprint: w.Fingerprint}
+			parts = append(parts, part)
+			n = diskWritesHeader
+		}
+		part.Ranges = append(part.Ranges, r)
+		n += diskRangeHeader + len(r.Data)
+	}
+	return parts, nil
+}
+
+// JoinDiskWrites puts parts from Split back together: they must be of one
+// disk, size and fingerprint, and their ranges ascending across parts.
+// Every error wraps ErrBadDiskWrites.
+func JoinDiskWrites(parts []*DiskWrites) (*DiskWrites, error) {
+	if len(parts) == 0 {
+		return nil, badWrites("no parts to join")
+	}
+	p0 := parts[0]
+	w := &DiskWrites{Disk: p0.Disk, Size: p0.Size, Fingerprint: p0.Fingerprint}
+	for i, p := range parts {
+		if p.Disk != w.Disk || p.Size != w.Size || p.Fingerprint != w.Fingerprint {
+			return nil, badWrites("part %d is of disk %d (%d bytes), part 0 of disk %d (%d bytes), or their fingerprints differ",
+				i, p.Disk, p.Size, w.Disk, w.Size)
+		}
+		w.Ranges = append(w.Ranges, p.Ranges...)
+	}
+	if err := w.validate(); err != nil {
+		return nil, err
+	}
+	return w, nil
+}

@@ -397,3 +397,35 @@ func TestCloneToAndSetFingerprint(t *testing.T) {
 		t.Errorf("SetFingerprint of another size succeeded")
 	}
 }
+
+func TestSplitJoinDiskWrites(t *testing.T) {
+	w := &DiskWrites{Disk: 2, Size: 64 << 20, Fingerprint: [32]byte{4}}
+	for i := range 12 {
+		w.Ranges = append(w.Ranges, DiskRange{Off: uint64(i) * (5 << 20), Data: bytes.Repeat([]byte{byte(i)}, (i%4+1)<<20)})
+	}
+	const limit = 6 << 20
+	parts, err := w.Split(limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range parts {
+		if p.EncodedLen() > limit || len(p.Ranges) == 0 {
+			t.Errorf("part %d: %d bytes, %d ranges", i, p.EncodedLen(), len(p.Ranges))
+		}
+	}
+	got, err := JoinDiskWrites(parts)
+	if err != nil || !reflect.DeepEqual(got, w) {
+		t.Errorf("JoinDiskWrites(Split) = %v; want the original", err)
+	}
+	if _, err := w.Split(1 << 20); err == nil {
+		t.Errorf("Split(1 MiB) succeeded")
+	}
+	parts[0], parts[1] = parts[1], parts[0]
+	if _, err := JoinDiskWrites(parts); !errors.Is(err, ErrBadDiskWrites) {
+		t.Errorf("JoinDiskWrites of parts out of order = %v", err)
+	}
+	parts[0].Fingerprint[0] = 9
+	if _, err := JoinDiskWrites(parts); !errors.Is(err, ErrBadDiskWrites) {
+		t.Errorf("JoinDiskWrites of parts of two fingerprints = %v", err)
+	}
+}
