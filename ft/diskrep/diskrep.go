@@ -46,28 +46,35 @@ type Replica struct {
 	rec     *os.File
 	state   record
 	fp      *virtio.Fingerprint // of the committed disk; nil while not seeded
-	staged  *staged
-	broken  error
+	// staged are the epochs staged and not committed, ascending; the
+	// journal holds them (and spent entries) in jlen bytes, the last
+	// entry's sum jsum.
+	staged []*staged
+	jlen   int64
+	jsum   uint32
+	broken error
 	// recovered says what Open did with the journal it found.
 	recovered string
 }
 
 // staged is an epoch's writes, durable in the journal, with the
-// fingerprint the disk will have once they are applied.
+// fingerprint the disk will have once they and the epochs staged before
+// them are applied.
 type staged struct {
 	epoch   uint64
 	writes  *virtio.DiskWrites
-	journal []byte // the journal file's content, without the marker
+	payload []byte // the writes' encoding; writes aliases it
 	fp      *virtio.Fingerprint
 }
 
 // testHook, when set (by tests only), is called at each step of Stage,
-// Commit and Seed: "stage-partial" (half the journal written, not synced),
-// "staged", "marked" (the commit marker is durable, the disk untouched),
-// "range" (i: range i written), "applied" (the disk synced), "recorded"
-// (the epoch record durable, the journal not yet cleared), "seed-written"
-// (the verified seed synced in its temporary file), "seed-unrecorded" (the
-// record says not seeded, the old disk still in place), "seed-renamed".
+// Commit and Seed: "stage-partial" (half an entry written, not synced),
+// "staged", "marked" (the commit entry is durable, the disk untouched),
+// "range" (i: the i-th range of the commit written, counted across its
+// epochs), "applied" (the disk synced), "recorded" (the epoch record
+// durable, the journal not yet compacted), "seed-written" (the verified
+// seed synced in its temporary file), "seed-unrecorded" (the record says
+// not seeded, the old disk still in place), "seed-renamed".
 var testHook func(step string, i int)
 
 func hook(step string, i int) {
@@ -83,13 +90,14 @@ func RecordPath(disk string) string  { return disk + ".epoch" }
 func SeedPath(disk string) string    { return disk + ".seed" }
 
 // Open opens the replica of a disk of size bytes at path, creating it (not
-// seeded, epoch 0) if there is none. It recovers from a crash: a complete
-// journal (its checksum and commit marker check out) of an epoch after the
-// recorded one is applied again, since a Commit may have written part of
-// it; any other journal is discarded, since the disk was not touched for
-// it. The disk is then exactly the last committed epoch's, which Open
-// checks by fingerprinting the whole disk (one read of it) against the
-// record; a mismatch is ErrCorrupt.
+// seeded, epoch 0) if there is none. It recovers from a crash: if the
+// journal holds a valid commit entry of an epoch after the recorded one
+// (its chain of checksums intact), the writes it commits are applied
+// again, since the Commit may have written part of them; everything else
+// in the journal is discarded (the disk was not touched for it). The disk
+// is then exactly the last committed epoch's, which Open checks by
+// fingerprinting the whole disk (one read of it) against the record; a
+// mismatch is ErrCorrupt. Recovered says what was done.
 func Open(path string, size int64) (*Replica, error) {
 	if size <= 0 || size > virtio.MaxReplicatedDisk {
 		return nil, fmt.Errorf("disk replica %s: size %d, want 1 to %d", path, size, int64(virtio.MaxReplicatedDisk))
@@ -138,20 +146,35 @@ func (r *Replica) open() error {
 	if r.state.seeded && r.state.size != uint64(r.size) {
 		return fmt.Errorf("%w: the epoch record is of a disk of %d bytes, not %d", ErrCorrupt, r.state.size, r.size)
 	}
-	j, why, err := readJournal(r.journal, uint64(r.size))
+	jb, err := io.ReadAll(io.NewSectionReader(r.journal, 0, 1<<62))
 	if err != nil {
 		return fmt.Errorf("read journal: %w", err)
 	}
+	entries, why := readJournal(jb, uint64(r.size))
+	epoch, ws, ok := committed(entries, r.state.epoch)
 	switch {
-	case j != nil && r.state.seeded && j.epoch > r.state.epoch:
-		if err := r.apply(j.epoch, j.writes); err != nil {
-			return fmt.Errorf("apply committed epoch %d again: %w", j.epoch, err)
+	case ok && r.state.seeded:
+		var writes []*virtio.DiskWrites
+		for _, e := range ws {
+			w, err := virtio.DecodeDiskWrites(e.payload)
+			if err != nil || w.Size != uint64(r.size) {
+				return fmt.Errorf("%w: the journal commits epoch %d, but its writes of epoch %d do not decode: %v", ErrCorrupt, epoch, e.epoch, err)
+			}
+			writes = append(writes, w)
 		}
-		r.recovered = fmt.Sprintf("applied the committed journal of epoch %d again", j.epoch)
-	case j != nil:
-		r.recovered = fmt.Sprintf("discarded a journal of epoch %d (committed epoch %d, seeded %v)", j.epoch, r.state.epoch, r.state.seeded)
-	case why != "empty":
-		r.recovered = "discarded an incomplete journal: " + why
+		if len(writes) == 0 || ws[len(ws)-1].epoch != epoch {
+			return fmt.Errorf("%w: the journal commits epoch %d without its writes", ErrCorrupt, epoch)
+		}
+		if err := r.apply(epoch, writes); err != nil {
+			return fmt.Errorf("apply committed epoch %d again: %w", epoch, err)
+		}
+		r.recovered = fmt.Sprintf("applied the committed journal of epoch %d again (%d epochs of writes)", epoch, len(writes))
+	case len(jb) > 0:
+		r.recovered = fmt.Sprintf("discarded a journal of %d bytes with nothing to commit after epoch %d (%d valid entries", len(jb), r.state.epoch, len(entries))
+		if why != "" {
+			r.recovered += "; then " + why
+		}
+		r.recovered += ")"
 	}
 	if err := r.journal.Truncate(0); err != nil {
 		return err
@@ -196,12 +219,13 @@ func (r *Replica) Fingerprint() [sha256.Size]byte {
 // none), for the log.
 func (r *Replica) Recovered() string { return r.recovered }
 
-// Staged returns the staged epoch, if any.
-func (r *Replica) Staged() (uint64, bool) {
-	if r.staged == nil {
-		return 0, false
+// Staged returns the staged epochs, ascending.
+func (r *Replica) Staged() []uint64 {
+	out := make([]uint64, len(r.staged))
+	for i, st := range r.staged {
+		out[i] = st.epoch
 	}
-	return r.staged.epoch, true
+	return out
 }
 
 func (r *Replica) usable() error {
@@ -216,21 +240,26 @@ func (r *Replica) usable() error {
 
 // Stage makes epoch's writes to this disk durable in the journal without
 // touching the disk, after checking them: epoch must be after the
-// committed one, the writes must be for a disk of this size and follow
-// the encoding's rules, and the disk with them applied must have their
-// fingerprint (w.Fingerprint), which Stage computes by hashing again only
-// the chunks they touch. A refused epoch changes nothing. A staged epoch
-// replaces one staged before (not committed). An epoch without writes is
-// staged like any other (its fingerprint is still checked).
+// committed one and after every staged one, the writes must be for a disk
+// of this size and follow the encoding's rules, and the disk with the
+// staged epochs and these writes applied must have their fingerprint
+// (w.Fingerprint), which Stage computes by hashing again only the chunks
+// they touch. A refused epoch changes nothing. Every epoch is staged, one
+// without writes too (its DiskWrites has no ranges; its fingerprint is
+// still checked), so that Commit can name it.
 func (r *Replica) Stage(epoch uint64, w *virtio.DiskWrites) error {
 	if err := r.usable(); err != nil {
 		return err
 	}
+	last, fp := r.state.epoch, r.fp
+	if n := len(r.staged); n > 0 {
+		last, fp = r.staged[n-1].epoch, r.staged[n-1].fp
+	}
 	switch {
 	case !r.state.seeded:
 		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, ErrNotSeeded)
-	case epoch <= r.state.epoch:
-		return fmt.Errorf("disk replica %s: stage epoch %d: %w: epoch %d is committed", r.path, epoch, ErrEpoch, r.state.epoch)
+	case epoch <= last:
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w: epoch %d is committed, the last staged is %d", r.path, epoch, ErrEpoch, r.state.epoch, last)
 	case w == nil || w.Size != uint64(r.size):
 		return fmt.Errorf("disk replica %s: stage epoch %d: writes for a disk of %v bytes, the replica has %d", r.path, epoch, sizeOf(w), r.size)
 	}
@@ -238,26 +267,29 @@ func (r *Replica) Stage(epoch uint64, w *virtio.DiskWrites) error {
 	if err != nil {
 		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
 	}
-	fp := r.fp.Clone()
-	if err := fp.UpdateRanges(&overlay{base: r.disk, writes: w}, rangesOf(w)); err != nil {
+	// The writes kept alias the payload, which nothing changes.
+	dw, err := virtio.DecodeDiskWrites(payload)
+	if err != nil {
+		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
+	}
+	fp = fp.Clone()
+	ov := &overlay{base: r.disk}
+	for _, st := range r.staged {
+		ov.layers = append(ov.layers, st.writes)
+	}
+	ov.layers = append(ov.layers, dw)
+	if err := fp.UpdateRanges(ov, rangesOf(dw)); err != nil {
 		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
 	}
 	if root := fp.Root(); root != w.Fingerprint {
 		return fmt.Errorf("disk replica %s: stage epoch %d: %w: the replica with the epoch's %d writes would be %x, the primary's disk is %x",
 			r.path, epoch, ErrFingerprint, len(w.Ranges), root[:8], w.Fingerprint[:8])
 	}
-	j := encodeJournal(epoch, uint64(r.size), payload)
-	r.staged = nil
-	if err := r.writeJournal(j); err != nil {
-		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
+	if err := r.appendEntry(kindWrites, epoch, payload, true); err != nil {
+		return r.fail(fmt.Errorf("stage epoch %d: %w", epoch, err))
 	}
+	r.staged = append(r.staged, &staged{epoch: epoch, writes: dw, payload: payload, fp: fp})
 	hook("staged", 0)
-	// The writes alias the journal bytes, which stay unchanged.
-	dw, err := virtio.DecodeDiskWrites(j[journalHeaderSize : len(j)-journalSumSize])
-	if err != nil {
-		return fmt.Errorf("disk replica %s: stage epoch %d: %w", r.path, epoch, err)
-	}
-	r.staged = &staged{epoch: epoch, writes: dw, journal: j, fp: fp}
 	return nil
 }
 
@@ -268,78 +300,104 @@ func sizeOf(w *virtio.DiskWrites) any {
 	return w.Size
 }
 
-// writeJournal replaces the journal file's content with j and syncs it.
-func (r *Replica) writeJournal(j []byte) error {
-	if err := r.journal.Truncate(0); err != nil {
+// appendEntry appends an entry to the journal and syncs it. split writes
+// it in two halves (Stage, whose test hook stops between them).
+func (r *Replica) appendEntry(kind uint16, epoch uint64, payload []byte, split bool) error {
+	b, sum := appendEntry(nil, r.jsum, kind, epoch, uint64(r.size), payload)
+	half := 0
+	if split {
+		half = len(b) / 2
+		if _, err := r.journal.WriteAt(b[:half], r.jlen); err != nil {
+			return err
+		}
+		hook("stage-partial", 0)
+	}
+	if _, err := r.journal.WriteAt(b[half:], r.jlen+int64(half)); err != nil {
 		return err
 	}
-	half := len(j) / 2
-	if _, err := r.journal.WriteAt(j[:half], 0); err != nil {
+	if err := datasync(r.journal); err != nil {
 		return err
 	}
-	hook("stage-partial", 0)
-	if _, err := r.journal.WriteAt(j[half:], int64(half)); err != nil {
-		return err
-	}
-	return datasync(r.journal)
+	r.jlen += int64(len(b))
+	r.jsum = sum
+	return nil
 }
 
-// Discard drops a staged epoch (the journal is cleared). The committed
+// Discard drops every staged epoch (the journal is cleared). The committed
 // epoch is unchanged.
 func (r *Replica) Discard() error {
 	if err := r.usable(); err != nil {
 		return err
 	}
 	r.staged = nil
-	return r.journal.Truncate(0)
-}
-
-// Commit applies the staged epoch to the disk: it marks the journal
-// committed (durably), writes the ranges into the disk file, syncs it,
-// records the epoch durably, and clears the journal. A crash anywhere in
-// it leaves either the previous epoch (before the marker is durable) or,
-// after Open, this one: never a mix. An error halfway leaves the replica
-// broken (ErrBroken) until it is opened again.
-func (r *Replica) Commit(epoch uint64) error {
-	if err := r.usable(); err != nil {
-		return err
-	}
-	s := r.staged
-	if s == nil || s.epoch != epoch {
-		var have any = "none"
-		if s != nil {
-			have = s.epoch
-		}
-		return fmt.Errorf("disk replica %s: commit epoch %d: %w: the staged epoch is %v", r.path, epoch, ErrEpoch, have)
-	}
-	sum := le.Uint32(s.journal[len(s.journal)-journalSumSize:])
-	if _, err := r.journal.WriteAt(encodeMarker(epoch, sum), int64(len(s.journal))); err != nil {
-		return r.fail(fmt.Errorf("commit epoch %d: write marker: %w", epoch, err))
-	}
-	if err := datasync(r.journal); err != nil {
-		return r.fail(fmt.Errorf("commit epoch %d: sync journal: %w", epoch, err))
-	}
-	hook("marked", 0)
-	r.staged = nil
-	if err := r.apply(epoch, s.writes); err != nil {
-		return r.fail(fmt.Errorf("commit epoch %d: %w", epoch, err))
-	}
-	r.fp = s.fp
-	// The journal is spent: a stale one (not cleared by a crash) names an
-	// epoch the record already has, and Open discards it.
-	if err := r.journal.Truncate(0); err != nil {
-		return r.fail(fmt.Errorf("commit epoch %d: clear journal: %w", epoch, err))
+	if err := r.resetJournal(); err != nil {
+		return r.fail(err)
 	}
 	return nil
 }
 
-// apply writes w's ranges into the disk, syncs it and records epoch.
-func (r *Replica) apply(epoch uint64, w *virtio.DiskWrites) error {
-	for i, rg := range w.Ranges {
-		if _, err := r.disk.WriteAt(rg.Data, int64(rg.Off)); err != nil {
-			return fmt.Errorf("write range [%d, +%d): %w", rg.Off, len(rg.Data), err)
+// resetJournal empties the journal. It needs no sync: a journal that
+// comes back after a crash holds nothing to commit beyond the record.
+func (r *Replica) resetJournal() error {
+	if err := r.journal.Truncate(0); err != nil {
+		return fmt.Errorf("clear journal: %w", err)
+	}
+	r.jlen, r.jsum = 0, 0
+	return nil
+}
+
+// Commit applies every staged epoch up to epoch, which must be staged, to
+// the disk: it appends a commit entry to the journal (durably), writes the
+// epochs' ranges into the disk file in epoch order, syncs it, records
+// epoch durably, and keeps only later staged epochs in the journal. A crash
+// anywhere in it leaves either the previous epoch (before the commit entry
+// is durable) or, after Open, this one: never a mix. An error halfway
+// leaves the replica broken (ErrBroken) until it is opened again.
+func (r *Replica) Commit(epoch uint64) error {
+	if err := r.usable(); err != nil {
+		return err
+	}
+	k := -1
+	for i, st := range r.staged {
+		if st.epoch == epoch {
+			k = i
 		}
-		hook("range", i)
+	}
+	if k < 0 {
+		return fmt.Errorf("disk replica %s: commit epoch %d: %w: staged epochs are %v", r.path, epoch, ErrEpoch, r.Staged())
+	}
+	if err := r.appendEntry(kindCommit, epoch, nil, false); err != nil {
+		return r.fail(fmt.Errorf("commit epoch %d: %w", epoch, err))
+	}
+	hook("marked", 0)
+	done, rest := r.staged[:k+1], r.staged[k+1:]
+	writes := make([]*virtio.DiskWrites, len(done))
+	for i, st := range done {
+		writes[i] = st.writes
+	}
+	if err := r.apply(epoch, writes); err != nil {
+		return r.fail(fmt.Errorf("commit epoch %d: %w", epoch, err))
+	}
+	r.fp = done[k].fp
+	r.staged = rest
+	if err := r.compact(); err != nil {
+		return r.fail(fmt.Errorf("commit epoch %d: %w", epoch, err))
+	}
+	return nil
+}
+
+// apply writes the ranges of writes (in order: later epochs win) into the
+// disk, syncs it and records epoch with the last one's fingerprint.
+func (r *Replica) apply(epoch uint64, writes []*virtio.DiskWrites) error {
+	n := 0
+	for _, w := range writes {
+		for _, rg := range w.Ranges {
+			if _, err := r.disk.WriteAt(rg.Data, int64(rg.Off)); err != nil {
+				return fmt.Errorf("write range [%d, +%d): %w", rg.Off, len(rg.Data), err)
+			}
+			hook("range", n)
+			n++
+		}
 	}
 	if err := datasync(r.disk); err != nil {
 		return fmt.Errorf("sync disk: %w", err)
@@ -348,12 +406,49 @@ func (r *Replica) apply(epoch uint64, w *virtio.DiskWrites) error {
 	next := r.state
 	next.seq++
 	next.epoch = epoch
-	next.root = rootPrefix(w.Fingerprint)
+	next.root = rootPrefix(writes[len(writes)-1].Fingerprint)
 	if err := writeRecord(r.rec, next); err != nil {
 		return fmt.Errorf("record epoch: %w", err)
 	}
 	r.state = next
 	hook("recorded", 0)
+	return nil
+}
+
+// compact leaves in the journal only the staged epochs. With none, it
+// empties the journal. Otherwise it writes them to a new journal, synced,
+// and renames it into place, durably: a later commit entry must never land
+// in a journal that a crash could swap for the old one.
+func (r *Replica) compact() error {
+	if len(r.staged) == 0 {
+		return r.resetJournal()
+	}
+	var b []byte
+	var sum uint32
+	for _, st := range r.staged {
+		b, sum = appendEntry(b, sum, kindWrites, st.epoch, uint64(r.size), st.payload)
+	}
+	tmp := JournalPath(r.path) + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("compact journal: %w", err)
+	}
+	if _, err := f.WriteAt(b, 0); err == nil {
+		err = datasync(f)
+	}
+	if err == nil {
+		err = os.Rename(tmp, JournalPath(r.path))
+	}
+	if err == nil {
+		err = syncDir(r.path)
+	}
+	if err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("compact journal: %w", err)
+	}
+	r.journal.Close()
+	r.journal, r.jlen, r.jsum = f, int64(len(b)), sum
 	return nil
 }
 
@@ -402,7 +497,7 @@ func (r *Replica) Seed(epoch uint64, src io.Reader, size int64, fingerprint [sha
 	}
 	r.state, r.fp = unseeded, nil
 	hook("seed-unrecorded", 0)
-	if err := r.journal.Truncate(0); err != nil {
+	if err := r.resetJournal(); err != nil {
 		tmp.Close()
 		return r.fail(fmt.Errorf("seed: %w", err))
 	}
@@ -467,7 +562,7 @@ func (r *Replica) writeSeed(src io.Reader) (*virtio.Fingerprint, *os.File, error
 // which then is no epoch's any more), and returns the disk's path for the
 // machine's virtio-blk device with the committed disk's fingerprint, which
 // virtio.Block.SetFingerprint takes so that the restore does not read the
-// whole disk again. A staged epoch not committed is dropped.
+// whole disk again. Staged epochs not committed are dropped.
 func (r *Replica) Activate() (string, *virtio.Fingerprint, error) {
 	if err := r.usable(); err != nil {
 		return "", nil, err
@@ -478,6 +573,7 @@ func (r *Replica) Activate() (string, *virtio.Fingerprint, error) {
 	fp := r.fp
 	r.staged = nil
 	r.closeFiles()
+	os.Remove(JournalPath(r.path) + ".tmp")
 	var errs []error
 	for _, p := range []string{JournalPath(r.path), RecordPath(r.path)} {
 		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -490,8 +586,8 @@ func (r *Replica) Activate() (string, *virtio.Fingerprint, error) {
 	return r.path, fp, nil
 }
 
-// Close closes the replica's files; a staged epoch stays in the journal
-// but is discarded by the next Open (it has no commit marker).
+// Close closes the replica's files; staged epochs stay in the journal but
+// the next Open discards them (nothing commits them).
 func (r *Replica) Close() error {
 	if r.disk == nil {
 		return nil
@@ -525,10 +621,11 @@ func Remove(path string) error {
 	return nil
 }
 
-// overlay reads the disk as it will be with writes applied.
+// overlay reads the disk as it will be with layers of writes applied in
+// order.
 type overlay struct {
 	base   io.ReaderAt
-	writes *virtio.DiskWrites
+	layers []*virtio.DiskWrites
 }
 
 func (o *overlay) ReadAt(p []byte, off int64) (int, error) {
@@ -537,11 +634,13 @@ func (o *overlay) ReadAt(p []byte, off int64) (int, error) {
 		return n, err
 	}
 	end := uint64(off) + uint64(len(p))
-	rs := o.writes.Ranges
-	i := sort.Search(len(rs), func(i int) bool { return rs[i].Off+uint64(len(rs[i].Data)) > uint64(off) })
-	for ; i < len(rs) && rs[i].Off < end; i++ {
-		lo, hi := max(rs[i].Off, uint64(off)), min(rs[i].Off+uint64(len(rs[i].Data)), end)
-		copy(p[lo-uint64(off):hi-uint64(off)], rs[i].Data[lo-rs[i].Off:hi-rs[i].Off])
+	for _, w := range o.layers {
+		rs := w.Ranges
+		i := sort.Search(len(rs), func(i int) bool { return rs[i].Off+uint64(len(rs[i].Data)) > uint64(off) })
+		for ; i < len(rs) && rs[i].Off < end; i++ {
+			lo, hi := max(rs[i].Off, uint64(off)), min(rs[i].Off+uint64(len(rs[i].Data)), end)
+			copy(p[lo-uint64(off):hi-uint64(off)], rs[i].Data[lo-rs[i].Off:hi-rs[i].Off])
+		}
 	}
 	return n, nil
 }

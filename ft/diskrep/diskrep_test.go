@@ -113,8 +113,8 @@ func TestStageCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkDisk(t, path, epoch1, "staged, not committed")
-	if e, ok := r.Staged(); !ok || e != 2 {
-		t.Errorf("Staged() = %d, %v; want 2, true", e, ok)
+	if got := r.Staged(); len(got) != 1 || got[0] != 2 {
+		t.Errorf("Staged() = %v, want [2]", got)
 	}
 	if err := r.Commit(3); !errors.Is(err, ErrEpoch) {
 		t.Errorf("Commit(3) with 2 staged = %v, want ErrEpoch", err)
@@ -144,18 +144,24 @@ func TestStageCommit(t *testing.T) {
 	if err := r.Stage(3, other); err == nil || !strings.Contains(err.Error(), "8192") {
 		t.Errorf("Stage of another size's writes = %v", err)
 	}
-	if _, ok := r.Staged(); ok {
-		t.Errorf("a refused Stage left an epoch staged")
+	if got := r.Staged(); len(got) != 0 {
+		t.Errorf("a refused Stage left epochs %v staged", got)
 	}
 	checkDisk(t, path, epoch2, "after refusals")
 
-	// A staged epoch is replaced by a later Stage; an empty epoch commits.
+	// Discard drops staged epochs; an empty epoch commits.
 	if err := r.Stage(3, nextEpoch(t, bytes.Clone(disk), 4, [2]uint64{8192, 4096})); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Discard(); err != nil {
 		t.Fatal(err)
 	}
 	w3 := nextEpoch(t, disk, 5, [2]uint64{0, 4096}, [2]uint64{1 << 19, 3 * 4096})
 	if err := r.Stage(3, w3); err != nil {
 		t.Fatal(err)
+	}
+	if err := r.Stage(3, w3); !errors.Is(err, ErrEpoch) {
+		t.Errorf("Stage(3) twice = %v, want ErrEpoch", err)
 	}
 	if err := r.Commit(3); err != nil {
 		t.Fatal(err)
@@ -239,8 +245,8 @@ func TestSeedVerified(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkDisk(t, path, other, "seeded again")
-	if _, ok := r.Staged(); ok || r.Epoch() != 7 {
-		t.Errorf("after the seed: epoch %d, staged %v; want 7, nothing", r.Epoch(), ok)
+	if got := r.Staged(); len(got) != 0 || r.Epoch() != 7 {
+		t.Errorf("after the seed: epoch %d, staged %v; want 7, nothing", r.Epoch(), got)
 	}
 	r.Close()
 	r, err = Open(path, testSize)
@@ -253,62 +259,132 @@ func TestSeedVerified(t *testing.T) {
 	}
 }
 
-func TestIncompleteJournalDiscarded(t *testing.T) {
-	dir := t.TempDir()
-	r, disk := seeded(t, dir)
+// stagedJournal seeds a replica at epoch 1, stages epochs 2 and 3 and
+// closes it without a commit; it returns the disk path, the journal and
+// the disk as of epochs 1, 2 and 3.
+func stagedJournal(t *testing.T) (string, []byte, [3][]byte) {
+	t.Helper()
+	r, disk := seeded(t, t.TempDir())
 	path := r.Path()
-	epoch1 := bytes.Clone(disk)
-	w := nextEpoch(t, disk, 2, epoch2Ranges...)
-	if err := r.Stage(2, w); err != nil {
+	var ds [3][]byte
+	ds[0] = bytes.Clone(disk)
+	if err := r.Stage(2, nextEpoch(t, disk, 2, epoch2Ranges...)); err != nil {
 		t.Fatal(err)
 	}
-	r.Close() // staged, never committed
+	ds[1] = bytes.Clone(disk)
+	if err := r.Stage(3, nextEpoch(t, disk, 3, [2]uint64{4096, 4096}, [2]uint64{1 << 19, 4096})); err != nil {
+		t.Fatal(err)
+	}
+	ds[2] = bytes.Clone(disk)
+	r.Close()
 	j, err := os.ReadFile(JournalPath(path))
 	if err != nil {
 		t.Fatal(err)
 	}
+	return path, j, ds
+}
+
+// withCommit returns journal j with a commit entry of epoch appended.
+func withCommit(j []byte, epoch uint64) []byte {
+	b, _ := appendEntry(bytes.Clone(j), le.Uint32(j[len(j)-4:]), kindCommit, epoch, testSize, nil)
+	return b
+}
+
+func TestIncompleteJournalDiscarded(t *testing.T) {
+	path, j, ds := stagedJournal(t)
+	flipped := func(b []byte, at int) []byte { b = bytes.Clone(b); b[at] ^= 1; return b }
 	for _, c := range []struct {
 		name    string
 		journal []byte
+		epoch   uint64
+		why     string
 	}{
-		{"staged without marker", j},
-		{"torn", j[:len(j)/2]},
-		{"marker on a bad sum", func() []byte {
-			b := append(bytes.Clone(j), encodeMarker(2, le.Uint32(j[len(j)-4:]))...)
-			b[100] ^= 1
-			return b
-		}()},
-		{"garbage", bytes.Repeat([]byte{0xa5}, 5000)},
+		{"staged without a commit", j, 1, "discarded"},
+		{"torn", j[:len(j)/2], 1, "discarded"},
+		{"commit after a damaged entry", flipped(withCommit(j, 3), 100), 1, "discarded"},
+		{"torn commit", withCommit(j, 3)[:len(j)+20], 1, "discarded"},
+		{"garbage", bytes.Repeat([]byte{0xa5}, 5000), 1, "discarded"},
+		{"commit of epoch 2", withCommit(j, 2), 2, "applied"},
+		{"commit of epoch 3", withCommit(j, 3), 3, "applied"},
+		{"commit of an unstaged epoch", withCommit(j, 4), 0, ""},
 	} {
 		if err := os.WriteFile(JournalPath(path), c.journal, 0o600); err != nil {
 			t.Fatal(err)
 		}
+		// Every case starts from epoch 1.
+		if err := os.WriteFile(path, ds[0], 0o600); err != nil {
+			t.Fatal(err)
+		}
 		r, err := Open(path, testSize)
+		if c.epoch == 0 {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Errorf("%s: Open = %v, want ErrCorrupt", c.name, err)
+			}
+			if r != nil {
+				r.Close()
+			}
+			continue
+		}
 		if err != nil {
 			t.Fatalf("%s: %v", c.name, err)
 		}
-		if r.Epoch() != 1 || !strings.Contains(r.Recovered(), "discarded") {
-			t.Errorf("%s: epoch %d, recovered %q; want 1, discarded", c.name, r.Epoch(), r.Recovered())
+		if r.Epoch() != c.epoch || !strings.Contains(r.Recovered(), c.why) {
+			t.Errorf("%s: epoch %d, recovered %q; want %d, %s", c.name, r.Epoch(), r.Recovered(), c.epoch, c.why)
 		}
 		r.Close()
-		checkDisk(t, path, epoch1, c.name)
+		checkDisk(t, path, ds[c.epoch-1], c.name)
 		if fi, err := os.Stat(JournalPath(path)); err != nil || fi.Size() != 0 {
 			t.Errorf("%s: journal not cleared: %v", c.name, err)
 		}
+		// Back to epoch 1 for the next case: the record too.
+		if c.epoch != 1 {
+			os.Remove(RecordPath(path))
+			r, err := Open(path, testSize)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Seed(1, bytes.NewReader(ds[0]), testSize, rootOf(t, ds[0])); err != nil {
+				t.Fatal(err)
+			}
+			r.Close()
+		}
 	}
-	// The complete one (with its marker) is applied.
-	if err := os.WriteFile(JournalPath(path), append(bytes.Clone(j), encodeMarker(2, le.Uint32(j[len(j)-4:]))...), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r, err = Open(path, testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
+}
+
+// Several staged epochs commit together up to the one named; later ones
+// stay staged, in the journal, and commit next.
+func TestCommitSeveralEpochs(t *testing.T) {
+	dir := t.TempDir()
+	r, disk := seeded(t, dir)
 	defer r.Close()
-	if r.Epoch() != 2 || !strings.Contains(r.Recovered(), "applied") {
-		t.Errorf("complete journal: epoch %d, recovered %q; want 2, applied", r.Epoch(), r.Recovered())
+	path := r.Path()
+	var ds [6][]byte
+	ds[1] = bytes.Clone(disk)
+	for e := uint64(2); e <= 5; e++ {
+		w := nextEpoch(t, disk, e, [2]uint64{8192, 4096}, [2]uint64{4096 * (e + 10), 4096}, [2]uint64{1 << 19, 64 << 10})
+		if err := r.Stage(e, w); err != nil {
+			t.Fatalf("Stage(%d): %v", e, err)
+		}
+		ds[e] = bytes.Clone(disk)
 	}
-	checkDisk(t, path, disk, "complete journal")
+	checkDisk(t, path, ds[1], "4 epochs staged")
+	if err := r.Commit(3); err != nil {
+		t.Fatal(err)
+	}
+	checkDisk(t, path, ds[3], "committed up to 3")
+	if got := r.Staged(); len(got) != 2 || got[0] != 4 || got[1] != 5 {
+		t.Errorf("Staged() after Commit(3) = %v, want [4 5]", got)
+	}
+	if err := r.Commit(2); !errors.Is(err, ErrEpoch) {
+		t.Errorf("Commit(2) after Commit(3) = %v, want ErrEpoch", err)
+	}
+	if err := r.Commit(5); err != nil {
+		t.Fatal(err)
+	}
+	checkDisk(t, path, ds[5], "committed up to 5")
+	if r.Epoch() != 5 || r.Fingerprint() != rootOf(t, ds[5]) {
+		t.Errorf("epoch %d, want 5 with epoch 5's fingerprint", r.Epoch())
+	}
 }
 
 func TestOpenDetectsCorruption(t *testing.T) {
@@ -377,8 +453,9 @@ func TestCrashChild(t *testing.T) {
 	parts := strings.Split(spec, ",") // dir,op,step,index
 	dir, op, step := parts[0], parts[1], parts[2]
 	index, _ := strconv.Atoi(parts[3])
+	armed := false
 	testHook = func(s string, i int) {
-		if s == step && i == index {
+		if armed && s == step && i == index {
 			fmt.Println("stopped at", s, i)
 			select {} // the parent kills us here
 		}
@@ -387,9 +464,8 @@ func TestCrashChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	switch op {
-	case "commit":
-		b, err := os.ReadFile(filepath.Join(dir, "writes.bin"))
+	load := func(name string) *virtio.DiskWrites {
+		b, err := os.ReadFile(filepath.Join(dir, name))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -397,20 +473,37 @@ func TestCrashChild(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := r.Stage(2, w); err != nil {
+		return w
+	}
+	do := func(err error) {
+		if err != nil {
 			t.Fatal(err)
 		}
-		if err := r.Commit(2); err != nil {
-			t.Fatal(err)
-		}
+	}
+	switch op {
+	case "commit": // stage 2, commit 2
+		armed = true
+		do(r.Stage(2, load("writes2.bin")))
+		do(r.Commit(2))
+	case "commit2": // stage 2 and 3, commit both at once
+		armed = true
+		do(r.Stage(2, load("writes2.bin")))
+		do(r.Stage(3, load("writes3.bin")))
+		do(r.Commit(3))
+	case "compact1", "compact2": // stage 2 and 3, commit 2 (compaction), then 3
+		do(r.Stage(2, load("writes2.bin")))
+		do(r.Stage(3, load("writes3.bin")))
+		armed = op == "compact1"
+		do(r.Commit(2))
+		armed = true
+		do(r.Commit(3))
 	case "seed":
 		seed, err := os.ReadFile(filepath.Join(dir, "seed.bin"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := r.Seed(9, bytes.NewReader(seed), testSize, rootOf(t, seed)); err != nil {
-			t.Fatal(err)
-		}
+		armed = true
+		do(r.Seed(9, bytes.NewReader(seed), testSize, rootOf(t, seed)))
 	}
 	fmt.Println("finished")
 }
@@ -451,67 +544,79 @@ func crashAt(t *testing.T, dir, op, step string, i int) {
 	}
 }
 
+// epoch3Ranges are epoch 3's writes: one overlaps epoch 2's first range.
+var epoch3Ranges = [][2]uint64{{8192, 4096}, {1 << 19, 8192}}
+
 func TestCrashDuringCommit(t *testing.T) {
 	for _, c := range []struct {
+		op    string
 		step  string
 		index int
 		want  uint64 // the epoch Open finds
 	}{
-		{"stage-partial", 0, 1},
-		{"staged", 0, 1},
-		{"marked", 0, 2},
-		{"range", 0, 2},
-		{"range", 1, 2},
-		{"applied", 0, 2},
-		{"recorded", 0, 2},
+		{"commit", "stage-partial", 0, 1},
+		{"commit", "staged", 0, 1},
+		{"commit", "marked", 0, 2},
+		{"commit", "range", 0, 2},
+		{"commit", "range", 1, 2},
+		{"commit", "applied", 0, 2},
+		{"commit", "recorded", 0, 2},
+		{"commit2", "marked", 0, 3},
+		{"commit2", "range", 1, 3}, // in epoch 2's ranges
+		{"commit2", "range", 3, 3}, // in epoch 3's
+		{"compact1", "recorded", 0, 2},
+		{"compact2", "marked", 0, 3},
+		{"compact2", "range", 0, 3},
 	} {
-		t.Run(fmt.Sprintf("%s-%d", c.step, c.index), func(t *testing.T) {
+		t.Run(fmt.Sprintf("%s-%s-%d", c.op, c.step, c.index), func(t *testing.T) {
 			dir := t.TempDir()
 			r, disk := seeded(t, dir)
 			r.Close()
-			epoch1 := bytes.Clone(disk)
-			w := nextEpoch(t, disk, 2, epoch2Ranges...)
-			b, err := w.AppendBinary(nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(filepath.Join(dir, "writes.bin"), b, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			crashAt(t, dir, "commit", c.step, c.index)
-			path := filepath.Join(dir, "disk.img")
-			if c.step == "range" {
-				// Killed between range writes: the disk itself is a mix now.
-				got, _ := os.ReadFile(path)
-				if bytes.Equal(got, epoch1) || bytes.Equal(got, disk) {
-					t.Fatalf("killed after range %d, the disk is already one epoch whole: the hook is not between ranges", c.index)
+			ds := [][]byte{nil, bytes.Clone(disk)}
+			for e, rs := range [][][2]uint64{epoch2Ranges, epoch3Ranges} {
+				w := nextEpoch(t, disk, uint64(e+2), rs...)
+				ds = append(ds, bytes.Clone(disk))
+				b, err := w.AppendBinary(nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("writes%d.bin", e+2)), b, 0o600); err != nil {
+					t.Fatal(err)
 				}
 			}
-			r, err = Open(path, testSize)
+			crashAt(t, dir, c.op, c.step, c.index)
+			path := filepath.Join(dir, "disk.img")
+			if c.step == "range" {
+				// Killed between range writes: the disk itself is no epoch now.
+				got, _ := os.ReadFile(path)
+				for e := 1; e <= 3; e++ {
+					if bytes.Equal(got, ds[e]) {
+						t.Fatalf("killed after range %d, the disk is already epoch %d whole: the hook is not between ranges", c.index, e)
+					}
+				}
+			}
+			r, err := Open(path, testSize)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer r.Close()
 			if r.Epoch() != c.want {
-				t.Fatalf("after a crash at %s %d: epoch %d, want %d (recovered: %q)", c.step, c.index, r.Epoch(), c.want, r.Recovered())
+				t.Fatalf("after a crash: epoch %d, want %d (recovered: %q)", r.Epoch(), c.want, r.Recovered())
 			}
-			want := epoch1
-			if c.want == 2 {
-				want = disk
-			}
+			want := ds[c.want]
 			checkDisk(t, path, want, "after the crash")
 			if r.Fingerprint() != rootOf(t, want) {
 				t.Errorf("fingerprint after recovery is not the disk's")
 			}
 			// The replica goes on: the next epoch commits.
-			w3 := nextEpoch(t, want, 3, [2]uint64{0, 4096})
-			if err := r.Stage(3, w3); err != nil {
+			w := nextEpoch(t, want, 9, [2]uint64{0, 4096})
+			if err := r.Stage(c.want+1, w); err != nil {
 				t.Fatal(err)
 			}
-			if err := r.Commit(3); err != nil {
+			if err := r.Commit(c.want + 1); err != nil {
 				t.Fatal(err)
 			}
-			checkDisk(t, path, want, "epoch 3 after recovery")
+			checkDisk(t, path, want, "the next epoch after recovery")
 		})
 	}
 }
@@ -525,7 +630,7 @@ func TestCrashThenCorruptJournal(t *testing.T) {
 	r.Close()
 	w := nextEpoch(t, disk, 2, epoch2Ranges...)
 	b, _ := w.AppendBinary(nil)
-	if err := os.WriteFile(filepath.Join(dir, "writes.bin"), b, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "writes2.bin"), b, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	crashAt(t, dir, "commit", "range", 1)
@@ -579,38 +684,38 @@ func TestCrashDuringSeed(t *testing.T) {
 	}
 }
 
-// FuzzReadJournal reads fuzzed journal files: a journal is either refused
-// or complete, for this disk size, with writes that follow the rules.
+// FuzzReadJournal reads fuzzed journals: the entries it accepts are
+// chained, of this disk size, and writes entries are ascending.
 func FuzzReadJournal(f *testing.F) {
 	model := randomDisk(1, testSize)
 	w := nextEpoch(f, model, 2, [2]uint64{0, 4096}, [2]uint64{testSize - 1000, 1000})
 	p, _ := w.AppendBinary(nil)
-	j := encodeJournal(2, testSize, p)
-	f.Add(append(bytes.Clone(j), encodeMarker(2, le.Uint32(j[len(j)-4:]))...))
+	j, sum := appendEntry(nil, 0, kindWrites, 2, testSize, p)
 	f.Add(j)
-	dir := f.TempDir()
+	j, _ = appendEntry(j, sum, kindCommit, 2, testSize, nil)
+	f.Add(j)
 	f.Fuzz(func(t *testing.T, b []byte) {
-		path := filepath.Join(dir, "j")
-		if err := os.WriteFile(path, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		fd, err := os.Open(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer fd.Close()
-		cj, why, err := readJournal(fd, testSize)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if cj == nil {
-			if why == "" {
-				t.Fatalf("refused without a reason")
+		entries, why := readJournal(b, testSize)
+		var n int
+		var last uint64
+		for _, e := range entries {
+			n += journalHeaderSize + len(e.payload) + journalSumSize
+			if e.kind == kindWrites {
+				if e.epoch <= last {
+					t.Fatalf("accepted writes of epoch %d after %d", e.epoch, last)
+				}
+				last = e.epoch
 			}
-			return
 		}
-		if cj.writes.Size != testSize {
-			t.Fatalf("accepted writes for %d bytes", cj.writes.Size)
+		if (n == len(b)) != (why == "") {
+			t.Fatalf("read %d of %d bytes, reason %q", n, len(b), why)
+		}
+		if epoch, ws, ok := committed(entries, 0); ok {
+			for _, e := range ws {
+				if e.kind != kindWrites || e.epoch > epoch {
+					t.Fatalf("commit of %d covers entry %d of kind %d", epoch, e.epoch, e.kind)
+				}
+			}
 		}
 	})
 }

@@ -13,33 +13,44 @@
 //	r, err := diskrep.Open(path, size) // recovers from a crash; not seeded the first time
 //	err = r.Seed(epoch, src, size, fp) // with the full image: the whole disk, verified
 //	...
-//	err = r.Stage(e, writes)           // epoch e arrived whole: journal it (fsync), disk untouched
-//	// ... when e's memory is committed:
-//	err = r.Commit(e)                  // apply to the disk (fsync), record e
+//	err = r.Stage(e, writes)           // epoch e's writes arrived: journal them (fsync), disk untouched
+//	// ... when the memory image commits epoch s (every epoch up to s is staged):
+//	err = r.Commit(s)                  // apply every staged epoch up to s to the disk (fsync), record s
 //	...
 //	path, fp, err := r.Activate()      // failover: the guest's disk from now on;
 //	                                   // blk.SetFingerprint(fp) spares the restore a read of it
 //
-// Stage refuses writes that would not give the primary's fingerprint (a
-// tracking bug, a corrupt or misrouted checkpoint), with nothing changed,
-// by hashing again only the 64 KiB chunks the writes touch. Commit is
-// crash-safe: it makes a commit marker durable in the journal before it
-// touches the disk, so Open finds either no complete journal (the disk is
-// the previous epoch's) or a complete one, which it applies again (the
-// same bytes to the same places: idempotent). Open then fingerprints the
-// whole disk and compares it with the epoch record, so a replica that is
-// not exactly its recorded epoch is never used (ErrCorrupt: seed again).
+// Every epoch is staged, one without writes too, in order; Commit(s)
+// commits all staged epochs up to s at once, as the backup's image
+// commits a hold-back sync covering several epochs, and keeps later ones
+// staged. Staged epochs do not survive a restart (Open discards them),
+// just as the memory image's staged pages do not.
 //
-// Files, next to the disk: <disk>.journal (at most one staged epoch),
-// <disk>.epoch (two checksummed slots written alternately: the committed
-// epoch, whether the replica is seeded, the disk's fingerprint), and
-// <disk>.seed while a seed is written. The package owns these files and
+// Stage refuses writes that would not give the primary's fingerprint (a
+// tracking bug, a corrupt or misrouted checkpoint, a lost epoch), with
+// nothing changed, by hashing again only the 64 KiB chunks the writes
+// touch. Commit is crash-safe: it makes a commit entry durable in the
+// journal before it touches the disk, so Open finds either no commit
+// beyond the recorded epoch (the disk is the previous epoch's) or a
+// complete one, whose writes it applies again (the same bytes to the same
+// places: idempotent). Journal entries are chained by their CRC-32C, so a
+// valid commit entry implies every entry before it is intact. Open then
+// fingerprints the whole disk and compares it with the epoch record, so a
+// replica that is not exactly its recorded epoch is never used
+// (ErrCorrupt: Remove, Open, Seed).
+//
+// Files, next to the disk: <disk>.journal (staged epochs and commit
+// entries), <disk>.epoch (two checksummed slots written alternately: the
+// committed epoch, whether the replica is seeded, the disk's fingerprint),
+// and <disk>.seed while a seed is written. The package owns these files and
 // the disk file until Activate or Close; nothing else may write them.
 //
-// Cost per committed epoch: four fdatasyncs (journal, marker, disk, record)
-// plus writing the data twice (journal and disk) and hashing the touched
-// chunks; see BenchmarkDiskWrites for the ratio against writing the same
-// bytes once with one fsync.
+// Cost of an epoch staged and committed alone: four fdatasyncs (the
+// writes entry, the commit entry, the disk, the record), the data written
+// twice (journal and disk) and the touched chunks hashed; see
+// BenchmarkDiskWrites for the ratio against writing the same bytes once
+// with one fsync. A commit that leaves later epochs staged also rewrites
+// the journal with them (one more fsync and a rename).
 //
 // # Hot blocks at the intermediary
 //

@@ -6,24 +6,28 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
-
-	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
-// The journal (<disk>.journal) holds at most one staged epoch:
+// The journal (<disk>.journal) is a chain of entries, appended in order:
 //
-//	header   magic "USDJ" | version u16 (1) | reserved u16 (0) | epoch u64 |
-//	         disk size u64 | payload length u64
-//	payload  the epoch's writes, encoded as a virtio.DiskWrites
-//	sum      u32: CRC-32C of the header and the payload
-//	marker   (only once Commit decided to apply it) magic "USDC" |
-//	         crc u32 (CRC-32C of the epoch and the sum) | epoch u64
+//	header   magic "USDJ" | version u16 (1) | kind u16 (1 writes, 2 commit) |
+//	         epoch u64 | disk size u64 | payload length u64
+//	payload  kind 1: the epoch's writes, encoded as a virtio.DiskWrites;
+//	         kind 2: nothing
+//	sum      u32: CRC-32C of the previous entry's sum (4 bytes, 0 for the
+//	         first entry), the header and the payload
 //
-// A journal is complete when its sum and its marker check out; then its
-// writes may be partly on the disk already, and Open applies them again
-// (writing the same bytes twice leaves the same disk). Anything else in
-// the journal file (empty, torn, no marker, a bad sum) means the disk was
-// never touched for that epoch, and the journal is discarded.
+// Writes entries stage epochs, ascending. A commit entry of epoch s says
+// that every writes entry before it with an epoch up to s is committed:
+// Commit makes it durable before it touches the disk. Since each sum
+// covers the one before, a valid commit entry implies that every entry
+// before it is intact. Open reads entries up to the first one that does
+// not check out (a torn or never-synced tail); if the last valid commit
+// entry names an epoch after the recorded one, the disk may hold part of
+// its writes, and Open applies the writes it covers again (the same bytes
+// to the same places: idempotent). Everything else in the journal is
+// discarded: staged epochs do not survive a restart, as the backup's
+// memory image does not.
 //
 // The epoch record (<disk>.epoch) is two 64-byte slots, written
 // alternately so that a torn write of one leaves the other:
@@ -38,107 +42,115 @@ const (
 	journalVersion    = 1
 	journalHeaderSize = 32
 	journalSumSize    = 4
-	markerSize        = 16
+	kindWrites        = 1
+	kindCommit        = 2
 	slotSize          = 64
 	slotRootBytes     = 28
 	flagSeeded        = 1
-	// maxJournalPayload bounds the payload a journal header may announce:
-	// a DiskWrites of a whole disk of the largest size could not be
-	// staged anyway; this keeps a corrupt header from allocating much.
+	// maxJournalPayload bounds the payload a journal header may announce,
+	// so that a corrupt header does not make Open allocate much.
 	maxJournalPayload = 1 << 34
 )
 
 var (
 	journalMagic = [4]byte{'U', 'S', 'D', 'J'}
-	markerMagic  = [4]byte{'U', 'S', 'D', 'C'}
 	slotMagic    = [4]byte{'U', 'S', 'D', 'E'}
 	castagnoli   = crc32.MakeTable(crc32.Castagnoli)
 	le           = binary.LittleEndian
 )
 
-// encodeJournal returns the journal of epoch's writes (payload, already
-// encoded), without the marker.
-func encodeJournal(epoch, size uint64, payload []byte) []byte {
-	b := make([]byte, 0, journalHeaderSize+len(payload)+journalSumSize+markerSize)
+// appendEntry appends a journal entry chained to prev and returns the
+// result and the entry's sum.
+func appendEntry(b []byte, prev uint32, kind uint16, epoch, size uint64, payload []byte) ([]byte, uint32) {
+	start := len(b)
 	b = append(b, journalMagic[:]...)
 	b = le.AppendUint16(b, journalVersion)
-	b = le.AppendUint16(b, 0)
+	b = le.AppendUint16(b, kind)
 	b = le.AppendUint64(b, epoch)
 	b = le.AppendUint64(b, size)
 	b = le.AppendUint64(b, uint64(len(payload)))
 	b = append(b, payload...)
-	return le.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	var p [4]byte
+	le.PutUint32(p[:], prev)
+	sum := crc32.Update(crc32.Checksum(p[:], castagnoli), castagnoli, b[start:])
+	return le.AppendUint32(b, sum), sum
 }
 
-// encodeMarker returns the commit marker of a journal with the given epoch
-// and sum.
-func encodeMarker(epoch uint64, sum uint32) []byte {
-	var c [12]byte
-	le.PutUint64(c[0:], epoch)
-	le.PutUint32(c[8:], sum)
-	b := append([]byte(nil), markerMagic[:]...)
-	b = le.AppendUint32(b, crc32.Checksum(c[:], castagnoli))
-	return le.AppendUint64(b, epoch)
+// entry is a journal entry that checked out.
+type entry struct {
+	kind    uint16
+	epoch   uint64
+	payload []byte
 }
 
-// committedJournal is a complete journal found by Open.
-type committedJournal struct {
-	epoch  uint64
-	writes *virtio.DiskWrites
+// readJournal reads the valid entries at the start of journal content b
+// (of a disk of size bytes) and returns them and why it stopped reading
+// ("" at the end of b).
+func readJournal(b []byte, size uint64) ([]entry, string) {
+	var out []entry
+	var prev uint32
+	lastWrites := uint64(0)
+	for off := 0; off < len(b); {
+		rest := b[off:]
+		if len(rest) < journalHeaderSize+journalSumSize {
+			return out, fmt.Sprintf("%d bytes at %d, too short for an entry", len(rest), off)
+		}
+		kind, epoch, plen := le.Uint16(rest[6:]), le.Uint64(rest[8:]), le.Uint64(rest[24:])
+		switch {
+		case [4]byte(rest[0:4]) != journalMagic:
+			return out, fmt.Sprintf("bad magic at %d", off)
+		case le.Uint16(rest[4:]) != journalVersion:
+			return out, fmt.Sprintf("version %d at %d", le.Uint16(rest[4:]), off)
+		case kind != kindWrites && kind != kindCommit:
+			return out, fmt.Sprintf("entry kind %d at %d", kind, off)
+		case le.Uint64(rest[16:]) != size:
+			return out, fmt.Sprintf("entry at %d is for a disk of %d bytes, not %d", off, le.Uint64(rest[16:]), size)
+		case plen > maxJournalPayload || plen > uint64(len(rest)-journalHeaderSize-journalSumSize):
+			return out, fmt.Sprintf("entry at %d announces %d payload bytes, %d are there", off, plen, len(rest)-journalHeaderSize-journalSumSize)
+		case kind == kindCommit && plen != 0:
+			return out, fmt.Sprintf("commit entry at %d has a payload", off)
+		}
+		n := journalHeaderSize + int(plen)
+		var p [4]byte
+		le.PutUint32(p[:], prev)
+		sum := crc32.Update(crc32.Checksum(p[:], castagnoli), castagnoli, rest[:n])
+		if got := le.Uint32(rest[n:]); got != sum {
+			return out, fmt.Sprintf("entry at %d: sum %#08x, its content's %#08x", off, got, sum)
+		}
+		if kind == kindWrites {
+			if epoch <= lastWrites {
+				return out, fmt.Sprintf("entry at %d stages epoch %d after epoch %d", off, epoch, lastWrites)
+			}
+			lastWrites = epoch
+		}
+		out = append(out, entry{kind: kind, epoch: epoch, payload: rest[journalHeaderSize:n:n]})
+		prev = sum
+		off += n + journalSumSize
+	}
+	return out, ""
 }
 
-// readJournal reads the journal file and returns its epoch and writes if
-// it is complete (sum and marker check out, for a disk of size bytes), or
-// nil and the reason it is not.
-func readJournal(f *os.File, size uint64) (*committedJournal, string, error) {
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, "", err
+// committed returns, from a journal's valid entries, the epoch of the last
+// commit entry and the writes entries before it with epochs in
+// (after, epoch]; ok is false if there is no commit entry after after.
+func committed(entries []entry, after uint64) (uint64, []entry, bool) {
+	last := -1
+	for i, e := range entries {
+		if e.kind == kindCommit {
+			last = i
+		}
 	}
-	n := fi.Size()
-	if n == 0 {
-		return nil, "empty", nil
+	if last < 0 || entries[last].epoch <= after {
+		return 0, nil, false
 	}
-	if n < journalHeaderSize+journalSumSize+markerSize {
-		return nil, fmt.Sprintf("%d bytes, too short to be complete", n), nil
+	s := entries[last].epoch
+	var ws []entry
+	for _, e := range entries[:last] {
+		if e.kind == kindWrites && e.epoch > after && e.epoch <= s {
+			ws = append(ws, e)
+		}
 	}
-	var hdr [journalHeaderSize]byte
-	if _, err := f.ReadAt(hdr[:], 0); err != nil {
-		return nil, "", err
-	}
-	switch {
-	case [4]byte(hdr[0:4]) != journalMagic:
-		return nil, "bad magic", nil
-	case le.Uint16(hdr[4:]) != journalVersion || le.Uint16(hdr[6:]) != 0:
-		return nil, fmt.Sprintf("version %d", le.Uint16(hdr[4:])), nil
-	case le.Uint64(hdr[16:]) != size:
-		return nil, fmt.Sprintf("for a disk of %d bytes, not %d", le.Uint64(hdr[16:]), size), nil
-	}
-	epoch, plen := le.Uint64(hdr[8:]), le.Uint64(hdr[24:])
-	if plen > maxJournalPayload || int64(plen) != n-journalHeaderSize-journalSumSize-markerSize {
-		return nil, fmt.Sprintf("payload of %d bytes in a file of %d bytes (no commit marker, or torn)", plen, n), nil
-	}
-	b := make([]byte, n)
-	if _, err := f.ReadAt(b, 0); err != nil && err != io.EOF {
-		return nil, "", err
-	}
-	body := b[:journalHeaderSize+plen]
-	sum := le.Uint32(b[len(body):])
-	if got := crc32.Checksum(body, castagnoli); got != sum {
-		return nil, fmt.Sprintf("sum %#08x, the content's %#08x", sum, got), nil
-	}
-	marker := b[len(body)+journalSumSize:]
-	if [markerSize]byte(marker) != [markerSize]byte(encodeMarker(epoch, sum)) {
-		return nil, "bad commit marker", nil
-	}
-	w, err := virtio.DecodeDiskWrites(body[journalHeaderSize:])
-	if err != nil {
-		return nil, err.Error(), nil
-	}
-	if w.Size != size {
-		return nil, fmt.Sprintf("writes for a disk of %d bytes", w.Size), nil
-	}
-	return &committedJournal{epoch: epoch, writes: w}, "", nil
+	return s, ws, true
 }
 
 // record is the replica's epoch record.
