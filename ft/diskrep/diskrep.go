@@ -433,7 +433,8 @@ func (r *Replica) compact() error {
 	if err != nil {
 		return fmt.Errorf("compact journal: %w", err)
 	}
-	if _, err := f.WriteAt(b, 0); err == nil {
+	_, err = f.WriteAt(b, 0)
+	if err == nil {
 		err = datasync(f)
 	}
 	if err == nil {
