@@ -429,3 +429,49 @@ func TestSplitJoinDiskWrites(t *testing.T) {
 		t.Errorf("JoinDiskWrites of parts of two fingerprints = %v", err)
 	}
 }
+
+// Harvests that run while requests are served (the machine is not paused:
+// not how a checkpoint harvests, but the set must stay consistent) lose no
+// write: the union of every harvest is every block written.
+func TestTakeWritesConcurrent(t *testing.T) {
+	path, _ := newSizedDisk(t, 1<<20)
+	d, b := newBlockDriver(t, path, false)
+	const writes = 200
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range writes {
+			d.next = bufBase
+			sector := uint64(i*37%256) * 8
+			ds := d.chain(buf{data: append(blkHeader(BlockTOut, sector), make([]byte, 512)...)}, buf{n: 1, write: true})
+			d.submit(0, ds)
+			if err := d.notify(0); err != nil {
+				t.Errorf("write %d: %v", i, err)
+				return
+			}
+			d.takeUsed(0)
+		}
+	}()
+	seen := make(map[uint64]bool)
+	take := func() {
+		for _, r := range b.TakeWrites() {
+			for off := r.Off; off < r.End(); off += WriteBlock {
+				seen[off/WriteBlock] = true
+			}
+		}
+	}
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+		}
+		take()
+	}
+	take()
+	for i := range writes {
+		if blk := uint64(i*37%256) * 8 * SectorSize / WriteBlock; !seen[blk] {
+			t.Errorf("block %d was written but never harvested", blk)
+		}
+	}
+}
