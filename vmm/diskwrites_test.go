@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/understudy-vmm/understudy/vmm/virtio"
@@ -185,5 +186,67 @@ func TestTakeDiskWrites(t *testing.T) {
 	m.Stop(0)
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A restore given the disk's fingerprint (DiskConfig.Fingerprint, as the
+// backup's replica knows it) checks the state against that one: the right
+// one restores, another is refused although the disk itself matches.
+func TestRestoreWithGivenFingerprint(t *testing.T) {
+	requireKVM(t)
+	dir := t.TempDir()
+	disk := make([]byte, 1<<20)
+	for i := range disk {
+		disk[i] = byte(i/4096 + 3)
+	}
+	diskPath := writeTemp(t, dir, "disk.img", disk)
+	cfg := linuxConfig(t, codeSpin)
+	cfg.Linux.Disks = []DiskConfig{{Path: diskPath}}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(context.Background()); done <- err }()
+	if _, err := m.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	var snap bytes.Buffer
+	if err := m.SaveSnapshot(&snap); err != nil {
+		t.Fatal(err)
+	}
+	m.Stop(0)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+
+	right, err := virtio.NewFingerprint(bytes.NewReader(disk), int64(len(disk)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := bytes.Clone(disk)
+	other[100] ^= 1
+	wrong, _ := virtio.NewFingerprint(bytes.NewReader(other), int64(len(other)))
+	for _, c := range []struct {
+		name string
+		fp   *virtio.Fingerprint
+		ok   bool
+	}{
+		{"read from the disk", nil, true},
+		{"given, the disk's", right, true},
+		{"given, another disk's", wrong, false},
+	} {
+		r, err := RestoreSnapshot(RestoreConfig{Disks: []DiskConfig{{Path: diskPath, Fingerprint: c.fp}}}, bytes.NewReader(snap.Bytes()))
+		if c.ok && err != nil {
+			t.Errorf("%s: restore = %v", c.name, err)
+		}
+		if !c.ok && (err == nil || !strings.Contains(err.Error(), "fingerprint")) {
+			t.Errorf("%s: restore = %v, want a fingerprint refusal", c.name, err)
+		}
+		if r != nil {
+			r.Close()
+		}
 	}
 }
