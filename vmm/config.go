@@ -16,6 +16,7 @@ import (
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/payload"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // Config describes a machine: what every machine has (memory, vCPUs, the
@@ -86,6 +87,11 @@ type LinuxConfig struct {
 type DiskConfig struct {
 	Path     string // the disk image (a regular file or block device)
 	ReadOnly bool   // the guest sees a read-only disk; the file is opened read-only
+	// Fingerprint, for Restore only, is the disk's fingerprint as the
+	// caller knows it (ft/diskrep's replica keeps it up to date): the
+	// restore checks the state's against it instead of reading the whole
+	// disk (virtio.Block.SetFingerprint). Nil: the disk is read.
+	Fingerprint *virtio.Fingerprint
 }
 
 // NetConfig is a virtio-net interface backed by an existing tap device.

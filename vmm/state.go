@@ -610,6 +610,12 @@ func (g *linuxGuest) openVirtio(cfg RestoreConfig, states [][]byte) error {
 			if err != nil {
 				return fmt.Errorf("disk %d: %w", di, err)
 			}
+			if d.Fingerprint != nil {
+				if err := dev.SetFingerprint(d.Fingerprint); err != nil {
+					dev.Close()
+					return fmt.Errorf("disk %d: %w", di, err)
+				}
+			}
 			g.addVirtio(fmt.Sprintf("virtio-blk %s", d.Path), dev)
 			di++
 			continue

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 )
 
@@ -47,11 +48,22 @@ type Block struct {
 	sectors  uint64 // capacity; a partial sector at the end of the file is not used
 	id       [BlockIDBytes]byte
 
-	// Guarded by the transport's lock: the disk's fingerprint as of the
-	// last state capture or restore (nil before), and the chunks written
-	// since (bit i: FingerprintChunk i).
+	// wmu guards the write tracking below. It is taken inside the
+	// transport's lock (by Notify and SaveState) and on its own by the
+	// harvest (TakeWrites, ReadWrites).
+	wmu sync.Mutex
+	// The disk's fingerprint as of the last state capture, harvest or
+	// restore (nil before), and the chunks written since (bit i:
+	// FingerprintChunk i).
 	fp      *Fingerprint
 	written []uint64
+	// wset is the replication write set: bit i is the WriteBlock-sized
+	// block i, written since the last TakeWrites; wcount counts its bits.
+	wset   []uint64
+	wcount uint64
+	// trusted is a fingerprint given by SetFingerprint, which the next
+	// restore uses instead of reading the disk.
+	trusted *Fingerprint
 
 	// h is set while the device is active; guarded by the transport's lock.
 	h *Host
@@ -110,6 +122,7 @@ func (b *Block) init() error {
 	b.size = size
 	b.sectors = uint64(size) / SectorSize
 	b.written = make([]uint64, ((size+FingerprintChunk-1)/FingerprintChunk+63)/64)
+	b.wset = make([]uint64, ((size+WriteBlock-1)/WriteBlock+63)/64)
 	copy(b.id[:], filepath.Base(b.path))
 	return nil
 }

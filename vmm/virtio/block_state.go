@@ -85,7 +85,7 @@ func allZero(b []byte) bool {
 // fingerprint brings the disk's fingerprint up to date: a full read the
 // first time, then only the chunks the guest wrote since. It assumes that
 // nothing but this device writes the disk file while it is attached.
-// Called with the transport's lock held.
+// Called with wmu held.
 func (b *Block) fingerprint() (*Fingerprint, error) {
 	if b.fp == nil {
 		fp, err := NewFingerprint(b.f, b.size)
@@ -101,22 +101,12 @@ func (b *Block) fingerprint() (*Fingerprint, error) {
 	return b.fp, nil
 }
 
-// markWritten records that [off, off+n) of the disk was written.
-func (b *Block) markWritten(off int64, n int) {
-	if n <= 0 {
-		return
-	}
-	for c := off / FingerprintChunk; c <= (off+int64(n)-1)/FingerprintChunk; c++ {
-		if w := int(c / 64); w < len(b.written) {
-			b.written[w] |= 1 << (c % 64)
-		}
-	}
-}
-
 // state returns the device's state, with the disk's fingerprint brought up
 // to date. Call it only while the transport is quiesced (Transport.SaveState
 // does).
 func (b *Block) state() (BlockState, error) {
+	b.wmu.Lock()
+	defer b.wmu.Unlock()
 	fp, err := b.fingerprint()
 	if err != nil {
 		return BlockState{}, err
@@ -134,7 +124,7 @@ func (b *Block) appendState(dst []byte) ([]byte, error) {
 
 // prepareState checks that this device's disk is the one the state saw:
 // same capacity, read-only setting, size and content fingerprint (a full
-// read of the disk).
+// read of the disk, unless SetFingerprint gave the disk's fingerprint).
 func (b *Block) prepareState(body []byte) (func(), error) {
 	s, err := DecodeBlockState(body)
 	if err != nil {
@@ -148,17 +138,23 @@ func (b *Block) prepareState(body []byte) (func(), error) {
 	case s.Capacity != b.sectors:
 		return nil, badState("virtio-blk: the state's capacity is %d sectors, %s has %d", s.Capacity, b.path, b.sectors)
 	}
-	fp, err := NewFingerprint(b.f, b.size)
-	if err != nil {
-		return nil, fmt.Errorf("virtio-blk %s: %w", b.path, err)
+	b.wmu.Lock()
+	fp := b.trusted
+	b.wmu.Unlock()
+	if fp == nil {
+		if fp, err = NewFingerprint(b.f, b.size); err != nil {
+			return nil, fmt.Errorf("virtio-blk %s: %w", b.path, err)
+		}
 	}
 	if root := fp.Root(); root != s.Fingerprint {
 		return nil, badState("virtio-blk: %s has fingerprint %x, the state's disk %x: another disk, or one changed since the snapshot",
 			b.path, root[:8], s.Fingerprint[:8])
 	}
 	return func() {
-		b.fp = fp
+		b.wmu.Lock()
+		b.fp, b.trusted = fp, nil
 		clear(b.written)
+		b.wmu.Unlock()
 	}, nil
 }
 

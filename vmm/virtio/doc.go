@@ -124,4 +124,23 @@
 // The frames a checkpoint carries (HeldFrame, AppendHeldFrames,
 // DecodeHeldFrames: a versioned, validated encoding) travel beside the
 // device state, not in NetState: see HeldFrame.
+//
+// # Disk replication
+//
+// For fault tolerance the primary writes its disk at once and ships, with
+// each checkpoint, the blocks the guest wrote in the epoch (blockwrites.go).
+// Every completed write request marks the 4 KiB blocks (WriteBlock) it
+// touched in a bitmap the device owns, beside the fingerprint's chunk set;
+// reads, flushes and GET_ID mark nothing, and the device offers no DISCARD
+// or WRITE_ZEROES. At the checkpoint's pause (requests completed by
+// Quiesce) Block.HarvestWrites takes the set (coalesced ascending ranges of
+// at most MaxWriteRange), reads the ranges' current bytes from the disk
+// file, and brings the fingerprint up to date, which hashes only the 64 KiB
+// chunks written since the last one (so a SaveState at the same pause finds
+// nothing left to hash). The result, a DiskWrites, has a versioned
+// encoding (blockwrites_encoding.go) with a CRC-32C per range over the
+// disk index, offset, length and data; decoding refuses misaligned,
+// overlapping, out-of-order or out-of-range ranges, bad sums and trailing
+// bytes. The backup's side is package ft/diskrep. BenchmarkDiskWrites (in
+// ft/diskrep) measures both sides against plain file writes.
 package virtio

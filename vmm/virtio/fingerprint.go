@@ -125,3 +125,37 @@ func (f *Fingerprint) update(r io.ReaderAt, chunks []uint64) error {
 	}
 	return nil
 }
+
+// Clone returns a copy of f that updates independently of it.
+func (f *Fingerprint) Clone() *Fingerprint {
+	c := &Fingerprint{size: f.size, levels: make([][][sha256.Size]byte, len(f.levels))}
+	for i, l := range f.levels {
+		c.levels[i] = append([][sha256.Size]byte(nil), l...)
+	}
+	return c
+}
+
+// UpdateRanges rehashes the chunks that ranges (ascending, as in a
+// DiskWrites) touch, from r, which must still be Size bytes long, and the
+// tree above them. Ranges past the end of the disk are an error.
+func (f *Fingerprint) UpdateRanges(r io.ReaderAt, ranges []WriteRange) error {
+	var chunks []uint64
+	for _, wr := range ranges {
+		if wr.Len == 0 {
+			continue
+		}
+		if wr.End() > uint64(f.size) || wr.End() < wr.Off {
+			return fmt.Errorf("disk fingerprint: range [%d, +%d) is past the disk's %d bytes", wr.Off, wr.Len, f.size)
+		}
+		for c := wr.Off / FingerprintChunk; c <= (wr.End()-1)/FingerprintChunk; c++ {
+			if n := len(chunks); n > 0 && chunks[n-1] >= c {
+				if chunks[n-1] == c {
+					continue
+				}
+				return fmt.Errorf("disk fingerprint: ranges are not ascending at %d", wr.Off)
+			}
+			chunks = append(chunks, c)
+		}
+	}
+	return f.update(r, chunks)
+}
