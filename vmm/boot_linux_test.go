@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
 	"io"
 	"os"
 	"path/filepath"
@@ -19,51 +20,29 @@ import (
 	"github.com/understudy-vmm/understudy/vmm/devices"
 )
 
-// Setup header offsets (see arch/bootparams.go) for building test images.
+// Setup header offsets (internal/linuxtest), as the tests check them.
 const (
-	tSetupSects = 0x1f1
-	tSysSize    = 0x1f4
-	tBootFlag   = 0x1fe
-	tJump       = 0x200
-	tMagic      = 0x202
-	tVersion    = 0x206
-	tLoader     = 0x210
-	tLoadFlags  = 0x211
-	tRamdisk    = 0x218
-	tRamdiskLen = 0x21c
-	tCmdline    = 0x228
-	tInitrdMax  = 0x22c
-	tAlign      = 0x230
-	tXLoadFlags = 0x236
-	tCmdlineMax = 0x238
-	tPref       = 0x258
-	tInitSize   = 0x260
+	tSetupSects = linuxtest.SetupSects
+	tSysSize    = linuxtest.SysSize
+	tBootFlag   = linuxtest.BootFlag
+	tJump       = linuxtest.Jump
+	tMagic      = linuxtest.Magic
+	tVersion    = linuxtest.Version
+	tLoader     = linuxtest.Loader
+	tLoadFlags  = linuxtest.LoadFlags
+	tRamdisk    = linuxtest.Ramdisk
+	tRamdiskLen = linuxtest.RamdiskLen
+	tCmdline    = linuxtest.Cmdline
+	tInitrdMax  = linuxtest.InitrdMax
+	tAlign      = linuxtest.Align
+	tXLoadFlags = linuxtest.XLoadFlags
+	tCmdlineMax = linuxtest.CmdlineMax
+	tPref       = linuxtest.Pref
+	tInitSize   = linuxtest.InitSize
 )
 
-// testKernel builds a bzImage whose protected-mode part holds code at its
-// 64-bit entry (offset 0x200): a tiny "kernel" that runs in the long mode
-// the VMM sets up. initSize is what the header says the kernel needs.
-func testKernel(code []byte, initSize uint32) []byte {
-	const sects = 4
-	kernel := make([]byte, 0x1000)
-	copy(kernel[0x200:], code)
-	img := make([]byte, (sects+1)*512, (sects+1)*512+len(kernel))
-	le := binary.LittleEndian
-	img[tSetupSects] = sects
-	le.PutUint32(img[tSysSize:], uint32(len(kernel)/16))
-	le.PutUint16(img[tBootFlag:], 0xaa55)
-	img[tJump], img[tJump+1] = 0xeb, 0x6a
-	le.PutUint32(img[tMagic:], arch.SetupHeaderMagic)
-	le.PutUint16(img[tVersion:], 0x020f)
-	img[tLoadFlags] = arch.LoadedHigh
-	le.PutUint32(img[tInitrdMax:], 0x7fffffff)
-	le.PutUint32(img[tAlign:], 0x200000)
-	le.PutUint16(img[tXLoadFlags:], arch.XLFKernel64|arch.XLFCanBeLoadedAbove4G)
-	le.PutUint32(img[tCmdlineMax:], 0x7ff)
-	le.PutUint64(img[tPref:], 0x1000000)
-	le.PutUint32(img[tInitSize:], initSize)
-	return append(img, kernel...)
-}
+// testKernel builds the stand-in bzImage (linuxtest.Kernel).
+var testKernel = linuxtest.Kernel
 
 // Guest code fragments (64-bit, CPL0).
 var (

@@ -4,47 +4,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
 	"os"
 	"strings"
 	"testing"
 
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
-
-// blockRequest makes a virtio-blk request available on queue 0 without
-// notifying: chain slot (descriptors 3*slot..3*slot+2), header at hdr, n
-// data bytes at data, the status byte at status, in available ring entry
-// avail (the caller then publishes the available index).
-func (d *mmioDriver) blockRequest(slot int, avail uint16, typ uint32, sector uint64, data uint64, n uint32, status uint64) {
-	ring := d.base
-	desc := func(i int, addr uint64, n uint32, flags, next uint16) {
-		b := le.AppendUint64(nil, addr)
-		b = le.AppendUint32(b, n)
-		b = le.AppendUint16(b, flags)
-		b = le.AppendUint16(b, next)
-		d.write(ring+uint64(16*i), b)
-	}
-	hdr := tHdr + uint64(slot)*16
-	h := le.AppendUint32(nil, typ)
-	h = le.AppendUint32(h, 0)
-	h = le.AppendUint64(h, sector)
-	d.write(hdr, h)
-	d.write(status, []byte{0xff})
-	dataFlags := uint16(descNext)
-	if typ == virtio.BlockTIn {
-		dataFlags |= descWrite
-	}
-	first := 3 * slot
-	desc(first, hdr, 16, descNext, uint16(first+1))
-	desc(first+1, data, n, dataFlags, uint16(first+2))
-	desc(first+2, status, 1, descWrite, 0)
-	d.write(ring+0x400+4+2*uint64(avail%tQueueSize), le.AppendUint16(nil, uint16(first)))
-}
-
-// publish sets queue 0's available index.
-func (d *mmioDriver) publish(idx uint16) {
-	d.write(d.base+0x400, le.AppendUint32(nil, uint32(idx)<<16))
-}
 
 // TestTakeDiskWrites drives a Linux machine's virtio-blk disk from the host
 // side (the stand-in kernel spins): writes made available before a pause
@@ -60,15 +26,15 @@ func TestTakeDiskWrites(t *testing.T) {
 		disk[i] = byte(i / 512)
 	}
 	diskPath := writeTemp(t, dir, "disk.img", disk)
-	cfg := linuxConfig(t, codeSpin)
+	cfg := linuxConfig(t, linuxtest.CodeSpin)
 	cfg.Linux.Disks = []DiskConfig{{Path: writeTemp(t, dir, "ro.img", disk[:65536]), ReadOnly: true}, {Path: diskPath}}
 	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	blk := &mmioDriver{t: t, m: m, tr: m.linux.virtio[1].t, base: tBlkRings}
-	blk.setup(1)
+	blk := &linuxtest.Driver{T: t, Mem: m.Memory(), Tr: m.VirtioTransport(1), Base: tBlkRings, Hdr: tHdr, TxBufs: tTxBufs}
+	blk.Setup(1)
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(context.Background()); done <- err }()
 	if _, err := m.TakeDiskWrites(); !errors.Is(err, ErrNotPaused) {
@@ -77,14 +43,14 @@ func TestTakeDiskWrites(t *testing.T) {
 
 	// Epoch 1: a write of sectors 9..16 (blocks 1 and 2) and a read.
 	data1 := bytes.Repeat([]byte("epoch one "), 410)[:4096]
-	blk.write(tData, data1)
-	blk.blockRequest(0, 0, virtio.BlockTOut, 9, tData, 4096, tStatus)
-	blk.blockRequest(1, 1, virtio.BlockTIn, 100, tData+0x2000, 512, tStatus+1)
-	blk.publish(2)
+	blk.Write(tData, data1)
+	blk.BlockRequest(0, 0, virtio.BlockTOut, 9, tData, 4096, tStatus)
+	blk.BlockRequest(1, 1, virtio.BlockTIn, 100, tData+0x2000, 512, tStatus+1)
+	blk.Publish(2)
 	if _, err := m.Pause(); err != nil {
 		t.Fatal(err)
 	}
-	if got := blk.usedIdx(0); got != 2 {
+	if got := blk.UsedIdx(0); got != 2 {
 		t.Fatalf("used index %d after the pause, want 2", got)
 	}
 	ws, err := m.TakeDiskWrites()
@@ -138,12 +104,12 @@ func TestTakeDiskWrites(t *testing.T) {
 	}
 
 	// Epoch 2: only a read.
-	blk.blockRequest(0, 2, virtio.BlockTIn, 0, tData, 4096, tStatus)
-	blk.publish(3)
+	blk.BlockRequest(0, 2, virtio.BlockTIn, 0, tData, 4096, tStatus)
+	blk.Publish(3)
 	if _, err := m.Pause(); err != nil {
 		t.Fatal(err)
 	}
-	if got := blk.usedIdx(0); got != 3 {
+	if got := blk.UsedIdx(0); got != 3 {
 		t.Fatalf("used index %d after the pause, want 3", got)
 	}
 	if ws, err := m.TakeDiskWrites(); err != nil || len(ws[1].Ranges) != 0 {
@@ -151,7 +117,7 @@ func TestTakeDiskWrites(t *testing.T) {
 	}
 	// The state's fingerprint is the harvest's: one fingerprint, kept up
 	// to date by both.
-	st, err := m.linux.virtio[1].t.SaveState()
+	st, err := m.VirtioTransport(1).SaveState()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -200,7 +166,7 @@ func TestRestoreWithGivenFingerprint(t *testing.T) {
 		disk[i] = byte(i/4096 + 3)
 	}
 	diskPath := writeTemp(t, dir, "disk.img", disk)
-	cfg := linuxConfig(t, codeSpin)
+	cfg := linuxConfig(t, linuxtest.CodeSpin)
 	cfg.Linux.Disks = []DiskConfig{{Path: diskPath}}
 	m, err := New(cfg)
 	if err != nil {

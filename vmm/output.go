@@ -173,3 +173,14 @@ func (m *Machine) sendCarried(frames []virtio.HeldFrame) error {
 	}
 	return nil
 }
+
+// VirtioTransport returns the transport of the machine's i-th virtio device
+// (disks, then network interfaces, in the order configured), or nil if
+// there is none: for drivers on the host side, in tests and tools
+// (internal/linuxtest).
+func (m *Machine) VirtioTransport(i int) *virtio.Transport {
+	if m.linux == nil || i < 0 || i >= len(m.linux.virtio) {
+		return nil
+	}
+	return m.linux.virtio[i].t
+}

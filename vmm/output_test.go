@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
 	"net"
 	"strings"
 	"testing"
@@ -15,27 +16,9 @@ import (
 )
 
 const (
-	tregQueueNotify = 0x050
-	tTxBufs         = 0x2300000 // transmit buffers, 4 KiB apart
-	tEtherType      = 0x88b5    // IEEE 802 local experimental
+	tTxBufs    = 0x2300000 // transmit buffers, 4 KiB apart
+	tEtherType = 0x88b5    // IEEE 802 local experimental
 )
-
-// txAvail makes frame available on the transmit queue (queue 1) in chain
-// slot slot, without notifying.
-func (d *mmioDriver) txAvail(slot int, frame []byte) {
-	ring := d.base + 0x1000
-	gpa := uint64(tTxBufs + slot*0x1000)
-	d.write(gpa, append(make([]byte, virtio.NetHeaderSize), frame...))
-	desc := le.AppendUint64(nil, gpa)
-	desc = le.AppendUint32(desc, uint32(virtio.NetHeaderSize+len(frame)))
-	desc = le.AppendUint16(desc, 0)
-	desc = le.AppendUint16(desc, 0)
-	i := uint16(slot % tQueueSize)
-	d.write(ring+16*uint64(i), desc)
-	idx := le.Uint16(d.read(ring+0x400+2, 2))
-	d.write(ring+0x400+4+2*uint64(idx%tQueueSize), le.AppendUint16(nil, i))
-	d.write(ring+0x400+2, le.AppendUint16(nil, idx+1))
-}
 
 // tapReader reads the frames of tEtherType the device writes to a tap.
 type tapReader struct {
@@ -103,7 +86,7 @@ func testFrame(mac net.HardwareAddr, payload string) []byte {
 func TestNetOutputCommit(t *testing.T) {
 	requireKVM(t)
 	tap := makeTap(t)
-	cfg := linuxConfig(t, codeSpin)
+	cfg := linuxConfig(t, linuxtest.CodeSpin)
 	cfg.Linux.Nets = []NetConfig{{Tap: tap}}
 	m, err := New(cfg)
 	if err != nil {
@@ -117,8 +100,8 @@ func TestNetOutputCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	mac := m.linux.virtio[0].dev.(*virtio.Net).MAC()
-	nic := &mmioDriver{t: t, m: m, tr: m.linux.virtio[0].t, base: tNetRings}
-	nic.setup(2)
+	nic := &linuxtest.Driver{T: t, Mem: m.Memory(), Tr: m.VirtioTransport(0), Base: tNetRings, Hdr: tHdr, TxBufs: tTxBufs}
+	nic.Setup(2)
 	rd := newTapReader(t, tap)
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(context.Background()); done <- err }()
@@ -127,9 +110,9 @@ func TestNetOutputCommit(t *testing.T) {
 	}
 
 	a, b, c := testFrame(mac, "frame A, epoch 1"), testFrame(mac, "frame B, epoch 2"), testFrame(mac, "frame C, queued")
-	nic.txAvail(0, a)
-	nic.w32(tregQueueNotify, 1)
-	if got := nic.usedIdx(1); got != 1 {
+	nic.TxAvail(0, a)
+	nic.W32(linuxtest.RegQueueNotify, 1)
+	if got := nic.UsedIdx(1); got != 1 {
 		t.Fatalf("transmit used index %d, want 1: the device did not take the frame", got)
 	}
 	if _, err := m.SealNetOutput(1); !errors.Is(err, ErrNotPaused) {
@@ -156,8 +139,8 @@ func TestNetOutputCommit(t *testing.T) {
 	if _, err := m.Resume(); err != nil {
 		t.Fatal(err)
 	}
-	nic.txAvail(1, b)
-	nic.w32(tregQueueNotify, 1)
+	nic.TxAvail(1, b)
+	nic.W32(linuxtest.RegQueueNotify, 1)
 	if err := m.ReleaseNetOutput(1); err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +152,7 @@ func TestNetOutputCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	// C is available but not notified: the checkpoint's ring holds it.
-	nic.txAvail(2, c)
+	nic.TxAvail(2, c)
 	var snap bytes.Buffer
 	if err := m.SaveSnapshot(&snap); err != nil {
 		t.Fatal(err)
@@ -247,7 +230,7 @@ func TestHoldNetOutputPayload(t *testing.T) {
 func TestNetOutputBound(t *testing.T) {
 	requireKVM(t)
 	tap := makeTap(t)
-	cfg := linuxConfig(t, codeSpin)
+	cfg := linuxConfig(t, linuxtest.CodeSpin)
 	cfg.Linux.Nets = []NetConfig{{Tap: tap}}
 	m, err := New(cfg)
 	if err != nil {
@@ -258,8 +241,8 @@ func TestNetOutputBound(t *testing.T) {
 		t.Fatal(err)
 	}
 	mac := m.linux.virtio[0].dev.(*virtio.Net).MAC()
-	nic := &mmioDriver{t: t, m: m, tr: m.linux.virtio[0].t, base: tNetRings}
-	nic.setup(2)
+	nic := &linuxtest.Driver{T: t, Mem: m.Memory(), Tr: m.VirtioTransport(0), Base: tNetRings, Hdr: tHdr, TxBufs: tTxBufs}
+	nic.Setup(2)
 	rd := newTapReader(t, tap)
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(context.Background()); done <- err }()
@@ -271,11 +254,11 @@ func TestNetOutputBound(t *testing.T) {
 	}()
 	frames := [][]byte{testFrame(mac, "bounded 0"), testFrame(mac, "bounded 1"), testFrame(mac, "bounded 2")}
 	for i, f := range frames {
-		nic.txAvail(i, f)
+		nic.TxAvail(i, f)
 	}
-	nic.w32(tregQueueNotify, 1)
+	nic.W32(linuxtest.RegQueueNotify, 1)
 	for e := uint64(1); e <= 3; e++ {
-		if got := nic.usedIdx(1); got != uint16(e) {
+		if got := nic.UsedIdx(1); got != uint16(e) {
 			t.Fatalf("epoch %d: transmit used index %d, want %d (one frame per release)", e, got, e)
 		}
 		if _, err := m.Pause(); err != nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
 	"net"
 	"os"
 	"strings"
@@ -20,109 +21,6 @@ import (
 // host side, as a driver in the guest would (the stand-in kernel spins),
 // with the rings in guest memory: a real virtio-blk disk file and a real
 // tap device.
-
-// virtio-mmio registers (VIRTIO 1.x section 4.2.2).
-const (
-	tregDriverFeatures    = 0x020
-	tregDriverFeaturesSel = 0x024
-	tregQueueSel          = 0x030
-	tregQueueNum          = 0x038
-	tregQueueReady        = 0x044
-	tregStatus            = 0x070
-	tregQueueDescLow      = 0x080
-	tregQueueDriverLow    = 0x090
-	tregQueueDeviceLow    = 0x0a0
-
-	tQueueSize = 8
-	descNext   = 1
-	descWrite  = 2
-)
-
-// codeSpin spins with interrupts off (jmp $): the device's interrupts
-// wait in the interrupt controllers, and the guest never halts.
-var codeSpin = []byte{0xeb, 0xfe}
-
-// mmioDriver is a minimal virtio driver for one transport.
-type mmioDriver struct {
-	t    *testing.T
-	m    *Machine
-	tr   *virtio.Transport
-	base uint64 // queue q's rings at base + q*0x1000
-}
-
-func (d *mmioDriver) w32(off uint64, v uint32) {
-	d.t.Helper()
-	if err := d.tr.Write(off, le.AppendUint32(nil, v)); err != nil {
-		d.t.Fatalf("write register %#x: %v", off, err)
-	}
-}
-
-func (d *mmioDriver) w64(off uint64, v uint64) {
-	d.w32(off, uint32(v))
-	d.w32(off+4, uint32(v>>32))
-}
-
-// setup negotiates VERSION_1 only and makes queues 0..n-1 ready.
-func (d *mmioDriver) setup(n int) {
-	d.w32(tregStatus, virtio.StatusAcknowledge|virtio.StatusDriver)
-	d.w32(tregDriverFeaturesSel, 1)
-	d.w32(tregDriverFeatures, 1) // VIRTIO_F_VERSION_1
-	d.w32(tregStatus, virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK)
-	for q := range n {
-		ring := d.base + uint64(q)*0x1000
-		d.w32(tregQueueSel, uint32(q))
-		d.w32(tregQueueNum, tQueueSize)
-		d.w64(tregQueueDescLow, ring)
-		d.w64(tregQueueDriverLow, ring+0x400)
-		d.w64(tregQueueDeviceLow, ring+0x800)
-		d.w32(tregQueueReady, 1)
-	}
-	d.w32(tregStatus, virtio.StatusAcknowledge|virtio.StatusDriver|virtio.StatusFeaturesOK|virtio.StatusDriverOK)
-}
-
-func (d *mmioDriver) write(gpa uint64, b []byte) {
-	d.t.Helper()
-	if err := d.m.Memory().Write(gpa, b); err != nil {
-		d.t.Fatal(err)
-	}
-}
-
-func (d *mmioDriver) read(gpa, n uint64) []byte {
-	d.t.Helper()
-	b, err := d.m.Memory().Slice(gpa, n)
-	if err != nil {
-		d.t.Fatal(err)
-	}
-	return bytes.Clone(b)
-}
-
-// blockRead makes a read of sector into data available on queue 0 (chain
-// head descriptor 0), without notifying the device.
-func (d *mmioDriver) blockRead(sector uint64, hdr, data, status uint64) {
-	ring := d.base
-	desc := func(i int, addr uint64, n uint32, flags, next uint16) {
-		b := le.AppendUint64(nil, addr)
-		b = le.AppendUint32(b, n)
-		b = le.AppendUint16(b, flags)
-		b = le.AppendUint16(b, next)
-		d.write(ring+uint64(16*i), b)
-	}
-	h := le.AppendUint32(nil, 0) // VIRTIO_BLK_T_IN
-	h = le.AppendUint32(h, 0)
-	h = le.AppendUint64(h, sector)
-	d.write(hdr, h)
-	d.write(status, []byte{0xff})
-	desc(0, hdr, 16, descNext, 1)
-	desc(1, data, 512, descWrite|descNext, 2)
-	desc(2, status, 1, descWrite, 0)
-	d.write(ring+0x400+4, le.AppendUint16(nil, 0))   // ring[0] = chain 0
-	d.write(ring+0x400, le.AppendUint32(nil, 1<<16)) // flags 0, idx 1
-}
-
-// usedIdx is queue q's used index as the device wrote it.
-func (d *mmioDriver) usedIdx(q int) uint16 {
-	return le.Uint16(d.read(d.base+uint64(q)*0x1000+0x800+2, 2))
-}
 
 var vmmTapSeq atomic.Uint32
 
@@ -200,7 +98,7 @@ func TestLinuxVirtioSnapshotRoundTrip(t *testing.T) {
 		disk[3*512+i] = byte(i*7 + 1)
 	}
 	diskPath := writeTemp(t, dir, "disk.img", disk)
-	cfg := linuxConfig(t, codeSpin)
+	cfg := linuxConfig(t, linuxtest.CodeSpin)
 	cfg.Linux.Disks = []DiskConfig{{Path: diskPath}}
 	cfg.Linux.Nets = []NetConfig{{Tap: tap}}
 	m, err := New(cfg)
@@ -208,10 +106,10 @@ func TestLinuxVirtioSnapshotRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	blk := &mmioDriver{t: t, m: m, tr: m.linux.virtio[0].t, base: tBlkRings}
-	nic := &mmioDriver{t: t, m: m, tr: m.linux.virtio[1].t, base: tNetRings}
-	blk.setup(1)
-	nic.setup(2)
+	blk := &linuxtest.Driver{T: t, Mem: m.Memory(), Tr: m.VirtioTransport(0), Base: tBlkRings, Hdr: tHdr, TxBufs: tTxBufs}
+	nic := &linuxtest.Driver{T: t, Mem: m.Memory(), Tr: m.VirtioTransport(1), Base: tNetRings, Hdr: tHdr, TxBufs: tTxBufs}
+	blk.Setup(1)
+	nic.Setup(2)
 	dl, err := m.Memory().EnableDirtyLog(m.VM())
 	if err != nil {
 		t.Fatal(err)
@@ -220,7 +118,8 @@ func TestLinuxVirtioSnapshotRoundTrip(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(context.Background()); done <- err }()
 
-	blk.blockRead(3, tHdr, tData, tStatus)
+	blk.BlockRequest(0, 0, virtio.BlockTIn, 3, tData, 512, tStatus)
+	blk.Publish(1)
 	if _, err := dl.Harvest(bitmap); err != nil { // what the "guest" wrote so far
 		t.Fatal(err)
 	}
@@ -231,13 +130,13 @@ func TestLinuxVirtioSnapshotRoundTrip(t *testing.T) {
 	if _, err := dl.Harvest(bitmap); err != nil {
 		t.Fatal(err)
 	}
-	if got := blk.usedIdx(0); got != 1 {
+	if got := blk.UsedIdx(0); got != 1 {
 		t.Fatalf("used index %d after the pause, want 1: the available read did not complete", got)
 	}
-	if got := blk.read(tData, 512); !bytes.Equal(got, disk[3*512:4*512]) {
+	if got := blk.Read(tData, 512); !bytes.Equal(got, disk[3*512:4*512]) {
 		t.Errorf("read data in guest memory differs from sector 3")
 	}
-	if s := blk.read(tStatus, 1)[0]; s != 0 {
+	if s := blk.Read(tStatus, 1)[0]; s != 0 {
 		t.Errorf("request status %d, want 0 (OK)", s)
 	}
 	if page := tData / 4096; bitmap[page/64]&(1<<(page%64)) == 0 {
@@ -262,7 +161,7 @@ func TestLinuxVirtioSnapshotRoundTrip(t *testing.T) {
 	if _, err := m.Resume(); err != nil {
 		t.Fatal(err)
 	}
-	if m.linux.virtio[0].t.Quiesced() {
+	if m.VirtioTransport(0).Quiesced() {
 		t.Errorf("the transport is still quiesced after Resume")
 	}
 	m.Stop(0)

@@ -3,40 +3,19 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
-// testKernel builds a bzImage whose 64-bit entry runs code (see
-// vmm/boot_linux_test.go for the layout).
-func testKernel(code []byte) []byte {
-	const sects = 4
-	kernel := make([]byte, 0x1000)
-	copy(kernel[0x200:], code)
-	img := make([]byte, (sects+1)*512)
-	le := binary.LittleEndian
-	img[0x1f1] = sects
-	le.PutUint32(img[0x1f4:], uint32(len(kernel)/16))
-	le.PutUint16(img[0x1fe:], arch.BootFlag)
-	img[0x200], img[0x201] = 0xeb, 0x6a
-	le.PutUint32(img[0x202:], arch.SetupHeaderMagic)
-	le.PutUint16(img[0x206:], 0x020f)
-	img[0x211] = arch.LoadedHigh
-	le.PutUint32(img[0x22c:], 0x7fffffff)
-	le.PutUint32(img[0x230:], 0x200000)
-	le.PutUint16(img[0x236:], arch.XLFKernel64)
-	le.PutUint32(img[0x238:], 0x7ff)
-	le.PutUint64(img[0x258:], 0x1000000)
-	le.PutUint32(img[0x260:], 0x100000)
-	return append(img, kernel...)
-}
+// testKernel builds the stand-in bzImage whose 64-bit entry runs code.
+func testKernel(code []byte) []byte { return linuxtest.Kernel(code, 0x100000) }
 
 var (
 	// Print "up\n" on COM1, then power off through ACPI (PM1a control,
