@@ -3,14 +3,12 @@ package vmm
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"github.com/understudy-vmm/understudy/internal/linuxtest"
 	"net"
-	"os"
 	"strings"
-	"sync/atomic"
 	"testing"
+
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
 
 	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
@@ -22,56 +20,9 @@ import (
 // with the rings in guest memory: a real virtio-blk disk file and a real
 // tap device.
 
-var vmmTapSeq atomic.Uint32
-
-// makeTap creates a persistent tap device that is up, deleted when the test
-// ends; it skips the test without CAP_NET_ADMIN.
-func makeTap(t *testing.T) string {
-	t.Helper()
-	name := fmt.Sprintf("uvm%d_%d", os.Getpid()%100000, vmmTapSeq.Add(1))
-	set := func(persist int) error {
-		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		ifr, err := unix.NewIfreq(name)
-		if err != nil {
-			return err
-		}
-		ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI)
-		if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-			return err
-		}
-		return unix.IoctlSetInt(fd, unix.TUNSETPERSIST, persist)
-	}
-	if err := set(1); err != nil {
-		if errors.Is(err, unix.EPERM) || errors.Is(err, os.ErrNotExist) {
-			t.Skipf("cannot create tap device %s: %v", name, err)
-		}
-		t.Fatalf("create tap %s: %v", name, err)
-	}
-	t.Cleanup(func() {
-		if err := set(0); err != nil {
-			t.Errorf("delete tap %s: %v", name, err)
-		}
-	})
-	_ = os.WriteFile("/proc/sys/net/ipv6/conf/"+name+"/disable_ipv6", []byte("1"), 0)
-	s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(s)
-	ifr, _ := unix.NewIfreq(name)
-	if err := unix.IoctlIfreq(s, unix.SIOCGIFFLAGS, ifr); err != nil {
-		t.Fatal(err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
-		t.Fatal(err)
-	}
-	return name
-}
+// makeTap creates a tap device that is up, deleted when the test ends
+// (linuxtest.MakeTap).
+func makeTap(t *testing.T) string { return linuxtest.MakeTap(t, "uvm") }
 
 // Guest-physical addresses the tests use (the stand-in kernel is at 1 MiB).
 const (

@@ -5,18 +5,16 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
 )
 
 // codeWaitInput prints "up\n" on COM1, waits for a byte on COM1, echoes it
@@ -188,42 +186,9 @@ func TestRunLinuxSaveUsage(t *testing.T) {
 	}
 }
 
-var cliTapSeq atomic.Uint32
-
-// makeTap creates a persistent tap device that is up, deleted when the test
-// ends; it skips the test without CAP_NET_ADMIN.
-func makeTap(t *testing.T) string {
-	t.Helper()
-	name := fmt.Sprintf("ucl%d_%d", os.Getpid()%100000, cliTapSeq.Add(1))
-	set := func(persist int) error {
-		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		ifr, err := unix.NewIfreq(name)
-		if err != nil {
-			return err
-		}
-		ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI)
-		if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-			return err
-		}
-		return unix.IoctlSetInt(fd, unix.TUNSETPERSIST, persist)
-	}
-	if err := set(1); err != nil {
-		if errors.Is(err, unix.EPERM) || errors.Is(err, os.ErrNotExist) {
-			t.Skipf("cannot create tap device %s: %v", name, err)
-		}
-		t.Fatalf("create tap %s: %v", name, err)
-	}
-	t.Cleanup(func() {
-		if err := set(0); err != nil {
-			t.Errorf("delete tap %s: %v", name, err)
-		}
-	})
-	return name
-}
+// makeTap creates a tap device that is up, deleted when the test ends
+// (linuxtest.MakeTap).
+func makeTap(t *testing.T) string { return linuxtest.MakeTap(t, "ucl") }
 
 // TestRunLinuxSaveNet saves a Linux guest with a NIC: `restore` takes the
 // tap again and the MAC from the snapshot, and refuses another MAC.
