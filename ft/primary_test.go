@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"slices"
 	"strings"
 	"sync"
@@ -302,12 +303,16 @@ func (b *beginCounter) WriteMessage(m wire.Message) error {
 // TestDirtyBudget: with an interval far longer than the run, the dirty
 // budget alone ends the epochs, each once the guest has written about the
 // budget's worth of pages; output commit still releases every record in
-// order. The guest runs until the budget has ended 30 epochs.
+// order. The guest runs until the budget has ended budgetEpochs epochs.
 func TestDirtyBudget(t *testing.T) {
 	kvmtest.Require(t)
 	const (
 		memSize = 32 << 20
 		budget  = 1 << 20 // 256 pages: the 64 hot ones at once, then cold ones one an iteration
+		// budgetEpochs is how many epochs the budget ends before the
+		// guest is stopped. How long they take is the host's speed (on a
+		// loaded host the guest writes a few dozen pages a second).
+		budgetEpochs = 12
 	)
 	in, ic := servingIntermediary(t, memSize)
 	conn := &beginCounter{MessageConn: ic}
@@ -338,11 +343,12 @@ func TestDirtyBudget(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The guest runs until the budget has ended 30 epochs (or 30 s passed:
-	// the checks below then say what went wrong).
+	// The guest runs until the budget has ended budgetEpochs epochs (or,
+	// telling a hang from progress, 3*testutil.Patience passed: the checks
+	// below then say what went wrong).
 	go func() {
-		deadline := time.Now().Add(30 * time.Second)
-		for p.BudgetEpochs() < 30 && time.Now().Before(deadline) {
+		deadline := time.Now().Add(3 * testutil.Patience)
+		for p.BudgetEpochs() < budgetEpochs && time.Now().Before(deadline) {
 			time.Sleep(time.Millisecond)
 		}
 		m.Stop(0)
@@ -360,10 +366,10 @@ func TestDirtyBudget(t *testing.T) {
 	// budget (the minute-long interval never ran out).
 	deltas := conn.pages[:len(conn.pages)-1]
 	t.Logf("%d delta checkpoints in %v, %d ended by the budget; pages %v", len(deltas), time.Since(start).Round(time.Millisecond), p.BudgetEpochs(), deltas)
-	// The 30th wait the budget ended may be the one whose checkpoint found
+	// The last wait the budget ended may be the one whose checkpoint found
 	// the guest stopped (the last, which deltas leaves out).
-	if len(deltas) < 29 {
-		t.Fatalf("%d delta checkpoints with a %d KiB budget, want at least 29", len(deltas), budget>>10)
+	if len(deltas) < budgetEpochs-1 {
+		t.Fatalf("%d delta checkpoints with a %d KiB budget, want at least %d", len(deltas), budget>>10, budgetEpochs-1)
 	}
 	// The wait before the stopped guest's checkpoint may have ended on the
 	// budget too.
