@@ -542,3 +542,69 @@ func TestCorruptCarriedFramesRefused(t *testing.T) {
 		t.Errorf("the backup's status after the refusal = %v, %v; want committed epoch 0", m, err)
 	}
 }
+
+// envEpoch is holdBackEpoch(e) with a Linux guest's envelope as its state:
+// a frame and console bytes of its own epoch.
+func envEpoch(t *testing.T, e uint64) *Checkpoint {
+	cp := holdBackEpoch(e)
+	frames, err := virtio.AppendHeldFrames(nil, []virtio.HeldFrame{{Epoch: e, Data: fmt.Appendf(nil, "frame of epoch %d", e)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := envelope{Machine: cp.State, Frames: frames, Console: fmt.Appendf(nil, "console of epoch %d", e)}
+	cp.State = env.seal()
+	return cp
+}
+
+// committedState returns the backup's committed epoch and state.
+func committedState(bk *Backup) (uint64, []byte) {
+	var (
+		e uint64
+		s []byte
+	)
+	bk.Image().Read(func(_, state []byte, committed uint64) { e, s = committed, bytes.Clone(state) })
+	return e, s
+}
+
+// TestEnvelopeForwardedUnchanged: the intermediary forwards the primary's
+// envelope (carried frames and console bytes) byte for byte in every kind
+// of checkpoint it builds for the backup: the seed (a full image from its
+// image), each delta forwarded whole, and a hold-back sync.
+func TestEnvelopeForwardedUnchanged(t *testing.T) {
+	const memSize = 4 << 20
+	for _, tc := range []struct {
+		name   string
+		policy ForwardPolicy
+	}{{"delta", nil}, {"sync", holdAll{}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			in, bk, pc := forwardRig(t, memSize, tc.policy, BackupConfig{})
+			sent := map[uint64][]byte{}
+			cp := envEpoch(t, 1)
+			sent[1] = cp.State
+			sendAcked(t, pc, cp, 0)
+			waitFor(t, "the seed", func() bool { return bk.Committed() == 1 })
+			if _, s := committedState(bk); !bytes.Equal(s, sent[1]) {
+				t.Fatalf("seed's state differs from the primary's envelope")
+			}
+			for e := uint64(2); e <= 4; e++ {
+				cp := envEpoch(t, e)
+				sent[e] = cp.State
+				sendAcked(t, pc, cp, e-1)
+			}
+			if tc.policy != nil {
+				if err := attachedBackup(in).sync(t.Context(), in, 4); err != nil {
+					t.Fatal(err)
+				}
+			}
+			waitFor(t, "epoch 4", func() bool { return bk.Committed() == 4 })
+			e, s := committedState(bk)
+			if !bytes.Equal(s, sent[e]) {
+				t.Errorf("epoch %d's state at the backup differs from the primary's envelope", e)
+			}
+			env, err := openEnvelope(s)
+			if err != nil || !bytes.Contains(env.Frames, []byte("frame of epoch 4")) || string(env.Console) != "console of epoch 4" {
+				t.Errorf("the backup's envelope = %+v, %v; want epoch 4's frame and console", env, err)
+			}
+		})
+	}
+}
