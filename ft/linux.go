@@ -192,6 +192,16 @@ func (p *Primary) consoleHeld() int {
 	return p.lx.console.heldBytes()
 }
 
+// heldOutput says what output the primary holds: records, or a Linux
+// guest's frames and console bytes.
+func (p *Primary) heldOutput() string {
+	if p.lx == nil {
+		return fmt.Sprintf("%d records", p.Held())
+	}
+	s := p.m.NetOutputStats()
+	return fmt.Sprintf("%d frames of %d bytes, %d console bytes", s.HeldFrames, s.HeldBytes, p.consoleHeld())
+}
+
 // linuxMetrics returns a Linux guest's output metrics.
 func (p *Primary) linuxMetrics() []Metric {
 	if p.lx == nil {

@@ -648,8 +648,8 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log *slog.Logger) er
 			if direct {
 				what = "direct link to the backup"
 			}
-			log.Warn(fmt.Sprintf("%s lost (%v); policy %v: output stays held (%d records, last acknowledged epoch %d)",
-				what, err, p.cfg.OnLinkLoss, p.Held(), p.Acked()))
+			log.Warn(fmt.Sprintf("%s lost (%v); policy %v: output stays held (%s, last acknowledged epoch %d)",
+				what, err, p.cfg.OnLinkLoss, p.heldOutput(), p.Acked()))
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -658,7 +658,7 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log *slog.Logger) er
 			lostAt = time.Now()
 		}
 		if p.cfg.GiveUp > 0 && time.Since(lostAt) > p.cfg.GiveUp {
-			return fmt.Errorf("no intermediary for %v (last error: %v); %d held output records were never released", p.cfg.GiveUp, err, p.Held())
+			return fmt.Errorf("no intermediary for %v (last error: %v); the held output (%s) was never released", p.cfg.GiveUp, err, p.heldOutput())
 		}
 		if !paused && (p.cfg.OnLinkLoss == PauseGuest || p.Held() > p.cfg.MaxHeld || p.consoleHeld() > maxConsolePause) {
 			if _, perr := p.m.Pause(); perr == nil {
