@@ -696,3 +696,38 @@ func TestRunPrimaryLinuxIntermediaryLost(t *testing.T) {
 		}
 	}
 }
+
+// TestConsoleGate: console bytes are held with the epoch they were written
+// in, carried whole, and written out in order only up to the released
+// epoch.
+func TestConsoleGate(t *testing.T) {
+	var open atomic.Uint64
+	out := &syncBuffer{}
+	g := newConsoleGate(out, &open)
+	open.Store(1)
+	g.Write([]byte("one "))
+	g.Write([]byte("uno "))
+	open.Store(2)
+	g.Write([]byte("two "))
+	open.Store(3)
+	g.Write([]byte("three"))
+	if got := string(g.held()); got != "one uno two three" {
+		t.Errorf("held() = %q, want every byte", got)
+	}
+	g.release(0)
+	if out.String() != "" {
+		t.Errorf("release(0) wrote %q", out.String())
+	}
+	g.release(1)
+	if got := out.String(); got != "one uno " {
+		t.Errorf("after release(1): %q, want epoch 1's bytes", got)
+	}
+	if got := string(g.held()); got != "two three" || g.heldBytes() != len("two three") {
+		t.Errorf("held() after release(1) = %q (%d bytes)", got, g.heldBytes())
+	}
+	g.release(1) // again: nothing more
+	g.release(3)
+	if got := out.String(); got != "one uno two three" || g.heldBytes() != 0 || g.held() != nil {
+		t.Errorf("after release(3): %q, %d held", got, g.heldBytes())
+	}
+}
