@@ -49,7 +49,7 @@ var codePrintSpin = []byte{
 var lxTapSeq atomic.Uint32
 
 // makeLxTap creates a tap device that is up, and deletes it at the end.
-func makeLxTap(t *testing.T) string {
+func makeLxTap(t testing.TB) string {
 	t.Helper()
 	name := fmt.Sprintf("uft%d_%d", os.Getpid()%100000, lxTapSeq.Add(1))
 	set := func(persist int) error {
@@ -98,11 +98,11 @@ func makeLxTap(t *testing.T) string {
 
 // lxTap reads the frames written to a tap (a packet socket bound to it).
 type lxTap struct {
-	t  *testing.T
+	t  testing.TB
 	fd int
 }
 
-func newLxTap(t *testing.T, tap string) *lxTap {
+func newLxTap(t testing.TB, tap string) *lxTap {
 	t.Helper()
 	ifi, err := net.InterfaceByName(tap)
 	if err != nil {
@@ -160,7 +160,7 @@ func lxFrame(mac net.HardwareAddr, payload string) []byte {
 	return append(f, payload...)
 }
 
-func lxKernel(t *testing.T, code []byte) string {
+func lxKernel(t testing.TB, code []byte) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "bzImage")
 	if err := os.WriteFile(p, linuxtest.Kernel(code, 0x100000), 0o644); err != nil {
@@ -169,7 +169,7 @@ func lxKernel(t *testing.T, code []byte) string {
 	return p
 }
 
-func lxDriver(t *testing.T, m *vmm.Machine) *linuxtest.Driver {
+func lxDriver(t testing.TB, m *vmm.Machine) *linuxtest.Driver {
 	return &linuxtest.Driver{T: t, Mem: m.Memory(), Tr: m.VirtioTransport(0), Base: lxNetRings, Hdr: lxHdr, TxBufs: lxTxBufs}
 }
 
