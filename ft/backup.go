@@ -324,7 +324,10 @@ var ErrWrongEpoch = errors.New("epoch not committed here")
 // (ErrWrongEpoch) and changes nothing. Before returning it passes the output
 // records the primary still held at that epoch (see envelope.go) to the
 // configured OnRecord, so clients, which drop records they have already
-// seen, continue without a gap. Once a machine has been restored the backup
+// seen, continue without a gap; a Linux guest's held frames go to the
+// taps of Restore.Nets (given in the order of the primary's NICs; the MAC
+// is the state's) before it transmits, and its held console bytes to
+// Restore.Console. The restore announces each NIC's MAC (RARP). Once a machine has been restored the backup
 // takes no more checkpoints and does not activate again.
 func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 	b.mu.Lock()
@@ -333,22 +336,21 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 		return nil, ErrActivated
 	}
 	var (
-		m    *vmm.Machine
-		held []vmm.Record
-		err  error
+		m   *vmm.Machine
+		env envelope
+		err error
 	)
 	b.img.Read(func(mem, state []byte, committed uint64) {
 		if committed == 0 || committed != epoch {
 			err = fmt.Errorf("activate epoch %d: %w (committed: %d)", epoch, ErrWrongEpoch, committed)
 			return
 		}
-		var machine []byte
-		if machine, held, err = openState(state); err != nil {
+		if env, err = openEnvelope(state); err != nil {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
 			return
 		}
 		st := new(vmm.MachineState)
-		if err = st.UnmarshalBinary(machine); err != nil {
+		if err = st.UnmarshalBinary(env.Machine); err != nil {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
 			return
 		}
@@ -356,7 +358,11 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 		// if the restore fails): from here the backup is spent.
 		ram := b.ram
 		b.ram, b.active = nil, true
-		if m, err = vmm.RestoreMemory(b.cfg.Restore, st, ram); err != nil {
+		// A Linux guest's frames the primary still held go out on this
+		// host's taps before the guest transmits (vmm's restore).
+		rc := b.cfg.Restore
+		rc.NetCarried = env.Frames
+		if m, err = vmm.RestoreMemory(rc, st, ram); err != nil {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
 		}
 		b.activatedState = st
@@ -367,9 +373,13 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 	// Release the output the primary still held at this epoch: it is
 	// covered by the committed checkpoint (clients drop what they saw).
 	if b.cfg.Restore.OnRecord != nil {
-		for _, r := range held {
+		for _, r := range env.Records {
 			b.cfg.Restore.OnRecord(r)
 		}
+	}
+	// And the console bytes it still held, before the guest prints more.
+	if len(env.Console) > 0 && b.cfg.Restore.Console != nil {
+		b.cfg.Restore.Console.Write(env.Console)
 	}
 	b.active = true
 	b.log.Info("activated", "epoch", epoch)

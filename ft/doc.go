@@ -15,6 +15,11 @@
 // *slog.Logger. The binary (vmm/cmd/understudy) only maps flags to these
 // configs and speaks no wire protocol itself.
 //
+// A payload guest's output is its records; a Linux guest's is the frames
+// it transmits and its console bytes (linux.go): both are held until
+// acknowledged and carried in each checkpoint's envelope (envelope.go), so
+// the activated backup sends them first.
+//
 // It depends on vmm (the machine) and mmu (guest memory and its dirty log);
 // neither of those may depend on ft.
 package ft

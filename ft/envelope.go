@@ -5,62 +5,156 @@ import (
 	"fmt"
 
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // A checkpoint's state blob is an envelope around the machine state that
-// also carries the output the primary held when it took the checkpoint:
-// records covered by this or an earlier epoch that it had not yet released.
-// When a backup activates at epoch e, it releases those records first (a
-// client drops the ones it has already seen by their sequence), so the
-// client's sequence goes on unbroken even if the primary died after the
-// intermediary acknowledged e but before the acknowledgement reached it.
+// also carries the output the primary held when it took the checkpoint,
+// covered by this or an earlier epoch and not yet released: a payload
+// guest's output records, and a Linux guest's transmitted frames and
+// console bytes. When a backup activates at epoch e, it releases them
+// first (records to OnRecord, frames to its taps before the guest
+// transmits, console bytes to its console), so the output goes on unbroken
+// even if the primary died after the intermediary acknowledged e but
+// before the acknowledgement reached it. Output the primary did release in
+// that window comes out twice: a client drops records it has seen by their
+// sequence, TCP drops a duplicate segment.
 //
-//	magic "USENV\x00\x00\x01" | machine state length u64 | machine state |
-//	record count u32 | count × (vCPU u32 | value u64)
+// Version 2 (what sealEnvelope writes):
 //
-// Integers are little-endian; nothing may follow the last record.
-const envelopeMagic = "USENV\x00\x00\x01"
+//	magic "USENV\x00\x00\x02" | machine state length u64 | machine state |
+//	record count u32 | count × (vCPU u32 | value u64) |
+//	frames length u64 | frames (virtio.AppendHeldFrames's encoding; empty: none) |
+//	console length u32 | console bytes
+//
+// Version 1 ("USENV\x00\x00\x01") ends after the records; it is still
+// read. Integers are little-endian; nothing may follow the last section.
+// Every section is checked when an envelope is opened (the carried frames
+// are decoded whole), and the intermediary and the backup open every
+// envelope they receive before they acknowledge or commit its checkpoint,
+// so a corrupt one is refused there rather than found at a failover.
+const (
+	envelopeMagic   = "USENV\x00\x00\x02"
+	envelopeMagicV1 = "USENV\x00\x00\x01"
+	// envelopeFamily is the prefix every version shares.
+	envelopeFamily = "USENV\x00\x00"
+)
 
 // maxHeld bounds the records one envelope may carry.
 const maxHeld = 1 << 22
 
-func sealState(machine []byte, held []vmm.Record) []byte {
-	b := make([]byte, 0, len(envelopeMagic)+8+len(machine)+4+12*len(held))
+// maxConsoleHeld bounds the console bytes one envelope may carry, and the
+// console bytes a primary holds before it pauses a guest whose
+// intermediary does not acknowledge (see consoleGate).
+const maxConsoleHeld = 4 << 20
+
+// envelope is what a checkpoint's state blob holds.
+type envelope struct {
+	Machine []byte       // the encoded vmm.MachineState
+	Records []vmm.Record // held output records
+	Frames  []byte       // held frames, encoded (vmm.Machine.SealNetOutput); nil: none
+	Console []byte       // held console bytes
+}
+
+// seal encodes e (version 2).
+func (e *envelope) seal() []byte {
+	b := make([]byte, 0, len(envelopeMagic)+8+len(e.Machine)+4+12*len(e.Records)+8+len(e.Frames)+4+len(e.Console))
 	b = append(b, envelopeMagic...)
-	b = binary.LittleEndian.AppendUint64(b, uint64(len(machine)))
-	b = append(b, machine...)
-	b = binary.LittleEndian.AppendUint32(b, uint32(len(held)))
-	for _, r := range held {
+	b = binary.LittleEndian.AppendUint64(b, uint64(len(e.Machine)))
+	b = append(b, e.Machine...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(e.Records)))
+	for _, r := range e.Records {
 		b = binary.LittleEndian.AppendUint32(b, uint32(r.CPU))
 		b = binary.LittleEndian.AppendUint64(b, r.Value)
 	}
-	return b
+	b = binary.LittleEndian.AppendUint64(b, uint64(len(e.Frames)))
+	b = append(b, e.Frames...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(e.Console)))
+	return append(b, e.Console...)
 }
 
-// openState splits an envelope into the machine state and the held records.
+// sealState is the envelope of a payload guest's checkpoint: the machine
+// state and its held records.
+func sealState(machine []byte, held []vmm.Record) []byte {
+	e := envelope{Machine: machine, Records: held}
+	return e.seal()
+}
+
+// openState splits an envelope into the machine state and the held records
+// (checking every section).
 func openState(b []byte) (machine []byte, held []vmm.Record, err error) {
-	if len(b) < len(envelopeMagic)+8 || string(b[:len(envelopeMagic)]) != envelopeMagic {
-		return nil, nil, badf("state envelope: bad magic")
+	e, err := openEnvelope(b)
+	return e.Machine, e.Records, err
+}
+
+// openEnvelope decodes and checks an envelope of either version. Machine,
+// Frames and Console alias b.
+func openEnvelope(b []byte) (envelope, error) {
+	var e envelope
+	if len(b) < len(envelopeMagic)+8 {
+		return e, badf("state envelope: bad magic")
+	}
+	v2 := string(b[:len(envelopeMagic)]) == envelopeMagic
+	if !v2 && string(b[:len(envelopeMagicV1)]) != envelopeMagicV1 {
+		return e, badf("state envelope: bad magic")
 	}
 	b = b[len(envelopeMagic):]
 	n := binary.LittleEndian.Uint64(b)
 	b = b[8:]
 	if n > uint64(len(b)) || uint64(len(b))-n < 4 {
-		return nil, nil, badf("state envelope: machine state of %d bytes in %d", n, len(b))
+		return e, badf("state envelope: machine state of %d bytes in %d", n, len(b))
 	}
-	machine, b = b[:n], b[n:]
+	e.Machine, b = b[:n], b[n:]
 	count := binary.LittleEndian.Uint32(b)
 	b = b[4:]
-	if count > maxHeld || uint64(len(b)) != uint64(count)*12 {
-		return nil, nil, badf("state envelope: %d held records in %d bytes", count, len(b))
+	if count > maxHeld || uint64(len(b)) < uint64(count)*12 || !v2 && uint64(len(b)) != uint64(count)*12 {
+		return e, badf("state envelope: %d held records in %d bytes", count, len(b))
 	}
-	held = make([]vmm.Record, count)
-	for i := range held {
-		held[i] = vmm.Record{CPU: int(binary.LittleEndian.Uint32(b)), Value: binary.LittleEndian.Uint64(b[4:])}
-		if held[i].CPU >= vmm.MaxCPUs {
-			return nil, nil, fmt.Errorf("%w: state envelope: record from vCPU %d", ErrBadCheckpoint, held[i].CPU)
+	e.Records = make([]vmm.Record, count)
+	for i := range e.Records {
+		e.Records[i] = vmm.Record{CPU: int(binary.LittleEndian.Uint32(b)), Value: binary.LittleEndian.Uint64(b[4:])}
+		if e.Records[i].CPU >= vmm.MaxCPUs {
+			return e, fmt.Errorf("%w: state envelope: record from vCPU %d", ErrBadCheckpoint, e.Records[i].CPU)
 		}
 		b = b[12:]
 	}
-	return machine, held, nil
+	if !v2 {
+		return e, nil
+	}
+	if len(b) < 8 {
+		return e, badf("state envelope: ends before the carried frames")
+	}
+	n = binary.LittleEndian.Uint64(b)
+	b = b[8:]
+	if n > uint64(len(b)) || uint64(len(b))-n < 4 {
+		return e, badf("state envelope: carried frames of %d bytes in %d", n, len(b))
+	}
+	if n > 0 {
+		e.Frames = b[:n]
+		if _, err := virtio.DecodeHeldFrames(e.Frames); err != nil {
+			return e, fmt.Errorf("%w: state envelope: %w", ErrBadCheckpoint, err)
+		}
+	}
+	b = b[n:]
+	c := binary.LittleEndian.Uint32(b)
+	b = b[4:]
+	if c > maxConsoleHeld || uint64(len(b)) != uint64(c) {
+		return e, badf("state envelope: %d held console bytes in %d", c, len(b))
+	}
+	if c > 0 {
+		e.Console = b
+	}
+	return e, nil
+}
+
+// checkEnvelope checks a received checkpoint's state: a state that is an
+// envelope (every primary seals one) must open whole, carried frames and
+// all. Bytes of another form are left to the machine state's own decoding
+// at activation (the protocol's tests send opaque states).
+func checkEnvelope(state []byte) error {
+	if len(state) < len(envelopeFamily) || string(state[:len(envelopeFamily)]) != envelopeFamily {
+		return nil
+	}
+	_, err := openEnvelope(state)
+	return err
 }

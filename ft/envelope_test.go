@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 func TestStateEnvelope(t *testing.T) {
@@ -42,6 +43,79 @@ func FuzzOpenState(f *testing.F) {
 		}
 		if !bytes.Equal(sealState(m, h), b) {
 			t.Errorf("openState(%x) does not re-seal to its input", b)
+		}
+	})
+}
+
+// A Linux guest's envelope carries frames and console bytes; every section
+// is checked, the carried frames decoded whole.
+func TestStateEnvelopeLinux(t *testing.T) {
+	frames, err := virtio.AppendHeldFrames(nil, []virtio.HeldFrame{{NIC: 0, Epoch: 3, Data: []byte("frame one")}, {NIC: 1, Epoch: 4, Data: []byte("frame two")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := envelope{Machine: []byte("machine"), Frames: frames, Console: []byte("login: ")}
+	b := in.seal()
+	got, err := openEnvelope(b)
+	if err != nil || string(got.Machine) != "machine" || !bytes.Equal(got.Frames, frames) || string(got.Console) != "login: " || len(got.Records) != 0 {
+		t.Fatalf("openEnvelope(seal()) = %+v, %v", got, err)
+	}
+	if err := checkEnvelope(b); err != nil {
+		t.Errorf("checkEnvelope(good) = %v", err)
+	}
+	for i := 0; i < len(b); i++ {
+		if _, err := openEnvelope(b[:i]); !errors.Is(err, ErrBadCheckpoint) {
+			t.Errorf("openEnvelope(truncated to %d) = %v, want ErrBadCheckpoint", i, err)
+		}
+	}
+	// Corrupt the carried frames' section: each byte of its header (magic,
+	// version, reserved, count, total) and of its first frame's header
+	// (NIC, reserved, length). (A frame's bytes have no sum of their own:
+	// the checkpoint's digest covers them.)
+	start := len(envelopeMagic) + 8 + len("machine") + 4 + 8
+	for i := start; i < start+24+8; i++ {
+		c := bytes.Clone(b)
+		c[i] ^= 0x80
+		_, err := openEnvelope(c)
+		if !errors.Is(err, ErrBadCheckpoint) {
+			t.Errorf("openEnvelope with carried-frames byte %d flipped = %v, want ErrBadCheckpoint", i-start, err)
+		}
+		if checkEnvelope(c) == nil {
+			t.Errorf("checkEnvelope with carried-frames byte %d flipped accepted it", i-start)
+		}
+	}
+	// A version 1 envelope (records only) is still read.
+	v1 := append([]byte(envelopeMagicV1), 1, 0, 0, 0, 0, 0, 0, 0, 'm', 1, 0, 0, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0)
+	if e, err := openEnvelope(v1); err != nil || string(e.Machine) != "m" || len(e.Records) != 1 || e.Records[0] != (vmm.Record{CPU: 2, Value: 9}) {
+		t.Errorf("openEnvelope(v1) = %+v, %v", e, err)
+	}
+	// A state that is no envelope is left to the machine state's decoder.
+	if err := checkEnvelope([]byte("state")); err != nil {
+		t.Errorf("checkEnvelope(opaque) = %v", err)
+	}
+	if err := checkEnvelope([]byte("USENV\x00\x00\x09 and more bytes")); err == nil {
+		t.Errorf("checkEnvelope(unknown version) accepted it")
+	}
+}
+
+func FuzzOpenEnvelope(f *testing.F) {
+	frames, _ := virtio.AppendHeldFrames(nil, []virtio.HeldFrame{{Epoch: 1, Data: []byte("f")}})
+	e := envelope{Machine: []byte("m"), Records: []vmm.Record{{Value: 1}}, Frames: frames, Console: []byte("c")}
+	f.Add(e.seal())
+	f.Add(sealState(nil, nil))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		e, err := openEnvelope(b)
+		if err != nil {
+			if checkEnvelope(b) == nil && len(b) >= len(envelopeFamily) && string(b[:len(envelopeFamily)]) == envelopeFamily {
+				t.Errorf("checkEnvelope accepts %x, which openEnvelope refuses", b)
+			}
+			return
+		}
+		if _, err := virtio.DecodeHeldFrames(e.Frames); err != nil {
+			t.Errorf("openEnvelope(%x) accepted carried frames that do not decode: %v", b, err)
+		}
+		if string(b[:len(envelopeMagic)]) == envelopeMagic && !bytes.Equal(e.seal(), b) {
+			t.Errorf("openEnvelope(%x) does not re-seal to its input", b)
 		}
 	})
 }

@@ -141,6 +141,10 @@ type Primary struct {
 	// records handed out. Acked is the last epoch released.
 	ackedEpoch      atomic.Uint64
 	releasedRecords atomic.Uint64
+
+	// lx is a Linux guest's held output (frames, console; linux.go), nil
+	// for a payload guest.
+	lx *linuxOutput
 }
 
 type heldRecord struct {
@@ -264,6 +268,9 @@ func (p *Primary) release(e uint64) {
 		}
 	}
 	p.releasedRecords.Add(uint64(n))
+	if p.lx != nil {
+		p.lx.release(p.m, e)
+	}
 	p.mu.Lock()
 	// Only release removes from the front (under relMu); Record appends.
 	p.pending = append(p.pending[:0], p.pending[n:]...)
@@ -294,7 +301,11 @@ func (p *Primary) seal(cp *Checkpoint) {
 		held[i] = h.rec
 	}
 	p.mu.Unlock()
-	cp.State = sealState(cp.State, held)
+	env := envelope{Machine: cp.State, Records: held}
+	if p.lx != nil {
+		p.lx.seal(p.m, cp.Epoch, &env)
+	}
+	cp.State = env.seal()
 }
 
 // Run checkpoints and streams until ctx ends, the link fails, or the
@@ -334,6 +345,9 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 	defer tick.Stop()
 	for {
 		cp, err := p.checkpoint(queued == 0)
+		if serr := p.sealFailed(); serr != nil {
+			return serr
+		}
 		if cp != nil {
 			if serr := s.hand(ctx, cp); serr != nil {
 				return serr
@@ -357,6 +371,9 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 				return err
 			}
 			p.seal(last)
+			if err := p.sealFailed(); err != nil {
+				return err
+			}
 			if err := s.hand(ctx, last); err != nil {
 				return err
 			}
@@ -631,8 +648,8 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log *slog.Logger) er
 			if direct {
 				what = "direct link to the backup"
 			}
-			log.Warn(fmt.Sprintf("%s lost (%v); policy %v: output stays held (%d records, last acknowledged epoch %d)",
-				what, err, p.cfg.OnLinkLoss, p.Held(), p.Acked()))
+			log.Warn(fmt.Sprintf("%s lost (%v); policy %v: output stays held (%s, last acknowledged epoch %d)",
+				what, err, p.cfg.OnLinkLoss, p.heldOutput(), p.Acked()))
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -641,9 +658,9 @@ func (p *Primary) Protect(ctx context.Context, dial Dialer, log *slog.Logger) er
 			lostAt = time.Now()
 		}
 		if p.cfg.GiveUp > 0 && time.Since(lostAt) > p.cfg.GiveUp {
-			return fmt.Errorf("no intermediary for %v (last error: %v); %d held output records were never released", p.cfg.GiveUp, err, p.Held())
+			return fmt.Errorf("no intermediary for %v (last error: %v); the held output (%s) was never released", p.cfg.GiveUp, err, p.heldOutput())
 		}
-		if !paused && (p.cfg.OnLinkLoss == PauseGuest || p.Held() > p.cfg.MaxHeld) {
+		if !paused && (p.cfg.OnLinkLoss == PauseGuest || p.Held() > p.cfg.MaxHeld || p.consoleHeld() > maxConsolePause) {
 			if _, perr := p.m.Pause(); perr == nil {
 				paused = true
 			}
@@ -675,7 +692,7 @@ func (p *Primary) Metrics() []Metric {
 	// acknowledged before it is released, so released <= acked here too.
 	released, records := p.Acked(), p.releasedRecords.Load()
 	acked := p.ackedEpoch.Load()
-	return []Metric{
+	return append([]Metric{
 		{Name: "understudy_primary_epochs_total", Help: "Checkpoints sent to the intermediary.", Kind: "counter", Value: float64(p.Epochs())},
 		{Name: "understudy_primary_acked_epoch", Help: "Last epoch acknowledged (by the intermediary, or the backup on a direct link): its output may be released from then on.", Kind: "gauge", Value: float64(acked)},
 		{Name: "understudy_primary_released_epoch", Help: "Last epoch whose held output was all released; never above understudy_primary_acked_epoch.", Kind: "gauge", Value: float64(released)},
@@ -688,7 +705,7 @@ func (p *Primary) Metrics() []Metric {
 		{Name: "understudy_primary_link_up", Help: "1 while a link to an intermediary is up.", Kind: "gauge", Value: up},
 		{Name: "understudy_primary_budget_epochs_total", Help: "Epochs ended early by the dirty budget.", Kind: "counter", Value: float64(p.BudgetEpochs())},
 		{Name: "understudy_primary_reconnects_total", Help: "Links to an intermediary made again after a loss.", Kind: "counter", Value: float64(p.reconnects.Load())},
-	}
+	}, p.linuxMetrics()...)
 }
 
 // StatusLine returns the live status: epochs/s, stun p50/p99, MiB/s, the
@@ -709,5 +726,5 @@ func (p *Primary) StatusLine(prevEpochs *uint64, every time.Duration) string {
 	if p.cfg.DirtyBudget > 0 {
 		line += fmt.Sprintf(" by_budget=%d", p.BudgetEpochs())
 	}
-	return line
+	return line + p.linuxStatus()
 }

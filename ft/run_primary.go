@@ -9,15 +9,23 @@ import (
 
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // PrimaryRunConfig configures RunPrimary.
 type PrimaryRunConfig struct {
-	// Machine configures the protected guest. RunPrimary builds the
-	// machine with the primary as its record sink, so Machine.Payload.OnRecord
-	// must be nil: records reach Epochs.OnRelease once the checkpoint
-	// covering them is acknowledged.
+	// Machine configures the protected guest, a payload or a Linux
+	// kernel. RunPrimary builds the machine with the primary as its record
+	// sink, so Machine.Payload.OnRecord must be nil: records reach
+	// Epochs.OnRelease once the checkpoint covering them is acknowledged.
+	// A Linux guest's frames and console bytes are held the same way
+	// (linux.go): Machine.Console receives the console once acknowledged.
 	Machine vmm.Config
+	// NetOutput bounds each NIC's held frames of a Linux guest (zero
+	// fields: virtio's defaults, 16 MiB and 8192 frames). Past a bound the
+	// NIC leaves the guest's frames in its transmit ring until a release
+	// makes room: the guest's sends wait, nothing is lost.
+	NetOutput virtio.EgressBounds
 	// Epochs configures the epoch loop (interval, dirty budget, release of
 	// output, what happens while no intermediary is reachable). Its Direct
 	// is made from DirectBackup.
@@ -46,8 +54,9 @@ type PrimaryRunConfig struct {
 // RunPrimary runs a guest protected through the intermediary: it builds the
 // machine, reaches the intermediary (the first link must come up: a wrong
 // address fails at once), and runs the guest while Primary.Protect
-// checkpoints it, holding each output record until the checkpoint covering
-// it is acknowledged. It returns the guest's result once the guest has
+// checkpoints it, holding each output record (a Linux guest's frames and
+// console bytes: linux.go) until the checkpoint covering it is
+// acknowledged. It returns the guest's result once the guest has
 // exited and its last checkpoint is acknowledged. A primary the
 // intermediary fenced (ErrSuperseded: the backup runs the guest now) stops
 // its guest and never releases its held output. While no intermediary is
@@ -58,11 +67,15 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 	if err := cfg.Links.check(); err != nil {
 		return vmm.Result{}, err
 	}
-	if cfg.Machine.Payload == nil {
-		return vmm.Result{}, errors.New("primary: only payload guests can be protected (Machine.Payload is nil)")
+	linux := cfg.Machine.Linux != nil && cfg.Machine.Payload == nil
+	if cfg.Machine.Payload == nil && !linux {
+		return vmm.Result{}, errors.New("primary: no guest to protect (neither Machine.Payload nor Machine.Linux)")
 	}
-	if cfg.Machine.Payload.OnRecord != nil {
+	if !linux && cfg.Machine.Payload.OnRecord != nil {
 		return vmm.Result{}, errors.New("primary: the machine's output records go to the primary: Machine.Payload.OnRecord must be nil")
+	}
+	if !linux && cfg.NetOutput != (virtio.EgressBounds{}) {
+		return vmm.Result{}, errors.New("primary: held-output bounds are for a Linux guest's network interfaces")
 	}
 	if (cfg.Epochs.OnLinkLoss == ReplicateDirect) != (cfg.DirectBackup != "") {
 		return vmm.Result{}, errors.New("primary: the direct policy for a lost intermediary and the backup's address go together")
@@ -80,14 +93,25 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 		return vmm.Result{}, err
 	}
 	mcfg := cfg.Machine
-	payload := *mcfg.Payload // the caller's stays as it was
-	payload.OnRecord = p.Record
-	mcfg.Payload = &payload
+	if linux {
+		// The console is output: held until acknowledged (linux.go).
+		p.lx = &linuxOutput{console: newConsoleGate(mcfg.Console, &p.open)}
+		mcfg.Console = p.lx.console
+	} else {
+		payload := *mcfg.Payload // the caller's stays as it was
+		payload.OnRecord = p.Record
+		mcfg.Payload = &payload
+	}
 	m, err := vmm.New(mcfg)
 	if err != nil {
 		return vmm.Result{}, err
 	}
 	defer m.Close()
+	if linux {
+		if err := m.HoldNetOutput(cfg.NetOutput); err != nil {
+			return vmm.Result{}, fmt.Errorf("primary: %w", err)
+		}
+	}
 	if cfg.OnStart != nil {
 		stop, err := cfg.OnStart(m)
 		if err != nil {
@@ -131,6 +155,10 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 	}
 	r := <-ran
 	if errors.Is(perr, ErrSuperseded) {
+		if linux {
+			s := m.NetOutputStats()
+			return r.res, fmt.Errorf("%w; this guest is stopped and its %d held frames and %d held console bytes are dropped", perr, s.HeldFrames, p.consoleHeld())
+		}
 		return r.res, fmt.Errorf("%w; this guest is stopped and its %d held output records are dropped", perr, p.Held())
 	}
 	if perr != nil && !errors.Is(perr, context.Canceled) {

@@ -201,6 +201,9 @@ func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 			case m.Digest != d.Sum():
 				return nil, 0, badf("checkpoint %d: digest mismatch", begin.Epoch)
 			}
+			if err := checkEnvelope(cp.State); err != nil { // envelope.go
+				return nil, 0, fmt.Errorf("checkpoint %d: %w", begin.Epoch, err)
+			}
 			return cp, begin.Base, nil
 		default:
 			return nil, 0, badf("checkpoint %d: unexpected %v", begin.Epoch, m.Type())

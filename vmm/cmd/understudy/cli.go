@@ -226,7 +226,7 @@ func (s *sizeFlag) Set(v string) error {
 }
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("run", "run --payload NAME[,opt=value...] [--mem SIZE] [--cpus N] [--opt key=value...] [--save FILE --save-after N]\n   or: understudy run --kernel PATH [--initrd PATH] [--cmdline S] [--mem SIZE] [--cpus N] [--net tap=NAME,mac=M] [--disk PATH[,ro]] [--save FILE [--save-on-signal USR1] [--save-after-output TEXT]]", stderr)
+	fs := newFlags("run", "run --payload NAME[,opt=value...] [--mem SIZE] [--cpus N] [--opt key=value...] [--save FILE --save-after N]\n   or: understudy run --kernel PATH [--initrd PATH] [--cmdline S] [--mem SIZE] [--cpus N] [--net tap=NAME,mac=M] [--disk PATH[,ro]] [--save FILE [--save-on-signal USR1] [--save-after-output TEXT]]\n   or: understudy run --kernel PATH ... --protect ADDR --keys DIR [--output-hold bytes=SIZE,frames=N] [the --protect flags]", stderr)
 	payloadArg := fs.String("payload", "", "payload guest: a built-in name (see `understudy payloads`) or a path to a flat binary")
 	mem := &sizeFlag{v: 128 << 20}
 	fs.Var(mem, "mem", "guest memory, e.g. 256M or 1G (a multiple of 2 MiB)")
@@ -251,7 +251,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if code, done := parseFlags(fs, args); done {
 		return code
 	}
-	if code, done := lf.run(ctx, fs, linuxRunOptions{mem: mem.v, cpus: *cpus, kvm: *kvmDev, backing: *backing, quiet: *quiet, stats: *stats, save: *save}, stdout, stderr); done {
+	if code, done := lf.run(ctx, fs, linuxRunOptions{mem: mem.v, cpus: *cpus, kvm: *kvmDev, backing: *backing, quiet: *quiet, stats: *stats, save: *save,
+		protect: &pf, role: &rf, statusEvery: *statusEvery}, stdout, stderr); done {
 		return code
 	}
 	if *protect != "" && *save != "" {

@@ -304,7 +304,7 @@ func parseActivationPolicy(s string) (activationPolicy, error) {
 }
 
 func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--policy SPEC] [--request SPEC] [--on-intermediary-loss wait|activate-after=DUR] [--metrics HOST:PORT]", stderr)
+	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--net tap=NAME...] [--policy SPEC] [--request SPEC] [--on-intermediary-loss wait|activate-after=DUR] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7402", "address the intermediary connects to")
 	records := fs.String("records", "", "after activation, write the guest's output records to this file (\"-\": stdout)")
 	onLoss := fs.String("on-intermediary-loss", "wait", "when the intermediary is lost: wait for one (the primary may still be running), "+
@@ -319,6 +319,10 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	largePages := fs.String("large-pages", "", "after activation, manage large pages for the resumed guest as run --large-pages does (a fresh warm-up: region heat does not travel in checkpoints)")
 	saveActivated := fs.String("save-activated", "", "on activation, write a snapshot of the activated guest to this file before resuming it (understudy restore reads it)")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
+	var nets netList
+	fs.Var(&nets, "net", "for a protected Linux guest: the tap on this host that takes over the guest's virtio-net interface, tap=NAME (repeatable, in the order of the primary's --net). "+
+		"The MAC is the guest's (from the replicated state; a different mac= is refused at activation). On activation the frames the primary still held go out on it first, "+
+		"then the MAC is announced (RARP) so the segment finds the guest here")
 	rf := addRoleFlags(fs, "backup")
 	if code, done := parseFlags(fs, args); done {
 		return code
@@ -359,7 +363,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	defer closeRecords()
 	bcfg := ft.BackupRunConfig{Listen: *listen, Links: links, Log: log, Policy: *policySpec, Request: request,
 		ActivateAfter: policy.after, SaveActivated: *saveActivated, StatusEvery: *statusEvery, Metrics: *rf.metrics,
-		Restore: vmm.RestoreConfig{Console: stdout, OnRecord: func(r vmm.Record) {
+		Restore: vmm.RestoreConfig{Console: stdout, Nets: nets, OnRecord: func(r vmm.Record) {
 			if recW != nil {
 				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
 				recW.Flush()

@@ -38,6 +38,8 @@ type linuxFlags struct {
 	disks          diskList
 	// saveSignal and saveOutput say when --save saves a Linux guest.
 	saveSignal, saveOutput string
+	// outputHold bounds the held frames with --protect (run_linux_protect.go).
+	outputHold string
 }
 
 // linuxRunOptions are the flags `run` shares with payload guests.
@@ -49,6 +51,11 @@ type linuxRunOptions struct {
 	quiet   bool
 	stats   bool
 	save    string // --save: the snapshot file
+	// With --protect (run_linux_protect.go): the protection and role
+	// flags, and the status line's interval.
+	protect     *protectFlags
+	role        *roleFlags
+	statusEvery time.Duration
 }
 
 // linuxFlagNames are the flags that apply to a Linux guest.
@@ -56,6 +63,10 @@ var linuxFlagNames = map[string]bool{
 	"kernel": true, "initrd": true, "cmdline": true, "net": true, "disk": true,
 	"mem": true, "cpus": true, "kvm": true, "backing": true, "quiet": true, "stats": true,
 	"save": true, "save-on-signal": true, "save-after-output": true,
+	// --protect and what goes with it (run_linux_protect.go).
+	"protect": true, "interval": true, "dirty-budget": true, "on-intermediary-loss": true, "direct-backup": true,
+	"give-up": true, "redial": true, "output-hold": true, "status-interval": true,
+	"keys": true, "name": true, "verbose": true, "metrics": true, "heartbeat": true, "peer-timeout": true,
 }
 
 // addLinuxFlags registers the Linux guest flags on fs.
@@ -72,6 +83,9 @@ func addLinuxFlags(fs *flag.FlagSet) *linuxFlags {
 	fs.Var(&lf.disks, "disk", "with --kernel: a virtio-blk disk backed by a file: PATH[,ro] (repeatable)")
 	fs.StringVar(&lf.saveSignal, "save-on-signal", "", "with --kernel and --save: save the snapshot when this signal arrives (USR1, USR2 or HUP; the default is USR1 unless --save-after-output is given)")
 	fs.StringVar(&lf.saveOutput, "save-after-output", "", "with --kernel and --save: save the snapshot once the guest's console has printed this text")
+	fs.StringVar(&lf.outputHold, "output-hold", "", "with --kernel and --protect: bound each NIC's frames held until their checkpoint is acknowledged: bytes=SIZE,frames=N "+
+		"(defaults bytes=16M,frames=8192). At a bound the NIC stops taking the guest's frames from its transmit ring until an acknowledgement releases some: "+
+		"the guest's sends wait (backpressure), nothing is dropped")
 	return lf
 }
 
@@ -204,7 +218,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if lf.kernel == "" {
-		for _, name := range []string{"initrd", "cmdline", "net", "disk", "save-on-signal", "save-after-output"} {
+		for _, name := range []string{"initrd", "cmdline", "net", "disk", "save-on-signal", "save-after-output", "output-hold"} {
 			if set[name] {
 				return usageError(fs, fmt.Sprintf("--%s needs --kernel", name)), true
 			}
@@ -224,7 +238,31 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	if !set["mem"] {
 		o.mem = linuxDefaultMem
 	}
+	var err error
+	protected := o.protect != nil && *o.protect.addr != ""
+	if !protected {
+		for _, name := range []string{"output-hold", "interval", "dirty-budget", "on-intermediary-loss", "direct-backup", "give-up", "redial", "keys", "name", "heartbeat", "peer-timeout", "metrics", "verbose"} {
+			if set[name] {
+				return usageError(fs, fmt.Sprintf("--%s with --kernel needs --protect", name)), true
+			}
+		}
+	}
+	if protected && o.save != "" {
+		return usageError(fs, "--protect cannot be combined with --save"), true
+	}
+	var hold virtio.EgressBounds
+	if protected {
+		if hold, err = parseOutputHold(lf.outputHold); err != nil {
+			return usageError(fs, err.Error()), true
+		}
+		if err := o.protect.check(); err != nil {
+			return fail(stderr, err), true
+		}
+	}
 	save, err := lf.saveTrigger(set, o.save)
+	if protected && save != nil {
+		return usageError(fs, "--protect cannot be combined with --save"), true
+	}
 	if err != nil {
 		return usageError(fs, err.Error()), true
 	}
@@ -272,6 +310,9 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	// normal ways do it before they print.
 	defer restore()
 	cfg.Linux.ConsoleIn = in
+	if protected {
+		return lf.runProtected(ctx, runCtx, cfg, hold, o, restore, ends, in, stderr), true
+	}
 	m, err := vmm.New(cfg)
 	if err != nil {
 		restore()
