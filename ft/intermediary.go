@@ -42,6 +42,8 @@ type Intermediary struct {
 	attached chan struct{} // closed while a backup is attached
 	stall    bool          // BackupLossPolicy StallWithoutBackup
 	fencedCh chan struct{} // closed by Failover
+	stopped  chan struct{} // closed by Stop
+	stopOnce sync.Once
 
 	// heard is closed once a backup has answered on its link (it stands
 	// by); heardOnce guards the close. active is why a backup refused this
@@ -162,21 +164,33 @@ func (in *Intermediary) SetBackupLossPolicy(p BackupLossPolicy) {
 
 // waitForBackup blocks, under StallWithoutBackup, until a backup is
 // attached or the intermediary is fenced.
-func (in *Intermediary) waitForBackup() {
+func (in *Intermediary) waitForBackup() error {
 	for {
 		in.bmu.Lock()
 		stall, attached, attachedCh := in.stall, in.backup != nil, in.attached
 		in.bmu.Unlock()
 		if !stall || attached {
-			return
+			return nil
 		}
 		in.log.Warn("no backup attached: holding acknowledgements (policy stall)")
 		select {
 		case <-attachedCh:
 		case <-in.fencedCh:
-			return
+			return nil
+		case <-in.stopped:
+			return ErrStopped
 		}
 	}
+}
+
+// ErrStopped is returned by ServePrimary when Stop ended a wait for a
+// backup: the checkpoint that waited is not acknowledged.
+var ErrStopped = errors.New("intermediary stopped")
+
+// Stop ends every wait for a backup (policy stall) without acknowledging:
+// for an intermediary shutting down. It can be called more than once.
+func (in *Intermediary) Stop() {
+	in.stopOnce.Do(func() { close(in.stopped) })
 }
 
 // ErrFenced is returned by ServePrimary once Failover has fenced the
@@ -209,7 +223,7 @@ func NewIntermediary(memSize uint64, log *slog.Logger) (*Intermediary, error) {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	return &Intermediary{img: NewImage(memSize), regions: mmu.Layout(memSize), log: log,
-		attached: make(chan struct{}), fencedCh: make(chan struct{}), heard: make(chan struct{})}, nil
+		attached: make(chan struct{}), fencedCh: make(chan struct{}), stopped: make(chan struct{}), heard: make(chan struct{})}, nil
 }
 
 // Image returns the intermediary's replica.
@@ -277,7 +291,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}
-			if errors.Is(err, ErrFenced) {
+			if errors.Is(err, ErrFenced) || errors.Is(err, ErrStopped) {
 				return err
 			}
 			if errors.Is(err, ErrLinkBroken) || errors.Is(err, errAckFailed) {
@@ -308,7 +322,9 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 // commit applies a verified checkpoint and acknowledges it, unless the
 // primary has been fenced. An apply error changes nothing.
 func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error {
-	in.waitForBackup()
+	if err := in.waitForBackup(); err != nil {
+		return err
+	}
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	if in.fenced {

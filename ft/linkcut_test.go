@@ -234,3 +234,35 @@ func testImage(epoch, memSize uint64) *Checkpoint {
 	}
 	return cp
 }
+
+// TestStopEndsStall: under the stall policy with no backup, a checkpoint
+// waits unacknowledged; Stop ends the wait: ServePrimary returns ErrStopped
+// and the checkpoint is never acknowledged.
+func TestStopEndsStall(t *testing.T) {
+	const memSize = 2 << 20
+	pc, ic := link(t, memSize)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.SetBackupLossPolicy(StallWithoutBackup)
+	served := make(chan error, 1)
+	go func() { served <- in.ServePrimary(ic) }()
+	if err := SendCheckpoint(pc, testImage(1, memSize), 0); err != nil {
+		t.Fatal(err)
+	}
+	acks := make(chan wire.Message, 1)
+	go func() {
+		m, _ := pc.ReadMessage()
+		acks <- m
+	}()
+	in.Stop()
+	if err := <-served; !errors.Is(err, ErrStopped) {
+		t.Fatalf("ServePrimary after Stop = %v, want ErrStopped", err)
+	}
+	ic.Close()
+	if m := <-acks; m != nil && m.Type() == wire.TypeAck {
+		t.Errorf("the stalled checkpoint was acknowledged")
+	}
+	in.Stop() // a second Stop does nothing
+}

@@ -159,7 +159,7 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 	// Serving ends with ctx: the primary's link is closed then, and an
 	// intermediary that was stopped does not fail over.
 	serve := func(pc transport.Conn) error {
-		defer context.AfterFunc(ctx, func() { pc.Close() })()
+		defer context.AfterFunc(ctx, func() { inter.Stop(); pc.Close() })()
 		return inter.ServePrimary(pc)
 	}
 	perr := serve(pc)
