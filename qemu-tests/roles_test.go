@@ -1,6 +1,8 @@
 package qemutests
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"fmt"
 	"os"
 	"os/exec"
@@ -68,7 +70,8 @@ func TestApplianceRoles(t *testing.T) {
 	}
 	seg := e.segment(t)
 	ms := make([]*Machine, len(nodes))
-	taps := make([]string, len(nodes)) // each node's tap on the segment's bridge
+	taps := make([]string, len(nodes))  // each node's tap on the segment's bridge
+	files := make([]string, len(nodes)) // what each node's config disk holds besides keys
 	for i, n := range nodes {
 		certRole := map[string]string{"run": "primary"}[n.role]
 		if certRole == "" {
@@ -76,14 +79,27 @@ func TestApplianceRoles(t *testing.T) {
 		}
 		runBin("keys", "issue", "--dir", keys, "--name", n.name, "--role", certRole, "--host", nodeAddr(i+1))
 		disk := filepath.Join(dir, n.name+".cfg")
-		runBin("node-config", "--out", disk, "--role", n.role, "--ca", filepath.Join(keys, "ca.crt"),
-			"--cert", filepath.Join(keys, n.name+".crt"), "--key", filepath.Join(keys, n.name+".key"), "--args", n.args)
+		args := []string{"node-config", "--out", disk, "--role", n.role, "--ca", filepath.Join(keys, "ca.crt"),
+			"--cert", filepath.Join(keys, n.name+".crt"), "--key", filepath.Join(keys, n.name+".key"), "--args", n.args}
+		files[i] = "no files"
+		if n.role == "backup" {
+			// A file, as a Linux guest's disk image would travel: the
+			// node reports it unpacked, with its size and sum.
+			img := filepath.Join(dir, "guest.img")
+			data := bytes.Repeat([]byte(fmt.Sprintf("guest disk block %d\n", time.Now().UnixNano())), 1<<17)
+			if err := os.WriteFile(img, data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			args = append(args, "--file", "guest.img="+img)
+			files[i] = fmt.Sprintf("files guest.img (%d bytes, sha256 %x)", len(data), sha256.Sum256(data))
+		}
+		runBin(args...)
 		ms[i], taps[i] = e.bootRoleNode(t, seg, i+1, fmt.Sprintf("understudy.bridge=br0:eth0,%s/%d", nodeAddr(i+1), segPrefix), disk)
 	}
 	primary, inter, backup := ms[0], ms[1], ms[2]
 	for i, m := range ms {
 		expect(t, m, bootTimeout,
-			fmt.Sprintf("understudy-appliance: config disk /dev/vda: version 1, role %s, node %s, no files; unpacked into /run/understudy", nodes[i].role, nodes[i].name),
+			fmt.Sprintf("understudy-appliance: config disk /dev/vda: version 1, role %s, node %s, %s; unpacked into /run/understudy", nodes[i].role, nodes[i].name, files[i]),
 			"understudy-appliance: ready role="+nodes[i].role,
 			fmt.Sprintf("understudy-appliance: exec: understudy %s --keys /run/understudy/keys --name %s ", nodes[i].role, nodes[i].name))
 	}

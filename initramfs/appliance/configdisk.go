@@ -138,7 +138,7 @@ func (a *appliance) applyConfigDisk(cfg *config) error {
 	cfg.args = append([]string{"--keys", a.path(KeysDir), "--name", nc.Name}, args...)
 	names := make([]string, 0, len(nc.Files))
 	for _, fl := range nc.Files {
-		names = append(names, fmt.Sprintf("%s (%d bytes)", fl.Name, fl.Size))
+		names = append(names, fmt.Sprintf("%s (%d bytes, sha256 %x)", fl.Name, fl.Size, fl.SHA256))
 	}
 	files := "no files"
 	if len(names) > 0 {

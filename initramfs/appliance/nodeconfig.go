@@ -99,6 +99,8 @@ type ConfigFile struct {
 	Name string
 	Size int64
 	Open func() (io.ReadCloser, error)
+	// SHA256 is the content's sum, as read and checked (reading only).
+	SHA256 [sha256.Size]byte
 }
 
 // nodeRoles are the roles a config disk may name.
@@ -416,6 +418,9 @@ func ReadNodeConfig(r io.Reader, size int64, file func(name string, size int64) 
 		left -= int64(n) + sha256.Size
 		if !bytes.Equal(sum.Sum(nil), want[:]) {
 			return nil, fmt.Errorf("config disk: %s: SHA-256 mismatch (the disk is damaged)", label)
+		}
+		if kind == entryFile {
+			c.Files[len(c.Files)-1].SHA256 = want
 		}
 		switch kind {
 		case entryRole:

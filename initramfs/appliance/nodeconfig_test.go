@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -70,7 +71,7 @@ func TestNodeConfigRoundTrip(t *testing.T) {
 		t.Fatalf("ReadNodeConfig = %v", err)
 	}
 	want := *in
-	want.Files = []ConfigFile{{Name: "guest.img", Size: int64(len(disk))}, {Name: "empty"}}
+	want.Files = []ConfigFile{{Name: "guest.img", Size: int64(len(disk)), SHA256: sha256.Sum256(disk)}, {Name: "empty", SHA256: sha256.Sum256(nil)}}
 	if !reflect.DeepEqual(c, &want) {
 		t.Errorf("ReadNodeConfig = %+v, want %+v", c, &want)
 	}
@@ -256,8 +257,9 @@ func FuzzReadNodeConfig(f *testing.F) {
 		if err != nil {
 			t.Fatalf("a config read back fails: %v", err)
 		}
-		for i := range c.Files {
+		for i, fl := range c.Files {
 			c.Files[i].Open = nil
+			c.Files[i].SHA256 = sha256.Sum256(files[fl.Name])
 		}
 		if !reflect.DeepEqual(again, c) || len(againFiles) != len(files) {
 			t.Fatalf("read back %+v, want %+v", again, c)
@@ -310,7 +312,7 @@ func TestApplianceConfigDisk(t *testing.T) {
 		if code != 7 {
 			t.Fatalf("%s: status %d, want the command's 7:\n%s", cmdline, code, out)
 		}
-		wantLines(t, out, Tag+"config disk "+filepath.Join(root, "dev/vdb")+": version 1, role backup, node node-3, files guest.img (10 bytes); unpacked into "+run+"\n",
+		wantLines(t, out, Tag+"config disk "+filepath.Join(root, "dev/vdb")+": version 1, role backup, node node-3, files guest.img (10 bytes, sha256 "+fmt.Sprintf("%x", sha256.Sum256([]byte("guest disk")))+"); unpacked into "+run+"\n",
 			Tag+"role backup\n", Tag+"ready role=backup",
 			"args:backup --keys "+run+"/keys --name node-3 --listen tcp://192.0.2.13:7402 --records /run/understudy/out a b\n")
 		for _, f := range []struct {
@@ -383,6 +385,24 @@ func TestApplianceConfigDiskRefused(t *testing.T) {
 	code, out := runAppliance(t, o, `understudy.role=run understudy.args="--keys /k"`)
 	if code != 7 || !strings.Contains(out, "args:run --keys /k\n") || !strings.Contains(out, Tag+"config disk: none (the role's flags are understudy.args)") {
 		t.Errorf("no config disk: status %d:\n%s", code, out)
+	}
+	// A disk the virtio bus lists (device type 2) is found through it.
+	o, root := configRoot(t, nil)
+	bus := filepath.Join(root, "sys/bus/virtio/devices/virtio3")
+	for _, d := range []string{filepath.Join(bus, "block", "vdd"), filepath.Join(root, "dev")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(bus, "device"), []byte("0x0002\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "dev", "vdd"), disk, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out = runAppliance(t, o, "")
+	if code != 7 || !strings.Contains(out, Tag+"config disk "+filepath.Join(root, "dev/vdd")+": version 1, role backup") {
+		t.Errorf("a disk on the virtio bus: status %d:\n%s", code, out)
 	}
 	// The test role does not look for one.
 	o, _ = configRoot(t, map[string][]byte{"vda": disk})

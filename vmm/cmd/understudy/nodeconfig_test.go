@@ -61,6 +61,19 @@ func TestNodeConfig(t *testing.T) {
 		t.Errorf("node-config --force = %d, %q", code, errs)
 	}
 
+	// The primary's role is run; "primary", as its certificate says, is
+	// the same.
+	if code, _, errs := runCLI("keys", "issue", "--dir", keys, "--name", "node-1", "--role", "primary"); code != 0 {
+		t.Fatalf("keys issue: %s", errs)
+	}
+	crt1, key1 := transport.NodeFiles(keys, "node-1")
+	for _, role := range []string{"primary", "run"} {
+		p := filepath.Join(t.TempDir(), "p.cfg")
+		code, stdout, errs := runCLI("node-config", "--out", p, "--role", role, "--ca", filepath.Join(keys, transport.CACertFile), "--cert", crt1, "--key", key1)
+		if code != 0 || !strings.Contains(stdout, `node "node-1", role run, 0 files`) {
+			t.Errorf("node-config --role %s = %d, %q, %q", role, code, stdout, errs)
+		}
+	}
 	for _, tt := range []struct {
 		mod  func([]string) []string
 		code int
