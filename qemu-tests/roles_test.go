@@ -72,6 +72,7 @@ func TestApplianceRoles(t *testing.T) {
 	ms := make([]*Machine, len(nodes))
 	taps := make([]string, len(nodes))  // each node's tap on the segment's bridge
 	files := make([]string, len(nodes)) // what each node's config disk holds besides keys
+	disks := make([]string, len(nodes))
 	for i, n := range nodes {
 		certRole := map[string]string{"run": "primary"}[n.role]
 		if certRole == "" {
@@ -94,15 +95,28 @@ func TestApplianceRoles(t *testing.T) {
 			files[i] = fmt.Sprintf("files guest.img (%d bytes, sha256 %x)", len(data), sha256.Sum256(data))
 		}
 		runBin(args...)
-		ms[i], taps[i] = e.bootRoleNode(t, seg, i+1, fmt.Sprintf("understudy.bridge=br0:eth0,%s/%d", nodeAddr(i+1), segPrefix), disk)
+		disks[i] = disk
 	}
-	primary, inter, backup := ms[0], ms[1], ms[2]
-	for i, m := range ms {
-		expect(t, m, bootTimeout,
+	// The backup and the intermediary first: `run --protect` gives up if
+	// its first dial of the intermediary fails (the intermediary redials a
+	// backup that is not there yet).
+	boot := func(i int) {
+		ms[i], taps[i] = e.bootRoleNode(t, seg, i+1, fmt.Sprintf("understudy.bridge=br0:eth0,%s/%d", nodeAddr(i+1), segPrefix), disks[i])
+	}
+	booted := func(i int) {
+		expect(t, ms[i], bootTimeout,
 			fmt.Sprintf("understudy-appliance: config disk /dev/vda: version 1, role %s, node %s, %s; unpacked into /run/understudy", nodes[i].role, nodes[i].name, files[i]),
 			"understudy-appliance: ready role="+nodes[i].role,
 			fmt.Sprintf("understudy-appliance: exec: understudy %s --keys /run/understudy/keys --name %s ", nodes[i].role, nodes[i].name))
 	}
+	boot(2)
+	boot(1)
+	booted(2)
+	booted(1)
+	expect(t, ms[1], bootTimeout, "understudy: intermediary: listening on tcp://"+nodeAddr(2)+":"+interPort)
+	boot(0)
+	booted(0)
+	primary, inter, backup := ms[0], ms[1], ms[2]
 	expect(t, inter, nestedTimeout, `understudy: intermediary: primary "primary" connected`)
 	expect(t, backup, nestedTimeout, `understudy: backup: intermediary "intermediary" connected`)
 	// Released records: the primary prints them once acknowledged. Once
