@@ -411,3 +411,26 @@ func TestApplianceConfigDiskRefused(t *testing.T) {
 		t.Errorf("role test with a config disk: status %d:\n%s", code, out)
 	}
 }
+
+// FuzzReadNodeConfigBody fuzzes the entries behind a correct header (its
+// count and body sum made to fit), so that the fuzzer gets past the body's
+// SHA-256 to the entry parser's bounds.
+func FuzzReadNodeConfigBody(f *testing.F) {
+	for _, es := range [][]rawEntry{goodEntries, with(rawEntry{entryFile, "f", "x"}), without(entryCA)} {
+		f.Add(uint32(len(es)), rawDisk(es...)[nodeConfigHeader:])
+	}
+	f.Fuzz(func(t *testing.T, entries uint32, body []byte) {
+		b := rawHeader(NodeConfigVersion, 0, entries, body)
+		var copied int64
+		c, err := ReadNodeConfig(bytes.NewReader(b), int64(len(b)), func(name string, size int64) (io.Writer, error) {
+			copied += size
+			return io.Discard, nil
+		})
+		if copied > int64(len(body)) {
+			t.Fatalf("copied %d bytes of files from a body of %d", copied, len(body))
+		}
+		if err == nil && (c.Role == "" || c.Name == "" || len(c.Key) == 0) {
+			t.Fatalf("accepted a config without role, name or key: %+v", c)
+		}
+	})
+}
