@@ -29,6 +29,10 @@ const rolesRecords = 4000
 // rolesKillAfter is the released record after which the primary is killed.
 const rolesKillAfter = 200
 
+// rolesCommitted is the backup's committed epoch after which the primary
+// is killed.
+const rolesCommitted = 20
+
 // TestApplianceRoles: the fault-tolerance roles inside three appliance
 // nodes on one Ethernet segment, each configured by a config disk alone
 // (`understudy keys` and `understudy node-config`, run here; the kernel
@@ -66,7 +70,7 @@ func TestApplianceRoles(t *testing.T) {
 		{"primary", "run", fmt.Sprintf("--payload counter,iterations=%d,report=0,spin=1000000 --mem 16M --interval 100ms --protect tcp://%s:%s --records - --status-interval 1s %s",
 			rolesRecords, nodeAddr(2), interPort, common)},
 		{"intermediary", "intermediary", fmt.Sprintf("--listen tcp://%s:%s --backup tcp://%s:%s --status-interval 5s %s", nodeAddr(2), interPort, nodeAddr(3), backupPort, common)},
-		{"backup", "backup", fmt.Sprintf("--listen tcp://%s:%s --records - --status-interval 5s %s", nodeAddr(3), backupPort, common)},
+		{"backup", "backup", fmt.Sprintf("--listen tcp://%s:%s --records - --status-interval 1s %s", nodeAddr(3), backupPort, common)},
 	}
 	seg := e.segment(t)
 	ms := make([]*Machine, len(nodes))
@@ -130,6 +134,9 @@ func TestApplianceRoles(t *testing.T) {
 	// more (it holds its output, --on-intermediary-loss hold), so once
 	// its console has drained, it shows everything released.
 	waitRecords(t, primary, rolesKillAfter, nestedTimeout)
+	// ... and replication is past its seeding: the backup has committed
+	// rolesCommitted epochs.
+	waitCommitted(t, backup, rolesCommitted, nestedTimeout)
 	if err := ipCmd("-n", seg.NetNS, "link", "set", taps[0], "nomaster"); err != nil {
 		t.Fatal(err)
 	}
@@ -234,6 +241,29 @@ func waitQuiet(t *testing.T, m *Machine, quiet, timeout time.Duration) uint64 {
 		}
 	}
 	return last
+}
+
+// waitCommitted waits until the backup m reports (its status line) that it
+// has committed epoch n or later.
+func waitCommitted(t *testing.T, m *Machine, n uint64, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		for _, l := range m.Lines() {
+			_, rest, ok := strings.Cut(l.Text, "understudy: backup: committed=")
+			if !ok {
+				continue
+			}
+			v, _, _ := strings.Cut(rest, " ")
+			if c, err := strconv.ParseUint(v, 10, 64); err == nil && c >= n {
+				return
+			}
+		}
+		if m.Exited() || time.Now().After(deadline) {
+			t.Fatalf("the backup did not commit epoch %d within %v (QEMU exited: %v)", n, timeout, m.Exited())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // lastRecord is the last output record among lines (0: none).

@@ -125,11 +125,15 @@ func (a *appliance) run(ctx context.Context) int {
 		a.printf("error: %v", err)
 		return statusUsage
 	}
+	if cfg.role != "" {
+		a.printf("role %s", cfg.role)
+	}
 	for _, p := range params.WithPrefix("understudy.") {
 		a.printf("option %s=%q", p.Key, p.Value)
 	}
 	kvmModule := a.loadModules(cfg, params)
 	a.reportKVM(kvmModule)
+	cmdlineRole := cfg.role
 	if cfg.role != "test" {
 		if err := a.applyConfigDisk(&cfg); err != nil {
 			a.printf("error: %v", strings.TrimPrefix(err.Error(), errUsage.Error()+": "))
@@ -143,7 +147,9 @@ func (a *appliance) run(ctx context.Context) int {
 		a.printf("error: %v", err)
 		return statusUsage
 	}
-	a.printf("role %s", cfg.role)
+	if cmdlineRole == "" {
+		a.printf("role %s", cfg.role) // the config disk's
+	}
 	if err := a.makeTaps(cfg.taps); err != nil {
 		a.printf("error: %v", err)
 		return statusError

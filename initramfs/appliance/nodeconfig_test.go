@@ -386,6 +386,10 @@ func TestApplianceConfigDiskRefused(t *testing.T) {
 	if code != 7 || !strings.Contains(out, "args:run --keys /k\n") || !strings.Contains(out, Tag+"config disk: none (the role's flags are understudy.args)") {
 		t.Errorf("no config disk: status %d:\n%s", code, out)
 	}
+	// The command line's role is reported first, as always, and once.
+	if r, opt := strings.Index(out, Tag+"role run\n"), strings.Index(out, Tag+"option role="); r < 0 || r > opt || strings.Count(out, Tag+"role run\n") != 1 {
+		t.Errorf("no config disk: the role line is not first and once:\n%s", out)
+	}
 	// A disk the virtio bus lists (device type 2) is found through it.
 	o, root := configRoot(t, nil)
 	bus := filepath.Join(root, "sys/bus/virtio/devices/virtio3")
