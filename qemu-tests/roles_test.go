@@ -184,6 +184,10 @@ func TestApplianceRoles(t *testing.T) {
 	if last := recs[len(recs)-1]; last != rolesRecords {
 		t.Errorf("the backup's last record is %d, want the guest's last, %d", last, rolesRecords)
 	}
+	// The intermediary's role ends once it has failed over, the backup's
+	// with the guest: both nodes power off with status 0.
+	poweredOff(t, inter, 0)
+	poweredOff(t, backup, 0)
 	at := func(m *Machine, l Line) float64 { return m.start.Add(l.At).Sub(cut).Seconds() }
 	t.Logf("roles: the client saw records 1..%d from the primary; the backup released %d..%d (%d repeated, dropped by a client) and the guest ran to its end there; "+
 		"after the cut: primary killed %.1fs, primary lost %.1fs (peer timeout 5s), backup activated %.1fs, guest exited %.1fs; failover at epoch %s",
@@ -202,6 +206,47 @@ func epochOf(s string) string {
 		return ""
 	}
 	return n
+}
+
+// TestApplianceConfigDiskRefused: in the image, a config disk that
+// contradicts the command line (another role), and a damaged one, stop the
+// node with one error line and a failure status; nothing runs.
+func TestApplianceConfigDiskRefused(t *testing.T) {
+	e := setup(t)
+	dir := t.TempDir()
+	nc := &appliance.NodeConfig{Role: "backup", Name: "backup", Args: "--listen tcp://192.0.2.13:7402",
+		CACert: []byte("ca"), Cert: []byte("cert"), Key: []byte("key")}
+	good, damaged := filepath.Join(dir, "good.cfg"), filepath.Join(dir, "damaged.cfg")
+	for _, p := range []string{good, damaged} {
+		f, err := os.Create(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := appliance.WriteNodeConfig(f, nc); err != nil {
+			t.Fatal(err)
+		}
+		if p == damaged {
+			if _, err := f.WriteAt([]byte{0xff}, 100); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other, _ := e.bootRoleNode(t, nil, 1, "understudy.role=intermediary", good)
+	bad, _ := e.bootRoleNode(t, nil, 2, "", damaged)
+	expect(t, other, bootTimeout, "understudy-appliance: error: understudy.role=intermediary on the kernel command line, but the config disk /dev/vda is for role backup")
+	expect(t, bad, bootTimeout, "understudy-appliance: error: config disk /dev/vda: role: SHA-256 mismatch (the disk is damaged)")
+	poweredOff(t, other, 2)
+	poweredOff(t, bad, 1)
+	for _, m := range []*Machine{other, bad} {
+		for _, l := range m.Lines() {
+			if strings.Contains(l.Text, "understudy-appliance: exec:") || strings.Contains(l.Text, "ready role=") {
+				t.Errorf("a refused node ran its role: %q", l.Text)
+			}
+		}
+	}
 }
 
 // record parses a console line that is an output record: digits alone.
@@ -280,12 +325,17 @@ func lastRecord(lines []Line) uint64 {
 // bootRoleNode boots node i of segment s with the given understudy.*
 // parameters and a config disk, as an operator would: a read-only virtio
 // disk. It returns the machine and the node's tap on the segment's
-// bridge. Output records (lines of digits) are kept out of the test log.
+// bridge. Without a segment the node has no NIC. Output records (lines of digits) are kept out of the test log.
 func (e env) bootRoleNode(t *testing.T, s *Segment, i int, params, disk string) (*Machine, string) {
 	t.Helper()
-	network, err := s.AddNode(nodeMAC(i))
-	if err != nil {
-		t.Fatal(err)
+	var network []string
+	netns := ""
+	if s != nil {
+		var err error
+		if network, err = s.AddNode(nodeMAC(i)); err != nil {
+			t.Fatal(err)
+		}
+		netns = s.NetNS
 	}
 	tap := ""
 	for _, a := range network {
@@ -293,7 +343,7 @@ func (e env) bootRoleNode(t *testing.T, s *Segment, i int, params, disk string) 
 			tap, _, _ = strings.Cut(rest, ",")
 		}
 	}
-	if tap == "" {
+	if tap == "" && s != nil {
 		t.Fatalf("no tap in the node's network flags %q", network)
 	}
 	name := fmt.Sprintf("node%d", i)
@@ -315,7 +365,7 @@ func (e env) bootRoleNode(t *testing.T, s *Segment, i int, params, disk string) 
 		LogPath:  log,
 		Deadline: testDeadline(t),
 		Network:  network,
-		NetNS:    s.NetNS,
+		NetNS:    netns,
 		Extra:    []string{"-drive", "file=" + disk + ",format=raw,if=virtio,readonly=on"},
 	}
 	t.Logf("QEMU %s with %s (%s): %s", name, e.accel.Name, e.accel.Why, strings.Join(cfg.Args(), " "))

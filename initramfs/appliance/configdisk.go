@@ -122,7 +122,7 @@ func (a *appliance) applyConfigDisk(cfg *config) error {
 	}
 	nc, err := a.unpackConfig(f, size)
 	if err != nil {
-		return fmt.Errorf("config disk %s: %w", dev, err)
+		return fmt.Errorf("config disk %s: %s", dev, strings.TrimPrefix(err.Error(), "config disk: "))
 	}
 	switch {
 	case cfg.role != "" && cfg.role != nc.Role:

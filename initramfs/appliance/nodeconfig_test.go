@@ -362,7 +362,7 @@ func TestApplianceConfigDiskRefused(t *testing.T) {
 			"error: understudy.role=intermediary on the kernel command line, but the config disk "},
 		{"args", map[string][]byte{"vda": disk}, "understudy.args=--verbose", statusUsage,
 			"error: understudy.args= on the kernel command line and the config disk "},
-		{"damaged", map[string][]byte{"vda": damaged}, "", statusError, "SHA-256 mismatch (the disk is damaged)"},
+		{"damaged", map[string][]byte{"vda": damaged}, "", statusError, "/dev/vda: role: SHA-256 mismatch (the disk is damaged)"},
 		{"two", map[string][]byte{"vda": disk, "vdc": disk}, "", statusError, "all have the USNODCFG magic: give the node one"},
 		{"none", map[string][]byte{"vda": []byte("data")}, "", statusUsage,
 			"error: no understudy.role= on the kernel command line and no config disk (none of vda has the USNODCFG magic)"},
