@@ -3,6 +3,7 @@ package appliance
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -113,17 +114,42 @@ func (a *appliance) run(ctx context.Context) int {
 		a.printf("error: %v", err)
 		return statusUsage
 	}
-	cfg, err := parseConfig(params)
+	// Without a role on the command line, a config disk names it: the
+	// options are checked together once the disk (read after the modules,
+	// virtio_blk among them) has been.
+	cfg, err := parseParams(params)
+	if err == nil && cfg.role != "" {
+		err = cfg.check()
+	}
 	if err != nil {
 		a.printf("error: %v", err)
 		return statusUsage
 	}
-	a.printf("role %s", cfg.role)
+	if cfg.role != "" {
+		a.printf("role %s", cfg.role)
+	}
 	for _, p := range params.WithPrefix("understudy.") {
 		a.printf("option %s=%q", p.Key, p.Value)
 	}
 	kvmModule := a.loadModules(cfg, params)
 	a.reportKVM(kvmModule)
+	cmdlineRole := cfg.role
+	if cfg.role != "test" {
+		if err := a.applyConfigDisk(&cfg); err != nil {
+			a.printf("error: %v", strings.TrimPrefix(err.Error(), errUsage.Error()+": "))
+			if errors.Is(err, errUsage) {
+				return statusUsage
+			}
+			return statusError
+		}
+	}
+	if err := cfg.check(); err != nil {
+		a.printf("error: %v", err)
+		return statusUsage
+	}
+	if cmdlineRole == "" {
+		a.printf("role %s", cfg.role) // the config disk's
+	}
 	if err := a.makeTaps(cfg.taps); err != nil {
 		a.printf("error: %v", err)
 		return statusError

@@ -25,10 +25,20 @@ const (
 
 // Help describes the kernel command line options, for `understudy
 // appliance --help`.
-const Help = `The role and its options come from the kernel command line:
-  understudy.role=ROLE         run, intermediary, backup or test (required)
-  understudy.args="ARGS"       run, intermediary, backup: the role's flags, as for
-                               "understudy ROLE ARGS"; group words with single quotes
+const Help = `A node of a cluster gets its role, its flags and its keys from a config disk
+(understudy node-config): a read-only virtio disk the uinit finds by its magic,
+checks, and unpacks into /` + RunDir + ` (keys in /` + KeysDir + `, files as
+/` + RunDir + `/NAME); it then runs "understudy ROLE --keys /` + KeysDir + ` --name NAME FLAGS".
+With a config disk, understudy.role= may be left out or must name the disk's role,
+and understudy.args= must be left out: the kernel command line is world-readable
+and carries no secrets.
+
+The role and its options come from the kernel command line:
+  understudy.role=ROLE         run, intermediary, backup or test (required without
+                               a config disk)
+  understudy.args="ARGS"       run, intermediary, backup without a config disk: the
+                               role's flags, as for "understudy ROLE ARGS"; group words
+                               with single quotes
   understudy.exec="CMD ARGS"   test: a command to run ("understudy" is this binary);
                                without it, test only reports and ends
   understudy.then="CMD ARGS"   test: a command to run once the previous one exited 0
@@ -73,6 +83,9 @@ type config struct {
 	stdin    string      // "": the command's stdin is /dev/null
 	signal   *signalSpec // nil: none
 	timeout  time.Duration
+	once     map[string]bool // the options given (but tap and then)
+	disk     string          // the config disk the role's flags come from; "": none
+	noDisk   string          // why there is none, for the error without a role
 }
 
 type tapSpec struct {
@@ -100,11 +113,22 @@ var signals = map[string]syscall.Signal{"USR1": syscall.SIGUSR1, "USR2": syscall
 // testDisk is a test disk to write (see boot.TestDiskOffsets).
 type testDisk struct{ path, text string }
 
-// parseConfig reads the understudy.* parameters of the kernel command line.
-// Everything else is the kernel's or u-root's and is ignored.
+// parseConfig reads the understudy.* parameters of the kernel command line
+// and checks them together (check). Everything else is the kernel's or
+// u-root's and is ignored.
 func parseConfig(ps boot.Params) (config, error) {
-	c := config{timeout: 10 * time.Minute}
-	once := map[string]bool{}
+	c, err := parseParams(ps)
+	if err != nil {
+		return c, err
+	}
+	return c, c.check()
+}
+
+// parseParams reads the understudy.* parameters one by one; check then
+// looks at them together, once the role is known (a config disk may name it).
+func parseParams(ps boot.Params) (config, error) {
+	c := config{timeout: 10 * time.Minute, once: map[string]bool{}}
+	once := c.once
 	for _, p := range ps.WithPrefix("understudy.") {
 		if p.Key != "tap" && p.Key != "then" {
 			if once[p.Key] {
@@ -209,19 +233,25 @@ func parseConfig(ps boot.Params) (config, error) {
 			return c, fmt.Errorf("unknown option understudy.%s", p.Key)
 		}
 	}
+	return c, nil
+}
+
+// check checks the options together, against the role.
+func (c config) check() error {
+	once := c.once
 	switch {
 	case c.role == "":
-		return c, errors.New("no understudy.role= on the kernel command line")
+		return errors.New("no understudy.role= on the kernel command line" + c.noDisk)
 	case c.role == "test" && once["args"]:
-		return c, errors.New("understudy.role=test takes understudy.exec=, not understudy.args=")
+		return errors.New("understudy.role=test takes understudy.exec=, not understudy.args=")
 	case c.role != "test" && once["exec"]:
-		return c, fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
+		return fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
 	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"] || once["signal"] || once["with"] || len(c.then) > 0):
-		return c, fmt.Errorf("understudy.probe, testdisk, stdin, signal, then, with and timeout are for understudy.role=test, not %s", c.role)
+		return fmt.Errorf("understudy.probe, testdisk, stdin, signal, then, with and timeout are for understudy.role=test, not %s", c.role)
 	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || c.signal != nil || len(c.then) > 0 || c.with != nil) && len(c.args) == 0:
-		return c, errors.New("understudy.probe, testdisk, stdin, signal, then and with need a command: understudy.exec=")
+		return errors.New("understudy.probe, testdisk, stdin, signal, then and with need a command: understudy.exec=")
 	}
-	return c, nil
+	return nil
 }
 
 func parseTapSpec(v string) (tapSpec, error) {

@@ -42,6 +42,8 @@ func TestParseApplianceConfig(t *testing.T) {
 		testDisk: &testDisk{"/tmp/d.img", "tok-1"},
 		stdin:    "line-1",
 		timeout:  90 * time.Second,
+		once: map[string]bool{"role": true, "exec": true, "probe": true, "bridge": true, "signal": true,
+			"testdisk": true, "timeout": true, "modules": true, "stdin": true},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("parseApplianceConfig = %+v, want %+v", c, want)

@@ -13,11 +13,18 @@
 // with a test disk, a TCP probe and a line written to its stdin, which is
 // how the QEMU tests (qemu-tests/) drive nested guests.
 //
+// A node of a cluster gets its role, flags and keys from a config disk
+// instead (nodeconfig.go: the format, its writer for `understudy
+// node-config` and its reader; configdisk.go: finding it among the virtio
+// disks and unpacking it into RunDir): secrets never ride the kernel
+// command line, which is world-readable.
+//
 // Every line Run prints starts with Tag. The image's layout (the paths
 // package initramfs writes and the uinit reads) is declared here, once.
 //
-// The kernel command line is untrusted input: parseConfig validates every
-// option and is fuzzed (FuzzParseApplianceConfig). The package is linked
+// The kernel command line and the config disk are untrusted input:
+// parseConfig validates every option and ReadNodeConfig every byte, and
+// both are fuzzed (FuzzParseApplianceConfig, FuzzReadNodeConfig). The package is linked
 // into the understudy binary, so it must not import package initramfs (the
 // builder, with u-root's build-time dependencies); shared boot helpers
 // (command line, modules, taps, power-off) come from initramfs/boot.

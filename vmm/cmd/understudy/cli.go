@@ -47,6 +47,7 @@ Commands:
   backup        hold the replicated guest and resume it when the intermediary activates it
   payloads      list the built-in payload guests and their options
   keys          make the cluster CA and node certificates (init, issue)
+  node-config   write a node's config disk: its role, flags, keys and files, for the appliance
   appliance     the appliance image's init: run the role the kernel command line names
   version       print the version
   help          show this help
@@ -73,6 +74,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return cmdBackup(ctx, args[1:], stdout, stderr)
 	case "keys":
 		return cmdKeys(args[1:], stdout, stderr)
+	case "node-config":
+		return cmdNodeConfig(args[1:], stdout, stderr)
 	case "appliance":
 		return cmdAppliance(ctx, args[1:], stdout, stderr)
 	case "version":
