@@ -54,6 +54,10 @@ type Intermediary struct {
 	// for the next one.
 	spare pageBuffer
 
+	// disks is the copy of the guest's disks at the image's epoch
+	// (diskstore.go).
+	disks diskStore
+
 	// Stats.
 	received    atomic.Uint64 // checkpoint bytes received and applied
 	forwarded   atomic.Uint64 // checkpoint bytes sent to backups
@@ -273,7 +277,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
-			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize))
+			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize), in.diskDir())
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}
@@ -314,12 +318,25 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	if in.fenced {
 		return ErrFenced
 	}
+	// Disk replication (diskstore.go): the disk writes or seed must fit
+	// before anything is applied.
+	if err := in.checkDisks(cp); err != nil {
+		cp.Seed.Remove()
+		return err
+	}
 	// A full image received in its final place becomes the image without
 	// a copy; the memory the image held until then is free.
 	old, adopted, err := in.img.ApplyAdopting(cp, base, in.PageOffset)
 	if err != nil {
+		cp.Seed.Remove()
 		return err
 	}
+	// Disk replication: the disks follow the image, and the epoch's
+	// writes go to the backup ahead of the checkpoint that commits them.
+	if err := in.applyDisks(cp); err != nil {
+		return err
+	}
+	in.forwardDisks(cp)
 	if adopted {
 		in.spare.put(old)
 	}

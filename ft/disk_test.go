@@ -1,0 +1,428 @@
+package ft
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/understudy-vmm/understudy/arch/kvmtest"
+	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
+	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
+)
+
+// Guest-physical layout of the host-side virtio-blk driver's rings and
+// buffers (the stand-in kernel spins and never touches them).
+const (
+	dkRings  = 0x2000000
+	dkHdr    = 0x2200000
+	dkData   = 0x2201000
+	dkStatus = 0x2280000
+	dkTx     = 0x2300000
+)
+
+// diskGuest is a Linux machine (the stand-in kernel) with one disk, and
+// the host-side driver of that disk.
+type diskGuest struct {
+	m     *vmm.Machine
+	blk   *linuxtest.Driver
+	disk  string
+	avail uint16
+}
+
+func newDiskGuest(t *testing.T, memSize uint64, diskSize int) *diskGuest {
+	t.Helper()
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "bzImage")
+	if err := os.WriteFile(kernel, linuxtest.Kernel(linuxtest.CodeSpin, 0x100000), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	disk := filepath.Join(dir, "disk.img")
+	content := make([]byte, diskSize)
+	for i := range content {
+		content[i] = byte(i / 4096)
+	}
+	if err := os.WriteFile(disk, content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m, err := vmm.New(vmm.Config{MemSize: memSize, Linux: &vmm.LinuxConfig{Kernel: kernel, Disks: []vmm.DiskConfig{{Path: disk}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	blk := &linuxtest.Driver{T: t, Mem: m.Memory(), Tr: m.VirtioTransport(0), Base: dkRings, Hdr: dkHdr, TxBufs: dkTx}
+	blk.Setup(1)
+	return &diskGuest{m: m, blk: blk, disk: disk}
+}
+
+// write makes a write of data at block (4 KiB) available to the device,
+// which completes it at the machine's next pause (a checkpoint's), and
+// waits for that.
+func (g *diskGuest) write(t *testing.T, block uint64, data []byte) {
+	t.Helper()
+	g.blk.Write(dkData, data)
+	g.blk.BlockRequest(0, g.avail, virtio.BlockTOut, block*8, dkData, uint32(len(data)), dkStatus)
+	g.avail++
+	g.blk.Publish(g.avail)
+	waitFor(t, "the write's completion at a pause", func() bool { return g.blk.UsedIdx(0) == g.avail })
+	if st := g.blk.Read(dkStatus, 1); st[0] != virtio.BlockSOK {
+		t.Fatalf("write of block %d: status %d", block, st[0])
+	}
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// diskRound writes n blocks, each in its own epoch, tagged with round.
+func diskRound(t *testing.T, g *diskGuest, round, n int) {
+	t.Helper()
+	for i := range n {
+		data := bytes.Repeat(fmt.Appendf(nil, "round %d write %d ", round, i), 4096)[:2*4096]
+		g.write(t, uint64((round*37+i*11)%250), data)
+	}
+}
+
+// waitDiskCaughtUp waits until the backup has committed, memory and
+// every disk, the primary's last taken epoch (no write is in flight), and
+// checks that its replica is then byte for byte the primary's disk.
+func waitDiskCaughtUp(t *testing.T, p *Primary, bk *Backup, replica, primaryDisk string) uint64 {
+	t.Helper()
+	e := p.c.Epoch()
+	waitFor(t, "the backup to commit the primary's epoch", func() bool {
+		d := bk.DiskEpochs()
+		return bk.Committed() >= e && len(d) == 1 && d[0] == bk.Committed()
+	})
+	// No write is in flight: the primary's disk is as of every epoch
+	// from e on, and the replica is at one of them.
+	if got, want := readFile(t, replica), readFile(t, primaryDisk); !bytes.Equal(got, want) {
+		t.Fatalf("backup replica at epoch %d differs from the primary's disk (epoch >= %d)", bk.DiskEpochs()[0], e)
+	}
+	return e
+}
+
+// TestDiskReplication protects a Linux machine with a disk (the stand-in
+// kernel; the host-side driver writes the disk) over real mTLS links:
+// primary, intermediary, backup. Writes made in epochs 1..n reach the
+// backup's replica exactly as of its committed epoch; a second backup,
+// attached after the first is lost, is seeded with the whole disk (its
+// fingerprint checked) and follows; after the primary is cut off, a write
+// it made later is not on the activated backup's disk, which equals the
+// primary's disk as of the activated epoch, byte for byte, and the
+// restored machine takes it (with the replica's fingerprint).
+func TestDiskReplication(t *testing.T) {
+	kvmtest.Require(t)
+	const (
+		memSize  = 64 << 20
+		diskSize = 1 << 20
+	)
+	g := newDiskGuest(t, memSize, diskSize)
+	pc, ic := link(t, memSize)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.SetDiskDir(t.TempDir())
+	go in.ServePrimary(ic)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	attach := func(name string) (*Backup, string, closer, chan served) {
+		ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
+		replica := filepath.Join(t.TempDir(), name+".img")
+		bk, err := NewBackup(memSize, BackupConfig{Disks: []string{replica}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { bk.Close() })
+		go in.ServeBackup(ctx, ib)
+		done := make(chan served, 1)
+		go func() { m, err := bk.Serve(bi); done <- served{m, err} }()
+		return bk, replica, bi, done
+	}
+	bk1, replica1, link1, done1 := attach("backup1")
+
+	p, err := NewPrimary(g.m, pc, PrimaryConfig{Interval: 5 * time.Millisecond, DiskSeedDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pctx, kill := context.WithCancel(ctx)
+	defer kill()
+	machineDone := make(chan error, 1)
+	go func() { _, err := g.m.Run(pctx); machineDone <- err }()
+	primaryDone := make(chan error, 1)
+	go func() { primaryDone <- p.Run(pctx) }()
+
+	// Epochs 1..n with writes: the replica follows, epoch by epoch.
+	waitFor(t, "the backup's seed", func() bool { return bk1.Committed() > 0 })
+	diskRound(t, g, 1, 5)
+	waitDiskCaughtUp(t, p, bk1, replica1, g.disk)
+	diskRound(t, g, 2, 5)
+	waitDiskCaughtUp(t, p, bk1, replica1, g.disk)
+
+	// The backup is lost; a new one is seeded with the whole disk.
+	link1.Close()
+	<-done1
+	waitFor(t, "the intermediary to drop the lost backup", func() bool { return attachedBackup(in) == nil })
+	diskRound(t, g, 3, 3) // while no backup is attached
+	bk2, replica2, _, done2 := attach("backup2")
+	waitFor(t, "the new backup's seed", func() bool { return bk2.Committed() > 0 })
+	diskRound(t, g, 4, 5)
+	waitDiskCaughtUp(t, p, bk2, replica2, g.disk)
+	if n := in.reseeds.Load(); n < 2 {
+		t.Errorf("the intermediary re-seeded %d times, want at least 2 (one per backup)", n)
+	}
+	diskRound(t, g, 5, 3)
+	committed := waitDiskCaughtUp(t, p, bk2, replica2, g.disk)
+	asCommitted := readFile(t, g.disk)
+
+	// The primary is cut off; its guest writes once more (the pause
+	// completes the write on its disk), which no checkpoint carries.
+	pc.Close()
+	if err := <-primaryDone; err == nil {
+		t.Errorf("Primary.Run after its link was cut = nil, want an error")
+	}
+	later := bytes.Repeat([]byte("LATER WRITE "), 700)[:8192]
+	g.blk.Write(dkData, later)
+	g.blk.BlockRequest(0, g.avail, virtio.BlockTOut, 3*8, dkData, 8192, dkStatus)
+	g.avail++
+	g.blk.Publish(g.avail)
+	if _, err := g.m.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFile(t, g.disk); bytes.Equal(got, asCommitted) || !bytes.Equal(got[3*4096:5*4096], later) {
+		t.Fatalf("the later write did not reach the primary's disk")
+	}
+	kill()
+	<-machineDone
+
+	epoch, err := in.Failover(ctx)
+	if err != nil {
+		t.Fatalf("Failover() = %v", err)
+	}
+	b := <-done2
+	if b.err != nil || b.m == nil {
+		t.Fatalf("Backup.Serve() = %v, %v, want a machine", b.m, b.err)
+	}
+	defer b.m.Close()
+	if epoch < committed {
+		t.Errorf("failover at epoch %d, before the epoch %d the backup had committed", epoch, committed)
+	}
+	got := readFile(t, replica2)
+	if !bytes.Equal(got, asCommitted) {
+		t.Errorf("the activated disk differs from the primary's disk as of epoch %d", epoch)
+	}
+	if bytes.Contains(got, later[:12]) {
+		t.Errorf("the activated disk holds the write the primary made after it was cut off")
+	}
+	// The disk is the restored machine's: its fingerprint is the disk's.
+	sum := sha256.Sum256(got)
+	t.Logf("failover at epoch %d (backup had caught up at %d); disk sha256 %x; intermediary re-seeds %d",
+		epoch, committed, sum[:8], in.reseeds.Load())
+}
+
+type served struct {
+	m   *vmm.Machine
+	err error
+}
+
+// closer is the backup's link end, closed to lose the backup.
+type closer interface{ Close() error }
+
+// diskCorruptingConn flips a byte of the data of every DiskWrites it sends,
+// after the range's CRC was computed.
+type diskCorruptingConn struct{ MessageConn }
+
+func (c diskCorruptingConn) WriteMessage(m wire.Message) error {
+	if d, ok := m.(*wire.DiskWrites); ok && len(d.Data) > 100 {
+		bad := *d
+		bad.Data = bytes.Clone(d.Data)
+		bad.Data[len(bad.Data)-1] ^= 0x40
+		m = &bad
+	}
+	return c.MessageConn.WriteMessage(m)
+}
+
+// seedFor writes a disk seed of content for a checkpoint built by hand.
+func seedFor(t *testing.T, content []byte) *DiskSeed {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "seed")
+	if err := os.WriteFile(path, content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fp, err := virtio.NewFingerprint(bytes.NewReader(content), int64(len(content)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &DiskSeed{Disks: []SeedDisk{{Path: path, Size: uint64(len(content)), Fingerprint: fp.Root()}}}
+}
+
+// writesOn returns the DiskWrites of data written at off on content (which
+// it updates), with the disk's fingerprint after it.
+func writesOn(t *testing.T, content []byte, off uint64, data []byte) *virtio.DiskWrites {
+	t.Helper()
+	copy(content[off:], data)
+	fp, err := virtio.NewFingerprint(bytes.NewReader(content), int64(len(content)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &virtio.DiskWrites{Size: uint64(len(content)), Fingerprint: fp.Root(), Ranges: []virtio.DiskRange{{Off: off, Data: data}}}
+}
+
+// TestDiskWritesRefused: a checkpoint whose disk writes arrive corrupt (a
+// range's data no longer matches its CRC) is refused by the intermediary
+// (an Error, ErrRefused: no failover) and changes nothing, neither its
+// image nor its disks; so is one with writes missing for a disk, and a
+// full image whose disk seed does not have the fingerprint it came with.
+// The primary then goes on from a full image. Writes whose CRCs are right
+// but that do not give the primary's fingerprint are refused by the
+// backup's replica, which commits nothing of the epoch.
+func TestDiskWritesRefused(t *testing.T) {
+	const memSize = 4 << 20
+	content := make([]byte, 256<<10)
+	pc, ic := link(t, memSize)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.SetDiskDir(t.TempDir())
+	done := make(chan error, 1)
+	go func() { done <- in.ServePrimary(ic) }()
+
+	full := testCheckpoint(1, true, 0, 1, 2)
+	full.Seed = seedFor(t, content)
+	sendAcked(t, pc, full, 0)
+	cp := testCheckpoint(2, false, 1)
+	cp.Disk = &DiskEpoch{Epoch: 2, Writes: []*virtio.DiskWrites{writesOn(t, content, 8192, bytes.Repeat([]byte{7}, 4096))}}
+	sendAcked(t, pc, cp, 1)
+	stored := readFile(t, filepath.Join(in.diskDir(), "disk0"))
+	if !bytes.Equal(stored, content) {
+		t.Fatalf("the intermediary's disk differs from the primary's after epoch 2")
+	}
+
+	bad := testCheckpoint(3, false, 2)
+	bad.Disk = &DiskEpoch{Epoch: 3, Writes: []*virtio.DiskWrites{writesOn(t, bytes.Clone(content), 0, bytes.Repeat([]byte{9}, 8192))}}
+	if err := SendCheckpoint(diskCorruptingConn{pc}, bad, 2); err != nil {
+		t.Fatal(err)
+	}
+	if we := readError(t, pc); we == nil || we.Code != wire.CodeIncomplete {
+		t.Fatalf("reply to corrupt disk writes = %v, want an Error (incomplete)", we)
+	}
+	if err := <-done; !errors.Is(err, ErrRefused) {
+		t.Errorf("ServePrimary after corrupt disk writes = %v, want ErrRefused (no failover)", err)
+	}
+	if e := in.Image().Epoch(); e != 2 {
+		t.Errorf("intermediary epoch %d after the refusal, want 2", e)
+	}
+	if got := readFile(t, filepath.Join(in.diskDir(), "disk0")); !bytes.Equal(got, content) {
+		t.Errorf("the refused checkpoint changed the intermediary's disk")
+	}
+
+	// A reconnected primary: a delta without a disk's writes, and a full
+	// image whose seed is not what its fingerprint says, are refused too.
+	for i, send := range []func(c MessageConn) error{
+		func(c MessageConn) error { return SendCheckpoint(c, testCheckpoint(3, false, 2), 2) },
+		func(c MessageConn) error {
+			cp := testCheckpoint(3, true, 0, 1)
+			cp.Seed = seedFor(t, content)
+			cp.Seed.Disks[0].Fingerprint[0] ^= 1
+			return SendCheckpoint(c, cp, 0)
+		},
+	} {
+		pc, ic := link(t, memSize)
+		go func() { done <- in.ServePrimary(ic) }()
+		if err := send(pc); err != nil {
+			t.Fatal(err)
+		}
+		if we := readError(t, pc); we == nil {
+			t.Fatalf("case %d: no refusal", i)
+		}
+		if err := <-done; !errors.Is(err, ErrRefused) {
+			t.Errorf("case %d: ServePrimary = %v, want ErrRefused", i, err)
+		}
+		if e := in.Image().Epoch(); e != 2 {
+			t.Errorf("case %d: intermediary epoch %d after the refusal, want 2", i, e)
+		}
+	}
+
+	// The backup's replica checks the fingerprint: writes that are
+	// intact on the wire but do not give the primary's disk are refused,
+	// and nothing of the epoch is committed.
+	bk, err := NewBackup(memSize, BackupConfig{Disks: []string{filepath.Join(t.TempDir(), "replica.img")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bk.Close()
+	bcontent := make([]byte, len(content))
+	seedCp := testCheckpoint(1, true, 0)
+	seedCp.Seed = seedFor(t, bcontent)
+	if err := bk.commit(seedCp, 0); err != nil {
+		t.Fatalf("backup seed: %v", err)
+	}
+	w := writesOn(t, bytes.Clone(bcontent), 4096, bytes.Repeat([]byte{1}, 4096))
+	w.Fingerprint[5] ^= 1
+	if err := bk.stageDisks(&DiskEpoch{Epoch: 2, Writes: []*virtio.DiskWrites{w}}); !errors.Is(err, ErrBadCheckpoint) {
+		t.Errorf("staging writes with the wrong fingerprint = %v, want ErrBadCheckpoint", err)
+	}
+	if err := bk.commit(testCheckpoint(2, false, 1), 1); err == nil {
+		t.Errorf("the backup committed epoch 2 without its disk writes")
+	}
+	if got := bk.DiskEpochs(); len(got) != 1 || got[0] != 1 || bk.Committed() != 1 {
+		t.Errorf("backup at memory epoch %d, disks %v; want 1 and [1]", bk.Committed(), got)
+	}
+}
+
+// FuzzDiskAssembly feeds arbitrary DiskWrites frames to the receiver's
+// assembly: never a panic; what it accepts decodes and joins.
+func FuzzDiskAssembly(f *testing.F) {
+	w := &virtio.DiskWrites{Size: 1 << 20, Ranges: []virtio.DiskRange{{Off: 4096, Data: make([]byte, 4096)}}}
+	enc, err := w.AppendBinary(nil)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(uint32(0), uint32(1), uint32(0), uint32(1), enc, []byte{})
+	f.Add(uint32(0), uint32(2), uint32(0), uint32(2), enc, enc)
+	f.Fuzz(func(t *testing.T, disk, disks, part, parts uint32, a, b []byte) {
+		var asm diskAssembly
+		for _, data := range [][]byte{a, b} {
+			m := &wire.DiskWrites{Epoch: 3, Disk: disk, Disks: disks, Part: part, Parts: parts, Data: data}
+			body, err := m.MarshalBinary()
+			if err != nil {
+				return
+			}
+			var got wire.DiskWrites
+			if err := got.UnmarshalBinary(body); err != nil {
+				t.Fatalf("a message that encodes does not decode: %v", err)
+			}
+			if err := asm.add(&got); err != nil {
+				if !errors.Is(err, ErrBadCheckpoint) {
+					t.Fatalf("add: %v, want ErrBadCheckpoint", err)
+				}
+				return
+			}
+			part++
+			if part == parts {
+				disk, part = disk+1, 0
+			}
+		}
+		if asm.complete() {
+			for _, w := range asm.result().Writes {
+				if _, err := w.AppendBinary(nil); err != nil {
+					t.Fatalf("accepted writes do not encode: %v", err)
+				}
+			}
+		}
+	})
+}
