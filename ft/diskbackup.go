@@ -211,4 +211,3 @@ func (b *Backup) DiskEpochs() []uint64 {
 	}
 	return out
 }
-

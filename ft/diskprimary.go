@@ -3,7 +3,6 @@ package ft
 import (
 	"fmt"
 	"os"
-
 )
 
 // The primary's side of disk replication (see disk.go).
@@ -86,4 +85,3 @@ func (p *Primary) diskSent(cp *Checkpoint, err error) {
 		p.diskBytes.Add(cp.Disk.Bytes())
 	}
 }
-
