@@ -37,7 +37,7 @@ type diskGuest struct {
 	avail uint16
 }
 
-func newDiskGuest(t *testing.T, memSize uint64, diskSize int) *diskGuest {
+func newDiskGuest(t testing.TB, memSize uint64, diskSize int) *diskGuest {
 	t.Helper()
 	dir := t.TempDir()
 	kernel := filepath.Join(dir, "bzImage")

@@ -304,8 +304,11 @@ func parseActivationPolicy(s string) (activationPolicy, error) {
 }
 
 func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--policy SPEC] [--request SPEC] [--on-intermediary-loss wait|activate-after=DUR] [--metrics HOST:PORT]", stderr)
+	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--policy SPEC] [--request SPEC] [--on-intermediary-loss wait|activate-after=DUR] [--disk PATH]... [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7402", "address the intermediary connects to")
+	var disks replicaPaths
+	fs.Var(&disks, "disk", "this backup's copy of the guest's next disk (once per disk, in the primary's --disk order): seeded with the whole disk, "+
+		"advanced by committed epochs (with PATH.journal and PATH.epoch beside it), and the guest's disk after activation")
 	records := fs.String("records", "", "after activation, write the guest's output records to this file (\"-\": stdout)")
 	onLoss := fs.String("on-intermediary-loss", "wait", "when the intermediary is lost: wait for one (the primary may still be running), "+
 		"or activate-after=DUR: if none comes back within DUR, resume the guest from the committed epoch and report the data-loss window "+
@@ -358,7 +361,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	defer closeRecords()
 	bcfg := ft.BackupRunConfig{Listen: *listen, Links: links, Log: log, Policy: *policySpec, Request: request,
-		ActivateAfter: policy.after, SaveActivated: *saveActivated, StatusEvery: *statusEvery, Metrics: *rf.metrics,
+		ActivateAfter: policy.after, SaveActivated: *saveActivated, StatusEvery: *statusEvery, Metrics: *rf.metrics, Disks: disks,
 		Restore: vmm.RestoreConfig{Console: stdout, OnRecord: func(r vmm.Record) {
 			if recW != nil {
 				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
@@ -393,4 +396,17 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	log.Info(fmt.Sprintf("guest exited with code %d", res.ExitCode))
 	return guestExitCode(res)
+}
+
+// replicaPaths is the backup's --disk, given once per disk.
+type replicaPaths []string
+
+func (p *replicaPaths) String() string { return strings.Join(*p, " ") }
+
+func (p *replicaPaths) Set(s string) error {
+	if s == "" {
+		return fmt.Errorf("--disk: an empty path")
+	}
+	*p = append(*p, s)
+	return nil
 }
