@@ -124,8 +124,21 @@ func waitDiskCaughtUp(t *testing.T, p *Primary, bk *Backup, replica, primaryDisk
 // it made later is not on the activated backup's disk, which equals the
 // primary's disk as of the activated epoch, byte for byte, and the
 // restored machine takes it (with the replica's fingerprint).
+//
+// It runs with every epoch forwarded whole, and with hold-back (the
+// backup commits several epochs at a time in syncs, each of them staged
+// on its disk first).
 func TestDiskReplication(t *testing.T) {
 	kvmtest.Require(t)
+	holdBack, err := ParseHoldBack("threshold=0.5,max-lag-epochs=8,max-lag=100ms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Run("forward-every", func(t *testing.T) { testDiskReplication(t, nil) })
+	t.Run("hold-back", func(t *testing.T) { testDiskReplication(t, holdBack) })
+}
+
+func testDiskReplication(t *testing.T, policy ForwardPolicy) {
 	const (
 		memSize  = 64 << 20
 		diskSize = 1 << 20
@@ -137,6 +150,9 @@ func TestDiskReplication(t *testing.T) {
 		t.Fatal(err)
 	}
 	in.SetDiskDir(t.TempDir())
+	if policy != nil {
+		in.SetForwardPolicy(policy)
+	}
 	go in.ServePrimary(ic)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -231,8 +247,11 @@ func TestDiskReplication(t *testing.T) {
 	}
 	// The disk is the restored machine's: its fingerprint is the disk's.
 	sum := sha256.Sum256(got)
-	t.Logf("failover at epoch %d (backup had caught up at %d); disk sha256 %x; intermediary re-seeds %d",
-		epoch, committed, sum[:8], in.reseeds.Load())
+	t.Logf("failover at epoch %d (backup had caught up at %d); disk sha256 %x; intermediary re-seeds %d, syncs %d",
+		epoch, committed, sum[:8], in.reseeds.Load(), in.syncs.Load())
+	if policy != nil && in.syncs.Load() == 0 {
+		t.Errorf("hold-back: no sync was sent")
+	}
 }
 
 type served struct {
