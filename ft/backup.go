@@ -204,7 +204,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeRefused, Reason: ErrActivated.Error()})
 				return nil, ErrActivated
 			}
-			cp, base, err := receiveCheckpoint(c, m, maxPFN, spare, b.seedDir())
+			cp, base, err := receiveCheckpoint(c, m, maxPFN, spare, b.seedDir)
 			spare = nil
 			if errors.Is(err, ErrLinkBroken) {
 				// Not a refusal: the link broke before the checkpoint

@@ -224,6 +224,7 @@ func (a *diskAssembly) result() *DiskEpoch { return &DiskEpoch{Epoch: a.epoch, W
 
 // seedReceiver writes a checkpoint's DiskSeed frames into files in dir.
 type seedReceiver struct {
+	dirOf func() string // asked at the first chunk (nil: seeds refused)
 	dir   string
 	epoch uint64
 	disks uint32
@@ -235,6 +236,9 @@ type seedReceiver struct {
 // add writes the next chunk. Any error is ErrBadCheckpoint (or the
 // file's).
 func (s *seedReceiver) add(epoch uint64, m *wire.DiskSeed) error {
+	if s.disks == 0 && s.dirOf != nil {
+		s.dir = s.dirOf()
+	}
 	if s.dir == "" {
 		return badf("checkpoint %d: a disk seed, and this receiver keeps no disks", epoch)
 	}

@@ -55,7 +55,7 @@ func (in *Intermediary) diskDir() string {
 		}
 		s.dir, s.dirErr = os.MkdirTemp("", "understudy-intermediary-disks-")
 	})
-	if s.dirErr != nil {
+	if s.dirErr != nil || s.dir == "" {
 		in.log.Warn("no directory for the guest's disks: disk seeds are refused", "err", s.dirErr)
 		return ""
 	}
@@ -215,5 +215,21 @@ func (in *Intermediary) forwardDisks(cp *Checkpoint) {
 		b.requestReseed()
 	case d != nil:
 		b.enqueue(outgoing{disk: d, epoch: cp.Epoch})
+	}
+}
+
+// RemoveDisks removes the intermediary's copy of the guest's disks, and
+// its directory if the intermediary made it; call it once the
+// intermediary is done (after Failover or when its primary finished).
+func (in *Intermediary) RemoveDisks() {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	s := &in.disks
+	s.drop()
+	// After this, diskDir gives "" (seeds refused) if it made no
+	// directory yet; if it did, s.dir is read after it was set.
+	s.dirOnce.Do(func() {})
+	if s.set == "" && s.dir != "" {
+		os.RemoveAll(s.dir)
 	}
 }

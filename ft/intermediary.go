@@ -277,7 +277,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
-			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize), in.diskDir())
+			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize), in.diskDir)
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}

@@ -343,6 +343,7 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 		cp, err := p.checkpoint(queued == 0)
 		if cp != nil {
 			if serr := s.hand(ctx, cp); serr != nil {
+				p.diskSent(cp, serr) // never sent (diskprimary.go)
 				return serr
 			}
 			queued = cp.Epoch
@@ -365,6 +366,7 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 			}
 			p.seal(last)
 			if err := s.hand(ctx, last); err != nil {
+				p.diskSent(last, err) // never sent (diskprimary.go)
 				return err
 			}
 			if err := s.drain(ctx); err != nil {

@@ -119,6 +119,7 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 		return err
 	}
 	in.Store(inter)
+	defer inter.RemoveDisks() // its copy of the guest's disks (diskstore.go)
 	inter.SetBackupLossPolicy(cfg.OnBackupLoss)
 	if err := inter.SetWANCompression(cfg.WANCompression); err != nil {
 		pc.Close()

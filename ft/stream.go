@@ -123,14 +123,14 @@ type pagePlacer interface {
 // The checkpoint's disk writes come in cp.Disk; a disk seed is refused
 // (the caller keeps no disks).
 func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64) (*Checkpoint, uint64, error) {
-	return receiveCheckpoint(c, begin, maxPFN, nil, "")
+	return receiveCheckpoint(c, begin, maxPFN, nil, nil)
 }
 
 // receiveCheckpoint is ReceiveCheckpoint receiving the pages into spare if
 // it is large enough (the caller no longer uses it), else into new memory,
-// and a disk seed into files in seedDir (cp.Seed, the caller's to remove;
-// "": refused).
-func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64, spare []byte, seedDir string) (cp *Checkpoint, base uint64, err error) {
+// and a disk seed into files in the directory seedDir returns, asked when
+// a seed arrives (cp.Seed, the caller's to remove; nil or "": refused).
+func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64, spare []byte, seedDir func() string) (cp *Checkpoint, base uint64, err error) {
 	if begin.StateLen == 0 || begin.StateLen > wire.MaxStateLen {
 		return nil, 0, badf("checkpoint %d: state length %d", begin.Epoch, begin.StateLen)
 	}
@@ -140,7 +140,7 @@ func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 	cp = &Checkpoint{Epoch: begin.Epoch, Kind: kindOf(begin.Flags), State: make([]byte, 0, begin.StateLen)}
 	// Disk replication (disk.go): the epoch's disk writes and a seed.
 	var disk diskAssembly
-	seed := seedReceiver{dir: seedDir}
+	seed := seedReceiver{dirOf: seedDir}
 	defer func() {
 		if err != nil {
 			seed.abort()
