@@ -465,6 +465,8 @@ func (b *Backup) Metrics() []Metric {
 		{Name: "understudy_backup_requested_pages_total", Help: "Pages requested from the intermediary ahead of a sync.", Kind: "counter", Value: float64(b.ret.requested.Load())},
 		{Name: "understudy_backup_served_pages_total", Help: "Requested pages the intermediary staged.", Kind: "counter", Value: float64(b.ret.served.Load())},
 		{Name: "understudy_backup_refused_requests_total", Help: "Page requests the intermediary refused.", Kind: "counter", Value: float64(b.ret.refused.Load())},
+		// Disk replication (diskbackup.go).
+		{Name: "understudy_backup_disk_bytes_total", Help: "Disk write bytes staged on the disk replicas.", Kind: "counter", Value: float64(b.disks.bytes.Load())},
 	}
 }
 

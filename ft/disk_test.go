@@ -157,9 +157,10 @@ func testDiskReplication(t *testing.T, policy ForwardPolicy) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
+	replicas := t.TempDir()
 	attach := func(name string) (*Backup, string, closer, chan served) {
 		ib, bi := roleLink(t, memSize, wire.RoleIntermediary, wire.RoleBackup)
-		replica := filepath.Join(t.TempDir(), name+".img")
+		replica := filepath.Join(replicas, name+".img")
 		bk, err := NewBackup(memSize, BackupConfig{Disks: []string{replica}})
 		if err != nil {
 			t.Fatal(err)
@@ -190,12 +191,21 @@ func testDiskReplication(t *testing.T, policy ForwardPolicy) {
 	diskRound(t, g, 2, 5)
 	waitDiskCaughtUp(t, p, bk1, replica1, g.disk)
 
-	// The backup is lost; a new one is seeded with the whole disk.
+	// The backup is lost; a new one (or, under hold-back, the same one
+	// returning on its replica, which Open recovers) is seeded with the
+	// whole disk.
 	link1.Close()
 	<-done1
 	waitFor(t, "the intermediary to drop the lost backup", func() bool { return attachedBackup(in) == nil })
 	diskRound(t, g, 3, 3) // while no backup is attached
-	bk2, replica2, _, done2 := attach("backup2")
+	name := "backup2"
+	if policy != nil {
+		if err := bk1.Close(); err != nil {
+			t.Fatal(err)
+		}
+		name = "backup1"
+	}
+	bk2, replica2, _, done2 := attach(name)
 	waitFor(t, "the new backup's seed", func() bool { return bk2.Committed() > 0 })
 	diskRound(t, g, 4, 5)
 	waitDiskCaughtUp(t, p, bk2, replica2, g.disk)
@@ -251,6 +261,9 @@ func testDiskReplication(t *testing.T, policy ForwardPolicy) {
 		epoch, committed, sum[:8], in.reseeds.Load(), in.syncs.Load())
 	if policy != nil && in.syncs.Load() == 0 {
 		t.Errorf("hold-back: no sync was sent")
+	}
+	if m := metricValue(in.Metrics(), "understudy_intermediary_disk_bytes_total"); m < 21*8192 {
+		t.Errorf("understudy_intermediary_disk_bytes_total = %v, want at least the %d bytes written", m, 21*8192)
 	}
 }
 
@@ -511,4 +524,13 @@ func TestDiskDirectToBackup(t *testing.T) {
 	if got := readFile(t, replica); !bytes.Equal(got, asCommitted) {
 		t.Errorf("the activated disk differs from the primary's as of epoch %d", epoch)
 	}
+}
+
+func metricValue(ms []Metric, name string) float64 {
+	for _, m := range ms {
+		if m.Name == name {
+			return m.Value
+		}
+	}
+	return -1
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/understudy-vmm/understudy/ft/diskrep"
 	"github.com/understudy-vmm/understudy/ft/wire"
@@ -25,7 +26,8 @@ import (
 // backupDisks is the backup's replicas (only Serve's goroutine and
 // Activate, under the backup's mu after Serve, touch them).
 type backupDisks struct {
-	assembly diskAssembly // the epoch whose writes are arriving on their own (Serve only)
+	assembly diskAssembly  // the epoch whose writes are arriving on their own (Serve only)
+	bytes    atomic.Uint64 // disk write bytes staged
 	// mu guards reps (and the replicas: DiskEpochs reads them).
 	mu   sync.Mutex
 	reps []*diskrep.Replica // opened at the first seed, in disk order
@@ -71,6 +73,7 @@ func (b *Backup) stageDisks(d *DiskEpoch) error {
 			return fmt.Errorf("%w: disk %d: %w", ErrBadCheckpoint, i, err)
 		}
 	}
+	b.disks.bytes.Add(d.Bytes())
 	return nil
 }
 

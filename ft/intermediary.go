@@ -512,6 +512,8 @@ func (in *Intermediary) Metrics() []Metric {
 		{Name: "understudy_intermediary_requested_pages_total", Help: "Pages the backup requested.", Kind: "counter", Value: float64(in.pagesRequested.Load())},
 		{Name: "understudy_intermediary_served_pages_total", Help: "Requested pages staged at the backup.", Kind: "counter", Value: float64(in.pagesServed.Load())},
 		{Name: "understudy_intermediary_refused_requests_total", Help: "Page requests refused (a page outside guest memory).", Kind: "counter", Value: float64(in.requestsRefused.Load())},
+		// Disk replication (diskstore.go).
+		{Name: "understudy_intermediary_disk_bytes_total", Help: "Disk write bytes received, checked and applied to the intermediary's copy of the guest's disks.", Kind: "counter", Value: float64(in.disks.bytes.Load())},
 	}
 }
 
