@@ -81,7 +81,4 @@ func (p *Primary) diskSent(cp *Checkpoint, err error) {
 	if err != nil && cp.Disk != nil {
 		p.m.ReturnDiskWrites(cp.Disk.Writes)
 	}
-	if err == nil && cp.Disk != nil {
-		p.diskBytes.Add(cp.Disk.Bytes())
-	}
 }

@@ -135,7 +135,6 @@ type Primary struct {
 	epochs      atomic.Uint64
 	byBudget    atomic.Uint64 // epochs the dirty budget ended early
 	bytesSent   atomic.Uint64 // page and state bytes of the checkpoints sent
-	diskBytes   atomic.Uint64 // disk write bytes of the checkpoints sent
 	backupEpoch atomic.Uint64 // the backup's committed epoch, as the intermediary reports it
 	linkUp      atomic.Bool
 	reconnects  atomic.Uint64
