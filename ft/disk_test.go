@@ -275,20 +275,6 @@ type served struct {
 // closer is the backup's link end, closed to lose the backup.
 type closer interface{ Close() error }
 
-// diskCorruptingConn flips a byte of the data of every DiskWrites it sends,
-// after the range's CRC was computed.
-type diskCorruptingConn struct{ MessageConn }
-
-func (c diskCorruptingConn) WriteMessage(m wire.Message) error {
-	if d, ok := m.(*wire.DiskWrites); ok && len(d.Data) > 100 {
-		bad := *d
-		bad.Data = bytes.Clone(d.Data)
-		bad.Data[len(bad.Data)-1] ^= 0x40
-		m = &bad
-	}
-	return c.MessageConn.WriteMessage(m)
-}
-
 // seedFor writes a disk seed of content for a checkpoint built by hand.
 func seedFor(t *testing.T, content []byte) *DiskSeed {
 	t.Helper()
@@ -348,7 +334,7 @@ func TestDiskWritesRefused(t *testing.T) {
 
 	bad := testCheckpoint(3, false, 2)
 	bad.Disk = &DiskEpoch{Epoch: 3, Writes: []*virtio.DiskWrites{writesOn(t, bytes.Clone(content), 0, bytes.Repeat([]byte{9}, 8192))}}
-	if err := SendCheckpoint(diskCorruptingConn{pc}, bad, 2); err != nil {
+	if err := SendCheckpoint(&diskCorruptingConn{MessageConn: pc}, bad, 2); err != nil {
 		t.Fatal(err)
 	}
 	if we := readError(t, pc); we == nil || we.Code != wire.CodeIncomplete {
@@ -533,4 +519,55 @@ func metricValue(ms []Metric, name string) float64 {
 		}
 	}
 	return -1
+}
+
+// TestDiskCorruptFromPrimary: a live primary whose checkpoint's disk
+// writes arrive corrupt (the corrupt-disk failpoint flips a byte after the
+// ranges' CRCs were computed) is refused by the intermediary: its Run
+// ends with the intermediary's Error, the intermediary stays at the epoch
+// before, does not fence the primary (no failover) and its disks are as
+// of that epoch.
+func TestDiskCorruptFromPrimary(t *testing.T) {
+	kvmtest.Require(t)
+	const memSize = 64 << 20
+	g := newDiskGuest(t, memSize, 1<<20)
+	pc, ic := link(t, memSize)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.SetDiskDir(t.TempDir())
+	served := make(chan error, 1)
+	go func() { served <- in.ServePrimary(ic) }()
+	p, err := NewPrimary(g.m, pc, PrimaryConfig{Interval: 5 * time.Millisecond, DiskSeedDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const bad = 12
+	failAt = armedFailpoint{failCorruptDisk, bad}
+	defer func() { failAt = armedFailpoint{} }()
+	ctx, kill := context.WithCancel(context.Background())
+	defer kill()
+	machineDone := make(chan error, 1)
+	go func() { _, err := g.m.Run(ctx); machineDone <- err }()
+	primaryDone := make(chan error, 1)
+	go func() { primaryDone <- p.Run(ctx) }()
+	var we *wire.Error
+	if err := <-primaryDone; !errors.As(err, &we) || we.Code != wire.CodeIncomplete {
+		t.Errorf("Primary.Run with corrupt disk writes at epoch %d = %v, want the intermediary's refusal", bad, err)
+	}
+	if err := <-served; !errors.Is(err, ErrRefused) {
+		t.Errorf("ServePrimary = %v, want ErrRefused", err)
+	}
+	kill()
+	<-machineDone
+	if e := in.Image().Epoch(); e != bad-1 {
+		t.Errorf("intermediary at epoch %d after refusing epoch %d, want %d", e, bad, bad-1)
+	}
+	if in.Fenced() {
+		t.Errorf("the intermediary fenced the primary after a refusal")
+	}
+	if in.disks.epoch != bad-1 || len(in.disks.disks) != 1 {
+		t.Errorf("intermediary disks at epoch %d (%d disks), want %d", in.disks.epoch, len(in.disks.disks), bad-1)
+	}
 }
