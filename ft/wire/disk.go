@@ -96,8 +96,9 @@ func (m *DiskWrites) UnmarshalBinary(data []byte) error {
 // DiskSeed carries bytes Offset..Offset+len(Data) of disk Disk (of Disks)
 // as it was at epoch Epoch, for a new backup's seed: the disk is Size bytes
 // and has fingerprint Fingerprint (the receiver's replica checks the whole
-// disk against it). A disk's seed is sent in order, chunk after chunk,
-// from offset 0 to Size.
+// disk against it). A disk's seed is sent in order, its chunks ascending
+// and not overlapping, the first at offset 0; bytes no chunk carries are
+// zero (the sender leaves out chunks of zeros).
 type DiskSeed struct {
 	Epoch       uint64
 	Disk, Disks uint32

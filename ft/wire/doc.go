@@ -93,7 +93,8 @@
 //
 // A checkpoint from the primary carries its epoch's disk writes as
 // DiskWrites frames between Begin and End (every disk, every part), and a
-// full image the whole of every disk as DiskSeed frames; the
+// full image the whole of every disk as DiskSeed frames (disk after disk,
+// chunks ascending from offset 0, chunks of zeros left out); the
 // intermediary sends the backup each epoch's DiskWrites on their own,
 // before the checkpoint that commits the epoch (see package ft's disk.go).
 //
