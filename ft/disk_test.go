@@ -573,3 +573,51 @@ func TestDiskCorruptFromPrimary(t *testing.T) {
 		t.Errorf("intermediary disks at epoch %d (%d disks), want %d", in.disks.epoch, len(in.disks.disks), bad-1)
 	}
 }
+
+// FuzzSeedReceiver feeds arbitrary DiskSeed frames to the receiver of a
+// checkpoint's disk seed: never a panic; a refusal is ErrBadCheckpoint;
+// what it accepts is a seed of the disks announced, each file of its size.
+func FuzzSeedReceiver(f *testing.F) {
+	f.Add(uint32(0), uint32(1), uint64(8192), uint64(0), uint64(4096), []byte{1, 2, 3})
+	f.Add(uint32(0), uint32(2), uint64(4096), uint64(0), uint64(0), []byte{1})
+	f.Fuzz(func(t *testing.T, disk, disks uint32, size, off1, off2 uint64, data []byte) {
+		if size > 1<<20 {
+			size %= 1 << 20 // keep the files small
+		}
+		r := seedReceiver{dirOf: func() string { return t.TempDir() }}
+		defer r.abort()
+		for i, off := range []uint64{off1, off2} {
+			m := &wire.DiskSeed{Epoch: 4, Disk: disk + uint32(i)*(disks-disk-1)%2, Disks: disks, Size: size, Offset: off, Data: data}
+			body, err := m.MarshalBinary()
+			if err != nil {
+				return
+			}
+			var got wire.DiskSeed
+			if err := got.UnmarshalBinary(body); err != nil {
+				t.Fatalf("a message that encodes does not decode: %v", err)
+			}
+			if err := r.add(4, &got); err != nil {
+				if !errors.Is(err, ErrBadCheckpoint) {
+					t.Fatalf("add: %v, want ErrBadCheckpoint", err)
+				}
+				return
+			}
+		}
+		seed, err := r.finish()
+		if err != nil {
+			if !errors.Is(err, ErrBadCheckpoint) {
+				t.Fatalf("finish: %v", err)
+			}
+			return
+		}
+		if seed == nil || len(seed.Disks) != int(disks) {
+			t.Fatalf("finish() = %v, want a seed of %d disks", seed, disks)
+		}
+		for _, d := range seed.Disks {
+			if fi, err := os.Stat(d.Path); err != nil || uint64(fi.Size()) != d.Size {
+				t.Fatalf("seed file %s: %v, want %d bytes", d.Path, err, d.Size)
+			}
+		}
+		seed.Remove()
+	})
+}
