@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -255,7 +256,27 @@ func testDiskReplication(t *testing.T, policy ForwardPolicy) {
 	if bytes.Contains(got, later[:12]) {
 		t.Errorf("the activated disk holds the write the primary made after it was cut off")
 	}
-	// The disk is the restored machine's: its fingerprint is the disk's.
+	// The restored guest reads the committed disk: a read of the blocks
+	// the primary wrote after it was cut off, through the restored
+	// device, whose rings are where the primary's driver left them as of
+	// the activated epoch.
+	rd := &linuxtest.Driver{T: t, Mem: b.m.Memory(), Tr: b.m.VirtioTransport(0), Base: dkRings, Hdr: dkHdr, TxBufs: dkTx}
+	avail := binary.LittleEndian.Uint16(rd.Read(dkRings+0x400+2, 2))
+	rd.BlockRequest(1, avail, virtio.BlockTIn, 3*8, dkData+0x10000, 8192, dkStatus+1)
+	rd.Publish(avail + 1)
+	rctx, stop := context.WithCancel(ctx)
+	runDone := make(chan error, 1)
+	go func() { _, err := b.m.Run(rctx); runDone <- err }()
+	if _, err := b.m.Pause(); err != nil { // completes the read
+		t.Fatal(err)
+	}
+	if st := rd.Read(dkStatus+1, 1); st[0] != virtio.BlockSOK || rd.UsedIdx(0) != avail+1 {
+		t.Errorf("the restored guest's read: status %d, used index %d; want OK and %d", st[0], rd.UsedIdx(0), avail+1)
+	} else if data := rd.Read(dkData+0x10000, 8192); !bytes.Equal(data, asCommitted[3*4096:5*4096]) {
+		t.Errorf("the restored guest reads blocks 3-4 as %q..., want the committed %q...", data[:16], asCommitted[3*4096:3*4096+16])
+	}
+	stop()
+	<-runDone
 	sum := sha256.Sum256(got)
 	t.Logf("failover at epoch %d (backup had caught up at %d); disk sha256 %x; intermediary re-seeds %d, syncs %d",
 		epoch, committed, sum[:8], in.reseeds.Load(), in.syncs.Load())
