@@ -199,6 +199,19 @@ func (a *diskAssembly) add(m *wire.DiskWrites) error {
 	if w.Disk != m.Disk {
 		return badf("disk writes of epoch %d: disk %d's part holds disk %d's writes", m.Epoch, m.Disk, w.Disk)
 	}
+	// Parts continue each other (one disk, ranges ascending across
+	// them), so what is kept is bounded by the disk's size.
+	if n := len(a.cur); n > 0 {
+		prev := a.cur[n-1]
+		if w.Size != prev.Size || w.Fingerprint != prev.Fingerprint {
+			return badf("disk writes of epoch %d: disk %d part %d is of another disk size or fingerprint than part %d", m.Epoch, m.Disk, m.Part, m.Part-1)
+		}
+		if k := len(prev.Ranges); k > 0 && len(w.Ranges) > 0 {
+			if end := prev.Ranges[k-1].Off + uint64(len(prev.Ranges[k-1].Data)); w.Ranges[0].Off < end {
+				return badf("disk writes of epoch %d: disk %d part %d starts at %d, before part %d ends (%d)", m.Epoch, m.Disk, m.Part, w.Ranges[0].Off, m.Part-1, end)
+			}
+		}
+	}
 	a.parts = m.Parts
 	a.cur = append(a.cur, w)
 	a.part++
