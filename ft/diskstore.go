@@ -41,8 +41,9 @@ type storedDisk struct {
 }
 
 // SetDiskDir sets where the intermediary keeps its copy of the guest's
-// disks and receives disk seeds (default: a new directory under
-// os.TempDir()). Call it before serving the primary.
+// disks and receives disk seeds ("", the default: a new directory under
+// os.TempDir(), which RemoveDisks removes). Call it before serving the
+// primary.
 func (in *Intermediary) SetDiskDir(dir string) { in.disks.set = dir }
 
 // diskDir returns the directory of the disk store, made on first use.

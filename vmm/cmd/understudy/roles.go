@@ -237,7 +237,7 @@ func everyInterval(d time.Duration, fn func()) func() {
 }
 
 func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--hold-back SPEC] [--wan-compress LEVEL] [--on-backup-loss continue|stall] [--metrics HOST:PORT]", stderr)
+	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--hold-back SPEC] [--wan-compress LEVEL] [--on-backup-loss continue|stall] [--disk-dir DIR] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7401", "address the primary connects to (tcp://host:port or vsock://cid:port)")
 	backupAddr := fs.String("backup", "", "address of the backup")
 	onLoss := fs.String("on-backup-loss", "continue", "while no backup is attached: continue (acknowledge the primary; a returning backup is re-seeded with a full image) "+
@@ -249,6 +249,8 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		"a sync (the backup commits a whole epoch) comes when any bound is passed, and before a failover. Also bandwidth=RATE (100Mbit, 12MiB/s) caps "+
 		"what is staged ahead of a sync, and range=START-END (repeatable, e.g. range=0-64M) stages only pages in those guest-physical ranges")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
+	diskDir := fs.String("disk-dir", "", "where to keep this intermediary's copy of the guest's disks (room for every disk, twice while a backup is re-seeded "+
+		"without reflinks; default: a temporary directory, removed at exit)")
 	rf := addRoleFlags(fs, "intermediary")
 	if code, done := parseFlags(fs, args); done {
 		return code
@@ -278,7 +280,7 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		return fail(stderr, err)
 	}
 	err = ft.RunIntermediary(ctx, ft.IntermediaryRunConfig{Listen: *listen, Backup: *backupAddr, Links: links, Log: log,
-		OnBackupLoss: policy, WANCompression: zlevel, HoldBack: hb, BackupRetry: *retry, StatusEvery: *statusEvery, Metrics: *rf.metrics})
+		OnBackupLoss: policy, WANCompression: zlevel, HoldBack: hb, BackupRetry: *retry, StatusEvery: *statusEvery, Metrics: *rf.metrics, DiskDir: *diskDir})
 	if err != nil {
 		return fail(stderr, err)
 	}
