@@ -30,6 +30,12 @@ type BackupConfig struct {
 	// Request is how the backup picks pages to request when its policy
 	// has the intermediary send manifests (nil: DefaultRequestPolicy).
 	Request *RequestPolicy
+	// Disks are the paths of this backup's copies of the guest's disks,
+	// in the primary's disk order (understudy backup --disk): each is a
+	// diskrep.Replica, seeded with every full image and advanced with the
+	// committed epoch; on activation the guest's disks are these files
+	// (they replace Restore.Disks). None: the guest must have no disks.
+	Disks []string
 }
 
 // Backup keeps a committed image of the protected guest at a complete epoch
@@ -67,6 +73,9 @@ type Backup struct {
 	// when (for the data-loss window of an activation without it).
 	interEpoch atomic.Uint64
 	interSeen  atomic.Int64 // Unix nanoseconds
+	// disks are the disk replicas (diskbackup.go).
+	disks backupDisks
+
 	// Stats.
 	received    atomic.Uint64
 	checkpoints atomic.Uint64
@@ -104,10 +113,11 @@ func NewBackup(memSize uint64, cfg BackupConfig) (*Backup, error) {
 func (b *Backup) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	derr := b.closeDisks() // disk replication (diskbackup.go)
 	if b.ram == nil {
-		return nil
+		return derr
 	}
-	err := b.ram.Close()
+	err := errors.Join(b.ram.Close(), derr)
 	b.ram = nil
 	b.active = true // nothing may use the image any more
 	return err
@@ -194,7 +204,7 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				_ = c.WriteMessage(&wire.Error{Code: wire.CodeRefused, Reason: ErrActivated.Error()})
 				return nil, ErrActivated
 			}
-			cp, base, err := receiveCheckpoint(c, m, maxPFN, spare)
+			cp, base, err := receiveCheckpoint(c, m, maxPFN, spare, b.seedDir)
 			spare = nil
 			if errors.Is(err, ErrLinkBroken) {
 				// Not a refusal: the link broke before the checkpoint
@@ -259,6 +269,14 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 				if err := c.WriteMessage(r); err != nil {
 					return nil, fmt.Errorf("backup: request pages: %w", err)
 				}
+			}
+		case *wire.DiskWrites:
+			// Disk replication (diskbackup.go): an epoch's writes, ahead
+			// of the checkpoint that commits it.
+			if err := b.diskWrites(m); err != nil {
+				b.log.Warn("refused disk writes", "epoch", m.Epoch, "err", err)
+				_ = c.WriteMessage(&wire.Error{Code: wire.CodeIncomplete, Reason: truncate(err.Error(), wire.MaxReasonLen)})
+				return nil, fmt.Errorf("backup: %w", err)
 			}
 		case *wire.Served:
 			b.ret.done(m.ID, m.Pages)
@@ -354,13 +372,18 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
 			return
 		}
+		// Disk replication (diskbackup.go): the replicas, at this
+		// epoch, are the guest's disks.
+		rc := b.cfg.Restore
+		if err = b.activateDisks(epoch, &rc); err != nil {
+			return
+		}
 		// The machine takes the image's memory over (and closes it even
 		// if the restore fails): from here the backup is spent.
 		ram := b.ram
 		b.ram, b.active = nil, true
 		// A Linux guest's frames the primary still held go out on this
 		// host's taps before the guest transmits (vmm's restore).
-		rc := b.cfg.Restore
 		rc.NetCarried = env.Frames
 		if m, err = vmm.RestoreMemory(rc, st, ram); err != nil {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
@@ -451,6 +474,8 @@ func (b *Backup) Metrics() []Metric {
 		{Name: "understudy_backup_requested_pages_total", Help: "Pages requested from the intermediary ahead of a sync.", Kind: "counter", Value: float64(b.ret.requested.Load())},
 		{Name: "understudy_backup_served_pages_total", Help: "Requested pages the intermediary staged.", Kind: "counter", Value: float64(b.ret.served.Load())},
 		{Name: "understudy_backup_refused_requests_total", Help: "Page requests the intermediary refused.", Kind: "counter", Value: float64(b.ret.refused.Load())},
+		// Disk replication (diskbackup.go).
+		{Name: "understudy_backup_disk_bytes_total", Help: "Disk write bytes staged on the disk replicas.", Kind: "counter", Value: float64(b.disks.bytes.Load())},
 	}
 }
 
@@ -505,10 +530,18 @@ func (b *Backup) stage(m *wire.PageBatch, maxPFN uint64) error {
 // staged; a hold-back sync (KindSync) commits the staged pages together with
 // its own, which win, in one atomic Apply.
 func (b *Backup) commit(cp *Checkpoint, base uint64) error {
+	// Disk replication (diskbackup.go): the disks are ready for the
+	// epoch before the image takes it, and commit it right after.
+	if err := b.beforeCommit(cp); err != nil {
+		return err
+	}
 	if cp.Kind == KindSync && len(b.staged) > 0 {
 		cp = mergeStaged(cp, b.staged, b.stagedSums)
 	}
 	if err := b.img.Apply(cp, base, b.pageOffset); err != nil {
+		return err
+	}
+	if err := b.afterCommit(cp); err != nil {
 		return err
 	}
 	if cp.Kind == KindFull || cp.Kind == KindSync {

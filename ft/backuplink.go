@@ -68,6 +68,7 @@ type outgoing struct {
 	cp    *Checkpoint
 	msg   wire.Message
 	epoch uint64
+	disk  *DiskEpoch // an epoch's disk writes, sent on their own (disk.go)
 }
 
 // enqueue queues out for the writer, or, past the queue's limit, drops the
@@ -77,6 +78,8 @@ func (b *backupLink) enqueue(out ...outgoing) {
 	for _, o := range out {
 		if o.cp != nil {
 			n += len(o.cp.Data)
+		} else if o.disk != nil {
+			n += int(o.disk.Bytes())
 		} else {
 			n += msgBytes(o.msg)
 		}
@@ -291,7 +294,9 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent
 			return err
 		}
 		if cp != nil {
-			if err := SendCheckpoint(b.c, cp, 0); err != nil {
+			err := SendCheckpoint(b.c, cp, 0)
+			cp.Seed.Remove() // the disks' copies (disk replication)
+			if err != nil {
 				return err
 			}
 			in.reseeds.Add(1)
@@ -301,6 +306,19 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent
 		}
 	}
 	for _, o := range q {
+		if o.disk != nil {
+			// Disk replication (disk.go): every epoch's writes after
+			// what the backup has, in order, ahead of the checkpoint
+			// that commits them.
+			if sent == 0 || o.disk.Epoch <= sent {
+				continue // in the re-seed's disks
+			}
+			if err := sendDiskEpoch(b.c, o.disk); err != nil {
+				return err
+			}
+			in.forwarded.Add(o.disk.Bytes())
+			continue
+		}
 		if o.msg != nil {
 			if o.epoch != 0 && (sent == 0 || o.epoch <= sent) {
 				continue // the manifest of an epoch the backup has, or will get whole
@@ -351,6 +369,12 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent
 				return nil
 			}
 		case KindFull:
+			if cp.Seed == nil && in.disks.has.Load() {
+				// A full image without the disks: a re-seed brings
+				// both (forwardDisks asked for it).
+				b.requestReseed()
+				return nil
+			}
 		}
 		in.log.Debug("forward", "epoch", cp.Epoch, "kind", cp.Kind, "pages", len(cp.PFNs))
 		if err := SendCheckpoint(b.c, cp, sent); err != nil {
@@ -368,6 +392,14 @@ func (in *Intermediary) sendBatch(b *backupLink, reseed bool, q []outgoing, sent
 // checkpoints accounted for after it are relative to it. It returns nil if
 // the image holds no epoch yet.
 func (in *Intermediary) reseedSnapshot(b *backupLink) (*Checkpoint, error) {
+	disks := in.disks.has.Load()
+	if disks {
+		// Disk replication: the disks' copy at the image's epoch, so
+		// no checkpoint may apply meanwhile (lock order: in.mu, then
+		// the ledger's).
+		in.mu.Lock()
+		defer in.mu.Unlock()
+	}
 	h := &b.held
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -375,6 +407,15 @@ func (in *Intermediary) reseedSnapshot(b *backupLink) (*Checkpoint, error) {
 	b.reseed = false
 	b.mu.Unlock()
 	cp, err := in.img.Snapshot(in.regions)
+	switch {
+	case cp != nil && err == nil && disks:
+		cp.Seed, err = in.snapshotDisks(cp.Epoch)
+	case cp != nil && err == nil && in.disks.has.Load():
+		// The disks came with a full image since the look above: that
+		// image asked for another re-seed; this one must not go
+		// without them.
+		err = errors.New("re-seed: the guest's disks arrived while the image was copied")
+	}
 	if cp != nil {
 		h.reset(cp.Epoch)
 	}

@@ -27,6 +27,16 @@ type Checkpoint struct {
 	Sums  []uint32
 	State []byte // the encoded vmm.MachineState
 
+	// Disk replication (disk.go). Disk is the epoch's writes to the
+	// guest's disks (nil: a guest without disks, or a checkpoint built
+	// at the intermediary, whose disk writes travel on their own). Seed,
+	// on a full image, is every disk as of the image's epoch.
+	Disk *DiskEpoch
+	Seed *DiskSeed
+	// diskErr is why the primary could not take the disk writes or seed
+	// at the pause: the checkpoint is not sent.
+	diskErr error
+
 	// Timings of the stun (vCPUs paused): the whole stun and its parts.
 	Stun, Pause, Harvest, Copy, Capture, Resume time.Duration
 }

@@ -20,6 +20,12 @@
 // acknowledged and carried in each checkpoint's envelope (envelope.go), so
 // the activated backup sends them first.
 //
+// A Linux guest's disks are replicated with its memory (disk*.go): each
+// checkpoint carries its epoch's disk writes and each full image the whole
+// disks; the intermediary keeps a copy of the disks and forwards every
+// epoch's writes; the backup keeps each disk in an ft/diskrep replica that
+// commits with its image.
+//
 // It depends on vmm (the machine) and mmu (guest memory and its dirty log);
 // neither of those may depend on ft.
 package ft

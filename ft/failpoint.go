@@ -22,6 +22,9 @@ import (
 //	corrupt   not a kill: one byte of the checkpoint's first page is flipped
 //	          on its way out, after the digest was computed over it (a bad
 //	          checkpoint from a live primary)
+//	corrupt-disk  not a kill: one byte of the checkpoint's first disk
+//	          writes frame is flipped on its way out, after its ranges'
+//	          CRCs were computed (corrupt disk blocks from a live primary)
 //
 // and EPOCH is the checkpoint's epoch. Unarmed, they cost one comparison.
 const failpointEnv = "UNDERSTUDY_FAILPOINT"
@@ -34,6 +37,7 @@ const (
 	failTransfer
 	failSent
 	failCorrupt
+	failCorruptDisk
 )
 
 var failAt = mustParseFailpoint(os.Getenv(failpointEnv))
@@ -63,9 +67,10 @@ func parseFailpoint(s string) (armedFailpoint, error) {
 	if err != nil || e == 0 {
 		return armedFailpoint{}, fmt.Errorf("%q: epoch must be a positive integer", s)
 	}
-	st := map[string]failStage{"stun": failStun, "transfer": failTransfer, "sent": failSent, "corrupt": failCorrupt}[stage]
+	st := map[string]failStage{"stun": failStun, "transfer": failTransfer, "sent": failSent, "corrupt": failCorrupt,
+		"corrupt-disk": failCorruptDisk}[stage]
 	if st == failNone {
-		return armedFailpoint{}, fmt.Errorf("%q: stage must be stun, transfer, sent or corrupt", s)
+		return armedFailpoint{}, fmt.Errorf("%q: stage must be stun, transfer, sent, corrupt or corrupt-disk", s)
 	}
 	return armedFailpoint{st, e}, nil
 }
@@ -92,8 +97,33 @@ func failpointConn(c MessageConn, epoch uint64) MessageConn {
 		return &dyingConn{MessageConn: c, epoch: epoch}
 	case failCorrupt:
 		return &corruptingConn{MessageConn: c}
+	case failCorruptDisk:
+		return &diskCorruptingConn{MessageConn: c}
 	}
 	return c
+}
+
+// diskCorruptingConn flips one byte of the first DiskWrites frame's data:
+// the last (a range's data) if it has ranges, else the first (its magic),
+// so that the receiver's decoding refuses it.
+type diskCorruptingConn struct {
+	MessageConn
+	done bool
+}
+
+func (c *diskCorruptingConn) WriteMessage(m wire.Message) error {
+	if d, ok := m.(*wire.DiskWrites); ok && !c.done {
+		c.done = true
+		bad := *d
+		bad.Data = append([]byte(nil), d.Data...) // the checkpoint's own stays intact
+		at := 0
+		if len(bad.Data) > 64 {
+			at = len(bad.Data) - 1
+		}
+		bad.Data[at] ^= 0x40
+		m = &bad
+	}
+	return c.MessageConn.WriteMessage(m)
 }
 
 type corruptingConn struct {

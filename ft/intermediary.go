@@ -56,6 +56,10 @@ type Intermediary struct {
 	// for the next one.
 	spare pageBuffer
 
+	// disks is the copy of the guest's disks at the image's epoch
+	// (diskstore.go).
+	disks diskStore
+
 	// Stats.
 	received    atomic.Uint64 // checkpoint bytes received and applied
 	forwarded   atomic.Uint64 // checkpoint bytes sent to backups
@@ -287,7 +291,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
-			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize))
+			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize), in.diskDir)
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}
@@ -330,12 +334,25 @@ func (in *Intermediary) commit(c MessageConn, cp *Checkpoint, base uint64) error
 	if in.fenced {
 		return ErrFenced
 	}
+	// Disk replication (diskstore.go): the disk writes or seed must fit
+	// before anything is applied.
+	if err := in.checkDisks(cp); err != nil {
+		cp.Seed.Remove()
+		return err
+	}
 	// A full image received in its final place becomes the image without
 	// a copy; the memory the image held until then is free.
 	old, adopted, err := in.img.ApplyAdopting(cp, base, in.PageOffset)
 	if err != nil {
+		cp.Seed.Remove()
 		return err
 	}
+	// Disk replication: the disks follow the image, and the epoch's
+	// writes go to the backup ahead of the checkpoint that commits them.
+	if err := in.applyDisks(cp); err != nil {
+		return err
+	}
+	in.forwardDisks(cp)
 	if adopted {
 		in.spare.put(old)
 	}
@@ -511,6 +528,8 @@ func (in *Intermediary) Metrics() []Metric {
 		{Name: "understudy_intermediary_requested_pages_total", Help: "Pages the backup requested.", Kind: "counter", Value: float64(in.pagesRequested.Load())},
 		{Name: "understudy_intermediary_served_pages_total", Help: "Requested pages staged at the backup.", Kind: "counter", Value: float64(in.pagesServed.Load())},
 		{Name: "understudy_intermediary_refused_requests_total", Help: "Page requests refused (a page outside guest memory).", Kind: "counter", Value: float64(in.requestsRefused.Load())},
+		// Disk replication (diskstore.go).
+		{Name: "understudy_intermediary_disk_bytes_total", Help: "Disk write bytes received, checked and applied to the intermediary's copy of the guest's disks.", Kind: "counter", Value: float64(in.disks.bytes.Load())},
 	}
 }
 

@@ -100,6 +100,7 @@ func TestParseFailpoint(t *testing.T) {
 		{"transfer@12", armedFailpoint{failTransfer, 12}, true},
 		{"sent@1", armedFailpoint{failSent, 1}, true},
 		{"corrupt@7", armedFailpoint{failCorrupt, 7}, true},
+		{"corrupt-disk@4", armedFailpoint{failCorruptDisk, 4}, true},
 		{"sent@0", armedFailpoint{}, false},
 		{"sent", armedFailpoint{}, false},
 		{"boom@3", armedFailpoint{}, false},

@@ -56,6 +56,11 @@ type PrimaryConfig struct {
 	// acknowledges: past it the guest is paused until one does, so held
 	// output cannot grow without bound (default 1<<20).
 	MaxHeld int
+	// DiskSeedDir is where a full image's copies of the guest's disks are
+	// made, at its final pause, before they are streamed (disk
+	// replication; default os.TempDir()). On the disks' file system a
+	// reflink makes the copy in constant time.
+	DiskSeedDir string
 }
 
 // LinkLossPolicy is what a primary does with its guest while it has lost
@@ -282,7 +287,7 @@ func (p *Primary) release(e uint64) {
 // before the vCPUs run again.
 func (p *Primary) checkpoint(full bool) (*Checkpoint, error) {
 	if full {
-		return p.c.TakeFullWith(p.cfg.PreCopyRounds, p.seal)
+		return p.c.TakeFullWith(p.cfg.PreCopyRounds, p.sealFull)
 	}
 	// A failed resume (the machine was stopped meanwhile) still leaves a
 	// good checkpoint, which must be sent: its pages are no longer in the
@@ -295,6 +300,7 @@ func (p *Primary) checkpoint(full bool) (*Checkpoint, error) {
 // envelope carries every record held so far (see envelope.go).
 func (p *Primary) seal(cp *Checkpoint) {
 	p.open.Store(cp.Epoch + 1)
+	p.sealDisks(cp) // disk replication (diskprimary.go)
 	p.mu.Lock()
 	held := make([]vmm.Record, len(p.pending))
 	for i, h := range p.pending {
@@ -350,6 +356,7 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 		}
 		if cp != nil {
 			if serr := s.hand(ctx, cp); serr != nil {
+				p.diskSent(cp, serr) // never sent (diskprimary.go)
 				return serr
 			}
 			queued = cp.Epoch
@@ -375,6 +382,7 @@ func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
 				return err
 			}
 			if err := s.hand(ctx, last); err != nil {
+				p.diskSent(last, err) // never sent (diskprimary.go)
 				return err
 			}
 			if err := s.drain(ctx); err != nil {
@@ -408,7 +416,9 @@ func (p *Primary) startSender(ln MessageConn, acks chan error) *sender {
 		defer close(s.done)
 		base := uint64(0)
 		for cp := range s.jobs {
-			if err := SendCheckpoint(failpointConn(ln, cp.Epoch), cp, base); err != nil {
+			err := SendCheckpoint(failpointConn(ln, cp.Epoch), cp, base)
+			p.diskSent(cp, err) // disk replication (diskprimary.go)
+			if err != nil {
 				// The intermediary's own Error (fenced, a refusal), read
 				// just before it closed the link, tells more than the
 				// failed write.

@@ -45,6 +45,9 @@ type BackupRunConfig struct {
 	StatusEvery time.Duration
 	// Metrics, if set, is the host:port to serve Prometheus metrics at.
 	Metrics string
+	// Disks are the backup's copies of the guest's disks, in the
+	// primary's disk order (see BackupConfig.Disks).
+	Disks []string
 	// OnActivate, if set, runs once the guest is activated, before it
 	// resumes (e.g. to start its large-page controller); the function it
 	// returns, if not nil, runs once the guest has stopped.
@@ -140,7 +143,7 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 		peer := c.Peer()
 		memSize := peer.Hello.MemSize
 		if b == nil {
-			if b, err = NewBackup(memSize, BackupConfig{Restore: rcfg, Log: cfg.Links.Log, Policy: cfg.Policy, Request: cfg.Request}); err != nil {
+			if b, err = NewBackup(memSize, BackupConfig{Restore: rcfg, Log: cfg.Links.Log, Policy: cfg.Policy, Request: cfg.Request, Disks: cfg.Disks}); err != nil {
 				c.Close()
 				return vmm.Result{}, err
 			}

@@ -42,6 +42,11 @@ type IntermediaryRunConfig struct {
 	StatusEvery time.Duration
 	// Metrics, if set, is the host:port to serve Prometheus metrics at.
 	Metrics string
+	// DiskDir is where the intermediary keeps its copy of the guest's
+	// disks (see Intermediary.SetDiskDir; "": a temporary directory,
+	// removed at exit). It needs room for every disk, twice while a
+	// backup is re-seeded on a file system without reflinks.
+	DiskDir string
 }
 
 // RunIntermediary runs the intermediary: it waits for one primary, serves
@@ -119,6 +124,8 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 		return err
 	}
 	in.Store(inter)
+	inter.SetDiskDir(cfg.DiskDir)
+	defer inter.RemoveDisks() // its copy of the guest's disks (diskstore.go)
 	inter.SetBackupLossPolicy(cfg.OnBackupLoss)
 	if err := inter.SetWANCompression(cfg.WANCompression); err != nil {
 		pc.Close()

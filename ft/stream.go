@@ -95,6 +95,11 @@ func SendCheckpoint(c MessageConn, cp *Checkpoint, base uint64) error {
 			return fmt.Errorf("send checkpoint %d: %w", cp.Epoch, err)
 		}
 	}
+	// Disk replication (disk.go): the epoch's disk writes, and a full
+	// image's disk seed, before the End.
+	if err := sendCheckpointDisks(c, cp); err != nil {
+		return fmt.Errorf("send checkpoint %d: %w", cp.Epoch, err)
+	}
 	end := wire.CheckpointEnd{Epoch: cp.Epoch, Pages: begin.Pages, StateLen: begin.StateLen, Digest: d.Sum()}
 	if err := c.WriteMessage(&end); err != nil {
 		return fmt.Errorf("send checkpoint %d: %w", cp.Epoch, err)
@@ -114,20 +119,33 @@ type pagePlacer interface {
 // matches. Only a verified checkpoint is returned; its data is its own.
 // A checkpoint that arrived and fails verification is an ErrBadCheckpoint;
 // a link that broke before the checkpoint ended is an ErrLinkBroken.
+//
+// The checkpoint's disk writes come in cp.Disk; a disk seed is refused
+// (the caller keeps no disks).
 func ReceiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64) (*Checkpoint, uint64, error) {
-	return receiveCheckpoint(c, begin, maxPFN, nil)
+	return receiveCheckpoint(c, begin, maxPFN, nil, nil)
 }
 
 // receiveCheckpoint is ReceiveCheckpoint receiving the pages into spare if
-// it is large enough (the caller no longer uses it), else into new memory.
-func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64, spare []byte) (*Checkpoint, uint64, error) {
+// it is large enough (the caller no longer uses it), else into new memory,
+// and a disk seed into files in the directory seedDir returns, asked when
+// a seed arrives (cp.Seed, the caller's to remove; nil or "": refused).
+func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64, spare []byte, seedDir func() string) (cp *Checkpoint, base uint64, err error) {
 	if begin.StateLen == 0 || begin.StateLen > wire.MaxStateLen {
 		return nil, 0, badf("checkpoint %d: state length %d", begin.Epoch, begin.StateLen)
 	}
 	if begin.Pages > maxPFN {
 		return nil, 0, badf("checkpoint %d: %d pages, guest has %d", begin.Epoch, begin.Pages, maxPFN)
 	}
-	cp := &Checkpoint{Epoch: begin.Epoch, Kind: kindOf(begin.Flags), State: make([]byte, 0, begin.StateLen)}
+	cp = &Checkpoint{Epoch: begin.Epoch, Kind: kindOf(begin.Flags), State: make([]byte, 0, begin.StateLen)}
+	// Disk replication (disk.go): the epoch's disk writes and a seed.
+	var disk diskAssembly
+	seed := seedReceiver{dirOf: seedDir}
+	defer func() {
+		if err != nil {
+			seed.abort()
+		}
+	}()
 	if cp.Kind == KindSync {
 		cp.Base = begin.Base
 	}
@@ -204,7 +222,27 @@ func receiveCheckpoint(c MessageConn, begin *wire.CheckpointBegin, maxPFN uint64
 			if err := checkEnvelope(cp.State); err != nil { // envelope.go
 				return nil, 0, fmt.Errorf("checkpoint %d: %w", begin.Epoch, err)
 			}
+			if err := finishCheckpointDisks(cp, &disk, &seed); err != nil {
+				return nil, 0, err
+			}
 			return cp, begin.Base, nil
+		case *wire.DiskWrites:
+			if m.Epoch != begin.Epoch {
+				return nil, 0, badf("disk writes of epoch %d inside checkpoint %d", m.Epoch, begin.Epoch)
+			}
+			if err := disk.add(m); err != nil {
+				return nil, 0, err
+			}
+		case *wire.DiskSeed:
+			if cp.Kind != KindFull {
+				return nil, 0, badf("checkpoint %d (%v): a disk seed outside a full image", begin.Epoch, cp.Kind)
+			}
+			if err := seed.add(begin.Epoch, m); err != nil {
+				if errors.Is(err, ErrBadCheckpoint) {
+					return nil, 0, err
+				}
+				return nil, 0, fmt.Errorf("checkpoint %d: receive the disk seed: %w", begin.Epoch, err)
+			}
 		default:
 			return nil, 0, badf("checkpoint %d: unexpected %v", begin.Epoch, m.Type())
 		}

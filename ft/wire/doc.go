@@ -55,6 +55,8 @@
 //	0x13  CheckpointEnd    epoch u64 | pages u64 | state length u64 | digest u32
 //	0x14  Ack              epoch u64
 //	0x15  CompressedBatch  epoch u64 | count u32 | sum u32 × count | a PageBatch of count pages in the ft/wanzip encoding (the rest, at least 3 bytes)
+//	0x16  DiskWrites       epoch u64 | disk u32 | disks u32 | part u32 | parts u32 | an encoded virtio.DiskWrites (the rest, at least 1 byte)
+//	0x17  DiskSeed         epoch u64 | disk u32 | disks u32 | size u64 | offset u64 | fingerprint [32] | data (the rest, at least 1 byte)
 //	0x20  Activate         epoch u64
 //	0x30  Policy           version u64 | spec len u16 | spec (at most 1024 bytes of UTF-8)
 //	0x31  PolicyAck        version u64
@@ -83,7 +85,18 @@
 // numbers, each at most MaxPFN; Manifest and Served epochs are above 0. A
 // CheckpointBegin may set FlagStaged (a delta that commits the pages staged
 // before it as bare PageBatches), never with FlagFullImage. Error codes
-// are those listed for Code.
+// are those listed for Code. A DiskWrites or DiskSeed names disk < disks
+// <= MaxDisks and has an epoch above 0; a DiskWrites part < parts <=
+// MaxDiskParts; a DiskSeed a size of 1..MaxDiskSize bytes and a chunk that
+// ends within it. What a DiskWrites holds is the ft roles' to check (its
+// ranges carry CRC-32Cs, see package vmm/virtio's DiskWrites).
+//
+// A checkpoint from the primary carries its epoch's disk writes as
+// DiskWrites frames between Begin and End (every disk, every part), and a
+// full image the whole of every disk as DiskSeed frames (disk after disk,
+// chunks ascending from offset 0, chunks of zeros left out); the
+// intermediary sends the backup each epoch's DiskWrites on their own,
+// before the checkpoint that commits the epoch (see package ft's disk.go).
 //
 // # A checkpoint on the wire
 //

@@ -23,6 +23,8 @@ const (
 	TypeCheckpointEnd   Type = 0x13
 	TypeAck             Type = 0x14
 	TypeCompressedBatch Type = 0x15
+	TypeDiskWrites      Type = 0x16
+	TypeDiskSeed        Type = 0x17
 	TypeActivate        Type = 0x20
 	TypePolicy          Type = 0x30
 	TypePolicyAck       Type = 0x31
@@ -48,6 +50,8 @@ var types = map[Type]struct {
 	TypeCheckpointEnd:   {"CheckpointEnd", func() Message { return new(CheckpointEnd) }},
 	TypeAck:             {"Ack", func() Message { return new(Ack) }},
 	TypeCompressedBatch: {"CompressedBatch", func() Message { return new(CompressedBatch) }},
+	TypeDiskWrites:      {"DiskWrites", func() Message { return new(DiskWrites) }},
+	TypeDiskSeed:        {"DiskSeed", func() Message { return new(DiskSeed) }},
 	TypeActivate:        {"Activate", func() Message { return new(Activate) }},
 	TypePolicy:          {"Policy", func() Message { return new(Policy) }},
 	TypePolicyAck:       {"PolicyAck", func() Message { return new(PolicyAck) }},

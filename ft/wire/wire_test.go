@@ -57,6 +57,8 @@ func samples() []Message {
 		&PageRequest{ID: 0, PFNs: []uint64{3}},
 		&PageRequest{ID: 1<<64 - 1, PFNs: []uint64{1, 2, 9, MaxPFN}},
 		&Served{ID: 3, Epoch: 8, Pages: 0},
+		&DiskWrites{Epoch: 5, Disk: 1, Disks: 2, Part: 0, Parts: 1, Data: []byte("USDW")},
+		&DiskSeed{Epoch: 5, Disk: 0, Disks: 1, Size: 8192, Offset: 4096, Fingerprint: [32]byte{1, 31: 2}, Data: make([]byte, 4096)},
 	}
 }
 

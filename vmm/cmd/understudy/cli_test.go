@@ -228,6 +228,7 @@ func TestRoleBadInput(t *testing.T) {
 		{[]string{"backup", "--keys", dir, "--policy", "manifest", "--request", "settle=x"}, exitError, "--request"},
 		{[]string{"backup", "--keys", dir, "--policy", "manifest=1"}, exitError, "manifest takes no value"},
 		{[]string{"backup", "--keys", dir, "--large-pages", "budget=x"}, exitError, "--large-pages budget=x"},
+		{[]string{"backup", "--keys", dir, "--disk", ""}, exitUsage, "--disk: an empty path"},
 	}
 	for _, tc := range tests {
 		code, _, errs := runCLI(tc.args...)

@@ -237,7 +237,7 @@ func everyInterval(d time.Duration, fn func()) func() {
 }
 
 func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--hold-back SPEC] [--wan-compress LEVEL] [--on-backup-loss continue|stall] [--metrics HOST:PORT]", stderr)
+	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--hold-back SPEC] [--wan-compress LEVEL] [--on-backup-loss continue|stall] [--disk-dir DIR] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7401", "address the primary connects to (tcp://host:port or vsock://cid:port)")
 	backupAddr := fs.String("backup", "", "address of the backup")
 	onLoss := fs.String("on-backup-loss", "continue", "while no backup is attached: continue (acknowledge the primary; a returning backup is re-seeded with a full image) "+
@@ -249,6 +249,8 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		"a sync (the backup commits a whole epoch) comes when any bound is passed, and before a failover. Also bandwidth=RATE (100Mbit, 12MiB/s) caps "+
 		"what is staged ahead of a sync, and range=START-END (repeatable, e.g. range=0-64M) stages only pages in those guest-physical ranges")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
+	diskDir := fs.String("disk-dir", "", "where to keep this intermediary's copy of the guest's disks (room for every disk, twice while a backup is re-seeded "+
+		"without reflinks; default: a temporary directory, removed at exit)")
 	rf := addRoleFlags(fs, "intermediary")
 	if code, done := parseFlags(fs, args); done {
 		return code
@@ -278,7 +280,7 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 		return fail(stderr, err)
 	}
 	err = ft.RunIntermediary(ctx, ft.IntermediaryRunConfig{Listen: *listen, Backup: *backupAddr, Links: links, Log: log,
-		OnBackupLoss: policy, WANCompression: zlevel, HoldBack: hb, BackupRetry: *retry, StatusEvery: *statusEvery, Metrics: *rf.metrics})
+		OnBackupLoss: policy, WANCompression: zlevel, HoldBack: hb, BackupRetry: *retry, StatusEvery: *statusEvery, Metrics: *rf.metrics, DiskDir: *diskDir})
 	if err != nil {
 		return fail(stderr, err)
 	}
@@ -304,8 +306,11 @@ func parseActivationPolicy(s string) (activationPolicy, error) {
 }
 
 func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--net tap=NAME...] [--policy SPEC] [--request SPEC] [--on-intermediary-loss wait|activate-after=DUR] [--metrics HOST:PORT]", stderr)
+	fs := newFlags("backup", "backup --listen ADDR --keys DIR [--name NAME] [--records FILE] [--net tap=NAME...] [--disk PATH...] [--policy SPEC] [--request SPEC] [--on-intermediary-loss wait|activate-after=DUR] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7402", "address the intermediary connects to")
+	var disks replicaPaths
+	fs.Var(&disks, "disk", "this backup's copy of the guest's next disk (once per disk, in the primary's --disk order): seeded with the whole disk, "+
+		"advanced by committed epochs (with PATH.journal and PATH.epoch beside it), and the guest's disk after activation")
 	records := fs.String("records", "", "after activation, write the guest's output records to this file (\"-\": stdout)")
 	onLoss := fs.String("on-intermediary-loss", "wait", "when the intermediary is lost: wait for one (the primary may still be running), "+
 		"or activate-after=DUR: if none comes back within DUR, resume the guest from the committed epoch and report the data-loss window "+
@@ -362,7 +367,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	defer closeRecords()
 	bcfg := ft.BackupRunConfig{Listen: *listen, Links: links, Log: log, Policy: *policySpec, Request: request,
-		ActivateAfter: policy.after, SaveActivated: *saveActivated, StatusEvery: *statusEvery, Metrics: *rf.metrics,
+		ActivateAfter: policy.after, SaveActivated: *saveActivated, StatusEvery: *statusEvery, Metrics: *rf.metrics, Disks: disks,
 		Restore: vmm.RestoreConfig{Console: stdout, Nets: nets, OnRecord: func(r vmm.Record) {
 			if recW != nil {
 				recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")
@@ -397,4 +402,17 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	log.Info(fmt.Sprintf("guest exited with code %d", res.ExitCode))
 	return guestExitCode(res)
+}
+
+// replicaPaths is the backup's --disk, given once per disk.
+type replicaPaths []string
+
+func (p *replicaPaths) String() string { return strings.Join(*p, " ") }
+
+func (p *replicaPaths) Set(s string) error {
+	if s == "" {
+		return fmt.Errorf("--disk: an empty path")
+	}
+	*p = append(*p, s)
+	return nil
 }
