@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
@@ -87,6 +88,11 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 	dial := dialer(cfg.Intermediary, cfg.Links.transport(wire.RolePrimary, memSize, wire.RoleIntermediary))
 	if cfg.DirectBackup != "" {
 		cfg.Epochs.Direct = dialer(cfg.DirectBackup, cfg.Links.transport(wire.RolePrimary, memSize, wire.RoleBackup))
+	}
+	if linux && cfg.Epochs.DiskSeedDir == "" && len(cfg.Machine.Linux.Disks) > 0 {
+		// A full image's disk copies next to the first disk: a reflink on
+		// its file system, not a copy into a RAM-backed temp directory.
+		cfg.Epochs.DiskSeedDir = filepath.Dir(cfg.Machine.Linux.Disks[0].Path)
 	}
 	p, err := newPrimary(nil, cfg.Epochs)
 	if err != nil {
