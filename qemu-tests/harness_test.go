@@ -195,9 +195,16 @@ func TestHarnessQEMUDiesWithTest(t *testing.T) {
 	if pid == 0 {
 		t.Fatalf("the child printed no QEMU pid: %v", sc.Err())
 	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || !strings.Contains(string(cmdline), QEMU) {
-		t.Fatalf("pid %d is not QEMU (%q, %v)", pid, cmdline, err)
+	// The pid is printed once the process is started; its exec of QEMU may
+	// still be under way (an empty cmdline meanwhile) on a loaded host.
+	for start := time.Now(); ; time.Sleep(10 * time.Millisecond) {
+		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && strings.Contains(string(cmdline), QEMU) {
+			break
+		}
+		if err != nil || len(cmdline) > 0 || time.Since(start) > 30*time.Second {
+			t.Fatalf("pid %d is not QEMU (%q, %v)", pid, cmdline, err)
+		}
 	}
 	child.Process.Kill()
 	go io.Copy(io.Discard, out)
