@@ -10,12 +10,13 @@ SHELL     := /bin/bash
 
 IMAGE     := build/image
 
-.PHONY: all build run demo test unit-test qemu-test image bench soak lint payloads clean help
+.PHONY: all build run demo demo-linux test unit-test qemu-test image bench soak lint payloads clean help
 
 all: build
 
 help:
 	@echo "make demo      primary, intermediary and backup on loopback; kill the primary; the backup resumes"
+	@echo "make demo-linux  (root, QEMU) a protected Linux guest on three appliance nodes; kill the primary; its TCP client goes on"
 	@echo "make run       build and run the hello payload guest on /dev/kvm"
 	@echo "make build     build $(BIN) (static, CGO_ENABLED=0)"
 	@echo "make test      lint, unit and host-KVM tests (race detector on the concurrent packages), then qemu-test"
@@ -34,6 +35,14 @@ run: build
 
 demo: build
 	bash ft/demo.sh $(BIN)
+
+# The Linux demo (QEMU tier, root): three appliance nodes (primary,
+# intermediary, backup) and a client node on one segment; the primary's
+# QEMU is killed; the client goes on. TestLinuxFailover, step by step.
+demo-linux: image
+	@if UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 14m -run '^TestLinuxFailover$$' ./qemu-tests/ | \
+		grep --line-buffered -E 'demo: |node4 .*kvload: (connected|progress|slow write|result|OK|FAILED)|node[23] .*understudy: (intermediary|backup): (primary lost|backup activated|activated)|--- (PASS|FAIL)'; \
+	then echo "demo-linux: OK"; else echo "demo-linux: FAILED"; exit 1; fi
 
 # Payload binaries are committed; this regenerates them (needs GNU as and objcopy).
 payloads: $(PAYLOADS:%=$(PAYLOAD_BIN)/%.bin)
@@ -57,7 +66,7 @@ test: unit-test qemu-test
 unit-test: lint
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /qemu-tests -e /internal/chaos)
 	$(GO) test -count=1 -timeout 30m ./internal/chaos/
-	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./vmm/largepage/ ./vmm/devices/ ./vmm/virtio/ ./mmu/ ./ft/ ./ft/transport/ ./ft/wire/ ./ft/wanzip/ ./internal/wan/ ./internal/kvclient/ ./internal/cmd/kvload/ ./initramfs/appliance/ ./initramfs/guestinit/kvstore/ ./initramfs/cmd/nodefile/
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./vmm/largepage/ ./vmm/devices/ ./vmm/virtio/ ./mmu/ ./ft/ ./ft/diskrep/ ./ft/transport/ ./ft/wire/ ./ft/wanzip/ ./internal/wan/ ./internal/kvclient/ ./internal/cmd/kvload/ ./initramfs/appliance/ ./initramfs/guestinit/kvstore/ ./initramfs/cmd/nodefile/
 
 # The appliance (initramfs/): kernel cached in build/cache, image in $(IMAGE).
 # A second appliance with Debian's 6.12 kernel (bookworm-backports), which

@@ -327,6 +327,11 @@ func lastRecord(lines []Line) uint64 {
 // disk. It returns the machine and the node's tap on the segment's
 // bridge. Without a segment the node has no NIC. Output records (lines of digits) are kept out of the test log.
 func (e env) bootRoleNode(t *testing.T, s *Segment, i int, params, disk string) (*Machine, string) {
+	return e.bootRoleNodeMem(t, s, i, nodeMemMiB, params, disk)
+}
+
+// bootRoleNodeMem is bootRoleNode with memMiB of memory.
+func (e env) bootRoleNodeMem(t *testing.T, s *Segment, i, memMiB int, params, disk string) (*Machine, string) {
 	t.Helper()
 	var network []string
 	netns := ""
@@ -354,7 +359,7 @@ func (e env) bootRoleNode(t *testing.T, s *Segment, i int, params, disk string) 
 		// no_timer_check: under TCG on a loaded host the kernel's
 		// IO-APIC timer check can fail and panic the boot.
 		Append: "console=ttyS0 panic=-1 quiet no_timer_check " + params,
-		MemMiB: nodeMemMiB,
+		MemMiB: memMiB,
 		CPUs:   1,
 		Accel:  e.accel,
 		OnLine: func(l Line) {
