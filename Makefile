@@ -10,7 +10,7 @@ SHELL     := /bin/bash
 
 IMAGE     := build/image
 
-.PHONY: all build run demo demo-linux test unit-test qemu-test image bench soak lint payloads clean help
+.PHONY: all build run demo demo-linux test unit-test qemu-test image bench soak soak-linux lint payloads clean help
 
 all: build
 
@@ -24,6 +24,7 @@ help:
 	@echo "make qemu-test boot the appliance under QEMU: uinit report, nested Linux guest, its network and disk, two nodes on one segment (root)"
 	@echo "make bench     benchmarks; prints 'bench ...' result lines"
 	@echo "make soak      1000 primary kills with the fault-injection harness (internal/chaos)"
+	@echo "make soak-linux  (root, QEMU) INJECTIONS (default 30) kills of a protected Linux guest's primary, a TCP client each"
 	@echo "make payloads  rebuild the payload binaries from their sources"
 	@echo "make lint      gofmt, go vet, staticcheck"
 
@@ -40,8 +41,8 @@ demo: build
 # intermediary, backup) and a client node on one segment; the primary's
 # QEMU is killed; the client goes on. TestLinuxFailover, step by step.
 demo-linux: image
-	@if UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 14m -run '^TestLinuxFailover$$' ./qemu-tests/ | \
-		grep --line-buffered -E 'demo: |node4 .*kvload: (connected|progress|slow write|result|OK|FAILED)|node[23] .*understudy: (intermediary|backup): (primary lost|backup activated|activated)|--- (PASS|FAIL)'; \
+	@if UNDERSTUDY_QEMU_REQUIRED=1 UNDERSTUDY_INJECTIONS=1 $(GO) test -count=1 -v -timeout 14m -run '^TestLinuxFailover$$' ./qemu-tests/ | \
+		grep --line-buffered -E 'demo: |node4 .*kvload: (connected|progress|slow write|result|OK|FAILED)|node[23] .*understudy: (intermediary|backup): (primary lost|backup activated|activated)|^--- (PASS|FAIL)'; \
 	then echo "demo-linux: OK"; else echo "demo-linux: FAILED"; exit 1; fi
 
 # Payload binaries are committed; this regenerates them (needs GNU as and objcopy).
@@ -84,6 +85,12 @@ qemu-test: image
 # with the intermediary holding back hot pages.
 soak:
 	UNDERSTUDY_INJECTIONS=$${INJECTIONS:-1000} $(GO) test -count=1 -v -timeout 2h -run 'TestPrimaryKill(HoldBack|Manifest|LargePages|DirtyBudget)?$$' ./internal/chaos/ | grep -E '^(soak ft|--- |\s+\S+_test.go)'
+
+# The long Linux run: INJECTIONS (default 30) kills of a protected Linux
+# guest's primary under QEMU, each on a fresh four-node cluster (about 100 s
+# each under TCG).
+soak-linux: image
+	UNDERSTUDY_QEMU_REQUIRED=1 UNDERSTUDY_INJECTIONS=$${INJECTIONS:-30} $(GO) test -count=1 -v -timeout 4h -run '^TestLinuxFailover$$' ./qemu-tests/ | grep -E '^(soak linux-ft|\s*--- |\s+linuxft_test.go:[0-9]+: linux failover)'
 
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./internal/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'

@@ -2,31 +2,94 @@ package qemutests
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 )
 
+// The protected Linux guest's client writes linuxWrites values; the
+// primary is killed once the client has had between linuxKillMin and
+// linuxKillMax of them acknowledged (a random point of the stream: every
+// write is a disk write and an fdatasync in the guest, so every kill falls
+// in a burst of disk writes).
+const (
+	linuxWrites  = 150
+	linuxKillMin = 5
+	linuxKillMax = 110
+)
+
+// linuxKills is how many kills TestLinuxFailover makes, each on a fresh
+// cluster: UNDERSTUDY_INJECTIONS (make soak-linux) or 3.
+func linuxKills(t *testing.T) int {
+	n := 3
+	if v := os.Getenv("UNDERSTUDY_INJECTIONS"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 {
+			t.Fatalf("UNDERSTUDY_INJECTIONS=%q: want a positive count", v)
+		}
+	}
+	return n
+}
+
+// linuxKill is what one kill showed.
+type linuxKill struct {
+	violation bool   // an acknowledged write missing or wrong, or the disk check failed
+	survived  bool   // the client's first connection served every request
+	result    string // kvload's result line
+}
+
 // TestLinuxFailover: a protected Linux guest on three appliance nodes and a
-// client on a fourth, one Ethernet segment. Node 1 runs the nested Linux
-// guest serving its key-value store on its virtio-blk disk under
-// `understudy run --kernel --protect` (primary), node 2 the intermediary,
-// node 3 the backup with its own replica of the disk and its own tap; each
-// is configured by its config disk alone. Node 4 runs kvload, which writes
-// over one TCP connection to the guest's address. Once the guest has
-// committed linuxKillAt records, node 1's QEMU is killed (SIGKILL): the
-// intermediary fails over, the backup resumes the guest on its tap and
-// announces its MAC, and the client goes on, over the same connection,
-// reading back every acknowledged value from memory and, after the guest's
-// sync, from the disk.
+// client on a fourth, one Ethernet segment, killed linuxKills times (each
+// on a fresh cluster). Node 1 runs the nested Linux guest serving its
+// key-value store on its virtio-blk disk under `understudy run --kernel
+// --protect` (primary), node 2 the intermediary, node 3 the backup with
+// its own replica of the disk and its own tap; each is configured by its
+// config disk alone. Node 4 runs kvload, which writes over one TCP
+// connection to the guest's address. At a random point of the stream node
+// 1's QEMU is killed (SIGKILL): the intermediary fails over, the backup
+// resumes the guest on its tap and announces its MAC, and the client goes
+// on over the same connection, reading back every acknowledged value from
+// memory and, after the guest's sync, from the disk. It ends with
+//
+//	soak linux-ft: injections=N violations=0 connections_survived=K
 func TestLinuxFailover(t *testing.T) {
 	e := setup(t)
+	n := linuxKills(t)
+	var violations, survived int
+	for i := range n {
+		var k linuxKill
+		ok := t.Run(fmt.Sprintf("kill%d", i+1), func(t *testing.T) { k = linuxFailover(t, e, i == 0) })
+		if !ok || k.violation {
+			violations++
+		}
+		if k.survived {
+			survived++
+		}
+	}
+	fmt.Printf("soak linux-ft: injections=%d violations=%d connections_survived=%d\n", n, violations, survived)
+	if violations != 0 || survived != n {
+		t.Errorf("%d of %d kills lost acknowledged data or failed; %d connections of %d survived", violations, n, survived, n)
+	}
+}
+
+// linuxFailover runs one kill on a fresh cluster; with demo, it says each
+// step (make demo-linux shows them).
+func linuxFailover(t *testing.T, e env, demo bool) linuxKill {
 	bin := filepath.Join(e.repo, "build", "understudy")
 	if _, err := os.Stat(bin); err != nil {
 		t.Fatalf("%v: `make image` builds it", err)
+	}
+	step := func(format string, args ...any) {
+		if demo {
+			t.Logf("demo: "+format, args...)
+		} else {
+			t.Logf(format, args...)
+		}
 	}
 	dir := t.TempDir()
 	keys := filepath.Join(dir, "keys")
@@ -54,7 +117,7 @@ func TestLinuxFailover(t *testing.T) {
 		{"backup", "backup", fmt.Sprintf("--listen tcp://%s:%s --disk /tmp/kv-replica.img --net tap=%s --status-interval 2s %s", nodeAddr(3), backupPort, tapName, common), 1536},
 	}
 	seg := e.segment(t)
-	ms := make([]*Machine, 4)
+	ms := make([]*Machine, 3)
 	disks := make([]string, 3)
 	for i, n := range nodes {
 		certRole := map[string]string{"run": "primary"}[n.role]
@@ -78,38 +141,66 @@ func TestLinuxFailover(t *testing.T) {
 		}
 		ms[i], _ = e.bootRoleNodeMem(t, seg, i+1, nodes[i].mem, params, disks[i])
 	}
-	step := func(format string, args ...any) { t.Logf("demo: "+format, args...) }
+	killAt := linuxKillMin + rand.IntN(linuxKillMax-linuxKillMin+1)
 	step("1/6 booting the backup (node 3, %s) and the intermediary (node 2, %s), each configured by its config disk", nodeAddr(3), nodeAddr(2))
 	boot(2)
 	boot(1)
 	expect(t, ms[1], bootTimeout, "understudy: intermediary: listening on tcp://"+nodeAddr(2)+":"+interPort)
 	step("2/6 booting the primary (node 1, %s): `understudy run --kernel --protect` of a nested Linux guest (%s) serving a key-value store on its disk", nodeAddr(1), guestAddr)
 	boot(0)
-	// The client: its own node.
-	step("3/6 booting the client (node 4, %s): kvload writes %d values over one TCP connection", nodeAddr(4), linuxWrites)
-	client := e.bootNode(t, seg, 4, fmt.Sprintf(`understudy.exec="/bin/kvload -addr %s:%s -n %d -retry-for 10m -timeout 10m -want-survived -poweroff"`,
+	step("3/6 booting the client (node 4, %s): kvload writes %d values over one TCP connection; the primary dies after %d are acknowledged", nodeAddr(4), linuxWrites, killAt)
+	client := e.bootNode(t, seg, 4, fmt.Sprintf(`understudy.exec="/bin/kvload -addr %s:%s -n %d -progress 250ms -retry-for 10m -timeout 10m -want-survived -poweroff"`,
 		guestAddr, kvPort, linuxWrites))
 	primary, inter, backup := ms[0], ms[1], ms[2]
 	expect(t, inter, nestedTimeout, `understudy: intermediary: primary "primary" connected`)
-	expect(t, primary, nestedTimeout, fmt.Sprintf("understudy-guest: kv: serving on %s:%s (eth0)", guestAddr, kvPort), linuxKillAt)
+	waitAcked(t, client, killAt, nestedTimeout)
 	killed := time.Now()
 	primary.Kill()
-	step("4/6 the primary's QEMU is killed (SIGKILL) after its guest committed %q", linuxKillAt)
+	step("4/6 the primary's QEMU is killed (SIGKILL) with %d writes acknowledged to the client", killAt)
 	il := expect(t, inter, nestedTimeout, "understudy: intermediary: primary lost at epoch ", "understudy: intermediary: backup activated at epoch ")
 	bl := expect(t, backup, nestedTimeout, "understudy: backup: activated at epoch ")
 	step("5/6 %s; %s", strings.TrimPrefix(il[1].Text, "understudy: "), strings.TrimPrefix(bl[0].Text, "understudy: "))
-	cl := expect(t, client, nestedTimeout,
-		fmt.Sprintf("kvload: result acked=%d verified=%d missing=0 wrong=0 disk=ok connection_survived=true reconnects=0 instances=1 ", linuxWrites, linuxWrites),
-		"kvload: OK")
+	if lost, activated, resumed := epochOf(il[0].Text), epochOf(il[1].Text), epochOf(bl[0].Text); lost == "" || lost != activated || activated != resumed {
+		t.Errorf("epochs: the intermediary lost the primary at %q, activated the backup at %q; the backup resumed %q", lost, activated, resumed)
+	}
+	res := expect(t, client, nestedTimeout, "kvload: result ")[0]
+	k := linuxKill{result: strings.TrimPrefix(res.Text, "kvload: ")}
+	want := fmt.Sprintf("kvload: result acked=%d verified=%d missing=0 wrong=0 disk=ok ", linuxWrites, linuxWrites)
+	k.violation = !strings.HasPrefix(res.Text, want)
+	k.survived = strings.Contains(res.Text, " connection_survived=true reconnects=0 instances=1 ")
+	if k.violation || !k.survived {
+		t.Errorf("the client's result %q, want it to begin %q and its first connection to survive", res.Text, want)
+	}
+	expect(t, client, nestedTimeout, "kvload: OK")
+	step("6/6 the client's connection survived; every acknowledged value read back from memory and disk: %s", k.result)
 	expect(t, backup, nestedTimeout, fmt.Sprintf("understudy-guest: kv: powering off on request: records=%d keys=%d", linuxWrites, linuxWrites))
-	step("6/6 the client's connection survived; every acknowledged value read back from memory and disk: %s", strings.TrimPrefix(cl[0].Text, "kvload: "))
 	poweredOff(t, client, 0)
 	poweredOff(t, backup, 0)
-	t.Logf("linux failover: %s; %s; client: %s; %.1fs from the kill to the client's end",
-		il[1].Text, bl[0].Text, strings.TrimPrefix(cl[0].Text, "kvload: "), time.Since(killed).Seconds())
+	t.Logf("linux failover: killed at %d acknowledged writes; %s; %.1fs from the kill to the client's end", killAt, il[1].Text, time.Since(killed).Seconds())
+	return k
 }
 
-const (
-	linuxWrites = 200
-	linuxKillAt = "understudy-guest: kv: records=100"
-)
+// waitAcked waits until kvload's progress lines on m show n acknowledged
+// writes.
+func waitAcked(t *testing.T, m *Machine, n int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		lines := m.Lines()
+		for i := len(lines) - 1; i >= 0; i-- {
+			_, rest, ok := strings.Cut(lines[i].Text, "kvload: progress acked=")
+			if !ok {
+				continue
+			}
+			v, _, _ := strings.Cut(rest, " ")
+			if a, err := strconv.Atoi(v); err == nil && a >= n {
+				return
+			}
+			break
+		}
+		if m.Exited() || time.Now().After(deadline) {
+			t.Fatalf("the client did not have %d writes acknowledged within %v (QEMU exited: %v)", n, timeout, m.Exited())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
