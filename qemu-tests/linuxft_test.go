@@ -41,6 +41,17 @@ type linuxKill struct {
 	violation bool   // an acknowledged write missing or wrong, or the disk check failed
 	survived  bool   // the client's first connection served every request
 	result    string // kvload's result line
+	// From the kill (host time; each console line's time is its QEMU's
+	// start plus the line's): the intermediary declaring the primary
+	// lost, the backup resuming the guest, and the client's first answer
+	// after the kill.
+	detect, activate, firstAnswer time.Duration
+}
+
+// bench is the kill's bench line.
+func (k linuxKill) bench() string {
+	return fmt.Sprintf("bench linux-failover: detect_ms=%d activate_ms=%d first_answer_ms=%d guest_mib=256 peer_timeout_ms=5000",
+		k.detect.Milliseconds(), k.activate.Milliseconds(), k.firstAnswer.Milliseconds())
 }
 
 // TestLinuxFailover: a protected Linux guest on three appliance nodes and a
@@ -79,7 +90,7 @@ func TestLinuxFailover(t *testing.T) {
 
 // linuxFailover runs one kill on a fresh cluster; with demo, it says each
 // step (make demo-linux shows them).
-func linuxFailover(t *testing.T, e env, demo bool) linuxKill {
+func linuxFailover(t testing.TB, e env, demo bool) linuxKill {
 	bin := filepath.Join(e.repo, "build", "understudy")
 	if _, err := os.Stat(bin); err != nil {
 		t.Fatalf("%v: `make image` builds it", err)
@@ -165,6 +176,14 @@ func linuxFailover(t *testing.T, e env, demo bool) linuxKill {
 	}
 	res := expect(t, client, nestedTimeout, "kvload: result ")[0]
 	k := linuxKill{result: strings.TrimPrefix(res.Text, "kvload: ")}
+	at := func(m *Machine, l Line) time.Duration { return m.start.Add(l.At).Sub(killed) }
+	k.detect, k.activate = at(inter, il[0]), at(backup, bl[0])
+	for _, l := range client.Lines() {
+		if strings.Contains(l.Text, "kvload: slow write ") && at(client, l) > 0 {
+			k.firstAnswer = at(client, l)
+			break
+		}
+	}
 	want := fmt.Sprintf("kvload: result acked=%d verified=%d missing=0 wrong=0 disk=ok ", linuxWrites, linuxWrites)
 	k.violation = !strings.HasPrefix(res.Text, want)
 	k.survived = strings.Contains(res.Text, " connection_survived=true reconnects=0 instances=1 ")
@@ -176,13 +195,13 @@ func linuxFailover(t *testing.T, e env, demo bool) linuxKill {
 	expect(t, backup, nestedTimeout, fmt.Sprintf("understudy-guest: kv: powering off on request: records=%d keys=%d", linuxWrites, linuxWrites))
 	poweredOff(t, client, 0)
 	poweredOff(t, backup, 0)
-	t.Logf("linux failover: killed at %d acknowledged writes; %s; %.1fs from the kill to the client's end", killAt, il[1].Text, time.Since(killed).Seconds())
+	t.Logf("linux failover: killed at %d acknowledged writes; %s; %.1fs from the kill to the client's end; %s", killAt, il[1].Text, time.Since(killed).Seconds(), k.bench())
 	return k
 }
 
 // waitAcked waits until kvload's progress lines on m show n acknowledged
 // writes.
-func waitAcked(t *testing.T, m *Machine, n int, timeout time.Duration) {
+func waitAcked(t testing.TB, m *Machine, n int, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -202,5 +221,16 @@ func waitAcked(t *testing.T, m *Machine, n int, timeout time.Duration) {
 			t.Fatalf("the client did not have %d writes acknowledged within %v (QEMU exited: %v)", n, timeout, m.Exited())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// BenchmarkLinuxFailover prints one kill's figures: from the SIGKILL of the
+// primary's QEMU to the intermediary declaring it lost (its peer timeout is
+// 5 s), to the backup resuming the guest, and to the client's first answer
+// (its TCP retransmission backoff included).
+func BenchmarkLinuxFailover(b *testing.B) {
+	e := setup(b)
+	for range b.N {
+		fmt.Println(linuxFailover(b, e, false).bench())
 	}
 }

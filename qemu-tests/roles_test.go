@@ -326,12 +326,12 @@ func lastRecord(lines []Line) uint64 {
 // parameters and a config disk, as an operator would: a read-only virtio
 // disk. It returns the machine and the node's tap on the segment's
 // bridge. Without a segment the node has no NIC. Output records (lines of digits) are kept out of the test log.
-func (e env) bootRoleNode(t *testing.T, s *Segment, i int, params, disk string) (*Machine, string) {
+func (e env) bootRoleNode(t testing.TB, s *Segment, i int, params, disk string) (*Machine, string) {
 	return e.bootRoleNodeMem(t, s, i, nodeMemMiB, params, disk)
 }
 
 // bootRoleNodeMem is bootRoleNode with memMiB of memory.
-func (e env) bootRoleNodeMem(t *testing.T, s *Segment, i, memMiB int, params, disk string) (*Machine, string) {
+func (e env) bootRoleNodeMem(t testing.TB, s *Segment, i, memMiB int, params, disk string) (*Machine, string) {
 	t.Helper()
 	var network []string
 	netns := ""
