@@ -3,8 +3,6 @@ package ft
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -20,9 +18,9 @@ import (
 	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/internal/linuxtest"
+	"github.com/understudy-vmm/understudy/internal/testutil"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
-	"golang.org/x/sys/unix"
 )
 
 // Protected Linux machines: the stand-in kernel of internal/linuxtest
@@ -46,113 +44,18 @@ var codePrintSpin = []byte{
 	0xeb, 0xfe, // jmp $
 }
 
-var lxTapSeq atomic.Uint32
-
 // makeLxTap creates a tap device that is up, and deletes it at the end.
-func makeLxTap(t testing.TB) string {
-	t.Helper()
-	name := fmt.Sprintf("uft%d_%d", os.Getpid()%100000, lxTapSeq.Add(1))
-	set := func(persist int) error {
-		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		ifr, err := unix.NewIfreq(name)
-		if err != nil {
-			return err
-		}
-		ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI)
-		if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-			return err
-		}
-		return unix.IoctlSetInt(fd, unix.TUNSETPERSIST, persist)
-	}
-	if err := set(1); err != nil {
-		if errors.Is(err, unix.EPERM) || errors.Is(err, os.ErrNotExist) {
-			t.Skipf("cannot create tap device %s: %v", name, err)
-		}
-		t.Fatalf("create tap %s: %v", name, err)
-	}
-	t.Cleanup(func() {
-		if err := set(0); err != nil {
-			t.Errorf("delete tap %s: %v", name, err)
-		}
-	})
-	_ = os.WriteFile("/proc/sys/net/ipv6/conf/"+name+"/disable_ipv6", []byte("1"), 0)
-	s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(s)
-	ifr, _ := unix.NewIfreq(name)
-	if err := unix.IoctlIfreq(s, unix.SIOCGIFFLAGS, ifr); err != nil {
-		t.Fatal(err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
-		t.Fatal(err)
-	}
-	return name
-}
+func makeLxTap(t testing.TB) string { return linuxtest.MakeTap(t, "uft") }
 
-// lxTap reads the frames written to a tap (a packet socket bound to it).
-type lxTap struct {
-	t  testing.TB
-	fd int
-}
+// lxTap reads the frames written to a tap.
+type lxTap struct{ *linuxtest.TapReader }
 
-func newLxTap(t testing.TB, tap string) *lxTap {
-	t.Helper()
-	ifi, err := net.InterfaceByName(tap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proto := uint16(unix.ETH_P_ALL<<8&0xff00 | unix.ETH_P_ALL>>8)
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(proto))
-	if err != nil {
-		t.Fatalf("AF_PACKET socket: %v", err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: proto, Ifindex: ifi.Index}); err != nil {
-		t.Fatalf("bind AF_PACKET to %s: %v", tap, err)
-	}
-	tv := unix.NsecToTimeval((50 * time.Millisecond).Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		t.Fatal(err)
-	}
-	return &lxTap{t: t, fd: fd}
-}
+func newLxTap(t testing.TB, tap string) *lxTap { return &lxTap{linuxtest.NewTapReader(t, tap)} }
 
-// next returns the next frame of ethertype typ within wait (nil: none).
-func (r *lxTap) next(typ uint16, wait time.Duration) []byte {
-	r.t.Helper()
-	buf := make([]byte, 65536)
-	deadline := time.Now().Add(wait)
-	for time.Now().Before(deadline) {
-		n, _, err := unix.Recvfrom(r.fd, buf, 0)
-		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			r.t.Fatalf("recvfrom: %v", err)
-		}
-		if n >= 14 && binary.BigEndian.Uint16(buf[12:]) == typ {
-			return bytes.Clone(buf[:n])
-		}
-	}
-	return nil
-}
+func (r *lxTap) next(typ uint16, wait time.Duration) []byte { return r.Next(typ, wait) }
 
 // expect receives the next test frames and checks they are want, in order.
-func (r *lxTap) expect(want ...[]byte) {
-	r.t.Helper()
-	for i, w := range want {
-		if got := r.next(lxEthType, 10*time.Second); !bytes.Equal(got, w) {
-			r.t.Fatalf("frame %d on the tap: %q, want %q", i, got, w)
-		}
-	}
-}
+func (r *lxTap) expect(want ...[]byte) { r.Expect(lxEthType, 10*time.Second, want...) }
 
 func lxFrame(mac net.HardwareAddr, payload string) []byte {
 	f := append(bytes.Repeat([]byte{0xff}, 6), mac...)
@@ -535,9 +438,16 @@ func TestCorruptCarriedFramesRefused(t *testing.T) {
 		t.Errorf("backup's refusal = %v, want CodeIncomplete naming the carried frames", e)
 	}
 	b.log.waitFor(t, `refused a checkpoint`)
-	// Nothing was committed: the next intermediary hears epoch 0.
-	again := b.intermediary("intermediary", runMem)
-	m, err := again.ReadMessage()
+	// Nothing was committed: the next intermediary hears epoch 0. Until
+	// the backup has ended the refused link's session it turns a new
+	// intermediary away (as the role loop retries, so does the test).
+	var m wire.Message
+	var err error
+	testutil.WaitFor(t, "the backup serving a new intermediary", func() bool {
+		m, err = b.intermediary("intermediary", runMem).ReadMessage()
+		pe, refused := m.(*wire.Error)
+		return err != nil || !refused || !strings.Contains(pe.Reason, "already")
+	}, func() string { return fmt.Sprint(m, err) })
 	if st, ok := m.(*wire.Status); err != nil || !ok || st.Committed != 0 {
 		t.Errorf("the backup's status after the refusal = %v, %v; want committed epoch 0", m, err)
 	}

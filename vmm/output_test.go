@@ -3,16 +3,15 @@ package vmm
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
-	"github.com/understudy-vmm/understudy/internal/linuxtest"
 	"net"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
+
 	"github.com/understudy-vmm/understudy/vmm/virtio"
-	"golang.org/x/sys/unix"
 )
 
 const (
@@ -21,57 +20,14 @@ const (
 )
 
 // tapReader reads the frames of tEtherType the device writes to a tap.
-type tapReader struct {
-	t  *testing.T
-	fd int
-}
+type tapReader struct{ *linuxtest.TapReader }
 
 func newTapReader(t *testing.T, tap string) *tapReader {
-	t.Helper()
-	ifi, err := net.InterfaceByName(tap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proto := uint16(unix.ETH_P_ALL<<8&0xff00 | unix.ETH_P_ALL>>8)
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(proto))
-	if err != nil {
-		t.Fatalf("AF_PACKET socket: %v", err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: proto, Ifindex: ifi.Index}); err != nil {
-		t.Fatalf("bind AF_PACKET to %s: %v", tap, err)
-	}
-	tv := unix.NsecToTimeval((200 * time.Millisecond).Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		t.Fatal(err)
-	}
-	return &tapReader{t: t, fd: fd}
+	return &tapReader{linuxtest.NewTapReader(t, tap)}
 }
 
 // expect receives len(want) test frames and checks they are want, in order.
-func (r *tapReader) expect(want ...[]byte) {
-	r.t.Helper()
-	buf := make([]byte, 65536)
-	for i, w := range want {
-		deadline := time.Now().Add(5 * time.Second)
-		var got []byte
-		for got == nil && time.Now().Before(deadline) {
-			n, _, err := unix.Recvfrom(r.fd, buf, 0)
-			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
-				continue
-			}
-			if err != nil {
-				r.t.Fatalf("recvfrom: %v", err)
-			}
-			if n >= 14 && binary.BigEndian.Uint16(buf[12:]) == tEtherType {
-				got = bytes.Clone(buf[:n])
-			}
-		}
-		if !bytes.Equal(got, w) {
-			r.t.Fatalf("frame %d on the tap: %q, want %q", i, got, w)
-		}
-	}
-}
+func (r *tapReader) expect(want ...[]byte) { r.Expect(tEtherType, 5*time.Second, want...) }
 
 func testFrame(mac net.HardwareAddr, payload string) []byte {
 	f := append(bytes.Repeat([]byte{0xff}, 6), mac...)

@@ -3,16 +3,13 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
-	"errors"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/understudy-vmm/understudy/internal/linuxtest"
 )
 
 // lockedBuffer is an output a role writes while the test reads it.
@@ -127,65 +124,12 @@ func TestRunLinuxProtectBadInput(t *testing.T) {
 	}
 }
 
-// tapUp brings tap up, so that frames written to it are seen on it.
-func tapUp(t *testing.T, tap string) {
-	t.Helper()
-	_ = os.WriteFile("/proc/sys/net/ipv6/conf/"+tap+"/disable_ipv6", []byte("1"), 0)
-	s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
+// rarpSource returns the source MAC of a RARP frame (nil for none).
+func rarpSource(frame []byte) net.HardwareAddr {
+	if len(frame) < 14 {
+		return nil
 	}
-	defer unix.Close(s)
-	ifr, _ := unix.NewIfreq(tap)
-	if err := unix.IoctlIfreq(s, unix.SIOCGIFFLAGS, ifr); err != nil {
-		t.Fatal(err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// rarpFrom waits up to wait for a RARP frame on tap and returns its
-// source MAC (nil: none came).
-func rarpFrom(t *testing.T, fd int, wait time.Duration) net.HardwareAddr {
-	t.Helper()
-	buf := make([]byte, 65536)
-	for deadline := time.Now().Add(wait); time.Now().Before(deadline); {
-		n, _, err := unix.Recvfrom(fd, buf, 0)
-		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			t.Fatalf("recvfrom: %v", err)
-		}
-		if n >= 14 && binary.BigEndian.Uint16(buf[12:]) == 0x8035 {
-			return net.HardwareAddr(bytes.Clone(buf[6:12]))
-		}
-	}
-	return nil
-}
-
-func packetSocket(t *testing.T, tap string) int {
-	t.Helper()
-	ifi, err := net.InterfaceByName(tap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proto := uint16(unix.ETH_P_ALL<<8&0xff00 | unix.ETH_P_ALL>>8)
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(proto))
-	if err != nil {
-		t.Fatalf("AF_PACKET socket: %v", err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: proto, Ifindex: ifi.Index}); err != nil {
-		t.Fatal(err)
-	}
-	tv := unix.NsecToTimeval((50 * time.Millisecond).Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		t.Fatal(err)
-	}
-	return fd
+	return net.HardwareAddr(frame[6:12])
 }
 
 // TestRunLinuxProtectedFailover: the three roles of the CLI protect a Linux
@@ -197,9 +141,7 @@ func packetSocket(t *testing.T, tap string) int {
 func TestRunLinuxProtectedFailover(t *testing.T) {
 	requireKVM(t)
 	ptap, btap := makeTap(t), makeTap(t)
-	tapUp(t, ptap)
-	tapUp(t, btap)
-	bfd := packetSocket(t, btap)
+	brd := linuxtest.NewTapReader(t, btap)
 	dir := t.TempDir()
 	if code, _, errs := runCLI("keys", "init", "--dir", dir); code != 0 {
 		t.Fatalf("keys init: %d %s", code, errs)
@@ -243,7 +185,7 @@ func TestRunLinuxProtectedFailover(t *testing.T) {
 		t.Errorf("the primary's run ended with %d, want %d: %s", e.code, exitInterrupted, perrs.String())
 	}
 	waitText(berrs, "activated at epoch")
-	if mac := rarpFrom(t, bfd, 10*time.Second); mac.String() != "02:00:00:00:00:31" {
+	if mac := rarpSource(brd.Next(0x8035, 10*time.Second)); mac.String() != "02:00:00:00:00:31" {
 		t.Errorf("announcement on the backup's tap from %v, want 02:00:00:00:00:31", mac)
 	}
 	if e := <-idone; e.code != 0 {
