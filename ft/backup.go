@@ -109,6 +109,10 @@ func NewBackup(memSize uint64, cfg BackupConfig) (*Backup, error) {
 		ret: newRetriever(req)}, nil
 }
 
+// errBackupClosed refuses a checkpoint that arrives once the backup was
+// closed or activated.
+var errBackupClosed = errors.New("the backup is closed or activated: it takes no more checkpoints")
+
 // Close releases the backup's image unless an activated machine owns it now.
 func (b *Backup) Close() error {
 	b.mu.Lock()
@@ -530,6 +534,13 @@ func (b *Backup) stage(m *wire.PageBatch, maxPFN uint64) error {
 // staged; a hold-back sync (KindSync) commits the staged pages together with
 // its own, which win, in one atomic Apply.
 func (b *Backup) commit(cp *Checkpoint, base uint64) error {
+	// Under b.mu: Close unmaps the image's memory, and Activate hands it to
+	// the restored machine; neither may happen in the middle of an apply.
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.active {
+		return errBackupClosed
+	}
 	// Disk replication (diskbackup.go): the disks are ready for the
 	// epoch before the image takes it, and commit it right after.
 	if err := b.beforeCommit(cp); err != nil {

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
@@ -265,4 +266,39 @@ func TestStopEndsStall(t *testing.T) {
 		t.Errorf("the stalled checkpoint was acknowledged")
 	}
 	in.Stop() // a second Stop does nothing
+}
+
+// TestBackupCloseWhileCommitting: Close unmaps the backup's image; a
+// checkpoint arriving meanwhile is refused, never applied to unmapped
+// memory (which crashed the process).
+func TestBackupCloseWhileCommitting(t *testing.T) {
+	const memSize = 2 << 20
+	for range 20 {
+		pc, ic := link(t, memSize)
+		b, err := NewBackup(memSize, BackupConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		served := make(chan error, 1)
+		go func() {
+			_, err := b.Serve(ic)
+			ic.Close()
+			served <- err
+		}()
+		go func() {
+			for e := uint64(1); ; e++ {
+				if SendCheckpoint(pc, testImage(e, memSize), 0) != nil {
+					return
+				}
+			}
+		}()
+		time.Sleep(time.Millisecond)
+		if err := b.Close(); err != nil {
+			t.Fatal(err)
+		}
+		pc.Close()
+		if err := <-served; err != nil && !errors.Is(err, errBackupClosed) && !errors.Is(err, ErrLinkBroken) {
+			t.Logf("Serve after Close: %v", err)
+		}
+	}
 }
