@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"slices"
 	"sync"
 	"time"
@@ -417,6 +418,9 @@ type RestoreConfig struct {
 	// are written to the taps before the restored guest transmits (a
 	// malformed encoding is refused). See output.go.
 	NetCarried []byte
+	// Logger receives warnings (a TSC rate this host cannot scale to) and
+	// device diagnostics (nil: slog.Default()).
+	Logger *slog.Logger
 }
 
 // Restore builds a new machine from st and a memory image: exactly
@@ -460,7 +464,7 @@ func restore(cfg RestoreConfig, st *MachineState, mem *mmu.Memory, image io.Read
 	}
 	mc := Config{
 		KVMDevice: cfg.KVMDevice, MemSize: st.Config.MemSize, CPUs: st.Config.CPUs, Backing: cfg.Backing,
-		Console: cfg.Console, Affinity: cfg.Affinity,
+		Console: cfg.Console, Affinity: cfg.Affinity, Logger: cfg.Logger,
 	}
 	linux := st.Devices.UART != nil
 	if linux {
@@ -661,7 +665,7 @@ func (m *Machine) restore(st *MachineState, image io.Reader) error {
 		xsaveSize = n
 	}
 	for i, v := range m.vcpus {
-		if err := restoreVCPU(v.cpu, &st.VCPUs[i], xsaveSize); err != nil {
+		if err := restoreVCPU(v.cpu, &st.VCPUs[i], xsaveSize, m.log); err != nil {
 			return fmt.Errorf("vCPU %d: %w", i, err)
 		}
 	}
@@ -716,7 +720,14 @@ func (m *Machine) loadImage(r io.Reader) error {
 // FPU state it supersedes, then events, MP state and debug registers.
 // xsaveSize is what KVM_SET_XSAVE wants on this host; a smaller saved area
 // is zero-padded (its XSTATE_BV has no bits for the missing components).
-func restoreVCPU(c *arch.VCPU, s *VCPUState, xsaveSize int) error {
+//
+// A TSC frequency this host cannot scale to is a warning on log, not an
+// error, as in QEMU's incoming migration: two hosts (or two boots of one
+// emulated CPU) calibrate a few hundred ppm apart, KVM scales only beyond
+// its tolerance and only with hardware TSC scaling, and a Linux guest's
+// kvmclock follows the host's rate, so its clock stays right. Only a guest
+// that times with the raw TSC sees it run a little fast or slow.
+func restoreVCPU(c *arch.VCPU, s *VCPUState, xsaveSize int, log *slog.Logger) error {
 	if err := c.SetCPUID(s.CPUID); err != nil {
 		return err
 	}
@@ -727,7 +738,8 @@ func restoreVCPU(c *arch.VCPU, s *VCPUState, xsaveSize int) error {
 		}
 		if khz != s.TSCKHz {
 			if err := c.SetTSCKHz(s.TSCKHz); err != nil {
-				return fmt.Errorf("TSC runs at %d kHz here, the state's at %d kHz, and it cannot be scaled: %w", khz, s.TSCKHz, err)
+				log.Warn("TSC frequency differs and cannot be scaled; the guest's TSC runs at this host's rate",
+					"host_khz", khz, "state_khz", s.TSCKHz, "err", err)
 			}
 		}
 	}

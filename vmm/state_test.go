@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -460,6 +462,53 @@ func TestRestoreRejects(t *testing.T) {
 // image, without going through a snapshot.
 func TestRestoreMemory(t *testing.T) {
 	requireKVM(t)
+	st, mem := counterAt1000(t)
+	restoreCounter(t, RestoreConfig{}, st, mem)
+}
+
+// TestRestoreOtherTSCRate restores a state captured at a TSC rate this
+// host does not run (half of it, as from another host): the machine must
+// come up and continue, with the rate either scaled to the state's or left
+// at this host's with a warning, as QEMU's incoming migration does.
+func TestRestoreOtherTSCRate(t *testing.T) {
+	requireKVM(t)
+	st, mem := counterAt1000(t)
+	host := st.VCPUs[0].TSCKHz
+	for i := range st.VCPUs {
+		st.VCPUs[i].TSCKHz = host / 2
+	}
+	var logged bytes.Buffer
+	var mu sync.Mutex
+	log := slog.New(slog.NewTextHandler(lockedWriter{&mu, &logged}, nil))
+	r := restoreCounter(t, RestoreConfig{Logger: log}, st, mem)
+	var khz uint32
+	if err := r.OnVCPU(0, func(c *arch.VCPU) (err error) { khz, err = c.TSCKHz(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	warned := strings.Contains(logged.String(), "TSC frequency differs and cannot be scaled")
+	if khz != host/2 && !warned {
+		t.Errorf("restored vCPU's TSC runs at %d kHz, the state's %d kHz, and nothing was logged; want the state's rate or a warning", khz, host/2)
+	}
+	t.Logf("host %d kHz, state %d kHz, restored %d kHz, warned %v", host, host/2, khz, warned)
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// counterAt1000 runs the counter payload to its 1000th of 3000 records and
+// returns its state and a copy of its memory.
+func counterAt1000(t *testing.T) (*MachineState, *mmu.Memory) {
+	t.Helper()
 	var recs atomic.Uint64
 	var m *Machine // set before Run starts, so before OnRecord runs
 	m, err := New(Config{MemSize: 4 << 20, Payload: &PayloadConfig{Name: "counter",
@@ -490,23 +539,31 @@ func TestRestoreMemory(t *testing.T) {
 	copy(mem.Backing(), m.Memory().Backing())
 	m.Stop(0)
 	<-done
+	return st, mem
+}
 
+// restoreCounter restores counterAt1000's state and checks that the guest
+// continues from record 1001 to 3000 and exits 0.
+func restoreCounter(t *testing.T, cfg RestoreConfig, st *MachineState, mem *mmu.Memory) *Machine {
+	t.Helper()
 	var last atomic.Uint64
 	var first atomic.Uint64
-	r, err := RestoreMemory(RestoreConfig{OnRecord: func(r Record) {
+	cfg.OnRecord = func(r Record) {
 		first.CompareAndSwap(0, r.Value)
 		last.Store(r.Value)
-	}}, st, mem)
+	}
+	r, err := RestoreMemory(cfg, st, mem)
 	if err != nil {
 		t.Fatalf("RestoreMemory() = %v", err)
 	}
-	defer r.Close()
+	t.Cleanup(func() { r.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	res, err := r.Run(ctx)
 	if err != nil || res.ExitCode != 0 || res.Records != 3000 || first.Load() != 1001 || last.Load() != 3000 {
 		t.Errorf("restored Run() = %+v, %v, records %d..%d; want exit 0 after 3000 records, 1001..3000", res, err, first.Load(), last.Load())
 	}
+	return r
 }
 
 // TestRestoreKeepsKVMState sets distinctive values in the parts of KVM's
