@@ -191,6 +191,11 @@ func testDiskReplication(t *testing.T, policy ForwardPolicy) {
 	waitDiskCaughtUp(t, p, bk1, replica1, g.disk)
 	diskRound(t, g, 2, 5)
 	waitDiskCaughtUp(t, p, bk1, replica1, g.disk)
+	// Ten writes of 8 KiB travelled in the epochs' checkpoints (the seed
+	// is not counted; a write the seed covered is not sent again).
+	if n := p.diskSentB.Load(); n < 5*8192 || n%4096 != 0 {
+		t.Errorf("disk bytes sent after two rounds of 5 writes of 8 KiB = %d, want at least one round's and whole blocks", n)
+	}
 
 	// The backup is lost; a new one (or, under hold-back, the same one
 	// returning on its replica, which Open recovers) is seeded with the

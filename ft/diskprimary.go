@@ -78,7 +78,11 @@ func (p *Primary) takeDiskSeed(cp *Checkpoint) {
 // are put back, for the next harvest.
 func (p *Primary) diskSent(cp *Checkpoint, err error) {
 	cp.Seed.Remove()
-	if err != nil && cp.Disk != nil {
+	switch {
+	case cp.Disk == nil:
+	case err != nil:
 		p.m.ReturnDiskWrites(cp.Disk.Writes)
+	default:
+		p.diskSentB.Add(cp.Disk.Bytes())
 	}
 }

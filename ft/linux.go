@@ -231,7 +231,8 @@ func (p *Primary) linuxStatus() string {
 	}
 	s := p.m.NetOutputStats()
 	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-	line := fmt.Sprintf(" held_frames=%d held_KiB=%.1f released_frames=%d frame_ms p50=%.2f p99=%.2f",
+	line := fmt.Sprintf(" disk_KiB/s=%.1f held_frames=%d held_KiB=%.1f released_frames=%d frame_ms p50=%.2f p99=%.2f",
+		p.diskRate.per(float64(p.diskSentB.Load()))/1024,
 		s.HeldFrames, float64(s.HeldBytes)/1024, s.ReleasedFrames, ms(s.Latency.Quantile(0.5)), ms(s.Latency.Quantile(0.99)))
 	if s.Stalls > 0 {
 		line += fmt.Sprintf(" stalls=%d", s.Stalls)

@@ -135,11 +135,13 @@ type Primary struct {
 	epochs      atomic.Uint64
 	byBudget    atomic.Uint64 // epochs the dirty budget ended early
 	bytesSent   atomic.Uint64 // page and state bytes of the checkpoints sent
+	diskSentB   atomic.Uint64 // data bytes of the disk writes sent (diskprimary.go)
 	backupEpoch atomic.Uint64 // the backup's committed epoch, as the intermediary reports it
 	linkUp      atomic.Bool
 	reconnects  atomic.Uint64
 	stuns       *durationWindow
 	rate        rate
+	diskRate    rate // of diskSentB, for the status line
 
 	// ackedEpoch is the last epoch acknowledged, set as its Ack arrives
 	// (before its records are released); releasedRecords counts the
@@ -709,6 +711,7 @@ func (p *Primary) Metrics() []Metric {
 		{Name: "understudy_primary_released_records_total", Help: "Output records released after their checkpoint was acknowledged.", Kind: "counter", Value: float64(records)},
 		{Name: "understudy_primary_backup_epoch", Help: "The backup's committed epoch, as the intermediary last reported it.", Kind: "gauge", Value: float64(p.backupEpoch.Load())},
 		{Name: "understudy_primary_sent_bytes_total", Help: "Page and state bytes of the checkpoints sent.", Kind: "counter", Value: sent},
+		{Name: "understudy_primary_disk_sent_bytes_total", Help: "Data bytes of the disk writes sent with the checkpoints (disk replication; seeds not counted).", Kind: "counter", Value: float64(p.diskSentB.Load())},
 		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: []Label{{"quantile", "0.5"}}, Value: q[0]},
 		{Name: "understudy_primary_stun_seconds", Help: "Stun time (pause to resume) over the last 1024 checkpoints.", Kind: "gauge", Labels: []Label{{"quantile", "0.99"}}, Value: q[1]},
 		{Name: "understudy_primary_held_records", Help: "Output records held until their checkpoint is acknowledged.", Kind: "gauge", Value: float64(p.Held())},

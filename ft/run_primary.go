@@ -170,6 +170,7 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 	if perr != nil && !errors.Is(perr, context.Canceled) {
 		return r.res, fmt.Errorf("protection failed: %w", perr)
 	}
-	log.Info(fmt.Sprintf("%d checkpoints, all output released up to epoch %d", p.Epochs(), p.Acked()))
+	log.Info(fmt.Sprintf("%d checkpoints (%.1f MiB of pages and state, %.1f KiB of disk writes), all output released up to epoch %d",
+		p.Epochs(), float64(p.bytesSent.Load())/(1<<20), float64(p.diskSentB.Load())/1024, p.Acked()))
 	return r.res, r.err
 }
