@@ -195,11 +195,19 @@ func Start(c Config) (*Machine, error) {
 	if _, err := exec.LookPath(QEMU); err != nil {
 		return nil, fmt.Errorf("%w (on Debian: apt-get install qemu-system-x86)", err)
 	}
-	log, err := os.Create(c.LogPath)
+	prog, argv := c.Command()
+	return StartProcess(prog, argv, c.LogPath, c.OnLine, c.Deadline)
+}
+
+// StartProcess runs another program as Start runs QEMU (a client on a
+// segment, through `ip netns exec`): its standard output and error, line by
+// line, go to logPath and onLine, and the Machine's waits, Lines and Kill
+// work on it as on a QEMU's console (their messages still say QEMU).
+func StartProcess(prog string, argv []string, logPath string, onLine func(Line), deadline time.Time) (*Machine, error) {
+	log, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
 	}
-	prog, argv := c.Command()
 	cmd := exec.Command(prog, argv...)
 	cmd.Stdin = nil // /dev/null: nobody types at the console
 	// QEMU must not outlive the test process, however that ends (a panic,
@@ -219,14 +227,14 @@ func Start(c Config) (*Machine, error) {
 	m.start = time.Now()
 	if err := cmd.Start(); err != nil {
 		log.Close()
-		return nil, fmt.Errorf("start %s: %w", QEMU, err)
+		return nil, fmt.Errorf("start %s: %w", prog, err)
 	}
-	if !c.Deadline.IsZero() {
-		m.deadline = time.AfterFunc(time.Until(c.Deadline), func() {
-			m.kill(fmt.Sprintf("killed by the harness at the test's deadline (%s): it would have run into go test's -timeout", c.Deadline.Format(time.TimeOnly)))
+	if !deadline.IsZero() {
+		m.deadline = time.AfterFunc(time.Until(deadline), func() {
+			m.kill(fmt.Sprintf("killed by the harness at the test's deadline (%s): it would have run into go test's -timeout", deadline.Format(time.TimeOnly)))
 		})
 	}
-	go m.read(out, c.OnLine)
+	go m.read(out, onLine)
 	go func() {
 		<-m.readerDone
 		err := cmd.Wait()

@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -91,10 +89,6 @@ func TestLinuxFailover(t *testing.T) {
 // linuxFailover runs one kill on a fresh cluster; with demo, it says each
 // step (make demo-linux shows them).
 func linuxFailover(t testing.TB, e env, demo bool) linuxKill {
-	bin := filepath.Join(e.repo, "build", "understudy")
-	if _, err := os.Stat(bin); err != nil {
-		t.Fatalf("%v: `make image` builds it", err)
-	}
 	step := func(format string, args ...any) {
 		if demo {
 			t.Logf("demo: "+format, args...)
@@ -102,65 +96,20 @@ func linuxFailover(t testing.TB, e env, demo bool) linuxKill {
 			t.Logf(format, args...)
 		}
 	}
-	dir := t.TempDir()
-	keys := filepath.Join(dir, "keys")
-	runBin := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(bin, args...).CombinedOutput(); err != nil {
-			t.Fatalf("understudy %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	runBin("keys", "init", "--dir", keys)
-	guestDisk := filepath.Join(dir, "kv.img")
-	if err := os.WriteFile(guestDisk, make([]byte, 1<<20), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	common := "--heartbeat 250ms --peer-timeout 5s"
-	nodes := []struct {
-		name, role, args string
-		mem              int
-	}{
-		{"primary", "run", fmt.Sprintf("--kernel /boot/vmlinuz --initrd /boot/guest.cpio --mem 256M --disk /run/understudy/kv.img --net tap=%s,mac=%s "+
-			"--protect tcp://%s:%s --interval 100ms --status-interval 2s %s "+
-			"--cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet guest.mode=kv guest.addr=%s/%d guest.port=%s'",
-			tapName, guestMAC, nodeAddr(2), interPort, common, guestAddr, segPrefix, kvPort), 1024},
-		{"intermediary", "intermediary", fmt.Sprintf("--listen tcp://%s:%s --backup tcp://%s:%s --status-interval 5s %s", nodeAddr(2), interPort, nodeAddr(3), backupPort, common), 1536},
-		{"backup", "backup", fmt.Sprintf("--listen tcp://%s:%s --disk /tmp/kv-replica.img --net tap=%s --status-interval 2s %s", nodeAddr(3), backupPort, tapName, common), 1536},
-	}
-	seg := e.segment(t)
+	c := newLinuxCluster(t, e)
 	ms := make([]*Machine, 3)
-	disks := make([]string, 3)
-	for i, n := range nodes {
-		certRole := map[string]string{"run": "primary"}[n.role]
-		if certRole == "" {
-			certRole = n.role
-		}
-		runBin("keys", "issue", "--dir", keys, "--name", n.name, "--role", certRole, "--host", nodeAddr(i+1))
-		disks[i] = filepath.Join(dir, n.name+".cfg")
-		args := []string{"node-config", "--out", disks[i], "--role", n.role, "--ca", filepath.Join(keys, "ca.crt"),
-			"--cert", filepath.Join(keys, n.name+".crt"), "--key", filepath.Join(keys, n.name+".key"), "--args", n.args}
-		if n.role == "run" {
-			args = append(args, "--file", "kv.img="+guestDisk)
-		}
-		runBin(args...)
-	}
-	boot := func(i int) {
-		params := fmt.Sprintf("understudy.bridge=br0:eth0,%s/%d", nodeAddr(i+1), segPrefix)
-		if nodes[i].role != "intermediary" {
-			// The guest's NIC: a tap bridged with the node's NIC.
-			params = fmt.Sprintf("understudy.tap=%s understudy.bridge=br0:eth0+%s,%s/%d", tapName, tapName, nodeAddr(i+1), segPrefix)
-		}
-		ms[i], _ = e.bootRoleNodeMem(t, seg, i+1, nodes[i].mem, params, disks[i])
+	boot := func(i, mem int, name, role, args string) {
+		ms[i-1] = c.boot(t, i, mem, c.configDisk(t, i, name, role, args), "")
 	}
 	killAt := linuxKillMin + rand.IntN(linuxKillMax-linuxKillMin+1)
 	step("1/6 booting the backup (node 3, %s) and the intermediary (node 2, %s), each configured by its config disk", nodeAddr(3), nodeAddr(2))
-	boot(2)
-	boot(1)
+	boot(backupNode, backupMiB, "backup", "backup", backupArgs())
+	boot(intermediaryNode, intermediaryMiB, "intermediary", "intermediary", intermediaryArgs())
 	expect(t, ms[1], bootTimeout, "understudy: intermediary: listening on tcp://"+nodeAddr(2)+":"+interPort)
 	step("2/6 booting the primary (node 1, %s): `understudy run --kernel --protect` of a nested Linux guest (%s) serving a key-value store on its disk", nodeAddr(1), guestAddr)
-	boot(0)
+	boot(primaryNode, primaryMiB, "primary", "run", primaryArgs("--interval 100ms --status-interval 2s"))
 	step("3/6 booting the client (node 4, %s): kvload writes %d values over one TCP connection; the primary dies after %d are acknowledged", nodeAddr(4), linuxWrites, killAt)
-	client := e.bootNode(t, seg, 4, fmt.Sprintf(`understudy.exec="/bin/kvload -addr %s:%s -n %d -progress 250ms -retry-for 10m -timeout 10m -want-survived -poweroff"`,
+	client := e.bootNode(t, c.seg, 4, fmt.Sprintf(`understudy.exec="/bin/kvload -addr %s:%s -n %d -progress 250ms -retry-for 10m -timeout 10m -want-survived -poweroff"`,
 		guestAddr, kvPort, linuxWrites))
 	primary, inter, backup := ms[0], ms[1], ms[2]
 	expect(t, inter, nestedTimeout, `understudy: intermediary: primary "primary" connected`)

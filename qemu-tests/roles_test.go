@@ -290,7 +290,7 @@ func waitQuiet(t *testing.T, m *Machine, quiet, timeout time.Duration) uint64 {
 
 // waitCommitted waits until the backup m reports (its status line) that it
 // has committed epoch n or later.
-func waitCommitted(t *testing.T, m *Machine, n uint64, timeout time.Duration) {
+func waitCommitted(t testing.TB, m *Machine, n uint64, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {

@@ -330,7 +330,11 @@ func (a *appliance) makeTaps(taps []tapSpec) error {
 		if err := boot.LinkUp(t.name); err != nil {
 			return err
 		}
-		a.printf("tap %s: created, address %v, up", t.name, t.addr)
+		if t.addr.IsValid() {
+			a.printf("tap %s: created, address %v, up", t.name, t.addr)
+		} else {
+			a.printf("tap %s: created, up", t.name)
+		}
 	}
 	return nil
 }

@@ -136,6 +136,10 @@ func (a *appliance) applyConfigDisk(cfg *config) error {
 	}
 	cfg.role, cfg.disk = nc.Role, dev
 	cfg.args = append([]string{"--keys", a.path(KeysDir), "--name", nc.Name}, args...)
+	if nc.Role == "run" && !protects(args) {
+		// An unprotected guest's node: run takes no keys then.
+		cfg.args = args
+	}
 	names := make([]string, 0, len(nc.Files))
 	for _, fl := range nc.Files {
 		names = append(names, fmt.Sprintf("%s (%d bytes, sha256 %x)", fl.Name, fl.Size, fl.SHA256))
@@ -208,4 +212,14 @@ func (a *appliance) unpackConfig(r io.Reader, size int64) (_ *NodeConfig, err er
 		return nil, err
 	}
 	return nc, nil
+}
+
+// protects reports whether run's flags args protect the guest (--protect).
+func protects(args []string) bool {
+	for _, a := range args {
+		if a == "--protect" || a == "-protect" || strings.HasPrefix(a, "--protect=") || strings.HasPrefix(a, "-protect=") {
+			return true
+		}
+	}
+	return false
 }

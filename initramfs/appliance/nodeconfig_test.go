@@ -344,6 +344,30 @@ func TestApplianceConfigDisk(t *testing.T) {
 	}
 }
 
+// TestApplianceConfigDiskUnprotectedRun: a config disk for role run whose
+// flags do not protect the guest runs it without --keys and --name (run
+// refuses keys it would not use); with --protect it gets them.
+func TestApplianceConfigDiskUnprotectedRun(t *testing.T) {
+	for _, tt := range []struct{ args, want string }{
+		{"--kernel /boot/vmlinuz --mem 256M", "args:run --kernel /boot/vmlinuz --mem 256M\n"},
+		{"--kernel /boot/vmlinuz --protect tcp://192.0.2.12:7401", "args:run --keys %s/keys --name node-1 --kernel /boot/vmlinuz --protect tcp://192.0.2.12:7401\n"},
+		{"--kernel /boot/vmlinuz --protect=tcp://192.0.2.12:7401", "args:run --keys %s/keys --name node-1 --kernel /boot/vmlinuz --protect=tcp://192.0.2.12:7401\n"},
+	} {
+		nc := testNodeConfig()
+		nc.Role, nc.Name, nc.Args = "run", "node-1", tt.args
+		o, root := configRoot(t, map[string][]byte{"vda": writeDisk(t, nc)})
+		code, out := runAppliance(t, o, "console=ttyS0")
+		if code != 7 {
+			t.Fatalf("%s: status %d, want the command's 7:\n%s", tt.args, code, out)
+		}
+		want := tt.want
+		if strings.Contains(want, "%s") {
+			want = fmt.Sprintf(want, filepath.Join(root, RunDir))
+		}
+		wantLines(t, out, Tag+"role run\n", want)
+	}
+}
+
 // TestApplianceConfigDiskRefused: contradictions with the command line and
 // damaged or doubled disks are refused in one line, run nothing and leave
 // no RunDir behind; without a disk the command line alone still works.
