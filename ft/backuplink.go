@@ -33,9 +33,13 @@ type backupLink struct {
 	c    MessageConn
 	wake chan struct{} // capacity 1: work is queued
 	// limit bounds the page data queued: past it the queue is dropped and
-	// the backup re-seeded from the image. It is twice guest memory (at
-	// least minForwardQueue), so that refilling the queue takes about as
-	// long as a re-seed, and a slow backup is not re-seeded over and over.
+	// the backup re-seeded from the image. It is guest memory (at least
+	// minForwardQueue): a queue that holds more than a re-seed sends takes
+	// longer to send than the re-seed, so it is never worth keeping. It
+	// also bounds the intermediary's memory: the image, this queue and,
+	// while a re-seed is sent, its copy of the image, about three times
+	// guest memory (a 256 MiB guest's intermediary fits in a 1.5 GiB
+	// node; twice guest memory here got one killed by the OOM killer).
 	limit int
 
 	// mu guards everything below.
@@ -179,7 +183,7 @@ func (in *Intermediary) ServeBackup(ctx context.Context, c MessageConn) error {
 	if err != nil {
 		return fmt.Errorf("serve backup: %w", err)
 	}
-	limit := max(minForwardQueue, 2*int(in.img.Size()))
+	limit := max(minForwardQueue, int(in.img.Size()))
 	b := &backupLink{c: c, wake: make(chan struct{}, 1), limit: limit, reseed: true, changed: make(chan struct{})}
 	b.held.bytes = &in.heldBytes
 	in.bmu.Lock()
