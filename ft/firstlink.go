@@ -8,9 +8,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wire"
 )
 
@@ -76,6 +78,44 @@ func dialFirst(ctx context.Context, dial Dialer, peer, addr string, wait, retry 
 		case <-time.After(retry):
 		}
 	}
+}
+
+// mutedUntilUp returns a copy of cfg whose logger drops every record until
+// the returned function is called. A wait's attempts fail in the ways its
+// own reports say, at most once per progressEvery, rather than a link
+// log line per attempt (a peer that closes before the handshake, say);
+// the link that comes up logs as any other once unmuted.
+func mutedUntilUp(cfg *transport.Config) (*transport.Config, func()) {
+	c := *cfg
+	h := &mutedHandler{h: orDiscard(cfg.Logger).Handler(), mute: new(atomic.Bool)}
+	h.mute.Store(true)
+	c.Logger = slog.New(h)
+	return &c, func() { h.mute.Store(false) }
+}
+
+// mutedHandler passes records on to h unless mute is set.
+type mutedHandler struct {
+	h    slog.Handler
+	mute *atomic.Bool
+}
+
+func (m *mutedHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return !m.mute.Load() && m.h.Enabled(ctx, l)
+}
+
+func (m *mutedHandler) Handle(ctx context.Context, r slog.Record) error {
+	if m.mute.Load() {
+		return nil
+	}
+	return m.h.Handle(ctx, r)
+}
+
+func (m *mutedHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &mutedHandler{h: m.h.WithAttrs(as), mute: m.mute}
+}
+
+func (m *mutedHandler) WithGroup(name string) slog.Handler {
+	return &mutedHandler{h: m.h.WithGroup(name), mute: m.mute}
 }
 
 // transientDialError reports whether a failed dial may succeed later by

@@ -206,7 +206,7 @@ func TestRunPrimaryRefusedAtOnce(t *testing.T) {
 
 // TestRunPrimaryWaitCanceled: a wait ends when its context does, with the
 // context's error. The address accepts TCP and closes at once (an end of
-// the stream before the handshake: transient), so the attempts can be
+// the stream, or a reset, before the handshake: transient), so the attempts can be
 // counted; the wait is reported at most once per progressEvery however
 // many attempts fail.
 func TestRunPrimaryWaitCanceled(t *testing.T) {
@@ -233,7 +233,7 @@ func TestRunPrimaryWaitCanceled(t *testing.T) {
 	start := time.Now()
 	addr := "tcp://" + raw.Addr().String()
 	r := startFirstLinkPrimary(t, ctx, c, addr, 10*time.Minute, 0)
-	r.log.waitFor(t, `^waiting for the intermediary at `+regexp.QuoteMeta(addr)+` \(0s\): .*EOF`)
+	r.log.waitFor(t, `^waiting for the intermediary at `+regexp.QuoteMeta(addr)+` \(0s\): .*(EOF|connection reset by peer)$`)
 	for attempts.Load() < 10 {
 		select {
 		case <-r.done:
@@ -252,6 +252,26 @@ func TestRunPrimaryWaitCanceled(t *testing.T) {
 	}
 	if r.log.has("reached the intermediary") {
 		t.Errorf("a canceled wait reports the intermediary reached")
+	}
+	if r.log.has("handshake with peer failed") {
+		t.Errorf("the wait's attempts were logged one by one by the link, not only by the wait's reports")
+	}
+}
+
+// TestMutedUntilUp: the first link's logger says nothing while muted, and
+// everything (attributes added meanwhile too) once unmuted.
+func TestMutedUntilUp(t *testing.T) {
+	log, tl := newTestLog()
+	quiet, unmute := mutedUntilUp(&transport.Config{Logger: log})
+	l := quiet.Logger.With("peer", "i")
+	l.Warn("while muted")
+	quiet.Logger.Error("while muted too")
+	unmute()
+	l.Warn("once up")
+	tl.mu.Lock()
+	defer tl.mu.Unlock()
+	if got := strings.Join(*tl.lines, "|"); got != "once up peer=i" {
+		t.Errorf("logged %q, want only %q", got, "once up peer=i")
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
@@ -96,7 +97,14 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 		return vmm.Result{}, fmt.Errorf("primary: negative connect timeout %v", cfg.ConnectTimeout)
 	}
 	memSize := cfg.Machine.MemSize
-	dial := dialer(cfg.Intermediary, cfg.Links.transport(wire.RolePrimary, memSize, wire.RoleIntermediary))
+	tcfg := cfg.Links.transport(wire.RolePrimary, memSize, wire.RoleIntermediary)
+	dial := dialer(cfg.Intermediary, tcfg)
+	firstDial, unmute := dial, func() {}
+	if cfg.ConnectTimeout > 0 {
+		var quiet *transport.Config
+		quiet, unmute = mutedUntilUp(tcfg)
+		firstDial = dialer(cfg.Intermediary, quiet)
+	}
 	if cfg.DirectBackup != "" {
 		cfg.Epochs.Direct = dialer(cfg.DirectBackup, cfg.Links.transport(wire.RolePrimary, memSize, wire.RoleBackup))
 	}
@@ -140,7 +148,8 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 	}
 	// The first link must come up before the guest starts: within
 	// ConnectTimeout while nothing answers, at once if the peer refuses.
-	first, err := dialFirst(ctx, dial, "the intermediary", cfg.Intermediary, cfg.ConnectTimeout, p.cfg.Redial, log)
+	first, err := dialFirst(ctx, firstDial, "the intermediary", cfg.Intermediary, cfg.ConnectTimeout, p.cfg.Redial, log)
+	unmute()
 	if err != nil {
 		return vmm.Result{}, err
 	}
