@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft/transport"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
@@ -34,6 +35,13 @@ type PrimaryRunConfig struct {
 	// Intermediary is the intermediary's address (tcp://host:port or
 	// vsock://cid:port).
 	Intermediary string
+	// ConnectTimeout is how long RunPrimary keeps trying to reach the
+	// intermediary for the first link, every Epochs.Redial, while the
+	// errors are transient (nothing listens there yet, no route yet, a
+	// timeout or a reset: nodes booted together come up in any order); a
+	// peer that refuses (a certificate of another CA, a wrong role) fails
+	// at once. 0: one attempt, a failure is final.
+	ConnectTimeout time.Duration
 	// DirectBackup is the backup's address, for Epochs.OnLinkLoss
 	// ReplicateDirect (and only then).
 	DirectBackup string
@@ -53,8 +61,9 @@ type PrimaryRunConfig struct {
 }
 
 // RunPrimary runs a guest protected through the intermediary: it builds the
-// machine, reaches the intermediary (the first link must come up: a wrong
-// address fails at once), and runs the guest while Primary.Protect
+// machine, reaches the intermediary (the first link must come up before the
+// guest starts: within ConnectTimeout, and at once for a peer that refuses),
+// and runs the guest while Primary.Protect
 // checkpoints it, holding each output record (a Linux guest's frames and
 // console bytes: linux.go) until the checkpoint covering it is
 // acknowledged. It returns the guest's result once the guest has
@@ -84,8 +93,18 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 	if cfg.Epochs.Direct != nil {
 		return vmm.Result{}, errors.New("primary: give the backup's address (DirectBackup), not a dialer")
 	}
+	if cfg.ConnectTimeout < 0 {
+		return vmm.Result{}, fmt.Errorf("primary: negative connect timeout %v", cfg.ConnectTimeout)
+	}
 	memSize := cfg.Machine.MemSize
-	dial := dialer(cfg.Intermediary, cfg.Links.transport(wire.RolePrimary, memSize, wire.RoleIntermediary))
+	tcfg := cfg.Links.transport(wire.RolePrimary, memSize, wire.RoleIntermediary)
+	dial := dialer(cfg.Intermediary, tcfg)
+	firstDial, unmute := dial, func() {}
+	if cfg.ConnectTimeout > 0 {
+		var quiet *transport.Config
+		quiet, unmute = mutedUntilUp(tcfg)
+		firstDial = dialer(cfg.Intermediary, quiet)
+	}
 	if cfg.DirectBackup != "" {
 		cfg.Epochs.Direct = dialer(cfg.DirectBackup, cfg.Links.transport(wire.RolePrimary, memSize, wire.RoleBackup))
 	}
@@ -127,8 +146,10 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 			defer stop()
 		}
 	}
-	// The first link must come up: a wrong address fails at once.
-	first, err := dial(ctx)
+	// The first link must come up before the guest starts: within
+	// ConnectTimeout while nothing answers, at once if the peer refuses.
+	first, err := dialFirst(ctx, firstDial, "the intermediary", cfg.Intermediary, cfg.ConnectTimeout, p.cfg.Redial, log)
+	unmute()
 	if err != nil {
 		return vmm.Result{}, err
 	}

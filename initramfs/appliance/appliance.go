@@ -163,7 +163,7 @@ func (a *appliance) run(ctx context.Context) int {
 	case "test":
 		return a.runTest(ctx, cfg)
 	default:
-		return a.runCommand(ctx, command{argv: append([]string{"understudy", cfg.role}, cfg.args...), label: "exec"})
+		return a.runCommand(ctx, command{argv: append([]string{"understudy", cfg.role}, cfg.args...), label: "exec", env: cfg.roleEnv()})
 	}
 }
 

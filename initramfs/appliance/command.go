@@ -47,13 +47,14 @@ func (a *appliance) runTest(ctx context.Context, cfg config) int {
 	if cfg.probe.IsValid() {
 		probe = func(ctx context.Context) error { return a.runProbe(ctx, cfg.probe) }
 	}
-	code := a.runCommand(ctx, command{argv: cfg.args, label: "exec", timeout: cfg.timeout, probe: probe, stdin: cfg.stdin, sig: cfg.signal})
+	env := cfg.roleEnv()
+	code := a.runCommand(ctx, command{argv: cfg.args, label: "exec", timeout: cfg.timeout, probe: probe, stdin: cfg.stdin, sig: cfg.signal, env: env})
 	for i, argv := range cfg.then {
 		if code != 0 {
 			a.printf("then: %d more commands not run: the last one failed", len(cfg.then)-i)
 			break
 		}
-		code = a.runCommand(ctx, command{argv: argv, label: "exec", timeout: cfg.timeout, stdin: cfg.stdin})
+		code = a.runCommand(ctx, command{argv: argv, label: "exec", timeout: cfg.timeout, stdin: cfg.stdin, env: env})
 	}
 	if with != nil {
 		if code != 0 {
@@ -102,6 +103,9 @@ type command struct {
 	// sig, if set, is sent to the command once its output has a line
 	// containing sig.text.
 	sig *signalSpec
+	// env is added to the uinit's environment for the command
+	// (UNDERSTUDY_FAILPOINT); nil: the uinit's own.
+	env []string
 }
 
 // runCommand runs c with the console as its output, a line at a time (so
@@ -118,6 +122,9 @@ func (a *appliance) runCommand(ctx context.Context, c command) int {
 		prog = a.Self
 	}
 	cmd := exec.CommandContext(ctx, prog, c.argv[1:]...)
+	if c.env != nil {
+		cmd.Env = append(os.Environ(), c.env...)
+	}
 	lines := &lineWriter{w: a.Out}
 	defer lines.Flush()
 	cmd.Stdout, cmd.Stderr = lines, lines
@@ -158,7 +165,7 @@ func (a *appliance) runCommand(ctx context.Context, c command) int {
 		}
 		cmd.Stdout, cmd.Stderr = w, w
 	}
-	a.printf("%s: %s", c.label, strings.Join(quoteArgs(c.argv), " "))
+	a.printf("%s: %s%s", c.label, envNote(c.env), strings.Join(quoteArgs(c.argv), " "))
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		close(started)
@@ -306,6 +313,16 @@ func (p *promptWatcher) passLine(b []byte, from int) (int, error) {
 	p.fire()
 	m, err := p.w.Write(b[from+nl+1:])
 	return n + m, err
+}
+
+// envNote shows the variables a command gets besides the uinit's, as a
+// shell would take them: "UNDERSTUDY_FAILPOINT=stun@3 ".
+func envNote(env []string) string {
+	var b strings.Builder
+	for _, e := range env {
+		b.WriteString(e + " ")
+	}
+	return b.String()
 }
 
 func quoteArgs(argv []string) []string {

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"path"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -66,6 +67,12 @@ The role and its options come from the kernel command line:
                                address A/N and set it all up: a nested guest on a
                                tap port is then on the node's Ethernet segment
   understudy.modules=M,M|none  modules to load instead of the image's list
+  understudy.failpoint=STAGE@EPOCH
+                               fault injection, for tests: the role's command (run,
+                               intermediary, backup; test: exec and then, not with)
+                               gets UNDERSTUDY_FAILPOINT=STAGE@EPOCH in its
+                               environment, which makes a primary die (or corrupt a
+                               checkpoint) at STAGE of epoch EPOCH; never in production
 `
 
 // config is what the kernel command line asks of the appliance.
@@ -81,6 +88,7 @@ type config struct {
 	probe    netip.AddrPort // valid when asked for
 	testDisk *testDisk
 	stdin    string      // "": the command's stdin is /dev/null
+	failpt   string      // understudy.failpoint: the role's UNDERSTUDY_FAILPOINT; "": none
 	signal   *signalSpec // nil: none
 	timeout  time.Duration
 	once     map[string]bool // the options given (but tap and then)
@@ -224,6 +232,11 @@ func parseParams(ps boot.Params) (config, error) {
 				return c, fmt.Errorf("understudy.signal=%q: want SIG:TEXT, SIG one of USR1, USR2, HUP, INT, TERM, TEXT 1..128 printable ASCII characters", v)
 			}
 			c.signal = &signalSpec{sig: sig, name: name, text: text}
+		case "failpoint":
+			if !validFailpoint(v) {
+				return c, fmt.Errorf("understudy.failpoint=%q: want STAGE@EPOCH, STAGE 1..32 lowercase letters or '-' (as stun or corrupt-disk), EPOCH a positive integer", v)
+			}
+			c.failpt = v
 		case "stdin":
 			if !validToken(v) {
 				return c, fmt.Errorf("understudy.stdin=%q: want TEXT of 1..64 letters, digits, '.', '_' or '-'", v)
@@ -234,6 +247,15 @@ func parseParams(ps boot.Params) (config, error) {
 		}
 	}
 	return c, nil
+}
+
+// roleEnv is what the role's command gets in its environment besides the
+// uinit's: UNDERSTUDY_FAILPOINT if understudy.failpoint asks for it.
+func (c config) roleEnv() []string {
+	if c.failpt == "" {
+		return nil
+	}
+	return []string{failpointEnv + "=" + c.failpt}
 }
 
 // check checks the options together, against the role.
@@ -248,8 +270,8 @@ func (c config) check() error {
 		return fmt.Errorf("understudy.exec= is for understudy.role=test; %s takes understudy.args=", c.role)
 	case c.role != "test" && (once["probe"] || once["testdisk"] || once["timeout"] || once["stdin"] || once["signal"] || once["with"] || len(c.then) > 0):
 		return fmt.Errorf("understudy.probe, testdisk, stdin, signal, then, with and timeout are for understudy.role=test, not %s", c.role)
-	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || c.signal != nil || len(c.then) > 0 || c.with != nil) && len(c.args) == 0:
-		return errors.New("understudy.probe, testdisk, stdin, signal, then and with need a command: understudy.exec=")
+	case c.role == "test" && (c.probe.IsValid() || c.testDisk != nil || c.stdin != "" || c.signal != nil || len(c.then) > 0 || c.with != nil || c.failpt != "") && len(c.args) == 0:
+		return errors.New("understudy.probe, testdisk, stdin, signal, then, with and failpoint need a command: understudy.exec=")
 	}
 	return nil
 }
@@ -316,6 +338,31 @@ func validModName(s string) bool {
 		}
 	}
 	return true
+}
+
+// failpointEnv is the environment variable understudy.failpoint sets for
+// the role's command (package ft reads it; see ft/failpoint.go).
+const failpointEnv = "UNDERSTUDY_FAILPOINT"
+
+// validFailpoint reports whether s has the form STAGE@EPOCH: STAGE a word
+// of 1..32 lowercase letters and '-' beginning with a letter, EPOCH a
+// positive decimal integer of 64 bits. Which stages exist is package ft's
+// to say, not this parser's: the stage list grows with the tests.
+func validFailpoint(s string) bool {
+	stage, epoch, ok := strings.Cut(s, "@")
+	if !ok || stage == "" || len(stage) > 32 || stage[0] < 'a' || stage[0] > 'z' {
+		return false
+	}
+	for _, r := range stage {
+		if !(r >= 'a' && r <= 'z' || r == '-') {
+			return false
+		}
+	}
+	if epoch == "" || strings.Trim(epoch, "0123456789") != "" {
+		return false
+	}
+	e, err := strconv.ParseUint(epoch, 10, 64)
+	return err == nil && e > 0
 }
 
 func validToken(s string) bool {

@@ -2,8 +2,10 @@ package appliance
 
 import (
 	"net/netip"
+	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -172,6 +174,8 @@ func FuzzParseApplianceConfig(f *testing.F) {
 		"understudy.role=test understudy.exec=true understudy.testdisk=/tmp/x:t understudy.timeout=1s",
 		"understudy.role=backup understudy.modules=none",
 		"understudy.role=test understudy.tap=tap0 understudy.bridge=br0:eth0+tap0,192.0.2.11/24",
+		"understudy.role=run understudy.failpoint=corrupt-disk@3",
+		"understudy.role=test understudy.exec=x understudy.failpoint=stun@18446744073709551615",
 	} {
 		f.Add(s)
 	}
@@ -221,5 +225,101 @@ func FuzzParseApplianceConfig(f *testing.F) {
 		if c.stdin != "" && !validToken(c.stdin) {
 			t.Fatalf("accepted stdin %q", c.stdin)
 		}
+		if c.failpt != "" {
+			// What ft's parser needs: one '@', a lowercase stage, an
+			// epoch that is a positive uint64.
+			stage, epoch, ok := strings.Cut(c.failpt, "@")
+			e, err := strconv.ParseUint(epoch, 10, 64)
+			if !ok || stage == "" || strings.Trim(stage, "abcdefghijklmnopqrstuvwxyz-") != "" || err != nil || e == 0 {
+				t.Fatalf("accepted failpoint %q", c.failpt)
+			}
+			if c.role == "test" && len(c.args) == 0 {
+				t.Fatalf("accepted failpoint %q for a test role without a command", c.failpt)
+			}
+		}
 	})
+}
+
+func TestParseApplianceFailpoint(t *testing.T) {
+	for _, v := range []string{"stun@1", "transfer@3", "corrupt-disk@12", "corrupt-state@2", "sent@18446744073709551615", "a@007"} {
+		for _, role := range []string{"run", "intermediary", "backup", "test understudy.exec=x"} {
+			c, err := parseConfig(applianceParams(t, "understudy.role="+role+" understudy.failpoint="+v))
+			if err != nil || c.failpt != v {
+				t.Errorf("parseConfig(role %s, failpoint %q) = %q, %v; want it accepted", role, v, c.failpt, err)
+				continue
+			}
+			if env := c.roleEnv(); len(env) != 1 || env[0] != "UNDERSTUDY_FAILPOINT="+v {
+				t.Errorf("roleEnv() = %q, want [UNDERSTUDY_FAILPOINT=%s]", env, v)
+			}
+		}
+	}
+	if c, err := parseConfig(applianceParams(t, "understudy.role=run")); err != nil || c.roleEnv() != nil {
+		t.Errorf("without understudy.failpoint: roleEnv() = %q, %v; want nil", c.roleEnv(), err)
+	}
+	for _, v := range []string{"stun", "@3", "stun@", "stun@0", "stun@-1", "stun@+1", "stun@1.5", "stun@0x10", "stun@18446744073709551616",
+		"Stun@1", "stun_x@1", "-stun@1", "stun 1@1", "stun@1@2", "st\u00fcn@1", "stun@\u0661", strings.Repeat("a", 33) + "@1", "stun@ 1"} {
+		in := `understudy.role=run understudy.failpoint="` + v + `"`
+		_, err := parseConfig(applianceParams(t, in))
+		if err == nil || !strings.Contains(err.Error(), "want STAGE@EPOCH") || strings.Contains(err.Error(), "\n") {
+			t.Errorf("parseConfig(%q) = %v, want one line containing %q", in, err, "want STAGE@EPOCH")
+		}
+	}
+	for _, tt := range []struct{ in, want string }{
+		{"understudy.role=run understudy.failpoint=stun@1 understudy.failpoint=sent@2", "given twice"},
+		{"understudy.role=run understudy.failpoint", "needs a value"},
+		{"understudy.role=test understudy.failpoint=stun@1", "need a command"},
+	} {
+		if _, err := parseConfig(applianceParams(t, tt.in)); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("parseConfig(%q) = %v, want an error containing %q", tt.in, err, tt.want)
+		}
+	}
+}
+
+// TestApplianceFailpointEnv: understudy.failpoint reaches the role's
+// command, and only it, as UNDERSTUDY_FAILPOINT (through a stand-in for
+// this binary that prints the variable); a bad value runs nothing.
+func TestApplianceFailpointEnv(t *testing.T) {
+	if v, ok := os.LookupEnv(failpointEnv); ok {
+		t.Skipf("the test's own environment has %s=%s", failpointEnv, v)
+	}
+	dir := t.TempDir()
+	self := filepath.Join(dir, "understudy")
+	if err := os.WriteFile(self, []byte("#!/bin/sh\necho \"$1 fp=[$UNDERSTUDY_FAILPOINT]\"\nexit 7\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	o := Options{Root: dir, CPUInfo: filepath.Join(dir, "cpuinfo"), KVM: filepath.Join(dir, "nokvm"), Self: self}
+	for _, role := range []string{"run", "intermediary", "backup"} {
+		code, out := runAppliance(t, o, "understudy.role="+role+" understudy.failpoint=corrupt-state@4")
+		if code != 7 {
+			t.Errorf("role %s: status %d, want the command's 7:\n%s", role, code, out)
+		}
+		wantLines(t, out, Tag+"exec: UNDERSTUDY_FAILPOINT=corrupt-state@4 understudy "+role, role+" fp=[corrupt-state@4]\n")
+		code, out = runAppliance(t, o, "understudy.role="+role)
+		if code != 7 || !strings.Contains(out, role+" fp=[]\n") || strings.Contains(out, "UNDERSTUDY_FAILPOINT") {
+			t.Errorf("role %s without understudy.failpoint: status %d, want 7 and no variable:\n%s", role, code, out)
+		}
+	}
+	// The test role: its exec and then commands get it, its with command
+	// (a client beside them) and its probe do not.
+	code, out := runAppliance(t, o, `understudy.role=test understudy.failpoint=sent@9 understudy.exec="sh -c 'echo exec fp=[$UNDERSTUDY_FAILPOINT]'" `+
+		`understudy.then="sh -c 'echo then fp=[$UNDERSTUDY_FAILPOINT]'" understudy.with="sh -c 'echo with fp=[$UNDERSTUDY_FAILPOINT]'"`)
+	if code != 0 {
+		t.Errorf("role test: status %d, want 0:\n%s", code, out)
+	}
+	wantLines(t, out, "exec fp=[sent@9]\n", "then fp=[sent@9]\n", "with fp=[]\n")
+	// A role from a config disk gets it too: the kernel command line
+	// keeps what is not secret.
+	co, root := configRoot(t, map[string][]byte{"vda": writeDisk(t, testNodeConfig())})
+	if err := os.WriteFile(filepath.Join(root, "understudy"), []byte("#!/bin/sh\necho \"$1 fp=[$UNDERSTUDY_FAILPOINT]\"\nexit 7\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	code, out = runAppliance(t, co, "understudy.failpoint=stun@2")
+	if code != 7 || !strings.Contains(out, "backup fp=[stun@2]\n") {
+		t.Errorf("a config disk's role: status %d, want 7 and the variable:\n%s", code, out)
+	}
+	// A bad value: one error line, a usage status, nothing run.
+	code, out = runAppliance(t, o, "understudy.role=run understudy.failpoint=stun@0")
+	if code != statusUsage || strings.Count(out, Tag+"error: ") != 1 || !strings.Contains(out, Tag+`error: understudy.failpoint="stun@0": want STAGE@EPOCH`) || strings.Contains(out, "fp=[") {
+		t.Errorf("a bad failpoint: status %d, want %d, one error line and nothing run:\n%s", code, statusUsage, out)
+	}
 }

@@ -13,6 +13,15 @@
 // with a test disk, a TCP probe and a line written to its stdin, which is
 // how the QEMU tests (qemu-tests/) drive nested guests.
 //
+// understudy.failpoint=STAGE@EPOCH is a fault-injection knob for the QEMU
+// tests, never for production: the role's command (run, intermediary or
+// backup; the test role's exec and then commands, not its with command)
+// gets UNDERSTUDY_FAILPOINT=STAGE@EPOCH in its environment, which arms one
+// of package ft's failpoints (ft/failpoint.go: a primary killed or a
+// checkpoint corrupted at an exact point of epoch EPOCH). The uinit checks
+// only the syntax, STAGE a lowercase word of letters and '-' and EPOCH a
+// positive integer; the stages are ft's.
+//
 // A node of a cluster gets its role, flags and keys from a config disk
 // instead (nodeconfig.go: the format, its writer for `understudy
 // node-config` and its reader; configdisk.go: finding it among the virtio

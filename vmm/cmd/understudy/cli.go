@@ -391,7 +391,7 @@ func runPrimary(ctx context.Context, cfg vmm.Config, pf protectFlags, links ft.L
 					recW.Flush()
 				}
 			}},
-		Intermediary: *pf.addr, DirectBackup: *pf.direct, Links: links, Log: log,
+		Intermediary: *pf.addr, ConnectTimeout: *pf.connect, DirectBackup: *pf.direct, Links: links, Log: log,
 		StatusEvery: statusEvery, Metrics: metrics, OnStart: beside,
 	})
 }

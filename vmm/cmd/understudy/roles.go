@@ -160,6 +160,7 @@ type protectFlags struct {
 	direct   *string
 	giveUp   *time.Duration
 	redial   *time.Duration
+	connect  *time.Duration
 }
 
 func addProtectFlags(fs flagAdder) protectFlags {
@@ -174,6 +175,9 @@ func addProtectFlags(fs flagAdder) protectFlags {
 		direct: fs.String("direct-backup", "", "with --on-intermediary-loss direct: the backup's address (tcp://host:port or vsock://cid:port)"),
 		giveUp: fs.Duration("give-up", 0, "with --protect: stop the guest after this long without any intermediary (0: never)"),
 		redial: fs.Duration("redial", 200*time.Millisecond, "with --protect: pause between attempts to reach the intermediary again"),
+		connect: fs.Duration("connect-timeout", 60*time.Second, "with --protect: keep trying to reach the intermediary for the first link this long, every --redial, "+
+			"reporting the wait on stderr every 5s (nodes booted together come up in any order); the guest starts once the link is up. "+
+			"Only a peer that does not answer yet is waited for: a refusal (a certificate of another CA, a wrong role) fails at once. 0: fail at once"),
 	}
 }
 
@@ -186,6 +190,9 @@ func (p protectFlags) check() error {
 	}
 	if *p.giveUp < 0 || *p.redial <= 0 {
 		return fmt.Errorf("--give-up %v, --redial %v: --give-up must not be negative and --redial must be positive", *p.giveUp, *p.redial)
+	}
+	if *p.connect < 0 {
+		return fmt.Errorf("--connect-timeout %v: must not be negative", *p.connect)
 	}
 	policy, err := ft.ParseLinkLossPolicy(*p.onLoss)
 	if err != nil {

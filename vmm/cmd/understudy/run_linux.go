@@ -65,7 +65,7 @@ var linuxFlagNames = map[string]bool{
 	"save": true, "save-on-signal": true, "save-after-output": true,
 	// --protect and what goes with it (run_linux_protect.go).
 	"protect": true, "interval": true, "dirty-budget": true, "on-intermediary-loss": true, "direct-backup": true,
-	"give-up": true, "redial": true, "output-hold": true, "status-interval": true,
+	"give-up": true, "redial": true, "connect-timeout": true, "output-hold": true, "status-interval": true,
 	"keys": true, "name": true, "verbose": true, "metrics": true, "heartbeat": true, "peer-timeout": true,
 }
 
@@ -241,7 +241,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	var err error
 	protected := o.protect != nil && *o.protect.addr != ""
 	if !protected {
-		for _, name := range []string{"output-hold", "interval", "dirty-budget", "on-intermediary-loss", "direct-backup", "give-up", "redial", "keys", "name", "heartbeat", "peer-timeout", "metrics", "verbose"} {
+		for _, name := range []string{"output-hold", "interval", "dirty-budget", "on-intermediary-loss", "direct-backup", "give-up", "redial", "connect-timeout", "keys", "name", "heartbeat", "peer-timeout", "metrics", "verbose"} {
 			if set[name] {
 				return usageError(fs, fmt.Sprintf("--%s with --kernel needs --protect", name)), true
 			}

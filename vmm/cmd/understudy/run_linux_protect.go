@@ -17,7 +17,8 @@ import (
 // `understudy run --kernel ... --protect ADDR`: a Linux guest protected
 // through the intermediary, with the flags --protect has for payload guests
 // (--interval, --dirty-budget, --on-intermediary-loss, --direct-backup,
-// --give-up, --redial, the role flags and the status line) and
+// --give-up, --redial, --connect-timeout, the role flags and the status
+// line) and
 // --output-hold. Its output is held until the checkpoint covering it is
 // acknowledged: the frames it transmits on every --net (then written to
 // the tap, in order) and its console (then written to stdout), so the
@@ -80,7 +81,7 @@ func (lf *linuxFlags) runProtected(ctx, runCtx context.Context, cfg vmm.Config, 
 		Machine:      cfg,
 		NetOutput:    hold,
 		Epochs:       ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial},
-		Intermediary: *pf.addr, DirectBackup: *pf.direct, Links: links, Log: log,
+		Intermediary: *pf.addr, ConnectTimeout: *pf.connect, DirectBackup: *pf.direct, Links: links, Log: log,
 		StatusEvery: o.statusEvery, Metrics: *o.role.metrics,
 		OnStart: func(m *vmm.Machine) (func(), error) {
 			if !o.stats {
