@@ -101,9 +101,8 @@ func TestApplianceRoles(t *testing.T) {
 		runBin(args...)
 		disks[i] = disk
 	}
-	// The backup and the intermediary first: `run --protect` gives up if
-	// its first dial of the intermediary fails (the intermediary redials a
-	// backup that is not there yet).
+	// The backup and the intermediary first, as an operator would (a
+	// primary booted first waits for its intermediary: --connect-timeout).
 	boot := func(i int) {
 		ms[i], taps[i] = e.bootRoleNode(t, seg, i+1, fmt.Sprintf("understudy.bridge=br0:eth0,%s/%d", nodeAddr(i+1), segPrefix), disks[i])
 	}
