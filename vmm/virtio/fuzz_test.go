@@ -91,7 +91,7 @@ func FuzzQueuePop(f *testing.F) {
 	f.Fuzz(func(t *testing.T, sizeLog uint8, lastAvail uint16, desc, avail, data []byte) {
 		loadRings(t, mem, desc, avail, data)
 		st := QueueState{Size: 1 << (sizeLog % 9), Ready: true, Desc: fzDesc, Driver: fzAvail, Device: fzUsed, LastAvail: lastAvail}
-		if err := validateQueue(mem, &st, DefaultQueueSize); err != nil {
+		if err := validateQueue(memoryRAM(mem), &st, DefaultQueueSize); err != nil {
 			t.Fatalf("validateQueue(%+v) = %v", st, err)
 		}
 		q := &Queue{max: DefaultQueueSize, st: &st, mem: mem}
