@@ -586,7 +586,17 @@ func FuzzDecodeTransportState(f *testing.F) {
 		}
 		tr := NewMMIO(dev, mem, func() error { return nil })
 		before := tr.State()
-		if err := tr.LoadState(b); err != nil {
+		// The check without a machine is LoadState's without the
+		// device's backend: it never refuses what LoadState accepts.
+		cerr := CheckTransportState(b, memoryRAM(mem))
+		if cerr != nil && !errors.Is(cerr, ErrBadState) {
+			t.Fatalf("CheckTransportState() = %v, want ErrBadState", cerr)
+		}
+		lerr := tr.LoadState(b)
+		if lerr == nil && cerr != nil {
+			t.Fatalf("LoadState() accepted what CheckTransportState refuses: %v", cerr)
+		}
+		if err := lerr; err != nil {
 			if !errors.Is(err, ErrBadState) {
 				t.Fatalf("LoadState() = %v, want ErrBadState", err)
 			}
