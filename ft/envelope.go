@@ -149,12 +149,25 @@ func openEnvelope(b []byte) (envelope, error) {
 
 // checkEnvelope checks a received checkpoint's state: a state that is an
 // envelope (every primary seals one) must open whole, carried frames and
-// all. Bytes of another form are left to the machine state's own decoding
-// at activation (the protocol's tests send opaque states).
+// all, and the machine state it holds must pass vmm.ValidateState: it
+// decodes, and each virtio transport's queues lie in the state's guest
+// memory and agree with their sizes, so that the backup could restore it.
+// Bytes of another form, and an envelope's machine bytes that do not begin
+// as an encoded machine state does (vmm.IsEncodedState), are left to the
+// machine state's own decoding at activation (the protocol's tests send
+// opaque states); every primary sends an envelope around an encoded state.
 func checkEnvelope(state []byte) error {
 	if len(state) < len(envelopeFamily) || string(state[:len(envelopeFamily)]) != envelopeFamily {
 		return nil
 	}
-	_, err := openEnvelope(state)
-	return err
+	e, err := openEnvelope(state)
+	if err != nil {
+		return err
+	}
+	if vmm.IsEncodedState(e.Machine) {
+		if err := vmm.ValidateState(e.Machine); err != nil {
+			return fmt.Errorf("%w: state envelope: machine state: %w", ErrBadCheckpoint, err)
+		}
+	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -8,6 +9,8 @@ import (
 	"syscall"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
+	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
 
 // Failpoints let the fault-injection tests kill a primary at an exact
@@ -25,6 +28,14 @@ import (
 //	corrupt-disk  not a kill: one byte of the checkpoint's first disk
 //	          writes frame is flipped on its way out, after its ranges'
 //	          CRCs were computed (corrupt disk blocks from a live primary)
+//	corrupt-state  not a kill: the checkpoint goes out with a machine state
+//	          whose first ready virtio queue has its used ring moved past
+//	          the end of guest memory. The state is re-encoded before the
+//	          checkpoint is sent, so it decodes and its digest is right: only
+//	          the check of the state against its memory layout
+//	          (vmm.ValidateState) refuses it. The machine's own transport is
+//	          untouched; a state without a ready virtio queue (a payload
+//	          guest's) goes out as it is.
 //
 // and EPOCH is the checkpoint's epoch. Unarmed, they cost one comparison.
 const failpointEnv = "UNDERSTUDY_FAILPOINT"
@@ -38,6 +49,7 @@ const (
 	failSent
 	failCorrupt
 	failCorruptDisk
+	failCorruptState
 )
 
 var failAt = mustParseFailpoint(os.Getenv(failpointEnv))
@@ -68,9 +80,9 @@ func parseFailpoint(s string) (armedFailpoint, error) {
 		return armedFailpoint{}, fmt.Errorf("%q: epoch must be a positive integer", s)
 	}
 	st := map[string]failStage{"stun": failStun, "transfer": failTransfer, "sent": failSent, "corrupt": failCorrupt,
-		"corrupt-disk": failCorruptDisk}[stage]
+		"corrupt-disk": failCorruptDisk, "corrupt-state": failCorruptState}[stage]
 	if st == failNone {
-		return armedFailpoint{}, fmt.Errorf("%q: stage must be stun, transfer, sent, corrupt or corrupt-disk", s)
+		return armedFailpoint{}, fmt.Errorf("%q: stage must be stun, transfer, sent, corrupt, corrupt-disk or corrupt-state", s)
 	}
 	return armedFailpoint{st, e}, nil
 }
@@ -155,4 +167,50 @@ func (d *dyingConn) WriteMessage(m wire.Message) error {
 		failpoint(failTransfer, d.epoch)
 	}
 	return err
+}
+
+// failpointState returns the machine state the checkpoint of epoch carries:
+// machine itself, or, if the corrupt-state failpoint is armed for epoch, a
+// re-encoded copy whose first ready virtio queue has its used ring moved
+// past the end of guest memory (machine is not changed).
+func failpointState(machine []byte, epoch uint64) []byte {
+	if failAt.stage != failCorruptState || failAt.epoch != epoch {
+		return machine
+	}
+	bad, err := misplaceUsedRing(machine)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "understudy: failpoint corrupt-state@%d: %v; the state goes out unchanged\n", epoch, err)
+		return machine
+	}
+	return bad
+}
+
+// misplaceUsedRing returns a copy of an encoded machine state whose first
+// ready virtio queue's used ring starts at the end of guest memory: a state
+// that decodes (the encoding does not know the memory layout) but that no
+// machine can restore.
+func misplaceUsedRing(machine []byte) ([]byte, error) {
+	var st vmm.MachineState
+	if err := st.UnmarshalBinary(machine); err != nil {
+		return nil, err
+	}
+	regions := st.Config.Regions
+	end := regions[len(regions)-1].GPA + regions[len(regions)-1].Size
+	for i, v := range st.Devices.Virtio {
+		ts, id, body, err := virtio.DecodeTransportState(v)
+		if err != nil {
+			return nil, err
+		}
+		for q := range ts.Queues {
+			if !ts.Queues[q].Ready {
+				continue
+			}
+			ts.Queues[q].Device = end
+			if st.Devices.Virtio[i], err = virtio.AppendTransportState(nil, id, &ts, body); err != nil {
+				return nil, err
+			}
+			return st.MarshalBinary()
+		}
+	}
+	return nil, errors.New("the state has no ready virtio queue")
 }

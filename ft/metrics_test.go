@@ -101,6 +101,8 @@ func TestParseFailpoint(t *testing.T) {
 		{"sent@1", armedFailpoint{failSent, 1}, true},
 		{"corrupt@7", armedFailpoint{failCorrupt, 7}, true},
 		{"corrupt-disk@4", armedFailpoint{failCorruptDisk, 4}, true},
+		{"corrupt-state@9", armedFailpoint{failCorruptState, 9}, true},
+		{"corrupt-state@0", armedFailpoint{}, false},
 		{"sent@0", armedFailpoint{}, false},
 		{"sent", armedFailpoint{}, false},
 		{"boom@3", armedFailpoint{}, false},

@@ -309,7 +309,7 @@ func (p *Primary) seal(cp *Checkpoint) {
 		held[i] = h.rec
 	}
 	p.mu.Unlock()
-	env := envelope{Machine: cp.State, Records: held}
+	env := envelope{Machine: failpointState(cp.State, cp.Epoch), Records: held}
 	if p.lx != nil {
 		p.lx.seal(p.m, cp.Epoch, &env)
 	}

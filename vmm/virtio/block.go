@@ -138,7 +138,7 @@ func (b *Block) DeviceID() uint32 { return DeviceIDBlock }
 
 // Features returns VERSION_1, SEG_MAX, FLUSH, and RO for a read-only disk.
 func (b *Block) Features() uint64 {
-	f := uint64(FeatureVersion1 | BlockFSegMax | BlockFFlush)
+	f := uint64(blockFeatures)
 	if b.readOnly {
 		f |= BlockFRO
 	}
@@ -146,7 +146,13 @@ func (b *Block) Features() uint64 {
 }
 
 // QueueSizes returns one request queue of DefaultQueueSize.
-func (b *Block) QueueSizes() []uint16 { return []uint16{DefaultQueueSize} }
+func (b *Block) QueueSizes() []uint16 { return blockQueueSizes() }
+
+// blockFeatures are the features every virtio-blk device offers; a
+// read-only one adds BlockFRO.
+const blockFeatures = FeatureVersion1 | BlockFSegMax | BlockFFlush
+
+func blockQueueSizes() []uint16 { return []uint16{DefaultQueueSize} }
 
 // ReadConfig reads struct virtio_blk_config: the capacity in sectors and
 // seg_max (the queue size minus the header and status descriptors).

@@ -51,6 +51,12 @@
 //	err = t.Resume()          // kick every queue, raise a pending interrupt
 //	err = netDev.Announce()   // virtio-net: RARP from the guest's MAC; repeat a few times
 //
+// Without a machine (a fault-tolerance intermediary checking a checkpoint
+// before it acknowledges it), CheckTransportState applies LoadState's
+// checks that need only the memory layout, with the same code:
+//
+//	err := virtio.CheckTransportState(state, inRAM) // queues vs guest RAM, features vs the device type
+//
 // In-flight block requests are completed at the pause, not recorded for
 // replay. The device serves every request completely on the vCPU that
 // notifies (pread/pwrite straight between the file and guest memory), so at

@@ -91,7 +91,7 @@ func FuzzQueuePop(f *testing.F) {
 	f.Fuzz(func(t *testing.T, sizeLog uint8, lastAvail uint16, desc, avail, data []byte) {
 		loadRings(t, mem, desc, avail, data)
 		st := QueueState{Size: 1 << (sizeLog % 9), Ready: true, Desc: fzDesc, Driver: fzAvail, Device: fzUsed, LastAvail: lastAvail}
-		if err := validateQueue(mem, &st, DefaultQueueSize); err != nil {
+		if err := validateQueue(memoryRAM(mem), &st, DefaultQueueSize); err != nil {
 			t.Fatalf("validateQueue(%+v) = %v", st, err)
 		}
 		q := &Queue{max: DefaultQueueSize, st: &st, mem: mem}
@@ -586,7 +586,17 @@ func FuzzDecodeTransportState(f *testing.F) {
 		}
 		tr := NewMMIO(dev, mem, func() error { return nil })
 		before := tr.State()
-		if err := tr.LoadState(b); err != nil {
+		// The check without a machine is LoadState's without the
+		// device's backend: it never refuses what LoadState accepts.
+		cerr := CheckTransportState(b, memoryRAM(mem))
+		if cerr != nil && !errors.Is(cerr, ErrBadState) {
+			t.Fatalf("CheckTransportState() = %v, want ErrBadState", cerr)
+		}
+		lerr := tr.LoadState(b)
+		if lerr == nil && cerr != nil {
+			t.Fatalf("LoadState() accepted what CheckTransportState refuses: %v", cerr)
+		}
+		if err := lerr; err != nil {
 			if !errors.Is(err, ErrBadState) {
 				t.Fatalf("LoadState() = %v, want ErrBadState", err)
 			}

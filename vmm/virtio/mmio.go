@@ -267,7 +267,7 @@ func (t *Transport) writeQueueReg(offset uint64, v uint32) error {
 			st.Ready = false
 		case st.Ready:
 		default:
-			if err := validateQueue(t.mem, st, q.max); err != nil {
+			if err := validateQueue(memoryRAM(t.mem), st, q.max); err != nil {
 				return &QueueError{Device: t.name, Queue: q.index, Err: err}
 			}
 			st.Ready = true

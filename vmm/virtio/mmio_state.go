@@ -29,7 +29,8 @@ import (
 // interrupt status bits 0 and 1 only. What
 // depends on the machine it is restored into (the device's offered
 // features, its queue sizes, guest memory, the disk) is checked by
-// Transport.LoadState.
+// Transport.LoadState; CheckTransportState checks all of it that needs
+// only the memory layout, with the same code.
 
 // TransportStateVersion is the version of the transport state encoding this
 // build writes and reads.
@@ -213,6 +214,72 @@ func DecodeTransportState(b []byte) (TransportState, uint32, []byte, error) {
 	return s, id, rest, nil
 }
 
+// checkAgainst checks a decoded state against a device that offers the
+// features offered and has len(max) queues of at most max[i] descriptors,
+// in a machine whose guest RAM is inRAM: the negotiated features (once
+// FEATURES_OK is set) were offered, and every ready queue is configured as
+// QueueReady requires (validateQueue). LoadState checks a state against its
+// own device with it, CheckTransportState against what any device of the
+// state's type may be.
+func (s *TransportState) checkAgainst(offered uint64, max []uint16, inRAM RAMCheck) error {
+	if len(s.Queues) != len(max) {
+		return badState("the state has %d queues, the device %d", len(s.Queues), len(max))
+	}
+	// Before FEATURES_OK the driver features are only what the driver wrote
+	// (FEATURES_OK refuses unoffered ones); after it they are negotiated.
+	if extra := s.DriverFeatures &^ (offered | FeatureVersion1); extra != 0 && s.Status&StatusFeaturesOK != 0 {
+		return badState("negotiated features %#x include %#x, which the device does not offer", s.DriverFeatures, extra)
+	}
+	for i := range s.Queues {
+		st := &s.Queues[i]
+		if !st.Ready {
+			continue
+		}
+		if err := validateQueue(inRAM, st, max[i]); err != nil {
+			return badState("queue %d: %v", i, err)
+		}
+	}
+	return nil
+}
+
+// CheckTransportState checks an encoded transport state (from
+// Transport.SaveState) without a machine: it decodes it, the device's body
+// included, as DecodeTransportState and DecodeBlockState or DecodeNetState
+// do, and checks it against what any device of its type may be and against
+// guest RAM as inRAM describes it. It refuses, with an error wrapping
+// ErrBadState, what LoadState would refuse in any machine of that memory
+// layout: a queue count other than the device type's, negotiated features
+// (FEATURES_OK set) that no device of the type offers, and a ready queue
+// whose size is not a power of 2 within the type's maximum, whose
+// descriptor table, available ring or used ring is misaligned or not
+// inside one region of guest RAM, or whose next available index is more
+// than its size ahead of its next used index (mod 2^16). What only the
+// device restored into can say (the disk's size and fingerprint, the MAC,
+// whether a disk is read-only) is left to LoadState.
+//
+// The checks are LoadState's own (one implementation), so a state this
+// accepts is refused by LoadState only for a reason of the device.
+func CheckTransportState(b []byte, inRAM RAMCheck) error {
+	s, id, body, err := DecodeTransportState(b)
+	if err != nil {
+		return err
+	}
+	var offered uint64
+	var max []uint16
+	switch id {
+	case DeviceIDBlock:
+		_, err = DecodeBlockState(body)
+		offered, max = blockFeatures|BlockFRO, blockQueueSizes()
+	case DeviceIDNet:
+		_, err = DecodeNetState(body)
+		offered, max = netFeatures, netQueueSizes()
+	}
+	if err != nil {
+		return err
+	}
+	return s.checkAgainst(offered, max, inRAM)
+}
+
 // stateful is a device whose own state a transport state carries (Block,
 // Net). The transport calls these with its lock held.
 type stateful interface {
@@ -338,22 +405,13 @@ func (t *Transport) loadState(b []byte) error {
 		return badState("the transport is in use (status %#x); restore into a fresh or reset one", t.st.Status)
 	case id != t.dev.DeviceID():
 		return badState("the state is of a %s, the device is a %s", deviceName(id), t.name)
-	case len(s.Queues) != len(t.queues):
-		return badState("the state has %d queues, the device %d", len(s.Queues), len(t.queues))
 	}
-	// Before FEATURES_OK the driver features are only what the driver wrote
-	// (FEATURES_OK refuses unoffered ones); after it they are negotiated.
-	if extra := s.DriverFeatures &^ (t.dev.Features() | FeatureVersion1); extra != 0 && s.Status&StatusFeaturesOK != 0 {
-		return badState("negotiated features %#x include %#x, which the device does not offer", s.DriverFeatures, extra)
-	}
+	max := make([]uint16, len(t.queues))
 	for i, q := range t.queues {
-		st := &s.Queues[i]
-		if !st.Ready {
-			continue
-		}
-		if err := validateQueue(t.mem, st, q.max); err != nil {
-			return badState("queue %d: %v", i, err)
-		}
+		max[i] = q.max
+	}
+	if err := s.checkAgainst(t.dev.Features(), max, memoryRAM(t.mem)); err != nil {
+		return err
 	}
 	d, ok := t.dev.(stateful)
 	if !ok {

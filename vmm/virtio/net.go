@@ -112,10 +112,15 @@ func (n *Net) Stats() NetStats {
 func (n *Net) DeviceID() uint32 { return DeviceIDNet }
 
 // Features returns VERSION_1, MAC and STATUS.
-func (n *Net) Features() uint64 { return FeatureVersion1 | NetFMAC | NetFStatus }
+func (n *Net) Features() uint64 { return netFeatures }
 
 // QueueSizes returns the receive queue and the transmit queue.
-func (n *Net) QueueSizes() []uint16 { return []uint16{DefaultQueueSize, DefaultQueueSize} }
+func (n *Net) QueueSizes() []uint16 { return netQueueSizes() }
+
+// netFeatures are the features a virtio-net device offers.
+const netFeatures = FeatureVersion1 | NetFMAC | NetFStatus
+
+func netQueueSizes() []uint16 { return []uint16{DefaultQueueSize, DefaultQueueSize} }
 
 // ReadConfig reads struct virtio_net_config: the MAC and the link status
 // (up, unless a restored state said otherwise).

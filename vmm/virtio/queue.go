@@ -98,9 +98,25 @@ func (q *Queue) Index() int { return q.index }
 // State returns a copy of the queue's state.
 func (q *Queue) State() QueueState { return *q.st }
 
-// validate checks a queue's configuration when the driver sets QueueReady:
-// size, alignment, and all three areas inside guest memory.
-func validateQueue(mem Memory, st *QueueState, max uint16) error {
+// RAMCheck says whether [gpa, gpa+n) lies inside guest RAM (one region of
+// it): nil if it does, else an error saying why not. A live transport asks
+// its Memory (memoryRAM); a check of a state without a machine asks the
+// state's memory layout (CheckTransportState).
+type RAMCheck func(gpa, n uint64) error
+
+// memoryRAM is the RAMCheck of live guest memory.
+func memoryRAM(mem Memory) RAMCheck {
+	return func(gpa, n uint64) error {
+		_, err := mem.Slice(gpa, n)
+		return err
+	}
+}
+
+// validateQueue checks a ready queue's configuration: size, alignment, and
+// all three areas inside guest RAM. It is the one check of a queue's
+// configuration: the driver's QueueReady, a restore (LoadState) and the
+// check of a state without a machine (CheckTransportState) apply it.
+func validateQueue(inRAM RAMCheck, st *QueueState, max uint16) error {
 	if st.Size == 0 || st.Size > max || bits.OnesCount16(st.Size) != 1 {
 		return malformed("queue size %d: want a power of 2 from 1 to %d", st.Size, max)
 	}
@@ -118,7 +134,7 @@ func validateQueue(mem Memory, st *QueueState, max uint16) error {
 		if a.gpa%a.alignment != 0 {
 			return malformed("%s at %#x is not %d-byte aligned", a.name, a.gpa, a.alignment)
 		}
-		if _, err := mem.Slice(a.gpa, a.size); err != nil {
+		if err := inRAM(a.gpa, a.size); err != nil {
 			return malformed("%s at %#x (%d bytes): %v", a.name, a.gpa, a.size, err)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/understudy-vmm/understudy/internal/testutil"
@@ -430,6 +431,20 @@ func TestLoadStateRefuses(t *testing.T) {
 				t.Fatalf("LoadState() = %v, want an error wrapping ErrBadState", err)
 			}
 			t.Logf("refused: %v", err)
+			// The check without a machine (CheckTransportState, the same
+			// code) refuses the same states with the same reason, but
+			// for those that only the device can refuse.
+			backend := c.disk != "" || c.ro
+			cerr := CheckTransportState(c.state, memoryRAM(r.mem))
+			switch {
+			case backend && cerr != nil:
+				t.Errorf("CheckTransportState() = %v, want nil: only the device's backend differs", cerr)
+			case !backend && !errors.Is(cerr, ErrBadState):
+				t.Errorf("CheckTransportState() = %v, want a refusal like LoadState's %q", cerr, err)
+			case !backend && c.name != "another device type" && !strings.HasSuffix(err.Error(), cerr.Error()):
+				// (Another type: the body does not decode as its device's.)
+				t.Errorf("CheckTransportState() = %v, want LoadState's refusal %q", cerr, err)
+			}
 			if got := r.tr.State(); !reflect.DeepEqual(got, before) || r.tr.Quiesced() || b.h != nil || b.fp != nil {
 				t.Errorf("a refused state changed the transport: %+v (quiesced %v), want %+v", got, r.tr.Quiesced(), before)
 			}
