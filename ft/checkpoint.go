@@ -173,9 +173,9 @@ func (c *Checkpointer) copyPages(cp *Checkpoint, bm []uint64) error {
 		n += bits.OnesCount64(w)
 	}
 	st := &c.staging[cp.Epoch%2]
-	if cap(st.pfns) < n {
-		st.pfns = make([]uint64, 0, n+n/4)
-		st.data = make([]byte, 0, (n+n/4)*mmu.PageSize)
+	if want := n + n/4; cap(st.pfns) < n || shrink(cap(st.pfns), want) {
+		st.pfns = make([]uint64, 0, want)
+		st.data = make([]byte, 0, want*mmu.PageSize)
 	}
 	cp.PFNs, cp.Data = st.pfns[:0], st.data[:0]
 	backing := c.mem.Backing()
@@ -200,6 +200,18 @@ func (c *Checkpointer) copyPages(cp *Checkpoint, bm []uint64) error {
 	st.pfns, st.data = cp.PFNs, cp.Data
 	return nil
 }
+
+// shrink reports whether a staging buffer of have pages is worth giving
+// back for one of want: when it is over shrinkPages and four times what the
+// epoch needs. A guest's boot dirties far more per epoch than its steady
+// state; without this both buffers kept the boot's size for good, next to
+// guest memory and a full image (and got a 256 MiB guest's primary killed
+// by the OOM killer in a 1 GiB appliance node on its second full image).
+func shrink(have, want int) bool { return have > shrinkPages && have > 4*want }
+
+// shrinkPages is the staging size (in pages, 16 MiB) below which a buffer is
+// always kept.
+const shrinkPages = 4096
 
 // TakeFull takes a full image: rounds of live pre-copy (the guest keeps
 // running while memory is copied, then what it dirtied meanwhile), and a

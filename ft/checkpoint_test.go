@@ -123,3 +123,22 @@ func TestCheckpointsRebuildMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestStagingShrinks: a staging buffer grown for an epoch that dirtied
+// much (a guest's boot) is given back once the epochs dirty a quarter of
+// it or less, and kept while they need more.
+func TestStagingShrinks(t *testing.T) {
+	for _, tt := range []struct {
+		have, want int
+		shrink     bool
+	}{
+		{shrinkPages, 1, false},                   // small buffers are always kept
+		{shrinkPages + 1, 10, true},               // past the floor and 4× the need
+		{8 * shrinkPages, 2 * shrinkPages, false}, // still needed
+		{8 * shrinkPages, 2*shrinkPages - 1, true},
+	} {
+		if got := shrink(tt.have, tt.want); got != tt.shrink {
+			t.Errorf("shrink(%d, %d) = %v, want %v", tt.have, tt.want, got, tt.shrink)
+		}
+	}
+}

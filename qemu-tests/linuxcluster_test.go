@@ -30,11 +30,12 @@ type linuxCluster struct {
 // linuxCommon are every role's link flags.
 const linuxCommon = "--heartbeat 250ms --peer-timeout 5s"
 
-// Node memory: the primary holds the 256 MiB guest, the backup a 256 MiB
-// image and the disk's replica next to the appliance, the intermediary an
-// image too.
+// Node memory: the appliance's own, and the primary holds the 256 MiB
+// guest and, while it sends one (at each link up), a full image of it; the
+// intermediary an image, a queue for the backup and a re-seed's copy; the
+// backup an image and the disk's replica.
 const (
-	primaryMiB      = 1024
+	primaryMiB      = 1536
 	intermediaryMiB = 1536
 	backupMiB       = 1536
 )

@@ -303,6 +303,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	defer closeRecords()
 
+	reserveGuest(mem.v)
 	cfg := vmm.Config{
 		KVMDevice: *kvmDev, MemSize: mem.v, CPUs: *cpus, Backing: bk, Console: stdout,
 		Payload: &vmm.PayloadConfig{Name: name, Options: opts},

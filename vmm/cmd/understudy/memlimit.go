@@ -31,5 +31,22 @@ func setMemoryLimit() int64 {
 	}
 	limit := total / 4 * 3
 	debug.SetMemoryLimit(limit)
+	autoLimit = limit
+	return limit
+}
+
+// autoLimit is the limit setMemoryLimit set (0: none).
+var autoLimit int64
+
+// reserveGuest lowers the limit setMemoryLimit set by a guest's memory of
+// size bytes, which is mapped outside the Go heap but takes the host's RAM
+// all the same (to no less than a quarter of the limit). It returns the
+// limit now in force (0: none of ours).
+func reserveGuest(size uint64) int64 {
+	if autoLimit == 0 {
+		return 0
+	}
+	limit := max(autoLimit-int64(size), autoLimit/4)
+	debug.SetMemoryLimit(limit)
 	return limit
 }

@@ -22,9 +22,19 @@ func TestSetMemoryLimit(t *testing.T) {
 	if got := setMemoryLimit(); got != want || debug.SetMemoryLimit(-1) != want {
 		t.Errorf("setMemoryLimit() = %d, runtime limit %d; want %d (3/4 of RAM)", got, debug.SetMemoryLimit(-1), want)
 	}
+	if got := reserveGuest(uint64(want / 3)); got != want-want/3 {
+		t.Errorf("reserveGuest(limit/3) = %d, want %d", got, want-want/3)
+	}
+	if got := reserveGuest(uint64(want)); got != want/4 {
+		t.Errorf("reserveGuest(limit) = %d, want a quarter of the limit, %d", got, want/4)
+	}
+	autoLimit = 0
 	t.Setenv("GOMEMLIMIT", "1GiB")
 	debug.SetMemoryLimit(math.MaxInt64)
 	if got := setMemoryLimit(); got != 0 || debug.SetMemoryLimit(-1) != math.MaxInt64 {
 		t.Errorf("with GOMEMLIMIT set: setMemoryLimit() = %d, runtime limit %d; want both untouched", got, debug.SetMemoryLimit(-1))
+	}
+	if got := reserveGuest(1 << 30); got != 0 {
+		t.Errorf("with GOMEMLIMIT set: reserveGuest() = %d, want 0", got)
 	}
 }

@@ -288,6 +288,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 			console = &markerWriter{w: ends, marker: []byte(save.marker), found: func() { save.trigger(fmt.Sprintf("console output %q", save.marker), saveReq) }}
 		}
 	}
+	reserveGuest(o.mem)
 	cfg := vmm.Config{
 		KVMDevice: o.kvm, MemSize: o.mem, CPUs: o.cpus, Backing: bk,
 		Console: console,
