@@ -87,12 +87,13 @@ func TestLinuxOtherFailures(t *testing.T) {
 	// The primary declares it lost after its peer timeout (5 s); the
 	// client's acknowledged count moves by at most the one write whose
 	// epoch was acknowledged before the kill.
-	expect(t, primary, nestedTimeout, "link=DOWN")
+	killed := time.Now()
+	lineAfter(t, primary, killed, "link=DOWN")
 	time.Sleep(10 * time.Second)
 	if n := ackedNow(client); n > a+1 {
 		t.Errorf("with the intermediary dead the client had %d writes acknowledged, %d before: output was released unacknowledged", n, a)
 	}
-	held := expect(t, primary, nestedTimeout, "link=DOWN")[0]
+	held := lineAfter(t, primary, time.Now().Add(-time.Second), "link=DOWN")
 	if hf := statusField(held.Text, "held_frames"); hf < 1 {
 		t.Errorf("the primary's status %q while its intermediary is dead: want held frames", held.Text)
 	}
@@ -126,6 +127,24 @@ func TestLinuxOtherFailures(t *testing.T) {
 	expect(t, client, nestedTimeout, "kvload: OK")
 	expect(t, backup, nestedTimeout, fmt.Sprintf("understudy-guest: kv: powering off on request: records=%d keys=%d", acked, acked))
 	poweredOff(t, backup, 0)
+}
+
+// lineAfter waits for a line of m containing marker printed after since
+// (host time), and returns it.
+func lineAfter(t testing.TB, m *Machine, since time.Time, marker string) Line {
+	t.Helper()
+	deadline := time.Now().Add(nestedTimeout)
+	for {
+		for _, l := range m.Lines() {
+			if m.start.Add(l.At).After(since) && strings.Contains(l.Text, marker) {
+				return l
+			}
+		}
+		if m.Exited() || time.Now().After(deadline) {
+			t.Fatalf("no line %q after %v (QEMU exited: %v)", marker, since.Format(time.TimeOnly), m.Exited())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // ackedNow is the acknowledged count of kvload's last progress line on m.
