@@ -46,15 +46,7 @@ func freeTCP(t *testing.T) string {
 // and the backup end as protection ends.
 func TestRunLinuxProtected(t *testing.T) {
 	requireKVM(t)
-	dir := t.TempDir()
-	if code, _, errs := runCLI("keys", "init", "--dir", dir); code != 0 {
-		t.Fatalf("keys init: %d %s", code, errs)
-	}
-	for _, n := range []string{"primary", "intermediary", "backup"} {
-		if code, _, errs := runCLI("keys", "issue", "--dir", dir, "--name", n, "--role", n); code != 0 {
-			t.Fatalf("keys issue %s: %d %s", n, code, errs)
-		}
-	}
+	dir := clusterKeys(t)
 	iaddr, baddr := freeTCP(t), freeTCP(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -142,15 +134,7 @@ func TestRunLinuxProtectedFailover(t *testing.T) {
 	requireKVM(t)
 	ptap, btap := makeTap(t), makeTap(t)
 	brd := linuxtest.NewTapReader(t, btap)
-	dir := t.TempDir()
-	if code, _, errs := runCLI("keys", "init", "--dir", dir); code != 0 {
-		t.Fatalf("keys init: %d %s", code, errs)
-	}
-	for _, n := range []string{"primary", "intermediary", "backup"} {
-		if code, _, errs := runCLI("keys", "issue", "--dir", dir, "--name", n, "--role", n); code != 0 {
-			t.Fatalf("keys issue %s: %d %s", n, code, errs)
-		}
-	}
+	dir := clusterKeys(t)
 	iaddr, baddr := freeTCP(t), freeTCP(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
