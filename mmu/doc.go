@@ -33,11 +33,12 @@
 // address space.
 //
 // KVM's shadow MMU has a cruder cousin: detect_write_flooding
-// (arch/x86/kvm/mmu/mmu.c) zaps a shadow page after 3 emulated writes to it
-// with no use of the page in between (the count resets when the vCPU walks
-// through it). It works per page and on any write pattern, with no notion of
-// an address space or of which writes unmap; its cost of a mistake is a
-// refault that rebuilds the page. Here a dropped trace is not rebuilt while
+// (arch/x86/kvm/mmu/mmu.c) zaps a shadow page after 3 trapped guest writes
+// to it with no use of the page in between (a vCPU walk through it resets
+// the count); last-level pages are exempt because KVM lets them go unsync
+// instead of trapping their writes. It works per page on any write pattern,
+// with no notion of an address space or of which writes unmap, and a wrong
+// zap costs only a refault that rebuilds the page. Here a dropped trace is not rebuilt while
 // the parent still points at the table, so a wrong drop loses transitions:
 // embodiment 1 errs only when a live process unmaps its lowest accessed
 // page; embodiment 2, like write flooding, also fires on a big munmap or

@@ -471,3 +471,67 @@ func TestParseExitDetect(t *testing.T) {
 		t.Errorf("ParseExitDetect(fast) = %v", err)
 	}
 }
+
+// TestShadowMinVA follows the accessed minimum VA: a lower accessed page
+// lowers it at once, the VMM clearing A bits does not move it (sticky), and
+// unmapping it (in mode none) recomputes it from the shadows at the end of
+// the Update.
+func TestShadowMinVA(t *testing.T) {
+	g := newSGGuest(t, 8<<20)
+	g.attach()
+	cr3 := g.process()
+	s := g.sets[0]
+	minVA := func() uint64 {
+		info, _ := s.Space(cr3)
+		return info.MinVA
+	}
+	if got := minVA(); got != textVA+PageSize {
+		t.Fatalf("MinVA = %#x, want %#x", got, textVA+PageSize)
+	}
+	first := g.entry(cr3, textVA, 1)
+	g.put(first, g.get(first)|pteA) // the CPU sets A on the first text page
+	if got := minVA(); got != textVA {
+		t.Errorf("after A set at %#x: MinVA = %#x", textVA, got)
+	}
+	g.put(first, g.get(first)&^pteA) // CountAccessed clears it
+	if got := minVA(); got != textVA {
+		t.Errorf("after the A bit is cleared: MinVA = %#x, want %#x (sticky)", got, textVA)
+	}
+	g.zap(cr3, textVA, textVA+2*PageSize)
+	if got := minVA(); got != textVA+2*PageSize {
+		t.Errorf("after unmapping the two lowest pages: MinVA = %#x, want %#x", got, textVA+2*PageSize)
+	}
+	g.zap(cr3, 0, stackVA)
+	g.freeTables(cr3, 0, stackVA&^(1<<39-1))
+	if got := minVA(); got != stackVA {
+		t.Errorf("with only the stack left: MinVA = %#x, want %#x", got, stackVA)
+	}
+	tables := s.Tables(cr3)
+	levels := map[int]int{}
+	for _, tb := range tables {
+		levels[tb.Level]++
+		if tb.Level == 1 && tb.GPA == g.table(cr3, stackVA, 1) && (tb.VA != stackVA&^(2<<20-1) || tb.Span != 2<<20) {
+			t.Errorf("stack PT: %+v, want VA %#x, span 2 MiB", tb, stackVA&^(2<<20-1))
+		}
+	}
+	// root; kernel PDPT and stack PUD; kernel PD and stack PMD; stack PT.
+	if levels[4] != 1 || levels[3] != 2 || levels[2] != 2 || levels[1] != 1 {
+		t.Errorf("tables by level = %v, want 4:1 3:2 2:2 1:1", levels)
+	}
+	if !s.Forget(cr3) || s.Stats().Pages != 0 || s.Forget(cr3) {
+		t.Errorf("Forget: %+v", s.Stats())
+	}
+}
+
+func TestDirtyBitmap(t *testing.T) {
+	layout := Layout(5 << 30) // RAM split around the MMIO hole
+	bits := make([]uint64, (5<<30)/PageSize/64)
+	off, _ := LayoutOffset(layout, HoleEnd+3*PageSize, PageSize)
+	bits[off/PageSize/64] |= 1 << (off / PageSize % 64)
+	d := DirtyBitmap{Layout: layout, Bits: bits}
+	for gpa, want := range map[uint64]bool{HoleEnd + 3*PageSize: true, HoleEnd + 3*PageSize + 8: true, HoleEnd + 2*PageSize: false, off: false, HoleStart + PageSize: false, 1 << 50: false} {
+		if got := d.Dirty(gpa); got != want {
+			t.Errorf("Dirty(%#x) = %v, want %v", gpa, got, want)
+		}
+	}
+}
