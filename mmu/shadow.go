@@ -132,8 +132,20 @@ type ShadowConfig struct {
 	// (DefaultShadowTableLimit if <= 0).
 	TableLimit int
 	// PageLimit bounds the shadow pages of the whole set
-	// (DefaultShadowPageLimit if <= 0).
+	// (DefaultShadowPageLimit if <= 0). A table not shadowed because of a
+	// limit is shadowed when a pointer to it is written again.
 	PageLimit int
+	// SkipKernelHalf leaves the tables under PML4 entries 256..511 (the
+	// kernel half, which Linux shares among all processes and never tears
+	// down at exit) unshadowed; the root's own entries are still diffed.
+	// Without it each address space keeps its own copy of those tables.
+	SkipKernelHalf bool
+	// LeavesFirst diffs the dirty tables of an address space by ascending
+	// level, then GPA, then index, instead of by GPA then index: the order
+	// Linux writes a teardown in (leaf entries before the table pointers
+	// above them), which matters when a whole teardown falls in one Update
+	// (see BenchmarkExitDetect).
+	LeavesFirst bool
 }
 
 // ShadowStats counts what a ShadowSet did. Spaces and Pages are current
@@ -444,6 +456,9 @@ func (s *ShadowSet) adopt(mem TableReader, sp *addrSpace, p *shadowPage, i int) 
 
 // link references the table entry i of p points to, shadowing it if new.
 func (s *ShadowSet) link(mem TableReader, sp *addrSpace, p *shadowPage, i int) {
+	if s.cfg.SkipKernelHalf && p.level == 4 && i >= 256 {
+		return
+	}
 	target := p.ent[i] & arch.PTEAddrMask
 	level := p.level - 1
 	r, ok := sp.refs[target]
@@ -572,8 +587,8 @@ func (sp *addrSpace) lowestAccessed(p *shadowPage) (uint64, bool) {
 }
 
 // Update compares the traced pages with guest memory and returns the PTE
-// transitions, ordered by address space (ascending CR3), then table GPA,
-// then entry index. dirty names the pages that may have changed since the
+// transitions, ordered by address space (ascending CR3), then table GPA
+// (with LeavesFirst: table level, then GPA), then entry index. dirty names the pages that may have changed since the
 // previous Update (the dirty log); nil diffs every traced page.
 //
 // The shadows follow: a newly present table pointer gets its subtable copied
@@ -600,7 +615,16 @@ func (s *ShadowSet) Update(mem TableReader, dirty DirtySet) []Transition {
 				}
 			}
 		}
-		slices.Sort(todo)
+		if s.cfg.LeavesFirst {
+			slices.SortFunc(todo, func(a, b uint64) int {
+				if la, lb := sp.pages[a].level, sp.pages[b].level; la != lb {
+					return la - lb
+				}
+				return cmpU64(a, b)
+			})
+		} else {
+			slices.Sort(todo)
+		}
 		for _, gpa := range todo {
 			if sp.gone {
 				break

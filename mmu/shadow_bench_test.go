@@ -115,13 +115,20 @@ func exitWorkload(g *sgGuest) (exits, live []uint64, start map[uint64][]int) {
 
 // BenchmarkExitDetect prints, per mode, what each exit detector makes of
 // the synthetic storm, Updating after every guest write (the unit tier's
-// model) and after every 64.
+// model) and after every 64, diffing by GPA or leaves first.
 func BenchmarkExitDetect(b *testing.B) {
 	exitDetectOnce.Do(func() {
-		for _, batch := range []int{1, 64} {
+		for _, run := range []struct {
+			batch       int
+			leavesFirst bool
+		}{{1, false}, {64, false}, {64, true}} {
+			batch := run.batch
 			g := newSGGuest(b, 64<<20)
 			g.batch = batch
 			g.attach()
+			for i, d := range allModes {
+				g.sets[i] = NewShadowSet(ShadowConfig{Detect: d, LeavesFirst: run.leavesFirst})
+			}
 			exits, live, start := exitWorkload(g)
 			none := len(g.log[0])
 			for i, d := range allModes {
@@ -155,8 +162,8 @@ func BenchmarkExitDetect(b *testing.B) {
 					p50 = lat[len(lat)/2]
 				}
 				st := g.sets[i].Stats()
-				fmt.Printf("bench exit-detect: mode=%s writes_per_update=%d exits=%d detected=%d false_positives=%d latency_transitions_p50=%d trace_events_saved_pct=%.1f shadow_kib_freed=%d transitions=%d dropped=%d diffs=%d diffs_avoided=%d\n",
-					d, batch, len(exits), detected, fp, p50, 100*(1-float64(len(g.log[i]))/float64(none)), st.FreedBytes/1024,
+				fmt.Printf("bench exit-detect: mode=%s writes_per_update=%d leaves_first=%v exits=%d detected=%d false_positives=%d latency_transitions_p50=%d trace_events_saved_pct=%.1f shadow_kib_freed=%d transitions=%d dropped=%d diffs=%d diffs_avoided=%d\n",
+					d, batch, run.leavesFirst, len(exits), detected, fp, p50, 100*(1-float64(len(g.log[i]))/float64(none)), st.FreedBytes/1024,
 					len(g.log[i]), st.Dropped, st.Diffs, st.DiffsAvoided)
 			}
 		}

@@ -25,7 +25,8 @@ func fuzzEntry(raw uint64) uint64 {
 }
 
 // FuzzShadowSet feeds arbitrary page-table contents and write sequences to
-// a ShadowSet in every exit-detection mode: 10-byte records (table page,
+// a ShadowSet in every exit-detection mode (byte 0: mode, dirty bitmap or
+// nil, SkipKernelHalf, LeavesFirst), then 10-byte records (table page,
 // entry index, update flag, entry), with Updates fed the dirty bitmap or
 // nil. It must never panic, the shadows must equal guest memory after every
 // Update, and the shadow count must stay within the limit.
@@ -78,7 +79,8 @@ func fuzzShadowOnce(t *testing.T, m *Memory, bits []uint64, data []byte) {
 		clear(m.Backing()[:16*PageSize])
 		clear(bits)
 		m.TakeVMMDirty(bits)
-		s := NewShadowSet(ShadowConfig{Detect: ExitDetect(data[0] & 3), PageLimit: 20, TableLimit: 12})
+		s := NewShadowSet(ShadowConfig{Detect: ExitDetect(data[0] & 3), PageLimit: 20, TableLimit: 12,
+			SkipKernelHalf: data[0]&8 != 0, LeavesFirst: data[0]&16 != 0})
 		update := func() {
 			var d DirtySet
 			if data[0]&4 != 0 {

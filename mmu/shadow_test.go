@@ -535,3 +535,21 @@ func TestDirtyBitmap(t *testing.T) {
 		}
 	}
 }
+
+func TestShadowSkipKernelHalf(t *testing.T) {
+	g := newSGGuest(t, 8<<20)
+	cr3 := g.process()
+	s := NewShadowSet(ShadowConfig{SkipKernelHalf: true})
+	if err := s.Track(g.m, cr3); err != nil {
+		t.Fatal(err)
+	}
+	if info, _ := s.Space(cr3); info.Pages != 11 {
+		t.Errorf("SkipKernelHalf: %d shadow pages, want 11 (13 less the kernel PDPT and PD)", info.Pages)
+	}
+	g.takeDirty()
+	g.put(cr3+8*257, g.kernel|present|write) // a second kernel PML4 entry
+	ts := s.Update(g.m, g.takeDirty())
+	if len(ts) != 1 || ts[0].Kind != Mapped || ts[0].Index != 257 || s.Stats().Pages != 11 {
+		t.Errorf("kernel PML4 entry written: %+v, %d pages; want one mapped transition, 11 pages", ts, s.Stats().Pages)
+	}
+}
