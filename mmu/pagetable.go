@@ -108,6 +108,38 @@ var errTruncated = errors.New("page-table walk truncated")
 // the level in the low bits.
 func tableKey(gpa uint64, level int) uint64 { return gpa | uint64(level) }
 
+// entryClass is what a present page-table entry is, by the rules the CPU
+// applies; the walker and the shadow set (shadow.go) share them.
+type entryClass int
+
+const (
+	entryNone     entryClass = iota // not present
+	entryTable                      // points to a next-level table
+	entryLeaf                       // maps a page (4 KiB, 2 MiB or 1 GiB)
+	entryBadTable                   // table pointer with reserved bits set (PS in a PML4E)
+	entryBadLeaf                    // large leaf with reserved bits set
+)
+
+// classify classifies entry e of a level-level table (4 = PML4, 1 = PT).
+func classify(e uint64, level int) entryClass {
+	switch {
+	case e&arch.PTEPresent == 0:
+		return entryNone
+	case level == 1:
+		return entryLeaf
+	case level == 4:
+		if e&pml4eReserved != 0 {
+			return entryBadTable
+		}
+		return entryTable
+	case e&arch.PTELarge == 0:
+		return entryTable
+	case level == 3 && e&pdpteLargeReserved != 0, level == 2 && e&pdeLargeReserved != 0:
+		return entryBadLeaf
+	}
+	return entryLeaf
+}
+
 // walker is one walk of one address space. visited may be shared by walks of
 // several address spaces, so that a table they share is expanded once.
 type walker struct {
@@ -166,12 +198,14 @@ func (w *walker) expand(tb []byte, gpa uint64, level int, va, perm uint64) error
 			eva |= 0xffff << 48 // sign-extend bit 47
 		}
 		p := perm&e&(arch.PTEWrite|arch.PTEUser) | (perm|e)&arch.PTENX
-		isLeaf := level == 1 || (level <= 3 && e&arch.PTELarge != 0)
-		if !isLeaf {
-			if level == 4 && e&pml4eReserved != 0 {
-				w.stats.BadTables++
-				continue
-			}
+		switch classify(e, level) {
+		case entryBadTable:
+			w.stats.BadTables++
+			continue
+		case entryBadLeaf:
+			w.stats.BadLeaves++
+			continue
+		case entryTable:
 			next := e & arch.PTEAddrMask
 			if w.onPath(next, level) {
 				w.stats.Loops++
@@ -184,11 +218,6 @@ func (w *walker) expand(tb []byte, gpa uint64, level int, va, perm uint64) error
 			if err := w.enter(next, level-1, eva, p); err != nil {
 				return err
 			}
-			continue
-		}
-		switch {
-		case level == 3 && e&pdpteLargeReserved != 0, level == 2 && e&pdeLargeReserved != 0:
-			w.stats.BadLeaves++
 			continue
 		}
 		mp := Mapping{
