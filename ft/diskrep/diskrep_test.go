@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
@@ -457,7 +458,13 @@ func TestCrashChild(t *testing.T) {
 	testHook = func(s string, i int) {
 		if armed && s == step && i == index {
 			fmt.Println("stopped at", s, i)
-			select {} // the parent kills us here
+			// The parent kills us here. A sleep, not an empty select:
+			// with every goroutine blocked the runtime ends the process
+			// itself ("all goroutines are asleep"), with status 2, and
+			// on a busy machine that could come before the SIGKILL.
+			for {
+				time.Sleep(time.Hour)
+			}
 		}
 	}
 	r, err := Open(filepath.Join(dir, "disk.img"), testSize)
