@@ -25,6 +25,7 @@ type Pager struct {
 	cursor  int // next candidate to sample (round robin)
 	stats   *arch.Stats
 	shadow  bool
+	spaces  *shadowView // with exit-detect: the shadow page tables
 	cancel  context.CancelFunc
 	done    chan struct{}
 
@@ -88,6 +89,10 @@ func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	lp := &Pager{m: m, mem: m.Memory(), cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
 	lp.status.Policy = cfg.Policy
+	if cfg.ExitDetect != nil {
+		lp.spaces = newShadowView(*cfg.ExitDetect)
+		lp.status.ExitDetect = cfg.ExitDetect.String()
+	}
 	if cfg.Policy == PolicyPrioritized {
 		if err := lp.pickSource(); err != nil {
 			stats.Close()

@@ -17,6 +17,8 @@ import (
 
 var requireKVM = kvmtest.Require
 
+func ptr[T any](v T) *T { return &v }
+
 func mustU64(t *testing.T, m *vmm.Machine, gpa uint64) uint64 {
 	t.Helper()
 	v, err := m.Memory().Uint64(gpa)
@@ -38,6 +40,10 @@ func TestParseLargePages(t *testing.T) {
 		{"budget=2,period=50ms,window=5ms,warmup=3,samples=16,alpha=0.25,hysteresis=2", Config{Budget: 2, Period: 50 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3, PagesPerRegion: 16, Alpha: 0.25, Hysteresis: 2}},
 		{"budget=1,source=damon", Config{Budget: 1, Source: SourceDAMON}},
 		{"budget=1,source=refault", Config{Budget: 1, Source: SourceRefault}},
+		{"budget=1,exit-detect=none", Config{Budget: 1, ExitDetect: ptr(mmu.ExitDetectNone)}},
+		{"budget=1,exit-detect=min-va", Config{Budget: 1, ExitDetect: ptr(mmu.ExitDetectMinVA)}},
+		{"exit-detect=consecutive,budget=3", Config{Budget: 3, ExitDetect: ptr(mmu.ExitDetectConsecutive)}},
+		{"policy=all,exit-detect=both", Config{Policy: PolicyAll, ExitDetect: ptr(mmu.ExitDetectBoth)}},
 	}
 	for _, g := range good {
 		got, err := Parse(g.in)
@@ -63,6 +69,9 @@ func TestParseLargePages(t *testing.T) {
 		"budget=99999999999999999": "out of range",
 		"budget=1,,":               "want key=value",
 		"budget=1,source=idle":     "want auto, damon or refault",
+		"budget=1,exit-detect=all": "--large-pages exit-detect=all: want none, min-va, consecutive or both",
+		"budget=1,exit-detect=":    "want key=value",
+		"budget=1,exit-detect=none,exit-detect=both": "given twice",
 	}
 	for in, sub := range bad {
 		if _, err := Parse(in); err == nil || !strings.Contains(err.Error(), sub) {
@@ -72,13 +81,17 @@ func TestParseLargePages(t *testing.T) {
 }
 
 func FuzzParseLargePages(f *testing.F) {
-	for _, s := range []string{"budget=16", "budget=1,policy=all,period=1s", "alpha=2", ",", "window=-1s"} {
+	for _, s := range []string{"budget=16", "budget=1,policy=all,period=1s", "alpha=2", ",", "window=-1s",
+		"budget=2,exit-detect=both", "budget=2,exit-detect=min-va,source=refault", "exit-detect=MIN-VA", "budget=1,exit-detect=none"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
 		c, err := Parse(s)
 		if err != nil {
 			return
+		}
+		if c.ExitDetect != nil && *c.ExitDetect > mmu.ExitDetectBoth {
+			t.Errorf("Parse(%q) accepted exit-detect %v", s, *c.ExitDetect)
 		}
 		if c.Budget < 0 || c.PagesPerRegion < 0 || c.PagesPerRegion > 64 || c.Period < 0 || c.Window < 0 || c.Alpha < 0 || c.Alpha > 1 {
 			t.Errorf("Parse(%q) accepted %+v", s, c)

@@ -1,0 +1,70 @@
+package largepage
+
+// The guest's view through shadow page tables (--large-pages ...,exit-detect=M):
+// the accessed bits are read from an mmu.ShadowSet kept current by diffing,
+// and address spaces found exiting are no longer counted.
+
+import (
+	"github.com/understudy-vmm/understudy/arch"
+	"github.com/understudy-vmm/understudy/mmu"
+)
+
+// ForgetAfter is how many guest views an address space may go unsampled
+// (no vCPU had its CR3 loaded when the machine was paused) before its
+// shadows are forgotten: 16 windows, 3.2 s at the default period and up to
+// 26 s once the period has backed off. A process that sleeps for a few
+// windows keeps its shadows (its exit is still detected when it comes,
+// since every tracked space is diffed each window); one gone longer costs
+// nothing past that, so the shadows cover the recently running processes,
+// within mmu.DefaultShadowPageLimit in all.
+const ForgetAfter = 16
+
+// shadowView keeps the shadow set of a Pager. It is used only by the
+// Pager's goroutine.
+type shadowView struct {
+	set      *mmu.ShadowSet
+	lastSeen map[uint64]int // address space root -> view it was last sampled in
+	views    int
+}
+
+func newShadowView(d mmu.ExitDetect) *shadowView {
+	return &shadowView{set: mmu.NewShadowSet(mmu.ShadowConfig{Detect: d}), lastSeen: map[uint64]int{}}
+}
+
+// count is what mmu.Memory.CountAccessed(cr3s, clear) gives, read from the
+// shadows: it brings the tracked address spaces up to date (Update: no dirty
+// log is at hand, so every traced page is diffed), starts tracking the new
+// CR3s, counts (skipping spaces found exiting) and forgets the address
+// spaces not sampled for ForgetAfter views. The vCPUs must be paused.
+func (v *shadowView) count(mem *mmu.Memory, cr3s []uint64, clear bool) (mmu.RegionAccess, error) {
+	v.views++
+	v.set.Update(mem, nil)
+	for _, cr3 := range cr3s {
+		// A root outside RAM is not tracked (the walk counts nothing there
+		// either).
+		if err := v.set.Track(mem, cr3); err == nil {
+			v.lastSeen[cr3&arch.PTEAddrMask] = v.views
+		}
+	}
+	ra, _, err := v.set.CountAccessed(mem, cr3s, clear)
+	v.forget()
+	return ra, err
+}
+
+// forget drops the address spaces not sampled for ForgetAfter views, and
+// the bookkeeping of those the exit detector already removed.
+func (v *shadowView) forget() {
+	tracked := map[uint64]bool{}
+	for _, root := range v.set.Spaces() {
+		tracked[root] = true
+		if v.views-v.lastSeen[root] >= ForgetAfter {
+			v.set.Forget(root)
+			delete(v.lastSeen, root)
+		}
+	}
+	for root := range v.lastSeen {
+		if !tracked[root] {
+			delete(v.lastSeen, root)
+		}
+	}
+}
