@@ -3,6 +3,7 @@ package largepage
 import (
 	"context"
 	"errors"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -279,7 +280,25 @@ func contains(s []uint64, v uint64) bool {
 
 // TestLargePagesBlocked: hot regions the guest maps with 4 KiB pages are
 // reported as blocked and never promoted (on shadow-paging hosts).
-func TestLargePagesBlocked(t *testing.T) {
+func TestLargePagesBlocked(t *testing.T) { testLargePagesBlocked(t, nil) }
+
+// TestLargePagesBlockedShadow: the same through the shadow page tables
+// (exit-detect=both): the same regions are found blocked, and the status
+// line shows the address space traced and no exit.
+func TestLargePagesBlockedShadow(t *testing.T) {
+	st := testLargePagesBlocked(t, ptr(mmu.ExitDetectBoth))
+	sh := st.Shadow
+	if sh.Spaces < 1 || sh.Pages < 1 || sh.ExitsDetected != 0 || sh.Dropped != 0 || sh.Diffs == 0 {
+		t.Errorf("shadow stats %+v: want a traced address space, diffed, no exit", sh)
+	}
+	t.Log(st.String())
+	want := fmt.Sprintf(" exit_detect=both spaces=%d traced=%d exits=0 dropped=0 freed_KiB=0", sh.Spaces, sh.Pages)
+	if line := st.String(); !strings.Contains(line, want) {
+		t.Errorf("status %q, want it to contain %q", line, want)
+	}
+}
+
+func testLargePagesBlocked(t *testing.T, exitDetect *mmu.ExitDetect) Status {
 	requireKVM(t)
 	if !arch.ShadowPaging() {
 		t.Skip("the host uses EPT/NPT: the guest's mapping size does not block KVM large pages")
@@ -296,7 +315,7 @@ func TestLargePagesBlocked(t *testing.T) {
 	}
 	blocked := []uint64{base + 16, base + 48}
 	m, hot, cancel, done := touchMachine(t, blocked)
-	lp, err := Start(m, Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 4, Seed: 2})
+	lp, err := Start(m, Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 4, Seed: 2, ExitDetect: exitDetect})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,6 +335,7 @@ func TestLargePagesBlocked(t *testing.T) {
 	}
 	stopMachine(t, cancel, done)
 	checkTouchData(t, m)
+	return st
 }
 
 // TestLargePagesFixedPolicies: "all" promotes every candidate and "random"
