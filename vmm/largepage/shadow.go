@@ -35,7 +35,19 @@ func newShadowView(d mmu.ExitDetect) *shadowView {
 // shadows: it brings the tracked address spaces up to date (Update: no dirty
 // log is at hand, so every traced page is diffed), starts tracking the new
 // CR3s, counts (skipping spaces found exiting) and forgets the address
-// spaces not sampled for ForgetAfter views. The vCPUs must be paused.
+// spaces found exiting and those not sampled for ForgetAfter views. The
+// vCPUs must be paused.
+//
+// An address space found exiting is forgotten at once, whatever of its
+// tables the detector had not dropped yet: the rest of its teardown costs
+// nothing, and its CR3 page, which Linux frees after the teardown and may
+// soon give to a new process, is tracked afresh if a vCPU has it loaded at
+// a later pause. So is a live process the detector mistook for an exiting
+// one (embodiment 2 on a big munmap), which is thus counted again from its
+// next sampling on, instead of staying untraced where its traces were
+// dropped. A process sampled again in the middle of its teardown is tracked
+// again too, with what is left of its tables (Linux clears every leaf entry
+// before any table pointer, so that is little).
 func (v *shadowView) count(mem *mmu.Memory, cr3s []uint64, clear bool) (mmu.RegionAccess, error) {
 	v.views++
 	v.set.Update(mem, nil)
@@ -51,13 +63,14 @@ func (v *shadowView) count(mem *mmu.Memory, cr3s []uint64, clear bool) (mmu.Regi
 	return ra, err
 }
 
-// forget drops the address spaces not sampled for ForgetAfter views, and
-// the bookkeeping of those the exit detector already removed.
+// forget drops the address spaces found exiting or not sampled for
+// ForgetAfter views, and the bookkeeping of those the exit detector already
+// removed.
 func (v *shadowView) forget() {
 	tracked := map[uint64]bool{}
 	for _, root := range v.set.Spaces() {
 		tracked[root] = true
-		if v.views-v.lastSeen[root] >= ForgetAfter {
+		if info, _ := v.set.Space(root); info.Exiting || v.views-v.lastSeen[root] >= ForgetAfter {
 			v.set.Forget(root)
 			delete(v.lastSeen, root)
 		}

@@ -124,7 +124,8 @@ func TestShadowViewCounts(t *testing.T) {
 
 // TestShadowViewExited: once the exit of an address space is detected
 // (min-va: its lowest accessed page is unmapped), its regions are no longer
-// counted; without detection they are.
+// counted and it is forgotten; without detection they are counted. Sampled
+// again, it is tracked afresh.
 func TestShadowViewExited(t *testing.T) {
 	for _, d := range []mmu.ExitDetect{mmu.ExitDetectNone, mmu.ExitDetectMinVA} {
 		g := newIDGuest(t, []uint64{1, 3}, tablesA, tablesB)
@@ -149,6 +150,22 @@ func TestShadowViewExited(t *testing.T) {
 		}
 		if st := v.set.Stats(); st.ExitsDetected != uint64(min(1, int(d))) {
 			t.Errorf("exit-detect=%s: %d exits detected", d, st.ExitsDetected)
+		}
+		// Found exiting, space A is forgotten; sampled again (its CR3
+		// reused, or a mistaken exit), it is tracked afresh and counted.
+		wantSpaces := cr3s
+		if d != mmu.ExitDetectNone {
+			wantSpaces = []uint64{tablesB}
+		}
+		if got := v.set.Spaces(); !reflect.DeepEqual(got, wantSpaces) {
+			t.Errorf("exit-detect=%s: spaces after the exit %#x, want %#x", d, got, wantSpaces)
+		}
+		ra, err = v.count(g.m, cr3s, false)
+		if want := map[uint64]int{1: 2, 3: 1}; err != nil || !reflect.DeepEqual(ra.Accessed4K, want) {
+			t.Errorf("exit-detect=%s: counts with space A sampled again %v, %v; want %v", d, ra.Accessed4K, err, want)
+		}
+		if got := v.set.Spaces(); !reflect.DeepEqual(got, cr3s) {
+			t.Errorf("exit-detect=%s: spaces with A sampled again %#x, want %#x", d, got, cr3s)
 		}
 	}
 }
