@@ -170,6 +170,44 @@ func TestShadowViewExited(t *testing.T) {
 	}
 }
 
+// TestShadowViewRootDropped: when the detector drops the root of an address
+// space in a view's Update (its teardown reached the top table), the space
+// is not tracked again in that view even though a vCPU has its CR3 loaded,
+// so what is left of its tables is not counted; it is at the next view.
+func TestShadowViewRootDropped(t *testing.T) {
+	g := newIDGuest(t, []uint64{1, 3}, tablesA, tablesB)
+	// Space A maps the same PDPT at PML4[0] and PML4[1], so a tree is left
+	// after PML4[0] is cleared.
+	if err := g.m.PutUint64(tablesA+8, (tablesA+mmu.PageSize)|arch.PTEPresent|arch.PTEWrite|arch.PTEUser); err != nil {
+		t.Fatal(err)
+	}
+	g.set(0, 1*2*mib+7*mmu.PageSize, arch.PTEAccessed) // space A's lowest accessed VA
+	g.set(0, 3*2*mib, arch.PTEAccessed)
+	g.set(1, 1*2*mib, arch.PTEAccessed)
+	v := newShadowView(mmu.ExitDetectMinVA)
+	cr3s := []uint64{tablesA, tablesB}
+	if ra, err := v.count(g.m, cr3s, false); err != nil || !reflect.DeepEqual(ra.Accessed4K, map[uint64]int{1: 2, 3: 1}) {
+		t.Fatalf("counts %v, %v; want 1:2 3:1", ra.Accessed4K, err)
+	}
+	// In one window: the lowest accessed leaf, then PML4[0], are cleared.
+	g.set(0, 1*2*mib+7*mmu.PageSize, 0)
+	if err := g.m.PutUint64(tablesA, 0); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := v.count(g.m, cr3s, false)
+	if want := map[uint64]int{1: 1}; err != nil || !reflect.DeepEqual(ra.Accessed4K, want) {
+		t.Errorf("counts in the window the root was dropped %v, %v; want space B's %v", ra.Accessed4K, err, want)
+	}
+	if st := v.set.Stats(); st.ExitsDetected != 1 || !reflect.DeepEqual(v.set.Spaces(), []uint64{tablesB}) {
+		t.Errorf("stats %+v, spaces %#x; want 1 exit, only B", st, v.set.Spaces())
+	}
+	// Sampled again later, A is tracked afresh (through PML4[1]).
+	ra, err = v.count(g.m, cr3s, false)
+	if want := map[uint64]int{1: 1, 3: 1}; err != nil || !reflect.DeepEqual(ra.Accessed4K, want) {
+		t.Errorf("counts at the next view %v, %v; want %v", ra.Accessed4K, err, want)
+	}
+}
+
 // TestShadowViewForget: an address space not sampled for ForgetAfter views
 // is forgotten; one sampled again in time is kept.
 func TestShadowViewForget(t *testing.T) {
