@@ -370,6 +370,8 @@ func (c *regionCounter) count(mp Mapping, e uint64) (cleared bool, err error) {
 	return false, nil
 }
 
+// newRegionCounter returns an empty counter over m; clear makes it clear
+// the A bits it counts.
 func newRegionCounter(m *Memory, clear bool) *regionCounter {
 	return &regionCounter{
 		ra: RegionAccess{
