@@ -168,6 +168,10 @@ func (lp *Pager) runFixed(ctx context.Context) {
 	if lp.cfg.Policy != PolicyNone {
 		targets = lp.fixedTargets()
 	}
+	if lp.spaces != nil {
+		// The guest's page tables are read only once here: keep no shadows.
+		lp.spaces.reset()
+	}
 	for {
 		failed := 0
 		for _, r := range targets {

@@ -342,6 +342,7 @@ func testLargePagesBlocked(t *testing.T, exitDetect *mmu.ExitDetect) Status {
 // exactly Budget of them; pages_2m follows once the guest touches them.
 func TestLargePagesFixedPolicies(t *testing.T) {
 	requireKVM(t)
+	var randomPick []uint64
 	for _, tc := range []struct {
 		cfg  Config
 		want int
@@ -349,6 +350,9 @@ func TestLargePagesFixedPolicies(t *testing.T) {
 		{Config{Policy: PolicyRandom, Budget: 5, Seed: 3}, 5},
 		{Config{Policy: PolicyAll}, 64},
 		{Config{Policy: PolicyNone}, 0},
+		// Through the shadow page tables: the same choice, and no shadows
+		// kept after it.
+		{Config{Policy: PolicyRandom, Budget: 5, Seed: 3, ExitDetect: ptr(mmu.ExitDetectBoth)}, 5},
 	} {
 		m, _, cancel, done := touchMachine(t, nil)
 		base := m.DataRegions()[0]
@@ -367,6 +371,16 @@ func TestLargePagesFixedPolicies(t *testing.T) {
 		st := lp.Stop()
 		if len(st.Promoted) != tc.want || st.Failed != 0 {
 			t.Errorf("policy %s: status %s, want %d promoted", tc.cfg.Policy, st, tc.want)
+		}
+		if tc.cfg.Policy == PolicyRandom {
+			if randomPick == nil {
+				randomPick = st.Promoted
+			} else if !reflect.DeepEqual(st.Promoted, randomPick) {
+				t.Errorf("random policy with exit-detect promoted %v, without %v", st.Promoted, randomPick)
+			}
+		}
+		if tc.cfg.ExitDetect != nil && (st.ExitDetect != "both" || st.Shadow.Spaces != 0 || st.Shadow.Pages != 0 || st.Shadow.Unlinked == 0) {
+			t.Errorf("fixed policy with exit-detect: shadow stats %+v (%q), want every space forgotten after the pick", st.Shadow, st.ExitDetect)
 		}
 		if tc.want > 0 {
 			// Demotion: splitting the host mapping makes KVM drop to 4 KiB.

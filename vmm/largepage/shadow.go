@@ -100,3 +100,11 @@ func (v *shadowView) forget() {
 		}
 	}
 }
+
+// reset forgets every address space.
+func (v *shadowView) reset() {
+	for _, root := range v.set.Spaces() {
+		v.set.Forget(root)
+	}
+	clear(v.lastSeen)
+}

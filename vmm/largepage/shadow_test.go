@@ -241,6 +241,10 @@ func TestShadowViewForget(t *testing.T) {
 	if got := v.set.Spaces(); !reflect.DeepEqual(got, both) {
 		t.Errorf("B sampled again: spaces %#x, want %#x", got, both)
 	}
+	v.reset()
+	if st := v.set.Stats(); st.Spaces != 0 || st.Pages != 0 || len(v.lastSeen) != 0 {
+		t.Errorf("after reset: %+v, lastSeen %v; want nothing tracked", st, v.lastSeen)
+	}
 }
 
 func TestStatusExitDetect(t *testing.T) {
