@@ -32,6 +32,18 @@
 // four or more, the next one drops its table. A dropped root ends the
 // address space.
 //
+// ShadowSet.CountAccessed (shadowcount.go) gives the large-page controller
+// what Memory.CountAccessed gives it, read from the shadows after an Update
+// instead of by walking guest memory: the same per-region counts, and with
+// clear the same writes to guest PTEs. The VMM's own A-bit clears are
+// applied to every shadow copy of the written table, so the next Update does
+// not report them as transitions (the guest setting A again is a
+// FlagsChanged). It differs from the walk in what the set does not follow:
+// address spaces found exiting, dropped, truncated or loop tables (and the
+// kernel half with SkipKernelHalf) are not counted; a table used at two
+// levels of one address space, never part of a well-formed tree, is counted
+// at the first only.
+//
 // KVM's shadow MMU has a cruder cousin: detect_write_flooding
 // (arch/x86/kvm/mmu/mmu.c) zaps a shadow page after 3 trapped guest writes
 // to it with no use of the page in between (a vCPU walk through it resets

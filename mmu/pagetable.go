@@ -328,11 +328,17 @@ func (c *regionCounter) flush() {
 
 // leaf counts one mapping; with clear it writes its entry back without A.
 func (c *regionCounter) leaf(mp Mapping, e uint64) error {
+	_, err := c.count(mp, e)
+	return err
+}
+
+// count is leaf, also reporting whether it cleared the entry's A bit.
+func (c *regionCounter) count(mp Mapping, e uint64) (cleared bool, err error) {
 	acc := e&arch.PTEAccessed != 0
 	counted := false
 	if mp.Size == PageSize {
 		if !mp.InRAM {
-			return nil
+			return false, nil
 		}
 		if r := mp.GPA / RegionSize; r != c.cur {
 			c.flush()
@@ -357,10 +363,26 @@ func (c *regionCounter) leaf(mp Mapping, e uint64) error {
 	}
 	if acc && counted && c.clear {
 		if err := c.m.PutUint64(mp.Entry, e&^arch.PTEAccessed); err != nil {
-			return fmt.Errorf("clear the accessed bit of the entry at %#x (VA %#x): %w", mp.Entry, mp.VA, err)
+			return false, fmt.Errorf("clear the accessed bit of the entry at %#x (VA %#x): %w", mp.Entry, mp.VA, err)
 		}
+		return true, nil
 	}
-	return nil
+	return false, nil
+}
+
+// newRegionCounter returns an empty counter over m; clear makes it clear
+// the A bits it counts.
+func newRegionCounter(m *Memory, clear bool) *regionCounter {
+	return &regionCounter{
+		ra: RegionAccess{
+			Accessed4K:    map[uint64]int{},
+			LargeAccessed: map[uint64]bool{},
+			Mapped4K:      map[uint64]int{},
+			MappedLarge:   map[uint64]bool{},
+		},
+		m:     m,
+		clear: clear,
+	}
 }
 
 // CountAccessed counts accessed and mapped guest pages per 2 MiB region over
@@ -393,16 +415,7 @@ func (c *regionCounter) leaf(mp Mapping, e uint64) error {
 // The returned WalkStats sums the walks. The error reports a failed
 // write-back; the counts are then partial.
 func (m *Memory) CountAccessed(cr3s []uint64, clear bool) (RegionAccess, WalkStats, error) {
-	c := &regionCounter{
-		ra: RegionAccess{
-			Accessed4K:    map[uint64]int{},
-			LargeAccessed: map[uint64]bool{},
-			Mapped4K:      map[uint64]int{},
-			MappedLarge:   map[uint64]bool{},
-		},
-		m:     m,
-		clear: clear,
-	}
+	c := newRegionCounter(m, clear)
 	var total WalkStats
 	visited := map[uint64]struct{}{}
 	for _, cr3 := range cr3s {

@@ -2,6 +2,7 @@ package mmu
 
 import (
 	"encoding/binary"
+	"reflect"
 	"testing"
 )
 
@@ -122,5 +123,20 @@ func fuzzShadowOnce(t *testing.T, m *Memory, bits []uint64, data []byte) {
 		update()
 		data[0] &^= 4 // a final full diff
 		update()
+
+		// Counting from the shadows equals the walk where the set
+		// followed every table, and clearing (byte 0 bit 5) keeps the
+		// shadows equal to guest memory: no transitions follow.
+		roots := []uint64{0, PageSize}
+		want, _, werr := m.CountAccessed(roots, false)
+		got, _, err := s.CountAccessed(m, roots, data[0]&32 != 0)
+		if st := s.Stats(); err == nil && werr == nil && s.Detect() == ExitDetectNone && st.Loops == 0 && st.Truncated == 0 &&
+			data[0]&8 == 0 && !reflect.DeepEqual(got, want) {
+			t.Fatalf("ShadowSet.CountAccessed = %+v, want (Memory.CountAccessed) %+v", got, want)
+		}
+		checkShadows(t, s, m)
+		if ts := s.Update(m, nil); len(ts) != 0 {
+			t.Fatalf("Update after ShadowSet.CountAccessed = %+v, want no transitions", ts)
+		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm/option"
 )
 
@@ -49,6 +50,11 @@ type Config struct {
 	// SourceRefault (revoke and count refaults), or SourceAuto (default):
 	// DAMON where it can be used, else refaults.
 	Source string
+	// ExitDetect, when set, reads the guest's accessed bits through shadow
+	// copies of its page tables (mmu.ShadowSet) with this exit-detection
+	// mode, instead of walking every table every window; address spaces
+	// found exiting are no longer counted. Nil: the full walk.
+	ExitDetect *mmu.ExitDetect
 }
 
 // The sampler sources.
@@ -60,10 +66,10 @@ const (
 
 // optionList is the --large-pages option list.
 var optionList = option.List{Name: "--large-pages", Keys: []string{
-	"budget", "policy", "period", "window", "warmup", "samples", "per_window", "alpha", "hysteresis", "seed", "source"}}
+	"budget", "policy", "period", "window", "warmup", "samples", "per_window", "alpha", "hysteresis", "seed", "source", "exit-detect"}}
 
 // Parse parses the --large-pages option string
-// "budget=N[,policy=P,period=D,window=D,warmup=N,samples=N,per_window=N,alpha=F,hysteresis=F,seed=N,source=S]".
+// "budget=N[,policy=P,period=D,window=D,warmup=N,samples=N,per_window=N,alpha=F,hysteresis=F,seed=N,source=S,exit-detect=M]".
 func Parse(s string) (Config, error) {
 	var c Config
 	pairs, err := optionList.Parse(s)
@@ -109,6 +115,12 @@ func Parse(s string) (Config, error) {
 			default:
 				err = fmt.Errorf("want auto, damon or refault")
 			}
+		case "exit-detect":
+			d, perr := mmu.ParseExitDetect(v)
+			if perr != nil {
+				err = fmt.Errorf("want none, min-va, consecutive or both")
+			}
+			c.ExitDetect = &d
 		}
 		if err != nil {
 			return c, optionList.Bad(p, err)

@@ -7,6 +7,7 @@
 // a machine, Status reports what it did. The files: config.go (policies,
 // sources, Parse), largepage.go (Start, the policy loops, promotion),
 // sample.go (the samplers' windows and the guest's page-table view),
+// shadow.go (that view through shadow page tables, with exit-detect),
 // status.go (Status and its one-line text).
 //
 // It is a client of the machine's public API, as ft's Checkpointer is:

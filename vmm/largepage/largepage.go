@@ -25,6 +25,7 @@ type Pager struct {
 	cursor  int // next candidate to sample (round robin)
 	stats   *arch.Stats
 	shadow  bool
+	spaces  *shadowView // with exit-detect: the shadow page tables
 	cancel  context.CancelFunc
 	done    chan struct{}
 
@@ -88,6 +89,10 @@ func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	lp := &Pager{m: m, mem: m.Memory(), cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
 	lp.status.Policy = cfg.Policy
+	if cfg.ExitDetect != nil {
+		lp.spaces = newShadowView(*cfg.ExitDetect)
+		lp.status.ExitDetect = cfg.ExitDetect.String()
+	}
 	if cfg.Policy == PolicyPrioritized {
 		if err := lp.pickSource(); err != nil {
 			stats.Close()
@@ -162,6 +167,10 @@ func (lp *Pager) runFixed(ctx context.Context) {
 	var targets []uint64
 	if lp.cfg.Policy != PolicyNone {
 		targets = lp.fixedTargets()
+	}
+	if lp.spaces != nil {
+		// The guest's page tables are read only once here: keep no shadows.
+		lp.spaces.reset()
 	}
 	for {
 		failed := 0

@@ -3,6 +3,7 @@ package largepage
 import (
 	"context"
 	"errors"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -16,6 +17,8 @@ import (
 )
 
 var requireKVM = kvmtest.Require
+
+func ptr[T any](v T) *T { return &v }
 
 func mustU64(t *testing.T, m *vmm.Machine, gpa uint64) uint64 {
 	t.Helper()
@@ -38,6 +41,10 @@ func TestParseLargePages(t *testing.T) {
 		{"budget=2,period=50ms,window=5ms,warmup=3,samples=16,alpha=0.25,hysteresis=2", Config{Budget: 2, Period: 50 * time.Millisecond, Window: 5 * time.Millisecond, Warmup: 3, PagesPerRegion: 16, Alpha: 0.25, Hysteresis: 2}},
 		{"budget=1,source=damon", Config{Budget: 1, Source: SourceDAMON}},
 		{"budget=1,source=refault", Config{Budget: 1, Source: SourceRefault}},
+		{"budget=1,exit-detect=none", Config{Budget: 1, ExitDetect: ptr(mmu.ExitDetectNone)}},
+		{"budget=1,exit-detect=min-va", Config{Budget: 1, ExitDetect: ptr(mmu.ExitDetectMinVA)}},
+		{"exit-detect=consecutive,budget=3", Config{Budget: 3, ExitDetect: ptr(mmu.ExitDetectConsecutive)}},
+		{"policy=all,exit-detect=both", Config{Policy: PolicyAll, ExitDetect: ptr(mmu.ExitDetectBoth)}},
 	}
 	for _, g := range good {
 		got, err := Parse(g.in)
@@ -63,6 +70,9 @@ func TestParseLargePages(t *testing.T) {
 		"budget=99999999999999999": "out of range",
 		"budget=1,,":               "want key=value",
 		"budget=1,source=idle":     "want auto, damon or refault",
+		"budget=1,exit-detect=all": "--large-pages exit-detect=all: want none, min-va, consecutive or both",
+		"budget=1,exit-detect=":    "want key=value",
+		"budget=1,exit-detect=none,exit-detect=both": "given twice",
 	}
 	for in, sub := range bad {
 		if _, err := Parse(in); err == nil || !strings.Contains(err.Error(), sub) {
@@ -72,13 +82,17 @@ func TestParseLargePages(t *testing.T) {
 }
 
 func FuzzParseLargePages(f *testing.F) {
-	for _, s := range []string{"budget=16", "budget=1,policy=all,period=1s", "alpha=2", ",", "window=-1s"} {
+	for _, s := range []string{"budget=16", "budget=1,policy=all,period=1s", "alpha=2", ",", "window=-1s",
+		"budget=2,exit-detect=both", "budget=2,exit-detect=min-va,source=refault", "exit-detect=MIN-VA", "budget=1,exit-detect=none"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
 		c, err := Parse(s)
 		if err != nil {
 			return
+		}
+		if c.ExitDetect != nil && *c.ExitDetect > mmu.ExitDetectBoth {
+			t.Errorf("Parse(%q) accepted exit-detect %v", s, *c.ExitDetect)
 		}
 		if c.Budget < 0 || c.PagesPerRegion < 0 || c.PagesPerRegion > 64 || c.Period < 0 || c.Window < 0 || c.Alpha < 0 || c.Alpha > 1 {
 			t.Errorf("Parse(%q) accepted %+v", s, c)
@@ -266,7 +280,25 @@ func contains(s []uint64, v uint64) bool {
 
 // TestLargePagesBlocked: hot regions the guest maps with 4 KiB pages are
 // reported as blocked and never promoted (on shadow-paging hosts).
-func TestLargePagesBlocked(t *testing.T) {
+func TestLargePagesBlocked(t *testing.T) { testLargePagesBlocked(t, nil) }
+
+// TestLargePagesBlockedShadow: the same through the shadow page tables
+// (exit-detect=both): the same regions are found blocked, and the status
+// line shows the address space traced and no exit.
+func TestLargePagesBlockedShadow(t *testing.T) {
+	st := testLargePagesBlocked(t, ptr(mmu.ExitDetectBoth))
+	sh := st.Shadow
+	if sh.Spaces < 1 || sh.Pages < 1 || sh.ExitsDetected != 0 || sh.Dropped != 0 || sh.Diffs == 0 {
+		t.Errorf("shadow stats %+v: want a traced address space, diffed, no exit", sh)
+	}
+	t.Log(st.String())
+	want := fmt.Sprintf(" exit_detect=both spaces=%d traced=%d exits=0 dropped=0 freed_KiB=0", sh.Spaces, sh.Pages)
+	if line := st.String(); !strings.Contains(line, want) {
+		t.Errorf("status %q, want it to contain %q", line, want)
+	}
+}
+
+func testLargePagesBlocked(t *testing.T, exitDetect *mmu.ExitDetect) Status {
 	requireKVM(t)
 	if !arch.ShadowPaging() {
 		t.Skip("the host uses EPT/NPT: the guest's mapping size does not block KVM large pages")
@@ -283,7 +315,7 @@ func TestLargePagesBlocked(t *testing.T) {
 	}
 	blocked := []uint64{base + 16, base + 48}
 	m, hot, cancel, done := touchMachine(t, blocked)
-	lp, err := Start(m, Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 4, Seed: 2})
+	lp, err := Start(m, Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 4, Seed: 2, ExitDetect: exitDetect})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,12 +335,14 @@ func TestLargePagesBlocked(t *testing.T) {
 	}
 	stopMachine(t, cancel, done)
 	checkTouchData(t, m)
+	return st
 }
 
 // TestLargePagesFixedPolicies: "all" promotes every candidate and "random"
 // exactly Budget of them; pages_2m follows once the guest touches them.
 func TestLargePagesFixedPolicies(t *testing.T) {
 	requireKVM(t)
+	var randomPick []uint64
 	for _, tc := range []struct {
 		cfg  Config
 		want int
@@ -316,6 +350,9 @@ func TestLargePagesFixedPolicies(t *testing.T) {
 		{Config{Policy: PolicyRandom, Budget: 5, Seed: 3}, 5},
 		{Config{Policy: PolicyAll}, 64},
 		{Config{Policy: PolicyNone}, 0},
+		// Through the shadow page tables: the same choice, and no shadows
+		// kept after it.
+		{Config{Policy: PolicyRandom, Budget: 5, Seed: 3, ExitDetect: ptr(mmu.ExitDetectBoth)}, 5},
 	} {
 		m, _, cancel, done := touchMachine(t, nil)
 		base := m.DataRegions()[0]
@@ -334,6 +371,16 @@ func TestLargePagesFixedPolicies(t *testing.T) {
 		st := lp.Stop()
 		if len(st.Promoted) != tc.want || st.Failed != 0 {
 			t.Errorf("policy %s: status %s, want %d promoted", tc.cfg.Policy, st, tc.want)
+		}
+		if tc.cfg.Policy == PolicyRandom {
+			if randomPick == nil {
+				randomPick = st.Promoted
+			} else if !reflect.DeepEqual(st.Promoted, randomPick) {
+				t.Errorf("random policy with exit-detect promoted %v, without %v", st.Promoted, randomPick)
+			}
+		}
+		if tc.cfg.ExitDetect != nil && (st.ExitDetect != "both" || st.Shadow.Spaces != 0 || st.Shadow.Pages != 0 || st.Shadow.Unlinked == 0) {
+			t.Errorf("fixed policy with exit-detect: shadow stats %+v (%q), want every space forgotten after the pick", st.Shadow, st.ExitDetect)
 		}
 		if tc.want > 0 {
 			// Demotion: splitting the host mapping makes KVM drop to 4 KiB.

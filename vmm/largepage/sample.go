@@ -150,7 +150,8 @@ func (lp *Pager) refaultWindow(ctx context.Context) (n map[uint64]float64, large
 // counted are cleared, which it does only while the vCPUs are paused. It
 // shares the machine's pause with other controllers (a checkpointer): while
 // one has the machine paused it waits for that pause to end, up to
-// pauseWait, and reads nothing if it does not.
+// pauseWait, and reads nothing if it does not. With exit-detect it reads
+// the same counts from the shadow page tables (shadow.go).
 func (lp *Pager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
 	m := lp.m
 	if _, err := m.PauseWait(pauseWait); err != nil {
@@ -166,7 +167,13 @@ func (lp *Pager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
 			return err
 		})
 	}
-	acc, _, err := lp.mem.CountAccessed(cr3s, clear)
+	var acc mmu.RegionAccess
+	var err error
+	if lp.spaces != nil {
+		acc, err = lp.spaces.count(lp.mem, cr3s, clear)
+	} else {
+		acc, _, err = lp.mem.CountAccessed(cr3s, clear)
+	}
 	m.Resume()
 	if err != nil {
 		return nil, nil

@@ -48,7 +48,11 @@ type Status struct {
 	Pages2M        uint64
 	Sampler        mmu.SamplerStats
 	DAMON          mmu.DAMONStats // with the DAMON source
-	Err            string         // why management stopped, if it did
+	// ExitDetect is the exit-detection mode of the shadow page tables
+	// ("": the guest's tables are walked in full); Shadow their counters.
+	ExitDetect string
+	Shadow     mmu.ShadowStats
+	Err        string // why management stopped, if it did
 }
 
 // String formats the status as one line.
@@ -64,6 +68,10 @@ func (s Status) String() string {
 	}
 	if s.Suspended {
 		line += " (promotion suspended: dirty logging is on)"
+	}
+	if s.ExitDetect != "" {
+		line += fmt.Sprintf(" exit_detect=%s spaces=%d traced=%d exits=%d dropped=%d freed_KiB=%d",
+			s.ExitDetect, s.Shadow.Spaces, s.Shadow.Pages, s.Shadow.ExitsDetected, s.Shadow.Dropped, s.Shadow.FreedBytes>>10)
 	}
 	if s.Stretched > 0 {
 		line += fmt.Sprintf(" stretched=%d", s.Stretched)
@@ -115,6 +123,9 @@ func (lp *Pager) publish(blocked map[uint64]bool, period time.Duration) {
 	s.Period = period
 	s.Pages4K, s.Pages2M = p4k, p2m
 	s.Sampler = lp.sampler.Stats()
+	if lp.spaces != nil {
+		s.Shadow = lp.spaces.set.Stats()
+	}
 }
 
 func keys(m map[uint64]bool) []uint64 {

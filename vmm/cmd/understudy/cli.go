@@ -240,8 +240,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	backing := fs.String("backing", "anon", "guest memory backing: anon or memfd")
 	kvmDev := fs.String("kvm", "/dev/kvm", "KVM device")
 	quiet := fs.Bool("quiet", false, "do not print the summary line on stderr")
-	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=N,samples=8,per_window=32,alpha=0.5,hysteresis=1.5,seed=N,source=auto|damon|refault]"+
-		"; source auto samples with the kernel's DAMON where it has virtual-address operations and is free, else by revoking pages and counting refaults")
+	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=N,samples=8,per_window=32,alpha=0.5,hysteresis=1.5,seed=N,source=auto|damon|refault,exit-detect=none|min-va|consecutive|both]"+
+		"; source auto samples with the kernel's DAMON where it has virtual-address operations and is free, else by revoking pages and counting refaults; exit-detect reads the guest page tables through shadow copies and stops counting exiting processes")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the large-page or protection status line on stderr (0: only at the end)")
 	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
 	save := fs.String("save", "", "save a snapshot (machine state and all guest memory) to this file, then stop: a payload guest once it has emitted --save-after output records, "+
