@@ -119,7 +119,56 @@ func indexOf(lines []Line, l Line) int {
 // restore's time) and `understudy restore` continues the guest with its
 // disk and tap given again. The console typed before the snapshot echoes
 // again after the restore.
+//
+// An appliance that froze after the restore (no console line at all for
+// frozeAfter: not the guest's, not the client's progress, not the
+// kernel's) is retried once on a fresh one, saying so. Under TCG, about
+// one run in ten of this test has frozen so, the emulated CPU never
+// coming back from the nested guest (the appliance has one vCPU, and even
+// its kernel's watchdog stays silent); the cause is not known yet (see the
+// README's host notes). A restore that freezes the node twice fails.
 func sameNodeSnapshot(t testing.TB, e env) snapshotFigures {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		f, froze := sameNodeAttempt(t, e)
+		if !froze {
+			return f
+		}
+		if attempt == 2 {
+			t.Fatalf("the appliance froze after the restore in both attempts (no console line for %v)", frozeAfter)
+		}
+		t.Logf("KNOWN HANG: the appliance froze after the restore (no console line for %v); retrying once on a fresh appliance", frozeAfter)
+	}
+}
+
+// frozeAfter is how long an appliance that should be busy (a client
+// printing progress every second) may print nothing before it counts as
+// frozen.
+const frozeAfter = 60 * time.Second
+
+// silentBefore waits until a line of m contains marker (false) or m prints
+// nothing for quiet (true); after timeout it returns false and leaves the
+// verdict to the caller's next wait.
+func silentBefore(m *Machine, marker string, quiet, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) && !m.Exited() {
+		lines := m.Lines()
+		for _, l := range lines {
+			if strings.Contains(l.Text, marker) {
+				return false
+			}
+		}
+		if n := len(lines); n > 0 && time.Since(m.start.Add(lines[n-1].At)) > quiet {
+			return true
+		}
+		time.Sleep(time.Second)
+	}
+	return false
+}
+
+// sameNodeAttempt is one run of sameNodeSnapshot; froze reports an
+// appliance frozen after the restore (its figures are then empty).
+func sameNodeAttempt(t testing.TB, e env) (_ snapshotFigures, froze bool) {
 	t.Helper()
 	params := fmt.Sprintf(`understudy.role=test understudy.tap=%s,%s understudy.testdisk=%s:kv-%d understudy.signal="USR1:%s" understudy.stdin=%s understudy.with="%s" %s understudy.then="/%s read %s" understudy.then="understudy restore --snapshot %s --disk %s --net tap=%s"`,
 		tapName, tapAddr, snapDisk, time.Now().UnixNano(), snapSaveAt, snapEcho, kvloadArgs(),
@@ -140,6 +189,10 @@ func sameNodeSnapshot(t testing.TB, e env) snapshotFigures {
 		"understudy-appliance: exec: understudy restore --snapshot",
 		boot.RestoredLine,
 	)
+	if silentBefore(m, "understudy-appliance: done status=", frozeAfter, nestedTimeout) {
+		m.Kill()
+		return snapshotFigures{}, true
+	}
 	poweredOff(t, m, 0)
 	lines := m.Lines()
 	restoreAt := indexOf(lines, run[9])
@@ -178,7 +231,7 @@ func sameNodeSnapshot(t testing.TB, e env) snapshotFigures {
 	if int(restored[1]) != f.stateKiB {
 		t.Errorf("the restore read a state of %d KiB, the save wrote %d KiB", int(restored[1]), f.stateKiB)
 	}
-	return f
+	return f, false
 }
 
 // TestLinuxSnapshotSameNode: a Linux guest serving a client is saved
