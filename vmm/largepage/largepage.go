@@ -29,9 +29,10 @@ type Pager struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 
-	// mu guards status.
+	// mu guards status and heat.
 	mu     sync.Mutex
 	status Status
+	heat   []byte // the encoded mmu.Heat of the latest window (Heat)
 }
 
 // Start starts large-page management on a machine that is running (or
@@ -89,6 +90,15 @@ func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	lp := &Pager{m: m, mem: m.Memory(), cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
 	lp.status.Policy = cfg.Policy
+	if cfg.Heat != nil && cfg.Policy == PolicyPrioritized {
+		cand := map[uint64]bool{}
+		for _, r := range cfg.Regions {
+			cand[r] = true
+		}
+		prio.Seed(*cfg.Heat, func(r uint64) bool { return cand[r] })
+		lp.status.Seeded = true
+		lp.status.WarmedUp = true
+	}
 	if cfg.ExitDetect != nil {
 		lp.spaces = newShadowView(*cfg.ExitDetect)
 		lp.status.ExitDetect = cfg.ExitDetect.String()
@@ -117,6 +127,17 @@ func (lp *Pager) Stop() Status {
 		}
 	}
 	return lp.Status()
+}
+
+// Heat returns the encoded heat (mmu.Heat) as of the latest window: the
+// regions' count values and the promoted set; nil before the first window
+// and with the fixed policies. It is a snapshot taken under the pager's
+// lock, cheap enough for a checkpoint's pause; the bytes are not changed
+// afterwards.
+func (lp *Pager) Heat() []byte {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	return lp.heat
 }
 
 func (lp *Pager) fail(err error) {

@@ -21,7 +21,9 @@ type Status struct {
 	NoDAMON  string
 	Windows  int  // sampling windows completed
 	WarmedUp bool // the first (sampling-only) phase is over
-	Sampled  int  // regions sampled per window
+	// Seeded is set when Config.Heat seeded the prioritizer (no warm-up).
+	Seeded  bool
+	Sampled int // regions sampled per window
 	// Period is the current time between windows (it grows while the
 	// promoted set holds steady).
 	Period   time.Duration
@@ -66,6 +68,9 @@ func (s Status) String() string {
 	if !s.WarmedUp && s.Policy == PolicyPrioritized {
 		line += " (warming up)"
 	}
+	if s.Seeded {
+		line += " (seeded with carried heat)"
+	}
 	if s.Suspended {
 		line += " (promotion suspended: dirty logging is on)"
 	}
@@ -103,8 +108,16 @@ func (lp *Pager) Status() Status {
 func (lp *Pager) publish(blocked map[uint64]bool, period time.Duration) {
 	p4k, _ := lp.stats.Value("pages_4k")
 	p2m, _ := lp.stats.Value("pages_2m")
+	var heat []byte
+	if lp.cfg.Policy == PolicyPrioritized {
+		var err error
+		if heat, err = lp.prio.Heat().MarshalBinary(); err != nil {
+			heat = nil // cannot happen: the regions are checked at Start
+		}
+	}
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
+	lp.heat = heat
 	s := &lp.status
 	s.Windows = lp.prio.Windows()
 	s.WarmedUp = lp.prio.WarmedUp()
