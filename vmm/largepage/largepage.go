@@ -33,6 +33,11 @@ type Pager struct {
 	mu     sync.Mutex
 	status Status
 	heat   []byte // the encoded mmu.Heat of the latest window (Heat)
+	// writes counts, per candidate region, the pages the checkpoints
+	// reported written since the last window (CheckpointHeat); nil: no
+	// checkpoint since.
+	writes map[uint64]float64
+	cand   map[uint64]bool // the candidate regions
 }
 
 // Start starts large-page management on a machine that is running (or
@@ -90,12 +95,12 @@ func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	lp := &Pager{m: m, mem: m.Memory(), cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
 	lp.status.Policy = cfg.Policy
+	lp.cand = map[uint64]bool{}
+	for _, r := range cfg.Regions {
+		lp.cand[r] = true
+	}
 	if cfg.Heat != nil && cfg.Policy == PolicyPrioritized {
-		cand := map[uint64]bool{}
-		for _, r := range cfg.Regions {
-			cand[r] = true
-		}
-		prio.Seed(*cfg.Heat, func(r uint64) bool { return cand[r] })
+		prio.Seed(*cfg.Heat, func(r uint64) bool { return lp.cand[r] })
 		lp.status.Seeded = true
 		lp.status.WarmedUp = true
 	}
@@ -138,6 +143,54 @@ func (lp *Pager) Heat() []byte {
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
 	return lp.heat
+}
+
+// CheckpointHeat is for a checkpointer (fault tolerance), at its pause:
+// dirty are the guest-physical page frames the guest wrote in the epoch (the
+// checkpoint's pages, in ascending order). While dirty logging is on the
+// refault sampler revokes nothing, so the pages the guest wrote stand in for
+// the pages it accessed: each window folds the writes the checkpoints
+// reported since the previous window into the count values (at most a
+// region's 512 pages per window), and the heat a checkpoint carries is not
+// empty. It returns Heat(). Its cost is one map update per written region.
+func (lp *Pager) CheckpointHeat(dirty []uint64) []byte {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if lp.writes == nil {
+		lp.writes = map[uint64]float64{}
+	}
+	const perRegion = mmu.RegionSize / mmu.PageSize
+	for i := 0; i < len(dirty); {
+		r, j := dirty[i]/perRegion, i+1
+		for j < len(dirty) && dirty[j]/perRegion == r {
+			j++
+		}
+		if lp.cand[r] {
+			lp.writes[r] += float64(j - i)
+		}
+		i = j
+	}
+	return lp.heat
+}
+
+// takeWrites returns the written pages per candidate region since the last
+// call (every candidate, 0 if not written; at most a region's pages), or
+// nil if no checkpoint reported any since.
+func (lp *Pager) takeWrites() map[uint64]float64 {
+	lp.mu.Lock()
+	w := lp.writes
+	lp.writes = nil
+	lp.mu.Unlock()
+	if w == nil {
+		return nil
+	}
+	n := make(map[uint64]float64, len(lp.cfg.Regions))
+	for _, r := range lp.cfg.Regions {
+		if !lp.prio.Promoted(r) {
+			n[r] = min(w[r], mmu.RegionSize/mmu.PageSize)
+		}
+	}
+	return n
 }
 
 func (lp *Pager) fail(err error) {

@@ -110,6 +110,14 @@ func (lp *Pager) refaultWindow(ctx context.Context) (n map[uint64]float64, large
 		case <-ctx.Done():
 		case <-time.After(lp.cfg.Window):
 		}
+		// The checkpoints' written pages count instead, where a
+		// checkpointer reports them (CheckpointHeat).
+		if n := lp.takeWrites(); n != nil {
+			lp.mu.Lock()
+			lp.status.WriteWindows++
+			lp.mu.Unlock()
+			return n, nil, true, nil
+		}
 		return nil, nil, false, nil
 	} else if err != nil {
 		return nil, nil, false, err

@@ -37,6 +37,9 @@ type Status struct {
 	// Unsampled counts refault windows skipped while dirty logging was on
 	// (nothing is revoked while checkpoints copy guest memory).
 	Unsampled int
+	// WriteWindows counts the unsampled windows that counted the pages the
+	// checkpoints reported written instead (Pager.CheckpointHeat).
+	WriteWindows int
 	// Suspended is set while promotions wait for KVM dirty logging (fault
 	// tolerance) to stop.
 	Suspended bool
@@ -83,6 +86,9 @@ func (s Status) String() string {
 	}
 	if s.Unsampled > 0 {
 		line += fmt.Sprintf(" unsampled=%d", s.Unsampled)
+	}
+	if s.WriteWindows > 0 {
+		line += fmt.Sprintf(" write_windows=%d", s.WriteWindows)
 	}
 	if s.LastFailure != "" && s.Failed > 0 {
 		line += " last_failure=" + s.LastFailure
