@@ -136,11 +136,11 @@ func TestLargePagesHeat(t *testing.T) {
 	t.Logf("windows to pages_2m > 0: with heat %d, without %d", w, w2)
 }
 
-// BenchmarkHeatFailover measures, on the same guest in the same run, how
+// BenchmarkHeatSeed measures, on the same guest in the same run, how
 // many sampling windows a controller needs before KVM maps the guest's hot
 // regions with 2 MiB: seeded with the heat a failover carries, and warming
 // up from nothing.
-func BenchmarkHeatFailover(b *testing.B) {
+func BenchmarkHeatSeed(b *testing.B) {
 	requireKVM(b)
 	h, _ := learnHeat(b)
 	var with, without int
@@ -155,6 +155,6 @@ func BenchmarkHeatFailover(b *testing.B) {
 		stop2()
 		with, without = with+w, without+w2
 	}
-	fmt.Printf("bench heat-failover: windows_to_promote_with_heat=%.1f without=%.1f warmup=%d budget=4 regions=64 hot=4\n",
+	fmt.Printf("bench heat-seed: windows_to_promote_with_heat=%.1f without=%.1f warmup=%d budget=4 regions=64 hot=4\n",
 		float64(with)/float64(b.N), float64(without)/float64(b.N), heatWarmup)
 }
