@@ -316,7 +316,9 @@ func (lp *Pager) promote(r uint64) (ok, transient bool) {
 		lp.status.LastFailure = err.Error()
 	}
 	if ok && lp.status.FirstPromotion == 0 {
-		lp.status.FirstPromotion = lp.prio.Windows()
+		// A seeded controller can promote in a first window that did
+		// not count (stretched, or unsampled): that is window 1.
+		lp.status.FirstPromotion = max(lp.prio.Windows(), 1)
 	}
 	if errors.Is(err, unix.EAGAIN) {
 		lp.status.Retried++
