@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"math/rand/v2"
 	"sync"
 	"time"
@@ -33,10 +34,10 @@ type Pager struct {
 	mu     sync.Mutex
 	status Status
 	heat   []byte // the encoded mmu.Heat of the latest window (Heat)
-	// writes counts, per candidate region, the pages the checkpoints
-	// reported written since the last window (CheckpointHeat); nil: no
-	// checkpoint since.
-	writes map[uint64]float64
+	// writes holds, per candidate region, a bitmap of the pages the
+	// checkpoints reported written since the last window
+	// (CheckpointHeat); nil: no checkpoint since.
+	writes map[uint64]*[regionPages / 64]uint64
 	cand   map[uint64]bool // the candidate regions
 }
 
@@ -151,31 +152,43 @@ func (lp *Pager) Heat() []byte {
 // refault sampler revokes nothing, so the pages the guest wrote stand in for
 // the pages it accessed: each window folds the writes the checkpoints
 // reported since the previous window into the count values (at most a
-// region's 512 pages per window), and the heat a checkpoint carries is not
-// empty. It returns Heat(). Its cost is one map update per written region.
+// region's distinct pages written count, as a window's refaults count the
+// distinct pages accessed), and the heat a checkpoint carries is not empty.
+// It returns Heat(). Its cost is a map lookup per written region and a bit
+// per written page.
 func (lp *Pager) CheckpointHeat(dirty []uint64) []byte {
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
 	if lp.writes == nil {
-		lp.writes = map[uint64]float64{}
+		lp.writes = map[uint64]*[regionPages / 64]uint64{}
 	}
-	const perRegion = mmu.RegionSize / mmu.PageSize
 	for i := 0; i < len(dirty); {
-		r, j := dirty[i]/perRegion, i+1
-		for j < len(dirty) && dirty[j]/perRegion == r {
+		r, j := dirty[i]/regionPages, i+1
+		for j < len(dirty) && dirty[j]/regionPages == r {
 			j++
 		}
 		if lp.cand[r] {
-			lp.writes[r] += float64(j - i)
+			bm := lp.writes[r]
+			if bm == nil {
+				bm = new([regionPages / 64]uint64)
+				lp.writes[r] = bm
+			}
+			for _, pfn := range dirty[i:j] {
+				p := pfn % regionPages
+				bm[p/64] |= 1 << (p % 64)
+			}
 		}
 		i = j
 	}
 	return lp.heat
 }
 
-// takeWrites returns the written pages per candidate region since the last
-// call (every candidate, 0 if not written; at most a region's pages), or
-// nil if no checkpoint reported any since.
+// regionPages is the number of 4 KiB pages in a 2 MiB region.
+const regionPages = mmu.RegionSize / mmu.PageSize
+
+// takeWrites returns the distinct pages written per candidate region since
+// the last call (every candidate not promoted, 0 if not written), or nil if
+// no checkpoint reported any since.
 func (lp *Pager) takeWrites() map[uint64]float64 {
 	lp.mu.Lock()
 	w := lp.writes
@@ -186,9 +199,16 @@ func (lp *Pager) takeWrites() map[uint64]float64 {
 	}
 	n := make(map[uint64]float64, len(lp.cfg.Regions))
 	for _, r := range lp.cfg.Regions {
-		if !lp.prio.Promoted(r) {
-			n[r] = min(w[r], mmu.RegionSize/mmu.PageSize)
+		if lp.prio.Promoted(r) {
+			continue
 		}
+		c := 0
+		if bm := w[r]; bm != nil {
+			for _, x := range bm {
+				c += bits.OnesCount64(x)
+			}
+		}
+		n[r] = float64(c)
 	}
 	return n
 }
