@@ -1,8 +1,10 @@
 package ft
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -156,17 +158,9 @@ func TestHeatSurvivesFailover(t *testing.T) {
 	kvmtest.Require(t)
 	with := heatFailover(t, true)
 	// The carried heat ranks the hot regions first.
-	var top []mmu.RegionHeat
-	for _, c := range with.heat.Counts {
-		if len(top) < 2 || c.Count > top[1].Count {
-			top = append(top, c)
-			for i := len(top) - 1; i > 0 && top[i].Count > top[i-1].Count; i-- {
-				top[i], top[i-1] = top[i-1], top[i]
-			}
-			top = top[:min(len(top), 2)]
-		}
-	}
-	if len(top) != 2 || !containsU64(with.hot, top[0].Region) || !containsU64(with.hot, top[1].Region) || top[1].Count < 1 {
+	top := slices.Clone(with.heat.Counts)
+	slices.SortFunc(top, func(a, b mmu.RegionHeat) int { return cmp.Compare(b.Count, a.Count) })
+	if len(top) < 2 || len(top) > 2 && top[2].Count >= top[1].Count || !containsU64(with.hot, top[0].Region) || !containsU64(with.hot, top[1].Region) || top[1].Count < 1 {
 		t.Fatalf("carried heat %+v (primary %s): want the hot regions %v hottest", with.heat, with.primary, with.hot)
 	}
 	if !with.status.Seeded || with.windows > 2 || with.status.FirstPromotion != 1 {
