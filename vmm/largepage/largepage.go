@@ -213,6 +213,13 @@ func (lp *Pager) takeWrites() map[uint64]float64 {
 	return n
 }
 
+// dropWrites forgets the written pages reported since the last window.
+func (lp *Pager) dropWrites() {
+	lp.mu.Lock()
+	lp.writes = nil
+	lp.mu.Unlock()
+}
+
 func (lp *Pager) fail(err error) {
 	lp.mu.Lock()
 	lp.status.Err = err.Error()
