@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -49,10 +50,11 @@ type Backup struct {
 	cfg     BackupConfig
 	log     *slog.Logger
 
-	// mu guards active, activatedState and ram.
+	// mu guards active, activatedState, activatedHeat and ram.
 	mu             sync.Mutex
 	active         bool // activated (or failed to): the image is the guest's now
 	activatedState *vmm.MachineState
+	activatedHeat  []byte      // the large-page heat the activated checkpoint carried
 	ram            *mmu.Memory // holds img's memory until a machine takes it over
 
 	// policyVersion counts the policies sent; policyState says what became
@@ -393,6 +395,7 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 			err = fmt.Errorf("activate epoch %d: %w", epoch, err)
 		}
 		b.activatedState = st
+		b.activatedHeat = bytes.Clone(env.Heat) // checked by openEnvelope
 	})
 	if err != nil {
 		return nil, err
@@ -411,6 +414,16 @@ func (b *Backup) Activate(epoch uint64) (*vmm.Machine, error) {
 	b.active = true
 	b.log.Info("activated", "epoch", epoch)
 	return m, nil
+}
+
+// ActivatedHeat returns the large-page heat (an encoded mmu.Heat) the
+// checkpoint the guest was activated from carried: the primary's regions'
+// count values and its large regions at that epoch; nil before activation
+// or if the primary gave none.
+func (b *Backup) ActivatedHeat() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.activatedHeat
 }
 
 // LossWindow describes what an activation without the intermediary may

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 
+	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
@@ -20,15 +21,22 @@ import (
 // that window comes out twice: a client drops records it has seen by their
 // sequence, TCP drops a duplicate segment.
 //
-// Version 2 (what sealEnvelope writes):
+// Version 2 (what seal writes for a guest without carried heat):
 //
 //	magic "USENV\x00\x00\x02" | machine state length u64 | machine state |
 //	record count u32 | count × (vCPU u32 | value u64) |
 //	frames length u64 | frames (virtio.AppendHeldFrames's encoding; empty: none) |
 //	console length u32 | console bytes
 //
-// Version 1 ("USENV\x00\x00\x01") ends after the records; it is still
-// read. Integers are little-endian; nothing may follow the last section.
+// Version 3 ("USENV\x00\x00\x03", what seal writes when the primary's
+// large-page controller gave its heat) is version 2 followed by
+//
+//	heat length u32 (1..mmu.MaxHeatBytes) | heat (mmu.Heat's encoding)
+//
+// the regions' count values and which regions are mapped large, so that an
+// activated backup starts its controller from them (mmu.DecodeHeat checks
+// the section). Version 1 ("USENV\x00\x00\x01") ends after the records;
+// versions 1 and 2 are still read. Integers are little-endian; nothing may follow the last section.
 // Every section is checked when an envelope is opened (the carried frames
 // are decoded whole), and the intermediary and the backup open every
 // envelope they receive before they acknowledge or commit its checkpoint,
@@ -36,6 +44,7 @@ import (
 const (
 	envelopeMagic   = "USENV\x00\x00\x02"
 	envelopeMagicV1 = "USENV\x00\x00\x01"
+	envelopeMagicV3 = "USENV\x00\x00\x03"
 	// envelopeFamily is the prefix every version shares.
 	envelopeFamily = "USENV\x00\x00"
 )
@@ -54,12 +63,19 @@ type envelope struct {
 	Records []vmm.Record // held output records
 	Frames  []byte       // held frames, encoded (vmm.Machine.SealNetOutput); nil: none
 	Console []byte       // held console bytes
+	// Heat is the primary's large-page heat (an encoded mmu.Heat) at the
+	// checkpoint; nil: none (a version 2 envelope).
+	Heat []byte
 }
 
-// seal encodes e (version 2).
+// seal encodes e (version 3 if it carries heat, else version 2).
 func (e *envelope) seal() []byte {
-	b := make([]byte, 0, len(envelopeMagic)+8+len(e.Machine)+4+12*len(e.Records)+8+len(e.Frames)+4+len(e.Console))
-	b = append(b, envelopeMagic...)
+	b := make([]byte, 0, len(envelopeMagic)+8+len(e.Machine)+4+12*len(e.Records)+8+len(e.Frames)+4+len(e.Console)+4+len(e.Heat))
+	if len(e.Heat) > 0 {
+		b = append(b, envelopeMagicV3...)
+	} else {
+		b = append(b, envelopeMagic...)
+	}
 	b = binary.LittleEndian.AppendUint64(b, uint64(len(e.Machine)))
 	b = append(b, e.Machine...)
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(e.Records)))
@@ -70,7 +86,12 @@ func (e *envelope) seal() []byte {
 	b = binary.LittleEndian.AppendUint64(b, uint64(len(e.Frames)))
 	b = append(b, e.Frames...)
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(e.Console)))
-	return append(b, e.Console...)
+	b = append(b, e.Console...)
+	if len(e.Heat) > 0 {
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(e.Heat)))
+		b = append(b, e.Heat...)
+	}
+	return b
 }
 
 // sealState is the envelope of a payload guest's checkpoint: the machine
@@ -87,15 +108,17 @@ func openState(b []byte) (machine []byte, held []vmm.Record, err error) {
 	return e.Machine, e.Records, err
 }
 
-// openEnvelope decodes and checks an envelope of either version. Machine,
-// Frames and Console alias b.
+// openEnvelope decodes and checks an envelope of any version. Machine,
+// Frames, Console and Heat alias b.
 func openEnvelope(b []byte) (envelope, error) {
 	var e envelope
 	if len(b) < len(envelopeMagic)+8 {
 		return e, badf("state envelope: bad magic")
 	}
-	v2 := string(b[:len(envelopeMagic)]) == envelopeMagic
-	if !v2 && string(b[:len(envelopeMagicV1)]) != envelopeMagicV1 {
+	magic := string(b[:len(envelopeMagic)])
+	v3 := magic == envelopeMagicV3
+	v2 := magic == envelopeMagic || v3 // version 3 is version 2 and heat
+	if !v2 && magic != envelopeMagicV1 {
 		return e, badf("state envelope: bad magic")
 	}
 	b = b[len(envelopeMagic):]
@@ -138,12 +161,28 @@ func openEnvelope(b []byte) (envelope, error) {
 	b = b[n:]
 	c := binary.LittleEndian.Uint32(b)
 	b = b[4:]
-	if c > maxConsoleHeld || uint64(len(b)) != uint64(c) {
+	if c > maxConsoleHeld || uint64(len(b)) < uint64(c) || !v3 && uint64(len(b)) != uint64(c) {
 		return e, badf("state envelope: %d held console bytes in %d", c, len(b))
 	}
 	if c > 0 {
-		e.Console = b
+		e.Console = b[:c]
 	}
+	b = b[c:]
+	if !v3 {
+		return e, nil
+	}
+	if len(b) < 4 {
+		return e, badf("state envelope: ends before the carried heat")
+	}
+	n = uint64(binary.LittleEndian.Uint32(b))
+	b = b[4:]
+	if n == 0 || n > uint64(mmu.MaxHeatBytes) || uint64(len(b)) != n {
+		return e, badf("state envelope: carried heat of %d bytes in %d", n, len(b))
+	}
+	if _, err := mmu.DecodeHeat(b); err != nil {
+		return e, fmt.Errorf("%w: state envelope: %w", ErrBadCheckpoint, err)
+	}
+	e.Heat = b
 	return e, nil
 }
 

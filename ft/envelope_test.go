@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
@@ -103,6 +104,9 @@ func FuzzOpenEnvelope(f *testing.F) {
 	e := envelope{Machine: []byte("m"), Records: []vmm.Record{{Value: 1}}, Frames: frames, Console: []byte("c")}
 	f.Add(e.seal())
 	f.Add(sealState(nil, nil))
+	e.Heat = testHeat(f)
+	f.Add(e.seal())
+	f.Add((&envelope{Heat: e.Heat}).seal())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		e, err := openEnvelope(b)
 		if err != nil {
@@ -114,8 +118,77 @@ func FuzzOpenEnvelope(f *testing.F) {
 		if _, err := virtio.DecodeHeldFrames(e.Frames); err != nil {
 			t.Errorf("openEnvelope(%x) accepted carried frames that do not decode: %v", b, err)
 		}
-		if string(b[:len(envelopeMagic)]) == envelopeMagic && !bytes.Equal(e.seal(), b) {
+		if e.Heat != nil {
+			if _, err := mmu.DecodeHeat(e.Heat); err != nil {
+				t.Errorf("openEnvelope(%x) accepted carried heat that does not decode: %v", b, err)
+			}
+		}
+		if magic := string(b[:len(envelopeMagic)]); (magic == envelopeMagic || magic == envelopeMagicV3) && !bytes.Equal(e.seal(), b) {
 			t.Errorf("openEnvelope(%x) does not re-seal to its input", b)
 		}
 	})
+}
+
+// testHeat is an encoded mmu.Heat: three regions, one of them large.
+func testHeat(tb testing.TB) []byte {
+	h, err := mmu.Heat{Counts: []mmu.RegionHeat{{Region: 3, Count: 200}, {Region: 5, Count: 12.5}, {Region: 40, Count: 1}}, Large: []uint64{3}}.MarshalBinary()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return h
+}
+
+// A checkpoint of a primary whose large-page controller gave its heat
+// carries it in a version 3 envelope, checked whole; without heat the
+// envelope stays version 2.
+func TestStateEnvelopeHeat(t *testing.T) {
+	heat := testHeat(t)
+	in := envelope{Machine: []byte("machine"), Records: []vmm.Record{{CPU: 1, Value: 4}}, Console: []byte("ok"), Heat: heat}
+	b := in.seal()
+	if string(b[:len(envelopeMagicV3)]) != envelopeMagicV3 {
+		t.Fatalf("an envelope with heat sealed as %q, want version 3", b[:len(envelopeMagicV3)])
+	}
+	got, err := openEnvelope(b)
+	if err != nil || string(got.Machine) != "machine" || string(got.Console) != "ok" || !bytes.Equal(got.Heat, heat) || len(got.Records) != 1 {
+		t.Fatalf("openEnvelope(seal()) = %+v, %v", got, err)
+	}
+	if err := checkEnvelope(b); err != nil {
+		t.Errorf("checkEnvelope(good) = %v", err)
+	}
+	if h, err := mmu.DecodeHeat(got.Heat); err != nil || len(h.Counts) != 3 || len(h.Large) != 1 {
+		t.Errorf("carried heat decodes to %+v, %v", h, err)
+	}
+	for i := 0; i < len(b); i++ {
+		if _, err := openEnvelope(b[:i]); !errors.Is(err, ErrBadCheckpoint) {
+			t.Errorf("openEnvelope(truncated to %d) = %v, want ErrBadCheckpoint", i, err)
+		}
+	}
+	if _, err := openEnvelope(append(bytes.Clone(b), 0)); !errors.Is(err, ErrBadCheckpoint) {
+		t.Errorf("openEnvelope with a trailing byte = %v", err)
+	}
+	// Every byte of the heat's header (magic, version, reserved, count)
+	// and its first entry's count bits that make it out of range.
+	start := len(b) - len(heat)
+	for i := start; i < start+12; i++ {
+		c := bytes.Clone(b)
+		c[i] ^= 0x80
+		if _, err := openEnvelope(c); !errors.Is(err, ErrBadCheckpoint) {
+			t.Errorf("openEnvelope with heat byte %d flipped = %v, want ErrBadCheckpoint", i-start, err)
+		}
+		if checkEnvelope(c) == nil {
+			t.Errorf("checkEnvelope with heat byte %d flipped accepted it", i-start)
+		}
+	}
+	// A version 3 envelope always carries heat; the heat's length is
+	// bounded.
+	empty := append(bytes.Clone((&envelope{Machine: []byte("m")}).seal()), 0, 0, 0, 0)
+	copy(empty, envelopeMagicV3)
+	if _, err := openEnvelope(empty); !errors.Is(err, ErrBadCheckpoint) {
+		t.Errorf("openEnvelope(version 3 with no heat) = %v, want ErrBadCheckpoint", err)
+	}
+	// Without heat: version 2, as before.
+	in.Heat = nil
+	if b := in.seal(); string(b[:len(envelopeMagic)]) != envelopeMagic {
+		t.Errorf("an envelope without heat sealed as %q, want version 2", b[:len(envelopeMagic)])
+	}
 }

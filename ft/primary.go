@@ -34,6 +34,12 @@ type PrimaryConfig struct {
 	// is acknowledged (output commit). It runs on the acknowledgement
 	// reader's goroutine, in emission order.
 	OnRelease func(vmm.Record)
+	// Heat, if set, runs at each checkpoint's pause and returns the
+	// large-page heat the checkpoint carries to the backup (an encoded
+	// mmu.Heat, largepage.Pager.CheckpointHeat; nil: none). dirty are the
+	// guest page frames written in the epoch, ascending (nil for a full
+	// image); it must be quick: the guest is paused.
+	Heat func(dirty []uint64) []byte
 	// AckTimeout bounds the wait for the last acknowledgement after the
 	// guest stopped (default 5 s).
 	AckTimeout time.Duration
@@ -312,6 +318,13 @@ func (p *Primary) seal(cp *Checkpoint) {
 	env := envelope{Machine: failpointState(cp.State, cp.Epoch), Records: held}
 	if p.lx != nil {
 		p.lx.seal(p.m, cp.Epoch, &env)
+	}
+	if p.cfg.Heat != nil {
+		var dirty []uint64
+		if cp.Kind != KindFull {
+			dirty = cp.PFNs
+		}
+		env.Heat = p.cfg.Heat(dirty)
 	}
 	cp.State = env.seal()
 }

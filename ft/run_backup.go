@@ -52,6 +52,11 @@ type BackupRunConfig struct {
 	// resumes (e.g. to start its large-page controller); the function it
 	// returns, if not nil, runs once the guest has stopped.
 	OnActivate func(m *vmm.Machine) (stop func(), err error)
+	// OnActivateHeat is OnActivate (set one of them, or neither) given
+	// also the large-page heat the activated checkpoint carried (an encoded
+	// mmu.Heat, checked; nil: the primary gave none), to seed the resumed
+	// guest's large-page controller (largepage.Config.Heat).
+	OnActivateHeat func(m *vmm.Machine, heat []byte) (stop func(), err error)
 }
 
 // RunBackup runs the backup: it holds the committed image of the guest the
@@ -72,6 +77,9 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 	}
 	if cfg.ActivateAfter < 0 {
 		return vmm.Result{}, fmt.Errorf("backup: negative activate-after %v", cfg.ActivateAfter)
+	}
+	if cfg.OnActivate != nil && cfg.OnActivateHeat != nil {
+		return vmm.Result{}, errors.New("backup: set OnActivate or OnActivateHeat, not both")
 	}
 	// A primary connects only to replicate straight to the backup while
 	// its intermediary is lost.
@@ -213,8 +221,12 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 		}
 	}
 	log.Info(fmt.Sprintf("activated at epoch %d; resuming the guest", b.Committed()))
-	if cfg.OnActivate != nil {
-		stop, err := cfg.OnActivate(m)
+	onActivate := cfg.OnActivate
+	if cfg.OnActivateHeat != nil {
+		onActivate = func(m *vmm.Machine) (func(), error) { return cfg.OnActivateHeat(m, b.ActivatedHeat()) }
+	}
+	if onActivate != nil {
+		stop, err := onActivate(m)
 		if err != nil {
 			return vmm.Result{}, err
 		}

@@ -54,6 +54,11 @@ type Prioritizer struct {
 	windows  int
 	counts   map[uint64]float64
 	promoted map[uint64]bool
+	// seeded: Seed gave the count values, so the warm-up is over;
+	// preferred are the regions the seed's host mapped large, promoted
+	// first (before hotter candidates) by the next Decide.
+	seeded    bool
+	preferred map[uint64]bool
 }
 
 // NewPrioritizer validates cfg and fills defaults.
@@ -97,7 +102,61 @@ func (p *Prioritizer) Config() PrioritizerConfig { return p.cfg }
 func (p *Prioritizer) Windows() int { return p.windows }
 
 // WarmedUp reports whether the first phase is over.
-func (p *Prioritizer) WarmedUp() bool { return p.windows >= p.cfg.Warmup }
+func (p *Prioritizer) WarmedUp() bool { return p.seeded || p.windows >= p.cfg.Warmup }
+
+// Seeded reports whether Seed gave the count values.
+func (p *Prioritizer) Seeded() bool { return p.seeded }
+
+// Heat returns the count values (those above zero) and the promoted set, to
+// carry to another host. Of more than MaxHeatRegions regions it keeps the
+// hottest (and every promoted one).
+func (p *Prioritizer) Heat() Heat {
+	var h Heat
+	for r, c := range p.counts {
+		if heatQuant(c) > 0 || p.promoted[r] {
+			h.Counts = append(h.Counts, RegionHeat{r, c})
+		}
+	}
+	if len(h.Counts) > MaxHeatRegions {
+		sort.Slice(h.Counts, func(i, j int) bool {
+			a, b := h.Counts[i], h.Counts[j]
+			if p.promoted[a.Region] != p.promoted[b.Region] {
+				return p.promoted[a.Region]
+			}
+			if a.Count != b.Count {
+				return a.Count > b.Count
+			}
+			return a.Region < b.Region
+		})
+		h.Counts = h.Counts[:MaxHeatRegions]
+	}
+	sort.Slice(h.Counts, func(i, j int) bool { return h.Counts[i].Region < h.Counts[j].Region })
+	h.Large = p.PromotedSet()
+	return h
+}
+
+// Seed starts the prioritizer from another's heat (see Heat), keeping only
+// the regions keep accepts (nil: all): it takes the count values as its own,
+// the warm-up is over at once, and the next Decide promotes the regions h
+// had large first (within the budget, unless blocked), then the hottest
+// others. It is for a prioritizer that has not observed a window yet.
+func (p *Prioritizer) Seed(h Heat, keep func(uint64) bool) {
+	for _, c := range h.Counts {
+		if keep == nil || keep(c.Region) {
+			p.counts[c.Region] = min(max(c.Count, 0), MaxHeatCount)
+		}
+	}
+	p.preferred = map[uint64]bool{}
+	for _, r := range h.Large {
+		if keep == nil || keep(r) {
+			p.preferred[r] = true
+			if _, ok := p.counts[r]; !ok {
+				p.counts[r] = 0
+			}
+		}
+	}
+	p.seeded = true
+}
 
 // Observe folds one window's counts into the count values. n maps regions to
 // their estimated accessed 4 KiB pages; touchedLarge lists promoted regions
@@ -189,12 +248,17 @@ func (p *Prioritizer) Decide(blocked func(uint64) bool) Decision {
 	}
 	var cand []RegionHeat // not promoted, eligible, hottest first
 	for r, c := range p.counts {
-		if p.promoted[r] || c < p.cfg.MinCount || (blocked != nil && blocked(r)) {
+		if p.promoted[r] || c < p.cfg.MinCount && !p.preferred[r] || (blocked != nil && blocked(r)) {
 			continue
 		}
 		cand = append(cand, RegionHeat{r, c})
 	}
 	sortHeat(cand)
+	if len(p.preferred) > 0 {
+		// Seeded: what the seed's host had large goes first, once.
+		sort.SliceStable(cand, func(i, j int) bool { return p.preferred[cand[i].Region] && !p.preferred[cand[j].Region] })
+		p.preferred = nil
+	}
 	for len(kept) > p.cfg.Budget && changes < p.cfg.MaxChanges {
 		d.Demote = append(d.Demote, kept[0].Region)
 		kept = kept[1:]

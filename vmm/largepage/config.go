@@ -55,6 +55,12 @@ type Config struct {
 	// mode, instead of walking every table every window; address spaces
 	// found exiting are no longer counted. Nil: the full walk.
 	ExitDetect *mmu.ExitDetect
+	// Heat, if set, seeds the prioritized policy with another controller's
+	// heat (Pager.Heat: a failed-over primary's, carried in the
+	// checkpoints): the count values of the candidate regions are taken as
+	// they were, the warm-up is skipped, and the first window promotes the
+	// regions the heat had large, then the hottest others, within Budget.
+	Heat *mmu.Heat
 }
 
 // The sampler sources.

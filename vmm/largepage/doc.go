@@ -16,5 +16,12 @@
 // SetFaultHandler (the refault sampler) and DataRegions. It must not reach
 // into the machine otherwise. While KVM dirty logging is on (fault
 // tolerance) it samples nothing it would have to revoke and promotes
-// nothing, since KVM maps 4 KiB pages then anyway.
+// nothing, since KVM maps 4 KiB pages then anyway; the pages the
+// checkpoints found written count instead (Pager.CheckpointHeat).
+//
+// Heat (Pager.Heat, mmu.Heat) is what the controller learned: the regions'
+// count values and its large regions. A protected primary's checkpoints
+// carry it, and the controller of the guest a backup activates starts from
+// it (Config.Heat): no warm-up, the same regions promoted in its first
+// window.
 package largepage

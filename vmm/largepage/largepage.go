@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"math/rand/v2"
 	"sync"
 	"time"
@@ -29,9 +30,15 @@ type Pager struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 
-	// mu guards status.
+	// mu guards status and heat.
 	mu     sync.Mutex
 	status Status
+	heat   []byte // the encoded mmu.Heat of the latest window (Heat)
+	// writes holds, per candidate region, a bitmap of the pages the
+	// checkpoints reported written since the last window
+	// (CheckpointHeat); nil: no checkpoint since.
+	writes map[uint64]*[regionPages / 64]uint64
+	cand   map[uint64]bool // the candidate regions
 }
 
 // Start starts large-page management on a machine that is running (or
@@ -89,6 +96,15 @@ func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	lp := &Pager{m: m, mem: m.Memory(), cfg: cfg, sampler: sampler, prio: prio, stats: stats, shadow: arch.ShadowPaging(), cancel: cancel, done: make(chan struct{})}
 	lp.status.Policy = cfg.Policy
+	lp.cand = map[uint64]bool{}
+	for _, r := range cfg.Regions {
+		lp.cand[r] = true
+	}
+	if cfg.Heat != nil && cfg.Policy == PolicyPrioritized {
+		prio.Seed(*cfg.Heat, func(r uint64) bool { return lp.cand[r] })
+		lp.status.Seeded = true
+		lp.status.WarmedUp = true
+	}
 	if cfg.ExitDetect != nil {
 		lp.spaces = newShadowView(*cfg.ExitDetect)
 		lp.status.ExitDetect = cfg.ExitDetect.String()
@@ -117,6 +133,91 @@ func (lp *Pager) Stop() Status {
 		}
 	}
 	return lp.Status()
+}
+
+// Heat returns the encoded heat (mmu.Heat) as of the latest window: the
+// regions' count values and the promoted set; nil before the first window
+// and with the fixed policies. It is a snapshot taken under the pager's
+// lock, cheap enough for a checkpoint's pause; the bytes are not changed
+// afterwards.
+func (lp *Pager) Heat() []byte {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	return lp.heat
+}
+
+// CheckpointHeat is for a checkpointer (fault tolerance), at its pause:
+// dirty are the guest-physical page frames the guest wrote in the epoch (the
+// checkpoint's pages, in ascending order). While dirty logging is on the
+// refault sampler revokes nothing, so the pages the guest wrote stand in for
+// the pages it accessed: each window folds the writes the checkpoints
+// reported since the previous window into the count values (at most a
+// region's distinct pages written count, as a window's refaults count the
+// distinct pages accessed), and the heat a checkpoint carries is not empty.
+// It returns Heat(). Its cost is a map lookup per written region and a bit
+// per written page.
+func (lp *Pager) CheckpointHeat(dirty []uint64) []byte {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if lp.writes == nil {
+		lp.writes = map[uint64]*[regionPages / 64]uint64{}
+	}
+	for i := 0; i < len(dirty); {
+		r, j := dirty[i]/regionPages, i+1
+		for j < len(dirty) && dirty[j]/regionPages == r {
+			j++
+		}
+		if lp.cand[r] {
+			bm := lp.writes[r]
+			if bm == nil {
+				bm = new([regionPages / 64]uint64)
+				lp.writes[r] = bm
+			}
+			for _, pfn := range dirty[i:j] {
+				p := pfn % regionPages
+				bm[p/64] |= 1 << (p % 64)
+			}
+		}
+		i = j
+	}
+	return lp.heat
+}
+
+// regionPages is the number of 4 KiB pages in a 2 MiB region.
+const regionPages = mmu.RegionSize / mmu.PageSize
+
+// takeWrites returns the distinct pages written per candidate region since
+// the last call (every candidate not promoted, 0 if not written), or nil if
+// no checkpoint reported any since.
+func (lp *Pager) takeWrites() map[uint64]float64 {
+	lp.mu.Lock()
+	w := lp.writes
+	lp.writes = nil
+	lp.mu.Unlock()
+	if w == nil {
+		return nil
+	}
+	n := make(map[uint64]float64, len(lp.cfg.Regions))
+	for _, r := range lp.cfg.Regions {
+		if lp.prio.Promoted(r) {
+			continue
+		}
+		c := 0
+		if bm := w[r]; bm != nil {
+			for _, x := range bm {
+				c += bits.OnesCount64(x)
+			}
+		}
+		n[r] = float64(c)
+	}
+	return n
+}
+
+// dropWrites forgets the written pages reported since the last window.
+func (lp *Pager) dropWrites() {
+	lp.mu.Lock()
+	lp.writes = nil
+	lp.mu.Unlock()
 }
 
 func (lp *Pager) fail(err error) {
@@ -242,7 +343,9 @@ func (lp *Pager) promote(r uint64) (ok, transient bool) {
 		lp.status.LastFailure = err.Error()
 	}
 	if ok && lp.status.FirstPromotion == 0 {
-		lp.status.FirstPromotion = lp.prio.Windows()
+		// A seeded controller can promote in a first window that did
+		// not count (stretched, or unsampled): that is window 1.
+		lp.status.FirstPromotion = max(lp.prio.Windows(), 1)
 	}
 	if errors.Is(err, unix.EAGAIN) {
 		lp.status.Retried++

@@ -104,7 +104,7 @@ func FuzzParseLargePages(f *testing.F) {
 // 16th region of the working set) and returns it, running.
 // Its cancel function waits until the payload has written its whole working
 // set (phase mark 1) before stopping it, so checkTouchData may then run.
-func touchMachine(t *testing.T, guest4K []uint64, opts ...func(*vmm.Config)) (*vmm.Machine, []uint64, context.CancelFunc, chan error) {
+func touchMachine(t testing.TB, guest4K []uint64, opts ...func(*vmm.Config)) (*vmm.Machine, []uint64, context.CancelFunc, chan error) {
 	t.Helper()
 	marked := make(chan struct{})
 	cfg := vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch", Guest4K: guest4K, OnMark: func(int, uint32) { close(marked) },
@@ -132,7 +132,7 @@ func touchMachine(t *testing.T, guest4K []uint64, opts ...func(*vmm.Config)) (*v
 	}, done
 }
 
-func stopMachine(t *testing.T, cancel context.CancelFunc, done chan error) {
+func stopMachine(t testing.TB, cancel context.CancelFunc, done chan error) {
 	t.Helper()
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {

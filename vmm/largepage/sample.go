@@ -65,6 +65,7 @@ func (lp *Pager) window(ctx context.Context) (blocked map[uint64]bool, changed b
 // damonWindow takes DAMON's next aggregation: an estimate for every
 // candidate not promoted, and whether each promoted one was touched.
 func (lp *Pager) damonWindow(context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
+	lp.dropWrites() // DAMON counts under dirty logging too
 	c, err := lp.damon.Counts()
 	if err != nil {
 		return nil, nil, false, err
@@ -110,10 +111,19 @@ func (lp *Pager) refaultWindow(ctx context.Context) (n map[uint64]float64, large
 		case <-ctx.Done():
 		case <-time.After(lp.cfg.Window):
 		}
+		// The checkpoints' written pages count instead, where a
+		// checkpointer reports them (CheckpointHeat).
+		if n := lp.takeWrites(); n != nil {
+			lp.mu.Lock()
+			lp.status.WriteWindows++
+			lp.mu.Unlock()
+			return n, nil, true, nil
+		}
 		return nil, nil, false, nil
 	} else if err != nil {
 		return nil, nil, false, err
 	}
+	lp.dropWrites() // logging is off: what checkpoints reported before is stale
 	armed := time.Now()
 	select {
 	case <-ctx.Done():

@@ -21,7 +21,9 @@ type Status struct {
 	NoDAMON  string
 	Windows  int  // sampling windows completed
 	WarmedUp bool // the first (sampling-only) phase is over
-	Sampled  int  // regions sampled per window
+	// Seeded is set when Config.Heat seeded the prioritizer (no warm-up).
+	Seeded  bool
+	Sampled int // regions sampled per window
 	// Period is the current time between windows (it grows while the
 	// promoted set holds steady).
 	Period   time.Duration
@@ -35,6 +37,9 @@ type Status struct {
 	// Unsampled counts refault windows skipped while dirty logging was on
 	// (nothing is revoked while checkpoints copy guest memory).
 	Unsampled int
+	// WriteWindows counts the unsampled windows that counted the pages the
+	// checkpoints reported written instead (Pager.CheckpointHeat).
+	WriteWindows int
 	// Suspended is set while promotions wait for KVM dirty logging (fault
 	// tolerance) to stop.
 	Suspended bool
@@ -66,6 +71,9 @@ func (s Status) String() string {
 	if !s.WarmedUp && s.Policy == PolicyPrioritized {
 		line += " (warming up)"
 	}
+	if s.Seeded {
+		line += " (seeded with carried heat)"
+	}
 	if s.Suspended {
 		line += " (promotion suspended: dirty logging is on)"
 	}
@@ -78,6 +86,9 @@ func (s Status) String() string {
 	}
 	if s.Unsampled > 0 {
 		line += fmt.Sprintf(" unsampled=%d", s.Unsampled)
+	}
+	if s.WriteWindows > 0 {
+		line += fmt.Sprintf(" write_windows=%d", s.WriteWindows)
 	}
 	if s.LastFailure != "" && s.Failed > 0 {
 		line += " last_failure=" + s.LastFailure
@@ -103,8 +114,16 @@ func (lp *Pager) Status() Status {
 func (lp *Pager) publish(blocked map[uint64]bool, period time.Duration) {
 	p4k, _ := lp.stats.Value("pages_4k")
 	p2m, _ := lp.stats.Value("pages_2m")
+	var heat []byte
+	if lp.cfg.Policy == PolicyPrioritized {
+		var err error
+		if heat, err = lp.prio.Heat().MarshalBinary(); err != nil {
+			heat = nil // cannot happen: the regions are checked at Start
+		}
+	}
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
+	lp.heat = heat
 	s := &lp.status
 	s.Windows = lp.prio.Windows()
 	s.WarmedUp = lp.prio.WarmedUp()

@@ -312,8 +312,11 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	// and returns the function that stops it once the guest has stopped;
 	// that function also reads the machine's statistics for --stats.
 	var (
-		st     vmm.Stats
-		stErr  error
+		st    vmm.Stats
+		stErr error
+		// pager is the large-page controller, once started: with
+		// --protect each checkpoint carries its heat to the backup.
+		pager  atomic.Pointer[largepage.Pager]
 		beside = func(m *vmm.Machine) (func(), error) {
 			stopLP := func() {}
 			if lpCfg != nil {
@@ -321,6 +324,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				if err != nil {
 					return nil, err
 				}
+				pager.Store(lp)
 				if st := lp.Status(); st.Source != "" {
 					fmt.Fprintf(stderr, "understudy: large pages: sampling with %s", st.Source)
 					if st.NoDAMON != "" {
@@ -349,7 +353,13 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if lerr != nil {
 			return fail(stderr, lerr)
 		}
-		res, err = runPrimary(ctx, cfg, pf, links, log, *rf.metrics, *statusEvery, beside, recW)
+		heat := func(dirty []uint64) []byte {
+			if lp := pager.Load(); lp != nil {
+				return lp.CheckpointHeat(dirty)
+			}
+			return nil
+		}
+		res, err = runPrimary(ctx, cfg, pf, links, log, *rf.metrics, *statusEvery, beside, heat, recW)
 	} else {
 		var saved bool
 		res, saved, err = runMachine(ctx, cfg, beside, recW, *save, *saveAfter, stderr)
@@ -379,13 +389,14 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 // runPrimary runs the guest of cfg protected through the intermediary at
 // --protect: released records (those a client may see) are written through
 // to recW at once, so that the file is true even if this process is killed.
+// heat gives each checkpoint the large-page controller's heat (nil: none).
 func runPrimary(ctx context.Context, cfg vmm.Config, pf protectFlags, links ft.LinkConfig, log *slog.Logger, metrics string,
-	statusEvery time.Duration, beside func(*vmm.Machine) (func(), error), recW *bufio.Writer) (vmm.Result, error) {
+	statusEvery time.Duration, beside func(*vmm.Machine) (func(), error), heat func([]uint64) []byte, recW *bufio.Writer) (vmm.Result, error) {
 	policy, _ := ft.ParseLinkLossPolicy(*pf.onLoss) // checked
 	budget, _ := pf.dirtyBudget()                   // checked
 	return ft.RunPrimary(ctx, ft.PrimaryRunConfig{
 		Machine: cfg,
-		Epochs: ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial,
+		Epochs: ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial, Heat: heat,
 			OnRelease: func(r vmm.Record) {
 				if recW != nil {
 					recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")

@@ -328,7 +328,9 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		"a refused policy is reported and the intermediary keeps its own")
 	requestSpec := fs.String("request", "", "with a manifest policy, which pages to request ahead of a sync: on, or settle=N,max-freq=F,bandwidth=RATE "+
 		"(defaults 4, 1.5, no cap): pages unchanged for N epochs whose change frequency is below F")
-	largePages := fs.String("large-pages", "", "after activation, manage large pages for the resumed guest as run --large-pages does (a fresh warm-up: region heat does not travel in checkpoints)")
+	largePages := fs.String("large-pages", "", "after activation, manage large pages for the resumed guest as run --large-pages does, "+
+		"starting from the region heat the activated checkpoint carried when the primary ran with --large-pages (no warm-up: the primary's large regions and hottest regions are promoted in the first window); "+
+		"without carried heat, after a fresh warm-up")
 	saveActivated := fs.String("save-activated", "", "on activation, write a snapshot of the activated guest to this file before resuming it (understudy restore reads it)")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the status line on stderr (0: never)")
 	var nets netList
@@ -382,12 +384,21 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			}
 		}}}
 	var start time.Time // when the activated guest resumed
-	bcfg.OnActivate = func(m *vmm.Machine) (func(), error) {
+	bcfg.OnActivateHeat = func(m *vmm.Machine, heat []byte) (func(), error) {
 		start = time.Now()
 		if lpCfg == nil {
 			return nil, nil
 		}
-		lp, err := largepage.Start(m, *lpCfg)
+		cfg := *lpCfg
+		if heat != nil {
+			h, err := mmu.DecodeHeat(heat) // checked when the checkpoint arrived
+			if err != nil {
+				return nil, fmt.Errorf("large pages: the carried heat: %w", err)
+			}
+			cfg.Heat = &h
+			log.Info(fmt.Sprintf("large pages: starting from the primary's heat (%d regions, %d large)", len(h.Counts), len(h.Large)))
+		}
+		lp, err := largepage.Start(m, cfg)
 		if err != nil {
 			return nil, err
 		}

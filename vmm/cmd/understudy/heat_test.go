@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestRunProtectHeatFailover: `run --protect --large-pages` gives each
+// checkpoint its controller's heat (counted from the pages the checkpoints
+// found written: dirty logging keeps it from sampling), and `backup
+// --large-pages` starts the activated guest's controller from the heat of
+// the epoch it activated: past its warm-up, KVM maps the guest's hot
+// regions with 2 MiB within its first windows.
+func TestRunProtectHeatFailover(t *testing.T) {
+	requireKVM(t)
+	dir := clusterKeys(t)
+	iaddr, baddr := freeTCP(t), freeTCP(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	type ended struct{ code int }
+	start := func(ctx context.Context, args ...string) (chan ended, *lockedBuffer) {
+		errs := &lockedBuffer{}
+		done := make(chan ended, 1)
+		go func() { done <- ended{run(ctx, args, &lockedBuffer{}, errs)} }()
+		return done, errs
+	}
+	const lp = "budget=2,period=60ms,window=8ms,warmup=6,source=refault"
+	bdone, berrs := start(ctx, "backup", "--listen", baddr, "--keys", dir, "--large-pages", lp, "--status-interval", "20ms")
+	idone, ierrs := start(ctx, "intermediary", "--listen", iaddr, "--backup", baddr, "--keys", dir, "--status-interval", "0")
+	waitStderr(t, berrs, "listening on")
+	waitStderr(t, ierrs, "listening on")
+	pctx, kill := context.WithCancel(ctx)
+	pdone, perrs := start(pctx, "run", "--payload", "counter,pages=2048,hot=1024,cold_every=0,report=0", "--mem", "32M",
+		"--protect", iaddr, "--keys", dir, "--interval", "10ms", "--large-pages", lp, "--status-interval", "20ms")
+	warm := regexp.MustCompile(`write_windows=([0-9]+)`)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if m := warm.FindAllStringSubmatch(perrs.String(), -1); len(m) > 0 {
+			if n, _ := strconv.Atoi(m[len(m)-1][1]); n >= 8 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the primary's controller did not count 8 windows of written pages: %s", perrs.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // ten more epochs: the heat is committed
+	kill()
+	if e := <-pdone; e.code != exitInterrupted {
+		t.Errorf("the primary's run ended with %d, want %d: %s", e.code, exitInterrupted, perrs.String())
+	}
+	waitStderr(t, berrs, "activated at epoch")
+	waitStderr(t, berrs, "large pages: starting from the primary's heat (")
+	large := regexp.MustCompile(`large-pages: policy=prioritized source=refault windows=([0-9]+) .*pages_2m=[1-9]`)
+	deadline = time.Now().Add(30 * time.Second)
+	var first []string
+	for first == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("the activated guest got no 2 MiB page: %s", berrs.String())
+		}
+		for _, l := range strings.Split(berrs.String(), "\n") {
+			if m := large.FindStringSubmatch(l); m != nil {
+				first = append(m, l)
+				break
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if w, _ := strconv.Atoi(first[1]); w > 2 || !strings.Contains(first[2], "(seeded with carried heat)") {
+		t.Errorf("the backup's first status line with pages_2m > 0 is %q: want the first windows of a seeded controller", first[2])
+	}
+	t.Logf("backup: %s", first[2])
+	if e := <-idone; e.code != 0 {
+		t.Errorf("the intermediary ended with %d after the failover: %s", e.code, ierrs.String())
+	}
+	cancel()
+	if e := <-bdone; e.code != exitInterrupted {
+		t.Errorf("the backup ended with %d, want %d: %s", e.code, exitInterrupted, berrs.String())
+	}
+}
