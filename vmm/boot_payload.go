@@ -198,9 +198,18 @@ func (m *Machine) loadPayload(pl *loadedPayload) error {
 func roundUp(x, to uint64) uint64 { return (x + to - 1) / to * to }
 
 // DataRegions lists the guest-physical 2 MiB regions of the payload's data
-// area, in ascending order.
+// area, in ascending order; for a Linux guest, every 2 MiB region wholly in
+// guest RAM (the kernel decides what lives where).
 func (m *Machine) DataRegions() []uint64 {
 	var out []uint64
+	if m.linux != nil {
+		for _, r := range m.mem.Regions() {
+			for gpa := roundUp(r.GPA, mmu.RegionSize); gpa+mmu.RegionSize <= r.GPA+r.Size; gpa += mmu.RegionSize {
+				out = append(out, gpa/mmu.RegionSize)
+			}
+		}
+		return out
+	}
 	for gpa := m.payload.dataBase; gpa+mmu.RegionSize <= m.payload.dataBase+m.payload.dataSize; gpa += mmu.RegionSize {
 		out = append(out, gpa/mmu.RegionSize)
 	}

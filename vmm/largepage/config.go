@@ -5,6 +5,7 @@ package largepage
 
 import (
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/understudy-vmm/understudy/mmu"
@@ -55,6 +56,12 @@ type Config struct {
 	// mode, instead of walking every table every window; address spaces
 	// found exiting are no longer counted. Nil: the full walk.
 	ExitDetect *mmu.ExitDetect
+	// ExitAudit, when not 0 (it needs ExitDetect), runs the exit-detect
+	// audit (audit.go): every mode's shadow set side by side at each
+	// pause, their decisions scored by the LiveTag at this guest virtual
+	// address (Status.Audit). A measuring aid: it multiplies the shadow
+	// work by five.
+	ExitAudit uint64
 	// Heat, if set, seeds the prioritized policy with another controller's
 	// heat (Pager.Heat: a failed-over primary's, carried in the
 	// checkpoints): the count values of the candidate regions are taken as
@@ -72,10 +79,10 @@ const (
 
 // optionList is the --large-pages option list.
 var optionList = option.List{Name: "--large-pages", Keys: []string{
-	"budget", "policy", "period", "window", "warmup", "samples", "per_window", "alpha", "hysteresis", "seed", "source", "exit-detect"}}
+	"budget", "policy", "period", "window", "warmup", "samples", "per_window", "alpha", "hysteresis", "seed", "source", "exit-detect", "exit-audit"}}
 
 // Parse parses the --large-pages option string
-// "budget=N[,policy=P,period=D,window=D,warmup=N,samples=N,per_window=N,alpha=F,hysteresis=F,seed=N,source=S,exit-detect=M]".
+// "budget=N[,policy=P,period=D,window=D,warmup=N,samples=N,per_window=N,alpha=F,hysteresis=F,seed=N,source=S,exit-detect=M,exit-audit=VA]".
 func Parse(s string) (Config, error) {
 	var c Config
 	pairs, err := optionList.Parse(s)
@@ -127,10 +134,21 @@ func Parse(s string) (Config, error) {
 				err = fmt.Errorf("want none, min-va, consecutive or both")
 			}
 			c.ExitDetect = &d
+		case "exit-audit":
+			var va uint64
+			if _, serr := fmt.Sscanf(v, "0x%x", &va); serr != nil || fmt.Sprintf("0x%x", va) != strings.ToLower(v) {
+				err = fmt.Errorf("want a hexadecimal address such as 0x7e0000000000")
+			} else {
+				err = CheckTagVA(va)
+			}
+			c.ExitAudit = va
 		}
 		if err != nil {
 			return c, optionList.Bad(p, err)
 		}
+	}
+	if c.ExitAudit != 0 && c.ExitDetect == nil {
+		return c, fmt.Errorf("--large-pages: exit-audit needs exit-detect=MODE")
 	}
 	if !budget && c.Policy != PolicyAll && c.Policy != PolicyNone {
 		return c, fmt.Errorf("--large-pages: budget=N is required")

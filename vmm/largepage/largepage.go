@@ -27,6 +27,7 @@ type Pager struct {
 	stats   *arch.Stats
 	shadow  bool
 	spaces  *shadowView // with exit-detect: the shadow page tables
+	audit   *exitAudit  // with exit-audit
 	cancel  context.CancelFunc
 	done    chan struct{}
 
@@ -108,6 +109,9 @@ func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 	if cfg.ExitDetect != nil {
 		lp.spaces = newShadowView(*cfg.ExitDetect)
 		lp.status.ExitDetect = cfg.ExitDetect.String()
+		if cfg.ExitAudit != 0 {
+			lp.audit = newExitAudit(cfg.ExitAudit)
+		}
 	}
 	if cfg.Policy == PolicyPrioritized {
 		if err := lp.pickSource(); err != nil {

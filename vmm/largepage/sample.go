@@ -179,6 +179,9 @@ func (lp *Pager) guestView(clear bool) (map[uint64]bool, map[uint64]int) {
 	}
 	var acc mmu.RegionAccess
 	var err error
+	if lp.audit != nil {
+		lp.audit.observe(lp.mem, cr3s)
+	}
 	if lp.spaces != nil {
 		acc, err = lp.spaces.count(lp.mem, cr3s, clear)
 	} else {

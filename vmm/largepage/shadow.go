@@ -55,9 +55,19 @@ func newShadowView(d mmu.ExitDetect) *shadowView {
 // again too, with what is left of its tables (Linux clears every leaf entry
 // before any table pointer, so that is little).
 func (v *shadowView) count(mem *mmu.Memory, cr3s []uint64, clear bool) (mmu.RegionAccess, error) {
+	v.update(mem, cr3s)
+	ra, _, err := v.set.CountAccessed(mem, cr3s, clear)
+	v.forget()
+	return ra, err
+}
+
+// update brings the tracked address spaces up to date and starts tracking
+// the new CR3s; it returns the transitions the Update saw. The caller
+// forgets (forget) once it has read what it needs.
+func (v *shadowView) update(mem *mmu.Memory, cr3s []uint64) []mmu.Transition {
 	v.views++
 	before := v.set.Spaces()
-	v.set.Update(mem, nil)
+	ts := v.set.Update(mem, nil)
 	// Spaces the detector removed in this Update (their root table was
 	// dropped) are not tracked again before the next view: they are
 	// exiting, and a vCPU may still have their CR3 loaded.
@@ -77,9 +87,7 @@ func (v *shadowView) count(mem *mmu.Memory, cr3s []uint64, clear bool) (mmu.Regi
 			v.lastSeen[cr3&arch.PTEAddrMask] = v.views
 		}
 	}
-	ra, _, err := v.set.CountAccessed(mem, cr3s, clear)
-	v.forget()
-	return ra, err
+	return ts
 }
 
 // forget drops the address spaces found exiting or not sampled for

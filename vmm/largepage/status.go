@@ -57,6 +57,9 @@ type Status struct {
 	// ("": the guest's tables are walked in full); Shadow their counters.
 	ExitDetect string
 	Shadow     mmu.ShadowStats
+	// Audit is each mode's result with the exit-detect audit
+	// (Config.ExitAudit), in AuditModes order.
+	Audit []AuditResult
 	Err        string // why management stopped, if it did
 }
 
@@ -107,6 +110,7 @@ func (lp *Pager) Status() Status {
 	s.Promoted = append([]uint64(nil), s.Promoted...)
 	s.Blocked = append([]uint64(nil), s.Blocked...)
 	s.Top = append([]mmu.RegionHeat(nil), s.Top...)
+	s.Audit = append([]AuditResult(nil), s.Audit...)
 	return s
 }
 
@@ -144,6 +148,9 @@ func (lp *Pager) publish(blocked map[uint64]bool, period time.Duration) {
 	s.Sampler = lp.sampler.Stats()
 	if lp.spaces != nil {
 		s.Shadow = lp.spaces.set.Stats()
+	}
+	if lp.audit != nil {
+		s.Audit = lp.audit.results()
 	}
 }
 

@@ -255,7 +255,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	if code, done := lf.run(ctx, fs, linuxRunOptions{mem: mem.v, cpus: *cpus, kvm: *kvmDev, backing: *backing, quiet: *quiet, stats: *stats, save: *save,
-		protect: &pf, role: &rf, statusEvery: *statusEvery}, stdout, stderr); done {
+		protect: &pf, role: &rf, statusEvery: *statusEvery, largePages: *largePages}, stdout, stderr); done {
 		return code
 	}
 	if *protect != "" && *save != "" {
@@ -320,23 +320,12 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		beside = func(m *vmm.Machine) (func(), error) {
 			stopLP := func() {}
 			if lpCfg != nil {
-				lp, err := largepage.Start(m, *lpCfg)
+				lp, stop, err := startLargePages(m, *lpCfg, *statusEvery, stderr)
 				if err != nil {
 					return nil, err
 				}
 				pager.Store(lp)
-				if st := lp.Status(); st.Source != "" {
-					fmt.Fprintf(stderr, "understudy: large pages: sampling with %s", st.Source)
-					if st.NoDAMON != "" {
-						fmt.Fprintf(stderr, " (%s)", st.NoDAMON)
-					}
-					fmt.Fprintln(stderr)
-				}
-				stopStatus := printStatus(stderr, lp, *statusEvery)
-				stopLP = func() {
-					stopStatus()
-					fmt.Fprintf(stderr, "understudy: %s\n", lp.Stop())
-				}
+				stopLP = stop
 			}
 			return func() {
 				if *stats {
@@ -515,6 +504,33 @@ func parseLargePagesFlag(s string) (*largepage.Config, error) {
 		return nil, err
 	}
 	return &c, nil
+}
+
+// startLargePages starts the large-page controller on m, says which
+// sampler it uses, and prints its status line every statusEvery. The
+// function it returns stops it and prints its last status line (and the
+// exit-detect audit's lines, with exit-audit).
+func startLargePages(m *vmm.Machine, cfg largepage.Config, statusEvery time.Duration, stderr io.Writer) (*largepage.Pager, func(), error) {
+	lp, err := largepage.Start(m, cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	if st := lp.Status(); st.Source != "" {
+		fmt.Fprintf(stderr, "understudy: large pages: sampling with %s", st.Source)
+		if st.NoDAMON != "" {
+			fmt.Fprintf(stderr, " (%s)", st.NoDAMON)
+		}
+		fmt.Fprintln(stderr)
+	}
+	stopStatus := printStatus(stderr, lp, statusEvery)
+	return lp, func() {
+		stopStatus()
+		st := lp.Stop()
+		fmt.Fprintf(stderr, "understudy: %s\n", st)
+		for _, r := range st.Audit {
+			fmt.Fprintf(stderr, "understudy: exit-detect audit: %s\n", r)
+		}
+	}, nil
 }
 
 func printStatus(w io.Writer, lp *largepage.Pager, every time.Duration) func() {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 	"golang.org/x/sys/unix"
 )
@@ -56,13 +57,14 @@ type linuxRunOptions struct {
 	protect     *protectFlags
 	role        *roleFlags
 	statusEvery time.Duration
+	largePages  string // --large-pages
 }
 
 // linuxFlagNames are the flags that apply to a Linux guest.
 var linuxFlagNames = map[string]bool{
 	"kernel": true, "initrd": true, "cmdline": true, "net": true, "disk": true,
 	"mem": true, "cpus": true, "kvm": true, "backing": true, "quiet": true, "stats": true,
-	"save": true, "save-on-signal": true, "save-after-output": true,
+	"save": true, "save-on-signal": true, "save-after-output": true, "large-pages": true,
 	// --protect and what goes with it (run_linux_protect.go).
 	"protect": true, "interval": true, "dirty-budget": true, "on-intermediary-loss": true, "direct-backup": true,
 	"give-up": true, "redial": true, "connect-timeout": true, "output-hold": true, "status-interval": true,
@@ -269,6 +271,10 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	if o.cpus < 1 || o.cpus > vmm.MaxCPUs {
 		return fail(stderr, fmt.Errorf("--cpus %d: want 1..%d vCPUs", o.cpus, vmm.MaxCPUs)), true
 	}
+	lpCfg, err := linuxLargePages(o.largePages, protected, save != nil)
+	if err != nil {
+		return usageError(fs, err.Error()), true
+	}
 	bk, err := parseBacking(o.backing)
 	if err != nil {
 		return fail(stderr, err), true
@@ -320,6 +326,14 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 		return fail(stderr, err), true
 	}
 	defer m.Close()
+	if lpCfg != nil {
+		_, stopLP, err := startLargePages(m, *lpCfg, o.statusEvery, stderr)
+		if err != nil {
+			restore()
+			return fail(stderr, err), true
+		}
+		defer stopLP()
+	}
 	if _, raw := in.(*escapeReader); raw && !o.quiet {
 		fmt.Fprintf(stderr, "understudy: the terminal is in raw mode for the guest's console: %s\n", escapeHelp)
 	}
@@ -363,6 +377,28 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 		fmt.Fprintf(stderr, "understudy: stats: exits=%d rss_kib=%d guest_resident_kib=%d\n", st.Exits, st.RSS>>10, st.GuestResident>>10)
 	}
 	return linuxEnd(res, elapsed, o.quiet, stderr), true
+}
+
+// linuxLargePages parses --large-pages for a Linux guest. Its virtio
+// devices read and write guest memory from the VMM, which the refault
+// sampler would revoke under them, so a prioritized policy samples with
+// DAMON only (source auto means damon here). Fault tolerance and snapshots
+// do not combine with it yet.
+func linuxLargePages(s string, protected, save bool) (*largepage.Config, error) {
+	cfg, err := parseLargePagesFlag(s)
+	if cfg == nil || err != nil {
+		return nil, err
+	}
+	switch {
+	case protected:
+		return nil, errors.New("--large-pages with --kernel cannot be combined with --protect yet")
+	case save:
+		return nil, errors.New("--large-pages cannot be combined with --save")
+	case cfg.Source == largepage.SourceRefault:
+		return nil, errors.New("--large-pages source=refault: a Linux guest's virtio devices access guest memory from the VMM, which the refault sampler revokes; use source=damon")
+	}
+	cfg.Source = largepage.SourceDAMON
+	return cfg, nil
 }
 
 // linuxEnd reports how a Linux guest ended and returns the exit code: 0 for

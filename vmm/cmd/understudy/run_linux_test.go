@@ -51,6 +51,29 @@ func TestRunLinuxPowerOff(t *testing.T) {
 	}
 }
 
+// TestRunLinuxLargePages: --large-pages manages a Linux guest's RAM (every
+// 2 MiB region of it is a candidate) and prints the controller's last
+// status line; the prioritized policy samples with DAMON only, and where
+// the kernel has none for this process (this host) the run fails with one
+// line before the guest runs.
+func TestRunLinuxLargePages(t *testing.T) {
+	requireKVM(t)
+	k := writeFile(t, t.TempDir(), "bzImage", testKernel(codeUpPowerOff), 0o644)
+	code, out, errs := runCLI("run", "--kernel", k, "--mem", "64M", "--large-pages", "policy=all,exit-detect=both")
+	if code != 0 || out != "up\n" || !strings.Contains(errs, "understudy: large-pages: policy=all ") || !strings.Contains(errs, "guest powered off") {
+		t.Errorf("run --kernel --large-pages policy=all = %d, stdout %q, stderr %q; want 0, \"up\\n\", a large-pages status line", code, out, errs)
+	}
+	code, _, errs = runCLI("run", "--kernel", k, "--mem", "64M", "--large-pages", "budget=2,exit-detect=both")
+	switch {
+	case code == 0 && strings.Contains(errs, "sampling with damon"):
+		// This kernel lets the process use DAMON.
+	case code == exitError && strings.HasPrefix(errs, "understudy: large pages: ") && strings.Count(strings.TrimSpace(errs), "\n") == 0:
+		t.Logf("no DAMON here: %s", strings.TrimSpace(errs))
+	default:
+		t.Errorf("run --kernel --large-pages budget=2 = %d, %q; want a run sampling with DAMON, or exit 1 and one line saying why not", code, errs)
+	}
+}
+
 // TestRunLinuxHalt: a guest that halts with interrupts disabled on every
 // vCPU ends the run with exit 0 and says so.
 func TestRunLinuxHalt(t *testing.T) {
@@ -114,6 +137,9 @@ func TestRunLinuxBadInput(t *testing.T) {
 		{[]string{"run", "--disk", ro}, exitUsage, "--disk needs --kernel"},
 		{[]string{"run", "--kernel", k, "--cpus", "0"}, exitError, "--cpus 0"},
 		{[]string{"run", "--kernel", k, "--cmdline", "a\nb"}, exitUsage, "newline"},
+		{[]string{"run", "--kernel", k, "--large-pages", "budget=2,source=refault"}, exitUsage, "source=refault: a Linux guest's virtio devices"},
+		{[]string{"run", "--kernel", k, "--large-pages", "budget=2,exit-audit=0x7e0000000000"}, exitUsage, "exit-audit needs exit-detect"},
+		{[]string{"run", "--kernel", k, "--large-pages", "budget=x"}, exitUsage, "budget"},
 	}
 	for _, tc := range tests {
 		args := append(tc.args, "--kvm", absentKVM) // every error comes before KVM
