@@ -60,7 +60,7 @@ type Status struct {
 	// Audit is each mode's result with the exit-detect audit
 	// (Config.ExitAudit), in AuditModes order.
 	Audit []AuditResult
-	Err        string // why management stopped, if it did
+	Err   string // why management stopped, if it did
 }
 
 // String formats the status as one line.
