@@ -123,7 +123,13 @@ func (r *stormRun) stop() {
 // and a raw fork of this process, until s.duration has passed and the
 // last pair has been reaped. It prints the console lines of the storm on
 // out. Any child that fails, and any tagged process that exits, fails the
-// storm. The returned stormRun is never nil: its live processes are
+// storm.
+//
+// Each short-lived child is one address space torn down by exit_mmap, so
+// the exits counted are the address-space exits the VMM may detect: a fork
+// child's is a copy of this process's, and an exec child's is the one
+// execve made (os/exec clones with CLONE_VM|CLONE_VFORK, so there is no
+// address space before the exec to tear down). The returned stormRun is never nil: its live processes are
 // running even when the error is not nil.
 func runStorm(out io.Writer, s stormSpec) (*stormRun, error) {
 	r := &stormRun{}
