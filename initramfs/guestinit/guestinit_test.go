@@ -52,7 +52,7 @@ func TestParseConfig(t *testing.T) {
 		t.Errorf("parseConfig(echo) = %+v, %v", c, err)
 	}
 	for _, tt := range []struct{ in, want string }{
-		{"guest.mode=dance", "want poweroff, halt, net, disk, echo or kv"},
+		{"guest.mode=dance", "want poweroff, halt, net, disk, echo, kv or storm"},
 		{"guest.console=ttyS0", "under /dev"},
 		{"guest.mode=net", "needs guest.addr"},
 		{"guest.mode=net guest.addr=192.0.2.2", "prefix length"},
@@ -76,7 +76,7 @@ func TestParseConfig(t *testing.T) {
 }
 
 func FuzzParseConfig(f *testing.F) {
-	for _, s := range []string{"guest.mode=net guest.addr=192.0.2.2/24", "guest.mode=disk guest.disk=/dev/vda", "guest.port=1 guest.timeout=1s", "guest.x"} {
+	for _, s := range []string{"guest.mode=net guest.addr=192.0.2.2/24", "guest.mode=disk guest.disk=/dev/vda", "guest.port=1 guest.timeout=1s", "guest.x", "guest.mode=storm guest.duration=5s guest.tag=0x10000 guest.child_mib=2 guest.child_ms=10"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
@@ -93,6 +93,12 @@ func FuzzParseConfig(f *testing.F) {
 		}
 		if c.mode == modeNet && !c.addr.Addr().Is4() {
 			t.Fatalf("parseConfig(%q): net mode without an IPv4 address: %+v", s, c)
+		}
+		storm := c.duration >= time.Second && c.duration <= time.Hour && c.tag%pageSize == 0 && c.tag >= minTagVA && c.tag < maxTagVA &&
+			c.childMiB >= 1 && c.childMiB <= maxChildMiB && c.childMs >= minChildMs && c.childMs <= maxChildMs
+		none := c.duration == 0 && c.tag == 0 && c.childMiB == 0 && c.childMs == 0
+		if (c.mode == modeStorm && !storm) || (c.mode != modeStorm && !none) {
+			t.Fatalf("parseConfig(%q) accepted %+v", s, c)
 		}
 	})
 }

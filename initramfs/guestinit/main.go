@@ -23,11 +23,27 @@
 //	                                       print boot.EchoPrompt, read one line from
 //	                                       the serial console, print it back
 //	                                       quoted ("echo: got ..."), power off
+//	guest.mode=storm [guest.duration=30s] [guest.tag=0x7e0000000000] [guest.child_mib=4] [guest.child_ms=300]
+//	                                       start two long-lived processes that
+//	                                       map a page holding boot.LiveTag at
+//	                                       guest.tag (one writes 16 MiB page by
+//	                                       page, one maps, writes and unmaps
+//	                                       64 MiB), then for guest.duration
+//	                                       create short-lived processes one at a
+//	                                       time, alternately an exec of /init and
+//	                                       a fork, each busy writing
+//	                                       guest.child_mib MiB for guest.child_ms
+//	                                       milliseconds; print the counts of
+//	                                       exits, power off (storm.go)
 //	guest.mode=halt                        halt instead of powering off
 //	                                       (reboot(LINUX_REBOOT_CMD_HALT): every
 //	                                       CPU stops with interrupts disabled)
 //	guest.timeout=60s                      how long to wait for a device, a
 //	                                       connection or a line
+//
+// The storm's processes are this program again (/proc/self/exe), in a child
+// role named by the environment variable UNDERSTUDY_STORM_ROLE, which only
+// a process other than PID 1 obeys.
 //
 // Every line it prints starts with "understudy-guest: ". On success it
 // powers the machine off (or halts it); on failure it prints
@@ -48,6 +64,9 @@ import (
 const prefix = boot.GuestTag
 
 func main() {
+	if role := os.Getenv(stormRoleEnv); role != "" && os.Getpid() != 1 {
+		os.Exit(roleMain(os.Stderr, role, os.Args[1:]))
+	}
 	out := os.Stdout
 	mountErr := mountBasics()
 	fmt.Fprintf(out, "%sinit reached (kernel uptime %s)\n", prefix, uptime())
@@ -139,6 +158,8 @@ func run(out io.Writer) (string, error) {
 		return cfg.mode, echoConsole(out, cfg)
 	case modeKV:
 		return cfg.mode, serveKV(out, cfg)
+	case modeStorm:
+		return cfg.mode, stormMode(out, cfg)
 	}
 	return cfg.mode, nil
 }
