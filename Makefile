@@ -67,7 +67,7 @@ test: unit-test qemu-test
 unit-test: lint
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /qemu-tests -e /internal/chaos)
 	$(GO) test -count=1 -timeout 30m ./internal/chaos/
-	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./vmm/largepage/ ./vmm/devices/ ./vmm/virtio/ ./mmu/ ./ft/ ./ft/diskrep/ ./ft/transport/ ./ft/wire/ ./ft/wanzip/ ./internal/wan/ ./internal/kvclient/ ./internal/cmd/kvload/ ./initramfs/appliance/ ./initramfs/guestinit/kvstore/ ./initramfs/cmd/nodefile/
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./vmm/ ./vmm/largepage/ ./vmm/devices/ ./vmm/virtio/ ./mmu/ ./ft/ ./ft/diskrep/ ./ft/transport/ ./ft/wire/ ./ft/wanzip/ ./internal/wan/ ./internal/kvclient/ ./internal/cmd/kvload/ ./initramfs/appliance/ ./initramfs/guestinit/ ./initramfs/guestinit/kvstore/ ./initramfs/cmd/nodefile/
 
 # The appliance (initramfs/): kernel cached in build/cache, image in $(IMAGE).
 # A second appliance with Debian's 6.12 kernel (bookworm-backports), which

@@ -141,9 +141,10 @@ type ShadowConfig struct {
 	// Without it each address space keeps its own copy of those tables.
 	SkipKernelHalf bool
 	// LeavesFirst diffs the dirty tables of an address space by ascending
-	// level, then GPA, then index, instead of by GPA then index: the order
-	// Linux writes a teardown in (leaf entries before the table pointers
-	// above them), which matters when a whole teardown falls in one Update
+	// level, then the first VA they map, then GPA, then index, instead of
+	// by GPA then index: the order Linux writes a teardown in (leaf
+	// entries in ascending VA order before the table pointers above them;
+	// a real guest's page-table pages lie in any GPA order), which matters when a whole teardown falls in one Update
 	// (see BenchmarkExitDetect).
 	LeavesFirst bool
 }
@@ -588,7 +589,8 @@ func (sp *addrSpace) lowestAccessed(p *shadowPage) (uint64, bool) {
 
 // Update compares the traced pages with guest memory and returns the PTE
 // transitions, ordered by address space (ascending CR3), then table GPA
-// (with LeavesFirst: table level, then GPA), then entry index. dirty names the pages that may have changed since the
+// (with LeavesFirst: table level, then the VA it maps, then GPA), then
+// entry index. dirty names the pages that may have changed since the
 // previous Update (the dirty log); nil diffs every traced page.
 //
 // The shadows follow: a newly present table pointer gets its subtable copied
@@ -617,8 +619,12 @@ func (s *ShadowSet) Update(mem TableReader, dirty DirtySet) []Transition {
 		}
 		if s.cfg.LeavesFirst {
 			slices.SortFunc(todo, func(a, b uint64) int {
-				if la, lb := sp.pages[a].level, sp.pages[b].level; la != lb {
-					return la - lb
+				pa, pb := sp.pages[a], sp.pages[b]
+				if pa.level != pb.level {
+					return pa.level - pb.level
+				}
+				if pa.va != pb.va {
+					return cmpU64(pa.va, pb.va)
 				}
 				return cmpU64(a, b)
 			})

@@ -43,7 +43,7 @@ func runExitDetect(t testing.TB, e env) exitDetectRun {
 		fmt.Sprintf("--large-pages budget=8,period=%s,exit-detect=both,exit-audit=%s --status-interval 5s ", stormPeriod, tag),
 		fmt.Sprintf("guest.mode=storm guest.duration=%s guest.tag=%s %s", stormDuration, tag, stormChild)))
 	expect(t, m, bootTimeout, "understudy-appliance: ready role=test", "understudy-appliance: exec: understudy run --kernel")
-	expect(t, m, nestedTimeout, "understudy: large pages: sampling with damon",
+	expect(t, m, nestedTimeout, "understudy: large pages: sampling with ",
 		"understudy-guest: storm: live role=", "understudy-guest: storm: live role=")
 	got := expect(t, m, nestedTimeout, "understudy-guest: storm: done exits=", "understudy: guest powered off")
 	r := exitDetectRun{done: got[0].Text, audit: map[string]int{}}

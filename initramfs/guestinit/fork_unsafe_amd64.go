@@ -8,7 +8,9 @@ import (
 
 // forkTouch forks this process with a raw clone(SIGCHLD) (x86-64 argument
 // order: flags, stack, parent_tid, child_tid, tls) and returns the child's
-// pid. The child writes one byte in each page of buf, pass after pass,
+// pid. The child first zeroes tag (its copy of the parent's tag page: a
+// forked child is not the live parent), then writes one byte in each page
+// of buf, pass after pass,
 // until ns nanoseconds of CLOCK_MONOTONIC have passed, then calls
 // exit_group(0).
 //
@@ -26,7 +28,7 @@ import (
 //go:nosplit
 //go:norace
 //go:nocheckptr
-func forkTouch(buf []byte, ns int64) (pid int, errno unix.Errno) {
+func forkTouch(buf, tag []byte, ns int64) (pid int, errno unix.Errno) {
 	all, old := ^uint64(0), uint64(0)
 	if _, _, e := unix.RawSyscall6(unix.SYS_RT_SIGPROCMASK, unix.SIG_SETMASK, uintptr(unsafe.Pointer(&all)), uintptr(unsafe.Pointer(&old)), 8, 0, 0); e != 0 {
 		return 0, e
@@ -34,6 +36,9 @@ func forkTouch(buf []byte, ns int64) (pid int, errno unix.Errno) {
 	r, _, e := unix.RawSyscall(unix.SYS_CLONE, uintptr(unix.SIGCHLD), 0, 0)
 	if e == 0 && r == 0 {
 		// The child.
+		for i := 0; i < len(tag); i++ {
+			tag[i] = 0
+		}
 		var ts unix.Timespec
 		unix.RawSyscall(unix.SYS_CLOCK_GETTIME, unix.CLOCK_MONOTONIC, uintptr(unsafe.Pointer(&ts)), 0)
 		end := ts.Sec*1_000_000_000 + ts.Nsec + ns

@@ -56,6 +56,9 @@ const reportFD = 3
 // stormSpec is what runStorm needs: in the guest from the command line
 // (stormMode), in the tests from the test.
 type stormSpec struct {
+	// tagPage is the storm process's own tag (PID 1's, mapped by
+	// stormMode; nil in tests), which each fork child zeroes in its copy.
+	tagPage     []byte
 	exe         string        // the program to re-execute for the child roles
 	env         []string      // the children's environment, without stormRoleEnv
 	stderr      io.Writer     // where the children's stderr goes
@@ -84,7 +87,14 @@ func (s stormSpec) stormArgs() []string {
 // processes stay alive: the machine powers off under them, so that their
 // address spaces never exit while the VMM watches.
 func stormMode(out io.Writer, c config) error {
-	_, err := runStorm(out, stormSpec{
+	// PID 1 lives through the storm too: it is tagged, and its fork
+	// children zero their copy of the tag.
+	tag, err := mapTag(c.tag)
+	if err != nil {
+		return err
+	}
+	_, err = runStorm(out, stormSpec{
+		tagPage:     tag[:len(boot.LiveTag)],
 		exe:         "/proc/self/exe",
 		env:         os.Environ(),
 		stderr:      os.Stdout,
@@ -175,7 +185,7 @@ func runStorm(out io.Writer, s stormSpec) (*stormRun, error) {
 			}
 			r.exec++
 		} else {
-			if err := forkChild(buf, lifetime); err != nil {
+			if err := forkChild(buf, s.tagPage, lifetime); err != nil {
 				return r, err
 			}
 			r.fork++
@@ -228,10 +238,10 @@ func execChild(s stormSpec) error {
 // syscall.ForkLock keeps descriptors from being created half-way (without
 // their close-on-exec flag) while the child's copy of the table is made,
 // as os/exec does.
-func forkChild(buf []byte, lifetime time.Duration) error {
+func forkChild(buf, tag []byte, lifetime time.Duration) error {
 	runtime.LockOSThread()
 	syscall.ForkLock.Lock()
-	pid, errno := forkTouch(buf, int64(lifetime))
+	pid, errno := forkTouch(buf, tag, int64(lifetime))
 	syscall.ForkLock.Unlock()
 	runtime.UnlockOSThread()
 	if errno != 0 {
@@ -443,7 +453,7 @@ func runRole(role string, args []string) error {
 		return nil
 	case roleSteady, roleMunmap:
 		rep := os.NewFile(reportFD, "report")
-		if err := mapTag(c.tag); err != nil {
+		if _, err := mapTag(c.tag); err != nil {
 			return err
 		}
 		if _, err := fmt.Fprintf(rep, "live pid=%d tag=%#x\n", os.Getpid(), c.tag); err != nil {

@@ -136,14 +136,14 @@ func FuzzParseReport(f *testing.F) {
 // a second mapping at the same address fails instead of replacing it.
 func TestMapTag(t *testing.T) {
 	const va = boot.DefaultTagVA + 0x10000 // not where a storm of another test maps it (children are other processes anyway)
-	if err := mapTag(va); err != nil {
+	if _, err := mapTag(va); err != nil {
 		t.Fatal(err)
 	}
 	defer unix.RawSyscall(unix.SYS_MUNMAP, va, pageSize, 0)
 	if got, err := readTag(os.Getpid(), va); err != nil || got != boot.LiveTag {
 		t.Errorf("readTag(self, %#x) = %q, %v, want %q", va, got, err, boot.LiveTag)
 	}
-	if err := mapTag(va); err == nil || !strings.Contains(err.Error(), "file exists") {
+	if _, err := mapTag(va); err == nil || !strings.Contains(err.Error(), "file exists") {
 		t.Errorf("mapTag(%#x) again = %v, want EEXIST", va, err)
 	}
 	if len(boot.LiveTag) != 16 {
@@ -151,15 +151,17 @@ func TestMapTag(t *testing.T) {
 	}
 }
 
-// TestForkChild: the raw fork's child writes every page of its copy of the
-// buffer and exits with 0; the parent's buffer is untouched.
+// TestForkChild: the raw fork's child zeroes its copy of the tag, writes
+// every page of its copy of the buffer and exits with 0; the parent's tag
+// and buffer are untouched.
 func TestForkChild(t *testing.T) {
 	buf := make([]byte, 1<<20)
 	for i := range buf {
 		buf[i] = 1
 	}
+	tag := []byte(boot.LiveTag)
 	for range 3 {
-		if err := forkChild(buf, 20*time.Millisecond); err != nil {
+		if err := forkChild(buf, tag, 20*time.Millisecond); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -167,6 +169,9 @@ func TestForkChild(t *testing.T) {
 		if b != 1 {
 			t.Fatalf("after the fork children, the parent's buffer holds %d at %d, want 1", b, i)
 		}
+	}
+	if string(tag) != boot.LiveTag {
+		t.Errorf("after the fork children, the parent's tag is %q", tag)
 	}
 }
 

@@ -46,11 +46,18 @@ type Config struct {
 	// Regions are the candidate guest-physical 2 MiB regions; empty means
 	// the payload's data regions.
 	Regions []uint64
-	// Source is the guest-physical sampler: SourceDAMON (the kernel's
+	// Source is the guest-physical sampler: SourceGuest (the guest's own
+	// page-table accessed bits only, read at each window's pause),
+	// SourceDAMON (the kernel's
 	// DAMON, where it has virtual-address operations and is free),
 	// SourceRefault (revoke and count refaults), or SourceAuto (default):
 	// DAMON where it can be used, else refaults.
 	Source string
+	// NoRevoke says the VMM itself reads and writes guest memory while the
+	// guest runs (a Linux guest's virtio devices), so the refault sampler,
+	// which revokes access to guest pages, must not run: SourceRefault is
+	// refused, and SourceAuto falls back to SourceGuest instead.
+	NoRevoke bool
 	// ExitDetect, when set, reads the guest's accessed bits through shadow
 	// copies of its page tables (mmu.ShadowSet) with this exit-detection
 	// mode, instead of walking every table every window; address spaces
@@ -75,6 +82,7 @@ const (
 	SourceAuto    = "auto"
 	SourceDAMON   = "damon"
 	SourceRefault = "refault"
+	SourceGuest   = "guest"
 )
 
 // optionList is the --large-pages option list.
@@ -123,10 +131,10 @@ func Parse(s string) (Config, error) {
 			c.Seed = uint64(n)
 		case "source":
 			switch v {
-			case SourceAuto, SourceDAMON, SourceRefault:
+			case SourceAuto, SourceDAMON, SourceRefault, SourceGuest:
 				c.Source = v
 			default:
-				err = fmt.Errorf("want auto, damon or refault")
+				err = fmt.Errorf("want auto, damon, refault or guest")
 			}
 		case "exit-detect":
 			d, perr := mmu.ParseExitDetect(v)

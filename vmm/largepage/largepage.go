@@ -118,7 +118,7 @@ func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 			stats.Close()
 			return nil, fmt.Errorf("large pages: %w", err)
 		}
-		if lp.damon == nil {
+		if lp.status.Source == SourceRefault {
 			m.SetFaultHandler(sampler.Fault)
 		}
 	}

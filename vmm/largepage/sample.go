@@ -21,8 +21,11 @@ func (lp *Pager) pickSource() error {
 	if src == "" {
 		src = SourceAuto
 	}
-	if src == SourceRefault {
-		lp.status.Source = SourceRefault
+	switch {
+	case src == SourceRefault && lp.cfg.NoRevoke:
+		return errors.New("source=refault: this guest's devices access guest memory from the VMM, which the refault sampler revokes; use source=damon or source=guest")
+	case src == SourceRefault, src == SourceGuest:
+		lp.status.Source = src
 		return nil
 	}
 	d, err := mmu.NewDAMON(lp.mem, mmu.DAMONConfig{Sample: max(lp.cfg.Window/10, 100*time.Microsecond), Aggregate: lp.cfg.Period / 2})
@@ -35,6 +38,9 @@ func (lp *Pager) pickSource() error {
 		return err
 	}
 	lp.status.Source, lp.status.NoDAMON = SourceRefault, err.Error()
+	if lp.cfg.NoRevoke {
+		lp.status.Source = SourceGuest
+	}
 	return nil
 }
 
@@ -42,8 +48,11 @@ func (lp *Pager) pickSource() error {
 // the guest maps with 4 KiB pages.
 func (lp *Pager) window(ctx context.Context) (blocked map[uint64]bool, changed bool, err error) {
 	sample := lp.refaultWindow
-	if lp.damon != nil {
+	switch {
+	case lp.damon != nil:
 		sample = lp.damonWindow
+	case lp.status.Source == SourceGuest:
+		sample = lp.guestWindow
 	}
 	n, large, ok, err := sample(ctx)
 	if err != nil || ctx.Err() != nil {
@@ -54,6 +63,11 @@ func (lp *Pager) window(ctx context.Context) (blocked map[uint64]bool, changed b
 	for r, a := range accessed {
 		if _, sampled := n[r]; sampled && float64(a) > n[r] {
 			n[r] = float64(a)
+		}
+	}
+	if lp.status.Source == SourceGuest {
+		for r := range large {
+			large[r] = accessed[r] > 0
 		}
 	}
 	if ok {
@@ -76,6 +90,25 @@ func (lp *Pager) damonWindow(context.Context) (n map[uint64]float64, large map[u
 			large[r] = c[r] > 0
 		} else {
 			n[r] = c[r]
+		}
+	}
+	return n, large, true, nil
+}
+
+// guestWindow is the guest source's window: nothing is sampled on the
+// host; every candidate counts what the guest's own accessed bits (4 KiB
+// PTEs, read and cleared at the window's pause by guestView) say, so a
+// region the guest maps only with large pages or reaches only through
+// another address space's tables counts nothing. It waits for nothing: the
+// bits gather from one pause to the next.
+func (lp *Pager) guestWindow(context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
+	lp.dropWrites() // the guest's accessed bits count under dirty logging too
+	n, large = map[uint64]float64{}, map[uint64]bool{}
+	for _, r := range lp.cfg.Regions {
+		if lp.prio.Promoted(r) {
+			large[r] = false
+		} else {
+			n[r] = 0
 		}
 	}
 	return n, large, true, nil

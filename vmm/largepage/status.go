@@ -137,8 +137,10 @@ func (lp *Pager) publish(blocked map[uint64]bool, period time.Duration) {
 	}
 	if lp.cfg.Policy == PolicyPrioritized {
 		s.Sampled = min(len(lp.cfg.Regions), lp.cfg.PerWindow)
+		if lp.damon != nil || s.Source == SourceGuest {
+			s.Sampled = len(lp.cfg.Regions) // DAMON or the guest's bits: all of them
+		}
 		if lp.damon != nil {
-			s.Sampled = len(lp.cfg.Regions) // DAMON samples them all
 			s.DAMON = lp.damon.Stats()
 		}
 	}

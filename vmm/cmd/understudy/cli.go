@@ -240,10 +240,10 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	backing := fs.String("backing", "anon", "guest memory backing: anon or memfd")
 	kvmDev := fs.String("kvm", "/dev/kvm", "KVM device")
 	quiet := fs.Bool("quiet", false, "do not print the summary line on stderr")
-	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=N,samples=8,per_window=32,alpha=0.5,hysteresis=1.5,seed=N,source=auto|damon|refault,exit-detect=none|min-va|consecutive|both,exit-audit=VA]"+
-		"; source auto samples with the kernel's DAMON where it has virtual-address operations and is free, else by revoking pages and counting refaults; exit-detect reads the guest page tables through shadow copies and stops counting exiting processes; "+
+	largePages := fs.String("large-pages", "", "large-page management: budget=N[,policy=prioritized|random|all|none,period=200ms,window=10ms,warmup=N,samples=8,per_window=32,alpha=0.5,hysteresis=1.5,seed=N,source=auto|damon|refault|guest,exit-detect=none|min-va|consecutive|both,exit-audit=VA]"+
+		"; source auto samples with the kernel's DAMON where it has virtual-address operations and is free, else by revoking pages and counting refaults (guest: only the guest's own page-table accessed bits); exit-detect reads the guest page tables through shadow copies and stops counting exiting processes; "+
 		"exit-audit (a measuring aid) runs all four exit-detect modes side by side and scores their decisions by the tag page (largepage.LiveTag) the guest's long-lived processes keep at VA. "+
-		"A Linux guest (--kernel) samples with DAMON only")
+		"A Linux guest (--kernel) is never sampled by revoking pages: auto is DAMON, else guest")
 	statusEvery := fs.Duration("status-interval", time.Second, "how often to print the large-page or protection status line on stderr (0: only at the end)")
 	stats := fs.Bool("stats", false, "print machine statistics (exits, RSS, guest memory resident) on stderr at the end")
 	save := fs.String("save", "", "save a snapshot (machine state and all guest memory) to this file, then stop: a payload guest once it has emitted --save-after output records, "+

@@ -382,8 +382,9 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 // linuxLargePages parses --large-pages for a Linux guest. Its virtio
 // devices read and write guest memory from the VMM, which the refault
 // sampler would revoke under them, so a prioritized policy samples with
-// DAMON only (source auto means damon here). Fault tolerance and snapshots
-// do not combine with it yet.
+// DAMON or the guest's own accessed bits (source auto: DAMON where it can
+// be used, else guest). Fault tolerance and snapshots do not combine with
+// it yet.
 func linuxLargePages(s string, protected, save bool) (*largepage.Config, error) {
 	cfg, err := parseLargePagesFlag(s)
 	if cfg == nil || err != nil {
@@ -395,9 +396,9 @@ func linuxLargePages(s string, protected, save bool) (*largepage.Config, error) 
 	case save:
 		return nil, errors.New("--large-pages cannot be combined with --save")
 	case cfg.Source == largepage.SourceRefault:
-		return nil, errors.New("--large-pages source=refault: a Linux guest's virtio devices access guest memory from the VMM, which the refault sampler revokes; use source=damon")
+		return nil, errors.New("--large-pages source=refault: a Linux guest's virtio devices access guest memory from the VMM, which the refault sampler revokes; use source=damon or source=guest")
 	}
-	cfg.Source = largepage.SourceDAMON
+	cfg.NoRevoke = true
 	return cfg, nil
 }
 
