@@ -42,13 +42,16 @@ type AuditResult struct {
 	// TraceEvents counts the transitions the mode's set turned the guest's
 	// page-table writes into (the trace work; none is the baseline).
 	TraceEvents uint64
+	// ShortEvents counts those of spaces not tagged live: the trace work
+	// of the short-lived processes, whose exits detection is for.
+	ShortEvents uint64
 	Shadow      mmu.ShadowStats
 }
 
 // String formats the result as one line.
 func (r AuditResult) String() string {
-	return fmt.Sprintf("mode=%s tracked=%d live=%d detected=%d false_positives=%d latency_transitions_p50=%d trace_events=%d diffs=%d diffs_avoided=%d dropped=%d shadow_kib_freed=%d",
-		r.Mode, r.Tracked, r.Live, r.Detected, r.FalsePositives, r.LatencyP50, r.TraceEvents, r.Shadow.Diffs, r.Shadow.DiffsAvoided, r.Shadow.Dropped, r.Shadow.FreedBytes>>10)
+	return fmt.Sprintf("mode=%s tracked=%d live=%d detected=%d false_positives=%d latency_transitions_p50=%d trace_events=%d short_trace_events=%d diffs=%d diffs_avoided=%d dropped=%d shadow_kib_freed=%d",
+		r.Mode, r.Tracked, r.Live, r.Detected, r.FalsePositives, r.LatencyP50, r.TraceEvents, r.ShortEvents, r.Shadow.Diffs, r.Shadow.DiffsAvoided, r.Shadow.Dropped, r.Shadow.FreedBytes>>10)
 }
 
 // exitAudit runs one shadowView per mode. It is used only by the Pager's
@@ -105,6 +108,9 @@ func (a *exitAudit) observe(mem *mmu.Memory, cr3s []uint64) {
 		decided := map[uint64]bool{}
 		run := map[uint64]int{}
 		for _, t := range ts {
+			if !a.live[i][t.Space] {
+				r.ShortEvents++
+			}
 			if decided[t.Space] {
 				continue
 			}

@@ -25,8 +25,11 @@ func TestExitAudit(t *testing.T) {
 	a := newExitAudit(tagVA)
 	cr3s := []uint64{tablesA, tablesB}
 	a.observe(g.m, cr3s)
-	g.set(0, 1*2*mib+7*mmu.PageSize, 0) // A exits: its lowest page first
-	for i := uint64(0); i < 10; i++ {   // B unmaps 20 pages below and above its lowest
+	g.set(0, 1*2*mib+7*mmu.PageSize, 0) // A exits: its lowest page first, then ten more
+	for i := uint64(0); i < 10; i++ {
+		g.set(0, 3*2*mib+(i+100)*mmu.PageSize, 0)
+	}
+	for i := uint64(0); i < 10; i++ { // B unmaps 20 pages below and above its lowest
 		g.set(1, 1*2*mib+i*mmu.PageSize, 0)
 		g.set(1, 3*2*mib+(i+100)*mmu.PageSize, 0)
 	}
@@ -54,6 +57,9 @@ func TestExitAudit(t *testing.T) {
 		if !strings.HasPrefix(r.String(), "mode="+r.Mode.String()+" ") {
 			t.Errorf("String() = %q", r.String())
 		}
+	}
+	if res[0].ShortEvents == 0 || res[0].ShortEvents >= res[0].TraceEvents || res[1].ShortEvents >= res[0].ShortEvents {
+		t.Errorf("short-lived trace events: none %d of %d, min-va %d; want some, not all, and fewer with min-va", res[0].ShortEvents, res[0].TraceEvents, res[1].ShortEvents)
 	}
 	if res[3].TraceEvents >= res[0].TraceEvents || res[3].Shadow.FreedBytes == 0 {
 		t.Errorf("both: %d trace events (none: %d), %d bytes freed; want fewer events and bytes freed", res[3].TraceEvents, res[0].TraceEvents, res[3].Shadow.FreedBytes)
