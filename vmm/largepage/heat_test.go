@@ -20,11 +20,11 @@ func heatConfig(heat *mmu.Heat) Config {
 	return Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: heatWarmup, Seed: 1, Heat: heat}
 }
 
-// writtenTouch starts a touch guest and waits until it has written its
-// working set (as TestLargePagesPrioritized does).
-func writtenTouch(t testing.TB) (*vmm.Machine, []uint64, func()) {
+// writtenTouch starts a touch guest (guest4K as in touchMachine) and waits
+// until it has written its working set (as TestLargePagesPrioritized does).
+func writtenTouch(t testing.TB, guest4K ...uint64) (*vmm.Machine, []uint64, func()) {
 	written := make(chan struct{})
-	m, hot, cancel, done := touchMachine(t, nil, func(c *vmm.Config) {
+	m, hot, cancel, done := touchMachine(t, guest4K, func(c *vmm.Config) {
 		mark := c.Payload.OnMark
 		c.Payload.OnMark = func(cpu int, phase uint32) { mark(cpu, phase); close(written) }
 	})

@@ -132,6 +132,18 @@ func touchMachine(t testing.TB, guest4K []uint64, opts ...func(*vmm.Config)) (*v
 	}, done
 }
 
+// touchBase returns the first data region of a touch guest of
+// touchMachine's size: the data base is fixed by the payload image.
+func touchBase(t testing.TB) uint64 {
+	t.Helper()
+	probe, err := vmm.New(vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	return probe.DataRegions()[0]
+}
+
 func stopMachine(t testing.TB, cancel context.CancelFunc, done chan error) {
 	t.Helper()
 	cancel()
@@ -161,24 +173,12 @@ func TestLargePagesPrioritized(t *testing.T) {
 	// The controller starts once the guest has written its working set, so
 	// that warm-up samples the guest's steady pattern of accesses (on a
 	// loaded host the writing pass can last into the first windows).
-	written := make(chan struct{})
-	m, hot, cancel, done := touchMachine(t, nil, func(c *vmm.Config) {
-		mark := c.Payload.OnMark
-		c.Payload.OnMark = func(cpu int, phase uint32) { mark(cpu, phase); close(written) }
-	})
+	m, hot, stop := writtenTouch(t)
 	stats, err := m.VM().StatsFD()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer stats.Close()
-	testutil.WaitFor(t, "the guest to write its working set", func() bool {
-		select {
-		case <-written:
-			return true
-		default:
-			return false
-		}
-	})
 	lp, err := Start(m, Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 6, Seed: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -265,7 +265,7 @@ func TestLargePagesPrioritized(t *testing.T) {
 	if st.Sampler.Refaults == 0 || st.Sampler.Windows < 11 {
 		t.Errorf("sampler stats %+v: want refaults over at least 11 windows", st.Sampler)
 	}
-	stopMachine(t, cancel, done)
+	stop()
 	checkTouchData(t, m)
 }
 
@@ -303,16 +303,7 @@ func testLargePagesBlocked(t *testing.T, exitDetect *mmu.ExitDetect) Status {
 	if !arch.ShadowPaging() {
 		t.Skip("the host uses EPT/NPT: the guest's mapping size does not block KVM large pages")
 	}
-	base := uint64(0)
-	{
-		// The data base is fixed by the payload image: work it out first.
-		probe, err := vmm.New(vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		base = probe.DataRegions()[0]
-		probe.Close()
-	}
+	base := touchBase(t)
 	blocked := []uint64{base + 16, base + 48}
 	m, hot, cancel, done := touchMachine(t, blocked)
 	lp, err := Start(m, Config{Budget: 4, Period: 60 * time.Millisecond, Window: 8 * time.Millisecond, Warmup: 4, Seed: 2, ExitDetect: exitDetect})
@@ -530,27 +521,10 @@ func TestLargePagesWithCheckpoints(t *testing.T) {
 // to it where DAMON cannot be used, and refault is refused.
 func TestLargePagesGuestSource(t *testing.T) {
 	requireKVM(t)
-	probe, err := vmm.New(vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := probe.DataRegions()[0]
-	probe.Close()
+	base := touchBase(t)
 	hot, cold := []uint64{base, base + 16}, []uint64{base + 1, base + 17}
-	written := make(chan struct{})
-	m, _, cancel, done := touchMachine(t, append(append([]uint64{}, hot...), cold...), func(c *vmm.Config) {
-		mark := c.Payload.OnMark
-		c.Payload.OnMark = func(cpu int, phase uint32) { mark(cpu, phase); close(written) }
-	})
-	defer stopMachine(t, cancel, done)
-	testutil.WaitFor(t, "the guest to write its working set", func() bool {
-		select {
-		case <-written:
-			return true
-		default:
-			return false
-		}
-	})
+	m, _, stop := writtenTouch(t, append(append([]uint64{}, hot...), cold...)...)
+	defer stop()
 	if _, err := Start(m, Config{Budget: 2, Source: SourceRefault, NoRevoke: true}); err == nil || !strings.Contains(err.Error(), "source=refault") {
 		t.Fatalf("Start(refault, NoRevoke) = %v, want refused", err)
 	}

@@ -9,7 +9,6 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch"
 	"github.com/understudy-vmm/understudy/mmu"
-	"github.com/understudy-vmm/understudy/vmm"
 )
 
 // idGuest is real guest memory holding identity page tables (16 MiB: 2 MiB
@@ -265,12 +264,7 @@ func TestStatusExitDetect(t *testing.T) {
 // after it cleared the A bits the walk finds none and the shadows follow.
 func TestShadowViewGuest(t *testing.T) {
 	requireKVM(t)
-	probe, err := vmm.New(vmm.Config{MemSize: 256 << 20, Payload: &vmm.PayloadConfig{Name: "touch"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := probe.DataRegions()[0]
-	probe.Close()
+	base := touchBase(t)
 	m, _, cancel, done := touchMachine(t, []uint64{base + 1, base + 2, base + 40})
 	defer stopMachine(t, cancel, done)
 	time.Sleep(100 * time.Millisecond)
