@@ -155,7 +155,7 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 				c.Close()
 				return vmm.Result{}, err
 			}
-			if stopMetrics, err = serveMetrics(cfg.Metrics, b.Metrics, log); err != nil {
+			if stopMetrics, err = ServeMetrics(cfg.Metrics, b.Metrics, log); err != nil {
 				c.Close()
 				return vmm.Result{}, err
 			}

@@ -139,7 +139,7 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 		inter.SetForwardPolicy(*cfg.HoldBack)
 		log.Info(fmt.Sprintf("hold-back %s", cfg.HoldBack))
 	}
-	stopMetrics, err := serveMetrics(cfg.Metrics, inter.Metrics, log)
+	stopMetrics, err := ServeMetrics(cfg.Metrics, inter.Metrics, log)
 	if err != nil {
 		pc.Close()
 		return err

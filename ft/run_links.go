@@ -98,9 +98,10 @@ func firstThen(first MessageConn, dial Dialer) Dialer {
 	}
 }
 
-// serveMetrics serves collect's metrics over HTTP at addr ("": none). The
+// ServeMetrics serves collect's metrics over HTTP at addr ("": none), for
+// a role or for what runs beside a guest (the large-page controller). The
 // returned function stops the server.
-func serveMetrics(addr string, collect func() []Metric, log *slog.Logger) (func(), error) {
+func ServeMetrics(addr string, collect func() []Metric, log *slog.Logger) (func(), error) {
 	if addr == "" {
 		return func() {}, nil
 	}

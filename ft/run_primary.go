@@ -53,6 +53,10 @@ type PrimaryRunConfig struct {
 	StatusEvery time.Duration
 	// Metrics, if set, is the host:port to serve Prometheus metrics at.
 	Metrics string
+	// MoreMetrics, if set, adds metrics of what runs beside the guest (the
+	// large-page controller's) to the primary's. It must return the same
+	// metric names every time, from the first call on.
+	MoreMetrics func() []Metric
 	// OnStart, if set, runs once the machine is built, before the guest
 	// starts (e.g. to start its large-page controller); the function it
 	// returns, if not nil, runs once the guest has stopped, before the
@@ -157,7 +161,11 @@ func RunPrimary(ctx context.Context, cfg PrimaryRunConfig) (vmm.Result, error) {
 		closeConn(first)
 		return vmm.Result{}, err
 	}
-	stopMetrics, err := serveMetrics(cfg.Metrics, p.Metrics, log)
+	collect := p.Metrics
+	if cfg.MoreMetrics != nil {
+		collect = func() []Metric { return append(p.Metrics(), cfg.MoreMetrics()...) }
+	}
+	stopMetrics, err := ServeMetrics(cfg.Metrics, collect, log)
 	if err != nil {
 		closeConn(first)
 		return vmm.Result{}, err

@@ -292,7 +292,7 @@ func TestLargePagesBlockedShadow(t *testing.T) {
 		t.Errorf("shadow stats %+v: want a traced address space, diffed, no exit", sh)
 	}
 	t.Log(st.String())
-	want := fmt.Sprintf(" exit_detect=both spaces=%d traced=%d exits=0 dropped=0 freed_KiB=0", sh.Spaces, sh.Pages)
+	want := fmt.Sprintf(" exit_detect=both spaces=%d traced=%d transitions=%d exits=0 dropped=0 freed_KiB=0", sh.Spaces, sh.Pages, sh.Transitions())
 	if line := st.String(); !strings.Contains(line, want) {
 		t.Errorf("status %q, want it to contain %q", line, want)
 	}

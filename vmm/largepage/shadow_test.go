@@ -252,8 +252,8 @@ func TestStatusExitDetect(t *testing.T) {
 		t.Errorf("status without exit-detect: %q", line)
 	}
 	s.ExitDetect = "both"
-	s.Shadow = mmu.ShadowStats{Spaces: 3, Pages: 41, ExitsDetected: 2, Dropped: 17, FreedBytes: 25 * 4096}
-	want := " exit_detect=both spaces=3 traced=41 exits=2 dropped=17 freed_KiB=100"
+	s.Shadow = mmu.ShadowStats{Spaces: 3, Pages: 41, Unmapped: 30, Mapped: 9, ExitsDetected: 2, Dropped: 17, FreedBytes: 25 * 4096}
+	want := " exit_detect=both spaces=3 traced=41 transitions=39 exits=2 dropped=17 freed_KiB=100"
 	if line := s.String(); !strings.Contains(line, want) {
 		t.Errorf("status = %q, want it to contain %q", line, want)
 	}

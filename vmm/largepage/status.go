@@ -81,8 +81,8 @@ func (s Status) String() string {
 		line += " (promotion suspended: dirty logging is on)"
 	}
 	if s.ExitDetect != "" {
-		line += fmt.Sprintf(" exit_detect=%s spaces=%d traced=%d exits=%d dropped=%d freed_KiB=%d",
-			s.ExitDetect, s.Shadow.Spaces, s.Shadow.Pages, s.Shadow.ExitsDetected, s.Shadow.Dropped, s.Shadow.FreedBytes>>10)
+		line += fmt.Sprintf(" exit_detect=%s spaces=%d traced=%d transitions=%d exits=%d dropped=%d freed_KiB=%d",
+			s.ExitDetect, s.Shadow.Spaces, s.Shadow.Pages, s.Shadow.Transitions(), s.Shadow.ExitsDetected, s.Shadow.Dropped, s.Shadow.FreedBytes>>10)
 	}
 	if s.Stretched > 0 {
 		line += fmt.Sprintf(" stretched=%d", s.Stretched)

@@ -350,8 +350,17 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			}
 			return nil
 		}
-		res, err = runPrimary(ctx, cfg, pf, links, log, *rf.metrics, *statusEvery, beside, heat, recW)
+		var more func() []ft.Metric
+		if lpCfg != nil {
+			more = func() []ft.Metric { return largePageMetrics(pager.Load()) }
+		}
+		res, err = runPrimary(ctx, cfg, pf, links, log, *rf.metrics, more, *statusEvery, beside, heat, recW)
 	} else {
+		stopMetrics, merr := serveLargePageMetrics(*rf.metrics, lpCfg != nil, &pager, stderr)
+		if merr != nil {
+			return fail(stderr, merr)
+		}
+		defer stopMetrics()
 		var saved bool
 		res, saved, err = runMachine(ctx, cfg, beside, recW, *save, *saveAfter, stderr)
 		if err == nil && *save != "" {
@@ -381,7 +390,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 // --protect: released records (those a client may see) are written through
 // to recW at once, so that the file is true even if this process is killed.
 // heat gives each checkpoint the large-page controller's heat (nil: none).
-func runPrimary(ctx context.Context, cfg vmm.Config, pf protectFlags, links ft.LinkConfig, log *slog.Logger, metrics string,
+func runPrimary(ctx context.Context, cfg vmm.Config, pf protectFlags, links ft.LinkConfig, log *slog.Logger, metrics string, moreMetrics func() []ft.Metric,
 	statusEvery time.Duration, beside func(*vmm.Machine) (func(), error), heat func([]uint64) []byte, recW *bufio.Writer) (vmm.Result, error) {
 	policy, _ := ft.ParseLinkLossPolicy(*pf.onLoss) // checked
 	budget, _ := pf.dirtyBudget()                   // checked
@@ -395,7 +404,7 @@ func runPrimary(ctx context.Context, cfg vmm.Config, pf protectFlags, links ft.L
 				}
 			}},
 		Intermediary: *pf.addr, ConnectTimeout: *pf.connect, DirectBackup: *pf.direct, Links: links, Log: log,
-		StatusEvery: statusEvery, Metrics: metrics, OnStart: beside,
+		StatusEvery: statusEvery, Metrics: metrics, MoreMetrics: moreMetrics, OnStart: beside,
 	})
 }
 

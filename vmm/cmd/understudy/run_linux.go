@@ -10,6 +10,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/understudy-vmm/understudy/vmm"
@@ -244,6 +245,9 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	protected := o.protect != nil && *o.protect.addr != ""
 	if !protected {
 		for _, name := range []string{"output-hold", "interval", "dirty-budget", "on-intermediary-loss", "direct-backup", "give-up", "redial", "connect-timeout", "keys", "name", "heartbeat", "peer-timeout", "metrics", "verbose"} {
+			if name == "metrics" && set["large-pages"] {
+				continue // the large-page controller's metrics
+			}
 			if set[name] {
 				return usageError(fs, fmt.Sprintf("--%s with --kernel needs --protect", name)), true
 			}
@@ -327,12 +331,20 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	}
 	defer m.Close()
 	if lpCfg != nil {
-		_, stopLP, err := startLargePages(m, *lpCfg, o.statusEvery, stderr)
+		lp, stopLP, err := startLargePages(m, *lpCfg, o.statusEvery, stderr)
 		if err != nil {
 			restore()
 			return fail(stderr, err), true
 		}
 		defer stopLP()
+		var pager atomic.Pointer[largepage.Pager]
+		pager.Store(lp)
+		stopMetrics, err := serveLargePageMetrics(*o.role.metrics, true, &pager, stderr)
+		if err != nil {
+			restore()
+			return fail(stderr, err), true
+		}
+		defer stopMetrics()
 	}
 	if _, raw := in.(*escapeReader); raw && !o.quiet {
 		fmt.Fprintf(stderr, "understudy: the terminal is in raw mode for the guest's console: %s\n", escapeHelp)
