@@ -197,6 +197,10 @@ func (m *Machine) loadPayload(pl *loadedPayload) error {
 
 func roundUp(x, to uint64) uint64 { return (x + to - 1) / to * to }
 
+// IsLinux reports whether the machine runs a Linux guest (booted or
+// restored), whose virtio devices read and write guest memory from the VMM.
+func (m *Machine) IsLinux() bool { return m.linux != nil }
+
 // DataRegions lists the guest-physical 2 MiB regions of the payload's data
 // area, in ascending order; for a Linux guest, every 2 MiB region wholly in
 // guest RAM (the kernel decides what lives where).

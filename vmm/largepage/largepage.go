@@ -60,6 +60,9 @@ func Start(m *vmm.Machine, cfg Config) (*Pager, error) {
 	if len(cfg.Regions) == 0 {
 		cfg.Regions = m.DataRegions()
 	}
+	if m.IsLinux() {
+		cfg.NoRevoke = true
+	}
 	if cfg.PerWindow == 0 {
 		cfg.PerWindow = 32
 	}
