@@ -168,9 +168,19 @@ func (g *sgGuest) mapPages(cr3, va uint64, n int, accessed bool) {
 // zap models zap_pte_range over [lo, hi) (unmap_vmas, MADV_DONTNEED): every
 // present leaf in the range is cleared, in ascending VA order, one store
 // each; tables stay.
-func (g *sgGuest) zap(cr3, lo, hi uint64) { g.zapTable(cr3, 4, 0, lo, hi) }
+func (g *sgGuest) zap(cr3, lo, hi uint64) {
+	g.walkRange(cr3, 4, 0, lo, hi, func(tbl uint64, i uint64, e uint64, level int, va uint64) {
+		if classify(e, level) == entryLeaf {
+			g.put(tbl+8*i, 0)
+		}
+	}, nil)
+}
 
-func (g *sgGuest) zapTable(tbl uint64, level int, base, lo, hi uint64) {
+// walkRange visits, in ascending VA order, the present entries of the
+// user half of the table tree at tbl (a level-level table mapping from
+// base) that map some of [lo, hi): pre before descending into a subtable
+// (leaves only reach pre), post after it.
+func (g *sgGuest) walkRange(tbl uint64, level int, base, lo, hi uint64, pre, post func(tbl, i, e uint64, level int, va uint64)) {
 	size := uint64(1) << entryShift(level)
 	for i := uint64(0); i < 512; i++ {
 		va := base + i*size
@@ -178,11 +188,18 @@ func (g *sgGuest) zapTable(tbl uint64, level int, base, lo, hi uint64) {
 			continue
 		}
 		e := g.get(tbl + 8*i)
-		switch classify(e, level) {
-		case entryLeaf:
-			g.put(tbl+8*i, 0)
-		case entryTable:
-			g.zapTable(e&arch.PTEAddrMask, level-1, va, lo, hi)
+		c := classify(e, level)
+		if c == entryNone {
+			continue
+		}
+		if pre != nil {
+			pre(tbl, i, e, level, va)
+		}
+		if c == entryTable {
+			g.walkRange(e&arch.PTEAddrMask, level-1, va, lo, hi, pre, post)
+			if post != nil {
+				post(tbl, i, e, level, va)
+			}
 		}
 	}
 }
@@ -190,25 +207,15 @@ func (g *sgGuest) zapTable(tbl uint64, level int, base, lo, hi uint64) {
 // freeTables models free_pgtables / free_pgd_range over [lo, hi): each table
 // whose whole span lies in the range has its pointer cleared after the
 // tables below it (pmd_clear, then pud_clear, then p4d/pgd_clear going up).
-func (g *sgGuest) freeTables(cr3, lo, hi uint64) { g.freeTable(cr3, 4, 0, lo, hi) }
-
-func (g *sgGuest) freeTable(tbl uint64, level int, base, lo, hi uint64) {
-	size := uint64(1) << entryShift(level)
-	for i := uint64(0); i < 512; i++ {
-		va := base + i*size
-		if va >= hi || va+size <= lo || level == 4 && i >= 256 {
-			continue
-		}
-		e := g.get(tbl + 8*i)
-		if classify(e, level) != entryTable {
-			continue
-		}
-		g.freeTable(e&arch.PTEAddrMask, level-1, va, lo, hi)
-		if va >= lo && va+size <= hi {
+func (g *sgGuest) freeTables(cr3, lo, hi uint64) {
+	g.walkRange(cr3, 4, 0, lo, hi, nil, func(tbl, i, _ uint64, level int, va uint64) {
+		if va >= lo && va+entrySize(level) <= hi {
 			g.put(tbl+8*i, 0)
 		}
-	}
+	})
 }
+
+func entrySize(level int) uint64 { return 1 << entryShift(level) }
 
 // exit models exit_mmap: unmap_vmas over the whole user half, then
 // free_pgtables from FIRST_USER_ADDRESS to the top.
