@@ -188,7 +188,7 @@ func holdBackRun(b *testing.B, l *wan.Link, name string, policy ForwardPolicy, b
 		lagsE []float64
 		lagsS []float64
 	)
-	stop := everyTick(25*time.Millisecond, func() {
+	stop := Every(25*time.Millisecond, func() {
 		e, s := in.BackupLag()
 		mu.Lock()
 		lagsE, lagsS = append(lagsE, float64(e)), append(lagsS, s.Seconds())
@@ -259,23 +259,4 @@ func p99(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
 	return s[(len(s)-1)*99/100]
-}
-
-// everyTick calls fn every d until the returned function is called.
-func everyTick(d time.Duration, fn func()) func() {
-	done, finished := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(finished)
-		t := time.NewTicker(d)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				fn()
-			}
-		}
-	}()
-	return func() { close(done); <-finished }
 }

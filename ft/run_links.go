@@ -118,6 +118,13 @@ func ServeMetrics(addr string, collect func() []Metric, log *slog.Logger) (func(
 // logStatus logs line() every d until the returned function is called
 // (never if d is not positive).
 func logStatus(d time.Duration, log *slog.Logger, line func() string) func() {
+	return Every(d, func() { log.Info(line()) })
+}
+
+// Every calls fn every d, from a goroutine of its own, until the returned
+// function is called (never if d is not positive); that function waits for
+// a call in progress and may be called more than once.
+func Every(d time.Duration, fn func()) func() {
 	if d <= 0 {
 		return func() {}
 	}
@@ -131,7 +138,7 @@ func logStatus(d time.Duration, log *slog.Logger, line func() string) func() {
 			case <-done:
 				return
 			case <-t.C:
-				log.Info(line())
+				fn()
 			}
 		}
 	}()

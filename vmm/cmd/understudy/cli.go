@@ -548,5 +548,5 @@ func printStatus(w io.Writer, lp *largepage.Pager, every time.Duration) func() {
 	if every <= 0 {
 		return func() {}
 	}
-	return everyInterval(every, func() { fmt.Fprintf(w, "understudy: %s\n", lp.Status()) })
+	return ft.Every(every, func() { fmt.Fprintf(w, "understudy: %s\n", lp.Status()) })
 }

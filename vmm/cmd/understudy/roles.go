@@ -219,30 +219,6 @@ func (p protectFlags) dirtyBudget() (uint64, error) {
 	return b, nil
 }
 
-// everyInterval calls fn every d until the returned function is called
-// (never if d is not positive).
-func everyInterval(d time.Duration, fn func()) func() {
-	if d <= 0 {
-		return func() {}
-	}
-	done, finished := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(finished)
-		t := time.NewTicker(d)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				fn()
-			}
-		}
-	}()
-	var once sync.Once
-	return func() { once.Do(func() { close(done); <-finished }) }
-}
-
 func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("intermediary", "intermediary --listen ADDR --backup ADDR --keys DIR [--name NAME] [--hold-back SPEC] [--wan-compress LEVEL] [--on-backup-loss continue|stall] [--disk-dir DIR] [--metrics HOST:PORT]", stderr)
 	listen := fs.String("listen", "tcp://127.0.0.1:7401", "address the primary connects to (tcp://host:port or vsock://cid:port)")
