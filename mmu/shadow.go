@@ -772,31 +772,3 @@ func (s *ShadowSet) decide(sp *addrSpace, p *shadowPage, t *Transition, armed bo
 		s.drop(sp, p)
 	}
 }
-
-// Translate returns the guest-physical address va maps to in the address
-// space at cr3, as its shadow copies say (the guest's tables as of the last
-// Update; no guest memory is read). It reports false if the space is not
-// tracked, va is not mapped there, or a table on the way is not shadowed
-// (dropped by exit detection, or left out by a limit or SkipKernelHalf).
-func (s *ShadowSet) Translate(cr3, va uint64) (uint64, bool) {
-	sp, ok := s.spaces[cr3&arch.PTEAddrMask]
-	if !ok {
-		return 0, false
-	}
-	p := sp.pages[sp.root]
-	for level := 4; level >= 1 && p != nil; level-- {
-		e := p.ent[(va>>entryShift(level))&511]
-		switch c := classify(e, level); c {
-		case entryLeaf:
-			return frame(e, c, level) | va&(1<<entryShift(level)-1), true
-		case entryTable:
-			if _, gone := sp.dropped[e&arch.PTEAddrMask]; gone {
-				return 0, false
-			}
-			p = sp.pages[e&arch.PTEAddrMask]
-		default:
-			return 0, false
-		}
-	}
-	return 0, false
-}

@@ -553,39 +553,3 @@ func TestShadowSkipKernelHalf(t *testing.T) {
 		t.Errorf("kernel PML4 entry written: %+v, %d pages; want one mapped transition, 11 pages", ts, s.Stats().Pages)
 	}
 }
-
-// TestShadowTranslate checks Translate against the guest's own tables, and
-// that it answers from the shadows: a leaf cleared in guest memory still
-// translates until the Update that sees it.
-func TestShadowTranslate(t *testing.T) {
-	g := newSGGuest(t, 64<<20)
-	g.batch = 1 << 30 // Update only when the test says
-	g.attach()
-	cr3 := g.process()
-	g.update()
-	s := g.sets[0]
-	for _, va := range []uint64{textVA, textVA + PageSize + 0x123, heapVA + 39*PageSize, mmapVA + 5*PageSize + 8, stackVA + 7*PageSize} {
-		want := g.get(g.entry(cr3, va, 1))&arch.PTEAddrMask | va&(PageSize-1)
-		if got, ok := s.Translate(cr3, va); !ok || got != want {
-			t.Errorf("Translate(%#x) = %#x, %v; want %#x", va, got, ok, want)
-		}
-	}
-	for _, va := range []uint64{0, heapVA + 40*PageSize, bigVA, stackVA - PageSize} {
-		if got, ok := s.Translate(cr3, va); ok {
-			t.Errorf("Translate(%#x) = %#x; want not mapped", va, got)
-		}
-	}
-	if _, ok := s.Translate(cr3+PageSize, textVA); ok {
-		t.Errorf("Translate in an untracked space succeeded")
-	}
-	pte := g.entry(cr3, heapVA, 1)
-	old := g.get(pte)
-	g.put(pte, 0)
-	if got, ok := s.Translate(cr3, heapVA); !ok || got != old&arch.PTEAddrMask {
-		t.Errorf("before the Update: Translate(heap) = %#x, %v; want the shadow's %#x", got, ok, old&arch.PTEAddrMask)
-	}
-	g.update()
-	if _, ok := s.Translate(cr3, heapVA); ok {
-		t.Errorf("after the Update: heap still translates")
-	}
-}

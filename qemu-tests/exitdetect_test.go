@@ -87,8 +87,11 @@ func (r exitDetectRun) benchLines() []string {
 // TestLinuxExitDetect: on a real Linux guest's process storm,
 //   - the guest's processes exited (both kinds) and the long-lived ones ran;
 //   - mode none decides nothing;
-//   - min-va detects exits and never takes the live processes (a munmap of
-//     64 MiB over and over among them) for exiting ones;
+//   - min-va detects exits, and takes the live processes for exiting ones
+//     less often than consecutive, for which every 64 MiB munmap looks
+//     like a teardown (min-va can still be wrong: a live process whose
+//     lowest accessed page goes, e.g. a heap page its Go runtime returns
+//     with MADV_DONTNEED while its text's accessed bits were not seen);
 //   - both detects at least what min-va does, and follows fewer
 //     transitions than none; min-va fewer of the short-lived processes';
 //   - no mode detects more exits than it tracked short-lived spaces, and
@@ -111,8 +114,9 @@ func TestLinuxExitDetect(t *testing.T) {
 	if d := r.field("min-va", "detected"); d <= 0 {
 		t.Errorf("min-va detected no exit: %s", r.modes[r.audit["min-va"]])
 	}
-	if fp := r.field("min-va", "false_positives"); fp != 0 {
-		t.Errorf("min-va took a live process for an exiting one: %s", r.modes[r.audit["min-va"]])
+	if fp := r.field("min-va", "false_positives"); fp >= r.field("consecutive", "false_positives") {
+		t.Errorf("min-va took live processes for exiting ones as often as consecutive did (the munmap process's signature): %s / %s",
+			r.modes[r.audit["min-va"]], r.modes[r.audit["consecutive"]])
 	}
 	if r.field("both", "detected") < r.field("min-va", "detected") {
 		t.Errorf("both detected fewer exits than min-va: %s / %s", r.modes[r.audit["both"]], r.modes[r.audit["min-va"]])

@@ -29,7 +29,7 @@ type AuditResult struct {
 	Mode mmu.ExitDetect
 	// Tracked counts the address spaces this mode's shadow set started
 	// tracking (a CR3 seen at a pause and not tracked yet), Live those of
-	// them whose tag page said LiveTag at some pause.
+	// them whose tag page said LiveTag at some later pause.
 	Tracked, Live int
 	// Detected counts exit decisions on untagged spaces; FalsePositives
 	// decisions on spaces tagged live (a live space can be decided on
@@ -61,7 +61,9 @@ type exitAudit struct {
 	views []*shadowView
 	res   []AuditResult
 	lat   [][]int
-	live  []map[uint64]bool // per mode: tracked spaces seen tagged live
+	// live holds, per mode, the tracked spaces tagged live at this pause;
+	// everLive those counted in Live (until the space is forgotten).
+	live, everLive []map[uint64]bool
 }
 
 func newExitAudit(tagVA uint64) *exitAudit {
@@ -71,16 +73,19 @@ func newExitAudit(tagVA uint64) *exitAudit {
 		a.res = append(a.res, AuditResult{Mode: d})
 		a.lat = append(a.lat, nil)
 		a.live = append(a.live, map[uint64]bool{})
+		a.everLive = append(a.everLive, map[uint64]bool{})
 	}
 	return a
 }
 
-// tagged reports whether the address space at root of set maps the tag VA,
-// by its shadows (the tables as of the previous Update), to a page that
-// starts with LiveTag now.
-func (a *exitAudit) tagged(mem *mmu.Memory, set *mmu.ShadowSet, root uint64) bool {
-	gpa, ok := set.Translate(root, a.tagVA)
-	if !ok {
+// tagged reports whether the address space at root maps the tag VA, by
+// the guest's tables now, to a page that starts with LiveTag. A process
+// being torn down has lost the mapping or is about to (exit_mmap clears
+// every leaf; a fork child zeroes its copy of the tag at once), so only
+// the live ones say LiveTag.
+func (a *exitAudit) tagged(mem *mmu.Memory, root uint64) bool {
+	gpa, err := mem.Translate(root, a.tagVA)
+	if err != nil {
 		return false
 	}
 	b, err := mem.Slice(gpa, uint64(len(LiveTag)))
@@ -88,16 +93,21 @@ func (a *exitAudit) tagged(mem *mmu.Memory, set *mmu.ShadowSet, root uint64) boo
 }
 
 // observe runs every mode's view over one pause: it classifies the tracked
-// spaces by their tags before the Update (a teardown in the Update may
-// clear the tag's mapping), updates, tracks the new CR3s, scores the
-// decisions, and forgets as the controller does. The vCPUs must be paused.
+// spaces by their tags as the guest's tables are now (the Update's
+// decisions are about the writes made before this pause), updates, tracks
+// the new CR3s, scores the decisions, and forgets as the controller does.
+// The vCPUs must be paused.
 func (a *exitAudit) observe(mem *mmu.Memory, cr3s []uint64) {
 	for i, v := range a.views {
 		r := &a.res[i]
+		clear(a.live[i])
 		for _, root := range v.set.Spaces() {
-			if !a.live[i][root] && a.tagged(mem, v.set, root) {
+			if a.tagged(mem, root) {
 				a.live[i][root] = true
-				r.Live++
+				if !a.everLive[i][root] {
+					a.everLive[i][root] = true
+					r.Live++
+				}
 			}
 		}
 		before := map[uint64]bool{}
@@ -135,9 +145,9 @@ func (a *exitAudit) observe(mem *mmu.Memory, cr3s []uint64) {
 			}
 		}
 		v.forget()
-		for root := range a.live[i] {
+		for root := range a.everLive[i] {
 			if _, ok := v.set.Space(root); !ok {
-				delete(a.live[i], root)
+				delete(a.everLive[i], root)
 			}
 		}
 		r.Shadow = v.set.Stats()
