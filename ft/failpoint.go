@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
@@ -169,19 +170,28 @@ func (d *dyingConn) WriteMessage(m wire.Message) error {
 	return err
 }
 
+// stateCorrupted records that the corrupt-state failpoint has fired.
+var stateCorrupted atomic.Bool
+
 // failpointState returns the machine state the checkpoint of epoch carries:
-// machine itself, or, if the corrupt-state failpoint is armed for epoch, a
-// re-encoded copy whose first ready virtio queue has its used ring moved
-// past the end of guest memory (machine is not changed).
+// machine itself, or, once, if the corrupt-state failpoint is armed for
+// this epoch or an earlier one, a re-encoded copy whose first ready virtio
+// queue has its used ring moved past the end of guest memory (machine is
+// not changed). A state with no ready queue yet (a guest still booting)
+// goes out unchanged, and the next epoch tries again.
 func failpointState(machine []byte, epoch uint64) []byte {
-	if failAt.stage != failCorruptState || failAt.epoch != epoch {
+	if failAt.stage != failCorruptState || epoch < failAt.epoch || stateCorrupted.Load() {
 		return machine
 	}
 	bad, err := misplaceUsedRing(machine)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "understudy: failpoint corrupt-state@%d: %v; the state goes out unchanged\n", epoch, err)
+		if epoch == failAt.epoch {
+			fmt.Fprintf(os.Stderr, "understudy: failpoint corrupt-state@%d: %v; trying the next epochs\n", failAt.epoch, err)
+		}
 		return machine
 	}
+	stateCorrupted.Store(true)
+	fmt.Fprintf(os.Stderr, "understudy: failpoint corrupt-state@%d: checkpoint %d carries a used ring outside guest memory\n", failAt.epoch, epoch)
 	return bad
 }
 

@@ -38,7 +38,8 @@ func TestCorruptMachineStateRefused(t *testing.T) {
 	in.SetDiskDir(t.TempDir())
 	const bad = 6
 	failAt = armedFailpoint{failCorruptState, bad}
-	defer func() { failAt = armedFailpoint{} }()
+	stateCorrupted.Store(false)
+	defer func() { failAt = armedFailpoint{}; stateCorrupted.Store(false) }()
 
 	type ended struct {
 		err    error
