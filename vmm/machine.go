@@ -486,6 +486,14 @@ func (m *Machine) runVCPU(v *vcpu) error {
 		// EAGAIN: a vCPU that waited for INIT/SIPI (an application
 		// processor) has just been started and must enter again.
 		if arch.IsInterrupted(err) || errors.Is(err, unix.EAGAIN) {
+			// A kick's immediate_exit has done its work: clear it, or every
+			// later KVM_RUN returns at once and the guest never runs again.
+			// park clears it too, but a pause's kick can land after this
+			// vCPU parked (it saw pausing before its kick came); Resume then
+			// lets it go with the flag set. The loop's check of pausing comes
+			// after the clear (a fenced store), so a kick that follows finds
+			// either this vCPU parking or the flag it sets intact.
+			v.cpu.SetImmediateExit(false)
 			continue
 		}
 		if errors.Is(err, unix.EFAULT) && m.offerFault(v, nil) {

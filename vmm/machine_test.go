@@ -387,3 +387,40 @@ func TestVMMWritesAreDirty(t *testing.T) {
 		}
 	}
 }
+
+// TestResumeWithImmediateExitSet: a pause's kick can set a vCPU's
+// immediate_exit after the vCPU has parked (it saw the pause before the
+// kick came). Resume must still let the guest run: the vCPU clears the flag
+// after the KVM_RUN it cut short, instead of returning EINTR forever. The
+// late kick is played here by setting the flag on each parked vCPU.
+func TestResumeWithImmediateExitSet(t *testing.T) {
+	requireKVM(t)
+	var recs atomic.Uint64
+	m, err := New(Config{MemSize: 8 << 20, CPUs: 2, Payload: &PayloadConfig{Name: "counter",
+		Options:  map[string]string{"iterations": "0", "report": "0"},
+		OnRecord: func(r Record) { recs.Store(r.Value) }}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); done <- err }()
+	defer func() { cancel(); <-done }()
+	testutil.WaitFor(t, "the first records", func() bool { return recs.Load() >= 10 })
+	for round := 0; round < 3; round++ {
+		if _, err := m.Pause(); err != nil {
+			t.Fatal(err)
+		}
+		for c := 0; c < 2; c++ {
+			if err := m.OnVCPU(c, func(v *arch.VCPU) error { v.SetImmediateExit(true); return nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		before := recs.Load()
+		if _, err := m.Resume(); err != nil {
+			t.Fatal(err)
+		}
+		testutil.WaitFor(t, "records after a resume with immediate_exit set", func() bool { return recs.Load() > before+5 })
+	}
+}
