@@ -56,8 +56,10 @@ type Config struct {
 	// NoRevoke says the VMM itself reads and writes guest memory while the
 	// guest runs (a Linux guest's virtio devices), so the refault sampler,
 	// which revokes access to guest pages, must not run: SourceRefault is
-	// refused, and SourceAuto falls back to SourceGuest instead. Start sets
-	// it for a Linux machine (a backup's activated guest too).
+	// refused, and SourceAuto falls back to SourceGuest instead; and a
+	// promoted region is never demoted (Split write-protects a page for a
+	// moment). Start sets it for a Linux machine (a backup's activated
+	// guest too).
 	NoRevoke bool
 	// ExitDetect, when set, reads the guest's accessed bits through shadow
 	// copies of its page tables (mmu.ShadowSet) with this exit-detection

@@ -377,6 +377,15 @@ func (lp *Pager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error) {
 	lp.status.Suspended = false
 	lp.mu.Unlock()
 	d := lp.prio.Decide(func(r uint64) bool { return blocked[r] })
+	if lp.cfg.NoRevoke && len(d.Demote) > 0 {
+		// Split write-protects a page of the region for a moment, and a
+		// Linux guest's devices (and KVM, with no refault handler to take
+		// the EFAULT) may write it then: a promoted region stays large,
+		// and only free budget is filled.
+		d.Demote = nil
+		free := max(lp.cfg.Budget-len(lp.prio.PromotedSet()), 0)
+		d.Promote = d.Promote[:min(free, len(d.Promote))]
+	}
 	for _, r := range d.Demote {
 		if err := lp.mem.Split(r); err != nil {
 			return nil, false, err
