@@ -278,8 +278,13 @@ func TestApplianceWith(t *testing.T) {
 		t.Errorf("exit code %d, want 0:\n%s", code, out)
 	}
 	wantLines(t, out, Tag+"with: bash -c", Tag+"exec: bash -c", "exec-done\n", "then-done\n", "with-done\n", Tag+"with: exit status 0 after ")
-	if strings.Index(out, "with-done\n") < strings.Index(out, "then-done\n") {
-		t.Errorf("with finished before the chain let it:\n%s", out)
+	// with-done needs b, which only the then command makes, and exec-done
+	// needs a, which only the with command makes: both lines prove the
+	// commands ran side by side. Their order on the console proves nothing
+	// (each command's output is copied by its own goroutine), but the role's
+	// end must follow the with command's.
+	if w, d := strings.Index(out, Tag+"with: exit status 0"), strings.Index(out, Tag+"done status=0"); w < 0 || d < w {
+		t.Errorf("the role ended before its with command:\n%s", out)
 	}
 
 	code, out = runAppliance(t, Options{}, `understudy.role=test understudy.with="bash -c 'exit 5'" understudy.exec=true`)
