@@ -391,6 +391,9 @@ func (lp *Pager) act(blocked map[uint64]bool) (map[uint64]bool, bool, error) {
 			return nil, false, err
 		}
 		lp.prio.SetPromoted(r, false)
+		lp.mu.Lock()
+		lp.status.Demoted++
+		lp.mu.Unlock()
 	}
 	for _, r := range d.Promote {
 		if ok, transient := lp.promote(r); !ok && !transient {

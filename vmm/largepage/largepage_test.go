@@ -565,3 +565,53 @@ func TestLargePagesGuestSource(t *testing.T) {
 		t.Errorf("source=guest revoked guest memory: %+v", st.Sampler)
 	}
 }
+
+// TestNoRevokeKeepsPromoted: when the ranking replaces a promoted region by
+// a hotter one, a controller that may revoke guest memory splits the old
+// region and collapses the new one; with NoRevoke (a Linux guest, whose
+// devices and KVM may write a page Split write-protects for a moment) the
+// old region is never split and the hotter one waits for free budget.
+func TestNoRevokeKeepsPromoted(t *testing.T) {
+	requireKVM(t)
+	m, _, stop := writtenTouch(t)
+	defer stop()
+	base := m.DataRegions()[0]
+	old, hotter := base, base+1
+	for _, noRevoke := range []bool{false, true} {
+		prio, err := mmu.NewPrioritizer(mmu.PrioritizerConfig{Budget: 1, Warmup: 1, MaxChanges: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		lp := &Pager{m: m, mem: m.Memory(), cfg: Config{Budget: 1, NoRevoke: noRevoke}, prio: prio}
+		collapse := func(r uint64) {
+			testutil.WaitFor(t, fmt.Sprintf("region %d to be collapsed", r), func() bool {
+				ok, transient := lp.promote(r)
+				if !ok && !transient {
+					t.Fatalf("promote(%d) failed: %s", r, lp.status.LastFailure)
+				}
+				return ok
+			})
+		}
+		collapse(old)
+		prio.Observe(map[uint64]float64{old: 1, hotter: 512}, nil)
+		retried := lp.status.Retried
+		if _, _, err := lp.act(nil); err != nil {
+			t.Fatalf("NoRevoke=%v: act: %v", noRevoke, err)
+		}
+		want, demoted := []uint64{old}, 0
+		if !noRevoke {
+			want, demoted = []uint64{hotter}, 1
+			if lp.status.Retried > retried {
+				collapse(hotter) // the kernel said EAGAIN: as a later window would
+			}
+		}
+		if got := prio.PromotedSet(); !reflect.DeepEqual(got, want) || lp.status.Demoted != demoted {
+			t.Errorf("NoRevoke=%v: promoted %v after the replacement, demoted %d; want %v and %d", noRevoke, got, lp.status.Demoted, want, demoted)
+		}
+		for _, r := range []uint64{old, hotter} {
+			if err := m.Memory().Split(r); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}

@@ -31,6 +31,7 @@ type Status struct {
 	Blocked  []uint64 // candidates the guest maps with 4 KiB pages
 	Failed   int      // promotions the host refused (fixed policies: still pending)
 	Retried  int      // collapses the kernel could not do yet (EAGAIN), tried again later
+	Demoted  int      // promoted regions split again (never with Config.NoRevoke)
 	// Stretched counts windows dropped because the host stretched them
 	// past twice their length (their counts are not comparable).
 	Stretched int
@@ -83,6 +84,9 @@ func (s Status) String() string {
 	if s.ExitDetect != "" {
 		line += fmt.Sprintf(" exit_detect=%s spaces=%d traced=%d transitions=%d exits=%d dropped=%d freed_KiB=%d",
 			s.ExitDetect, s.Shadow.Spaces, s.Shadow.Pages, s.Shadow.Transitions(), s.Shadow.ExitsDetected, s.Shadow.Dropped, s.Shadow.FreedBytes>>10)
+	}
+	if s.Demoted > 0 {
+		line += fmt.Sprintf(" demoted=%d", s.Demoted)
 	}
 	if s.Stretched > 0 {
 		line += fmt.Sprintf(" stretched=%d", s.Stretched)

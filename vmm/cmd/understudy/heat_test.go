@@ -34,8 +34,13 @@ func TestRunProtectHeatFailover(t *testing.T) {
 	waitStderr(t, berrs, "listening on")
 	waitStderr(t, ierrs, "listening on")
 	pctx, kill := context.WithCancel(ctx)
+	maddr := strings.TrimPrefix(freeTCP(t), "tcp://")
 	pdone, perrs := start(pctx, "run", "--payload", "counter,pages=2048,hot=1024,cold_every=0,report=0", "--mem", "32M",
-		"--protect", iaddr, "--keys", dir, "--interval", "10ms", "--large-pages", lp, "--status-interval", "20ms")
+		"--protect", iaddr, "--keys", dir, "--interval", "10ms", "--large-pages", lp, "--status-interval", "20ms", "--metrics", maddr)
+	// The protected primary's metrics carry the controller's beside its own.
+	scrapeUntil(t, "http://"+maddr+"/metrics", func(m map[string]float64) bool {
+		return m["understudy_primary_epochs_total"] > 0 && m["understudy_largepages_windows_total"] > 0
+	}, perrs.String)
 	warm := regexp.MustCompile(`write_windows=([0-9]+)`)
 	deadline := time.Now().Add(30 * time.Second)
 	for {

@@ -25,6 +25,7 @@ func largePageMetrics(lp *largepage.Pager) []ft.Metric {
 	return []ft.Metric{
 		m("largepages_windows_total", "Sampling windows the large-page controller completed.", "counter", float64(st.Windows)),
 		m("largepages_promoted", "Guest regions the controller maps large.", "gauge", float64(len(st.Promoted))),
+		m("largepages_demoted_total", "Promoted regions split again (never for a Linux guest).", "counter", float64(st.Demoted)),
 		m("largepages_kvm_pages_2m", "KVM's pages_2m statistic: 2 MiB mappings of guest memory.", "gauge", float64(st.Pages2M)),
 		m("largepages_kvm_pages_4k", "KVM's pages_4k statistic: 4 KiB mappings of guest memory.", "gauge", float64(st.Pages4K)),
 		m("shadow_address_spaces", "Guest address spaces tracked with shadow page tables (exit-detect).", "gauge", float64(sh.Spaces)),
