@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -44,6 +45,7 @@ type linuxKill struct {
 	// lost, the backup resuming the guest, and the client's first answer
 	// after the kill.
 	detect, activate, firstAnswer time.Duration
+	heat                          string // the backup's last large-pages status line
 }
 
 // bench is the kill's bench line.
@@ -103,11 +105,11 @@ func linuxFailover(t testing.TB, e env, demo bool) linuxKill {
 	}
 	killAt := linuxKillMin + rand.IntN(linuxKillMax-linuxKillMin+1)
 	step("1/6 booting the backup (node 3, %s) and the intermediary (node 2, %s), each configured by its config disk", nodeAddr(3), nodeAddr(2))
-	boot(backupNode, backupMiB, "backup", "backup", backupArgs())
+	boot(backupNode, backupMiB, "backup", "backup", backupArgs()+" --large-pages "+linuxLargePages)
 	boot(intermediaryNode, intermediaryMiB, "intermediary", "intermediary", intermediaryArgs())
 	expect(t, ms[1], bootTimeout, "understudy: intermediary: listening on tcp://"+nodeAddr(2)+":"+interPort)
 	step("2/6 booting the primary (node 1, %s): `understudy run --kernel --protect` of a nested Linux guest (%s) serving a key-value store on its disk", nodeAddr(1), guestAddr)
-	boot(primaryNode, primaryMiB, "primary", "run", primaryArgs("--interval 100ms --status-interval 2s"))
+	boot(primaryNode, primaryMiB, "primary", "run", primaryArgs("--interval 100ms --status-interval 2s --large-pages "+linuxLargePages))
 	step("3/6 booting the client (node 4, %s): kvload writes %d values over one TCP connection; the primary dies after %d are acknowledged", nodeAddr(4), linuxWrites, killAt)
 	client := e.bootNode(t, c.seg, 4, fmt.Sprintf(`understudy.exec="/bin/kvload -addr %s:%s -n %d -progress 250ms -retry-for 10m -timeout 10m -want-survived -poweroff"`,
 		guestAddr, kvPort, linuxWrites))
@@ -144,8 +146,44 @@ func linuxFailover(t testing.TB, e env, demo bool) linuxKill {
 	expect(t, backup, nestedTimeout, fmt.Sprintf("understudy-guest: kv: powering off on request: records=%d keys=%d", linuxWrites, linuxWrites))
 	poweredOff(t, client, 0)
 	poweredOff(t, backup, 0)
-	t.Logf("linux failover: killed at %d acknowledged writes; %s; %.1fs from the kill to the client's end; %s", killAt, il[1].Text, time.Since(killed).Seconds(), k.bench())
+	k.heat = checkCarriedHeat(t, backup)
+	t.Logf("linux failover: killed at %d acknowledged writes; %s; %.1fs from the kill to the client's end; %s; backup: %s", killAt, il[1].Text, time.Since(killed).Seconds(), k.bench(), k.heat)
 	return k
+}
+
+// linuxLargePages is the large-page controller of the primary and the
+// backup in linuxFailover: the primary's checkpoints carry its heat (dirty
+// logging keeps it from promoting), the backup's controller starts from the
+// heat of the epoch it activated.
+const (
+	linuxLargePagesWarmup = 6
+	linuxLargePages       = "budget=16,warmup=6"
+)
+
+// checkCarriedHeat checks that the activated backup's large-page controller
+// started from the primary's heat (some regions counted) and promoted
+// regions before an unseeded one could (within its warm-up), and returns
+// its last status line.
+func checkCarriedHeat(t testing.TB, backup *Machine) string {
+	t.Helper()
+	carried := regexp.MustCompile(`large pages: starting from the primary's heat \(([0-9]+) regions`)
+	status := regexp.MustCompile(`large-pages: policy=prioritized .* first_promotion=([0-9]+) \(seeded with carried heat\)`)
+	var regions, first int
+	var last string
+	for _, l := range backup.Lines() {
+		if m := carried.FindStringSubmatch(l.Text); m != nil {
+			regions, _ = strconv.Atoi(m[1])
+		}
+		if m := status.FindStringSubmatch(l.Text); m != nil {
+			first, _ = strconv.Atoi(m[1])
+			last = l.Text
+		}
+	}
+	if regions == 0 || first == 0 || first >= linuxLargePagesWarmup {
+		t.Errorf("the backup's large pages: %d regions of heat carried, first promotion in window %d (want heat, and a promotion before window %d); last status %q",
+			regions, first, linuxLargePagesWarmup, last)
+	}
+	return last
 }
 
 // waitAcked waits until kvload's progress lines on m show n acknowledged

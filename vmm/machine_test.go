@@ -281,19 +281,28 @@ func TestContextCancel(t *testing.T) {
 	}
 }
 
-// TestPauseResume pauses a running two-vCPU machine many times and checks
-// that no record appears while it is paused, that OnVCPU runs on a parked
-// vCPU, and that the guest continues afterwards.
-func TestPauseResume(t *testing.T) {
-	requireKVM(t)
-	var recs atomic.Uint64
+// counterMachine makes a 2-vCPU machine running the counter payload
+// forever (not started); recs holds its latest record's value. The test's
+// cleanup closes it.
+func counterMachine(t *testing.T) (*Machine, *atomic.Uint64) {
+	t.Helper()
+	recs := new(atomic.Uint64)
 	m, err := New(Config{MemSize: 8 << 20, CPUs: 2, Payload: &PayloadConfig{Name: "counter",
 		Options:  map[string]string{"iterations": "0", "report": "0"},
 		OnRecord: func(r Record) { recs.Store(r.Value) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer m.Close()
+	t.Cleanup(func() { m.Close() })
+	return m, recs
+}
+
+// TestPauseResume pauses a running two-vCPU machine many times and checks
+// that no record appears while it is paused, that OnVCPU runs on a parked
+// vCPU, and that the guest continues afterwards.
+func TestPauseResume(t *testing.T) {
+	requireKVM(t)
+	m, recs := counterMachine(t)
 	if _, err := m.Resume(); !errors.Is(err, ErrNotPaused) {
 		t.Errorf("Resume before Pause = %v, want ErrNotPaused", err)
 	}
@@ -395,14 +404,7 @@ func TestVMMWritesAreDirty(t *testing.T) {
 // late kick is played here by setting the flag on each parked vCPU.
 func TestResumeWithImmediateExitSet(t *testing.T) {
 	requireKVM(t)
-	var recs atomic.Uint64
-	m, err := New(Config{MemSize: 8 << 20, CPUs: 2, Payload: &PayloadConfig{Name: "counter",
-		Options:  map[string]string{"iterations": "0", "report": "0"},
-		OnRecord: func(r Record) { recs.Store(r.Value) }}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m, recs := counterMachine(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(ctx); done <- err }()

@@ -37,6 +37,7 @@ func (lp *Pager) pickSource() error {
 	case src == SourceDAMON:
 		return err
 	}
+	// Without DAMON: the refault sampler, unless nothing may be revoked.
 	lp.status.Source, lp.status.NoDAMON = SourceRefault, err.Error()
 	if lp.cfg.NoRevoke {
 		lp.status.Source = SourceGuest
@@ -100,15 +101,24 @@ func (lp *Pager) damonWindow(context.Context) (n map[uint64]float64, large map[u
 // PTEs, read and cleared at the window's pause by guestView) say, so a
 // region the guest maps only with large pages or reaches only through
 // another address space's tables counts nothing. It waits for nothing: the
-// bits gather from one pause to the next.
+// bits gather from one pause to the next. Under fault tolerance the pages
+// the checkpoints found written count too (the larger of the two counts
+// wins): a Linux guest maps its own kernel's memory large, where its
+// accessed bits say nothing per page, and the heat a checkpoint carries to
+// the backup should not miss it.
 func (lp *Pager) guestWindow(context.Context) (n map[uint64]float64, large map[uint64]bool, ok bool, err error) {
-	lp.dropWrites() // the guest's accessed bits count under dirty logging too
+	written := lp.takeWrites()
+	if written != nil {
+		lp.mu.Lock()
+		lp.status.WriteWindows++
+		lp.mu.Unlock()
+	}
 	n, large = map[uint64]float64{}, map[uint64]bool{}
 	for _, r := range lp.cfg.Regions {
 		if lp.prio.Promoted(r) {
 			large[r] = false
 		} else {
-			n[r] = 0
+			n[r] = written[r]
 		}
 	}
 	return n, large, true, nil

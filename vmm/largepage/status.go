@@ -75,6 +75,9 @@ func (s Status) String() string {
 	if !s.WarmedUp && s.Policy == PolicyPrioritized {
 		line += " (warming up)"
 	}
+	if s.FirstPromotion > 0 {
+		line += fmt.Sprintf(" first_promotion=%d", s.FirstPromotion)
+	}
 	if s.Seeded {
 		line += " (seeded with carried heat)"
 	}
@@ -84,6 +87,9 @@ func (s Status) String() string {
 	if s.ExitDetect != "" {
 		line += fmt.Sprintf(" exit_detect=%s spaces=%d traced=%d transitions=%d exits=%d dropped=%d freed_KiB=%d",
 			s.ExitDetect, s.Shadow.Spaces, s.Shadow.Pages, s.Shadow.Transitions(), s.Shadow.ExitsDetected, s.Shadow.Dropped, s.Shadow.FreedBytes>>10)
+	}
+	if s.Retried > 0 {
+		line += fmt.Sprintf(" retried=%d", s.Retried)
 	}
 	if s.Demoted > 0 {
 		line += fmt.Sprintf(" demoted=%d", s.Demoted)

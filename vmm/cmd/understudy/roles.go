@@ -376,7 +376,10 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		}
 		lp, err := largepage.Start(m, cfg)
 		if err != nil {
-			return nil, err
+			// The guest matters more than its large pages: it runs
+			// without them (e.g. source=refault for a Linux guest).
+			log.Warn(fmt.Sprintf("large pages: not managed on the activated guest: %v", err))
+			return nil, nil
 		}
 		stopLP := printStatus(stderr, lp, *statusEvery)
 		return func() {

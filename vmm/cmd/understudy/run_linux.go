@@ -275,7 +275,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	if o.cpus < 1 || o.cpus > vmm.MaxCPUs {
 		return fail(stderr, fmt.Errorf("--cpus %d: want 1..%d vCPUs", o.cpus, vmm.MaxCPUs)), true
 	}
-	lpCfg, err := linuxLargePages(o.largePages, protected, save != nil)
+	lpCfg, err := linuxLargePages(o.largePages, save != nil)
 	if err != nil {
 		return usageError(fs, err.Error()), true
 	}
@@ -322,7 +322,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	defer restore()
 	cfg.Linux.ConsoleIn = in
 	if protected {
-		return lf.runProtected(ctx, runCtx, cfg, hold, o, restore, ends, in, stderr), true
+		return lf.runProtected(ctx, runCtx, cfg, hold, lpCfg, o, restore, ends, in, stderr), true
 	}
 	m, err := vmm.New(cfg)
 	if err != nil {
@@ -395,16 +395,13 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 // devices read and write guest memory from the VMM, which the refault
 // sampler would revoke under them, so a prioritized policy samples with
 // DAMON or the guest's own accessed bits (source auto: DAMON where it can
-// be used, else guest). Fault tolerance and snapshots do not combine with
-// it yet.
-func linuxLargePages(s string, protected, save bool) (*largepage.Config, error) {
+// be used, else guest). Snapshots do not combine with it yet.
+func linuxLargePages(s string, save bool) (*largepage.Config, error) {
 	cfg, err := parseLargePagesFlag(s)
 	if cfg == nil || err != nil {
 		return nil, err
 	}
 	switch {
-	case protected:
-		return nil, errors.New("--large-pages with --kernel cannot be combined with --protect yet")
 	case save:
 		return nil, errors.New("--large-pages cannot be combined with --save")
 	case cfg.Source == largepage.SourceRefault:

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/understudy-vmm/understudy/ft"
 	"github.com/understudy-vmm/understudy/vmm"
+	"github.com/understudy-vmm/understudy/vmm/largepage"
 	"github.com/understudy-vmm/understudy/vmm/option"
 	"github.com/understudy-vmm/understudy/vmm/virtio"
 )
@@ -59,7 +61,12 @@ func parseOutputHold(s string) (virtio.EgressBounds, error) {
 // runProtected runs the Linux guest of cfg under ft.RunPrimary and returns
 // the exit code. runCtx ends with the escape key (Ctrl-A x) as well as ctx;
 // restore gives the terminal back.
-func (lf *linuxFlags) runProtected(ctx, runCtx context.Context, cfg vmm.Config, hold virtio.EgressBounds, o linuxRunOptions,
+// With lpCfg (--large-pages) the large-page controller runs beside the
+// guest: dirty logging keeps it from promoting, but it counts the pages
+// each checkpoint found written and gives the checkpoint its heat, so a
+// backup with --large-pages maps the same regions large at activation; its
+// figures join the primary's metrics.
+func (lf *linuxFlags) runProtected(ctx, runCtx context.Context, cfg vmm.Config, hold virtio.EgressBounds, lpCfg *largepage.Config, o linuxRunOptions,
 	restore func(), ends *lineEnds, in io.Reader, stderr io.Writer) int {
 	pf := o.protect
 	links, log, err := o.role.links("primary", stderr)
@@ -76,18 +83,43 @@ func (lf *linuxFlags) runProtected(ctx, runCtx context.Context, cfg vmm.Config, 
 		st    vmm.Stats
 		stErr error
 	)
+	var (
+		pager atomic.Pointer[largepage.Pager]
+		heat  func([]uint64) []byte
+		more  func() []ft.Metric
+	)
+	if lpCfg != nil {
+		heat = func(dirty []uint64) []byte {
+			if lp := pager.Load(); lp != nil {
+				return lp.CheckpointHeat(dirty)
+			}
+			return nil
+		}
+		more = func() []ft.Metric { return largePageMetrics(pager.Load()) }
+	}
 	start := time.Now()
 	res, err := ft.RunPrimary(runCtx, ft.PrimaryRunConfig{
 		Machine:      cfg,
 		NetOutput:    hold,
-		Epochs:       ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial},
+		Epochs:       ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial, Heat: heat},
 		Intermediary: *pf.addr, ConnectTimeout: *pf.connect, DirectBackup: *pf.direct, Links: links, Log: log,
-		StatusEvery: o.statusEvery, Metrics: *o.role.metrics,
+		StatusEvery: o.statusEvery, Metrics: *o.role.metrics, MoreMetrics: more,
 		OnStart: func(m *vmm.Machine) (func(), error) {
-			if !o.stats {
-				return nil, nil
+			stopLP := func() {}
+			if lpCfg != nil {
+				lp, stop, err := startLargePages(m, *lpCfg, o.statusEvery, stderr)
+				if err != nil {
+					return nil, err
+				}
+				pager.Store(lp)
+				stopLP = stop
 			}
-			return func() { st, stErr = m.Stats() }, nil
+			return func() {
+				if o.stats {
+					st, stErr = m.Stats()
+				}
+				stopLP()
+			}, nil
 		},
 	})
 	restore()

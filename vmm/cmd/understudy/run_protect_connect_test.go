@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -33,6 +34,24 @@ func waitStderr(t *testing.T, errs *lockedBuffer, s string) {
 	for !strings.Contains(errs.String(), s) {
 		if time.Now().After(deadline) {
 			t.Fatalf("stderr lacks %q: %s", s, errs.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitMatch waits up to 30 s for a line of a role's output that re
+// matches and returns its submatches (the whole line's match first).
+func waitMatch(t *testing.T, b *lockedBuffer, re *regexp.Regexp, what string) []string {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		for _, l := range strings.Split(b.String(), "\n") {
+			if m := re.FindStringSubmatch(l); m != nil {
+				return m
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: no line matches %s: %s", what, re, b.String())
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
