@@ -378,7 +378,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		if err != nil {
 			// The guest matters more than its large pages: it runs
 			// without them (e.g. source=refault for a Linux guest).
-			log.Warn(fmt.Sprintf("large pages: not managed on the activated guest: %v", err))
+			log.Warn(fmt.Sprintf("the activated guest runs without large pages (%v)", err))
 			return nil, nil
 		}
 		stopLP := printStatus(stderr, lp, *statusEvery)

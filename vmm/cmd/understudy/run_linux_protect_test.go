@@ -191,7 +191,7 @@ func TestRunLinuxProtectedFailover(t *testing.T) {
 	if mac := rarpSource(brd.Next(0x8035, 10*time.Second)); mac.String() != "02:00:00:00:00:31" {
 		t.Errorf("announcement on the backup's tap from %v, want 02:00:00:00:00:31", mac)
 	}
-	waitStderr(t, backup.errs, "large pages: not managed on the activated guest: source=refault")
+	waitStderr(t, backup.errs, "the activated guest runs without large pages (large pages: source=refault: ")
 	endFailover(t, inter, backup, cancel)
 }
 
