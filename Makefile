@@ -42,7 +42,7 @@ demo: build
 # QEMU is killed; the client goes on. TestLinuxFailover, step by step.
 demo-linux: image
 	@if UNDERSTUDY_QEMU_REQUIRED=1 UNDERSTUDY_INJECTIONS=1 $(GO) test -count=1 -v -timeout 14m -run '^TestLinuxFailover$$' ./qemu-tests/ | \
-		grep --line-buffered -E 'demo: |node4 .*kvload: (connected|progress|slow write|result|OK|FAILED)|node[23] .*understudy: (intermediary|backup): (primary lost|backup activated|activated)|^--- (PASS|FAIL)'; \
+		grep --line-buffered -E 'demo: |client .*kvload: (connected|progress|slow write|result|OK|FAILED)|node[23] .*understudy: (intermediary|backup): (primary lost|backup activated|activated)|^--- (PASS|FAIL)'; \
 	then echo "demo-linux: OK"; else echo "demo-linux: FAILED"; exit 1; fi
 
 # Payload binaries are committed; this regenerates them (needs GNU as and objcopy).
@@ -79,7 +79,7 @@ image: build
 # The QEMU tier: it must not skip here, so a missing image or QEMU fails.
 # A failed test keeps its console log in build/qemu-tests/.
 qemu-test: image
-	UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 15m ./qemu-tests/
+	UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 30m ./qemu-tests/
 
 # The long fault-injection run: 1000 SIGKILLs of the primary, and 200 more
 # with the intermediary holding back hot pages.
@@ -94,7 +94,7 @@ soak-linux: image
 
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./internal/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
-	$(GO) test -count=1 -run '^$$' -bench 'LinuxSnapshot|LinuxFailover|LinuxFT|LinuxExitDetect' -benchtime 1x -timeout 15m ./qemu-tests/ | grep -E '^(bench|--- FAIL|FAIL|ok)'
+	$(GO) test -count=1 -run '^$$' -bench 'LinuxSnapshot|LinuxFailover|LinuxFT|LinuxExitDetect' -benchtime 1x -timeout 30m ./qemu-tests/ | grep -E '^(bench|--- FAIL|FAIL|ok)'
 
 clean:
 	rm -rf build

@@ -36,7 +36,9 @@ type IntermediaryRunConfig struct {
 	// (default 500 ms).
 	BackupRetry time.Duration
 	// FailoverTimeout bounds the retries of a failover that finds no
-	// backup attached (default 30 s).
+	// backup attached (default 30 s). It does not bound the failover
+	// itself: an attached backup is given the time it takes to catch up
+	// and activate (its link's peer timeout tells a dead one).
 	FailoverTimeout time.Duration
 	// StatusEvery is how often the status line is logged (0: never).
 	StatusEvery time.Duration
@@ -192,11 +194,11 @@ func RunIntermediary(ctx context.Context, cfg IntermediaryRunConfig) error {
 	}
 	log.Warn(fmt.Sprintf("primary lost at epoch %d (%v): failing over", inter.Image().Epoch(), perr))
 	// Failover needs an attached backup: retry while KeepBackup reaches one.
+	// A backup far behind (a slow link) may take long to catch up; it is
+	// not given up on while its link lives.
 	deadline := time.Now().Add(cfg.FailoverTimeout)
 	for {
-		fctx, cancel := context.WithDeadline(ctx, deadline)
-		epoch, err := inter.Failover(fctx)
-		cancel()
+		epoch, err := inter.Failover(ctx)
 		if err == nil {
 			log.Info(fmt.Sprintf("backup activated at epoch %d", epoch))
 			stopBackup()

@@ -87,6 +87,12 @@ type intermediaryRig struct {
 }
 
 func startIntermediary(t *testing.T, setup ...func(*standInBackup)) *intermediaryRig {
+	return startIntermediaryWith(t, nil, setup...)
+}
+
+// startIntermediaryWith is startIntermediary with cfg changing the
+// intermediary's configuration first (nil: none).
+func startIntermediaryWith(t *testing.T, cfg func(*IntermediaryRunConfig), setup ...func(*standInBackup)) *intermediaryRig {
 	c := newCluster(t)
 	b := newStandInBackup(t, c)
 	for _, f := range setup {
@@ -97,10 +103,12 @@ func startIntermediary(t *testing.T, setup ...func(*standInBackup)) *intermediar
 	go b.serve(ctx)
 	log, tl := newTestLog()
 	r := &intermediaryRig{c: c, b: b, log: tl, done: make(chan error, 1), cancel: cancel}
-	go func() {
-		r.done <- RunIntermediary(ctx, IntermediaryRunConfig{Listen: "tcp://127.0.0.1:0", Backup: b.ln.Addr().String(),
-			Links: c.links("intermediary", RoleIntermediary, log), Log: log, BackupRetry: 50 * time.Millisecond, FailoverTimeout: 10 * time.Second})
-	}()
+	rc := IntermediaryRunConfig{Listen: "tcp://127.0.0.1:0", Backup: b.ln.Addr().String(),
+		Links: c.links("intermediary", RoleIntermediary, log), Log: log, BackupRetry: 50 * time.Millisecond, FailoverTimeout: 10 * time.Second}
+	if cfg != nil {
+		cfg(&rc)
+	}
+	go func() { r.done <- RunIntermediary(ctx, rc) }()
 	r.addr = tl.waitFor(t, `listening on (tcp://\S+)`)[1]
 	return r
 }
@@ -216,6 +224,29 @@ func TestRunIntermediaryFencesOnFailover(t *testing.T) {
 	}
 	r.log.waitFor(t, `primary lost at epoch 2 .*: failing over`)
 	r.log.waitFor(t, `backup activated at epoch 2`)
+}
+
+// TestRunIntermediaryFailoverOutlastsTimeout: FailoverTimeout bounds the
+// wait for a backup to attach, not the failover itself: an attached backup
+// that takes longer than it to catch up and activate (one lagging far
+// behind on a slow link) is waited for, and the intermediary reports the
+// activation, not a failure.
+func TestRunIntermediaryFailoverOutlastsTimeout(t *testing.T) {
+	r := startIntermediaryWith(t, func(c *IntermediaryRunConfig) { c.FailoverTimeout = 100 * time.Millisecond })
+	p := r.primary(t, "primary")
+	sendEpoch(t, p, 1)
+	p.Close()
+	select {
+	case <-r.b.activated:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the backup was never asked to activate")
+	}
+	time.Sleep(time.Second) // ten times the failover timeout
+	close(r.b.activate)
+	if err := r.wait(t); err != nil {
+		t.Errorf("RunIntermediary after a failover longer than its timeout = %v, want nil", err)
+	}
+	r.log.waitFor(t, `backup activated at epoch 1`)
 }
 
 // TestRunIntermediaryFencedByActiveBackup: a backup that runs the guest
