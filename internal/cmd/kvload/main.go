@@ -227,9 +227,14 @@ func run(args []string, out, stderr io.Writer, stop <-chan struct{}) int {
 	var st stats
 	start := time.Now()
 	if c.progress > 0 {
+		// Stopped and waited for before run returns: its last line must
+		// not land in out after the caller has read it.
 		done := make(chan struct{})
-		defer close(done)
+		var progress sync.WaitGroup
+		defer func() { close(done); progress.Wait() }()
+		progress.Add(1)
 		go func() {
+			defer progress.Done()
 			tick := time.NewTicker(c.progress)
 			defer tick.Stop()
 			for {
