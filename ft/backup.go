@@ -236,6 +236,12 @@ func (b *Backup) serve(c MessageConn, direct bool) (*vmm.Machine, error) {
 			b.received.Add(uint64(len(cp.Data) + len(cp.State)))
 			b.checkpoints.Add(1)
 			if err := c.WriteMessage(&wire.Ack{Epoch: cp.Epoch}); err != nil {
+				if direct {
+					// The link failed under the acknowledgement: a
+					// lost primary, as when it fails under a read.
+					b.log.Warn("the primary's direct link failed", "err", err)
+					return nil, nil
+				}
 				return nil, fmt.Errorf("backup: acknowledge epoch %d: %w", cp.Epoch, err)
 			}
 		case *wire.Activate:

@@ -405,6 +405,54 @@ func TestDirtyBudgetConfig(t *testing.T) {
 	}
 }
 
+// failingAcks is a backup's side of a link whose acknowledgements fail, as
+// when the primary dies while the backup writes one.
+type failingAcks struct{ MessageConn }
+
+func (f failingAcks) WriteMessage(m wire.Message) error {
+	if _, ok := m.(*wire.Ack); ok {
+		return errors.New("write: connection reset by peer")
+	}
+	return f.MessageConn.WriteMessage(m)
+}
+
+// TestDirectAckFails: a primary's direct link that fails under the backup's
+// acknowledgement is a lost primary, as one that fails under a read: no
+// error (the caller activates the committed epoch, which holds the
+// checkpoint just committed), not an intermediary's loss to wait out.
+func TestDirectAckFails(t *testing.T) {
+	const memSize = 4 << 20
+	pc, bc := roleLink(t, memSize, wire.RolePrimary, wire.RoleBackup)
+	bk, err := NewBackup(memSize, BackupConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bk.Close()
+	served := make(chan error, 1)
+	go func() {
+		m, err := bk.ServeDirect(failingAcks{bc})
+		if m != nil {
+			m.Close()
+			err = errors.New("a machine from a failed link")
+		}
+		served <- err
+	}()
+	if err := SendCheckpoint(pc, testCheckpoint(1, true, 0, 1, 2, 3), 0); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("ServeDirect after the acknowledgement failed = %v, want nil (the primary is lost)", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("ServeDirect did not return")
+	}
+	if bk.Committed() != 1 {
+		t.Errorf("committed epoch %d, want 1", bk.Committed())
+	}
+}
+
 // TestDirectToBackup: a primary replicating straight to the backup (its
 // policy for a lost intermediary) has its output released on the backup's
 // acknowledgements; its guest's exit ends protection there
