@@ -79,7 +79,7 @@ image: build
 # The QEMU tier: it must not skip here, so a missing image or QEMU fails.
 # A failed test keeps its console log in build/qemu-tests/.
 qemu-test: image
-	UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 30m ./qemu-tests/
+	UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 40m ./qemu-tests/
 
 # The long fault-injection run: 1000 SIGKILLs of the primary, and 200 more
 # with the intermediary holding back hot pages.

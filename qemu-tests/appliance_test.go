@@ -148,6 +148,12 @@ func (e env) bootInitrd(t testing.TB, params, initrd string) *Machine {
 // the others'.
 func (e env) start(t testing.TB, name, params, initrd string, network []string, netns string, memMiB int) *Machine {
 	t.Helper()
+	return e.startCPUs(t, name, params, initrd, network, netns, memMiB, 1)
+}
+
+// startCPUs is start with cpus vCPUs for the appliance.
+func (e env) startCPUs(t testing.TB, name, params, initrd string, network []string, netns string, memMiB, cpus int) *Machine {
+	t.Helper()
 	log := filepath.Join(t.TempDir(), "console.log")
 	label := "console"
 	if name != "" {
@@ -158,7 +164,7 @@ func (e env) start(t testing.TB, name, params, initrd string, network []string, 
 		Initrd: initrd,
 		Append: "console=ttyS0 panic=-1 quiet " + params,
 		MemMiB: memMiB,
-		CPUs:   1,
+		CPUs:   cpus,
 		Accel:  e.accel,
 		OnLine: func(l Line) {
 			t.Logf("%s %6.2fs| %s", label, l.At.Seconds(), l.Text)

@@ -69,12 +69,18 @@ const nodeMemMiB = 1024
 // large snapshot and a disk image next to a running guest needs more).
 func (e env) bootNodeMem(t testing.TB, s *Segment, i, memMiB int, params string) *Machine {
 	t.Helper()
+	return e.bootNodeCPUs(t, s, i, memMiB, 1, params)
+}
+
+// bootNodeCPUs is bootNodeMem with cpus vCPUs.
+func (e env) bootNodeCPUs(t testing.TB, s *Segment, i, memMiB, cpus int, params string) *Machine {
+	t.Helper()
 	network, err := s.AddNode(nodeMAC(i))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return e.start(t, fmt.Sprintf("node%d", i), nodeParams(i)+" "+params,
-		filepath.Join(e.image, appliance.ImageAppliance), network, s.NetNS, memMiB)
+	return e.startCPUs(t, fmt.Sprintf("node%d", i), nodeParams(i)+" "+params,
+		filepath.Join(e.image, appliance.ImageAppliance), network, s.NetNS, memMiB, cpus)
 }
 
 // TestTwoNodesKV: two appliance nodes on one Ethernet segment. Node 1 runs

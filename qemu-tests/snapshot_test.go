@@ -1,6 +1,8 @@
 package qemutests
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"strconv"
@@ -34,6 +36,11 @@ const (
 	// snapNodeMiB holds the appliance, the 256 MiB guest and its 256 MiB
 	// snapshot in the node's in-memory root file system.
 	snapNodeMiB = 1536
+	// snapNodeCPUs: with one vCPU, the appliance running the nested guest
+	// and the client beside it was seen to freeze whole under TCG (no
+	// console line from anything, its kernel included) as the guest's
+	// disk writes began, in most runs on a slower machine.
+	snapNodeCPUs = 2
 )
 
 // kvloadArgs is kvload writing snapWrites values to the guest, keeping its
@@ -141,6 +148,34 @@ func sameNodeSnapshot(t testing.TB, e env) snapshotFigures {
 	}
 }
 
+// expectUnlessFrozen is expect, except that an appliance that prints
+// nothing at all for frozeAfter while a marker is awaited counts as frozen
+// (true, with the lines seen so far): the same TCG freeze as after a
+// restore was seen before the save too, the nested guest serving its
+// client.
+func expectUnlessFrozen(t testing.TB, m *Machine, timeout time.Duration, markers ...string) ([]Line, bool) {
+	t.Helper()
+	var got []Line
+	for _, mk := range markers {
+		deadline := time.Now().Add(timeout)
+		for {
+			l, err := m.WaitFor(context.Background(), mk, 5*time.Second)
+			if err == nil {
+				got = append(got, l)
+				break
+			}
+			if errors.Is(err, ErrExited) || time.Now().After(deadline) {
+				t.Fatal(err)
+			}
+			if lines := m.Lines(); len(lines) > 0 && time.Since(m.start.Add(lines[len(lines)-1].At)) > frozeAfter {
+				m.Kill()
+				return got, true
+			}
+		}
+	}
+	return got, false
+}
+
 // frozeAfter is how long an appliance that should be busy (a client
 // printing progress every second) may print nothing before it counts as
 // frozen.
@@ -174,10 +209,10 @@ func sameNodeAttempt(t testing.TB, e env) (_ snapshotFigures, froze bool) {
 		tapName, tapAddr, snapDisk, time.Now().UnixNano(), snapSaveAt, snapEcho, kvloadArgs(),
 		kvRun("--save "+snapFile+" --save-on-signal USR1 "),
 		appliance.NodeFile, snapFile, snapFile, snapDisk, tapName)
-	m := e.start(t, "", params, e.image+"/"+appliance.ImageAppliance, nil, "", snapNodeMiB)
+	m := e.startCPUs(t, "", params, e.image+"/"+appliance.ImageAppliance, nil, "", snapNodeMiB, snapNodeCPUs)
 	expect(t, m, bootTimeout, "understudy-appliance: ready role=test")
 	echoed := fmt.Sprintf("understudy-guest: echo: got %q", snapEcho)
-	run := expect(t, m, nestedTimeout,
+	run, frozen := expectUnlessFrozen(t, m, nestedTimeout,
 		"understudy-appliance: exec: understudy run --kernel",
 		fmt.Sprintf("understudy-guest: kv: serving on %s:%s (eth0)", guestAddr, kvPort),
 		snapSaveAt,
@@ -189,7 +224,7 @@ func sameNodeAttempt(t testing.TB, e env) (_ snapshotFigures, froze bool) {
 		"understudy-appliance: exec: understudy restore --snapshot",
 		boot.RestoredLine,
 	)
-	if silentBefore(m, "understudy-appliance: done status=", frozeAfter, nestedTimeout) {
+	if frozen || silentBefore(m, "understudy-appliance: done status=", frozeAfter, nestedTimeout) {
 		m.Kill()
 		return snapshotFigures{}, true
 	}
@@ -269,7 +304,7 @@ func BenchmarkLinuxSnapshot(b *testing.B) {
 func TestLinuxSnapshotOtherNode(t *testing.T) {
 	e := setup(t)
 	seg := e.segment(t)
-	n1 := e.bootNodeMem(t, seg, 1, snapNodeMiB, fmt.Sprintf(`understudy.testdisk=%s:kv-%d understudy.with="%s" %s understudy.then="/%s send -listen %s:%s %s %s"`,
+	n1 := e.bootNodeCPUs(t, seg, 1, snapNodeMiB, snapNodeCPUs, fmt.Sprintf(`understudy.testdisk=%s:kv-%d understudy.with="%s" %s understudy.then="/%s send -listen %s:%s %s %s"`,
 		snapDisk, time.Now().UnixNano(), kvloadArgs(),
 		kvRun(fmt.Sprintf("--save %s --save-after-output '%s' ", snapFile, snapSaveAt)),
 		appliance.NodeFile, nodeAddr(1), filePort, snapFile, snapDisk))
