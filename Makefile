@@ -94,7 +94,7 @@ soak-linux: image
 
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./internal/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
-	$(GO) test -count=1 -run '^$$' -bench 'LinuxSnapshot|LinuxFailover|LinuxFT|LinuxExitDetect' -benchtime 1x -timeout 30m ./qemu-tests/ | grep -E '^(bench|--- FAIL|FAIL|ok)'
+	$(GO) test -count=1 -run '^$$' -bench 'LinuxSnapshot|LinuxFailover|LinuxFT|LinuxExitDetect' -benchtime 1x -timeout 30m ./qemu-tests/ | grep -E '^(bench|--- FAIL|FAIL|ok|\s+\S+_test\.go:[0-9]+: )'
 
 clean:
 	rm -rf build

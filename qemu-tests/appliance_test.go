@@ -22,6 +22,12 @@ const (
 	bootTimeout   = 2 * time.Minute // QEMU start to the uinit's "ready"
 	nestedTimeout = 4 * time.Minute // "ready" to the nested guest's end
 	exitTimeout   = time.Minute     // the uinit's "done" to QEMU's exit
+	// protectedTimeout bounds a wait on a protected nested guest's progress:
+	// its boot under checkpoints (the first full image crosses two TCG
+	// nodes' TLS link) or a client's writes, each held for a checkpoint's
+	// acknowledgement. On a slow machine that has taken more than
+	// nestedTimeout (once the guest's kernel needed 171 s to reach init).
+	protectedTimeout = 3 * nestedTimeout
 )
 
 // The nested guest's network (inside the appliance only: QEMU has no NIC,

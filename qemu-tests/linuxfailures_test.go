@@ -65,7 +65,7 @@ func TestLinuxOtherFailures(t *testing.T) {
 	} else if e, _ := strconv.Atoi(m[1]); e < corruptEpoch {
 		t.Errorf("the intermediary refused checkpoint %d, before the failpoint's %d: %s", e, corruptEpoch, refused[0].Text)
 	}
-	expect(t, primary, nestedTimeout, fmt.Sprintf("understudy-guest: kv: serving on %s:%s", guestAddr, kvPort))
+	expect(t, primary, protectedTimeout, fmt.Sprintf("understudy-guest: kv: serving on %s:%s", guestAddr, kvPort))
 
 	stop := filepath.Join(t.TempDir(), "stop")
 	client := c.hostKVLoad(t, "-n", "0", "-stop-file", stop, "-interval", "100ms", "-progress", "250ms",
@@ -243,9 +243,9 @@ func linuxFTBench(t testing.TB, e env) string {
 	// booted with args and returns the client's result line and the node.
 	run := func(name, args string) (Line, *Machine, *Machine) {
 		n1 := c.boot(t, primaryNode, primaryMiB, c.configDisk(t, primaryNode, "primary", "run", args), "")
-		expect(t, n1, nestedTimeout, serving)
-		cl := c.hostKVLoad(t, "-n", strconv.Itoa(benchWrites), "-prefix", name, "-progress", "1s", "-retry-for", "5m", "-timeout", "5m", "-want-survived", "-poweroff")
-		res := expect(t, cl, nestedTimeout, "kvload: result ")[0]
+		expect(t, n1, protectedTimeout, serving)
+		cl := c.hostKVLoad(t, "-n", strconv.Itoa(benchWrites), "-prefix", name, "-progress", "1s", "-retry-for", "10m", "-timeout", "10m", "-want-survived", "-poweroff")
+		res := expect(t, cl, protectedTimeout, "kvload: result ")[0]
 		want := fmt.Sprintf("kvload: result acked=%d verified=%d missing=0 wrong=0 disk=ok connection_survived=true ", benchWrites, benchWrites)
 		if !strings.HasPrefix(res.Text, want) {
 			t.Fatalf("%s: the client's result %q, want it to begin %q", name, res.Text, want)

@@ -118,10 +118,7 @@ func linuxFailover(t testing.TB, e env, demo bool) linuxKill {
 	client := c.hostKVLoad(t, "-n", strconv.Itoa(linuxWrites), "-progress", "250ms", "-retry-for", "10m", "-timeout", "10m", "-want-survived", "-poweroff")
 	primary, inter, backup := ms[0], ms[1], ms[2]
 	expect(t, inter, nestedTimeout, `understudy: intermediary: primary "primary" connected`)
-	// The nested guest boots under protection and the client's writes each
-	// wait for a checkpoint: on a slow machine that has taken more than
-	// nestedTimeout (once the guest's kernel needed 171 s to reach init).
-	waitAcked(t, client, killAt, 3*nestedTimeout)
+	waitAcked(t, client, killAt, protectedTimeout)
 	killed := time.Now()
 	primary.Kill()
 	step("4/6 the primary's QEMU is killed (SIGKILL) with %d writes acknowledged to the client", killAt)
