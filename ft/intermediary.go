@@ -276,8 +276,14 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		in.mu.Unlock()
 	}()
+	// The primary may compress its page batches (PrimaryConfig.Compression).
+	dec, err := wanzip.NewDecoder()
+	if err != nil {
+		return err
+	}
+	rc := &decompressingConn{MessageConn: c, dec: dec}
 	for {
-		m, err := c.ReadMessage()
+		m, err := rc.ReadMessage()
 		if in.Fenced() {
 			return ErrFenced
 		}
@@ -291,7 +297,7 @@ func (in *Intermediary) ServePrimary(c MessageConn) error {
 		}
 		switch m := m.(type) {
 		case *wire.CheckpointBegin:
-			cp, base, err := receiveCheckpoint(c, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize), in.diskDir)
+			cp, base, err := receiveCheckpoint(rc, m, in.maxPFN(), in.spare.take(int(min(m.Pages, in.maxPFN()))*mmu.PageSize), in.diskDir)
 			if err == nil {
 				err = in.commit(c, cp, base)
 			}

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
@@ -62,6 +63,12 @@ type PrimaryConfig struct {
 	// acknowledges: past it the guest is paused until one does, so held
 	// output cannot grow without bound (default 1<<20).
 	MaxHeld int
+	// Compression, if set, sends the links' page batches as
+	// wire.CompressedBatch at this ft/wanzip level: LevelStore elides zero
+	// pages only (a fresh guest's first image is mostly zero pages), the
+	// zstd levels also compress. The intermediary and the backup accept
+	// either form. 0: raw page batches.
+	Compression wanzip.Level
 	// DiskSeedDir is where a full image's copies of the guest's disks are
 	// made, at its final pause, before they are streamed (disk
 	// replication; default os.TempDir()). On the disks' file system a
@@ -145,9 +152,11 @@ type Primary struct {
 	backupEpoch atomic.Uint64 // the backup's committed epoch, as the intermediary reports it
 	linkUp      atomic.Bool
 	reconnects  atomic.Uint64
-	stuns       *durationWindow
-	rate        rate
-	diskRate    rate // of diskSentB, for the status line
+	// Page bytes compressed (Compression) and the bytes they took.
+	zipRaw, zipWire atomic.Uint64
+	stuns           *durationWindow
+	rate            rate
+	diskRate        rate // of diskSentB, for the status line
 
 	// ackedEpoch is the last epoch acknowledged, set as its Ack arrives
 	// (before its records are released); releasedRecords counts the
@@ -353,6 +362,13 @@ func (p *Primary) Run(ctx context.Context) error {
 // is sent (the buffer of e is then free for e+2). Output commit does not
 // change: the records of epoch e are released on e's acknowledgement.
 func (p *Primary) serve(ctx context.Context, ln MessageConn) error {
+	if p.cfg.Compression != 0 {
+		enc, err := wanzip.NewEncoder(p.cfg.Compression)
+		if err != nil {
+			return err
+		}
+		ln = &compressingConn{MessageConn: ln, enc: enc, raw: &p.zipRaw, wire: &p.zipWire}
+	}
 	p.linkUp.Store(true)
 	defer p.linkUp.Store(false)
 	acks := make(chan error, 1)
@@ -731,6 +747,8 @@ func (p *Primary) Metrics() []Metric {
 		{Name: "understudy_primary_link_up", Help: "1 while a link to an intermediary is up.", Kind: "gauge", Value: up},
 		{Name: "understudy_primary_budget_epochs_total", Help: "Epochs ended early by the dirty budget.", Kind: "counter", Value: float64(p.BudgetEpochs())},
 		{Name: "understudy_primary_reconnects_total", Help: "Links to an intermediary made again after a loss.", Kind: "counter", Value: float64(p.reconnects.Load())},
+		{Name: "understudy_primary_compressed_in_bytes_total", Help: "Page bytes sent compressed (--compress).", Kind: "counter", Value: float64(p.zipRaw.Load())},
+		{Name: "understudy_primary_compressed_out_bytes_total", Help: "Bytes those pages took on the link.", Kind: "counter", Value: float64(p.zipWire.Load())},
 	}, p.linuxMetrics()...)
 }
 
@@ -751,6 +769,9 @@ func (p *Primary) StatusLine(prevEpochs *uint64, every time.Duration) string {
 		eps, q[0]*1e3, q[1]*1e3, mibs, p.Acked(), p.backupEpoch.Load(), p.Held(), link)
 	if p.cfg.DirtyBudget > 0 {
 		line += fmt.Sprintf(" by_budget=%d", p.BudgetEpochs())
+	}
+	if raw := p.zipRaw.Load(); raw > 0 {
+		line += fmt.Sprintf(" compress=%v ratio=%.3f", p.cfg.Compression, float64(p.zipWire.Load())/float64(raw))
 	}
 	return line + p.linuxStatus()
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/understudy-vmm/understudy/arch/kvmtest"
 	"github.com/understudy-vmm/understudy/ft/transport"
+	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
 	"github.com/understudy-vmm/understudy/mmu"
 	"github.com/understudy-vmm/understudy/vmm"
@@ -106,8 +107,22 @@ func counterSeq(img *Image, dataBase uint64) (seq uint64) {
 // image shows the counter at that sequence number or later. The released
 // sequence is gap-free, and the intermediary's final image equals the guest
 // memory of the last checkpoint.
+//
+// With --compress (PrimaryConfig.Compression) the same holds, and the page
+// batches went compressed: at LevelStore, the zero pages of the counter
+// guest's first image (most of its 32 MiB) took no room on the link.
 func TestOutputCommit(t *testing.T) {
 	kvmtest.Require(t)
+	for _, level := range []wanzip.Level{0, wanzip.LevelStore} {
+		name := "off"
+		if level != 0 {
+			name = level.String()
+		}
+		t.Run("compress="+name, func(t *testing.T) { outputCommit(t, level) })
+	}
+}
+
+func outputCommit(t *testing.T, level wanzip.Level) {
 	const memSize = 32 << 20
 	pc, ic := link(t, memSize)
 	in, err := NewIntermediary(memSize, nil)
@@ -131,7 +146,7 @@ func TestOutputCommit(t *testing.T) {
 		released []uint64
 		bad      int
 	)
-	p, err = NewPrimary(m, pc, PrimaryConfig{Interval: 10 * time.Millisecond, OnRelease: func(r vmm.Record) {
+	p, err = NewPrimary(m, pc, PrimaryConfig{Interval: 10 * time.Millisecond, Compression: level, OnRelease: func(r vmm.Record) {
 		// The intermediary's image must already show this iteration:
 		// hot page 0 holds the sequence number of the last iteration.
 		seq := counterSeq(in.Image(), dataBase)
@@ -173,6 +188,14 @@ func TestOutputCommit(t *testing.T) {
 	})
 	if !same {
 		t.Errorf("intermediary image at epoch %d differs from the stopped guest's memory", in.Image().Epoch())
+	}
+	raw, sent := p.zipRaw.Load(), p.zipWire.Load()
+	switch {
+	case level == 0 && raw != 0:
+		t.Errorf("without compression %d page bytes were compressed", raw)
+	case level != 0 && (raw < memSize || raw-sent < memSize/2):
+		// The full image alone has more than 16 MiB of zero pages.
+		t.Errorf("compressed %d page bytes into %d; want at least the full image's %d, and half of that elided", raw, sent, memSize)
 	}
 	pc.Close()
 	if err := <-served; err != nil && !errors.Is(err, context.Canceled) {

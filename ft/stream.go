@@ -48,6 +48,9 @@ var ErrLinkBroken = errors.New("link broken mid-checkpoint")
 // refuse the checkpoint (ErrBadCheckpoint); anything else is a link that
 // broke (ErrLinkBroken).
 func readFailed(epoch uint64, err error) error {
+	if errors.Is(err, ErrBadCheckpoint) { // a compressed batch that does not decode
+		return fmt.Errorf("checkpoint %d: %w", epoch, err)
+	}
 	for _, bad := range []error{wire.ErrBadMagic, wire.ErrChecksum, wire.ErrMalformed, wire.ErrTooLarge,
 		wire.ErrUnknownType, wire.ErrVersion} {
 		if errors.Is(err, bad) {

@@ -2,16 +2,20 @@ package ft
 
 import (
 	"fmt"
+	"io"
 	"sync/atomic"
 
 	"github.com/understudy-vmm/understudy/ft/wanzip"
 	"github.com/understudy-vmm/understudy/ft/wire"
 )
 
-// Compression on the intermediary→backup link (the WAN): the intermediary
-// sends every page batch as a wire.CompressedBatch (zstd with zero-page
-// elision, ft/wanzip) with the pages' end-to-end sums beside it; the
-// backup accepts either form and verifies the same sums.
+// Compression of page batches: on the intermediary→backup link (the WAN,
+// Intermediary.SetWANCompression) and on a primary's links
+// (PrimaryConfig.Compression), the sender sends every page batch as a
+// wire.CompressedBatch (zero-page elision and zstd, or zero-page elision
+// alone at wanzip.LevelStore) with the pages' end-to-end sums beside it;
+// the intermediary and the backup accept either form and verify the same
+// sums.
 
 // compressingConn sends PageBatch messages compressed.
 type compressingConn struct {
@@ -40,6 +44,14 @@ func (c *compressingConn) WriteMessage(m wire.Message) error {
 		c.sums = append(c.sums, p.Sum) // the end-to-end sums travel as they came
 	}
 	return c.MessageConn.WriteMessage(&wire.CompressedBatch{Epoch: pb.Epoch, Sums: c.sums, Data: c.buf})
+}
+
+// Close closes the link, if it can be closed.
+func (c *compressingConn) Close() error {
+	if cl, ok := c.MessageConn.(io.Closer); ok {
+		return cl.Close()
+	}
+	return nil
 }
 
 // decompressingConn returns every CompressedBatch as the PageBatch it

@@ -2,6 +2,7 @@ package ft
 
 import (
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -59,5 +60,48 @@ func TestCompressedBatchRefused(t *testing.T) {
 	}
 	if bk.Committed() != 1 {
 		t.Errorf("committed epoch after the corrupt batch = %d, want 1", bk.Committed())
+	}
+}
+
+// TestCompressedBatchFromPrimary: the intermediary takes a primary's
+// compressed page batches (PrimaryConfig.Compression) as raw ones, and
+// refuses one that does not decode as a bad checkpoint from a live
+// primary (ErrRefused), not a lost one (which would fail over).
+func TestCompressedBatchFromPrimary(t *testing.T) {
+	const memSize = 4 << 20
+	pc, ic := link(t, memSize)
+	in, err := NewIntermediary(memSize, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- in.ServePrimary(ic) }()
+	enc, err := wanzip.NewEncoder(wanzip.LevelStore)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var raw, sent atomic.Uint64
+	zc := &compressingConn{MessageConn: pc, enc: enc, raw: &raw, wire: &sent}
+	sendAcked(t, zc, holdBackEpoch(1), 0)
+	sendAcked(t, zc, holdBackEpoch(2), 1)
+	if raw.Load() == 0 {
+		t.Fatalf("no page batch went compressed")
+	}
+	want := NewImage(memSize)
+	for e := uint64(1); e <= 2; e++ {
+		if err := want.Apply(holdBackEpoch(e), e-1, in.PageOffset); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !sameImage(in.Image(), want) {
+		t.Errorf("the intermediary's image after two compressed checkpoints differs from the checkpoints applied")
+	}
+	pc.WriteMessage(&wire.CheckpointBegin{Epoch: 3, Base: 2, Pages: 1, StateLen: 5})
+	pc.WriteMessage(&wire.CompressedBatch{Epoch: 3, Sums: []uint32{0}, Data: []byte{1, 0, 1, 7, 0xff, 0xff}})
+	if err := <-done; !errors.Is(err, ErrRefused) || errors.Is(err, ErrPrimaryLost) {
+		t.Errorf("ServePrimary after a corrupt compressed batch = %v, want ErrRefused (not ErrPrimaryLost)", err)
+	}
+	if e := in.Image().Epoch(); e != 2 {
+		t.Errorf("the intermediary's epoch after the corrupt batch = %d, want 2", e)
 	}
 }

@@ -1,6 +1,7 @@
 // Package wanzip is the codec that makes one batch of checkpoint pages small
 // for the slow intermediary→backup link: zero-page elision plus one zstd
-// frame (github.com/klauspost/compress/zstd) of the remaining pages.
+// frame (github.com/klauspost/compress/zstd) of the remaining pages. A
+// primary may use it on its own links too (LevelStore: zero pages only).
 //
 // It owns the byte layout of one compressed batch, its strict decoding and
 // the choice of zstd level. It must not frame messages or carry epochs (that
@@ -46,6 +47,17 @@
 // zero, so each batch has one bitmap and the encoder's choice is never
 // ambiguous. The encoding carries no epoch and no length: the enclosing
 // message does.
+//
+// # Stored frames
+//
+// LevelStore elides the zero pages and sends the rest as they are: its data
+// is one zstd frame of raw blocks (block type 0, at most 128 KiB each) with
+// a 128 KiB window, a 4-byte content size and the content checksum (xxHash64,
+// as every zstd frame's). It is an ordinary frame under the rules above, so
+// a decoder reads it without knowing the level; it costs the sender a copy
+// and a checksum of the data pages, no compressor. It is for links where
+// bytes are cheap but zero pages are many: a fresh guest's first image is
+// mostly zero pages (the primary's --compress store).
 //
 // # Decoding hostile input
 //

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync/atomic"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/understudy-vmm/understudy/ft/wire"
@@ -16,8 +17,8 @@ import (
 // is for one goroutine at a time; Stats may be called from any goroutine.
 type Encoder struct {
 	level Level
-	zw    *zstd.Encoder
-	data  []byte // scratch: the batch's data pages, concatenated
+	zw    *zstd.Encoder // nil at LevelStore
+	data  []byte        // scratch: the batch's data pages, concatenated
 
 	batches, pages, zeroPages, encoded atomic.Uint64
 }
@@ -38,6 +39,9 @@ func NewEncoder(level Level) (*Encoder, error) {
 	}
 	if !level.Valid() {
 		return nil, fmt.Errorf("wanzip: %v is not a compression level", level)
+	}
+	if level == LevelStore {
+		return &Encoder{level: level}, nil
 	}
 	// Concurrency 1: EncodeAll runs on the caller's goroutine and the
 	// encoder starts none of its own.
@@ -92,7 +96,11 @@ func (e *Encoder) AppendBatch(dst []byte, pages []wire.Page) ([]byte, error) {
 		}
 		e.data = append(e.data, p.Data...)
 	}
-	if len(e.data) > 0 {
+	switch {
+	case len(e.data) == 0:
+	case e.level == LevelStore:
+		dst = appendStored(dst, e.data)
+	default:
 		dst = e.zw.EncodeAll(e.data, dst)
 	}
 	e.batches.Add(1)
@@ -118,4 +126,31 @@ func checkBatch(pages []wire.Page) error {
 		}
 	}
 	return nil
+}
+
+// The stored frame (LevelStore): a zstd frame header with a 128 KiB window,
+// a 4-byte content size and the checksum flag, then the data in raw blocks
+// of at most maxBlockSize bytes, then the checksum.
+const (
+	zstdMagic      = 0xFD2FB528
+	storedFHD      = 2<<6 | 1<<2 // content size in 4 bytes, checksum, not single segment, no dictionary
+	storedWindow   = 7 << 3      // window 1<<(10+7) = 128 KiB: the raw blocks need no history
+	rawBlockHeader = 0 << 1      // block type 0: raw
+)
+
+// appendStored appends data (at most 4 GiB) as one zstd frame of raw blocks.
+func appendStored(dst, data []byte) []byte {
+	dst = binary.LittleEndian.AppendUint32(dst, zstdMagic)
+	dst = append(dst, storedFHD, storedWindow)
+	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(data)))
+	for off := 0; off < len(data); off += maxBlockSize {
+		block := data[off:min(off+maxBlockSize, len(data))]
+		h := uint32(len(block))<<3 | rawBlockHeader
+		if off+len(block) == len(data) {
+			h |= 1 // the last block
+		}
+		dst = append(dst, byte(h), byte(h>>8), byte(h>>16))
+		dst = append(dst, block...)
+	}
+	return binary.LittleEndian.AppendUint32(dst, uint32(xxhash.Sum64(data)))
 }

@@ -30,9 +30,9 @@ func headerLen(pages []wire.Page) int {
 // canonical) and the same pages.
 func FuzzDecodeBatch(f *testing.F) {
 	rng := rand.New(rand.NewPCG(7, 8))
-	enc := mustEncoder(f, 0)
-	for _, n := range []int{1, 2, 3, 9, 40} {
-		b, err := enc.AppendBatch(nil, genPages(rng, n))
+	encs := []*Encoder{mustEncoder(f, 0), mustEncoder(f, LevelStore)}
+	for i, n := range []int{1, 2, 3, 9, 40, 1, 3, 40} {
+		b, err := encs[i/5].AppendBatch(nil, genPages(rng, n))
 		if err != nil {
 			f.Fatal(err)
 		}
@@ -75,7 +75,7 @@ func FuzzDecodeBatch(f *testing.F) {
 			t.Fatalf("DecodeBatch accepted %d pages with limit %d", len(pages), maxPages)
 		}
 		// The pages must form a valid batch: re-encoding checks that.
-		again, err := enc.AppendBatch(nil, pages)
+		again, err := encs[0].AppendBatch(nil, pages)
 		if err != nil {
 			t.Fatalf("AppendBatch(DecodeBatch()) = %v", err)
 		}
@@ -97,9 +97,10 @@ func FuzzRoundTrip(f *testing.F) {
 	f.Add([]byte{0, 1, 2, 3}, uint16(1))
 	f.Add(bytes.Repeat([]byte{0xff, 0, 0x10}, 100), uint16(300))
 	f.Add([]byte("zero pages, repeated patterns and random data"), uint16(9))
-	enc := mustEncoder(f, 0)
+	encs := []*Encoder{mustEncoder(f, 0), mustEncoder(f, LevelStore)}
 	dec := mustDecoder(f)
 	f.Fuzz(func(t *testing.T, seed []byte, n16 uint16) {
+		enc := encs[n16%2]
 		n := 1 + int(n16)%512
 		pages := make([]wire.Page, n)
 		data := make([]byte, n*wire.PageSize)

@@ -30,23 +30,27 @@ func corrupt(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrCorrupt, fmt.Sprintf(format, args...))
 }
 
-// Level is a zstd compression level.
+// Level is a zstd compression level, or LevelStore.
 type Level uint8
 
-// The levels, named after klauspost/compress/zstd's, fastest first. The zero
-// Level selects DefaultLevel.
+// The levels, named after klauspost/compress/zstd's, fastest first, and
+// LevelStore. The zero Level selects DefaultLevel.
 const (
 	LevelFastest Level = 1 // zstd.SpeedFastest, about zstd -1
 	LevelDefault Level = 2 // zstd.SpeedDefault, about zstd -3
 	LevelBetter  Level = 3 // zstd.SpeedBetterCompression, about zstd -7
 	LevelBest    Level = 4 // zstd.SpeedBestCompression, about zstd -11
+	// LevelStore elides zero pages and compresses nothing: the data pages
+	// go as raw zstd blocks (see "Stored frames" in the package
+	// documentation), which cost a copy and a checksum, not a compressor.
+	LevelStore Level = 5
 
 	// DefaultLevel is the level chosen by measurement (see the package
 	// documentation): LevelFastest.
 	DefaultLevel = LevelFastest
 )
 
-var levelNames = [...]string{LevelFastest: "fastest", LevelDefault: "default", LevelBetter: "better", LevelBest: "best"}
+var levelNames = [...]string{LevelFastest: "fastest", LevelDefault: "default", LevelBetter: "better", LevelBest: "best", LevelStore: "store"}
 
 var levelZstd = [...]zstd.EncoderLevel{
 	LevelFastest: zstd.SpeedFastest, LevelDefault: zstd.SpeedDefault,
@@ -54,7 +58,7 @@ var levelZstd = [...]zstd.EncoderLevel{
 }
 
 // Valid reports whether l is one of the defined levels.
-func (l Level) Valid() bool { return l >= LevelFastest && l <= LevelBest }
+func (l Level) Valid() bool { return l >= LevelFastest && l <= LevelStore }
 
 // String returns the name ParseLevel accepts.
 func (l Level) String() string {
@@ -64,9 +68,9 @@ func (l Level) String() string {
 	return fmt.Sprintf("level(%d)", uint8(l))
 }
 
-// ParseLevel parses "fastest", "default", "better" or "best".
+// ParseLevel parses "fastest", "default", "better", "best" or "store".
 func ParseLevel(s string) (Level, error) {
-	for l := LevelFastest; l <= LevelBest; l++ {
+	for l := LevelFastest; l <= LevelStore; l++ {
 		if levelNames[l] == s {
 			return l, nil
 		}

@@ -131,12 +131,12 @@ func TestRoundTrip(t *testing.T) {
 	if raceEnabled || testing.Short() {
 		rounds = len(sizes) + 1 // every size once, and one reuse of the buffer
 	}
-	for l := LevelFastest; l <= LevelBest; l++ {
+	for l := LevelFastest; l <= LevelStore; l++ {
 		enc := mustEncoder(t, l)
 		var want Stats
 		for round := range rounds {
 			n := sizes[round%len(sizes)]
-			if l > LevelDefault && n > 1000 {
+			if (l == LevelBetter || l == LevelBest) && n > 1000 {
 				n = 1 + rng.IntN(1000) // the slow levels get smaller batches
 			}
 			pages := genPages(rng, n)
@@ -492,7 +492,7 @@ func TestConcurrentUse(t *testing.T) {
 }
 
 func TestLevels(t *testing.T) {
-	for l := LevelFastest; l <= LevelBest; l++ {
+	for l := LevelFastest; l <= LevelStore; l++ {
 		p, err := ParseLevel(l.String())
 		if err != nil || p != l {
 			t.Errorf("ParseLevel(%q) = %v, %v; want %v", l.String(), p, err, l)
@@ -504,7 +504,69 @@ func TestLevels(t *testing.T) {
 	if e := mustEncoder(t, 0); e.Level() != DefaultLevel {
 		t.Errorf("NewEncoder(0).Level() = %v, want %v", e.Level(), DefaultLevel)
 	}
-	if _, err := NewEncoder(LevelBest + 1); err == nil {
-		t.Errorf("NewEncoder(%d) = nil error, want one", LevelBest+1)
+	if _, err := NewEncoder(LevelStore + 1); err == nil {
+		t.Errorf("NewEncoder(%d) = nil error, want one", LevelStore+1)
+	}
+}
+
+// TestStoredFrame: LevelStore's data pages go as raw blocks, whole, after
+// the bitmap, in a frame that zstd's own decoder reads and checks (its
+// checksum); a flipped data byte fails that check.
+func TestStoredFrame(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	// 40 data pages (160 KiB, two raw blocks) between zero pages.
+	pages := genPages(rng, 64)
+	data := 0
+	for i := range pages {
+		if i%8 == 0 {
+			pages[i].Data = make([]byte, wire.PageSize)
+			continue
+		}
+		if isZero(pages[i].Data) {
+			pages[i].Data[0] = 1
+		}
+		if data++; data > 40 {
+			pages[i].Data = make([]byte, wire.PageSize)
+		}
+	}
+	b, err := mustEncoder(t, LevelStore).AppendBatch(nil, pages)
+	if err != nil {
+		t.Fatal(err)
+	}
+	frame := b[headerLen(pages):]
+	var want []byte
+	for _, p := range pages {
+		if !isZero(p.Data) {
+			want = append(want, p.Data...)
+		}
+	}
+	if len(want) != 40*wire.PageSize {
+		t.Fatalf("%d data bytes, want 40 pages", len(want))
+	}
+	// Header (4 magic, 1 descriptor, 1 window, 4 size), two block headers,
+	// the data, the checksum.
+	if got := 10 + 2*3 + len(want) + 4; len(frame) != got {
+		t.Fatalf("stored frame of %d bytes, want %d", len(frame), got)
+	}
+	if !bytes.Equal(frame[10+3:10+3+maxBlockSize], want[:maxBlockSize]) {
+		t.Errorf("the first block is not the data, raw")
+	}
+	zd, err := zstd.NewReader(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer zd.Close()
+	got, err := zd.DecodeAll(frame, nil)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("zstd decodes the stored frame to %d bytes, %v; want the %d data bytes", len(got), err, len(want))
+	}
+	dec, err := mustDecoder(t).DecodeBatch(b, len(pages), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	equalPages(t, dec, pages)
+	b[len(b)-100] ^= 1
+	if _, err := mustDecoder(t).DecodeBatch(b, len(pages), nil, nil); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("DecodeBatch of a stored batch with a flipped data byte = %v, want ErrCorrupt", err)
 	}
 }

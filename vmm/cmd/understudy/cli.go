@@ -394,9 +394,10 @@ func runPrimary(ctx context.Context, cfg vmm.Config, pf protectFlags, links ft.L
 	statusEvery time.Duration, beside func(*vmm.Machine) (func(), error), heat func([]uint64) []byte, recW *bufio.Writer) (vmm.Result, error) {
 	policy, _ := ft.ParseLinkLossPolicy(*pf.onLoss) // checked
 	budget, _ := pf.dirtyBudget()                   // checked
+	compress, _ := pf.compression()                 // checked
 	return ft.RunPrimary(ctx, ft.PrimaryRunConfig{
 		Machine: cfg,
-		Epochs: ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial, Heat: heat,
+		Epochs: ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial, Heat: heat, Compression: compress,
 			OnRelease: func(r vmm.Record) {
 				if recW != nil {
 					recW.WriteString(strconv.FormatUint(r.Value, 10) + "\n")

@@ -221,6 +221,8 @@ func TestRoleBadInput(t *testing.T) {
 		{[]string{"run", "--payload", "hello", "--direct-backup", "tcp://127.0.0.1:1"}, exitError, "go together"},
 		{[]string{"run", "--payload", "hello", "--on-intermediary-loss", "elsewhere"}, exitError, "want hold, pause or direct"},
 		{[]string{"run", "--payload", "hello", "--dirty-budget", "lots"}, exitError, "--dirty-budget lots"},
+		{[]string{"run", "--payload", "hello", "--compress", "tight"}, exitError, "--compress: "},
+		{[]string{"intermediary", "--backup", "tcp://127.0.0.1:1", "--keys", dir, "--wan-compress", "tight"}, exitError, "--wan-compress: "},
 		{[]string{"intermediary", "--backup", "tcp://127.0.0.1:1", "--keys", dir, "--hold-back", "bandwidth=0"}, exitError, "not a bandwidth"},
 		{[]string{"intermediary", "--backup", "tcp://127.0.0.1:1", "--keys", dir, "--hold-back", "range=8M-4M"}, exitError, "empty range"},
 		{[]string{"backup", "--keys", dir, "--request", "settle=2"}, exitError, "only with a manifest policy"},

@@ -161,6 +161,7 @@ type protectFlags struct {
 	giveUp   *time.Duration
 	redial   *time.Duration
 	connect  *time.Duration
+	compress *string
 }
 
 func addProtectFlags(fs flagAdder) protectFlags {
@@ -178,7 +179,26 @@ func addProtectFlags(fs flagAdder) protectFlags {
 		connect: fs.Duration("connect-timeout", 60*time.Second, "with --protect: keep trying to reach the intermediary for the first link this long, every --redial, "+
 			"reporting the wait on stderr every 5s (nodes booted together come up in any order); the guest starts once the link is up. "+
 			"Only a peer that does not answer yet is waited for: a refusal (a certificate of another CA, a wrong role) fails at once. 0: fail at once"),
+		compress: fs.String("compress", "off", "with --protect: send the checkpoints' pages compressed: store (zero pages elided, nothing else compressed: "+
+			"a fresh guest's first image shrinks to its non-zero pages, at the cost of a copy), fastest, default, better or best (zstd levels, with zero-page elision); off: raw"),
 	}
+}
+
+// compression returns --compress's level (0: off).
+func (p protectFlags) compression() (wanzip.Level, error) {
+	return parseCompress("--compress", *p.compress)
+}
+
+// parseCompress parses a compression flag's value: off or a wanzip level.
+func parseCompress(flag, s string) (wanzip.Level, error) {
+	if s == "off" {
+		return 0, nil
+	}
+	l, err := wanzip.ParseLevel(s)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w (or off)", flag, err)
+	}
+	return l, nil
 }
 
 func (p protectFlags) check() error {
@@ -201,7 +221,8 @@ func (p protectFlags) check() error {
 	if (policy == ft.ReplicateDirect) != (*p.direct != "") {
 		return fmt.Errorf("--on-intermediary-loss direct and --direct-backup ADDR go together")
 	}
-	return nil
+	_, err = p.compression()
+	return err
 }
 
 // dirtyBudget returns --dirty-budget in bytes (0: none).
@@ -226,7 +247,7 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	onLoss := fs.String("on-backup-loss", "continue", "while no backup is attached: continue (acknowledge the primary; a returning backup is re-seeded with a full image) "+
 		"or stall (acknowledge nothing, so the primary holds its output, until a backup is attached)")
 	retry := fs.Duration("backup-retry", 500*time.Millisecond, "pause between attempts to reach a lost backup")
-	wanCompress := fs.String("wan-compress", "off", "compress page batches to the backup (zstd with zero-page elision): off, fastest, default, better or best")
+	wanCompress := fs.String("wan-compress", "off", "compress page batches to the backup: fastest, default, better or best (zstd with zero-page elision), store (zero-page elision only); off: raw")
 	holdBack := fs.String("hold-back", "off", "hold back hot pages from the backup: off, on, or threshold=F,max-held=SIZE,max-lag-epochs=N,max-lag=DUR "+
 		"(defaults 2, 64M, 200, 5s): pages changed at least F times (a count halving every 16 epochs) are held until a sync, others are staged at once; "+
 		"a sync (the backup commits a whole epoch) comes when any bound is passed, and before a failover. Also bandwidth=RATE (100Mbit, 12MiB/s) caps "+
@@ -249,11 +270,9 @@ func cmdIntermediary(ctx context.Context, args []string, stdout, stderr io.Write
 	if err != nil {
 		return fail(stderr, fmt.Errorf("--hold-back: %w", err))
 	}
-	var zlevel wanzip.Level
-	if *wanCompress != "off" {
-		if zlevel, err = wanzip.ParseLevel(*wanCompress); err != nil {
-			return fail(stderr, fmt.Errorf("--wan-compress: %w", err))
-		}
+	zlevel, err := parseCompress("--wan-compress", *wanCompress)
+	if err != nil {
+		return fail(stderr, err)
 	}
 	if *retry <= 0 {
 		return fail(stderr, fmt.Errorf("--backup-retry %v: must be positive", *retry))

@@ -68,7 +68,7 @@ var linuxFlagNames = map[string]bool{
 	"save": true, "save-on-signal": true, "save-after-output": true, "large-pages": true,
 	// --protect and what goes with it (run_linux_protect.go).
 	"protect": true, "interval": true, "dirty-budget": true, "on-intermediary-loss": true, "direct-backup": true,
-	"give-up": true, "redial": true, "connect-timeout": true, "output-hold": true, "status-interval": true,
+	"give-up": true, "redial": true, "connect-timeout": true, "compress": true, "output-hold": true, "status-interval": true,
 	"keys": true, "name": true, "verbose": true, "metrics": true, "heartbeat": true, "peer-timeout": true,
 }
 

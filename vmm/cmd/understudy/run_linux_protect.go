@@ -76,6 +76,7 @@ func (lf *linuxFlags) runProtected(ctx, runCtx context.Context, cfg vmm.Config, 
 	}
 	policy, _ := ft.ParseLinkLossPolicy(*pf.onLoss) // checked
 	budget, _ := pf.dirtyBudget()                   // checked
+	compress, _ := pf.compression()                 // checked
 	if _, raw := in.(*escapeReader); raw && !o.quiet {
 		fmt.Fprintf(stderr, "understudy: the terminal is in raw mode for the guest's console: %s\n", escapeHelp)
 	}
@@ -101,7 +102,7 @@ func (lf *linuxFlags) runProtected(ctx, runCtx context.Context, cfg vmm.Config, 
 	res, err := ft.RunPrimary(runCtx, ft.PrimaryRunConfig{
 		Machine:      cfg,
 		NetOutput:    hold,
-		Epochs:       ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial, Heat: heat},
+		Epochs:       ft.PrimaryConfig{Interval: *pf.interval, DirtyBudget: budget, OnLinkLoss: policy, GiveUp: *pf.giveUp, Redial: *pf.redial, Heat: heat, Compression: compress},
 		Intermediary: *pf.addr, ConnectTimeout: *pf.connect, DirectBackup: *pf.direct, Links: links, Log: log,
 		StatusEvery: o.statusEvery, Metrics: *o.role.metrics, MoreMetrics: more,
 		OnStart: func(m *vmm.Machine) (func(), error) {

@@ -163,7 +163,8 @@ func rarpSource(frame []byte) net.HardwareAddr {
 // primary goes away without a goodbye; the intermediary fails over and the
 // backup resumes the guest with its NIC on the backup's own tap, where it
 // announces the primary's MAC. A large-page spec the guest cannot have does
-// not stop it.
+// not stop it. The primary's and the intermediary's links send their pages
+// compressed (--compress store, --wan-compress store).
 func TestRunLinuxProtectedFailover(t *testing.T) {
 	requireKVM(t)
 	ptap, btap := makeTap(t), makeTap(t)
@@ -177,14 +178,17 @@ func TestRunLinuxProtectedFailover(t *testing.T) {
 	// without large pages, and the backup says why.
 	backup := startRole(ctx, "backup", "backup", "--listen", baddr, "--keys", dir, "--net", "tap="+btap, "--status-interval", "0",
 		"--large-pages", "budget=2,source=refault")
-	inter := startRole(ctx, "intermediary", "intermediary", "--listen", iaddr, "--backup", baddr, "--keys", dir, "--status-interval", "0")
+	// Both links carry their pages compressed (zero pages elided).
+	inter := startRole(ctx, "intermediary", "intermediary", "--listen", iaddr, "--backup", baddr, "--keys", dir, "--status-interval", "0",
+		"--wan-compress", "store")
 	waitStderr(t, backup.errs, "listening on")
 	waitStderr(t, inter.errs, "listening on")
 	k := writeFile(t, t.TempDir(), "bzImage", testKernel(codePrintSpin), 0o644)
 	pctx, kill := context.WithCancel(ctx)
 	primary := startRole(pctx, "primary", "run", "--kernel", k, "--mem", "64M", "--net", "tap="+ptap+",mac=02:00:00:00:00:31",
-		"--protect", iaddr, "--keys", dir, "--interval", "10ms", "--status-interval", "0")
+		"--protect", iaddr, "--keys", dir, "--interval", "10ms", "--status-interval", "20ms", "--compress", "store")
 	waitStderr(t, primary.out, "X") // released: checkpoint 1 was acknowledged
+	waitStderr(t, primary.errs, " compress=store ratio=0.")
 	kill()
 	primary.wantExit(t, exitInterrupted)
 	waitStderr(t, backup.errs, "activated at epoch")
