@@ -10,6 +10,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -275,7 +276,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 	if o.cpus < 1 || o.cpus > vmm.MaxCPUs {
 		return fail(stderr, fmt.Errorf("--cpus %d: want 1..%d vCPUs", o.cpus, vmm.MaxCPUs)), true
 	}
-	lpCfg, err := linuxLargePages(o.largePages, save != nil)
+	lpCfg, err := linuxLargePages(o.largePages)
 	if err != nil {
 		return usageError(fs, err.Error()), true
 	}
@@ -330,13 +331,19 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 		return fail(stderr, err), true
 	}
 	defer m.Close()
+	var beforeSave func() // stops what would resume the guest under a save
 	if lpCfg != nil {
 		lp, stopLP, err := startLargePages(m, *lpCfg, o.statusEvery, stderr)
 		if err != nil {
 			restore()
 			return fail(stderr, err), true
 		}
+		// The controller pauses and resumes the guest to sample it: it
+		// stops before a save pauses the guest (its promoted regions stay
+		// large; the snapshot holds memory, not mappings).
+		stopLP = sync.OnceFunc(stopLP)
 		defer stopLP()
+		beforeSave = stopLP
 		var pager atomic.Pointer[largepage.Pager]
 		pager.Store(lp)
 		stopMetrics, err := serveLargePageMetrics(*o.role.metrics, true, &pager, stderr)
@@ -355,7 +362,7 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 		stopSignal := save.watchSignal(saveReq)
 		var saved bool
 		var s savedSnapshot
-		res, saved, s, err = runLinuxAndSave(runCtx, m, saveReq, o.save)
+		res, saved, s, err = runLinuxAndSave(runCtx, m, saveReq, o.save, beforeSave)
 		stopSignal()
 		restore()
 		ends.finish()
@@ -395,15 +402,13 @@ func (lf *linuxFlags) run(ctx context.Context, fs *flag.FlagSet, o linuxRunOptio
 // devices read and write guest memory from the VMM, which the refault
 // sampler would revoke under them, so a prioritized policy samples with
 // DAMON or the guest's own accessed bits (source auto: DAMON where it can
-// be used, else guest). Snapshots do not combine with it yet.
-func linuxLargePages(s string, save bool) (*largepage.Config, error) {
+// be used, else guest). With --save the controller stops before the save.
+func linuxLargePages(s string) (*largepage.Config, error) {
 	cfg, err := parseLargePagesFlag(s)
 	if cfg == nil || err != nil {
 		return nil, err
 	}
 	switch {
-	case save:
-		return nil, errors.New("--large-pages cannot be combined with --save")
 	case cfg.Source == largepage.SourceRefault:
 		return nil, errors.New("--large-pages source=refault: a Linux guest's virtio devices access guest memory from the VMM, which the refault sampler revokes; use source=damon or source=guest")
 	}

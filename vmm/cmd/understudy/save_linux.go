@@ -182,8 +182,9 @@ func (l *lineEnds) finish() {
 }
 
 // runLinuxAndSave runs m until saveReq is closed, then pauses it, saves a
-// snapshot to path and stops it. saved is false if the guest ended first.
-func runLinuxAndSave(ctx context.Context, m *vmm.Machine, saveReq <-chan struct{}, path string) (res vmm.Result, saved bool, s savedSnapshot, err error) {
+// snapshot to path and stops it (beforeSave, if not nil, runs before the
+// pause). saved is false if the guest ended first.
+func runLinuxAndSave(ctx context.Context, m *vmm.Machine, saveReq <-chan struct{}, path string, beforeSave func()) (res vmm.Result, saved bool, s savedSnapshot, err error) {
 	type outcome struct {
 		res vmm.Result
 		err error
@@ -197,6 +198,9 @@ func runLinuxAndSave(ctx context.Context, m *vmm.Machine, saveReq <-chan struct{
 	case o := <-done:
 		return o.res, false, s, o.err
 	case <-saveReq:
+	}
+	if beforeSave != nil {
+		beforeSave()
 	}
 	if s.pause, err = m.Pause(); err != nil {
 		o := <-done

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -109,6 +110,27 @@ func TestRunLinuxSaveAfterOutput(t *testing.T) {
 		t.Errorf("restore of a Linux snapshot with --records = %d, %q; want a usage error", code, errs)
 	} else {
 		checkUsageError(t, "restore", nil, errs)
+	}
+}
+
+// TestRunLinuxSaveLargePages: --save combines with --large-pages for a
+// Linux guest. The controller (which pauses and resumes the guest to sample
+// it) stops before the save pauses the guest, printing its last status
+// first, and the snapshot restores, with its regions mapped large at the
+// save (policy=all) or sampled (budget=2).
+func TestRunLinuxSaveLargePages(t *testing.T) {
+	requireKVM(t)
+	dir := t.TempDir()
+	k := writeFile(t, dir, "bzImage", testKernel(codeWaitInput), 0o644)
+	disk := writeFile(t, dir, "disk.img", bytes.Repeat([]byte("disk"), 1<<18), 0o644)
+	for i, spec := range []string{"policy=all", "budget=2,period=20ms"} {
+		snap := filepath.Join(dir, fmt.Sprintf("snap%d", i))
+		code, out, errs := runCLI("run", "--kernel", k, "--mem", "64M", "--disk", disk, "--large-pages", spec, "--save", snap, "--save-after-output", "up\n")
+		status, saved := strings.Index(errs, "understudy: large-pages: "), strings.Index(errs, "understudy: saved a snapshot")
+		if code != 0 || out != "up\n" || status < 0 || saved < status {
+			t.Fatalf("run --large-pages %s --save = %d, stdout %q, stderr %q; want 0, \"up\\n\", the controller's last status, then the save", spec, code, out, errs)
+		}
+		checkRestores(t, snap, disk)
 	}
 }
 
