@@ -221,10 +221,13 @@ const benchWrites = 200
 // is answered after the guest's fdatasync; output commit holds the answer
 // until the checkpoint of its epoch is acknowledged. It prints
 //
-//	bench linux-ft: rtt_ms_p50_protected=A rtt_ms_p50_unprotected=B added_ms=A-B interval_ms=I epochs_s=E mib_per_epoch=M disk_kib_per_epoch=D
+//	bench linux-ft: rtt_ms_p50_protected=A rtt_ms_p50_unprotected=B added_ms=A-B interval_ms=I epochs_s=E mib_per_epoch=M disk_kib_per_epoch=D boot_s_protected=P boot_s_unprotected=U boot_ratio=P/U
 //
 // with the epochs' rate and the memory and disk bytes per checkpoint from
-// the primary's status lines while the protected client ran.
+// the primary's status lines while the protected client ran, and the time
+// from `understudy run` to the guest's service answering, on the node's
+// console clock (protected, it includes reaching the intermediary and the
+// first full image).
 func BenchmarkLinuxFT(b *testing.B) {
 	e := setup(b)
 	for range b.N {
@@ -240,10 +243,13 @@ func linuxFTBench(t testing.TB, e env) string {
 	expect(t, backup, bootTimeout, "understudy: backup: listening on tcp://")
 	serving := fmt.Sprintf("understudy-guest: kv: serving on %s:%s", guestAddr, kvPort)
 	// run serves benchWrites writes of one client to the guest on node 1
-	// booted with args and returns the client's result line and the node.
-	run := func(name, args string) (Line, *Machine, *Machine) {
+	// booted with args and returns the client's result line, the node and
+	// the client, and how long the guest took from `understudy run` to
+	// serving.
+	run := func(name, args string) (Line, *Machine, *Machine, time.Duration) {
 		n1 := c.boot(t, primaryNode, primaryMiB, c.configDisk(t, primaryNode, "primary", "run", args), "")
-		expect(t, n1, protectedTimeout, serving)
+		up := expect(t, n1, bootTimeout, "understudy-appliance: exec: understudy run ")[0]
+		boot := expect(t, n1, protectedTimeout, serving)[0].At - up.At
 		cl := c.hostKVLoad(t, "-n", strconv.Itoa(benchWrites), "-prefix", name, "-progress", "1s", "-retry-for", "10m", "-timeout", "10m", "-want-survived", "-poweroff")
 		res := expect(t, cl, protectedTimeout, "kvload: result ")[0]
 		want := fmt.Sprintf("kvload: result acked=%d verified=%d missing=0 wrong=0 disk=ok connection_survived=true ", benchWrites, benchWrites)
@@ -252,10 +258,10 @@ func linuxFTBench(t testing.TB, e env) string {
 		}
 		expect(t, cl, nestedTimeout, "kvload: OK")
 		poweredOff(t, n1, 0)
-		return res, n1, cl
+		return res, n1, cl, boot
 	}
-	plain, _, _ := run("unprotected", primaryArgs(""))
-	prot, n1, cl := run("protected", primaryArgs(fmt.Sprintf("--interval %v --status-interval 1s", benchInterval)))
+	plain, _, _, plainBoot := run("unprotected", primaryArgs(""))
+	prot, n1, cl, protBoot := run("protected", primaryArgs(fmt.Sprintf("--interval %v --status-interval 1s", benchInterval)))
 	// The primary's status lines while the client wrote.
 	var from, to time.Time
 	for _, l := range cl.Lines() {
@@ -282,6 +288,7 @@ func linuxFTBench(t testing.TB, e env) string {
 		t.Fatalf("no status line of the protected primary with epochs between %v and %v", from, to)
 	}
 	a, p := statusField(prot.Text, "rtt_ms_p50"), statusField(plain.Text, "rtt_ms_p50")
-	return fmt.Sprintf("bench linux-ft: rtt_ms_p50_protected=%.1f rtt_ms_p50_unprotected=%.1f added_ms=%.1f interval_ms=%d epochs_s=%.1f mib_per_epoch=%.3f disk_kib_per_epoch=%.1f",
-		a, p, a-p, benchInterval.Milliseconds(), eps/float64(lines), mibs/eps, kibs/eps)
+	return fmt.Sprintf("bench linux-ft: rtt_ms_p50_protected=%.1f rtt_ms_p50_unprotected=%.1f added_ms=%.1f interval_ms=%d epochs_s=%.1f mib_per_epoch=%.3f disk_kib_per_epoch=%.1f boot_s_protected=%.1f boot_s_unprotected=%.1f boot_ratio=%.2f",
+		a, p, a-p, benchInterval.Milliseconds(), eps/float64(lines), mibs/eps, kibs/eps,
+		protBoot.Seconds(), plainBoot.Seconds(), protBoot.Seconds()/plainBoot.Seconds())
 }
