@@ -110,10 +110,13 @@ func linuxFailover(t testing.TB, e env, demo bool) linuxKill {
 	killAt := linuxKillMin + rand.IntN(linuxKillMax-linuxKillMin+1)
 	step("1/6 booting the backup (node 3, %s) and the intermediary (node 2, %s), each configured by its config disk", nodeAddr(3), nodeAddr(2))
 	boot(backupNode, backupMiB, "backup", "backup", backupArgs()+" --large-pages "+linuxLargePages)
-	boot(intermediaryNode, intermediaryMiB, "intermediary", "intermediary", intermediaryArgs())
+	// Both links send their pages with zero pages elided (--compress store,
+	// --wan-compress store): the guest's first image, mostly zero pages,
+	// crosses them in a fraction of the bytes.
+	boot(intermediaryNode, intermediaryMiB, "intermediary", "intermediary", intermediaryArgs()+" --wan-compress store")
 	expect(t, ms[1], bootTimeout, "understudy: intermediary: listening on tcp://"+nodeAddr(2)+":"+interPort)
 	step("2/6 booting the primary (node 1, %s): `understudy run --kernel --protect` of a nested Linux guest (%s) serving a key-value store on its disk", nodeAddr(1), guestAddr)
-	boot(primaryNode, primaryMiB, "primary", "run", primaryArgs("--interval 100ms --status-interval 2s --large-pages "+linuxLargePages))
+	boot(primaryNode, primaryMiB, "primary", "run", primaryArgs("--interval 100ms --status-interval 2s --compress store --large-pages "+linuxLargePages))
 	step("3/6 starting the client (on the test host, %s on the segment): kvload writes %d values over one TCP connection; the primary dies after %d are acknowledged", hostClientAddr, linuxWrites, killAt)
 	client := c.hostKVLoad(t, "-n", strconv.Itoa(linuxWrites), "-progress", "250ms", "-retry-for", "10m", "-timeout", "10m", "-want-survived", "-poweroff")
 	primary, inter, backup := ms[0], ms[1], ms[2]
@@ -127,6 +130,13 @@ func linuxFailover(t testing.TB, e env, demo bool) linuxKill {
 	step("5/6 %s; %s", strings.TrimPrefix(il[1].Text, "understudy: "), strings.TrimPrefix(bl[0].Text, "understudy: "))
 	if lost, activated, resumed := epochOf(il[0].Text), epochOf(il[1].Text), epochOf(bl[0].Text); lost == "" || lost != activated || activated != resumed {
 		t.Errorf("epochs: the intermediary lost the primary at %q, activated the backup at %q; the backup resumed %q", lost, activated, resumed)
+	}
+	compressed := false
+	for _, l := range primary.Lines() {
+		compressed = compressed || strings.Contains(l.Text, "understudy: primary: ") && strings.Contains(l.Text, " compress=store ratio=")
+	}
+	if !compressed {
+		t.Errorf("no status line of the primary shows its pages sent compressed (compress=store ratio=)")
 	}
 	res := expect(t, client, nestedTimeout, "kvload: result ")[0]
 	k := linuxKill{result: strings.TrimPrefix(res.Text, "kvload: ")}
