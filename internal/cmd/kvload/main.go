@@ -226,12 +226,15 @@ func run(args []string, out, stderr io.Writer, stop <-chan struct{}) int {
 	}
 	var st stats
 	start := time.Now()
+	stopProgress := func() {}
 	if c.progress > 0 {
-		// Stopped and waited for before run returns: its last line must
-		// not land in out after the caller has read it.
+		// Stopped and waited for once the writes stop (what it reports is
+		// the writes' progress), and before run returns in any case: no
+		// line of it may land in out after the result.
 		done := make(chan struct{})
 		var progress sync.WaitGroup
-		defer func() { close(done); progress.Wait() }()
+		stopProgress = sync.OnceFunc(func() { close(done); progress.Wait() })
+		defer stopProgress()
 		progress.Add(1)
 		go func() {
 			defer progress.Done()
@@ -277,6 +280,7 @@ func run(args []string, out, stderr io.Writer, stop <-chan struct{}) int {
 			}
 		}
 	}
+	stopProgress()
 	acked := cl.Acked()
 	say("writes stopped (%s) acked=%d after %s s", reason, len(acked), fmt.Sprintf("%.1f", time.Since(start).Seconds()))
 	if writeErr != nil {

@@ -129,6 +129,10 @@ func TestCount(t *testing.T) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
 	}
+	// Progress reports the writes: none after they stopped.
+	if _, after, _ := strings.Cut(out, "kvload: writes stopped"); strings.Contains(after, "kvload: progress ") {
+		t.Errorf("a progress line after the writes stopped:\n%s", out)
+	}
 	if v, ok := s.st.Get("t1-149"); !ok || v.Value != value("t1", 149, 64) || len(v.Value) != 64 {
 		t.Errorf("t1-149 = %+v, %v, want %q", v, ok, value("t1", 149, 64))
 	}
