@@ -18,7 +18,7 @@ import (
 type Encoder struct {
 	level Level
 	zw    *zstd.Encoder // nil at LevelStore
-	data  []byte        // scratch: the batch's data pages, concatenated
+	data  []byte        // scratch: the batch's data pages, concatenated (zstd levels)
 
 	batches, pages, zeroPages, encoded atomic.Uint64
 }
@@ -92,14 +92,17 @@ func (e *Encoder) AppendBatch(dst []byte, pages []wire.Page) ([]byte, error) {
 		if isZero(p.Data) {
 			dst[bitmap+i/8] |= 1 << (i % 8)
 			zeros++
-			continue
+		} else if e.zw != nil {
+			e.data = append(e.data, p.Data...) // zstd compresses one buffer
 		}
-		e.data = append(e.data, p.Data...)
 	}
 	switch {
-	case len(e.data) == 0:
-	case e.level == LevelStore:
-		dst = appendStored(dst, e.data)
+	case zeros == n:
+	case e.zw == nil:
+		// LevelStore: the data pages go straight from where they lie.
+		// The bitmap is read from dst's bytes as they are now (appending
+		// may move dst; the bitmap no longer changes).
+		dst = appendStored(dst, pages, dst[bitmap:bitmap+(n+7)/8], n-zeros)
 	default:
 		dst = e.zw.EncodeAll(e.data, dst)
 	}
@@ -138,19 +141,33 @@ const (
 	rawBlockHeader = 0 << 1      // block type 0: raw
 )
 
-// appendStored appends data (at most 4 GiB) as one zstd frame of raw blocks.
-func appendStored(dst, data []byte) []byte {
+// appendStored appends the data pages of pages (those whose bit in bitmap
+// is clear, dataPages of them) as one zstd frame of raw blocks.
+func appendStored(dst []byte, pages []wire.Page, bitmap []byte, dataPages int) []byte {
+	const blockPages = maxBlockSize / wire.PageSize
+	size := dataPages * wire.PageSize
+	dst = slices.Grow(dst, 10+size+3*(dataPages/blockPages+1)+4)
 	dst = binary.LittleEndian.AppendUint32(dst, zstdMagic)
 	dst = append(dst, storedFHD, storedWindow)
-	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(data)))
-	for off := 0; off < len(data); off += maxBlockSize {
-		block := data[off:min(off+maxBlockSize, len(data))]
-		h := uint32(len(block))<<3 | rawBlockHeader
-		if off+len(block) == len(data) {
-			h |= 1 // the last block
+	dst = binary.LittleEndian.AppendUint32(dst, uint32(size))
+	sum := xxhash.New()
+	left, k := size, 0 // bytes still to append; data pages appended
+	for i, p := range pages {
+		if bitmap[i/8]&(1<<(i%8)) != 0 {
+			continue
 		}
-		dst = append(dst, byte(h), byte(h>>8), byte(h>>16))
-		dst = append(dst, block...)
+		if k%blockPages == 0 {
+			block := min(left, maxBlockSize)
+			h := uint32(block)<<3 | rawBlockHeader
+			if block == left {
+				h |= 1 // the last block
+			}
+			dst = append(dst, byte(h), byte(h>>8), byte(h>>16))
+		}
+		dst = append(dst, p.Data...)
+		sum.Write(p.Data)
+		left -= wire.PageSize
+		k++
 	}
-	return binary.LittleEndian.AppendUint32(dst, uint32(xxhash.Sum64(data)))
+	return binary.LittleEndian.AppendUint32(dst, uint32(sum.Sum64()))
 }
