@@ -70,7 +70,7 @@ func holdBackEpoch(e uint64) *Checkpoint {
 
 // sendAcked sends cp as a primary would (a delta on base) and waits for
 // its acknowledgement.
-func sendAcked(t *testing.T, c MessageConn, cp *Checkpoint, base uint64) {
+func sendAcked(t testing.TB, c MessageConn, cp *Checkpoint, base uint64) {
 	t.Helper()
 	if err := SendCheckpoint(c, cp, base); err != nil {
 		t.Fatalf("SendCheckpoint(%d) = %v", cp.Epoch, err)
