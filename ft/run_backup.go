@@ -179,7 +179,11 @@ func RunBackup(ctx context.Context, cfg BackupRunConfig) (vmm.Result, error) {
 			m, err = b.Serve(c)
 		}
 		unwatch()
-		c.Close()
+		if m != nil {
+			go lingerClose(c, activationLinger) // the Ready must reach the intermediary
+		} else {
+			c.Close()
+		}
 		served.Store(nil)
 		if m == nil && ctx.Err() != nil {
 			return vmm.Result{}, ctx.Err()
@@ -249,4 +253,24 @@ func saveActivated(path string, b *Backup, m *vmm.Machine) error {
 		return fmt.Errorf("save the activated guest to %s: %w", path, err)
 	}
 	return f.Close()
+}
+
+// activationLinger bounds how long an activated backup keeps its link to
+// the intermediary open after its Ready (see lingerClose).
+const activationLinger = 5 * time.Second
+
+// lingerClose closes c once the peer has closed its side, reading and
+// dropping what it still sends, or after d. Closed at once with messages
+// of the peer unread (a status the intermediary wrote after its Activate),
+// the link is reset, and the peer, whose write then fails, closes its end
+// before it reads the Ready written last: it would report a failed
+// failover while this backup runs the guest.
+func lingerClose(c transport.Conn, d time.Duration) {
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(d))
+	for {
+		if _, err := c.ReadMessage(); err != nil {
+			return
+		}
+	}
 }

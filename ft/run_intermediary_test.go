@@ -69,6 +69,7 @@ func (b *standInBackup) serveOne(c transport.Conn) {
 			b.activated <- m.Epoch
 			<-b.activate
 			c.WriteMessage(&wire.Ready{})
+			lingerClose(c, activationLinger) // as RunBackup does
 			return
 		case *wire.Bye:
 			return
