@@ -78,8 +78,10 @@ image: build
 
 # The QEMU tier: it must not skip here, so a missing image or QEMU fails.
 # A failed test keeps its console log in build/qemu-tests/.
+# testtail ends the output with each failure's reason and its machines'
+# last console lines, so that a log's tail says what failed.
 qemu-test: image
-	UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 40m ./qemu-tests/
+	UNDERSTUDY_QEMU_REQUIRED=1 $(GO) test -count=1 -v -timeout 40m ./qemu-tests/ 2>&1 | $(GO) run ./internal/cmd/testtail
 
 # The long fault-injection run: 1000 SIGKILLs of the primary, and 200 more
 # with the intermediary holding back hot pages.
@@ -94,7 +96,7 @@ soak-linux: image
 
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./vmm/bench/ ./ft/ ./ft/transport/ ./internal/wan/ ./ft/wanzip/ ./mmu/ | grep -vE '^(Benchmark|goos|goarch|pkg|cpu|PASS)'
-	$(GO) test -count=1 -run '^$$' -bench 'LinuxSnapshot|LinuxFailover|LinuxFT|LinuxExitDetect' -benchtime 1x -timeout 30m ./qemu-tests/ | grep -E '^(bench|--- FAIL|FAIL|ok|\s+\S+_test\.go:[0-9]+: )'
+	$(GO) test -count=1 -run '^$$' -bench 'LinuxSnapshot|LinuxFailover|LinuxFT|LinuxExitDetect' -benchtime 1x -timeout 30m ./qemu-tests/ 2>&1 | $(GO) run ./internal/cmd/testtail -only '^(bench|--- FAIL|FAIL|ok|panic:)'
 
 clean:
 	rm -rf build
