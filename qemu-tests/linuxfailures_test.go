@@ -216,8 +216,10 @@ const benchWrites = 200
 // guest: the same guest (node 1, the key-value store on its disk) serves
 // the same client (kvload on the host, on the segment) benchWrites writes
 // twice in one run, first unprotected (`understudy run --kernel`), then
-// protected (`--protect`, the intermediary and the backup on nodes 2 and 3,
-// booted before either so both runs share the machine's load). Each write
+// protected (`--protect`, the intermediary and the backup on nodes 2 and 3).
+// Each run has a fresh cluster of three nodes booted alike (in the
+// unprotected run nodes 2 and 3 idle), so that both bear the same load,
+// and the protected one starts as the tests' protected clusters do. Each write
 // is answered after the guest's fdatasync; output commit holds the answer
 // until the checkpoint of its epoch is acknowledged. It prints
 //
@@ -236,17 +238,21 @@ func BenchmarkLinuxFT(b *testing.B) {
 }
 
 func linuxFTBench(t testing.TB, e env) string {
-	c := newLinuxCluster(t, e)
-	backup := c.boot(t, backupNode, backupMiB, c.configDisk(t, backupNode, "backup", "backup", backupArgs()), "")
-	inter := c.boot(t, intermediaryNode, intermediaryMiB, c.configDisk(t, intermediaryNode, "intermediary", "intermediary", intermediaryArgs()), "")
-	expect(t, inter, bootTimeout, "understudy: intermediary: listening on tcp://"+nodeAddr(intermediaryNode)+":"+interPort)
-	expect(t, backup, bootTimeout, "understudy: backup: listening on tcp://")
 	serving := fmt.Sprintf("understudy-guest: kv: serving on %s:%s", guestAddr, kvPort)
-	// run serves benchWrites writes of one client to the guest on node 1
-	// booted with args and returns the client's result line, the node and
-	// the client, and how long the guest took from `understudy run` to
-	// serving.
+	// run boots a cluster of its own (a fresh segment): the backup and the
+	// intermediary (idle in the unprotected run, so that both runs bear the
+	// same load), then node 1 with args, whose guest serves benchWrites
+	// writes of one client. It returns the client's result line, the node
+	// and the client, and how long the guest took from `understudy run` to
+	// serving; the cluster's nodes are stopped before it returns.
 	run := func(name, args string) (Line, *Machine, *Machine, time.Duration) {
+		c := newLinuxCluster(t, e)
+		backup := c.boot(t, backupNode, backupMiB, c.configDisk(t, backupNode, "backup", "backup", backupArgs()), "")
+		inter := c.boot(t, intermediaryNode, intermediaryMiB, c.configDisk(t, intermediaryNode, "intermediary", "intermediary", intermediaryArgs()), "")
+		defer backup.Kill()
+		defer inter.Kill()
+		expect(t, inter, bootTimeout, "understudy: intermediary: listening on tcp://"+nodeAddr(intermediaryNode)+":"+interPort)
+		expect(t, backup, bootTimeout, "understudy: backup: listening on tcp://")
 		n1 := c.boot(t, primaryNode, primaryMiB, c.configDisk(t, primaryNode, "primary", "run", args), "")
 		up := expect(t, n1, bootTimeout, "understudy-appliance: exec: understudy run ")[0]
 		boot := expect(t, n1, protectedTimeout, serving)[0].At - up.At
