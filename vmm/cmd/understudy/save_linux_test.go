@@ -213,14 +213,16 @@ func TestRunLinuxSaveUsage(t *testing.T) {
 func makeTap(t *testing.T) string { return linuxtest.MakeTap(t, "ucl") }
 
 // TestRunLinuxSaveNet saves a Linux guest with a NIC: `restore` takes the
-// tap again and the MAC from the snapshot, and refuses another MAC.
+// tap again and the MAC from the snapshot, and refuses another MAC. The
+// marker is the whole line: saved after "up" alone, the guest may still
+// have its newline to print, and prints it after the restore.
 func TestRunLinuxSaveNet(t *testing.T) {
 	requireKVM(t)
 	tap := makeTap(t)
 	dir := t.TempDir()
 	k := writeFile(t, dir, "bzImage", testKernel(codeWaitInput), 0o644)
 	snap := filepath.Join(dir, "snap")
-	code, _, errs := runCLI("run", "--kernel", k, "--mem", "64M", "--net", "tap="+tap+",mac=02:00:00:00:00:07", "--save", snap, "--save-after-output", "up")
+	code, _, errs := runCLI("run", "--kernel", k, "--mem", "64M", "--net", "tap="+tap+",mac=02:00:00:00:00:07", "--save", snap, "--save-after-output", "up\n")
 	if code != 0 || !strings.Contains(errs, "saved a snapshot") {
 		t.Fatalf("run --save with a NIC = %d, %q", code, errs)
 	}
