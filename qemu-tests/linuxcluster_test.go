@@ -1,6 +1,8 @@
 package qemutests
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -8,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // A protected Linux guest's appliance nodes on one segment, as an operator
@@ -175,4 +178,64 @@ func (c *linuxCluster) hostKVLoad(t testing.TB, args ...string) *Machine {
 	}
 	t.Cleanup(func() { m.Kill(); keepLog(t, c.e, log, "client") })
 	return m
+}
+
+// nodeAnswers reports whether node i's kernel answers on the segment: a
+// TCP connection from the test host to a closed port of its address is
+// refused (or accepted), not left unanswered. A frozen appliance answers
+// nothing, not even ARP.
+func (c *linuxCluster) nodeAnswers(i int) (bool, string) {
+	out, _ := exec.Command("ip", append([]string{"netns", "exec", c.seg.NetNS}, "timeout", "10", "bash", "-c",
+		fmt.Sprintf("exec 3<>/dev/tcp/%s/9 && echo connected", nodeAddr(i)))...).CombinedOutput()
+	o := strings.TrimSpace(string(out))
+	return strings.Contains(o, "refused") || strings.Contains(o, "connected"), o
+}
+
+// clientResult waits up to timeout for the client's result line. If the
+// client's acknowledged count (its progress lines) has not moved for
+// frozeAfter and node i answers nothing on the segment, node i's appliance
+// froze (the README's known TCG hang): frozen, at once. A node that answers
+// is waited for until timeout, as expect does.
+func (c *linuxCluster) clientResult(t testing.TB, cl *Machine, i int, timeout time.Duration) (_ Line, frozen bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	acked, moved := -1.0, time.Now()
+	for {
+		l, err := cl.WaitFor(context.Background(), "kvload: result ", 5*time.Second)
+		if err == nil {
+			return l, false
+		}
+		if errors.Is(err, ErrExited) || time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		a := -1.0
+		for _, l := range cl.Lines() {
+			if strings.Contains(l.Text, "kvload: progress ") {
+				a = statusField(l.Text, "acked")
+			}
+		}
+		if a != acked {
+			acked, moved = a, time.Now()
+			continue
+		}
+		if time.Since(moved) < frozeAfter {
+			continue
+		}
+		ok, probe := c.nodeAnswers(i)
+		if !ok {
+			t.Logf("the client acknowledged nothing for %v (acked=%v) and node %d does not answer on the segment (%q)", frozeAfter, acked, i, probe)
+			return Line{}, true
+		}
+		moved = time.Now() // answers: look again after another frozeAfter
+	}
+}
+
+// hasLine reports whether a line of m contains text.
+func hasLine(m *Machine, text string) bool {
+	for _, l := range m.Lines() {
+		if strings.Contains(l.Text, text) {
+			return true
+		}
+	}
+	return false
 }
