@@ -230,7 +230,8 @@ func run(args []string, out, stderr io.Writer, stop <-chan struct{}) int {
 	if c.progress > 0 {
 		// Stopped and waited for once the writes stop (what it reports is
 		// the writes' progress), and before run returns in any case: no
-		// line of it may land in out after the result.
+		// line of it may land in out after the result. Its last line is
+		// where the writes ended, however soon that was.
 		done := make(chan struct{})
 		var progress sync.WaitGroup
 		stopProgress = sync.OnceFunc(func() { close(done); progress.Wait() })
@@ -240,16 +241,20 @@ func run(args []string, out, stderr io.Writer, stop <-chan struct{}) int {
 			defer progress.Done()
 			tick := time.NewTicker(c.progress)
 			defer tick.Stop()
-			for {
-				select {
-				case <-done:
-					return
-				case <-tick.C:
-				}
+			report := func() {
 				last, _, _, max := st.summary()
 				n := cl.AckedCount()
 				say("progress acked=%d rate_per_s=%.0f rtt_ms=%s max_rtt_ms=%s reconnects=%d connection=%s",
 					n, float64(n)/time.Since(start).Seconds(), ms(last), ms(max), cl.Reconnects(), connection(cl))
+			}
+			for {
+				select {
+				case <-done:
+					report()
+					return
+				case <-tick.C:
+					report()
+				}
 			}
 		}()
 	}

@@ -129,9 +129,19 @@ func TestCount(t *testing.T) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
 	}
-	// Progress reports the writes: none after they stopped.
-	if _, after, _ := strings.Cut(out, "kvload: writes stopped"); strings.Contains(after, "kvload: progress ") {
+	// Progress reports the writes: none after they stopped, and the last
+	// before it has them all (even when they took less than an interval).
+	before, after, _ := strings.Cut(out, "kvload: writes stopped")
+	if strings.Contains(after, "kvload: progress ") {
 		t.Errorf("a progress line after the writes stopped:\n%s", out)
+	}
+	if i := strings.LastIndex(before, "kvload: progress "); i < 0 || !strings.HasPrefix(before[i:], "kvload: progress acked=150 ") {
+		t.Errorf("the last progress line before the writes stopped does not count all 150:\n%s", out)
+	}
+	// Writes done within one interval: the one progress line is the last.
+	code, out = kvload(nil, "-addr", s.addr, "-n", "5", "-progress", "1h", "-prefix", "t2")
+	if code != 0 || strings.Count(out, "kvload: progress ") != 1 || !strings.Contains(out, "kvload: progress acked=5 ") {
+		t.Errorf("kvload -progress 1h = %d; want one progress line, acked=5:\n%s", code, out)
 	}
 	if v, ok := s.st.Get("t1-149"); !ok || v.Value != value("t1", 149, 64) || len(v.Value) != 64 {
 		t.Errorf("t1-149 = %+v, %v, want %q", v, ok, value("t1", 149, 64))
