@@ -199,7 +199,7 @@ func (c *linuxCluster) nodeAnswers(i int) (bool, string) {
 func (c *linuxCluster) clientResult(t testing.TB, cl *Machine, i int, timeout time.Duration) (_ Line, frozen bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
-	acked, moved := -1.0, time.Now()
+	acked, moved := -1, time.Now()
 	for {
 		l, err := cl.WaitFor(context.Background(), "kvload: result ", 5*time.Second)
 		if err == nil {
@@ -208,13 +208,7 @@ func (c *linuxCluster) clientResult(t testing.TB, cl *Machine, i int, timeout ti
 		if errors.Is(err, ErrExited) || time.Now().After(deadline) {
 			t.Fatal(err)
 		}
-		a := -1.0
-		for _, l := range cl.Lines() {
-			if strings.Contains(l.Text, "kvload: progress ") {
-				a = statusField(l.Text, "acked")
-			}
-		}
-		if a != acked {
+		if a := ackedNow(cl); a != acked {
 			acked, moved = a, time.Now()
 			continue
 		}
@@ -223,7 +217,7 @@ func (c *linuxCluster) clientResult(t testing.TB, cl *Machine, i int, timeout ti
 		}
 		ok, probe := c.nodeAnswers(i)
 		if !ok {
-			t.Logf("the client acknowledged nothing for %v (acked=%v) and node %d does not answer on the segment (%q)", frozeAfter, acked, i, probe)
+			t.Logf("the client acknowledged nothing for %v (acked=%d) and node %d does not answer on the segment (%q)", frozeAfter, acked, i, probe)
 			return Line{}, true
 		}
 		moved = time.Now() // answers: look again after another frozeAfter
